@@ -1,0 +1,531 @@
+//! Configuration, in two phases: `raw` is what the TOML file says (serde, unknown
+//! fields refused), [`Config`] is what airlock runs with (typed, defaults applied,
+//! secrets read from the environment). [`Config::from_toml`] reports every problem at
+//! once, each with the path of the field, what it found and what it expected.
+//!
+//! ```toml
+//! [source]
+//! url = "postgres://airlock@db.internal:5432/app"   # password from password_env
+//! password_env = "AIRLOCK_PG_PASSWORD"
+//! publication = "airlock"
+//! slot = "airlock"
+//!
+//! [plugins]
+//! dir = "plugins"
+//!
+//! [sinks.lake]
+//! type = "delta"
+//! url = "file:///var/lib/airlock/lake"
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The file as written. Every field is documented in `docs/configuration.md`.
+pub mod raw {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub source: Option<Source>,
+        pub plugins: Option<Plugins>,
+        #[serde(default)]
+        pub sinks: BTreeMap<String, Sink>,
+        pub admin: Option<Admin>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Source {
+        /// `postgres://user@host:port/dbname?sslmode=...`. A password here works but is
+        /// better kept in the environment (`password_env`).
+        pub url: Option<String>,
+        /// Name of an environment variable holding the password.
+        pub password_env: Option<String>,
+        /// Publication to stream. Default `airlock`.
+        pub publication: Option<String>,
+        /// Replication slot to stream from. Default `airlock`.
+        pub slot: Option<String>,
+        /// Tables for the publication when airlock creates it (`schema.table`).
+        pub tables: Option<Vec<String>>,
+        /// `never` (default) or `initial`: copy existing rows before streaming.
+        pub snapshot: Option<String>,
+        /// Create the slot when it does not exist. Default true.
+        pub create_slot: Option<bool>,
+        /// How often to confirm progress to PostgreSQL. Default `10s`.
+        pub status_interval: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Plugins {
+        /// The plugin folder: every `*.wasm` in it is a stage, in file-name order.
+        pub dir: Option<String>,
+        /// Reload when the folder changes. Default true.
+        pub watch: Option<bool>,
+        /// Stages (file stems) that must always be present; a reload without them is refused.
+        pub require: Option<Vec<String>>,
+        /// `halt` (default) or `dead-letter`.
+        pub on_error: Option<String>,
+        /// Where dead-lettered transactions go (a directory). Required with `dead-letter`.
+        pub dead_letter_dir: Option<String>,
+        /// Where compiled components are cached. Default `$XDG_CACHE_HOME/airlock` or `~/.cache/airlock`.
+        pub cache_dir: Option<String>,
+        pub limits: Option<Limits>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Limits {
+        /// Linear memory per guest instance, MiB. Default 64.
+        pub memory_mib: Option<i64>,
+        /// Time allowed per guest call, milliseconds. Default 2000.
+        pub deadline_ms: Option<i64>,
+        /// Bytes a guest may write into one batch. Default 67108864.
+        pub output_bytes: Option<i64>,
+        /// Guest log lines per second. Default 50.
+        pub log_lines_per_second: Option<i64>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Sink {
+        /// `delta` (lake) or `http` (spine).
+        #[serde(rename = "type")]
+        pub kind: Option<String>,
+        /// Where: `file:///abs/dir` or `s3://bucket/prefix` for `delta`, `http://host:port/events` for `http`.
+        pub url: Option<String>,
+        /// Routes this sink takes. Default `["default"]`.
+        pub routes: Option<Vec<String>>,
+        /// Longest time rows wait before a commit. Default `5s`.
+        pub flush_interval: Option<String>,
+        /// Commit when this many rows are buffered. Default 100000.
+        pub max_rows: Option<i64>,
+        /// Commit when this many bytes are buffered. Default 67108864.
+        pub max_bytes: Option<i64>,
+        /// Extra object store options for `s3://` (e.g. `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
+        pub storage_options: Option<BTreeMap<String, String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        /// Address of the admin API. Default `127.0.0.1:8090`.
+        pub listen: Option<String>,
+        /// Environment variable with the bearer token the admin API requires.
+        pub token_env: Option<String>,
+    }
+}
+
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted path of the field, e.g. `sinks.lake.url`.
+    pub path: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.issues.len();
+        writeln!(f, "{} has {n} problem{}:", self.file, if n == 1 { "" } else { "s" })?;
+        for issue in &self.issues {
+            writeln!(f, "  - {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What to do with a batch a guest fails twice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnError {
+    Halt,
+    DeadLetter(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Snapshot {
+    Never,
+    Initial,
+}
+
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub url: String,
+    pub password: Option<String>,
+    pub publication: String,
+    pub slot: String,
+    pub tables: Vec<String>,
+    pub snapshot: Snapshot,
+    pub create_slot: bool,
+    pub status_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+    pub watch: bool,
+    pub require: Vec<String>,
+    pub on_error: OnError,
+    pub cache_dir: Option<PathBuf>,
+    pub limits: crate::pipeline::runtime::Limits,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkKind {
+    Delta,
+    Http,
+}
+
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    pub name: String,
+    pub kind: SinkKind,
+    pub url: String,
+    pub routes: Vec<String>,
+    pub flush_interval: Duration,
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub storage_options: HashMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+/// The validated configuration airlock runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub plugins: PluginsConfig,
+    pub sinks: Vec<SinkConfig>,
+    pub admin: AdminConfig,
+}
+
+/// Parses `5s`, `250ms`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n * 60)),
+        "h" => Some(Duration::from_secs(n * 3600)),
+        _ => None,
+    }
+}
+
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigIssue { path: path.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(text) => parse_duration(text).unwrap_or_else(|| {
+                self.add(path, format!("found `{text}`, expected a duration like `500ms`, `5s`, `2m` or `1h`"));
+                default
+            }),
+        }
+    }
+
+    fn positive(&mut self, path: &str, value: Option<i64>, default: usize) -> usize {
+        match value {
+            None => default,
+            Some(n) if n > 0 => n as usize,
+            Some(n) => {
+                self.add(path, format!("found {n}, expected a number greater than 0"));
+                default
+            }
+        }
+    }
+
+    fn name(&mut self, path: &str, value: Option<String>, default: &str) -> String {
+        let name = value.unwrap_or_else(|| default.to_owned());
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            self.add(
+                path,
+                format!("found `{name}`, expected 1 to 63 lowercase letters, digits or underscores (a PostgreSQL slot/publication name)"),
+            );
+        }
+        name
+    }
+}
+
+fn env_secret(issues: &mut Issues, path: &str, var: Option<String>) -> Option<String> {
+    let var = var?;
+    match std::env::var(&var) {
+        Ok(value) => Some(value),
+        Err(_) => {
+            issues.add(path, format!("the environment variable `{var}` is not set: export it, or remove `{path}`"));
+            None
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            issues: vec![ConfigIssue { path: "(file)".into(), message: format!("cannot read: {e}") }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&file, &text, base)
+    }
+
+    /// Validates configuration text; relative paths are taken from `base`.
+    pub fn from_toml(file: &str, text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let error = |issues| ConfigError { file: file.to_owned(), issues };
+        let raw: raw::File = toml::from_str(text).map_err(|e| {
+            let path = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "(file)".into());
+            error(vec![ConfigIssue { path, message: e.message().trim().to_owned() }])
+        })?;
+        let mut issues = Issues(Vec::new());
+        let resolve = |p: &str| {
+            let p = Path::new(p);
+            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+        };
+
+        // [source]
+        let source = match raw.source {
+            None => {
+                issues.add("source", "missing: add a [source] section with at least `url`");
+                None
+            }
+            Some(s) => {
+                let url = s.url.unwrap_or_else(|| {
+                    issues.add("source.url", "missing: expected `postgres://user@host:port/dbname`");
+                    String::new()
+                });
+                if !url.is_empty() && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    issues.add("source.url", "expected a URL starting with `postgres://` or `postgresql://`");
+                }
+                let password = env_secret(&mut issues, "source.password_env", s.password_env);
+                let snapshot = match s.snapshot.as_deref() {
+                    None | Some("never") => Snapshot::Never,
+                    Some("initial") => Snapshot::Initial,
+                    Some(other) => {
+                        issues.add("source.snapshot", format!("found `{other}`, expected `initial` or `never`"));
+                        Snapshot::Never
+                    }
+                };
+                let tables = s.tables.unwrap_or_default();
+                for (i, t) in tables.iter().enumerate() {
+                    if t.split('.').count() != 2 {
+                        issues.add(format!("source.tables[{i}]"), format!("found `{t}`, expected `schema.table`"));
+                    }
+                }
+                Some(SourceConfig {
+                    url,
+                    password,
+                    publication: issues.name("source.publication", s.publication, "airlock"),
+                    slot: issues.name("source.slot", s.slot, "airlock"),
+                    tables,
+                    snapshot,
+                    create_slot: s.create_slot.unwrap_or(true),
+                    status_interval: issues.duration("source.status_interval", s.status_interval.as_ref(), Duration::from_secs(10)),
+                })
+            }
+        };
+
+        // [plugins]
+        let p = raw.plugins.unwrap_or(raw::Plugins {
+            dir: None,
+            watch: None,
+            require: None,
+            on_error: None,
+            dead_letter_dir: None,
+            cache_dir: None,
+            limits: None,
+        });
+        let dir = resolve(p.dir.as_deref().unwrap_or("plugins"));
+        let on_error = match (p.on_error.as_deref(), p.dead_letter_dir) {
+            (None | Some("halt"), _) => OnError::Halt,
+            (Some("dead-letter"), Some(d)) => OnError::DeadLetter(resolve(&d)),
+            (Some("dead-letter"), None) => {
+                issues.add("plugins.dead_letter_dir", "missing: `on_error = \"dead-letter\"` needs a directory for the quarantined transactions");
+                OnError::Halt
+            }
+            (Some(other), _) => {
+                issues.add("plugins.on_error", format!("found `{other}`, expected `halt` or `dead-letter`"));
+                OnError::Halt
+            }
+        };
+        let defaults = crate::pipeline::runtime::Limits::default();
+        let l = p.limits.unwrap_or(raw::Limits { memory_mib: None, deadline_ms: None, output_bytes: None, log_lines_per_second: None });
+        let limits = crate::pipeline::runtime::Limits {
+            memory_bytes: issues.positive("plugins.limits.memory_mib", l.memory_mib, defaults.memory_bytes >> 20) << 20,
+            deadline: Duration::from_millis(issues.positive("plugins.limits.deadline_ms", l.deadline_ms, defaults.deadline.as_millis() as usize) as u64),
+            output_bytes: issues.positive("plugins.limits.output_bytes", l.output_bytes, defaults.output_bytes),
+            log_lines_per_second: issues.positive("plugins.limits.log_lines_per_second", l.log_lines_per_second, defaults.log_lines_per_second as usize) as u32,
+        };
+        let plugins = PluginsConfig {
+            dir,
+            watch: p.watch.unwrap_or(true),
+            require: p.require.unwrap_or_default(),
+            on_error,
+            cache_dir: p.cache_dir.map(|d| resolve(&d)).or_else(default_cache_dir),
+            limits,
+        };
+
+        // [sinks.*]
+        if raw.sinks.is_empty() {
+            issues.add("sinks", "no sink configured: add e.g. [sinks.lake] with type = \"delta\" and url = \"file:///path\"");
+        }
+        let mut sinks = Vec::new();
+        for (name, s) in raw.sinks {
+            let at = |field: &str| format!("sinks.{name}.{field}");
+            let kind = match s.kind.as_deref() {
+                Some("delta") => SinkKind::Delta,
+                Some("http") => SinkKind::Http,
+                Some(other) => {
+                    issues.add(at("type"), format!("found `{other}`, expected `delta` or `http`"));
+                    SinkKind::Delta
+                }
+                None => {
+                    issues.add(at("type"), "missing: expected `delta` or `http`");
+                    SinkKind::Delta
+                }
+            };
+            let url = s.url.unwrap_or_default();
+            match kind {
+                SinkKind::Delta if !(url.starts_with("file://") || url.starts_with("s3://")) => {
+                    issues.add(at("url"), format!("found `{url}`, expected `file:///absolute/dir` or `s3://bucket/prefix`"))
+                }
+                SinkKind::Http if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                    issues.add(at("url"), format!("found `{url}`, expected `http://host:port/events`"))
+                }
+                _ => {}
+            }
+            sinks.push(SinkConfig {
+                kind,
+                url,
+                routes: s.routes.unwrap_or_else(|| vec!["default".into()]),
+                flush_interval: issues.duration(&at("flush_interval"), s.flush_interval.as_ref(), Duration::from_secs(5)),
+                max_rows: issues.positive(&at("max_rows"), s.max_rows, 100_000),
+                max_bytes: issues.positive(&at("max_bytes"), s.max_bytes, 64 << 20),
+                storage_options: s.storage_options.unwrap_or_default().into_iter().collect(),
+                name,
+            });
+        }
+
+        // [admin]
+        let a = raw.admin.unwrap_or(raw::Admin { listen: None, token_env: None });
+        let listen_text = a.listen.unwrap_or_else(|| "127.0.0.1:8090".into());
+        let listen = listen_text.parse().unwrap_or_else(|_| {
+            issues.add("admin.listen", format!("found `{listen_text}`, expected an address like `127.0.0.1:8090`"));
+            SocketAddr::from(([127, 0, 0, 1], 8090))
+        });
+        let token = env_secret(&mut issues, "admin.token_env", a.token_env);
+
+        match source {
+            Some(source) if issues.0.is_empty() => Ok(Config { source, plugins, sinks, admin: AdminConfig { listen, token } }),
+            _ => Err(error(issues.0)),
+        }
+    }
+}
+
+/// `$XDG_CACHE_HOME/airlock/components` or `~/.cache/airlock/components`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("airlock").join("components"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issues(text: &str) -> Vec<String> {
+        match Config::from_toml("airlock.toml", text, Path::new("/etc/airlock")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.issues.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::from_toml(
+            "airlock.toml",
+            "[source]\nurl = \"postgres://u@h/db\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file:///tmp/lake\"\n",
+            Path::new("/etc/airlock"),
+        )
+        .unwrap();
+        assert_eq!(config.source.slot, "airlock");
+        assert_eq!(config.plugins.dir, PathBuf::from("/etc/airlock/plugins"));
+        assert_eq!(config.sinks[0].routes, vec!["default".to_string()]);
+        assert_eq!(config.sinks[0].flush_interval, Duration::from_secs(5));
+        assert_eq!(config.admin.listen.to_string(), "127.0.0.1:8090");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_path() {
+        let found = issues(
+            "[source]\nurl = \"mysql://x\"\nslot = \"Bad-Slot\"\n[sinks.lake]\ntype = \"parquet\"\nflush_interval = \"soon\"\n",
+        );
+        assert_eq!(
+            found,
+            vec![
+                "source.url: expected a URL starting with `postgres://` or `postgresql://`",
+                "source.slot: found `Bad-Slot`, expected 1 to 63 lowercase letters, digits or underscores (a PostgreSQL slot/publication name)",
+                "sinks.lake.type: found `parquet`, expected `delta` or `http`",
+                "sinks.lake.flush_interval: found `soon`, expected a duration like `500ms`, `5s`, `2m` or `1h`",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_line() {
+        let found = issues("[source]\nurl = \"postgres://u@h/db\"\nslots = \"x\"\n");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("line 3: unknown field `slots`"), "{found:?}");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+}

@@ -1,0 +1,22 @@
+//! airlock: a one-way, governed pipeline out of PostgreSQL.
+//!
+//! ```text
+//! PostgreSQL ──pgoutput──▶ source ──Transaction──▶ pipeline (Wasm guests) ──Arc<Batch>──▶ sinks (lake, spine)
+//!     ▲                                                                                    │
+//!     └──────────── standby status: flush LSN = min durable over sinks ◀── checkpoint ◀────┘
+//! ```
+//!
+//! [`run`] wires the parts together; each module's documentation states its own
+//! invariants.
+
+pub mod change;
+pub mod checkpoint;
+pub mod config;
+pub mod demo;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+
+mod app;
+
+pub use app::{RunError, run};

@@ -1,0 +1,195 @@
+//! The `airlock` command: parses arguments, loads configuration, sets up logging and
+//! hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "airlock", version, about = "A one-way, governed pipeline out of PostgreSQL")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline described by a configuration file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL with sample data and run the example pipeline on live traffic.
+    Demo {
+        /// Stop after this long (e.g. `30s`, `2m`); default: run until Ctrl-C.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Where the demo writes its configuration, plugins and lake.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Folder with the built example guests (`cargo xtask guests` builds them into guests/dist).
+        #[arg(long)]
+        guests: Option<PathBuf>,
+    },
+    /// Validate a configuration file and compile every plugin; lists every problem.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Work with guests.
+    Guest {
+        #[command(subcommand)]
+        command: GuestCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuestCommand {
+    /// Run a guest (or a folder of guests, in file-name order) on changes given as JSON
+    /// lines on stdin; print the results as JSON lines. Guest logs go to stderr.
+    Test {
+        /// A `.wasm` component or a plugin folder.
+        plugin: PathBuf,
+        /// A setting for the guest(s), `key=value`; repeat for more.
+        #[arg(long = "setting", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    airlock::config::parse_duration(text).ok_or_else(|| format!("`{text}` is not a duration: use e.g. 30s, 2m, 500ms"))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,deltalake=warn,deltalake_core=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A shutdown signal: true after the first SIGINT/SIGTERM; a second one exits at once
+/// (safe: the slot keeps everything that was not acknowledged).
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!("shutting down: draining in-flight batches (signal again to exit at once)");
+                let _ = tx.send(true);
+            } else {
+                tracing::warn!("second signal: exiting now; unacknowledged changes stay in the slot");
+                std::process::exit(130);
+            }
+        }
+    });
+    rx
+}
+
+async fn guest_test(plugin: PathBuf, settings: Vec<String>) -> anyhow::Result<()> {
+    let extra: Vec<(String, String)> = settings
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--setting `{s}`: expected KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    tokio::task::spawn_blocking(move || {
+        let runtime = airlock::pipeline::runtime::Runtime::new(Default::default(), airlock::config::default_cache_dir())?;
+        let files = if plugin.is_dir() {
+            airlock::pipeline::scan(&plugin)?
+        } else {
+            let name = plugin.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let toml = plugin.with_extension("toml");
+            vec![airlock::pipeline::PluginFile { name, settings: toml.is_file().then_some(toml), wasm: plugin.clone() }]
+        };
+        let mut pipeline = airlock::pipeline::Pipeline::load(&runtime, &files, &extra).map_err(|errors| {
+            anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
+        })?;
+        let stdin = std::io::stdin().lock();
+        let stdout = std::io::stdout().lock();
+        airlock::pipeline::harness::run(&mut pipeline, stdin, stdout)?;
+        Ok(())
+    })
+    .await?
+}
+
+async fn check(config: PathBuf) -> anyhow::Result<()> {
+    let config = airlock::config::Config::load(&config)?;
+    let plugins = config.plugins.clone();
+    tokio::task::spawn_blocking(move || {
+        let runtime = airlock::pipeline::runtime::Runtime::new(plugins.limits.clone(), plugins.cache_dir.clone())?;
+        let pipeline = airlock::pipeline::Pipeline::load_dir(&runtime, &plugins.dir).map_err(|errors| {
+            anyhow::anyhow!(errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))
+        })?;
+        for stage in &pipeline.stages {
+            println!("stage {} ({} {}): ok", stage.name, stage.info.name, stage.info.version);
+        }
+        println!("pipeline {}: ok", pipeline.version);
+        anyhow::Ok(())
+    })
+    .await??;
+    Ok(())
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = airlock::config::Config::load(&config)?;
+            airlock::run(config, shutdown_signal()).await?;
+        }
+        Command::Demo { duration, dir, guests } => {
+            let options = airlock::demo::DemoOptions { duration, dir, guests };
+            airlock::demo::run(options, shutdown_signal()).await?;
+        }
+        Command::Check { config } => check(config).await?,
+        Command::Guest { command: GuestCommand::Test { plugin, settings } } => guest_test(plugin, settings).await?,
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_async(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

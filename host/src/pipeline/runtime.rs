@@ -1,0 +1,394 @@
+//! The guest runtime: one wasmtime `Engine` and `Linker` per process, stages loaded
+//! from components, each instance in its own sandboxed `Store`.
+//!
+//! ```text
+//! .wasm bytes ──sha256──▶ compile cache (content hash + engine hash) ──▶ Component
+//!     ──Linker::instantiate_pre──▶ TransformPre ──▶ Store{limits, epoch deadline} + init(settings)
+//! ```
+//!
+//! Invariants:
+//! - Guests get no preopened directories, no environment, no arguments, no sockets,
+//!   a frozen wall clock and a deterministic monotonic clock.
+//! - Every call runs under an epoch deadline and the store's memory limit.
+//! - An instance whose call failed (trap or error) is never used again: it is
+//!   discarded and a fresh one is built from the pre-instantiated component.
+//! - A failed call leaves the batch exactly as it was before the call.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
+use wasmtime_wasi::WasiCtx;
+
+use super::batch::Batch;
+use super::guest::{CONTRACT_PACKAGE, CONTRACT_VERSION, GuestBatch, GuestState, Transform, TransformPre, wit};
+use super::output::{GuestOutput, RateLimitedLog};
+
+/// How often the epoch advances; deadlines are rounded up to it.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Limits applied to every guest instance.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Linear memory per instance.
+    pub memory_bytes: usize,
+    /// Wall time allowed for one `init` or `process` call.
+    pub deadline: Duration,
+    /// Bytes a guest may write into one batch (values, routes, tags, annotations).
+    pub output_bytes: usize,
+    /// Guest log lines (log import, stdout, stderr) per second before lines are dropped.
+    pub log_lines_per_second: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            memory_bytes: 64 << 20,
+            deadline: Duration::from_secs(2),
+            output_bytes: 64 << 20,
+            log_lines_per_second: 50,
+        }
+    }
+}
+
+/// Why a stage could not be loaded or failed on a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("plugin {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("guest `{guest}` refused its settings: {message}")]
+    Init { guest: String, message: String },
+    #[error("guest `{guest}` failed on a batch of {rows} rows (transactions {first_lsn}..{last_lsn}): {message}")]
+    Process { guest: String, rows: usize, first_lsn: String, last_lsn: String, message: String },
+    #[error("wasm runtime: {0}")]
+    Engine(String),
+}
+
+/// The process-wide engine and linker.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<GuestState>>,
+    cache_dir: Option<PathBuf>,
+    pub limits: Limits,
+}
+
+impl Runtime {
+    /// Creates the engine (epoch interruption on, a ticker thread) and the linker with
+    /// the contract's imports and a locked-down WASI.
+    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Runtime, RuntimeError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::<GuestState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        Transform::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("airlock-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker.increment_epoch();
+                }
+            })
+            .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                RuntimeError::Engine(format!("cannot create the compile cache {}: {e}", dir.display()))
+            })?;
+        }
+        Ok(Runtime { engine, linker: Arc::new(linker), cache_dir, limits })
+    }
+
+    /// A hash that changes whenever compiled code from this engine would not load.
+    fn engine_hash(&self) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// Compiles (or loads from the cache) a component.
+    fn compile(&self, path: &str, wasm: &[u8], content_hash: &str) -> Result<Component, RuntimeError> {
+        let load_err = |message: String| RuntimeError::Load { path: path.to_owned(), message };
+        let cached = self
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{content_hash}-{:016x}.cwasm", self.engine_hash())));
+        if let Some(cached) = &cached
+            && cached.exists()
+        {
+            match deserialize_cached(&self.engine, cached) {
+                Ok(component) => return Ok(component),
+                Err(error) => tracing::warn!(path = %cached.display(), error = %error, "ignoring unreadable compile cache entry"),
+            }
+        }
+        if !wasm.starts_with(b"\0asm") {
+            return Err(load_err(
+                "not a WebAssembly file (no `\\0asm` header): build the guest for wasm32-wasip2".into(),
+            ));
+        }
+        let component = Component::new(&self.engine, wasm).map_err(|e| {
+            let hint = if wasm.len() >= 8 && wasm[4..8] == [1, 0, 0, 0] {
+                ": this is a core module, not a component; build it for wasm32-wasip2 (or wrap it with a component adapter)"
+            } else {
+                ""
+            };
+            load_err(format!("cannot compile: {e:#}{hint}"))
+        })?;
+        if let Some(cached) = cached {
+            match component.serialize() {
+                Ok(bytes) => {
+                    let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+                    if std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &cached)).is_err() {
+                        tracing::warn!(path = %cached.display(), "cannot write the compile cache entry");
+                    }
+                }
+                Err(error) => tracing::warn!(error = %error, "cannot serialize a compiled component"),
+            }
+        }
+        Ok(component)
+    }
+
+    /// Loads one stage: compiles, checks the contract version, pre-instantiates,
+    /// instantiates once and calls `info` and `init(settings)`.
+    pub fn load_stage(&self, name: &str, path: &str, wasm: &[u8], settings: Vec<(String, String)>) -> Result<Stage, RuntimeError> {
+        let content_hash = hex::encode(Sha256::digest(wasm));
+        let component = self.compile(path, wasm, &content_hash)?;
+        check_contract(&self.engine, &component).map_err(|message| RuntimeError::Load { path: path.to_owned(), message })?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| RuntimeError::Load {
+            path: path.to_owned(),
+            message: format!("cannot link: {e:#}"),
+        })?;
+        let pre = TransformPre::new(pre).map_err(|e| RuntimeError::Load {
+            path: path.to_owned(),
+            message: format!("does not export the `transform` world ({e:#}): it must export info, init and process"),
+        })?;
+        let log = Arc::new(RateLimitedLog::new(Arc::from(name), self.limits.log_lines_per_second));
+        let mut stage = Stage {
+            name: name.to_owned(),
+            info: wit::PluginInfo { name: name.to_owned(), version: String::new(), description: String::new() },
+            content_hash,
+            loaded_at: SystemTime::now(),
+            settings,
+            pre,
+            runtime: self.clone(),
+            log,
+            live: None,
+        };
+        let mut live = stage.instantiate()?;
+        live.store.set_epoch_deadline(ticks(self.limits.deadline));
+        stage.info = live.bindings.call_info(&mut live.store).map_err(|e| RuntimeError::Load {
+            path: path.to_owned(),
+            message: format!("`info` failed: {e:#}"),
+        })?;
+        stage.live = Some(live);
+        Ok(stage)
+    }
+}
+
+#[allow(unsafe_code)]
+fn deserialize_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
+    // SAFETY: the cache directory is ours: entries are written only by `Runtime::compile`
+    // from components this engine compiled, named by the content hash of the source and
+    // the engine's compatibility hash, and replaced atomically by rename.
+    unsafe { Component::deserialize_file(engine, path) }
+}
+
+/// Refuses components built for another version of the contract, naming both.
+fn check_contract(engine: &Engine, component: &Component) -> Result<(), String> {
+    let ty = component.component_type();
+    let names = ty.imports(engine).map(|(n, _)| n.to_owned()).chain(ty.exports(engine).map(|(n, _)| n.to_owned()));
+    for name in names {
+        if let Some(rest) = name.strip_prefix(CONTRACT_PACKAGE)
+            && let Some((_, version)) = rest.split_once('@')
+            && version != CONTRACT_VERSION
+        {
+            return Err(format!(
+                "built for {CONTRACT_PACKAGE}@{version}, but this airlock speaks {CONTRACT_PACKAGE}@{CONTRACT_VERSION}: \
+                 rebuild the guest against the wit/ folder of this airlock release"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn ticks(deadline: Duration) -> u64 {
+    (deadline.as_millis().div_ceil(EPOCH_TICK.as_millis())).max(1) as u64
+}
+
+/// A live instance: its store and typed exports.
+struct Live {
+    store: Store<GuestState>,
+    bindings: Transform,
+}
+
+/// One stage of a pipeline: a loaded guest and, when healthy, a live instance.
+pub struct Stage {
+    /// The file stem in the plugin folder, e.g. `20-mask`.
+    pub name: String,
+    pub info: wit::PluginInfo,
+    /// SHA-256 of the `.wasm`, hex.
+    pub content_hash: String,
+    pub loaded_at: SystemTime,
+    settings: Vec<(String, String)>,
+    pre: TransformPre<GuestState>,
+    runtime: Runtime,
+    log: Arc<RateLimitedLog>,
+    live: Option<Live>,
+}
+
+impl Stage {
+    /// A fresh, initialised instance in a new sandboxed store.
+    fn instantiate(&self) -> Result<Live, RuntimeError> {
+        let limits = &self.runtime.limits;
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(GuestOutput::new(self.log.clone(), wit::Level::Info))
+            .stderr(GuestOutput::new(self.log.clone(), wit::Level::Warn))
+            .wall_clock(FrozenClock)
+            .monotonic_clock(StepClock::default())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        let state = GuestState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .trap_on_grow_failure(true)
+                .build(),
+            log: self.log.clone(),
+        };
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks(limits.deadline));
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| RuntimeError::Init {
+            guest: self.name.clone(),
+            message: format!("cannot instantiate: {e:#}"),
+        })?;
+        store.set_epoch_deadline(ticks(limits.deadline));
+        match bindings.call_init(&mut store, &self.settings) {
+            Ok(Ok(())) => Ok(Live { store, bindings }),
+            Ok(Err(message)) => Err(RuntimeError::Init { guest: self.name.clone(), message }),
+            Err(e) => Err(RuntimeError::Init { guest: self.name.clone(), message: format!("`init` trapped: {}", describe_trap(&e, limits)) }),
+        }
+    }
+
+    /// Runs the guest on `batch`. On failure the instance is discarded and the batch
+    /// retried once on a fresh instance; a second failure returns the batch unchanged
+    /// together with the error.
+    pub fn process(&mut self, mut batch: Batch) -> Result<Batch, (Batch, RuntimeError)> {
+        let mut last_error = String::new();
+        for attempt in 0..2 {
+            let mut live = match self.live.take() {
+                Some(live) => live,
+                None => match self.instantiate() {
+                    Ok(live) => live,
+                    Err(e) => {
+                        last_error = e.to_string();
+                        continue;
+                    }
+                },
+            };
+            live.store.set_epoch_deadline(ticks(self.runtime.limits.deadline));
+            let resource = match live.store.data_mut().table.push(GuestBatch::new(batch, self.runtime.limits.output_bytes)) {
+                Ok(r) => r,
+                Err(e) => unreachable_table(e),
+            };
+            let rep = resource.rep();
+            let outcome = live.bindings.call_process(&mut live.store, wasmtime::component::Resource::new_borrow(rep));
+            let lent = match live.store.data_mut().table.delete(resource) {
+                Ok(lent) => lent,
+                Err(e) => unreachable_table(e),
+            };
+            match outcome {
+                Ok(Ok(())) => {
+                    self.live = Some(live);
+                    return Ok(lent.commit());
+                }
+                Ok(Err(message)) => {
+                    batch = lent.rollback();
+                    last_error = format!("returned an error: {message}");
+                }
+                Err(trap) => {
+                    batch = lent.rollback();
+                    last_error = format!("trapped: {}", describe_trap(&trap, &self.runtime.limits));
+                }
+            }
+            // The instance is poisoned (or its state suspect): drop it, rebuild on retry.
+            drop(live);
+            if attempt == 0 {
+                tracing::warn!(guest = %self.name, error = %last_error, "guest failed a batch; retrying once on a fresh instance");
+            }
+        }
+        let first = batch.txns.first().map(|t| t.commit_lsn.to_string()).unwrap_or_default();
+        let last = batch.txns.last().map(|t| t.commit_lsn.to_string()).unwrap_or_default();
+        let rows = batch.rows.len();
+        Err((batch, RuntimeError::Process { guest: self.name.clone(), rows, first_lsn: first, last_lsn: last, message: last_error }))
+    }
+}
+
+fn unreachable_table(e: wasmtime::component::ResourceTableError) -> ! {
+    // The table is private to the store and only ever holds the one batch we lend.
+    panic!("guest resource table inconsistent: {e}")
+}
+
+/// Turns a trap into a sentence an operator can act on.
+fn describe_trap(error: &wasmtime::Error, limits: &Limits) -> String {
+    if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+        match trap {
+            wasmtime::Trap::Interrupt => {
+                return format!(
+                    "exceeded its deadline of {:?} per call (an endless loop? raise [plugins.limits] deadline_ms if not)",
+                    limits.deadline
+                );
+            }
+            wasmtime::Trap::UnreachableCodeReached => {
+                return format!("hit `unreachable` (a panic or abort in the guest): {error:#}");
+            }
+            _ => {}
+        }
+    }
+    let text = format!("{error:#}");
+    if text.contains("forcing trap when growing memory") || text.contains("memory") && text.contains("limit") {
+        return format!(
+            "exceeded its memory limit of {} MiB (raise [plugins.limits] memory_mib if this is expected): {text}",
+            limits.memory_bytes >> 20
+        );
+    }
+    text
+}
+
+/// A wall clock stuck at the Unix epoch: guests get no real time (rows carry their
+/// commit time instead), which keeps transforms deterministic.
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// A monotonic clock that advances one microsecond per reading: enough for language
+/// runtimes that measure elapsed time, deterministic for a given guest.
+#[derive(Default)]
+struct StepClock(std::sync::atomic::AtomicU64);
+
+impl wasmtime_wasi::HostMonotonicClock for StepClock {
+    fn resolution(&self) -> u64 {
+        1_000
+    }
+    fn now(&self) -> u64 {
+        self.0.fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
+    }
+}

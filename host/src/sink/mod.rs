@@ -1,0 +1,152 @@
+//! Sinks: where processed batches go, and how their durability flows back.
+//!
+//! ```text
+//!                 ┌──▶ mpsc(Arc<Batch>) ──▶ drive(lake)  ──durable LSN──┐
+//! pipeline ──fan──┤                                                     ├──▶ checkpoint::Tracker ──▶ source
+//!                 └──▶ mpsc(Arc<Batch>) ──▶ drive(spine) ──durable LSN──┘
+//! ```
+//!
+//! Invariants:
+//! - Every sink receives every batch, in commit order, even when none of its rows are
+//!   routed to it: an empty batch still advances its durable LSN.
+//! - A sink reports an LSN as durable only once every row of every transaction up to
+//!   it is durable in the sink's store. Reported LSNs never move backward.
+//! - A transient error keeps the data buffered and is retried with backoff by
+//!   [`drive`]; a definite error stops the pipeline (nothing past it is acknowledged).
+
+pub mod lake;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::change::Lsn;
+use crate::pipeline::batch::Batch;
+
+/// Why a sink could not accept or persist data.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Worth retrying: the store is unreachable, busy, or answered with a server error.
+    #[error("{sink}: {message}")]
+    Transient { sink: String, message: String },
+    /// Retrying will not help: bad configuration, a rejected request, corrupt state.
+    #[error("{sink}: {message}")]
+    Definite { sink: String, message: String },
+}
+
+impl SinkError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient { .. })
+    }
+}
+
+/// A destination for processed batches.
+///
+/// Contract:
+/// - `accept` receives batches in commit order, each holding whole transactions. It
+///   may buffer them; it must not make them visible to readers in part. It returns
+///   whether it kept any row (a batch with no row routed to the sink keeps none).
+/// - `flush` makes everything accepted so far durable and visible, atomically per
+///   table, and returns the end LSN of the last transaction it covers (`None` when it
+///   had nothing to flush). After `Ok` the data survives a crash.
+/// - `due` says whether the sink wants a flush now (size bounds reached).
+/// - On a transient error from `flush` the caller retries `flush` later; the buffered
+///   data stays. A definite error is final.
+/// - `flush_interval` is how long accepted data may wait before a flush.
+pub trait Sink: Send + 'static {
+    fn name(&self) -> &str;
+    fn accept(&mut self, batch: Arc<Batch>) -> impl Future<Output = Result<bool, SinkError>> + Send;
+    fn due(&self) -> bool;
+    fn flush(&mut self) -> impl Future<Output = Result<Option<Lsn>, SinkError>> + Send;
+    fn flush_interval(&self) -> Duration;
+}
+
+/// Runs a sink: accepts batches from `rx`, flushes when due or when the interval
+/// passes, retries transient flush errors with backoff, and publishes the durable LSN
+/// on `durable`. Returns when `rx` is closed and everything accepted is flushed.
+pub async fn drive<S: Sink>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<Arc<Batch>>,
+    durable: watch::Sender<Lsn>,
+) -> Result<(), SinkError> {
+    let interval = sink.flush_interval();
+    let mut pending: Option<Lsn> = None;
+    let mut deadline = tokio::time::Instant::now() + interval;
+    loop {
+        let received = if pending.is_some() {
+            tokio::select! {
+                biased;
+                batch = rx.recv() => Some(batch),
+                _ = tokio::time::sleep_until(deadline) => None,
+            }
+        } else {
+            Some(rx.recv().await)
+        };
+        match received {
+            Some(Some(batch)) => {
+                let end = batch.end_lsn();
+                let was_idle = pending.is_none();
+                let kept = sink.accept(batch).await?;
+                if was_idle && kept {
+                    deadline = tokio::time::Instant::now() + interval;
+                }
+                match end {
+                    Some(end) if was_idle && !kept => {
+                        // Nothing buffered and nothing new: durable at once.
+                        publish(&durable, end);
+                    }
+                    Some(end) => pending = Some(end),
+                    None => {}
+                }
+                if pending.is_some() && sink.due() {
+                    flush_with_retry(&mut sink, &durable, &mut pending).await?;
+                }
+            }
+            Some(None) => {
+                if pending.is_some() {
+                    flush_with_retry(&mut sink, &durable, &mut pending).await?;
+                }
+                return Ok(());
+            }
+            None => flush_with_retry(&mut sink, &durable, &mut pending).await?,
+        }
+    }
+}
+
+async fn flush_with_retry<S: Sink>(
+    sink: &mut S,
+    durable: &watch::Sender<Lsn>,
+    pending: &mut Option<Lsn>,
+) -> Result<(), SinkError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match sink.flush().await {
+            Ok(flushed) => {
+                if let Some(lsn) = flushed.or(*pending) {
+                    publish(durable, lsn);
+                }
+                *pending = None;
+                return Ok(());
+            }
+            Err(error) if error.is_transient() => {
+                tracing::warn!(sink = sink.name(), error = %error, retry_in = ?backoff, "sink flush failed, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn publish(durable: &watch::Sender<Lsn>, lsn: Lsn) {
+    durable.send_if_modified(|current| {
+        if lsn > *current {
+            *current = lsn;
+            true
+        } else {
+            false
+        }
+    });
+}

@@ -1,0 +1,140 @@
+//! Project tasks, so that a fresh clone needs only cargo:
+//!
+//! - `cargo xtask demo [ARGS]`  set up, build the guests, run `airlock demo ARGS`
+//! - `cargo xtask test [ARGS]`  set up, build the guests, run the whole test suite
+//! - `cargo xtask guests`       build the example and test guests into guests/dist
+//! - `cargo xtask setup`        install what the tests need (wasm target, PostgreSQL, Python readers)
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Python packages the tests read the lake with.
+const PYTHON_PACKAGES: &[&str] = &["duckdb==1.5.5", "duckdb-extension-delta==1.5.5", "deltalake"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("$ {}", format!("{cmd:?}").replace('"', ""));
+    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn ensure_wasm_target() -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-wasip2"))
+        .unwrap_or(false);
+    if installed { Ok(()) } else { run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"])) }
+}
+
+fn postgres_present() -> bool {
+    let from_pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| Path::new(String::from_utf8_lossy(&o.stdout).trim()).join("initdb").exists())
+        .unwrap_or(false);
+    from_pg_config
+        || std::fs::read_dir("/usr/lib/postgresql")
+            .map(|d| d.filter_map(Result::ok).any(|e| e.path().join("bin/initdb").exists()))
+            .unwrap_or(false)
+}
+
+fn ensure_postgres() -> Result<(), String> {
+    if postgres_present() {
+        return Ok(());
+    }
+    if !is_root() {
+        return Err("PostgreSQL server binaries are missing: install them (e.g. `sudo apt-get install postgresql`)".into());
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get").args(["install", "-y", "-qq", "postgresql", "postgresql-contrib"]).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn ensure_python_packages() -> Result<(), String> {
+    let check = "import duckdb, deltalake, importlib.metadata as m; m.version('duckdb-extension-delta')";
+    if succeeds(Command::new("python3").args(["-c", check])) {
+        return Ok(());
+    }
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PYTHON_PACKAGES))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds every guest in guests/rust for wasm32-wasip2 and copies the components to guests/dist.
+fn guests() -> Result<(), String> {
+    ensure_wasm_target()?;
+    let root = root();
+    let manifest = root.join("guests/rust/Cargo.toml");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| PathBuf::from(d).join("guests"))
+        .unwrap_or_else(|| root.join("guests/rust/target"));
+    run(cargo()
+        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "--manifest-path"])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target_dir))?;
+    let built = target_dir.join("wasm32-wasip2/release");
+    let dist = root.join("guests/dist");
+    std::fs::create_dir_all(&dist).map_err(|e| format!("cannot create {}: {e}", dist.display()))?;
+    let mut count = 0;
+    for entry in std::fs::read_dir(&built).map_err(|e| format!("cannot read {}: {e}", built.display()))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|x| x == "wasm") {
+            let name = path.file_name().expect("a file");
+            std::fs::copy(&path, dist.join(name)).map_err(|e| format!("cannot copy {}: {e}", path.display()))?;
+            count += 1;
+        }
+    }
+    eprintln!("{count} guests in {}", dist.display());
+    Ok(())
+}
+
+fn setup() -> Result<(), String> {
+    ensure_wasm_target()?;
+    ensure_postgres()?;
+    ensure_python_packages()
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = args.split_first().map(|(t, r)| (t.as_str(), r.to_vec())).unwrap_or(("help", Vec::new()));
+    let result = match task {
+        "guests" => guests(),
+        "setup" => setup(),
+        "test" => setup().and_then(|()| guests()).and_then(|()| {
+            run(cargo().current_dir(root()).args(["test", "--release", "--workspace", "--locked"]).args(&rest))
+        }),
+        "demo" => ensure_postgres().and_then(|()| guests()).and_then(|()| {
+            run(cargo().current_dir(root()).args(["run", "--release", "--locked", "-p", "airlock", "--", "demo"]).args(&rest))
+        }),
+        _ => {
+            eprintln!("usage: cargo xtask <demo|test|guests|setup> [ARGS]");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {task}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
