@@ -3,36 +3,46 @@
 //!
 //! ```text
 //! source task ──mpsc<Transaction>──▶ pipeline thread ──mpsc<Arc<Batch>>──▶ sink tasks
-//!      ▲                                                                     │
-//!      └───────── watch<Lsn> ◀── checkpoint tracker ◀── watch<Lsn> per sink ─┘
+//!      ▲                                  ▲ swap slot                          │
+//!      │                      registry ───┘ (folder, SIGHUP, POST /reload)     │
+//!      └───────── watch<Lsn> ◀── checkpoint tracker ◀── watch<Lsn> per sink ───┘
+//! admin API (status, metrics, reload) · slot health monitor (lag, wal_status)
 //! ```
 //!
 //! Shutdown: the source stops reading and drops its sender; the pipeline thread drains
 //! what it holds; each sink flushes and exits; the source sends the final flush LSN.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch};
 
+use crate::change::Lsn;
 use crate::checkpoint::Tracker;
 use crate::config::{Config, SinkConfig, SinkKind};
+use crate::pipeline::batch::Batch;
+use crate::pipeline::registry::{self, ReloadRequest, SwapSlot};
 use crate::pipeline::runtime::{Runtime, RuntimeError};
-use crate::pipeline::{self, Pipeline};
+use crate::pipeline::{self, Worker};
 use crate::sink::lake::{LakeSettings, LakeSink};
 use crate::sink::{self, SinkError};
 use crate::source::{self, SourceError, SourceSettings};
+use crate::status::{self, Status, lsn_text};
 
 /// Why the main job stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("the plugin folder could not be loaded:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
-    Plugins(Vec<RuntimeError>),
+    #[error("the plugin folder could not be loaded: {0}")]
+    Plugins(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("admin API: cannot listen on {addr}: {error} (set [admin] listen to a free address)")]
+    Admin { addr: String, error: std::io::Error },
     #[error("{0}")]
     Internal(String),
 }
@@ -41,13 +51,17 @@ pub enum RunError {
 const SOURCE_CHANNEL: usize = 256;
 /// Channel depth between the pipeline and each sink, in batches.
 const SINK_CHANNEL: usize = 8;
+/// How often the slot's health is read from PostgreSQL.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+type SinkTask = tokio::task::JoinHandle<Result<(), SinkError>>;
 
 async fn open_sink(
     config: &Config,
     sink: &SinkConfig,
-    rx: mpsc::Receiver<Arc<crate::pipeline::batch::Batch>>,
-    durable: watch::Sender<crate::change::Lsn>,
-) -> Result<tokio::task::JoinHandle<Result<(), SinkError>>, SinkError> {
+    rx: mpsc::Receiver<Arc<Batch>>,
+    durable: watch::Sender<Lsn>,
+) -> Result<SinkTask, SinkError> {
     match sink.kind {
         SinkKind::Delta => {
             let mut commit_info = serde_json::Map::new();
@@ -74,13 +88,117 @@ async fn open_sink(
     }
 }
 
+/// Commit times of transactions handed to the sinks but not yet durable everywhere:
+/// the lag in seconds is the age of the oldest.
+#[derive(Clone, Default)]
+struct InFlight(Arc<Mutex<VecDeque<(Lsn, i64)>>>);
+
+impl InFlight {
+    fn push(&self, end: Lsn, commit_ts: i64) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push_back((end, commit_ts));
+    }
+
+    /// Drops what is durable; returns the commit time of the oldest still in flight.
+    fn oldest_after(&self, durable: Lsn) -> Option<i64> {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        while q.front().is_some_and(|(end, _)| *end <= durable) {
+            q.pop_front();
+        }
+        q.front().map(|(_, ts)| *ts)
+    }
+}
+
+/// Reads the slot's position and WAL retention from PostgreSQL for `/status` and metrics.
+async fn monitor_slot(
+    config: tokio_postgres::Config,
+    slot: String,
+    status: Arc<Status>,
+    durable: watch::Receiver<Lsn>,
+    in_flight: InFlight,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = match config.connect(tokio_postgres::NoTls).await {
+                Ok((c, connection)) => {
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    Some(c)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "slot monitor cannot connect");
+                    None
+                }
+            };
+        }
+        if let Some(c) = &client {
+            let query = "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.restart_lsn::text, \
+                         s.wal_status, s.safe_wal_size, s.active, \
+                         (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8 \
+                         FROM pg_replication_slots s WHERE s.slot_name = $1";
+            match c.query_opt(query, &[&slot]).await {
+                Ok(Some(row)) => {
+                    let lag: Option<i64> = row.get(6);
+                    let active: bool = row.get(5);
+                    status.update_source(|s| {
+                        s.current_wal_lsn = row.get(0);
+                        s.confirmed_lsn = row.get(1);
+                        s.restart_lsn = row.get(2);
+                        s.wal_status = row.get(3);
+                        s.safe_wal_size = row.get(4);
+                        s.lag_bytes = lag.map(|l| l.max(0) as u64);
+                        s.state = if active { "streaming".into() } else { "connecting".into() };
+                    });
+                    if active {
+                        status.set_ready(true);
+                    }
+                    if let Some(lag) = lag {
+                        status.metrics.set(status::LAG_BYTES, &[], lag.max(0) as f64);
+                    }
+                }
+                Ok(None) => status.update_source(|s| s.state = "slot missing".into()),
+                Err(e) => tracing::debug!(error = %e, "slot monitor query failed"),
+            }
+        }
+        let durable_now = *durable.borrow();
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+        let lag_seconds = in_flight.oldest_after(durable_now).map_or(0.0, |ts| ((now_us - ts) as f64 / 1e6).max(0.0));
+        status.update_source(|s| {
+            s.lag_seconds = Some(lag_seconds);
+            if let Some(text) = lsn_text(durable_now) {
+                s.confirmed_lsn.get_or_insert(text);
+            }
+        });
+        status.metrics.set(status::LAG_SECONDS, &[], lag_seconds);
+        status.metrics.set(status::CONFIRMED_LSN, &[], durable_now.0 as f64);
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// Runs the main job until `shutdown` turns true (then drains and exits `Ok`) or a
 /// definite error stops it.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let status = Arc::new(Status::default());
+    let mut connect = source::protocol::ConnectConfig::from_url(&config.source.url)?;
+    if let Some(password) = &config.source.password {
+        connect.password = Some(password.clone());
+    }
+    status.update_source(|s| {
+        s.database = connect.redacted_url();
+        s.slot = config.source.slot.clone();
+        s.publication = config.source.publication.clone();
+        s.state = "starting".into();
+    });
+
+    // The pipeline: built completely before anything streams.
     let runtime = Runtime::new(config.plugins.limits.clone(), config.plugins.cache_dir.clone())?;
-    let dir = config.plugins.dir.clone();
-    let loader = runtime.clone();
-    let pipeline = tokio::task::spawn_blocking(move || Pipeline::load_dir(&loader, &dir))
+    let (loader, dir, require) = (runtime.clone(), config.plugins.dir.clone(), config.plugins.require.clone());
+    let pipeline = tokio::task::spawn_blocking(move || registry::build(&loader, &dir, &require))
         .await
         .map_err(|e| RunError::Internal(format!("plugin loader panicked: {e}")))?
         .map_err(RunError::Plugins)?;
@@ -90,30 +208,102 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         "pipeline loaded"
     );
 
+    // Reload: folder watch, SIGHUP, admin API.
+    let slot = SwapSlot::default();
+    let (reload_tx, reload_rx) = mpsc::unbounded_channel::<ReloadRequest>();
+    let registry_task = tokio::spawn(registry::run(
+        runtime.clone(),
+        config.plugins.dir.clone(),
+        config.plugins.require.clone(),
+        config.plugins.watch,
+        slot.clone(),
+        status.clone(),
+        reload_rx,
+    ));
+    let hup_tx = reload_tx.clone();
+    let hup_task = tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            if hup_tx.send(ReloadRequest { reason: "SIGHUP", reply: None }).is_err() {
+                return;
+            }
+        }
+    });
+
+    // Admin API.
+    let listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|error| RunError::Admin { addr: config.admin.listen.to_string(), error })?;
+    let admin_addr = listener.local_addr().map_err(|error| RunError::Admin { addr: config.admin.listen.to_string(), error })?;
+    tracing::info!(addr = %admin_addr, "admin API listening");
+    let admin_state = crate::admin::AdminState {
+        status: status.clone(),
+        reload: reload_tx.clone(),
+        token: config.admin.token.as_deref().map(Arc::from),
+    };
+    let mut admin_shutdown = shutdown.clone();
+    let admin_task = tokio::spawn(crate::admin::serve(listener, admin_state, async move {
+        let _ = admin_shutdown.wait_for(|s| *s).await;
+    }));
+
+    // Sinks and the checkpoint tracker.
     let (mut tracker, durable_rx) = Tracker::new();
     let mut sink_txs = Vec::new();
     let mut sink_tasks = Vec::new();
     for sink in &config.sinks {
         let (tx, rx) = mpsc::channel(SINK_CHANNEL);
         sink_txs.push(tx);
-        sink_tasks.push((sink.name.clone(), open_sink(&config, sink, rx, tracker.register()).await?));
+        let durable = tracker.register();
+        let mut watch_durable = durable.subscribe();
+        let (name, st) = (sink.name.clone(), status.clone());
+        status.update_sink(&sink.name, |v| {
+            v.kind = format!("{:?}", sink.kind).to_lowercase();
+            v.url = sink.url.clone();
+            v.routes = sink.routes.clone();
+        });
+        tokio::spawn(async move {
+            while watch_durable.changed().await.is_ok() {
+                let lsn = *watch_durable.borrow();
+                st.update_sink(&name, |v| v.durable_lsn = lsn_text(lsn));
+                st.metrics.set(status::SINK_DURABLE_LSN, &[("sink", &name)], lsn.0 as f64);
+            }
+        });
+        sink_tasks.push((sink.name.clone(), open_sink(&config, sink, rx, durable).await?));
     }
     let tracker_task = tokio::spawn(tracker.run());
 
-    let (txn_tx, txn_rx) = mpsc::channel(SOURCE_CHANNEL);
+    // The pipeline thread, fed through a tap that remembers commit times for the lag.
+    let in_flight = InFlight::default();
+    let (txn_tx, mut tap_rx) = mpsc::channel::<crate::change::Transaction>(SOURCE_CHANNEL);
+    let (worker_tx, worker_rx) = mpsc::channel(SOURCE_CHANNEL);
+    let tap_in_flight = in_flight.clone();
+    let tap_task = tokio::spawn(async move {
+        while let Some(txn) = tap_rx.recv().await {
+            tap_in_flight.push(txn.meta.end_lsn, txn.meta.commit_ts);
+            if worker_tx.send(txn).await.is_err() {
+                return;
+            }
+        }
+    });
+    let worker = Worker { pipeline, slot, status: status.clone(), on_error: config.plugins.on_error.clone() };
     let (worker_done_tx, worker_done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("airlock-pipeline".into())
         .spawn(move || {
-            let result = pipeline::run_worker(pipeline, txn_rx, sink_txs);
+            let result = pipeline::run_worker(worker, worker_rx, sink_txs);
             let _ = worker_done_tx.send(result);
         })
         .map_err(|e| RunError::Internal(format!("cannot start the pipeline thread: {e}")))?;
 
-    let mut connect = source::protocol::ConnectConfig::from_url(&config.source.url)?;
-    if let Some(password) = &config.source.password {
-        connect.password = Some(password.clone());
-    }
+    let monitor_task = tokio::spawn(monitor_slot(
+        connect.tokio_postgres_config(),
+        config.source.slot.clone(),
+        status.clone(),
+        durable_rx.clone(),
+        in_flight,
+        shutdown.clone(),
+    ));
+
     let settings = SourceSettings {
         connect,
         slot: config.source.slot.clone(),
@@ -121,10 +311,16 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         create_slot: config.source.create_slot,
         status_interval: config.source.status_interval,
     };
+    let source_status = status.clone();
     let source_task = tokio::spawn(source::run(settings, txn_tx, durable_rx, shutdown));
 
     // The source ends first (shutdown or error); then the pipeline drains, then sinks.
     let source_result = source_task.await.map_err(|e| RunError::Internal(format!("source task panicked: {e}")))?;
+    if let Err(e) = &source_result {
+        source_status.error("source", &e.to_string());
+    }
+    source_status.update_source(|s| s.state = "stopped".into());
+    let _ = tap_task.await;
     let worker_result = worker_done.await.unwrap_or(Ok(()));
     let mut sink_error = None;
     for (name, task) in sink_tasks {
@@ -138,6 +334,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         }
     }
     tracker_task.abort();
+    registry_task.abort();
+    hup_task.abort();
+    monitor_task.abort();
+    admin_task.abort();
     if let Some(e) = sink_error {
         return Err(e.into());
     }

@@ -427,6 +427,10 @@ impl Config {
             };
             let url = s.url.unwrap_or_default();
             match kind {
+                SinkKind::Delta if url.is_empty() => {
+                    issues.add(at("url"), "missing: expected `file:///absolute/dir` or `s3://bucket/prefix`")
+                }
+                SinkKind::Http if url.is_empty() => issues.add(at("url"), "missing: expected `http://host:port/events`"),
                 SinkKind::Delta if !(url.starts_with("file://") || url.starts_with("s3://")) => {
                     issues.add(at("url"), format!("found `{url}`, expected `file:///absolute/dir` or `s3://bucket/prefix`"))
                 }
@@ -508,6 +512,7 @@ mod tests {
                 "source.url: expected a URL starting with `postgres://` or `postgresql://`",
                 "source.slot: found `Bad-Slot`, expected 1 to 63 lowercase letters, digits or underscores (a PostgreSQL slot/publication name)",
                 "sinks.lake.type: found `parquet`, expected `delta` or `http`",
+                "sinks.lake.url: missing: expected `file:///absolute/dir` or `s3://bucket/prefix`",
                 "sinks.lake.flush_interval: found `soon`, expected a duration like `500ms`, `5s`, `2m` or `1h`",
             ]
         );

@@ -9,14 +9,18 @@
 //! [`run`] wires the parts together; each module's documentation states its own
 //! invariants.
 
+pub mod admin;
 pub mod change;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod status;
 
 mod app;
 
 pub use app::{RunError, run};
+pub mod spine;

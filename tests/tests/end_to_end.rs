@@ -27,7 +27,8 @@ fn config(url: &str, plugins: &std::path::Path, lake: &std::path::Path) -> Strin
     format!(
         "[source]\nurl = \"{url}\"\nslot = \"e2e\"\nstatus_interval = \"1s\"\n\
          [plugins]\ndir = \"{plugins}\"\n\
-         [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nflush_interval = \"200ms\"\n",
+         [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nflush_interval = \"200ms\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
         plugins = plugins.display(),
         lake = lake.display()
     )

@@ -20,17 +20,22 @@ pub mod batch;
 pub mod guest;
 pub mod harness;
 pub mod output;
+pub mod registry;
 pub mod runtime;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use self::batch::Batch;
+use self::registry::SwapSlot;
 use self::runtime::{Runtime, RuntimeError, Stage};
 use crate::change::Transaction;
+use crate::config::OnError;
+use crate::status::{self, Status, StageView};
 
 /// A versioned, ordered set of loaded stages.
 pub struct Pipeline {
@@ -150,26 +155,164 @@ impl Pipeline {
 
     /// Runs every stage on `batch`, in order. On failure returns the batch as it was
     /// before the failing stage's call, and the error.
-    pub fn process(&mut self, mut batch: Batch) -> Result<Batch, (Batch, RuntimeError)> {
+    pub fn process(&mut self, batch: Batch) -> Result<Batch, (Batch, RuntimeError)> {
+        self.process_observed(batch, None)
+    }
+
+    /// Like [`Pipeline::process`], recording each stage's time and failures.
+    pub fn process_observed(&mut self, mut batch: Batch, status: Option<&Status>) -> Result<Batch, (Batch, RuntimeError)> {
         for stage in &mut self.stages {
-            batch = stage.process(batch)?;
+            let started = Instant::now();
+            let result = stage.process(batch);
+            if let Some(status) = status {
+                let labels = [("stage", stage.name.as_str())];
+                status.metrics.observe(status::GUEST_SECONDS, &labels, started.elapsed().as_secs_f64());
+                if result.is_err() {
+                    status.metrics.add(status::GUEST_FAILURES, &labels, 1.0);
+                }
+            }
+            batch = result?;
         }
         batch.pipeline = self.version.clone();
         Ok(batch)
     }
+
+    /// The stages as `/status` shows them.
+    pub fn stage_views(&self) -> Vec<StageView> {
+        self.stages
+            .iter()
+            .map(|s| StageView {
+                name: s.name.clone(),
+                plugin: s.info.name.clone(),
+                version: s.info.version.clone(),
+                description: s.info.description.clone(),
+                content_hash: s.content_hash.clone(),
+                loaded_at: s.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            })
+            .collect()
+    }
+}
+
+/// What the pipeline thread works with.
+pub struct Worker {
+    pub pipeline: Pipeline,
+    /// Where the registry offers the next pipeline.
+    pub slot: SwapSlot,
+    pub status: Arc<Status>,
+    pub on_error: OnError,
+}
+
+impl Worker {
+    fn swap_if_offered(&mut self) {
+        if let Some(next) = self.slot.take() {
+            self.pipeline = next;
+            self.status.pipeline_running(&self.pipeline.version, self.pipeline.stage_views());
+            tracing::info!(version = %self.pipeline.version, "pipeline swapped in");
+        }
+    }
+
+    fn count_in(&self, batch: &Batch) {
+        let metrics = &self.status.metrics;
+        metrics.add(status::TRANSACTIONS, &[], batch.txns.len() as f64);
+        metrics.observe(status::BATCH_ROWS, &[], batch.rows.len() as f64);
+        for table in &batch.tables {
+            let name = table.relation.qualified_name();
+            metrics.add(status::ROWS_IN, &[("table", &name)], table.rows.len() as f64);
+        }
+    }
+
+    fn count_out(&self, batch: &Batch) {
+        let metrics = &self.status.metrics;
+        for row in &batch.rows {
+            let table = batch.tables[row.table as usize].relation.qualified_name();
+            if row.dropped {
+                metrics.add(status::ROWS_DROPPED, &[("table", &table)], 1.0);
+            } else if row.routes.is_empty() {
+                metrics.add(status::ROWS_OUT, &[("table", &table), ("route", batch::BatchRow::DEFAULT_ROUTE)], 1.0);
+            } else {
+                for route in &row.routes {
+                    metrics.add(status::ROWS_OUT, &[("table", &table), ("route", route)], 1.0);
+                }
+            }
+        }
+    }
+
+    /// Runs the stages on one batch under the `on_error` policy. `Ok(None)` means the
+    /// source went away while the batch was halted.
+    fn process(&mut self, mut batch: Batch, source_gone: impl Fn() -> bool) -> Result<Option<Batch>, RuntimeError> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            self.swap_if_offered();
+            match self.pipeline.process_observed(batch, Some(&self.status)) {
+                Ok(done) => {
+                    self.status.clear_error("pipeline");
+                    return Ok(Some(done));
+                }
+                Err((back, error)) => match &self.on_error {
+                    OnError::Halt => {
+                        self.status.error("pipeline", &error.to_string());
+                        if source_gone() {
+                            return Err(error);
+                        }
+                        tracing::error!(
+                            error = %error,
+                            retry_in = ?backoff,
+                            "pipeline halted: nothing past this transaction is acknowledged; \
+                             retrying (fix or replace the guest: a reload is picked up here)"
+                        );
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        batch = back;
+                    }
+                    OnError::DeadLetter(dir) => {
+                        let path = dead_letter(dir, &back, &error).map_err(|e| RuntimeError::Engine(format!(
+                            "cannot write the dead-letter file in {}: {e}; halting", dir.display()
+                        )))?;
+                        tracing::warn!(error = %error, file = %path.display(), transactions = back.txns.len(), "transactions dead-lettered");
+                        self.status.error("pipeline", &format!("dead-lettered to {}: {error}", path.display()));
+                        // The transactions still count as done: sinks receive them
+                        // without rows, so the slot moves past them.
+                        return Ok(Some(Batch { txns: back.txns, pipeline: self.pipeline.version.clone(), ..Batch::default() }));
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Writes a failed batch's original transactions as JSON lines, durably.
+/// The file holds the data as it came from PostgreSQL, unmasked: the quarantine
+/// directory must be as protected as the database.
+fn dead_letter(dir: &Path, batch: &Batch, error: &RuntimeError) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let first = batch.txns.first().map(|t| t.commit_lsn.0).unwrap_or(0);
+    let last = batch.txns.last().map(|t| t.commit_lsn.0).unwrap_or(0);
+    let path = dir.join(format!("{first:016X}-{last:016X}.jsonl"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    for row in harness::row_lines(batch) {
+        let mut row = row;
+        row["error"] = serde_json::Value::from(error.to_string());
+        writeln!(out, "{row}")?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(path)
 }
 
 /// How many rows the worker gathers into one batch before running the stages.
 pub const BATCH_ROWS: usize = 1024;
 
 /// Runs the pipeline on a dedicated thread: gathers whole transactions into batches,
-/// runs the stages, and sends each result to every sink. Returns when the source
-/// channel closes (after forwarding everything) or a batch fails for good.
+/// swaps in a reloaded pipeline between batches, runs the stages, and sends each
+/// result to every sink. Returns when the source channel closes (after forwarding
+/// everything) or a batch fails for good.
 pub fn run_worker(
-    mut pipeline: Pipeline,
+    mut worker: Worker,
     mut rx: mpsc::Receiver<Transaction>,
     sinks: Vec<mpsc::Sender<Arc<Batch>>>,
 ) -> Result<(), RuntimeError> {
+    worker.status.pipeline_running(&worker.pipeline.version, worker.pipeline.stage_views());
     while let Some(first) = rx.blocking_recv() {
         let mut rows = first.changes.len();
         let mut txns = vec![first];
@@ -183,13 +326,10 @@ pub fn run_worker(
             }
         }
         let batch = Batch::from_transactions(txns);
-        let batch = match pipeline.process(batch) {
-            Ok(batch) => Arc::new(batch),
-            Err((_, error)) => {
-                tracing::error!(error = %error, "pipeline halted: nothing past this batch is acknowledged");
-                return Err(error);
-            }
-        };
+        worker.count_in(&batch);
+        let Some(batch) = worker.process(batch, || rx.is_closed())? else { return Ok(()) };
+        worker.count_out(&batch);
+        let batch = Arc::new(batch);
         for sink in &sinks {
             if sink.blocking_send(batch.clone()).is_err() {
                 // The sink stopped; its task reports why.

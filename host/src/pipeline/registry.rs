@@ -1,0 +1,169 @@
+//! The plugin registry: notices changes to the plugin folder, builds the whole new
+//! pipeline off the hot path, and hands it to the worker, which swaps it in between
+//! two batches (a transaction boundary).
+//!
+//! ```text
+//! folder poll (debounced) ─┐
+//! SIGHUP ──────────────────┼──▶ reload: scan → require check → compile/instantiate/init ──▶ swap slot
+//! POST /reload ────────────┘                     │ failure: log, /status, the running pipeline stays
+//!                                                ▼
+//!                              worker: `if let Some(next) = slot.take() { pipeline = next }`
+//! ```
+//!
+//! Invariants:
+//! - Nothing on the hot path waits for a reload: the worker only takes a ready pipeline.
+//! - A file is loaded only after its size and modification time held still for one
+//!   poll interval, so a half-copied `.wasm` is never picked up; if one slips through,
+//!   it fails to compile and the running pipeline stays.
+//! - A reload that would remove a stage named in `require` is refused (fail closed).
+//! - A failed reload changes nothing that runs.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::runtime::{Runtime, RuntimeError};
+use super::{Pipeline, PluginFile, scan};
+use crate::status::Status;
+
+/// How often the folder is looked at when `watch` is on.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The pipeline the worker should switch to at its next batch boundary.
+#[derive(Clone, Default)]
+pub struct SwapSlot(Arc<Mutex<Option<Pipeline>>>);
+
+impl SwapSlot {
+    /// Offers a pipeline to the worker, replacing one it has not taken yet.
+    pub fn offer(&self, pipeline: Pipeline) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(pipeline);
+    }
+
+    /// Takes the offered pipeline, if any.
+    pub fn take(&self) -> Option<Pipeline> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Why a reload was asked for, and where to send its outcome.
+pub struct ReloadRequest {
+    pub reason: &'static str,
+    pub reply: Option<oneshot::Sender<Result<String, String>>>,
+}
+
+/// A sender of reload requests (SIGHUP handler, admin API).
+pub type ReloadTrigger = mpsc::UnboundedSender<ReloadRequest>;
+
+/// What the folder looked like: names, sizes and modification times.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fingerprint(Vec<(String, u64, Option<SystemTime>)>);
+
+fn fingerprint(dir: &std::path::Path) -> Fingerprint {
+    let mut entries: Vec<(String, u64, Option<SystemTime>)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let p = e.path();
+            p.extension().is_some_and(|x| x == "wasm" || x == "toml")
+        })
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    entries.sort();
+    Fingerprint(entries)
+}
+
+/// Checks that every required stage is present among `files`.
+pub fn check_required(files: &[PluginFile], require: &[String]) -> Result<(), String> {
+    let missing: Vec<&str> =
+        require.iter().filter(|r| !files.iter().any(|f| &f.name == *r)).map(String::as_str).collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "required stage{} {} missing from the plugin folder ([plugins] require): refusing to run without {}",
+            if missing.len() == 1 { "" } else { "s" },
+            missing.join(", "),
+            if missing.len() == 1 { "it" } else { "them" }
+        ))
+    }
+}
+
+/// Builds a complete pipeline from the folder, or says why not.
+pub fn build(runtime: &Runtime, dir: &std::path::Path, require: &[String]) -> Result<Pipeline, String> {
+    let files = scan(dir).map_err(|e| e.to_string())?;
+    check_required(&files, require)?;
+    Pipeline::load(runtime, &files, &[]).map_err(|errors: Vec<RuntimeError>| {
+        errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    })
+}
+
+/// Watches the folder and serves reload requests until `requests` closes.
+pub async fn run(
+    runtime: Runtime,
+    dir: PathBuf,
+    require: Vec<String>,
+    watch: bool,
+    slot: SwapSlot,
+    status: Arc<Status>,
+    mut requests: mpsc::UnboundedReceiver<ReloadRequest>,
+) {
+    let mut seen = fingerprint(&dir);
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let request = tokio::select! {
+            request = requests.recv() => match request {
+                Some(r) => r,
+                None => return,
+            },
+            _ = ticker.tick(), if watch => {
+                let now = fingerprint(&dir);
+                if now == seen {
+                    continue;
+                }
+                // Debounce: wait until the folder holds still for one interval.
+                tokio::time::sleep(POLL_INTERVAL).await;
+                let settled = fingerprint(&dir);
+                if settled != now {
+                    continue;
+                }
+                seen = settled;
+                ReloadRequest { reason: "plugin folder changed", reply: None }
+            }
+        };
+        let (runtime, dir2, require2) = (runtime.clone(), dir.clone(), require.clone());
+        let started = std::time::Instant::now();
+        let built = tokio::task::spawn_blocking(move || build(&runtime, &dir2, &require2))
+            .await
+            .unwrap_or_else(|e| Err(format!("the reload task panicked: {e}")));
+        let outcome = match built {
+            Ok(pipeline) => {
+                let version = pipeline.version.to_string();
+                tracing::info!(
+                    reason = request.reason,
+                    version = %version,
+                    stages = ?pipeline.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+                    took = ?started.elapsed(),
+                    "new pipeline ready; swapping at the next transaction boundary"
+                );
+                slot.offer(pipeline);
+                status.reload_succeeded(request.reason, &version);
+                Ok(version)
+            }
+            Err(error) => {
+                tracing::error!(reason = request.reason, error = %error, "reload failed; the running pipeline stays");
+                status.reload_failed(request.reason, &error);
+                Err(error)
+            }
+        };
+        if let Some(reply) = request.reply {
+            let _ = reply.send(outcome);
+        }
+    }
+}

@@ -1,0 +1,704 @@
+//! The lake sink: one Delta table of Parquet files per source table, written exactly once.
+//!
+//! ```text
+//! accept(Arc<Batch>) ──kept rows, no I/O──▶ per table: [Segment{ batch, relation version, rows }]
+//!                                                │
+//! flush() ── per table with rows, in name order: ▼
+//!   open/reload: load `{url}/{schema}.{table}/`, read txn version V for `app_id`
+//!   skip rows of transactions with commit_lsn <= V        (already committed)
+//!   create the table / add missing columns                (own metadata-only commit)
+//!   rows ──arrow::record_batch──▶ RecordBatchWriter ──▶ Parquet files (Add actions)
+//!   one commit: Add* + [Metadata: grown tags] + Txn{ app_id, max commit_lsn } + commitInfo
+//! ```
+//!
+//! Invariants:
+//! - `accept` does no I/O and never fails: every failure surfaces in `flush`, which
+//!   [`drive`](crate::sink::drive) retries when it is transient.
+//! - A flush writes one data commit per table. A table's buffer is cleared only after its
+//!   commit landed, so a retried flush never commits a table twice.
+//! - Every data commit carries the application transaction `(app_id, V)` where `V` is the
+//!   largest commit LSN (as `i64`) of the transactions it holds. Rows of a transaction
+//!   with `commit_lsn <= V` are never written again: after a restart they are skipped, and
+//!   after any failed commit the table is reloaded first, because a commit can land even
+//!   when its caller saw an error (a lost response, a failed post-commit checkpoint).
+//! - Batches hold whole transactions and a flush covers every accepted batch, so a
+//!   transaction is never split between two commits of one table.
+//!
+//! # Rows and types
+//!
+//! Each kept row (not dropped, routed to this sink) becomes one Delta row: the relation's
+//! columns, then `_op` (`c`/`u`/`d`/`r`/`t`), `_lsn`, `_commit_lsn`, `_commit_ts` (UTC
+//! µs), `_xid`, `_pipeline`, `_tags` (row tags), `_unchanged` (columns whose TOASTed value
+//! PostgreSQL did not resend; written as null) and `_special` (see below). Inserts,
+//! updates and snapshot reads write the new image, deletes the old one (key columns, or
+//! all with `REPLICA IDENTITY FULL`), a truncate one row of nulls.
+//!
+//! | PostgreSQL                      | Delta                                    |
+//! |---------------------------------|------------------------------------------|
+//! | bool                            | boolean                                  |
+//! | int2 / int4 / int8, oid         | short / integer / long                   |
+//! | float4 / float8                 | float / double                           |
+//! | numeric(p,s), 1 ≤ p ≤ 38, 0 ≤ s ≤ p | decimal(p,s)                         |
+//! | numeric (unconstrained or wider)| string, exact text                       |
+//! | bytea                           | binary                                   |
+//! | date                            | date                                     |
+//! | timestamp / timestamptz         | timestamp_ntz / timestamp (UTC), µs      |
+//! | time                            | string `HH:MM:SS.ffffff` (Delta has no time type) |
+//! | uuid                            | string, lowercase 8-4-4-4-12             |
+//! | json, jsonb, text types, other  | string (PostgreSQL text form)            |
+//!
+//! Nothing is rounded or clamped. A value the column's Delta type cannot hold exactly —
+//! `NaN` in a decimal column, `±infinity` dates and timestamps, or a guest-edited value
+//! that does not fit — is written as null and recorded in the row's `_special` list as
+//! `column=text` (PostgreSQL text form), so the exact value stays in the row.
+//!
+//! Guest column tags are stored in the Delta field metadata under `airlock.tags` (a JSON
+//! array string). Tags only grow; growth is written as a Metadata action in the data
+//! commit. A relation column the table lacks is added (nullable) with deltalake's
+//! `add_columns` in a metadata-only commit before the data commit; a Delta column the
+//! relation lacks stays and is written as null.
+
+mod arrow;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::{Action, MetadataExt as _, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+
+use self::arrow::{Segment, plan_schema, record_batch, struct_type};
+use crate::change::Lsn;
+use crate::pipeline::batch::{Batch, BatchRow};
+use crate::sink::{Sink, SinkError};
+
+pub use self::arrow::TAGS_KEY;
+
+/// Settings of one lake sink, validated by the config layer.
+#[derive(Clone, Debug)]
+pub struct LakeSettings {
+    /// The sink's name in the configuration (`[sinks.NAME]`), used in logs and errors.
+    pub name: String,
+    /// Where the tables live: `file:///abs/path` or `s3://bucket/prefix`.
+    pub url: String,
+    /// Routes this sink takes; a row without routes takes `default`.
+    pub routes: Vec<String>,
+    /// How long accepted rows may wait before a flush.
+    pub flush_interval: Duration,
+    /// Flush when this many rows are buffered.
+    pub max_rows: usize,
+    /// Flush when about this many bytes of values are buffered.
+    pub max_bytes: usize,
+    /// The Delta application-transaction id, e.g. `airlock:<slot>`.
+    pub app_id: String,
+    /// Options for the object store (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...).
+    pub storage_options: HashMap<String, String>,
+    /// Static entries added to every commit's info (source database, slot, ...).
+    pub commit_info: serde_json::Map<String, serde_json::Value>,
+}
+
+impl LakeSettings {
+    pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+    pub const DEFAULT_MAX_ROWS: usize = 100_000;
+    pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+    /// Settings with the defaults: route `default`, 5 s, 100 000 rows, 64 MiB.
+    pub fn new(
+        name: impl Into<String>,
+        url: impl Into<String>,
+        app_id: impl Into<String>,
+    ) -> LakeSettings {
+        LakeSettings {
+            name: name.into(),
+            url: url.into(),
+            routes: vec![BatchRow::DEFAULT_ROUTE.to_owned()],
+            flush_interval: Self::DEFAULT_FLUSH_INTERVAL,
+            max_rows: Self::DEFAULT_MAX_ROWS,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+            app_id: app_id.into(),
+            storage_options: HashMap::new(),
+            commit_info: serde_json::Map::new(),
+        }
+    }
+}
+
+/// What went wrong in the lake, before it is classified for the sink contract.
+#[derive(Debug, thiserror::Error)]
+enum LakeError {
+    #[error("table {table}: {action} failed: {source}")]
+    Delta {
+        table: String,
+        action: &'static str,
+        #[source]
+        source: DeltaTableError,
+    },
+    #[error("table {table}: {source}")]
+    Convert {
+        table: String,
+        #[source]
+        source: arrow::ConvertError,
+    },
+}
+
+impl LakeError {
+    fn delta<'a>(
+        table: &'a str,
+        action: &'static str,
+    ) -> impl FnOnce(DeltaTableError) -> LakeError + 'a {
+        move |source| LakeError::Delta {
+            table: table.to_owned(),
+            action,
+            source,
+        }
+    }
+
+    fn convert(table: &str) -> impl FnOnce(arrow::ConvertError) -> LakeError + '_ {
+        move |source| LakeError::Convert {
+            table: table.to_owned(),
+            source,
+        }
+    }
+
+    fn into_sink_error(self, sink: &str) -> SinkError {
+        let transient = match &self {
+            LakeError::Delta { source, .. } => is_transient(source),
+            LakeError::Convert { .. } => false,
+        };
+        let message = match &self {
+            LakeError::Delta { source, .. } if transient => {
+                format!(
+                    "{self} (will retry; check that the lake is reachable: {})",
+                    root_cause(source)
+                )
+            }
+            _ => self.to_string(),
+        };
+        let sink = sink.to_owned();
+        if transient {
+            SinkError::Transient { sink, message }
+        } else {
+            SinkError::Definite { sink, message }
+        }
+    }
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Whether a Delta error is worth retrying: storage unreachable or busy, I/O, or a race
+/// with another commit. Bad data, bad schemas and denied access are definite.
+fn is_transient(error: &DeltaTableError) -> bool {
+    match error {
+        DeltaTableError::Io { .. } | DeltaTableError::VersionAlreadyExists(_) => return true,
+        DeltaTableError::Transaction { source } => match source {
+            TransactionError::VersionAlreadyExists(_)
+            | TransactionError::MaxCommitAttempts(_)
+            | TransactionError::LogStoreError { .. } => return true,
+            TransactionError::ObjectStore { source } => return object_store_transient(source),
+            _ => return false,
+        },
+        _ => {}
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if let Some(store) = error.downcast_ref::<object_store::Error>() {
+            return object_store_transient(store);
+        }
+        if error.is::<std::io::Error>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+fn object_store_transient(error: &object_store::Error) -> bool {
+    !matches!(
+        error,
+        object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::NotImplemented { .. }
+            | object_store::Error::InvalidPath { .. }
+            | object_store::Error::UnknownConfigurationKey { .. }
+    )
+}
+
+/// Percent-encodes a table directory name for use in a URL path.
+fn encode_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Rough in-memory size of a kept row, for `max_bytes`.
+fn row_bytes(row: &BatchRow) -> usize {
+    let image = |values: &Option<Vec<crate::change::Value>>| {
+        values
+            .as_ref()
+            .map_or(0, |vs| vs.iter().map(|v| v.heap_size() + 8).sum::<usize>())
+    };
+    64 + image(&row.change.new)
+        + image(&row.change.old)
+        + row.tags.iter().map(|t| t.len() + 8).sum::<usize>()
+}
+
+/// One Delta table and the rows waiting for it.
+struct LakeTable {
+    /// `schema.table`.
+    name: String,
+    url: String,
+    /// The loaded table; `None` until the first flush, and after a failed one.
+    delta: Option<DeltaTable>,
+    /// The table's latest application-transaction version for our app id.
+    committed: Option<i64>,
+    pending: Vec<Segment>,
+    rows: usize,
+    bytes: usize,
+    /// Columns already warned about for `_special` values.
+    warned: BTreeSet<String>,
+}
+
+impl LakeTable {
+    /// Loads the table (or notes that it does not exist yet) and its committed version.
+    async fn open(&mut self, settings: &LakeSettings) -> Result<(), LakeError> {
+        let name = self.name.as_str();
+        let url = deltalake::ensure_table_uri(&self.url)
+            .map_err(LakeError::delta(name, "resolving the table location"))?;
+        let mut table = DeltaTableBuilder::from_url(url)
+            .and_then(|b| {
+                b.with_storage_options(settings.storage_options.clone())
+                    .build()
+            })
+            .map_err(LakeError::delta(name, "opening the table"))?;
+        let exists = table
+            .verify_deltatable_existence()
+            .await
+            .map_err(LakeError::delta(name, "checking for the table"))?;
+        self.committed = None;
+        if exists {
+            table
+                .load()
+                .await
+                .map_err(LakeError::delta(name, "loading the table"))?;
+            let state = table
+                .snapshot()
+                .map_err(LakeError::delta(name, "loading the table"))?;
+            self.committed = state
+                .transaction_version(table.log_store().as_ref(), &settings.app_id)
+                .await
+                .map_err(LakeError::delta(
+                    name,
+                    "reading the application transaction",
+                ))?;
+        }
+        self.delta = Some(table);
+        Ok(())
+    }
+
+    /// Drops rows of transactions the table already holds; returns how many.
+    fn skip_committed(&mut self) -> usize {
+        let Some(version) = self.committed else {
+            return 0;
+        };
+        let done = |lsn: Lsn| lsn.0 as i64 <= version;
+        let mut skipped = 0;
+        self.pending.retain_mut(|segment| {
+            let (first, last) = match (segment.batch.txns.first(), segment.batch.txns.last()) {
+                (Some(first), Some(last)) => (first.commit_lsn, last.commit_lsn),
+                _ => return true,
+            };
+            if !done(first) {
+                return true;
+            }
+            if done(last) {
+                skipped += segment.rows.len();
+                return false;
+            }
+            let batch = segment.batch.clone();
+            let before = segment.rows.len();
+            segment
+                .rows
+                .retain(|&r| !done(batch.txns[batch.rows[r as usize].txn as usize].commit_lsn));
+            skipped += before - segment.rows.len();
+            !segment.rows.is_empty()
+        });
+        skipped
+    }
+
+    /// Commits every pending row of this table; on `Ok` the buffer is empty.
+    async fn flush(&mut self, settings: &LakeSettings) -> Result<(), LakeError> {
+        if self.delta.is_none() {
+            self.open(settings).await?;
+        }
+        let skipped = self.skip_committed();
+        if skipped > 0 {
+            tracing::info!(
+                sink = %settings.name,
+                table = %self.name,
+                skipped,
+                through = %Lsn(self.committed.unwrap_or_default() as u64),
+                "skipping rows the lake already holds"
+            );
+        }
+        if self.pending.is_empty() {
+            self.clear();
+            return Ok(());
+        }
+        let name = self.name.clone();
+        let name = name.as_str();
+        let mut table = self.delta.take().expect("opened above");
+
+        // The schema: create the table, or add the columns it lacks.
+        let existing = table.snapshot().ok().map(|s| s.schema());
+        let mut plan =
+            plan_schema(existing.as_deref(), &self.pending).map_err(LakeError::convert(name))?;
+        if existing.is_none() {
+            table = table
+                .create()
+                .with_columns(plan.fields.clone())
+                .with_table_name(name)
+                .with_save_mode(SaveMode::Ignore)
+                .with_commit_properties(
+                    CommitProperties::default().with_metadata(self.static_info(settings)),
+                )
+                .await
+                .map_err(LakeError::delta(name, "creating the table"))?;
+            tracing::info!(sink = %settings.name, table = %name, url = %self.url, "created lake table");
+            let schema = table
+                .snapshot()
+                .map_err(LakeError::delta(name, "creating the table"))?
+                .schema();
+            plan = plan_schema(Some(schema.as_ref()), &self.pending)
+                .map_err(LakeError::convert(name))?;
+        }
+        if !plan.added.is_empty() {
+            let added: Vec<String> = plan.added.iter().map(|f| f.name().clone()).collect();
+            table = table
+                .add_columns()
+                .with_fields(plan.added.clone())
+                .with_commit_properties(
+                    CommitProperties::default().with_metadata(self.static_info(settings)),
+                )
+                .await
+                .map_err(LakeError::delta(name, "adding columns"))?;
+            tracing::info!(sink = %settings.name, table = %name, columns = ?added, "added lake columns");
+            let schema = table
+                .snapshot()
+                .map_err(LakeError::delta(name, "adding columns"))?
+                .schema();
+            plan = plan_schema(Some(schema.as_ref()), &self.pending)
+                .map_err(LakeError::convert(name))?;
+        }
+        let mut actions = Vec::new();
+        if plan.tags_grew {
+            let schema = struct_type(plan.fields).map_err(LakeError::convert(name))?;
+            let metadata = table
+                .snapshot()
+                .map_err(LakeError::delta(name, "updating column tags"))?
+                .metadata()
+                .clone()
+                .with_schema(&schema)
+                .map_err(DeltaTableError::from)
+                .map_err(LakeError::delta(name, "updating column tags"))?;
+            actions.push(Action::Metadata(metadata));
+        }
+
+        // The files.
+        let mut writer = RecordBatchWriter::for_table(&table)
+            .map_err(LakeError::delta(name, "preparing the writer"))?;
+        let converted = record_batch(&writer.arrow_schema(), &self.pending)
+            .map_err(LakeError::convert(name))?;
+        for column in &converted.special_columns {
+            if self.warned.insert(column.clone()) {
+                tracing::warn!(
+                    sink = %settings.name,
+                    table = %name,
+                    column = %column,
+                    "values that the column's Delta type cannot hold are written as null and kept in `_special`"
+                );
+            }
+        }
+        let rows = converted.batch.num_rows();
+        writer
+            .write(converted.batch)
+            .await
+            .map_err(LakeError::delta(name, "writing Parquet"))?;
+        let adds = writer
+            .flush()
+            .await
+            .map_err(LakeError::delta(name, "writing Parquet"))?;
+        actions.extend(adds.into_iter().map(Action::Add));
+
+        // The commit.
+        let (first, last) = self.commit_lsn_range();
+        let mut info = self.static_info(settings);
+        info.insert(
+            "airlock.lsn_range".into(),
+            serde_json::json!([first.to_string(), last.to_string()]),
+        );
+        info.insert("airlock.pipeline".into(), self.pipelines());
+        info.insert("airlock.rows".into(), rows.into());
+        let version = last.0 as i64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let properties = CommitProperties::default()
+            .with_application_transaction(Transaction::new_with_last_update(
+                &settings.app_id,
+                version,
+                Some(now),
+            ))
+            .with_metadata(info);
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        let state = table
+            .snapshot()
+            .map_err(LakeError::delta(name, "committing"))?;
+        let finalized = CommitBuilder::from(properties)
+            .with_actions(actions)
+            .build(Some(state), table.log_store(), operation)
+            .await
+            .map_err(LakeError::delta(name, "committing"))?;
+        tracing::debug!(
+            sink = %settings.name,
+            table = %name,
+            version = finalized.version(),
+            rows,
+            first = %first,
+            last = %last,
+            "committed to the lake"
+        );
+        table.state = Some(finalized.snapshot());
+        self.delta = Some(table);
+        self.committed = Some(version);
+        self.clear();
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.pending.clear();
+        self.rows = 0;
+        self.bytes = 0;
+    }
+
+    /// Smallest and largest commit LSN of the pending rows' transactions.
+    fn commit_lsn_range(&self) -> (Lsn, Lsn) {
+        let mut range: Option<(Lsn, Lsn)> = None;
+        for segment in &self.pending {
+            for &r in &segment.rows {
+                let lsn = segment.txn(segment.row(r)).commit_lsn;
+                range = Some(range.map_or((lsn, lsn), |(lo, hi)| (lo.min(lsn), hi.max(lsn))));
+            }
+        }
+        range.unwrap_or_default()
+    }
+
+    /// The pipeline version of the pending rows: a string, or an array when a reload
+    /// happened between them.
+    fn pipelines(&self) -> serde_json::Value {
+        let mut seen: Vec<&str> = Vec::new();
+        for segment in &self.pending {
+            let pipeline = &*segment.batch.pipeline;
+            if !seen.contains(&pipeline) {
+                seen.push(pipeline);
+            }
+        }
+        match seen.as_slice() {
+            [one] => (*one).into(),
+            many => many.iter().map(|p| serde_json::Value::from(*p)).collect(),
+        }
+    }
+
+    fn static_info(&self, settings: &LakeSettings) -> HashMap<String, serde_json::Value> {
+        let mut info: HashMap<String, serde_json::Value> = settings
+            .commit_info
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        info.insert("airlock.sink".into(), settings.name.clone().into());
+        info.insert("airlock.table".into(), self.name.clone().into());
+        info
+    }
+}
+
+/// Writes routed rows to Delta tables under one location; see the module documentation.
+pub struct LakeSink {
+    settings: LakeSettings,
+    /// Tables by `schema.table`; flushed in name order.
+    tables: BTreeMap<String, LakeTable>,
+    rows: usize,
+    bytes: usize,
+    /// End LSN of the last accepted batch not yet covered by a successful flush.
+    accepted_end: Option<Lsn>,
+}
+
+impl std::fmt::Debug for LakeSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeSink")
+            .field("name", &self.settings.name)
+            .field("url", &self.settings.url)
+            .field("rows", &self.rows)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+static REGISTER_S3: Once = Once::new();
+
+impl LakeSink {
+    /// Checks the settings and prepares the location. Tables are loaded lazily, at their
+    /// first flush; a `file://` base directory is created here.
+    pub async fn open(settings: LakeSettings) -> Result<LakeSink, SinkError> {
+        let definite = |message: String| SinkError::Definite {
+            sink: settings.name.clone(),
+            message,
+        };
+        let url = settings.url.trim_end_matches('/');
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(definite(format!(
+                    "url `{}` must be an absolute file URL like `file:///var/lib/airlock/lake`",
+                    settings.url
+                )));
+            }
+            tokio::fs::create_dir_all(path)
+                .await
+                .map_err(|e| definite(format!("cannot create the lake directory {path}: {e}")))?;
+        } else if url.starts_with("s3://") || url.starts_with("s3a://") {
+            REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
+        } else {
+            return Err(definite(format!(
+                "url `{}` is not supported: use `file:///abs/path` or `s3://bucket/prefix`",
+                settings.url
+            )));
+        }
+        if settings.app_id.is_empty() {
+            return Err(definite("app_id must not be empty".into()));
+        }
+        if settings.max_rows == 0 || settings.max_bytes == 0 {
+            return Err(definite("max_rows and max_bytes must be at least 1".into()));
+        }
+        Ok(LakeSink {
+            settings,
+            tables: BTreeMap::new(),
+            rows: 0,
+            bytes: 0,
+            accepted_end: None,
+        })
+    }
+
+    fn table_url(&self, name: &str) -> String {
+        format!(
+            "{}/{}",
+            self.settings.url.trim_end_matches('/'),
+            encode_segment(name)
+        )
+    }
+}
+
+impl Sink for LakeSink {
+    fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    async fn accept(&mut self, batch: Arc<Batch>) -> Result<bool, SinkError> {
+        if let Some(end) = batch.end_lsn() {
+            self.accepted_end = Some(self.accepted_end.map_or(end, |e| e.max(end)));
+        }
+        let mut kept = false;
+        for (t, table) in batch.tables.iter().enumerate() {
+            let mut bytes = 0;
+            let rows: Vec<u32> = table
+                .rows
+                .iter()
+                .copied()
+                .filter(|&r| {
+                    let row = &batch.rows[r as usize];
+                    let keep = !row.dropped && row.has_route_in(&self.settings.routes);
+                    if keep {
+                        bytes += row_bytes(row);
+                    }
+                    keep
+                })
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            kept = true;
+            let name = table.relation.qualified_name();
+            if !self.tables.contains_key(&name) {
+                let url = self.table_url(&name);
+                self.tables.insert(
+                    name.clone(),
+                    LakeTable {
+                        name: name.clone(),
+                        url,
+                        delta: None,
+                        committed: None,
+                        pending: Vec::new(),
+                        rows: 0,
+                        bytes: 0,
+                        warned: BTreeSet::new(),
+                    },
+                );
+            }
+            let entry = self.tables.get_mut(&name).expect("inserted above");
+            entry.rows += rows.len();
+            entry.bytes += bytes;
+            self.rows += rows.len();
+            self.bytes += bytes;
+            entry.pending.push(Segment {
+                batch: batch.clone(),
+                table: t as u32,
+                rows,
+            });
+        }
+        Ok(kept)
+    }
+
+    fn due(&self) -> bool {
+        self.rows >= self.settings.max_rows || self.bytes >= self.settings.max_bytes
+    }
+
+    async fn flush(&mut self) -> Result<Option<Lsn>, SinkError> {
+        let settings = &self.settings;
+        for table in self.tables.values_mut() {
+            if table.pending.is_empty() {
+                continue;
+            }
+            let (rows, bytes) = (table.rows, table.bytes);
+            if let Err(error) = table.flush(settings).await {
+                // The commit may have landed anyway: reload before the next attempt.
+                table.delta = None;
+                return Err(error.into_sink_error(&settings.name));
+            }
+            self.rows -= rows;
+            self.bytes -= bytes;
+        }
+        Ok(self.accepted_end.take())
+    }
+
+    fn flush_interval(&self) -> Duration {
+        self.settings.flush_interval
+    }
+}

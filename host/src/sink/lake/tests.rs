@@ -1,0 +1,887 @@
+//! Write–read-back tests: batches go through the sink into real Delta tables in a temp
+//! directory and come back through `deltalake` (log) and `parquet` (files).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ::arrow::array::{Array, AsArray, RecordBatch, new_null_array};
+use ::arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
+use ::arrow::datatypes::{
+    Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type,
+    TimestampMicrosecondType,
+};
+use deltalake::kernel::{DataType, DecimalType};
+use futures::TryStreamExt as _;
+use object_store::ObjectStoreExt as _;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::*;
+use crate::change::{
+    Change, Column, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
+};
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh directory under the system temp dir (no `tempfile` crate here).
+fn temp_dir(tag: &str) -> PathBuf {
+    let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "airlock-lake-{tag}-{}-{n}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn settings(dir: &std::path::Path) -> LakeSettings {
+    let mut settings = LakeSettings::new(
+        "lake",
+        format!("file://{}", dir.display()),
+        "airlock:test_slot",
+    );
+    settings.commit_info.insert("source".into(), "db1".into());
+    settings
+}
+
+fn relation(
+    schema: &str,
+    name: &str,
+    identity: ReplicaIdentity,
+    columns: &[(&str, u32, i32, bool)],
+) -> Arc<Relation> {
+    Arc::new(Relation {
+        oid: 16_384,
+        schema: schema.into(),
+        name: name.into(),
+        replica_identity: identity,
+        columns: columns
+            .iter()
+            .map(|&(name, type_oid, type_modifier, key)| Column {
+                name: name.into(),
+                type_oid,
+                type_modifier,
+                key,
+            })
+            .collect(),
+    })
+}
+
+const COMMIT_TS: i64 = 1_704_067_200_123_456; // 2024-01-01 00:00:00.123456 UTC
+
+fn txn(xid: u32, commit_lsn: u64, changes: Vec<Change>) -> Transaction {
+    Transaction {
+        meta: TxnMeta {
+            xid,
+            commit_lsn: Lsn(commit_lsn),
+            end_lsn: Lsn(commit_lsn + 0x10),
+            commit_ts: COMMIT_TS,
+        },
+        changes,
+    }
+}
+
+fn change(
+    relation: &Arc<Relation>,
+    op: Op,
+    lsn: u64,
+    new: Option<Vec<Value>>,
+    old: Option<Vec<Value>>,
+) -> Change {
+    Change {
+        relation: relation.clone(),
+        op,
+        lsn: Lsn(lsn),
+        new,
+        old,
+    }
+}
+
+fn insert(relation: &Arc<Relation>, lsn: u64, values: Vec<Value>) -> Change {
+    change(relation, Op::Insert, lsn, Some(values), None)
+}
+
+fn batch(txns: Vec<Transaction>) -> Batch {
+    let mut batch = Batch::from_transactions(txns);
+    batch.pipeline = Arc::from("p-abc123");
+    batch
+}
+
+fn table_url(dir: &std::path::Path, name: &str) -> String {
+    format!("file://{}/{name}", dir.display())
+}
+
+async fn load(url: &str) -> DeltaTable {
+    let mut table = DeltaTableBuilder::from_url(deltalake::ensure_table_uri(url).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    table.load().await.unwrap();
+    table
+}
+
+/// Every row of the table's current files, sorted by `_lsn`.
+async fn read_rows(table: &DeltaTable) -> RecordBatch {
+    let store = table.object_store();
+    let mut batches = Vec::new();
+    let files: Vec<_> = table
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .into_iter()
+        .map(|f| f.object_store_path())
+        .collect();
+    for path in files {
+        let bytes = store.get(&path).await.unwrap().bytes().await.unwrap();
+        for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            batches.push(batch.unwrap());
+        }
+    }
+    // Older files lack columns added later: read them as nulls, like a Delta reader.
+    let schema = batches
+        .iter()
+        .map(|b| b.schema())
+        .max_by_key(|s| s.fields().len())
+        .unwrap();
+    let batches: Vec<RecordBatch> = batches
+        .iter()
+        .map(|batch| {
+            let columns = schema
+                .fields()
+                .iter()
+                .map(|field| match batch.column_by_name(field.name()) {
+                    Some(column) => column.clone(),
+                    None => new_null_array(field.data_type(), batch.num_rows()),
+                })
+                .collect();
+            RecordBatch::try_new(schema.clone(), columns).unwrap()
+        })
+        .collect();
+    let all = concat_batches(&schema, &batches).unwrap();
+    let order = sort_to_indices(all.column_by_name("_lsn").unwrap(), None, None).unwrap();
+    take_record_batch(&all, &order).unwrap()
+}
+
+fn col<'a>(batch: &'a RecordBatch, name: &str) -> &'a dyn Array {
+    batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name}"))
+        .as_ref()
+}
+
+fn strings(batch: &RecordBatch, name: &str, row: usize) -> Vec<String> {
+    let list = col(batch, name).as_list::<i32>().value(row);
+    list.as_string::<i32>()
+        .iter()
+        .map(|s| s.unwrap().to_owned())
+        .collect()
+}
+
+fn text(batch: &RecordBatch, name: &str, row: usize) -> Option<String> {
+    let array = col(batch, name).as_string::<i32>();
+    array.is_valid(row).then(|| array.value(row).to_owned())
+}
+
+async fn last_commit_info(table: &DeltaTable) -> HashMap<String, serde_json::Value> {
+    let infos: Vec<_> = table.history(Some(1)).try_collect().await.unwrap();
+    infos.into_iter().next().unwrap().info
+}
+
+#[tokio::test]
+async fn one_row_per_type_reads_back_exactly() {
+    let dir = temp_dir("types");
+    let numeric_10_2 = (10 << 16 | 2) + 4;
+    let rel = relation(
+        "public",
+        "every_type",
+        ReplicaIdentity::Default,
+        &[
+            ("id", oid::INT4, -1, true),
+            ("b", oid::BOOL, -1, false),
+            ("i2", oid::INT2, -1, false),
+            ("i8", oid::INT8, -1, false),
+            ("o", oid::OID, -1, false),
+            ("f4", oid::FLOAT4, -1, false),
+            ("f8", oid::FLOAT8, -1, false),
+            ("dec", oid::NUMERIC, numeric_10_2, false),
+            ("num", oid::NUMERIC, -1, false),
+            ("t", oid::TEXT, -1, false),
+            ("vc", oid::VARCHAR, 14, false),
+            ("bp", oid::BPCHAR, 7, false),
+            ("nm", oid::NAME, -1, false),
+            ("ch", oid::CHAR, -1, false),
+            ("by", oid::BYTEA, -1, false),
+            ("d", oid::DATE, -1, false),
+            ("ts", oid::TIMESTAMP, -1, false),
+            ("tz", oid::TIMESTAMPTZ, -1, false),
+            ("tm", oid::TIME, -1, false),
+            ("u", oid::UUID, -1, false),
+            ("j", oid::JSON, -1, false),
+            ("jb", oid::JSONB, -1, false),
+            ("iv", oid::INTERVAL, -1, false),
+        ],
+    );
+    let full = vec![
+        Value::Int(1),
+        Value::Bool(true),
+        Value::Int(-32_768),
+        Value::Int(9_007_199_254_740_993),
+        Value::Int(4_294_967_295),
+        Value::Float(1.5),
+        Value::Float(-2.25e300),
+        Value::Numeric("-12345678.91".into()),
+        Value::Numeric("3.14159265358979323846264338327950288419716939937510".into()),
+        Value::Text("héllo".into()),
+        Value::Text("varchar".into()),
+        Value::Text("bp   ".into()),
+        Value::Text("a_name".into()),
+        Value::Text("x".into()),
+        Value::Bytes(vec![0, 1, 254, 255]),
+        Value::Date(19_723),
+        Value::Timestamp(1_704_067_200_000_001),
+        Value::Timestamptz(-1),
+        Value::Time(45_296_000_789),
+        Value::Uuid(*b"\x12\x34\x56\x78\x9a\xbc\xde\xf0\x01\x23\x45\x67\x89\xab\xcd\xef"),
+        Value::Json("{\"a\": 1}".into()),
+        Value::Json("{\"b\": [1, 2]}".into()),
+        Value::Other("1 day 02:00:00".into()),
+    ];
+    let mut nulls = vec![Value::Null; full.len()];
+    nulls[0] = Value::Int(2);
+    let mut special = vec![Value::Null; full.len()];
+    special[0] = Value::Int(3);
+    special[7] = Value::Numeric("NaN".into());
+    special[9] = Value::UnchangedToast;
+    special[16] = Value::Timestamp(i64::MAX);
+    special[15] = Value::Date(i32::MIN);
+    let b = batch(vec![
+        txn(
+            700,
+            0x1000,
+            vec![insert(&rel, 0x100, full), insert(&rel, 0x108, nulls)],
+        ),
+        txn(
+            701,
+            0x2000,
+            vec![change(&rel, Op::Update, 0x1100, Some(special), None)],
+        ),
+    ]);
+
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    assert!(sink.accept(Arc::new(b)).await.unwrap());
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x2010)));
+    assert_eq!(sink.flush().await.unwrap(), None, "nothing new");
+
+    let table = load(&table_url(&dir, "public.every_type")).await;
+    let schema = table.snapshot().unwrap().schema();
+    let delta = |name: &str| schema.field(name).unwrap().data_type().clone();
+    assert_eq!(delta("b"), DataType::BOOLEAN);
+    assert_eq!(delta("i2"), DataType::SHORT);
+    assert_eq!(delta("id"), DataType::INTEGER);
+    assert_eq!(delta("o"), DataType::LONG);
+    assert_eq!(delta("f4"), DataType::FLOAT);
+    assert_eq!(delta("dec"), DecimalType::try_new(10, 2).unwrap().into());
+    assert_eq!(delta("num"), DataType::STRING);
+    assert_eq!(delta("by"), DataType::BINARY);
+    assert_eq!(delta("d"), DataType::DATE);
+    assert_eq!(delta("ts"), DataType::TIMESTAMP_NTZ);
+    assert_eq!(delta("tz"), DataType::TIMESTAMP);
+    assert_eq!(delta("tm"), DataType::STRING);
+    assert_eq!(delta("_commit_ts"), DataType::TIMESTAMP);
+
+    let rows = read_rows(&table).await;
+    assert_eq!(rows.num_rows(), 3);
+    // Row 0: every value.
+    assert_eq!(col(&rows, "id").as_primitive::<Int32Type>().value(0), 1);
+    assert!(col(&rows, "b").as_boolean().value(0));
+    assert_eq!(
+        col(&rows, "i2").as_primitive::<Int16Type>().value(0),
+        -32_768
+    );
+    assert_eq!(
+        col(&rows, "i8").as_primitive::<Int64Type>().value(0),
+        9_007_199_254_740_993
+    );
+    assert_eq!(
+        col(&rows, "o").as_primitive::<Int64Type>().value(0),
+        4_294_967_295
+    );
+    assert_eq!(col(&rows, "f4").as_primitive::<Float32Type>().value(0), 1.5);
+    assert_eq!(
+        col(&rows, "f8").as_primitive::<Float64Type>().value(0),
+        -2.25e300
+    );
+    let dec = col(&rows, "dec").as_primitive::<Decimal128Type>();
+    assert_eq!(
+        (dec.value(0), dec.precision(), dec.scale()),
+        (-1_234_567_891, 10, 2)
+    );
+    assert_eq!(
+        text(&rows, "num", 0).unwrap(),
+        "3.14159265358979323846264338327950288419716939937510"
+    );
+    assert_eq!(text(&rows, "t", 0).unwrap(), "héllo");
+    assert_eq!(text(&rows, "vc", 0).unwrap(), "varchar");
+    assert_eq!(text(&rows, "bp", 0).unwrap(), "bp   ");
+    assert_eq!(text(&rows, "nm", 0).unwrap(), "a_name");
+    assert_eq!(text(&rows, "ch", 0).unwrap(), "x");
+    assert_eq!(
+        col(&rows, "by").as_binary::<i32>().value(0),
+        &[0, 1, 254, 255]
+    );
+    assert_eq!(
+        col(&rows, "d").as_primitive::<Date32Type>().value(0),
+        19_723
+    );
+    let ts = col(&rows, "ts").as_primitive::<TimestampMicrosecondType>();
+    assert_eq!((ts.value(0), ts.timezone()), (1_704_067_200_000_001, None));
+    let tz = col(&rows, "tz").as_primitive::<TimestampMicrosecondType>();
+    assert_eq!((tz.value(0), tz.timezone()), (-1, Some("UTC")));
+    assert_eq!(text(&rows, "tm", 0).unwrap(), "12:34:56.000789");
+    assert_eq!(
+        text(&rows, "u", 0).unwrap(),
+        "12345678-9abc-def0-0123-456789abcdef"
+    );
+    assert_eq!(text(&rows, "j", 0).unwrap(), "{\"a\": 1}");
+    assert_eq!(text(&rows, "jb", 0).unwrap(), "{\"b\": [1, 2]}");
+    assert_eq!(text(&rows, "iv", 0).unwrap(), "1 day 02:00:00");
+    // Metadata columns.
+    assert_eq!(text(&rows, "_op", 0).unwrap(), "c");
+    assert_eq!(
+        col(&rows, "_lsn").as_primitive::<Int64Type>().value(0),
+        0x100
+    );
+    assert_eq!(
+        col(&rows, "_commit_lsn")
+            .as_primitive::<Int64Type>()
+            .value(0),
+        0x1000
+    );
+    let commit_ts = col(&rows, "_commit_ts").as_primitive::<TimestampMicrosecondType>();
+    assert_eq!(
+        (commit_ts.value(0), commit_ts.timezone()),
+        (COMMIT_TS, Some("UTC"))
+    );
+    assert_eq!(col(&rows, "_xid").as_primitive::<Int64Type>().value(0), 700);
+    assert_eq!(text(&rows, "_pipeline", 0).unwrap(), "p-abc123");
+    assert!(strings(&rows, "_tags", 0).is_empty());
+    assert!(strings(&rows, "_unchanged", 0).is_empty());
+    assert!(strings(&rows, "_special", 0).is_empty());
+
+    // Row 1: NULL everywhere but the key.
+    for field in rows.schema().fields() {
+        let name = field.name();
+        if name == "id" || name.starts_with('_') {
+            continue;
+        }
+        assert!(col(&rows, name).is_null(1), "{name} should be null");
+    }
+    assert!(strings(&rows, "_unchanged", 1).is_empty());
+
+    // Row 2: an unchanged TOAST value and values the Delta types cannot hold.
+    assert_eq!(text(&rows, "_op", 2).unwrap(), "u");
+    assert_eq!(col(&rows, "_xid").as_primitive::<Int64Type>().value(2), 701);
+    assert!(col(&rows, "t").is_null(2));
+    assert!(col(&rows, "dec").is_null(2));
+    assert!(col(&rows, "ts").is_null(2));
+    assert_eq!(strings(&rows, "_unchanged", 2), ["t"]);
+    assert_eq!(
+        strings(&rows, "_special", 2),
+        ["dec=NaN", "d=-infinity", "ts=infinity"]
+    );
+
+    // The commit records the application transaction and the commit info.
+    let version = table
+        .snapshot()
+        .unwrap()
+        .transaction_version(table.log_store().as_ref(), "airlock:test_slot")
+        .await
+        .unwrap();
+    assert_eq!(version, Some(0x2000));
+    let info = last_commit_info(&table).await;
+    assert_eq!(info["source"], "db1");
+    assert_eq!(
+        info["airlock.lsn_range"],
+        serde_json::json!(["0/1000", "0/2000"])
+    );
+    assert_eq!(info["airlock.pipeline"], "p-abc123");
+    assert_eq!(info["airlock.rows"], 3);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn a_reopened_sink_skips_transactions_already_committed() {
+    let dir = temp_dir("once");
+    let rel = relation(
+        "public",
+        "orders",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT8, -1, true)],
+    );
+    let txn_a = || {
+        txn(
+            10,
+            0x5000,
+            vec![
+                insert(&rel, 0x4000, vec![Value::Int(1)]),
+                insert(&rel, 0x4008, vec![Value::Int(2)]),
+            ],
+        )
+    };
+    let txn_b = || txn(11, 0x6000, vec![insert(&rel, 0x5100, vec![Value::Int(3)])]);
+
+    let mut first = LakeSink::open(settings(&dir)).await.unwrap();
+    first.accept(Arc::new(batch(vec![txn_a()]))).await.unwrap();
+    assert_eq!(first.flush().await.unwrap(), Some(Lsn(0x5010)));
+    drop(first); // "crash" before the slot was acknowledged
+
+    // The slot redelivers A, then B, in two batches flushed separately.
+    let mut second = LakeSink::open(settings(&dir)).await.unwrap();
+    assert!(second.accept(Arc::new(batch(vec![txn_a()]))).await.unwrap());
+    assert_eq!(
+        second.flush().await.unwrap(),
+        Some(Lsn(0x5010)),
+        "durable: already in the lake"
+    );
+    second
+        .accept(Arc::new(batch(vec![txn_a(), txn_b()])))
+        .await
+        .unwrap();
+    assert_eq!(second.flush().await.unwrap(), Some(Lsn(0x6010)));
+
+    let table = load(&table_url(&dir, "public.orders")).await;
+    assert_eq!(
+        table.version(),
+        Some(2),
+        "create, A, B: no commit for the redelivered A"
+    );
+    let rows = read_rows(&table).await;
+    let ids: Vec<i64> = col(&rows, "id")
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec();
+    assert_eq!(ids, [1, 2, 3]);
+    let version = table
+        .snapshot()
+        .unwrap()
+        .transaction_version(table.log_store().as_ref(), "airlock:test_slot")
+        .await;
+    assert_eq!(version.unwrap(), Some(0x6000));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn deletes_write_the_old_key_and_dropped_or_unrouted_rows_are_not_written() {
+    let dir = temp_dir("ops");
+    let rel = relation(
+        "app",
+        "users",
+        ReplicaIdentity::Default,
+        &[
+            ("id", oid::INT4, -1, true),
+            ("email", oid::TEXT, -1, false),
+            ("name", oid::TEXT, -1, false),
+        ],
+    );
+    let row = |id: i64, email: &str| {
+        vec![
+            Value::Int(id),
+            Value::Text(email.into()),
+            Value::Text(format!("n{id}")),
+        ]
+    };
+    let mut b = batch(vec![txn(
+        20,
+        0x9000,
+        vec![
+            insert(&rel, 0x8000, row(1, "a@x")),
+            insert(&rel, 0x8008, row(2, "b@x")),
+            insert(&rel, 0x8010, row(3, "c@x")),
+            change(
+                &rel,
+                Op::Delete,
+                0x8018,
+                None,
+                Some(vec![Value::Int(1), Value::Null, Value::Null]),
+            ),
+            change(&rel, Op::Truncate, 0x8020, None, None),
+        ],
+    )]);
+    b.rows[0].tags = vec!["vip".into()];
+    b.rows[1].routes = vec!["audit-only".into()];
+    b.rows[2].dropped = true;
+    b.tables[0].column_tags[1] = vec!["pii".into(), "email".into()];
+
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    sink.accept(Arc::new(b)).await.unwrap();
+    // A batch whose only row goes elsewhere is not kept but still moves the end LSN.
+    let mut elsewhere = batch(vec![txn(
+        21,
+        0xA000,
+        vec![insert(&rel, 0x9100, row(4, "d@x"))],
+    )]);
+    elsewhere.rows[0].routes = vec!["audit-only".into()];
+    assert!(!sink.accept(Arc::new(elsewhere)).await.unwrap());
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0xA010)));
+
+    let table = load(&table_url(&dir, "app.users")).await;
+    let schema = table.snapshot().unwrap().schema();
+    let email = schema.field("email").unwrap();
+    assert_eq!(
+        email.metadata().get(TAGS_KEY),
+        Some(&deltalake::kernel::MetadataValue::String(
+            "[\"email\",\"pii\"]".into()
+        ))
+    );
+    let rows = read_rows(&table).await;
+    assert_eq!(rows.num_rows(), 3);
+    let ops: Vec<_> = (0..3).map(|i| text(&rows, "_op", i).unwrap()).collect();
+    assert_eq!(ops, ["c", "d", "t"]);
+    let ids = col(&rows, "id").as_primitive::<Int32Type>();
+    assert_eq!((ids.value(0), ids.value(1)), (1, 1));
+    assert_eq!(text(&rows, "email", 0).as_deref(), Some("a@x"));
+    assert_eq!(
+        text(&rows, "email", 1),
+        None,
+        "the delete's old image holds the key only"
+    );
+    assert!(
+        ids.is_null(2) && col(&rows, "email").is_null(2),
+        "a truncate has no data"
+    );
+    assert_eq!(strings(&rows, "_tags", 0), ["vip"]);
+    assert!(strings(&rows, "_tags", 1).is_empty());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn new_columns_and_grown_tags_evolve_the_table() {
+    let dir = temp_dir("evolve");
+    let v1 = relation(
+        "public",
+        "evolve",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT4, -1, true), ("name", oid::TEXT, -1, false)],
+    );
+    let v2 = relation(
+        "public",
+        "evolve",
+        ReplicaIdentity::Default,
+        &[
+            ("id", oid::INT4, -1, true),
+            ("name", oid::TEXT, -1, false),
+            ("seen", oid::TIMESTAMP, -1, false),
+        ],
+    );
+    let v3 = relation(
+        "public",
+        "evolve",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT4, -1, true)],
+    );
+
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    sink.accept(Arc::new(batch(vec![txn(
+        1,
+        0x100,
+        vec![insert(
+            &v1,
+            0x10,
+            vec![Value::Int(1), Value::Text("a".into())],
+        )],
+    )])))
+    .await
+    .unwrap();
+    sink.flush().await.unwrap();
+
+    // A new timestamp column (needs the timestampNtz feature) and a tag on `name`, then
+    // a relation version without `name`, all in one flush.
+    let mut b = batch(vec![
+        txn(
+            2,
+            0x200,
+            vec![insert(
+                &v2,
+                0x110,
+                vec![
+                    Value::Int(2),
+                    Value::Text("b".into()),
+                    Value::Timestamp(86_400_000_000),
+                ],
+            )],
+        ),
+        txn(3, 0x300, vec![insert(&v3, 0x210, vec![Value::Int(3)])]),
+    ]);
+    b.tables[0].column_tags[1] = vec!["pii".into()];
+    sink.accept(Arc::new(b)).await.unwrap();
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x310)));
+
+    let table = load(&table_url(&dir, "public.evolve")).await;
+    let schema = table.snapshot().unwrap().schema();
+    assert_eq!(
+        schema.field("seen").unwrap().data_type(),
+        &DataType::TIMESTAMP_NTZ
+    );
+    let names: Vec<&str> = schema.fields().map(|f| f.name().as_str()).collect();
+    assert_eq!(&names[..2], ["id", "name"]);
+    assert_eq!(
+        names.last(),
+        Some(&"seen"),
+        "added after the metadata columns"
+    );
+    assert_eq!(
+        schema.field("name").unwrap().metadata().get(TAGS_KEY),
+        Some(&deltalake::kernel::MetadataValue::String(
+            "[\"pii\"]".into()
+        ))
+    );
+    let rows = read_rows(&table).await;
+    let seen = col(&rows, "seen").as_primitive::<TimestampMicrosecondType>();
+    assert!(seen.is_null(0));
+    assert_eq!(seen.value(1), 86_400_000_000);
+    assert!(seen.is_null(2));
+    assert_eq!(text(&rows, "name", 1).as_deref(), Some("b"));
+    assert_eq!(
+        text(&rows, "name", 2),
+        None,
+        "a column the relation lacks is null"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn size_bounds_make_the_sink_due() {
+    let dir = temp_dir("due");
+    let rel = relation(
+        "public",
+        "small",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT4, -1, true)],
+    );
+    let mut settings = settings(&dir);
+    settings.max_rows = 2;
+    let mut sink = LakeSink::open(settings).await.unwrap();
+    sink.accept(Arc::new(batch(vec![txn(
+        1,
+        0x100,
+        vec![insert(&rel, 0x10, vec![Value::Int(1)])],
+    )])))
+    .await
+    .unwrap();
+    assert!(!sink.due());
+    sink.accept(Arc::new(batch(vec![txn(
+        2,
+        0x200,
+        vec![insert(&rel, 0x110, vec![Value::Int(2)])],
+    )])))
+    .await
+    .unwrap();
+    assert!(sink.due());
+    sink.flush().await.unwrap();
+    assert!(!sink.due());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn unsupported_urls_are_definite_errors() {
+    let error = LakeSink::open(LakeSettings::new("lake", "ftp://host/x", "a"))
+        .await
+        .unwrap_err();
+    assert!(!error.is_transient());
+    assert!(error.to_string().contains("file:///abs/path"), "{error}");
+    let error = LakeSink::open(LakeSettings::new("lake", "file://relative/x", "a"))
+        .await
+        .unwrap_err();
+    assert!(!error.is_transient());
+}
+
+#[test]
+fn table_directories_are_percent_encoded() {
+    assert_eq!(encode_segment("public.orders"), "public.orders");
+    assert_eq!(encode_segment("my schema.t/x"), "my%20schema.t%2Fx");
+}
+
+#[tokio::test]
+async fn a_failed_table_does_not_make_the_retry_recommit_the_others() {
+    let dir = temp_dir("partial");
+    let a = relation(
+        "public",
+        "a",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT4, -1, true)],
+    );
+    let b = relation(
+        "public",
+        "b",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT4, -1, true)],
+    );
+    // A file where `public.b/` should be makes that table fail; `public.a` flushes first.
+    let blocker = dir.join("public.b");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    let both = txn(
+        1,
+        0x100,
+        vec![
+            insert(&a, 0x10, vec![Value::Int(1)]),
+            insert(&b, 0x18, vec![Value::Int(2)]),
+        ],
+    );
+    sink.accept(Arc::new(batch(vec![both]))).await.unwrap();
+    let error = sink.flush().await.unwrap_err();
+    assert!(error.to_string().contains("public.b"), "{error}");
+    assert_eq!(sink.rows, 1, "b's row stays buffered, a's is gone");
+
+    std::fs::remove_file(&blocker).unwrap();
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x110)));
+    let table_a = load(&table_url(&dir, "public.a")).await;
+    assert_eq!(
+        table_a.version(),
+        Some(1),
+        "create and one write: a was not committed again"
+    );
+    assert_eq!(read_rows(&table_a).await.num_rows(), 1);
+    let table_b = load(&table_url(&dir, "public.b")).await;
+    assert_eq!(read_rows(&table_b).await.num_rows(), 1);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A moto S3 server on a free local port, stopped on drop.
+struct Moto {
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl Moto {
+    fn port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn start(port: u16) -> Moto {
+        let child = tokio::process::Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 is needed for the S3 test: install Python 3 and `pip install 'moto[server]'`");
+        let mut moto = Moto {
+            port,
+            child: Some(child),
+        };
+        for _ in 0..150 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return moto;
+            }
+            if let Some(status) = moto
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "moto's S3 server exited ({status}): install it with `pip install 'moto[server]'`"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("moto's S3 server did not listen on 127.0.0.1:{port} within 15 s");
+    }
+
+    async fn create_bucket(&self, bucket: &str) {
+        let url = format!("http://127.0.0.1:{}/{bucket}", self.port);
+        let response = reqwest::Client::new().put(url).send().await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "creating bucket {bucket}: {}",
+            response.status()
+        );
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_s3_lake_is_transient_and_the_retry_commits_once() {
+    let port = Moto::port();
+    let mut settings = LakeSettings::new("lake", "s3://lake/prefix", "airlock:test_slot");
+    settings.storage_options = [
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("max_retries", "0".into()),
+        ("retry_timeout", "1s".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let rel = relation(
+        "public",
+        "events",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT8, -1, true)],
+    );
+    let mut sink = LakeSink::open(settings.clone()).await.unwrap();
+    sink.accept(Arc::new(batch(vec![txn(
+        1,
+        0x100,
+        vec![insert(&rel, 0x10, vec![Value::Int(1)])],
+    )])))
+    .await
+    .unwrap();
+
+    let error = sink.flush().await.unwrap_err();
+    assert!(error.is_transient(), "{error}");
+
+    let moto = Moto::start(port).await;
+    moto.create_bucket("lake").await;
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x110)));
+    sink.accept(Arc::new(batch(vec![txn(
+        2,
+        0x200,
+        vec![insert(&rel, 0x110, vec![Value::Int(2)])],
+    )])))
+    .await
+    .unwrap();
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x210)));
+
+    let url = deltalake::ensure_table_uri("s3://lake/prefix/public.events").unwrap();
+    let mut table = DeltaTableBuilder::from_url(url)
+        .unwrap()
+        .with_storage_options(settings.storage_options.clone())
+        .build()
+        .unwrap();
+    table.load().await.unwrap();
+    assert_eq!(table.version(), Some(2));
+    let rows = read_rows(&table).await;
+    let ids: Vec<i64> = col(&rows, "id")
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec();
+    assert_eq!(ids, [1, 2]);
+    drop(moto);
+}

@@ -1,0 +1,374 @@
+//! Errors of the source, classified transient (reconnect and retry) or definite
+//! (stop and tell the operator what to change).
+
+use std::fmt;
+use std::io;
+
+use crate::change::Lsn;
+
+use super::pgoutput::DecodeError;
+use super::text::ValueError;
+
+/// An ErrorResponse (or NoticeResponse) from PostgreSQL.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PgError {
+    /// `ERROR`, `FATAL`, `PANIC` (non-localized when the server sends it).
+    pub severity: String,
+    /// SQLSTATE, e.g. `42704`.
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(detail) = &self.detail {
+            write!(f, "; detail: {detail}")?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl PgError {
+    /// Whether retrying later may succeed: connection failures, server shutdown
+    /// and restart, and resource exhaustion (e.g. too many connections).
+    pub fn is_transient(&self) -> bool {
+        self.code.starts_with("08")
+            || self.code.starts_with("53")
+            || matches!(self.code.as_str(), "57P01" | "57P02" | "57P03")
+    }
+
+    /// The first double-quoted name in the message, e.g. the slot in
+    /// `replication slot "s" does not exist`.
+    pub(crate) fn quoted_name(&self) -> Option<&str> {
+        let (_, rest) = self.message.split_once('"')?;
+        let (name, _) = rest.split_once('"')?;
+        Some(name)
+    }
+}
+
+/// Everything that can stop the source.
+///
+/// [`SourceError::is_transient`] tells the retry loop whether reconnecting may help.
+/// No variant ever contains the password of the source url.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("invalid source url: {reason}")]
+    InvalidUrl { reason: String },
+
+    #[error(
+        "sslmode={mode} in the source url: TLS is not supported yet; use sslmode=disable or sslmode=prefer (treated as disable) on a trusted network"
+    )]
+    TlsNotSupported { mode: &'static str },
+
+    #[error("invalid source settings: {reason}")]
+    InvalidSettings { reason: String },
+
+    #[error(
+        "cannot connect to PostgreSQL at {addr}: {source}; check that the server is running and accepts connections there"
+    )]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("timed out after {seconds} s connecting to PostgreSQL at {addr}")]
+    ConnectTimeout { addr: String, seconds: u64 },
+
+    #[error("lost the connection to PostgreSQL at {addr} while {during}: {source}")]
+    Io {
+        addr: String,
+        during: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("PostgreSQL at {addr} closed the connection while {during}")]
+    Closed { addr: String, during: &'static str },
+
+    #[error("PostgreSQL at {addr} ended the replication stream; reconnecting resumes it")]
+    StreamEnded { addr: String },
+
+    #[error(
+        "authentication as user `{user}` at {addr} failed: {reason}; check the user and password in the source url and the server's pg_hba.conf"
+    )]
+    Auth {
+        user: String,
+        addr: String,
+        reason: String,
+    },
+
+    #[error(
+        "user `{user}` lacks a privilege at {addr} while {during}: {error}; grant it with `ALTER ROLE {user} WITH REPLICATION` (and SELECT on the published tables)"
+    )]
+    Permission {
+        user: String,
+        addr: String,
+        during: &'static str,
+        error: Box<PgError>,
+    },
+
+    #[error(
+        "logical decoding is not enabled at {addr} ({reason}): set wal_level = logical in postgresql.conf and restart PostgreSQL"
+    )]
+    WalLevel { addr: String, reason: String },
+
+    #[error(
+        "replication slot `{slot}` does not exist: create it with `SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')` or enable slot creation in the source settings"
+    )]
+    SlotMissing { slot: String },
+
+    #[error(
+        "replication slot `{slot}` is in use by another consumer (pid {}): stop that consumer or end it with `SELECT pg_terminate_backend(pid)`; retrying",
+        .pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+    )]
+    SlotInUse { slot: String, pid: Option<i32> },
+
+    #[error(
+        "replication slot `{slot}` uses output plugin `{plugin}` but airlock needs `pgoutput`: drop it with `SELECT pg_drop_replication_slot('{slot}')` or choose another slot name"
+    )]
+    SlotPlugin { slot: String, plugin: String },
+
+    #[error(
+        "replication slot `{slot}` can no longer be used ({reason}): PostgreSQL removed WAL the slot still needed (see max_slot_wal_keep_size); drop and recreate the slot and take a new snapshot"
+    )]
+    SlotInvalidated { slot: String, reason: String },
+
+    #[error(
+        "publication `{publication}` does not exist: create it with `CREATE PUBLICATION {publication} FOR TABLE ...` (or FOR ALL TABLES)"
+    )]
+    PublicationMissing { publication: String },
+
+    #[error("PostgreSQL at {addr} reported an error while {during}: {error}")]
+    Server {
+        addr: String,
+        during: &'static str,
+        error: Box<PgError>,
+    },
+
+    #[error("unexpected reply from PostgreSQL at {addr} while {during}: {reason}")]
+    Protocol {
+        addr: String,
+        during: &'static str,
+        reason: String,
+    },
+
+    #[error("catalog query failed while {during}: {source}")]
+    Catalog {
+        during: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error(
+        "cannot decode the pgoutput message at {lsn}: {source}; this is a bug in airlock or an unsupported server version"
+    )]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: DecodeError,
+    },
+
+    #[error("bad change for `{relation}` at {lsn}: {source}")]
+    Value {
+        relation: String,
+        lsn: Lsn,
+        #[source]
+        source: ValueError,
+    },
+
+    #[error("pgoutput stream out of order at {lsn}: {reason}")]
+    Stream { lsn: Lsn, reason: String },
+
+    #[error("the pipeline stopped receiving transactions")]
+    PipelineClosed,
+}
+
+impl SourceError {
+    /// Whether reconnecting may succeed: network and I/O failures, server shutdown,
+    /// a slot still held by a previous connection. Definite errors (authentication,
+    /// missing slot or publication, `wal_level`, privileges, bad data) need an operator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Connect { .. }
+            | SourceError::ConnectTimeout { .. }
+            | SourceError::Io { .. }
+            | SourceError::Closed { .. }
+            | SourceError::StreamEnded { .. }
+            | SourceError::SlotInUse { .. } => true,
+            SourceError::Server { error, .. } => error.is_transient(),
+            SourceError::Catalog { source, .. } => match source.code() {
+                None => true,
+                Some(code) => {
+                    let code = code.code();
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || matches!(code, "57P01" | "57P02" | "57P03")
+                }
+            },
+            _ => false,
+        }
+    }
+
+    /// Maps a server error to the most specific variant by its SQLSTATE.
+    pub(crate) fn from_server(
+        addr: &str,
+        user: &str,
+        during: &'static str,
+        error: PgError,
+    ) -> SourceError {
+        let quoted = error.quoted_name().map(str::to_owned);
+        match error.code.as_str() {
+            "28P01" | "28000" => SourceError::Auth {
+                user: user.to_owned(),
+                addr: addr.to_owned(),
+                reason: error.to_string(),
+            },
+            "42501" => SourceError::Permission {
+                user: user.to_owned(),
+                addr: addr.to_owned(),
+                during,
+                error: Box::new(error),
+            },
+            "42704" if error.message.contains("replication slot") => SourceError::SlotMissing {
+                slot: quoted.unwrap_or_default(),
+            },
+            "42704" if error.message.contains("publication") => SourceError::PublicationMissing {
+                publication: quoted.unwrap_or_default(),
+            },
+            "55006" => SourceError::SlotInUse {
+                slot: quoted.unwrap_or_default(),
+                pid: pid_in(&error.message),
+            },
+            "55000" if error.message.contains("wal_level") => SourceError::WalLevel {
+                addr: addr.to_owned(),
+                reason: error.message,
+            },
+            "55000" if error.message.contains("slot") => SourceError::SlotInvalidated {
+                slot: quoted.unwrap_or_default(),
+                reason: error.to_string(),
+            },
+            _ => SourceError::Server {
+                addr: addr.to_owned(),
+                during,
+                error: Box::new(error),
+            },
+        }
+    }
+}
+
+/// The number after `PID ` in messages like `replication slot "s" is active for PID 42`.
+fn pid_in(message: &str) -> Option<i32> {
+    let (_, rest) = message.split_once("PID ")?;
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg(code: &str, message: &str) -> PgError {
+        PgError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    fn map(code: &str, message: &str) -> SourceError {
+        SourceError::from_server("db:5432", "app", "starting replication", pg(code, message))
+    }
+
+    #[test]
+    fn sqlstates_map_to_specific_errors() {
+        let e = map("42704", "replication slot \"lake\" does not exist");
+        assert!(matches!(&e, SourceError::SlotMissing { slot } if slot == "lake"));
+        assert!(!e.is_transient());
+
+        let e = map("42704", "publication \"pub\" does not exist");
+        assert!(
+            matches!(&e, SourceError::PublicationMissing { publication } if publication == "pub")
+        );
+        assert!(e.to_string().contains("CREATE PUBLICATION pub"));
+
+        let e = map("55006", "replication slot \"lake\" is active for PID 4242");
+        assert!(matches!(
+            &e,
+            SourceError::SlotInUse {
+                pid: Some(4242),
+                ..
+            }
+        ));
+        assert!(
+            e.to_string()
+                .contains("slot `lake` is in use by another consumer (pid 4242)"),
+            "{e}"
+        );
+        assert!(e.is_transient());
+
+        let e = map("55000", "logical decoding requires wal_level >= logical");
+        assert!(matches!(e, SourceError::WalLevel { .. }));
+        assert!(
+            e.to_string()
+                .contains("set wal_level = logical in postgresql.conf and restart PostgreSQL")
+        );
+
+        let e = map(
+            "55000",
+            "can no longer get changes from replication slot \"lake\"",
+        );
+        assert!(matches!(&e, SourceError::SlotInvalidated { slot, .. } if slot == "lake"));
+
+        let e = map("42501", "permission denied to start WAL sender");
+        assert!(matches!(e, SourceError::Permission { .. }));
+        assert!(e.to_string().contains("ALTER ROLE app WITH REPLICATION"));
+
+        for code in ["28P01", "28000"] {
+            let e = map(code, "password authentication failed for user \"app\"");
+            assert!(matches!(e, SourceError::Auth { .. }));
+            assert!(!e.is_transient());
+        }
+
+        let e = map(
+            "57P01",
+            "terminating connection due to administrator command",
+        );
+        assert!(matches!(e, SourceError::Server { .. }));
+        assert!(e.is_transient());
+        assert!(map("53300", "sorry, too many clients already").is_transient());
+        assert!(!map("XX000", "internal error").is_transient());
+    }
+
+    #[test]
+    fn server_error_display_includes_detail_and_hint() {
+        let mut e = pg("42P01", "relation \"t\" does not exist");
+        e.detail = Some("d".into());
+        e.hint = Some("h".into());
+        assert_eq!(
+            e.to_string(),
+            "relation \"t\" does not exist (SQLSTATE 42P01); detail: d; hint: h"
+        );
+    }
+
+    #[test]
+    fn io_errors_are_transient() {
+        let e = SourceError::Io {
+            addr: "db:5432".into(),
+            during: "streaming",
+            source: io::Error::from(io::ErrorKind::ConnectionReset),
+        };
+        assert!(e.is_transient());
+        assert!(!SourceError::PipelineClosed.is_transient());
+    }
+}

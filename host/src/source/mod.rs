@@ -1,0 +1,1082 @@
+//! The source: committed transactions out of a PostgreSQL logical replication slot.
+//!
+//! ```text
+//!                   ┌──────────── run(): reconnect loop, backoff 100 ms → 10 s ─────────────┐
+//!  PostgreSQL       │ connect ─ IDENTIFY_SYSTEM ─ catalog checks (wal_level, publication,   │
+//!  (walsender)      │           slot: create if missing) ─ START_REPLICATION from 0/0       │
+//!    │ XLogData     │                                                                       │
+//!    ├─────────────▶│ pgoutput::decode ─▶ Assembler (relation cache, Begin..Commit) ──┐     │
+//!    │ keepalive    │                                                                 ▼     │
+//!    ├─────────────▶│ received / idle LSNs                          tx.reserve().await ─┼──▶ pipeline
+//!    │              │                                                                       │
+//!    │ status 'r'   │ write = received, flush = apply = durable                             │
+//!    ◀──────────────│   (or the idle keepalive LSN when nothing is in flight)  ◀── durable ─┼─── checkpoint
+//!                   └───────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Invariants:
+//! - Only committed transactions leave the source, whole, in commit order, with
+//!   strictly increasing `end_lsn`. After a reconnect the server resumes at the slot's
+//!   `confirmed_flush_lsn`, so it may resend transactions: those at or below the last
+//!   dispatched `end_lsn` are skipped, never sent twice within one `run`.
+//! - Transactions with no changes (e.g. only logical decoding messages) are not sent.
+//! - The flush LSN reported to PostgreSQL is the `durable` LSN (an `end_lsn` the
+//!   sinks made durable). When nothing is in flight (outside a transaction and
+//!   `durable` ≥ the last dispatched `end_lsn`), a keepalive's `wal_end` may be
+//!   reported instead, so an idle slot never pins WAL. The flush LSN never moves
+//!   backward, also across reconnects.
+//! - Backpressure: the source awaits room on the bounded `tx` channel; while it waits
+//!   it keeps sending status updates, so the server does not time the connection out.
+//! - Each change holds the `Arc<Relation>` current at the change; a Relation message
+//!   replaces the cache entry and never alters changes already made.
+
+pub mod error;
+pub mod pgoutput;
+pub mod protocol;
+pub mod text;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+pub use error::{PgError, SourceError};
+use pgoutput::{Message, TupleData, TupleValue};
+use protocol::{ReplicationConnection, ReplicationEvent, ReplicationStream, SnapshotAction};
+
+use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta, Value};
+
+/// How often a standby status update is sent when nothing else triggers one.
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Events handled per wake-up before status timers and shutdown are looked at again.
+const DRAIN_BUDGET: usize = 1024;
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What the source reads and how.
+#[derive(Clone, Debug)]
+pub struct SourceSettings {
+    pub connect: protocol::ConnectConfig,
+    /// The logical replication slot (lowercase letters, digits, underscores).
+    pub slot: String,
+    /// The publication that selects the tables.
+    pub publication: String,
+    /// Create the slot (pgoutput, permanent, no snapshot) if it does not exist.
+    pub create_slot: bool,
+    /// Interval of standby status updates; default [`DEFAULT_STATUS_INTERVAL`].
+    pub status_interval: Duration,
+}
+
+impl SourceSettings {
+    /// Settings with the defaults: no slot creation, status every 10 s.
+    pub fn new(connect: protocol::ConnectConfig, slot: &str, publication: &str) -> Self {
+        SourceSettings {
+            connect,
+            slot: slot.to_owned(),
+            publication: publication.to_owned(),
+            create_slot: false,
+            status_interval: DEFAULT_STATUS_INTERVAL,
+        }
+    }
+
+    /// Checks what can be checked without a server.
+    pub fn validate(&self) -> Result<(), SourceError> {
+        let invalid = |reason: String| Err(SourceError::InvalidSettings { reason });
+        let slot_ok = !self.slot.is_empty()
+            && self.slot.len() <= 63
+            && self
+                .slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !slot_ok {
+            return invalid(format!(
+                "slot name `{}` is invalid: use 1 to 63 lowercase letters, digits and underscores",
+                self.slot
+            ));
+        }
+        if self.publication.is_empty() || self.publication.contains('\0') {
+            return invalid("the publication name must be non-empty and contain no NUL".into());
+        }
+        if self.status_interval.is_zero() {
+            return invalid("the status interval must be greater than zero".into());
+        }
+        self.connect.check_tls()
+    }
+}
+
+/// Streams committed transactions from the slot into `tx` until `shutdown` becomes
+/// true (or its sender is dropped).
+///
+/// `durable` carries the `end_lsn` up to which every sink has made every transaction
+/// durable; it becomes the slot's flush LSN. Transient errors (network, server
+/// restart, slot still held by an old connection) are retried here with exponential
+/// backoff from 100 ms to 10 s; definite errors are returned. Returns `Ok` on shutdown.
+pub async fn run(
+    settings: SourceSettings,
+    tx: mpsc::Sender<Transaction>,
+    mut durable: watch::Receiver<Lsn>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SourceError> {
+    settings.validate()?;
+    let mut progress = Progress::default();
+    let mut backoff = INITIAL_BACKOFF;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let mut streamed = false;
+        let result = session(
+            &settings,
+            &tx,
+            &mut durable,
+            &mut shutdown,
+            &mut progress,
+            &mut streamed,
+        )
+        .await;
+        let err = match result {
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_transient() => err,
+            Err(err) => return Err(err),
+        };
+        if streamed {
+            backoff = INITIAL_BACKOFF;
+        }
+        warn!(
+            slot = %settings.slot,
+            error = %err,
+            retry_in_ms = backoff.as_millis() as u64,
+            "source connection failed, reconnecting"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown_requested(&mut shutdown) => return Ok(()),
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Completes when shutdown is requested or the shutdown sender is gone. Cancel-safe.
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What survives a reconnect within one `run`.
+#[derive(Debug, Default)]
+struct Progress {
+    /// `end_lsn` of the last transaction sent on `tx`.
+    dispatched: Lsn,
+    /// The highest flush LSN reported to the server.
+    flushed: Lsn,
+}
+
+/// One connection's lifetime: connect, check, stream.
+async fn session(
+    settings: &SourceSettings,
+    tx: &mpsc::Sender<Transaction>,
+    durable: &mut watch::Receiver<Lsn>,
+    shutdown: &mut watch::Receiver<bool>,
+    progress: &mut Progress,
+    streamed: &mut bool,
+) -> Result<(), SourceError> {
+    let mut conn = ReplicationConnection::connect(&settings.connect).await?;
+    let system = conn.identify_system().await?;
+    info!(
+        url = %settings.connect.redacted_url(),
+        system_id = %system.system_id,
+        timeline = system.timeline,
+        xlogpos = %system.xlogpos,
+        server_version = conn.server_version().unwrap_or("unknown"),
+        "connected to postgresql"
+    );
+    let confirmed = check_catalog(settings, &mut conn).await?;
+    progress.flushed = progress.flushed.max(confirmed);
+    let stream = conn
+        .start_replication(
+            &settings.slot,
+            Lsn::ZERO,
+            std::slice::from_ref(&settings.publication),
+        )
+        .await?;
+    info!(slot = %settings.slot, publication = %settings.publication, lsn = %confirmed, "streaming started");
+    *streamed = true;
+    Streamer {
+        stream,
+        settings,
+        tx,
+        durable,
+        durable_open: true,
+        shutdown,
+        progress,
+        assembler: Assembler::default(),
+        received: Lsn::ZERO,
+        idle: Lsn::ZERO,
+    }
+    .run()
+    .await
+}
+
+/// Checks `wal_level`, the publication and the slot over an ordinary SQL connection,
+/// creating the slot when allowed. Returns the slot's confirmed flush LSN.
+async fn check_catalog(
+    settings: &SourceSettings,
+    conn: &mut ReplicationConnection,
+) -> Result<Lsn, SourceError> {
+    let addr = settings.connect.addr();
+    let user = settings.connect.user.as_str();
+    let fail = |during: &'static str| {
+        let addr = addr.clone();
+        move |e: tokio_postgres::Error| catalog_error(&addr, user, during, e)
+    };
+    let (client, connection) = settings
+        .connect
+        .tokio_postgres_config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(fail("connecting for catalog checks"))?;
+    let connection = tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(error = %error, "catalog connection ended");
+        }
+    });
+
+    let checks = async {
+        let row = client
+            .query_one("SELECT current_setting('wal_level')", &[])
+            .await
+            .map_err(fail("checking wal_level"))?;
+        let wal_level: String = row.get(0);
+        if wal_level != "logical" {
+            return Err(SourceError::WalLevel {
+                addr: addr.clone(),
+                reason: format!("wal_level is `{wal_level}`"),
+            });
+        }
+
+        let publication = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&settings.publication],
+            )
+            .await
+            .map_err(fail("checking the publication"))?;
+        if publication.is_none() {
+            return Err(SourceError::PublicationMissing {
+                publication: settings.publication.clone(),
+            });
+        }
+
+        let slot = client
+            .query_opt(
+                "SELECT plugin::text, active, active_pid, confirmed_flush_lsn::text, wal_status \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&settings.slot],
+            )
+            .await
+            .map_err(fail("checking the replication slot"))?;
+        let Some(slot) = slot else {
+            return Ok(None);
+        };
+        let plugin: Option<String> = slot.get(0);
+        let active: bool = slot.get(1);
+        let active_pid: Option<i32> = slot.get(2);
+        let confirmed: Option<String> = slot.get(3);
+        let wal_status: Option<String> = slot.get(4);
+        if plugin.as_deref() != Some("pgoutput") {
+            return Err(SourceError::SlotPlugin {
+                slot: settings.slot.clone(),
+                plugin: plugin.unwrap_or_else(|| "none (a physical slot)".into()),
+            });
+        }
+        if active {
+            return Err(SourceError::SlotInUse {
+                slot: settings.slot.clone(),
+                pid: active_pid,
+            });
+        }
+        if wal_status.as_deref() == Some("lost") {
+            return Err(SourceError::SlotInvalidated {
+                slot: settings.slot.clone(),
+                reason: "wal_status is `lost`".into(),
+            });
+        }
+        Ok(Some(
+            confirmed
+                .and_then(|c| c.parse::<Lsn>().ok())
+                .unwrap_or(Lsn::ZERO),
+        ))
+    }
+    .await;
+    drop(client);
+    let _ = connection.await;
+
+    match checks? {
+        Some(confirmed) => Ok(confirmed),
+        None if settings.create_slot => {
+            let created = conn
+                .create_logical_slot(&settings.slot, false, SnapshotAction::NoExport)
+                .await?;
+            info!(slot = %created.slot_name, lsn = %created.consistent_point, "created replication slot");
+            Ok(created.consistent_point)
+        }
+        None => Err(SourceError::SlotMissing {
+            slot: settings.slot.clone(),
+        }),
+    }
+}
+
+fn catalog_error(
+    addr: &str,
+    user: &str,
+    during: &'static str,
+    error: tokio_postgres::Error,
+) -> SourceError {
+    match error.as_db_error() {
+        Some(db) => SourceError::from_server(
+            addr,
+            user,
+            during,
+            PgError {
+                severity: db.severity().to_owned(),
+                code: db.code().code().to_owned(),
+                message: db.message().to_owned(),
+                detail: db.detail().map(str::to_owned),
+                hint: db.hint().map(str::to_owned),
+            },
+        ),
+        None => SourceError::Catalog {
+            during,
+            source: error,
+        },
+    }
+}
+
+/// The streaming loop of one session.
+struct Streamer<'a> {
+    stream: ReplicationStream,
+    settings: &'a SourceSettings,
+    tx: &'a mpsc::Sender<Transaction>,
+    durable: &'a mut watch::Receiver<Lsn>,
+    /// False once the `durable` sender is gone: its last value stays in force.
+    durable_open: bool,
+    shutdown: &'a mut watch::Receiver<bool>,
+    progress: &'a mut Progress,
+    assembler: Assembler,
+    /// Highest LSN received (XLogData start or keepalive end): the write LSN.
+    received: Lsn,
+    /// Highest LSN known to hold nothing for us, seen outside a transaction.
+    idle: Lsn,
+}
+
+impl Streamer<'_> {
+    async fn run(mut self) -> Result<(), SourceError> {
+        let mut ticker = tokio::time::interval(self.settings.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'stream: loop {
+            tokio::select! {
+                biased;
+                () = shutdown_requested(self.shutdown) => break,
+                changed = self.durable.changed(), if self.durable_open => {
+                    if changed.is_err() {
+                        self.durable_open = false;
+                    } else {
+                        self.send_status(false).await?;
+                    }
+                }
+                _ = ticker.tick() => self.send_status(false).await?,
+                event = self.stream.next() => {
+                    // Drain what is already buffered before the next select round.
+                    let mut event = event?;
+                    for _ in 0..DRAIN_BUDGET {
+                        let Some(next) = event else {
+                            return Err(SourceError::StreamEnded {
+                                addr: self.stream.addr().to_owned(),
+                            });
+                        };
+                        if !self.handle(next, &mut ticker).await? {
+                            break 'stream;
+                        }
+                        match self.stream.try_next()? {
+                            Some(next) => event = Some(next),
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        self.send_status(false).await?;
+        info!(slot = %self.settings.slot, flush_lsn = %self.progress.flushed, "source stopped");
+        if let Err(error) = self.stream.close().await {
+            debug!(error = %error, "closing the replication connection failed");
+        }
+        Ok(())
+    }
+
+    /// Handles one event. Returns false when shutdown was requested meanwhile.
+    async fn handle(
+        &mut self,
+        event: ReplicationEvent,
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<bool, SourceError> {
+        match event {
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                self.received = self.received.max(wal_start);
+                if let Some(txn) = self.assembler.apply(wal_start, &data)? {
+                    return self.commit(txn, ticker).await;
+                }
+            }
+            ReplicationEvent::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.received = self.received.max(wal_end);
+                if !self.assembler.in_transaction() {
+                    self.idle = self.idle.max(wal_end);
+                }
+                if reply_requested {
+                    self.send_status(false).await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Dispatches a committed transaction, waiting for room on `tx`.
+    /// Returns false when shutdown was requested while waiting.
+    async fn commit(
+        &mut self,
+        txn: Transaction,
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<bool, SourceError> {
+        let end = txn.meta.end_lsn;
+        if end <= self.progress.dispatched {
+            debug!(xid = txn.meta.xid, end_lsn = %end, "skipping a transaction already dispatched");
+            self.idle = self.idle.max(end);
+            return Ok(true);
+        }
+        if txn.changes.is_empty() {
+            self.idle = self.idle.max(end);
+            return Ok(true);
+        }
+        let permit = loop {
+            tokio::select! {
+                biased;
+                () = shutdown_requested(self.shutdown) => return Ok(false),
+                permit = self.tx.reserve() => break permit.map_err(|_| SourceError::PipelineClosed)?,
+                changed = self.durable.changed(), if self.durable_open => {
+                    if changed.is_err() {
+                        self.durable_open = false;
+                    } else {
+                        self.send_status(false).await?;
+                    }
+                }
+                _ = ticker.tick() => self.send_status(false).await?,
+            }
+        };
+        debug!(xid = txn.meta.xid, end_lsn = %end, changes = txn.changes.len(), "transaction dispatched");
+        permit.send(txn);
+        self.progress.dispatched = end;
+        Ok(true)
+    }
+
+    /// The flush LSN to report now; never lower than one reported before.
+    fn flush_lsn(&mut self) -> Lsn {
+        let durable = *self.durable.borrow();
+        let mut flush = durable;
+        if !self.assembler.in_transaction() && durable >= self.progress.dispatched {
+            flush = flush.max(self.idle);
+        }
+        flush = flush.max(self.progress.flushed);
+        self.progress.flushed = flush;
+        flush
+    }
+
+    async fn send_status(&mut self, reply_requested: bool) -> Result<(), SourceError> {
+        let flush = self.flush_lsn();
+        let write = self.received.max(flush);
+        debug!(write_lsn = %write, flush_lsn = %flush, "sending standby status");
+        self.stream
+            .send_status(write, flush, flush, reply_requested)
+            .await
+    }
+}
+
+/// Turns decoded pgoutput messages into committed transactions.
+#[derive(Debug, Default)]
+struct Assembler {
+    relations: HashMap<u32, Arc<Relation>>,
+    current: Option<Transaction>,
+}
+
+impl Assembler {
+    fn in_transaction(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Applies one XLogData payload; returns the transaction when it commits.
+    fn apply(&mut self, lsn: Lsn, data: &[u8]) -> Result<Option<Transaction>, SourceError> {
+        let message =
+            pgoutput::decode(data).map_err(|source| SourceError::Decode { lsn, source })?;
+        let out_of_order = |reason: &str| SourceError::Stream {
+            lsn,
+            reason: reason.to_owned(),
+        };
+        match message {
+            Message::Begin(begin) => {
+                if self.current.is_some() {
+                    return Err(out_of_order("Begin inside a transaction"));
+                }
+                self.current = Some(Transaction {
+                    meta: TxnMeta {
+                        xid: begin.xid,
+                        commit_lsn: begin.final_lsn,
+                        end_lsn: Lsn::ZERO,
+                        commit_ts: begin.commit_ts,
+                    },
+                    changes: Vec::new(),
+                });
+            }
+            Message::Commit(commit) => {
+                let mut txn = self
+                    .current
+                    .take()
+                    .ok_or_else(|| out_of_order("Commit outside a transaction"))?;
+                txn.meta.commit_lsn = commit.commit_lsn;
+                txn.meta.end_lsn = commit.end_lsn;
+                txn.meta.commit_ts = commit.commit_ts;
+                return Ok(Some(txn));
+            }
+            Message::Relation(body) => {
+                let relation = body.to_relation();
+                debug!(oid = relation.oid, relation = %relation.qualified_name(), columns = relation.columns.len(), "relation described");
+                self.relations.insert(relation.oid, Arc::new(relation));
+            }
+            Message::Insert(insert) => {
+                let relation = self.relation(insert.relation_oid, lsn)?;
+                let new = image(&relation, insert.new, lsn)?;
+                self.push(lsn, relation, Op::Insert, Some(new), None)?;
+            }
+            Message::Update(update) => {
+                let relation = self.relation(update.relation_oid, lsn)?;
+                let old = match update.old {
+                    Some((_, tuple)) => Some(image(&relation, tuple, lsn)?),
+                    None => None,
+                };
+                let new = image(&relation, update.new, lsn)?;
+                self.push(lsn, relation, Op::Update, Some(new), old)?;
+            }
+            Message::Delete(delete) => {
+                let relation = self.relation(delete.relation_oid, lsn)?;
+                let old = image(&relation, delete.old, lsn)?;
+                self.push(lsn, relation, Op::Delete, None, Some(old))?;
+            }
+            Message::Truncate(truncate) => {
+                for oid in truncate.relation_oids {
+                    let relation = self.relation(oid, lsn)?;
+                    self.push(lsn, relation, Op::Truncate, None, None)?;
+                }
+            }
+            Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+        }
+        Ok(None)
+    }
+
+    fn relation(&self, oid: u32, lsn: Lsn) -> Result<Arc<Relation>, SourceError> {
+        self.relations
+            .get(&oid)
+            .cloned()
+            .ok_or_else(|| SourceError::Stream {
+                lsn,
+                reason: format!("change for relation {oid} before its Relation message"),
+            })
+    }
+
+    fn push(
+        &mut self,
+        lsn: Lsn,
+        relation: Arc<Relation>,
+        op: Op,
+        new: Option<Vec<Value>>,
+        old: Option<Vec<Value>>,
+    ) -> Result<(), SourceError> {
+        let txn = self.current.as_mut().ok_or_else(|| SourceError::Stream {
+            lsn,
+            reason: format!(
+                "change to {} outside a transaction",
+                relation.qualified_name()
+            ),
+        })?;
+        txn.changes.push(Change {
+            relation,
+            op,
+            lsn,
+            new,
+            old,
+        });
+        Ok(())
+    }
+}
+
+/// Typed values of a tuple, one per relation column.
+fn image(relation: &Relation, tuple: TupleData<'_>, lsn: Lsn) -> Result<Vec<Value>, SourceError> {
+    if tuple.len() != relation.columns.len() {
+        return Err(SourceError::Stream {
+            lsn,
+            reason: format!(
+                "a row of {} has {} columns but its Relation message described {}",
+                relation.qualified_name(),
+                tuple.len(),
+                relation.columns.len()
+            ),
+        });
+    }
+    let mut values = Vec::with_capacity(tuple.len());
+    for (column, value) in relation.columns.iter().zip(tuple) {
+        values.push(match value {
+            TupleValue::Null => Value::Null,
+            TupleValue::UnchangedToast => Value::UnchangedToast,
+            TupleValue::Text(text) => {
+                text::parse_value(column, text).map_err(|source| SourceError::Value {
+                    relation: relation.qualified_name(),
+                    lsn,
+                    source,
+                })?
+            }
+            TupleValue::Binary(_) => {
+                return Err(SourceError::Value {
+                    relation: relation.qualified_name(),
+                    lsn,
+                    source: text::ValueError {
+                        column: column.name.clone(),
+                        type_name: text::type_name(column.type_oid),
+                        reason: "the server sent binary format but airlock asked for text",
+                    },
+                });
+            }
+        });
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pgoutput::tests::{self as fx, Msg};
+    use super::protocol::tests::{FakeServer, connected};
+    use super::*;
+    use crate::change::{PG_EPOCH_OFFSET_MICROS, ReplicaIdentity};
+
+    fn apply(a: &mut Assembler, lsn: u64, data: &[u8]) -> Option<Transaction> {
+        a.apply(Lsn(lsn), data).unwrap()
+    }
+
+    #[test]
+    fn assembles_a_transaction_with_typed_values() {
+        let mut a = Assembler::default();
+        assert!(apply(&mut a, 1, &fx::begin()).is_none());
+        assert!(a.in_transaction());
+        apply(&mut a, 2, &fx::relation());
+        apply(&mut a, 3, &fx::insert());
+        apply(&mut a, 4, &fx::update_with_key());
+        apply(&mut a, 5, &fx::delete());
+        let txn = apply(&mut a, 6, &fx::commit()).unwrap();
+        assert!(!a.in_transaction());
+
+        assert_eq!(
+            txn.meta,
+            TxnMeta {
+                xid: 731,
+                commit_lsn: Lsn(0x1_0000_0100),
+                end_lsn: Lsn(0x1_0000_0130),
+                commit_ts: fx::PG_TS + PG_EPOCH_OFFSET_MICROS,
+            }
+        );
+        let ops: Vec<_> = txn.changes.iter().map(|c| (c.op, c.lsn.0)).collect();
+        assert_eq!(ops, vec![(Op::Insert, 3), (Op::Update, 4), (Op::Delete, 5)]);
+        let users = &txn.changes[0].relation;
+        assert_eq!(users.qualified_name(), "public.users");
+        assert_eq!(users.replica_identity, ReplicaIdentity::Default);
+        assert_eq!(
+            txn.changes[0].new,
+            Some(vec![
+                Value::Int(1),
+                Value::Text("a@example.com".into()),
+                Value::Null
+            ])
+        );
+        assert_eq!(txn.changes[0].old, None);
+        let update = &txn.changes[1];
+        assert_eq!(
+            update.old,
+            Some(vec![Value::Int(1), Value::Null, Value::Null])
+        );
+        assert_eq!(
+            update.new,
+            Some(vec![
+                Value::Int(2),
+                Value::UnchangedToast,
+                Value::Date(7425)
+            ])
+        );
+        assert_eq!(txn.changes[2].new, None);
+        assert!(txn.changes[2].old.is_some());
+    }
+
+    #[test]
+    fn truncate_yields_one_change_per_relation() {
+        let mut a = Assembler::default();
+        apply(&mut a, 1, &fx::begin());
+        apply(&mut a, 2, &fx::relation());
+        let other = Msg::new(b'R')
+            .u32(16_390)
+            .cstr("public")
+            .cstr("orders")
+            .u8(b'f')
+            .i16(0)
+            .0;
+        apply(&mut a, 3, &other);
+        apply(&mut a, 4, &fx::truncate());
+        let txn = apply(&mut a, 5, &fx::commit()).unwrap();
+        let names: Vec<_> = txn
+            .changes
+            .iter()
+            .map(|c| {
+                (
+                    c.op,
+                    c.relation.name.as_str(),
+                    c.new.is_none() && c.old.is_none(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (Op::Truncate, "users", true),
+                (Op::Truncate, "orders", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_relation_message_does_not_alter_earlier_changes() {
+        let mut a = Assembler::default();
+        apply(&mut a, 1, &fx::begin());
+        apply(&mut a, 2, &fx::relation());
+        apply(&mut a, 3, &fx::insert());
+        let renamed = Msg::new(b'R')
+            .u32(16_384)
+            .cstr("public")
+            .cstr("people")
+            .u8(b'd')
+            .i16(1)
+            .u8(1)
+            .cstr("id")
+            .u32(23)
+            .i32(-1)
+            .0;
+        apply(&mut a, 4, &renamed);
+        let one_col = Msg::new(b'I')
+            .u32(16_384)
+            .u8(b'N')
+            .tuple(&[Some(Some("9"))])
+            .0;
+        apply(&mut a, 5, &one_col);
+        let txn = apply(&mut a, 6, &fx::commit()).unwrap();
+        assert_eq!(txn.changes[0].relation.name, "users");
+        assert_eq!(txn.changes[1].relation.name, "people");
+    }
+
+    #[test]
+    fn stream_errors_name_the_lsn() {
+        let mut a = Assembler::default();
+        let err = a.apply(Lsn(7), &fx::commit()).unwrap_err();
+        assert!(
+            err.to_string().contains("Commit outside a transaction"),
+            "{err}"
+        );
+        apply(&mut a, 8, &fx::begin());
+        let err = a.apply(Lsn(9), &fx::begin()).unwrap_err();
+        assert!(err.to_string().contains("0/9"), "{err}");
+        let err = a.apply(Lsn(10), &fx::insert()).unwrap_err();
+        assert!(
+            err.to_string().contains("before its Relation message"),
+            "{err}"
+        );
+        let err = a.apply(Lsn(11), b"S\0").unwrap_err();
+        assert!(matches!(err, SourceError::Decode { .. }));
+        assert!(!err.is_transient());
+
+        apply(&mut a, 12, &fx::relation());
+        let bad_date = Msg::new(b'I')
+            .u32(16_384)
+            .u8(b'N')
+            .tuple(&[Some(Some("1")), None, Some(Some("not a date"))])
+            .0;
+        let err = a.apply(Lsn(13), &bad_date).unwrap_err().to_string();
+        assert!(
+            err.contains("public.users") && err.contains("`born`"),
+            "{err}"
+        );
+        let short = Msg::new(b'I').u32(16_384).u8(b'N').tuple(&[None]).0;
+        assert!(a.apply(Lsn(14), &short).is_err());
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let connect = protocol::ConnectConfig::new("h", 5432, "u", None, "d");
+        assert!(
+            SourceSettings::new(connect.clone(), "lake_1", "pub")
+                .validate()
+                .is_ok()
+        );
+        for slot in ["", "Lake", "a-b", &"x".repeat(64)] {
+            let err = SourceSettings::new(connect.clone(), slot, "pub")
+                .validate()
+                .unwrap_err();
+            assert!(matches!(err, SourceError::InvalidSettings { .. }));
+        }
+        let mut s = SourceSettings::new(connect, "lake", "pub");
+        s.status_interval = Duration::ZERO;
+        assert!(s.validate().is_err());
+    }
+
+    struct Harness {
+        server: FakeServer,
+        rx: mpsc::Receiver<Transaction>,
+        durable: watch::Sender<Lsn>,
+        shutdown: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<(Result<(), SourceError>, Progress)>,
+    }
+
+    /// Runs the streaming loop of one session against the fake server.
+    async fn harness(capacity: usize, progress: Progress) -> Harness {
+        let (conn, mut server) = connected().await;
+        let start = tokio::spawn(async move {
+            conn.start_replication("lake", Lsn::ZERO, &["pub".into()])
+                .await
+                .unwrap()
+        });
+        server.recv().await;
+        server.send(b'W', &[0, 0, 0]).await;
+        let stream = start.await.unwrap();
+        let (tx, rx) = mpsc::channel(capacity);
+        let (durable_tx, mut durable_rx) = watch::channel(Lsn::ZERO);
+        let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let settings = SourceSettings::new(
+                protocol::ConnectConfig::new("db", 5432, "app", None, "orders"),
+                "lake",
+                "pub",
+            );
+            let mut progress = progress;
+            let result = Streamer {
+                stream,
+                settings: &settings,
+                tx: &tx,
+                durable: &mut durable_rx,
+                durable_open: true,
+                shutdown: &mut shutdown_rx,
+                progress: &mut progress,
+                assembler: Assembler::default(),
+                received: Lsn::ZERO,
+                idle: Lsn::ZERO,
+            }
+            .run()
+            .await;
+            (result, progress)
+        });
+        let mut h = Harness {
+            server,
+            rx,
+            durable: durable_tx,
+            shutdown: shutdown_tx,
+            task,
+        };
+        // The interval's first tick sends a status right away.
+        h.status().await;
+        h
+    }
+
+    impl Harness {
+        /// The next standby status update: (write, flush, apply, reply).
+        async fn status(&mut self) -> (u64, u64, u64, u8) {
+            let (tag, body) = self.server.recv().await;
+            assert_eq!((tag, body[0]), (b'd', b'r'), "expected a status update");
+            let at = |i: usize| u64::from_be_bytes(body[i..i + 8].try_into().unwrap());
+            (at(1), at(9), at(17), body[33])
+        }
+
+        async fn transaction(&mut self, begin_lsn: u64) {
+            self.server.xlog(begin_lsn, &fx::begin()).await;
+            self.server.xlog(begin_lsn + 1, &fx::relation()).await;
+            self.server.xlog(begin_lsn + 2, &fx::insert()).await;
+            self.server.xlog(begin_lsn + 3, &fx::commit()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_transactions_and_reports_durable_flush() {
+        let mut h = harness(4, Progress::default()).await;
+        h.transaction(0x1_0000_0000).await;
+        let txn = h.rx.recv().await.unwrap();
+        assert_eq!(txn.meta.end_lsn, Lsn(0x1_0000_0130));
+        assert_eq!(txn.changes[0].lsn, Lsn(0x1_0000_0002));
+
+        // In flight and not durable: a keepalive must not advance flush.
+        h.server.keepalive(0x1_0000_0500, true).await;
+        assert_eq!(h.status().await, (0x1_0000_0500, 0, 0, 0));
+
+        // Durable catches up: a status at once, and since nothing arrived after that
+        // keepalive but the keepalive itself, its wal_end is safe to flush.
+        h.durable.send(Lsn(0x1_0000_0130)).unwrap();
+        assert_eq!(h.status().await.1, 0x1_0000_0500);
+
+        // Nothing in flight: the keepalive's wal_end becomes the flush LSN.
+        h.server.keepalive(0x1_0000_0600, true).await;
+        assert_eq!(h.status().await.1, 0x1_0000_0600);
+
+        // A lower durable value never moves flush backward.
+        h.durable.send(Lsn(0x10)).unwrap();
+        assert_eq!(h.status().await.1, 0x1_0000_0600);
+
+        // Shutdown: a final status, then CopyDone and Terminate.
+        h.shutdown.send(true).unwrap();
+        assert_eq!(h.status().await.1, 0x1_0000_0600);
+        assert_eq!(h.server.recv().await.0, b'c');
+        assert_eq!(h.server.recv().await.0, b'X');
+        let (result, progress) = h.task.await.unwrap();
+        result.unwrap();
+        assert_eq!(progress.dispatched, Lsn(0x1_0000_0130));
+        assert_eq!(progress.flushed, Lsn(0x1_0000_0600));
+    }
+
+    #[tokio::test]
+    async fn resent_transactions_are_skipped_after_a_reconnect() {
+        let progress = Progress {
+            dispatched: Lsn(0x1_0000_0130),
+            flushed: Lsn::ZERO,
+        };
+        let mut h = harness(4, progress).await;
+        h.transaction(0x1_0000_0000).await;
+        h.server.keepalive(0x1_0000_0200, true).await;
+        // Not durable yet: nothing advances; and nothing was dispatched.
+        assert_eq!(h.status().await.1, 0);
+        assert!(h.rx.try_recv().is_err());
+        h.shutdown.send(true).unwrap();
+        h.status().await;
+        let (result, _) = h.task.await.unwrap();
+        result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn backpressure_keeps_answering_and_shutdown_interrupts_it() {
+        let mut h = harness(1, Progress::default()).await;
+        h.transaction(0x100).await;
+        // The first fills the channel; the second waits for room.
+        let second = Msg::new(b'C')
+            .u8(0)
+            .u64(0x1_0000_0200)
+            .u64(0x1_0000_0230)
+            .i64(0)
+            .0;
+        h.server.xlog(0x1_0000_0150, &fx::begin()).await;
+        h.server.xlog(0x1_0000_0151, &fx::insert()).await;
+        h.server.xlog(0x1_0000_0152, &second).await;
+        // While blocked on the channel, a durable change still produces a status.
+        h.durable.send(Lsn(0x42)).unwrap();
+        assert_eq!(h.status().await.1, 0x42);
+        h.shutdown.send(true).unwrap();
+        h.status().await;
+        let (result, progress) = h.task.await.unwrap();
+        result.unwrap();
+        assert_eq!(progress.dispatched, Lsn(0x1_0000_0130));
+        assert_eq!(h.rx.recv().await.unwrap().meta.end_lsn, Lsn(0x1_0000_0130));
+    }
+
+    #[tokio::test]
+    async fn server_errors_and_end_of_stream_stop_the_session() {
+        let mut h = harness(4, Progress::default()).await;
+        h.server
+            .error(
+                "57P01",
+                "terminating connection due to administrator command",
+            )
+            .await;
+        let (result, _) = h.task.await.unwrap();
+        let err = result.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+
+        let mut h = harness(4, Progress::default()).await;
+        h.server.send(b'c', &[]).await;
+        let (result, _) = h.task.await.unwrap();
+        assert!(matches!(
+            result.unwrap_err(),
+            SourceError::StreamEnded { .. }
+        ));
+
+        let mut h = harness(4, Progress::default()).await;
+        h.server
+            .error("42704", "publication \"pub\" does not exist")
+            .await;
+        let (result, _) = h.task.await.unwrap();
+        let err = result.unwrap_err();
+        assert!(matches!(err, SourceError::PublicationMissing { .. }));
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn run_returns_at_once_when_already_shut_down() {
+        let settings = SourceSettings::new(
+            protocol::ConnectConfig::new("127.0.0.1", 1, "u", None, "d"),
+            "lake",
+            "pub",
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        let (_d, durable) = watch::channel(Lsn::ZERO);
+        let (_s, shutdown) = watch::channel(true);
+        run(settings, tx, durable, shutdown).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn run_retries_transient_errors_until_shutdown() {
+        // Port 1 on localhost refuses connections: a transient error, retried.
+        let settings = SourceSettings::new(
+            protocol::ConnectConfig::new("127.0.0.1", 1, "u", None, "d"),
+            "lake",
+            "pub",
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        let (_d, durable) = watch::channel(Lsn::ZERO);
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(run(settings, tx, durable, shutdown));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!task.is_finished());
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn run_returns_definite_errors() {
+        let settings = SourceSettings::new(
+            protocol::ConnectConfig::new("127.0.0.1", 1, "u", None, "d"),
+            "Bad-Slot",
+            "pub",
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        let (_d, durable) = watch::channel(Lsn::ZERO);
+        let (_s, shutdown) = watch::channel(false);
+        let err = run(settings, tx, durable, shutdown).await.unwrap_err();
+        assert!(matches!(err, SourceError::InvalidSettings { .. }));
+    }
+}

@@ -1,0 +1,1746 @@
+//! Our own replication client: PostgreSQL's frontend/backend protocol v3 in
+//! replication mode, on tokio and postgres-protocol (tokio-postgres has no
+//! replication mode).
+//!
+//! ```text
+//! ReplicationConnection::connect ── startup (replication=database) ── auth (trust, password,
+//!   │                                 md5, SCRAM-SHA-256) ── ParameterStatus* ── ReadyForQuery
+//!   ├─ identify_system()      IDENTIFY_SYSTEM
+//!   ├─ create_logical_slot()  CREATE_REPLICATION_SLOT "s" [TEMPORARY] LOGICAL pgoutput (SNAPSHOT ..)
+//!   └─ start_replication()    START_REPLICATION SLOT "s" LOGICAL X/Y (proto_version '1', ..)
+//!          │  CopyBothResponse
+//!          ▼
+//!      ReplicationStream ── next() ◀── CopyData('w' XLogData | 'k' keepalive) | CopyDone
+//!                        └─ send_status() ──▶ CopyData('r' standby status update)
+//! ```
+//!
+//! Invariants:
+//! - The password never appears in `Debug` output, in errors or in logs;
+//!   [`ConnectConfig::redacted_url`] shows it as `***`.
+//! - Reads are cancel-safe: all partial input lives in a `BytesMut` owned by the
+//!   connection, so [`ReplicationStream::next`] can sit in `tokio::select!`.
+//!   Writes ([`ReplicationStream::send_status`]) are not: await them to completion.
+//! - Backend messages are framed here (type byte + Int32 length), because
+//!   postgres-protocol's parser does not know CopyBothResponse. A frame is a
+//!   zero-copy `split_to().freeze()` of the read buffer; an XLogData payload is a
+//!   slice of that frame.
+//! - The session pins the text output of values ([`SESSION_OPTIONS`],
+//!   `client_encoding=UTF8`), which `text.rs` relies on.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use super::error::{PgError, SourceError};
+use crate::change::{Lsn, PG_EPOCH_OFFSET_MICROS};
+
+/// Session settings sent in the startup packet so that value text forms are predictable.
+pub const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=postgres -c bytea_output=hex";
+
+/// How long the whole connection setup (TCP, authentication, ReadyForQuery) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+const READ_CHUNK: usize = 128 * 1024;
+const MIN_READ_SPACE: usize = 8 * 1024;
+/// PostgreSQL never sends a message larger than 1 GB.
+const MAX_MESSAGE_LEN: usize = 1 << 30;
+
+/// The `sslmode` of the source url.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    /// libpq's default; treated as `Disable` until TLS is supported.
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Where and as whom to connect, parsed from a `postgres://` url.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectConfig {
+    /// Host name, IP address, or a Unix socket directory (starting with `/`).
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Never printed: `Debug` and [`ConnectConfig::redacted_url`] show `***`.
+    pub password: Option<String>,
+    pub dbname: String,
+    pub sslmode: SslMode,
+}
+
+impl fmt::Debug for ConnectConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("dbname", &self.dbname)
+            .field("sslmode", &self.sslmode)
+            .finish()
+    }
+}
+
+impl std::str::FromStr for ConnectConfig {
+    type Err = SourceError;
+    fn from_str(url: &str) -> Result<Self, SourceError> {
+        ConnectConfig::from_url(url)
+    }
+}
+
+impl ConnectConfig {
+    /// Parses `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`.
+    ///
+    /// Parameters: `sslmode`, `host` (e.g. a Unix socket directory), `port`, `user`,
+    /// `password`, `dbname`. Defaults: host `localhost`, port 5432, user `postgres`,
+    /// dbname = user. TLS modes other than `disable`/`prefer` are refused for now.
+    pub fn from_url(url: &str) -> Result<Self, SourceError> {
+        let invalid = |reason: String| SourceError::InvalidUrl { reason };
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or_else(|| {
+                invalid("expected it to start with postgres:// or postgresql://".into())
+            })?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, Some(query)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((userinfo, hostport)) => (Some(userinfo), hostport),
+            None => (None, authority),
+        };
+        let mut user = None;
+        let mut password = None;
+        if let Some(userinfo) = userinfo {
+            let (u, p) = match userinfo.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (userinfo, None),
+            };
+            if !u.is_empty() {
+                user = Some(percent_decode(u).ok_or_else(|| {
+                    invalid("the user name is not valid percent-encoded UTF-8".into())
+                })?);
+            }
+            if let Some(p) = p {
+                password = Some(percent_decode(p).ok_or_else(|| {
+                    invalid("the password is not valid percent-encoded UTF-8".into())
+                })?);
+            }
+        }
+        if hostport.contains(',') {
+            return Err(invalid("multiple hosts are not supported".into()));
+        }
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| invalid("missing `]` after an IPv6 address".into()))?;
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| invalid("expected `:port` after `]`".into()))?,
+                ),
+            };
+            (host.to_owned(), port)
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) => (h.to_owned(), Some(p)),
+                None => (hostport.to_owned(), None),
+            }
+        };
+        let mut host = percent_decode(&host)
+            .ok_or_else(|| invalid("the host is not valid percent-encoded UTF-8".into()))?;
+        let mut port = port.map(parse_port).transpose()?;
+        let mut dbname = match path {
+            "" => None,
+            p => Some(percent_decode(p).ok_or_else(|| {
+                invalid("the database name is not valid percent-encoded UTF-8".into())
+            })?),
+        };
+        let mut sslmode = SslMode::default();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decoded = || {
+                percent_decode(value).ok_or_else(|| {
+                    invalid(format!(
+                        "the value of `{key}` is not valid percent-encoded UTF-8"
+                    ))
+                })
+            };
+            match key {
+                "sslmode" => {
+                    sslmode = match value {
+                        "disable" => SslMode::Disable,
+                        "prefer" => SslMode::Prefer,
+                        "require" => SslMode::Require,
+                        "verify-ca" => SslMode::VerifyCa,
+                        "verify-full" => SslMode::VerifyFull,
+                        other => {
+                            return Err(invalid(format!(
+                                "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
+                            )));
+                        }
+                    }
+                }
+                "host" => host = decoded()?,
+                "port" => port = Some(parse_port(value)?),
+                "user" => user = Some(decoded()?),
+                "password" => password = Some(decoded()?),
+                "dbname" => dbname = Some(decoded()?),
+                other => {
+                    return Err(invalid(format!(
+                        "unknown parameter `{other}`: supported are sslmode, host, port, user, password, dbname"
+                    )));
+                }
+            }
+        }
+        let config = ConnectConfig {
+            host: if host.is_empty() {
+                "localhost".to_owned()
+            } else {
+                host
+            },
+            port: port.unwrap_or(5432),
+            dbname: dbname.unwrap_or_else(|| user.clone().unwrap_or_else(|| "postgres".into())),
+            user: user.unwrap_or_else(|| "postgres".into()),
+            password,
+            sslmode,
+        };
+        config.check_tls()?;
+        Ok(config)
+    }
+
+    /// Builds a config directly (for tests and embedding).
+    pub fn new(host: &str, port: u16, user: &str, password: Option<&str>, dbname: &str) -> Self {
+        ConnectConfig {
+            host: host.to_owned(),
+            port,
+            user: user.to_owned(),
+            password: password.map(str::to_owned),
+            dbname: dbname.to_owned(),
+            sslmode: SslMode::Disable,
+        }
+    }
+
+    pub fn has_password(&self) -> bool {
+        self.password.is_some()
+    }
+
+    /// Fails for sslmodes that need TLS, which is not supported yet.
+    pub fn check_tls(&self) -> Result<(), SourceError> {
+        match self.sslmode {
+            SslMode::Disable | SslMode::Prefer => Ok(()),
+            mode => Err(SourceError::TlsNotSupported {
+                mode: mode.as_str(),
+            }),
+        }
+    }
+
+    /// The url with the password shown as `***`: safe to log.
+    pub fn redacted_url(&self) -> String {
+        let mut url = String::from("postgres://");
+        url.push_str(&percent_encode(&self.user));
+        if self.password.is_some() {
+            url.push_str(":***");
+        }
+        url.push('@');
+        if self.host.contains(':') && !self.host.starts_with('/') {
+            url.push('[');
+            url.push_str(&self.host);
+            url.push(']');
+        } else {
+            url.push_str(&percent_encode(&self.host));
+        }
+        url.push_str(&format!(
+            ":{}/{}?sslmode={}",
+            self.port,
+            percent_encode(&self.dbname),
+            self.sslmode.as_str()
+        ));
+        url
+    }
+
+    /// `host:port`, or the socket path for a Unix socket directory: for messages.
+    pub fn addr(&self) -> String {
+        if self.is_unix_socket() {
+            self.socket_path()
+        } else if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    fn socket_path(&self) -> String {
+        format!("{}/.s.PGSQL.{}", self.host.trim_end_matches('/'), self.port)
+    }
+
+    /// A tokio-postgres config for ordinary (non-replication) SQL connections,
+    /// with the same session settings as the replication connection.
+    pub fn tokio_postgres_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name("airlock")
+            .options(SESSION_OPTIONS)
+            .ssl_mode(tokio_postgres::config::SslMode::Disable)
+            .connect_timeout(CONNECT_TIMEOUT);
+        if let Some(password) = &self.password {
+            config.password(password);
+        }
+        config
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, SourceError> {
+    text.parse::<u16>()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| SourceError::InvalidUrl {
+            reason: format!("port `{text}` is not a number between 1 and 65535"),
+        })
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hi = hex_val(*bytes.get(i + 1)?)?;
+            let lo = hex_val(*bytes.get(i + 2)?)?;
+            out.push((hi << 4) | lo);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Quotes an identifier for a replication command: `"name"` with `"` doubled.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for a replication command: `'text'` with `'` doubled
+/// (the replication grammar has no backslash escapes).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Result of IDENTIFY_SYSTEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SystemInfo {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// What CREATE_REPLICATION_SLOT does with the slot's snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotAction {
+    /// Export it for other sessions (`SET TRANSACTION SNAPSHOT`).
+    Export,
+    NoExport,
+    /// Use it in the current transaction (only inside a transaction).
+    Use,
+}
+
+impl SnapshotAction {
+    fn keyword(self) -> &'static str {
+        match self {
+            SnapshotAction::Export => "export",
+            SnapshotAction::NoExport => "nothing",
+            SnapshotAction::Use => "use",
+        }
+    }
+}
+
+/// Result of CREATE_REPLICATION_SLOT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub slot_name: String,
+    pub consistent_point: Lsn,
+    pub snapshot_name: Option<String>,
+}
+
+/// One message of the replication stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicationEvent {
+    /// A pgoutput message; `data` is a zero-copy slice of the read buffer.
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        /// Server clock, PostgreSQL-epoch microseconds.
+        server_time: i64,
+        data: Bytes,
+    },
+    /// A primary keepalive: `wal_end` is what the server has sent so far.
+    Keepalive {
+        wal_end: Lsn,
+        server_time: i64,
+        reply_requested: bool,
+    },
+}
+
+/// A backend message: type byte and body (without the length).
+struct Frame {
+    tag: u8,
+    body: Bytes,
+}
+
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Buffered, framed I/O shared by the connection and the stream.
+struct Wire {
+    reader: Reader,
+    writer: Writer,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    addr: String,
+    user: String,
+}
+
+impl Wire {
+    fn new(reader: Reader, writer: Writer, addr: String, user: String) -> Self {
+        Wire {
+            reader,
+            writer,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(1024),
+            addr,
+            user,
+        }
+    }
+
+    fn protocol(&self, during: &'static str, reason: impl Into<String>) -> SourceError {
+        SourceError::Protocol {
+            addr: self.addr.clone(),
+            during,
+            reason: reason.into(),
+        }
+    }
+
+    fn server(&self, during: &'static str, error: PgError) -> SourceError {
+        SourceError::from_server(&self.addr, &self.user, during, error)
+    }
+
+    fn io(&self, during: &'static str, source: std::io::Error) -> SourceError {
+        SourceError::Io {
+            addr: self.addr.clone(),
+            during,
+            source,
+        }
+    }
+
+    /// The next complete frame already in the buffer, if any.
+    fn try_frame(&mut self, during: &'static str) -> Result<Option<Frame>, SourceError> {
+        let Some(header) = self.rbuf.get(..5) else {
+            return Ok(None);
+        };
+        let tag = header[0];
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| (4..=MAX_MESSAGE_LEN).contains(&l))
+            .ok_or_else(|| self.protocol(during, format!("invalid message length {len}")))?;
+        let total = len + 1;
+        if self.rbuf.len() < total {
+            self.rbuf.reserve(total - self.rbuf.len());
+            return Ok(None);
+        }
+        let mut frame = self.rbuf.split_to(total);
+        frame.advance(5);
+        Ok(Some(Frame {
+            tag,
+            body: frame.freeze(),
+        }))
+    }
+
+    /// Reads the next frame. Cancel-safe: partial input stays in `rbuf`.
+    async fn read_frame(&mut self, during: &'static str) -> Result<Frame, SourceError> {
+        loop {
+            if let Some(frame) = self.try_frame(during)? {
+                return Ok(frame);
+            }
+            self.fill(during).await?;
+        }
+    }
+
+    /// Reads more input into `rbuf`. Cancel-safe.
+    async fn fill(&mut self, during: &'static str) -> Result<(), SourceError> {
+        if self.rbuf.capacity() - self.rbuf.len() < MIN_READ_SPACE {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        match self.reader.read_buf(&mut self.rbuf).await {
+            Ok(0) => Err(SourceError::Closed {
+                addr: self.addr.clone(),
+                during,
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.io(during, e)),
+        }
+    }
+
+    /// Writes out everything queued in `wbuf`. Not cancel-safe.
+    async fn flush(&mut self, during: &'static str) -> Result<(), SourceError> {
+        let result = async {
+            self.writer.write_all(&self.wbuf).await?;
+            self.writer.flush().await
+        }
+        .await;
+        self.wbuf.clear();
+        result.map_err(|e| self.io(during, e))
+    }
+
+    fn queue_query(&mut self, sql: &str) -> Result<(), SourceError> {
+        frontend::query(sql, &mut self.wbuf).map_err(|_| SourceError::InvalidSettings {
+            reason: "a name in a replication command contains a NUL byte".into(),
+        })
+    }
+
+    /// Handles the asynchronous messages that may arrive at any time.
+    /// Returns the frame back if it is something else.
+    fn asynchronous(&mut self, frame: Frame) -> Option<Frame> {
+        match frame.tag {
+            b'N' => {
+                log_notice(&parse_error_fields(&frame.body));
+                None
+            }
+            b'S' => {
+                let mut parts = frame.body.split(|&b| b == 0);
+                let name = String::from_utf8_lossy(parts.next().unwrap_or_default());
+                let value = String::from_utf8_lossy(parts.next().unwrap_or_default());
+                debug!(name = %name, value = %value, "server parameter");
+                None
+            }
+            _ => Some(frame),
+        }
+    }
+}
+
+fn log_notice(notice: &PgError) {
+    if notice.severity == "WARNING" {
+        warn!(code = %notice.code, message = %notice.message, detail = ?notice.detail, "postgresql warning");
+    } else {
+        info!(severity = %notice.severity, code = %notice.code, message = %notice.message, detail = ?notice.detail, "postgresql notice");
+    }
+}
+
+/// Parses the fields of an ErrorResponse or NoticeResponse body.
+fn parse_error_fields(body: &[u8]) -> PgError {
+    let mut error = PgError::default();
+    let mut localized_severity = None;
+    let mut rest = body;
+    while let Some((&kind, tail)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        rest = tail.get(end + 1..).unwrap_or_default();
+        match kind {
+            b'V' => error.severity = value,
+            b'S' => localized_severity = Some(value),
+            b'C' => error.code = value,
+            b'M' => error.message = value,
+            b'D' => error.detail = Some(value),
+            b'H' => error.hint = Some(value),
+            _ => {}
+        }
+    }
+    if error.severity.is_empty() {
+        error.severity = localized_severity.unwrap_or_default();
+    }
+    error
+}
+
+/// Parses a DataRow body into text columns.
+fn parse_data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut rest = body;
+    let count = i16::from_be_bytes(rest.get(..2)?.try_into().ok()?);
+    rest = &rest[2..];
+    let mut row = Vec::with_capacity(usize::try_from(count).ok()?);
+    for _ in 0..count {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).ok()?;
+        let value = rest.get(..len)?;
+        rest = &rest[len..];
+        row.push(Some(String::from_utf8(value.to_vec()).ok()?));
+    }
+    Some(row)
+}
+
+fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Now, in PostgreSQL-epoch microseconds.
+fn pg_now_micros() -> i64 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    unix.saturating_sub(PG_EPOCH_OFFSET_MICROS)
+}
+
+/// A connection in replication mode, ready for replication commands.
+pub struct ReplicationConnection {
+    wire: Wire,
+    /// PostgreSQL's `server_version` parameter, e.g. `15.8`.
+    server_version: Option<String>,
+    backend_pid: Option<i32>,
+}
+
+impl fmt::Debug for ReplicationConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationConnection")
+            .field("addr", &self.wire.addr)
+            .field("server_version", &self.server_version)
+            .field("backend_pid", &self.backend_pid)
+            .finish()
+    }
+}
+
+impl ReplicationConnection {
+    /// Connects, authenticates and waits for ReadyForQuery (at most [`CONNECT_TIMEOUT`]).
+    pub async fn connect(config: &ConnectConfig) -> Result<Self, SourceError> {
+        config.check_tls()?;
+        let addr = config.addr();
+        let setup = async {
+            let (reader, writer) = open(config, &addr).await?;
+            Self::handshake(reader, writer, config).await
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, setup)
+            .await
+            .map_err(|_| SourceError::ConnectTimeout {
+                addr: addr.clone(),
+                seconds: CONNECT_TIMEOUT.as_secs(),
+            })?
+    }
+
+    /// Startup and authentication over an already open stream.
+    async fn handshake(
+        reader: Reader,
+        writer: Writer,
+        config: &ConnectConfig,
+    ) -> Result<Self, SourceError> {
+        let mut wire = Wire::new(reader, writer, config.addr(), config.user.clone());
+        const DURING: &str = "authenticating";
+        frontend::startup_message(
+            [
+                ("user", config.user.as_str()),
+                ("database", config.dbname.as_str()),
+                ("replication", "database"),
+                ("application_name", "airlock"),
+                ("client_encoding", "UTF8"),
+                ("options", SESSION_OPTIONS),
+            ],
+            &mut wire.wbuf,
+        )
+        .map_err(|_| SourceError::InvalidUrl {
+            reason: "the user or database name contains a NUL byte".into(),
+        })?;
+        wire.flush(DURING).await?;
+
+        let auth_error = |wire: &Wire, reason: String| SourceError::Auth {
+            user: wire.user.clone(),
+            addr: wire.addr.clone(),
+            reason,
+        };
+        let password = |wire: &Wire| {
+            config.password.as_deref().ok_or_else(|| {
+                auth_error(
+                    wire,
+                    "the server asks for a password but the source url has none".into(),
+                )
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = wire.read_frame(DURING).await?;
+            let Some(frame) = wire.asynchronous(frame) else {
+                continue;
+            };
+            match frame.tag {
+                b'R' => {}
+                b'E' => return Err(wire.server(DURING, parse_error_fields(&frame.body))),
+                other => {
+                    return Err(wire.protocol(
+                        DURING,
+                        format!("unexpected message type {:?}", char::from(other)),
+                    ));
+                }
+            }
+            let body = &frame.body[..];
+            let code = body
+                .get(..4)
+                .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                .ok_or_else(|| wire.protocol(DURING, "short authentication message"))?;
+            let data = &body[4..];
+            match code {
+                0 => break,
+                3 => {
+                    let password = password(&wire)?;
+                    frontend::password_message(password.as_bytes(), &mut wire.wbuf).map_err(
+                        |_| auth_error(&wire, "the password contains a NUL byte".into()),
+                    )?;
+                }
+                5 => {
+                    let salt: [u8; 4] = data
+                        .get(..4)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(|| wire.protocol(DURING, "short md5 salt"))?;
+                    let hash = md5_hash(config.user.as_bytes(), password(&wire)?.as_bytes(), salt);
+                    frontend::password_message(hash.as_bytes(), &mut wire.wbuf)
+                        .map_err(|e| wire.io(DURING, e))?;
+                }
+                10 => {
+                    let offers_scram = data
+                        .split(|&b| b == 0)
+                        .any(|m| m == SCRAM_SHA_256.as_bytes());
+                    if !offers_scram {
+                        let offered: Vec<_> = data
+                            .split(|&b| b == 0)
+                            .filter(|m| !m.is_empty())
+                            .map(String::from_utf8_lossy)
+                            .collect();
+                        return Err(auth_error(
+                            &wire,
+                            format!(
+                                "the server offers SASL mechanisms [{}] but airlock supports only SCRAM-SHA-256 without channel binding",
+                                offered.join(", ")
+                            ),
+                        ));
+                    }
+                    // No TLS, so no channel binding: gs2 header "n,,".
+                    let state = ScramSha256::new(
+                        password(&wire)?.as_bytes(),
+                        ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(SCRAM_SHA_256, state.message(), &mut wire.wbuf)
+                        .map_err(|e| wire.io(DURING, e))?;
+                    scram = Some(state);
+                }
+                11 => {
+                    let state = scram
+                        .as_mut()
+                        .ok_or_else(|| wire.protocol(DURING, "SASL continue before SASL start"))?;
+                    state
+                        .update(data)
+                        .map_err(|e| auth_error(&wire, format!("SCRAM exchange failed: {e}")))?;
+                    frontend::sasl_response(state.message(), &mut wire.wbuf)
+                        .map_err(|e| wire.io(DURING, e))?;
+                }
+                12 => {
+                    let state = scram
+                        .as_mut()
+                        .ok_or_else(|| wire.protocol(DURING, "SASL final before SASL start"))?;
+                    state.finish(data).map_err(|e| {
+                        auth_error(
+                            &wire,
+                            format!("the server's SCRAM signature did not verify: {e}"),
+                        )
+                    })?;
+                    continue;
+                }
+                other => {
+                    let method = match other {
+                        2 => "Kerberos V5",
+                        6 => "SCM credentials",
+                        7 | 8 => "GSSAPI",
+                        9 => "SSPI",
+                        _ => "an unknown method",
+                    };
+                    return Err(auth_error(
+                        &wire,
+                        format!(
+                            "the server asks for {method} (code {other}); airlock supports trust, password, md5 and scram-sha-256"
+                        ),
+                    ));
+                }
+            }
+            wire.flush(DURING).await?;
+        }
+
+        let mut server_version = None;
+        let mut backend_pid = None;
+        loop {
+            let frame = wire.read_frame(DURING).await?;
+            match frame.tag {
+                b'Z' => break,
+                b'S' => {
+                    let mut parts = frame.body.split(|&b| b == 0);
+                    if parts.next() == Some(b"server_version") {
+                        server_version = parts
+                            .next()
+                            .map(|v| String::from_utf8_lossy(v).into_owned());
+                    }
+                }
+                b'K' => backend_pid = be_i32(&frame.body),
+                b'N' => log_notice(&parse_error_fields(&frame.body)),
+                b'E' => return Err(wire.server(DURING, parse_error_fields(&frame.body))),
+                other => {
+                    return Err(wire.protocol(
+                        DURING,
+                        format!("unexpected message type {:?}", char::from(other)),
+                    ));
+                }
+            }
+        }
+        debug!(addr = %wire.addr, server_version = ?server_version, backend_pid = ?backend_pid, "replication connection ready");
+        Ok(ReplicationConnection {
+            wire,
+            server_version,
+            backend_pid,
+        })
+    }
+
+    pub fn server_version(&self) -> Option<&str> {
+        self.server_version.as_deref()
+    }
+
+    /// The process id of the walsender serving this connection.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.backend_pid
+    }
+
+    /// Runs a replication command that returns rows (text format).
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+        self.query(sql, "running a replication command").await
+    }
+
+    async fn query(
+        &mut self,
+        sql: &str,
+        during: &'static str,
+    ) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+        self.wire.queue_query(sql)?;
+        self.wire.flush(during).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let frame = self.wire.read_frame(during).await?;
+            let Some(frame) = self.wire.asynchronous(frame) else {
+                continue;
+            };
+            match frame.tag {
+                b'T' | b'C' | b'I' => {}
+                b'D' => rows.push(
+                    parse_data_row(&frame.body)
+                        .ok_or_else(|| self.wire.protocol(during, "malformed DataRow"))?,
+                ),
+                b'E' => error = Some(parse_error_fields(&frame.body)),
+                b'Z' => break,
+                other => {
+                    return Err(self.wire.protocol(
+                        during,
+                        format!(
+                            "unexpected message type {:?} in reply to a simple query",
+                            char::from(other)
+                        ),
+                    ));
+                }
+            }
+        }
+        match error {
+            Some(error) => Err(self.wire.server(during, error)),
+            None => Ok(rows),
+        }
+    }
+
+    /// IDENTIFY_SYSTEM.
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, SourceError> {
+        const DURING: &str = "identifying the system";
+        let rows = self.query("IDENTIFY_SYSTEM", DURING).await?;
+        let row = rows.first().filter(|r| r.len() >= 4).ok_or_else(|| {
+            self.wire
+                .protocol(DURING, "IDENTIFY_SYSTEM returned no row of 4 columns")
+        })?;
+        let bad = |what: &str| {
+            self.wire
+                .protocol(DURING, format!("bad {what} in IDENTIFY_SYSTEM"))
+        };
+        Ok(SystemInfo {
+            system_id: row[0].clone().ok_or_else(|| bad("systemid"))?,
+            timeline: row[1]
+                .as_deref()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| bad("timeline"))?,
+            xlogpos: row[2]
+                .as_deref()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| bad("xlogpos"))?,
+            dbname: row[3].clone(),
+        })
+    }
+
+    /// CREATE_REPLICATION_SLOT for pgoutput (PostgreSQL 15 syntax).
+    pub async fn create_logical_slot(
+        &mut self,
+        name: &str,
+        temporary: bool,
+        snapshot: SnapshotAction,
+    ) -> Result<SlotInfo, SourceError> {
+        const DURING: &str = "creating the replication slot";
+        let sql = create_slot_command(name, temporary, snapshot);
+        let rows = self.query(&sql, DURING).await?;
+        let row = rows.first().filter(|r| r.len() >= 3).ok_or_else(|| {
+            self.wire
+                .protocol(DURING, "CREATE_REPLICATION_SLOT returned no row")
+        })?;
+        Ok(SlotInfo {
+            slot_name: row[0].clone().unwrap_or_else(|| name.to_owned()),
+            consistent_point: row[1]
+                .as_deref()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| self.wire.protocol(DURING, "bad consistent_point"))?,
+            snapshot_name: row[2].clone(),
+        })
+    }
+
+    /// START_REPLICATION for pgoutput v1; waits for CopyBothResponse.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        publications: &[String],
+    ) -> Result<ReplicationStream, SourceError> {
+        const DURING: &str = "starting replication";
+        let sql = start_replication_command(slot, start, publications);
+        self.wire.queue_query(&sql)?;
+        self.wire.flush(DURING).await?;
+        loop {
+            let frame = self.wire.read_frame(DURING).await?;
+            let Some(frame) = self.wire.asynchronous(frame) else {
+                continue;
+            };
+            match frame.tag {
+                b'W' => break,
+                b'E' => return Err(self.wire.server(DURING, parse_error_fields(&frame.body))),
+                other => {
+                    return Err(self.wire.protocol(
+                        DURING,
+                        format!(
+                            "expected CopyBothResponse, got message type {:?}",
+                            char::from(other)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(ReplicationStream {
+            wire: self.wire,
+            done: false,
+        })
+    }
+
+    /// Sends Terminate and closes the connection.
+    pub async fn close(mut self) -> Result<(), SourceError> {
+        frontend::terminate(&mut self.wire.wbuf);
+        self.wire.flush("closing the connection").await?;
+        let _ = self.wire.writer.shutdown().await;
+        Ok(())
+    }
+}
+
+fn be_i32(bytes: &[u8]) -> Option<i32> {
+    Some(i32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+/// Opens the TCP (or Unix socket) connection, split into boxed halves.
+async fn open(config: &ConnectConfig, addr: &str) -> Result<(Reader, Writer), SourceError> {
+    let connect_error = |source| SourceError::Connect {
+        addr: addr.to_owned(),
+        source,
+    };
+    #[cfg(unix)]
+    if config.is_unix_socket() {
+        let stream = tokio::net::UnixStream::connect(config.socket_path())
+            .await
+            .map_err(connect_error)?;
+        let (r, w) = stream.into_split();
+        return Ok((Box::new(r), Box::new(w)));
+    }
+    let stream = tokio::net::TcpStream::connect((config.host.as_str(), config.port))
+        .await
+        .map_err(connect_error)?;
+    stream.set_nodelay(true).map_err(connect_error)?;
+    let (r, w) = stream.into_split();
+    Ok((Box::new(r), Box::new(w)))
+}
+
+fn create_slot_command(name: &str, temporary: bool, snapshot: SnapshotAction) -> String {
+    format!(
+        "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput (SNAPSHOT '{}')",
+        quote_ident(name),
+        if temporary { " TEMPORARY" } else { "" },
+        snapshot.keyword()
+    )
+}
+
+fn start_replication_command(slot: &str, start: Lsn, publications: &[String]) -> String {
+    let names: Vec<String> = publications.iter().map(|p| quote_ident(p)).collect();
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})",
+        quote_ident(slot),
+        start,
+        quote_literal(&names.join(","))
+    )
+}
+
+const STREAMING: &str = "streaming changes";
+
+/// The CopyBoth stream of a started replication: read events, send status updates.
+pub struct ReplicationStream {
+    wire: Wire,
+    done: bool,
+}
+
+impl fmt::Debug for ReplicationStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationStream")
+            .field("addr", &self.wire.addr)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl ReplicationStream {
+    /// The next event, or `None` once the server ended the stream with CopyDone.
+    ///
+    /// Cancel-safe: it can be a branch of `tokio::select!` without losing data.
+    pub async fn next(&mut self) -> Result<Option<ReplicationEvent>, SourceError> {
+        loop {
+            if let Some(event) = self.buffered()? {
+                return Ok(event);
+            }
+            self.wire.fill(STREAMING).await?;
+        }
+    }
+
+    /// The next event if one is already fully buffered, without waiting for input.
+    /// Lets a consumer drain a burst without a `select!` round per message.
+    pub fn try_next(&mut self) -> Result<Option<ReplicationEvent>, SourceError> {
+        Ok(self.buffered()?.flatten())
+    }
+
+    /// `Some(Some(event))`, `Some(None)` at the end of the stream, or `None`
+    /// when more input is needed.
+    fn buffered(&mut self) -> Result<Option<Option<ReplicationEvent>>, SourceError> {
+        loop {
+            if self.done {
+                return Ok(Some(None));
+            }
+            let Some(frame) = self.wire.try_frame(STREAMING)? else {
+                return Ok(None);
+            };
+            let Some(frame) = self.wire.asynchronous(frame) else {
+                continue;
+            };
+            return match frame.tag {
+                b'd' => self.copy_data(frame.body).map(|e| Some(Some(e))),
+                b'c' => {
+                    self.done = true;
+                    Ok(Some(None))
+                }
+                b'E' => Err(self.wire.server(STREAMING, parse_error_fields(&frame.body))),
+                other => Err(self.wire.protocol(
+                    STREAMING,
+                    format!("unexpected message type {:?}", char::from(other)),
+                )),
+            };
+        }
+    }
+
+    fn copy_data(&self, body: Bytes) -> Result<ReplicationEvent, SourceError> {
+        const DURING: &str = STREAMING;
+        match body.first() {
+            Some(b'w') => {
+                let (Some(wal_start), Some(wal_end), Some(time)) =
+                    (be_u64(&body, 1), be_u64(&body, 9), be_u64(&body, 17))
+                else {
+                    return Err(self.wire.protocol(DURING, "short XLogData header"));
+                };
+                Ok(ReplicationEvent::XLogData {
+                    wal_start: Lsn(wal_start),
+                    wal_end: Lsn(wal_end),
+                    server_time: time as i64,
+                    data: body.slice(25..),
+                })
+            }
+            Some(b'k') => {
+                let (Some(wal_end), Some(time), Some(&reply)) =
+                    (be_u64(&body, 1), be_u64(&body, 9), body.get(17))
+                else {
+                    return Err(self.wire.protocol(DURING, "short primary keepalive"));
+                };
+                Ok(ReplicationEvent::Keepalive {
+                    wal_end: Lsn(wal_end),
+                    server_time: time as i64,
+                    reply_requested: reply != 0,
+                })
+            }
+            Some(&other) => Err(self.wire.protocol(
+                DURING,
+                format!("unknown CopyData message {:?}", char::from(other)),
+            )),
+            None => Err(self.wire.protocol(DURING, "empty CopyData")),
+        }
+    }
+
+    /// Sends a Standby Status Update. Not cancel-safe: await it to completion.
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), SourceError> {
+        queue_status(
+            &mut self.wire.wbuf,
+            write,
+            flush,
+            apply,
+            pg_now_micros(),
+            reply_requested,
+        );
+        self.wire.flush("sending a status update").await
+    }
+
+    /// Sends CopyDone and Terminate, then closes the connection.
+    pub async fn close(mut self) -> Result<(), SourceError> {
+        if !self.done {
+            frontend::copy_done(&mut self.wire.wbuf);
+        }
+        frontend::terminate(&mut self.wire.wbuf);
+        self.wire.flush("closing the connection").await?;
+        let _ = self.wire.writer.shutdown().await;
+        Ok(())
+    }
+
+    /// `host:port` of the server.
+    pub fn addr(&self) -> &str {
+        &self.wire.addr
+    }
+}
+
+fn queue_status(buf: &mut BytesMut, write: Lsn, flush: Lsn, apply: Lsn, now: i64, reply: bool) {
+    buf.put_u8(b'd');
+    buf.put_i32(4 + 34);
+    buf.put_u8(b'r');
+    buf.put_u64(write.0);
+    buf.put_u64(flush.0);
+    buf.put_u64(apply.0);
+    buf.put_i64(now);
+    buf.put_u8(u8::from(reply));
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    #[test]
+    fn parses_a_full_url() {
+        let c = ConnectConfig::from_url(
+            "postgres://app:s3cr%40t@db.internal:6543/orders?sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(c.host, "db.internal");
+        assert_eq!(c.port, 6543);
+        assert_eq!(c.user, "app");
+        assert_eq!(c.password.as_deref(), Some("s3cr@t"));
+        assert_eq!(c.dbname, "orders");
+        assert_eq!(c.sslmode, SslMode::Disable);
+        assert_eq!(c.addr(), "db.internal:6543");
+    }
+
+    #[test]
+    fn url_defaults_and_variants() {
+        let c = ConnectConfig::from_url("postgresql://").unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.user.as_str(), c.dbname.as_str()),
+            ("localhost", 5432, "postgres", "postgres")
+        );
+        assert_eq!(c.sslmode, SslMode::Prefer);
+        assert!(!c.has_password());
+
+        let c = ConnectConfig::from_url("postgres://alice@/").unwrap();
+        assert_eq!((c.user.as_str(), c.dbname.as_str()), ("alice", "alice"));
+
+        let c = ConnectConfig::from_url("postgres://u:p%3Aw%2Fd@[::1]:5433/d%20b").unwrap();
+        assert_eq!(c.host, "::1");
+        assert_eq!(c.port, 5433);
+        assert_eq!(c.password.as_deref(), Some("p:w/d"));
+        assert_eq!(c.dbname, "d b");
+        assert_eq!(c.addr(), "[::1]:5433");
+
+        // A password with an unencoded '@' still splits at the last '@'.
+        let c = ConnectConfig::from_url("postgres://u:a@b@h/d").unwrap();
+        assert_eq!((c.password.as_deref(), c.host.as_str()), (Some("a@b"), "h"));
+
+        let c =
+            ConnectConfig::from_url("postgres:///db?host=%2Ftmp%2Fpg&port=5499&user=x").unwrap();
+        assert_eq!(c.host, "/tmp/pg");
+        assert_eq!(c.addr(), "/tmp/pg/.s.PGSQL.5499");
+        assert_eq!(c.user, "x");
+        assert_eq!(c.dbname, "db");
+
+        let c = ConnectConfig::from_url("postgres://%2Fvar%2Frun%2Fpostgresql/db").unwrap();
+        assert_eq!(c.host, "/var/run/postgresql");
+    }
+
+    #[test]
+    fn bad_urls_are_clear_errors_without_the_password() {
+        for (url, needle) in [
+            ("mysql://u:hunter2@h/d", "postgres://"),
+            ("postgres://u:hunter2@h:0/d", "port `0`"),
+            ("postgres://u:hunter2@h:99999/d", "port `99999`"),
+            (
+                "postgres://u:hunter2@h/d?foo=bar",
+                "unknown parameter `foo`",
+            ),
+            ("postgres://u:hunter2@h/d?sslmode=maybe", "sslmode `maybe`"),
+            ("postgres://u:hunter2@a,b/d", "multiple hosts"),
+            ("postgres://u:hunter%zz@h/d", "password is not valid"),
+        ] {
+            let err = ConnectConfig::from_url(url).unwrap_err().to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+            assert!(!err.contains("hunter"), "{url}: {err}");
+        }
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let err = ConnectConfig::from_url(&format!("postgres://u:hunter2@h/d?sslmode={mode}"))
+                .unwrap_err();
+            assert!(matches!(err, SourceError::TlsNotSupported { .. }));
+            let msg = err.to_string();
+            assert!(msg.contains("TLS is not supported yet"), "{msg}");
+            assert!(!msg.contains("hunter"));
+        }
+    }
+
+    #[test]
+    fn password_is_redacted_everywhere() {
+        let c = ConnectConfig::from_url("postgres://app:hunter2@db:5432/orders").unwrap();
+        assert_eq!(
+            c.redacted_url(),
+            "postgres://app:***@db:5432/orders?sslmode=prefer"
+        );
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("***"),
+            "{debug}"
+        );
+        let c = ConnectConfig::from_url("postgres://a%20b@[::1]/x").unwrap();
+        assert_eq!(
+            c.redacted_url(),
+            "postgres://a%20b@[::1]:5432/x?sslmode=prefer"
+        );
+        // The redacted url parses back to the same place.
+        let back = ConnectConfig::from_url(&c.redacted_url()).unwrap();
+        assert_eq!(
+            (back.host, back.user, back.dbname),
+            (c.host, c.user, c.dbname)
+        );
+    }
+
+    #[test]
+    fn tokio_postgres_config_carries_everything() {
+        let c = ConnectConfig::from_url("postgres://app:pw@db:6000/orders").unwrap();
+        let pg = c.tokio_postgres_config();
+        assert_eq!(pg.get_user(), Some("app"));
+        assert_eq!(pg.get_password(), Some(&b"pw"[..]));
+        assert_eq!(pg.get_dbname(), Some("orders"));
+        assert_eq!(pg.get_ports(), &[6000]);
+        assert_eq!(pg.get_options(), Some(SESSION_OPTIONS));
+    }
+
+    #[test]
+    fn commands_quote_names() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(
+            start_replication_command(
+                "lake",
+                Lsn((1 << 32) | 0x16B3748),
+                &["orders".into(), "we\"ird's".into()]
+            ),
+            r#"START_REPLICATION SLOT "lake" LOGICAL 1/16B3748 (proto_version '1', publication_names '"orders","we""ird''s"')"#
+        );
+        assert_eq!(
+            create_slot_command("lake", true, SnapshotAction::Export),
+            r#"CREATE_REPLICATION_SLOT "lake" TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"#
+        );
+        assert_eq!(
+            create_slot_command("lake", false, SnapshotAction::NoExport),
+            r#"CREATE_REPLICATION_SLOT "lake" LOGICAL pgoutput (SNAPSHOT 'nothing')"#
+        );
+    }
+
+    #[test]
+    fn status_update_layout() {
+        let mut buf = BytesMut::new();
+        queue_status(&mut buf, Lsn(1), Lsn(2), Lsn(3), 4, true);
+        let mut expected = vec![b'd', 0, 0, 0, 38, b'r'];
+        for v in [1u64, 2, 3, 4] {
+            expected.extend_from_slice(&v.to_be_bytes());
+        }
+        expected.push(1);
+        assert_eq!(&buf[..], &expected[..]);
+    }
+
+    #[test]
+    fn error_fields_and_data_rows() {
+        let mut body = Vec::new();
+        for (k, v) in [
+            (b'S', "FEHLER"),
+            (b'V', "ERROR"),
+            (b'C', "42704"),
+            (b'M', "boom"),
+            (b'H', "try"),
+        ] {
+            body.push(k);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let e = parse_error_fields(&body);
+        assert_eq!(
+            (e.severity.as_str(), e.code.as_str(), e.message.as_str()),
+            ("ERROR", "42704", "boom")
+        );
+        assert_eq!(e.hint.as_deref(), Some("try"));
+        // Truncated bodies do not panic.
+        for len in 0..body.len() {
+            let _ = parse_error_fields(&body[..len]);
+        }
+
+        let row = [0, 2, 0, 0, 0, 2, b'h', b'i', 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(
+            parse_data_row(&row),
+            Some(vec![Some("hi".to_owned()), None])
+        );
+        for len in 0..row.len() {
+            assert_eq!(parse_data_row(&row[..len]), None);
+        }
+    }
+
+    /// A scripted fake server: the test writes backend messages and reads frontend ones.
+    pub(crate) struct FakeServer {
+        pub io: DuplexStream,
+    }
+
+    impl FakeServer {
+        pub async fn send(&mut self, tag: u8, body: &[u8]) {
+            let mut m = vec![tag];
+            m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            m.extend_from_slice(body);
+            self.io.write_all(&m).await.unwrap();
+        }
+
+        /// Reads one frontend message: (tag, body).
+        pub async fn recv(&mut self) -> (u8, Vec<u8>) {
+            let tag = self.io.read_u8().await.unwrap();
+            let len = self.io.read_i32().await.unwrap() as usize;
+            let mut body = vec![0; len - 4];
+            self.io.read_exact(&mut body).await.unwrap();
+            (tag, body)
+        }
+
+        /// Reads the startup packet (no tag) and returns its parameters.
+        pub async fn recv_startup(&mut self) -> Vec<(String, String)> {
+            let len = self.io.read_i32().await.unwrap() as usize;
+            let mut body = vec![0; len - 4];
+            self.io.read_exact(&mut body).await.unwrap();
+            assert_eq!(&body[..4], &[0, 3, 0, 0]);
+            let parts: Vec<String> = body[4..]
+                .split(|&b| b == 0)
+                .map(|s| String::from_utf8(s.to_vec()).unwrap())
+                .collect();
+            parts
+                .chunks(2)
+                .filter(|c| c.len() == 2 && !c[0].is_empty())
+                .map(|c| (c[0].clone(), c[1].clone()))
+                .collect()
+        }
+
+        pub async fn auth(&mut self, code: i32, extra: &[u8]) {
+            let mut body = code.to_be_bytes().to_vec();
+            body.extend_from_slice(extra);
+            self.send(b'R', &body).await;
+        }
+
+        pub async fn ready(&mut self) {
+            self.send(b'S', b"server_version\x0015.8\x00").await;
+            self.send(b'K', &[0, 0, 0x10, 0, 0, 0, 0, 1]).await;
+            self.send(b'Z', b"I").await;
+        }
+
+        pub async fn error(&mut self, code: &str, message: &str) {
+            let body = format!("SERROR\0VERROR\0C{code}\0M{message}\0\0");
+            self.send(b'E', body.as_bytes()).await;
+        }
+
+        pub async fn row(&mut self, values: &[Option<&str>]) {
+            let mut body = (values.len() as i16).to_be_bytes().to_vec();
+            for v in values {
+                match v {
+                    None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+                    Some(v) => {
+                        body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        body.extend_from_slice(v.as_bytes());
+                    }
+                }
+            }
+            self.send(b'D', &body).await;
+        }
+
+        pub async fn xlog(&mut self, wal_start: u64, data: &[u8]) {
+            let mut body = vec![b'w'];
+            body.extend_from_slice(&wal_start.to_be_bytes());
+            body.extend_from_slice(&(wal_start + 100).to_be_bytes());
+            body.extend_from_slice(&7i64.to_be_bytes());
+            body.extend_from_slice(data);
+            self.send(b'd', &body).await;
+        }
+
+        pub async fn keepalive(&mut self, wal_end: u64, reply: bool) {
+            let mut body = vec![b'k'];
+            body.extend_from_slice(&wal_end.to_be_bytes());
+            body.extend_from_slice(&9i64.to_be_bytes());
+            body.push(u8::from(reply));
+            self.send(b'd', &body).await;
+        }
+    }
+
+    pub(crate) fn pair() -> (Reader, Writer, FakeServer) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        (Box::new(r), Box::new(w), FakeServer { io: server })
+    }
+
+    fn config(password: Option<&str>) -> ConnectConfig {
+        ConnectConfig::new("db", 5432, "app", password, "orders")
+    }
+
+    /// Drives a trust-auth startup and returns the connected client.
+    pub(crate) async fn connected() -> (ReplicationConnection, FakeServer) {
+        let (r, w, mut server) = pair();
+        let client =
+            tokio::spawn(
+                async move { ReplicationConnection::handshake(r, w, &config(None)).await },
+            );
+        server.recv_startup().await;
+        server.auth(0, &[]).await;
+        server.ready().await;
+        (client.await.unwrap().unwrap(), server)
+    }
+
+    #[tokio::test]
+    async fn startup_sends_replication_parameters_and_md5() {
+        let (r, w, mut server) = pair();
+        let client = tokio::spawn(async move {
+            ReplicationConnection::handshake(r, w, &config(Some("pw"))).await
+        });
+        let params = server.recv_startup().await;
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("user"), Some("app"));
+        assert_eq!(get("database"), Some("orders"));
+        assert_eq!(get("replication"), Some("database"));
+        assert_eq!(get("application_name"), Some("airlock"));
+        assert_eq!(get("client_encoding"), Some("UTF8"));
+        assert_eq!(get("options"), Some(SESSION_OPTIONS));
+
+        server.auth(5, &[1, 2, 3, 4]).await;
+        let (tag, body) = server.recv().await;
+        assert_eq!(tag, b'p');
+        let expected = md5_hash(b"app", b"pw", [1, 2, 3, 4]);
+        assert_eq!(&body[..body.len() - 1], expected.as_bytes());
+        server.auth(0, &[]).await;
+        server
+            .send(b'N', b"SNOTICE\0VNOTICE\0C00000\0Mhello\0\0")
+            .await;
+        server.ready().await;
+        let conn = client.await.unwrap().unwrap();
+        assert_eq!(conn.server_version(), Some("15.8"));
+        assert_eq!(conn.backend_pid(), Some(0x1000));
+    }
+
+    #[tokio::test]
+    async fn cleartext_password_and_missing_password() {
+        let (r, w, mut server) = pair();
+        let client = tokio::spawn(async move {
+            ReplicationConnection::handshake(r, w, &config(Some("pw"))).await
+        });
+        server.recv_startup().await;
+        server.auth(3, &[]).await;
+        assert_eq!(server.recv().await, (b'p', b"pw\0".to_vec()));
+        server.auth(0, &[]).await;
+        server.ready().await;
+        client.await.unwrap().unwrap();
+
+        let (r, w, mut server) = pair();
+        let client =
+            tokio::spawn(
+                async move { ReplicationConnection::handshake(r, w, &config(None)).await },
+            );
+        server.recv_startup().await;
+        server.auth(3, &[]).await;
+        let err = client.await.unwrap().unwrap_err();
+        assert!(matches!(err, SourceError::Auth { .. }));
+        assert!(err.to_string().contains("source url has none"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn scram_starts_with_a_no_channel_binding_initial_response() {
+        let (r, w, mut server) = pair();
+        let client = tokio::spawn(async move {
+            ReplicationConnection::handshake(r, w, &config(Some("pw"))).await
+        });
+        server.recv_startup().await;
+        server.auth(10, b"SCRAM-SHA-256\0\0").await;
+        let (tag, body) = server.recv().await;
+        assert_eq!(tag, b'p');
+        assert!(body.starts_with(b"SCRAM-SHA-256\0"));
+        let first = &body[14 + 4..];
+        assert!(
+            first.starts_with(b"n,,n=,r="),
+            "{:?}",
+            String::from_utf8_lossy(first)
+        );
+        server
+            .error("28P01", "password authentication failed for user \"app\"")
+            .await;
+        let err = client.await.unwrap().unwrap_err();
+        assert!(matches!(err, SourceError::Auth { .. }));
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn unsupported_auth_methods_are_named() {
+        let (r, w, mut server) = pair();
+        let client = tokio::spawn(async move {
+            ReplicationConnection::handshake(r, w, &config(Some("pw"))).await
+        });
+        server.recv_startup().await;
+        server.auth(7, &[]).await;
+        let err = client.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("GSSAPI"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn identify_system_and_create_slot() {
+        let (mut conn, mut server) = connected().await;
+        let client = tokio::spawn(async move {
+            let info = conn.identify_system().await.unwrap();
+            let slot = conn
+                .create_logical_slot("lake", false, SnapshotAction::Export)
+                .await
+                .unwrap();
+            let err = conn.simple_query("BAD").await.unwrap_err();
+            (info, slot, err)
+        });
+        assert_eq!(server.recv().await, (b'Q', b"IDENTIFY_SYSTEM\0".to_vec()));
+        server.send(b'T', &[0, 4]).await;
+        server
+            .row(&[Some("7001"), Some("1"), Some("0/16B3748"), Some("orders")])
+            .await;
+        server.send(b'C', b"IDENTIFY_SYSTEM\0").await;
+        server.send(b'Z', b"I").await;
+        let (tag, body) = server.recv().await;
+        assert_eq!(tag, b'Q');
+        assert_eq!(
+            body,
+            b"CREATE_REPLICATION_SLOT \"lake\" LOGICAL pgoutput (SNAPSHOT 'export')\0"
+        );
+        server
+            .row(&[
+                Some("lake"),
+                Some("0/16B3780"),
+                Some("00000003-1"),
+                Some("pgoutput"),
+            ])
+            .await;
+        server.send(b'Z', b"I").await;
+        server.recv().await;
+        server.error("42601", "syntax error").await;
+        server.send(b'Z', b"I").await;
+
+        let (info, slot, err) = client.await.unwrap();
+        assert_eq!(
+            info,
+            SystemInfo {
+                system_id: "7001".into(),
+                timeline: 1,
+                xlogpos: "0/16B3748".parse().unwrap(),
+                dbname: Some("orders".into())
+            }
+        );
+        assert_eq!(slot.consistent_point, "0/16B3780".parse().unwrap());
+        assert_eq!(slot.snapshot_name.as_deref(), Some("00000003-1"));
+        assert!(
+            err.to_string().contains("syntax error (SQLSTATE 42601)"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stream_events_status_and_end() {
+        let (conn, mut server) = connected().await;
+        let client = tokio::spawn(async move {
+            let mut stream = conn
+                .start_replication("lake", Lsn::ZERO, &["pub".into()])
+                .await
+                .unwrap();
+            let mut events = Vec::new();
+            while let Some(event) = stream.next().await.unwrap() {
+                if let ReplicationEvent::Keepalive { wal_end, .. } = event {
+                    stream
+                        .send_status(wal_end, Lsn(5), Lsn(5), false)
+                        .await
+                        .unwrap();
+                }
+                events.push(event);
+            }
+            assert_eq!(stream.next().await.unwrap(), None);
+            events
+        });
+        let (_, query) = server.recv().await;
+        assert!(query.starts_with(b"START_REPLICATION SLOT \"lake\" LOGICAL 0/0"));
+        server.send(b'W', &[0, 0, 0]).await;
+        server.xlog(0x100, b"Bpayload").await;
+        server.keepalive(0x200, true).await;
+        let (tag, body) = server.recv().await;
+        assert_eq!((tag, body[0], body.len()), (b'd', b'r', 34));
+        assert_eq!(&body[1..9], &0x200u64.to_be_bytes());
+        assert_eq!(&body[9..17], &5u64.to_be_bytes());
+        server.send(b'c', &[]).await;
+        let events = client.await.unwrap();
+        assert_eq!(
+            events,
+            vec![
+                ReplicationEvent::XLogData {
+                    wal_start: Lsn(0x100),
+                    wal_end: Lsn(0x164),
+                    server_time: 7,
+                    data: Bytes::from_static(b"Bpayload")
+                },
+                ReplicationEvent::Keepalive {
+                    wal_end: Lsn(0x200),
+                    server_time: 9,
+                    reply_requested: true
+                }
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn start_replication_errors_are_mapped() {
+        let (conn, mut server) = connected().await;
+        let client =
+            tokio::spawn(async move { conn.start_replication("lake", Lsn::ZERO, &[]).await });
+        server.recv().await;
+        server
+            .error("55006", "replication slot \"lake\" is active for PID 77")
+            .await;
+        let err = client.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, SourceError::SlotInUse { slot, pid: Some(77) } if slot == "lake"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn next_is_cancel_safe_across_partial_messages() {
+        let (conn, mut server) = connected().await;
+        let client = tokio::spawn(async move {
+            conn.start_replication("lake", Lsn::ZERO, &[])
+                .await
+                .unwrap()
+        });
+        server.recv().await;
+        server.send(b'W', &[0, 0, 0]).await;
+        let mut stream = client.await.unwrap();
+
+        // Write one XLogData message in two halves, cancelling next() in between.
+        let mut body = vec![b'w'];
+        body.extend_from_slice(&1u64.to_be_bytes());
+        body.extend_from_slice(&2u64.to_be_bytes());
+        body.extend_from_slice(&3i64.to_be_bytes());
+        body.extend_from_slice(b"data");
+        let mut msg = vec![b'd'];
+        msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        msg.extend_from_slice(&body);
+        server.io.write_all(&msg[..10]).await.unwrap();
+        let timed_out = tokio::time::timeout(Duration::from_millis(20), stream.next()).await;
+        assert!(timed_out.is_err());
+        server.io.write_all(&msg[10..]).await.unwrap();
+        let event = stream.next().await.unwrap().unwrap();
+        assert!(matches!(event, ReplicationEvent::XLogData { data, .. } if &data[..] == b"data"));
+
+        // EOF without CopyDone is a transient error.
+        drop(server);
+        let err = stream.next().await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+    }
+}
