@@ -49,11 +49,151 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show what a running host is doing: source, lag, pipeline stages, sinks, errors.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the raw JSON of /status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running host to rebuild its pipeline from the plugin folder now.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Work with guests.
     Guest {
         #[command(subcommand)]
         command: GuestCommand,
     },
+}
+
+/// How to reach a running host's admin API.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The host's configuration: its [admin] listen address and token are used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The admin API address, when not taken from --config.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    admin: String,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "AIRLOCK_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl AdminArgs {
+    fn resolve(&self) -> anyhow::Result<(String, Option<String>)> {
+        match &self.config {
+            Some(path) => {
+                let config = airlock::config::Config::load(path)?;
+                Ok((config.admin.listen.to_string(), config.admin.token.or_else(|| self.token.clone())))
+            }
+            None => Ok((self.admin.clone(), self.token.clone())),
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        let (addr, token) = self.resolve()?;
+        let mut request = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        Ok(request)
+    }
+}
+
+async fn send(admin: &AdminArgs, method: reqwest::Method, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    let (addr, _) = admin.resolve()?;
+    let response = admin
+        .request(method, path)?
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the admin API at {addr}: is `airlock run` running there?"))?;
+    let code = response.status().as_u16();
+    let body = response.json().await.context("the admin API answered with something other than JSON")?;
+    if code == 401 {
+        anyhow::bail!("the admin API refused the request: pass its token with --token or AIRLOCK_ADMIN_TOKEN");
+    }
+    Ok((code, body))
+}
+
+fn render_status(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    let up = s["uptime_seconds"].as_f64().unwrap_or(0.0) as u64;
+    let _ = writeln!(
+        out,
+        "airlock {} · up {}h{:02}m{:02}s · {}",
+        text(&s["version"]),
+        up / 3600,
+        up / 60 % 60,
+        up % 60,
+        if s["ready"].as_bool() == Some(true) { "ready" } else { "not ready" }
+    );
+    let src = &s["source"];
+    let _ = writeln!(out, "source    {}  slot {}  publication {}  [{}]", text(&src["database"]), text(&src["slot"]), text(&src["publication"]), text(&src["state"]));
+    let lag_bytes = src["lag_bytes"].as_u64().map(|b| format!("{b} B")).unwrap_or_else(|| "-".into());
+    let lag_seconds = src["lag_seconds"].as_f64().map(|s| format!("{s:.1} s")).unwrap_or_else(|| "-".into());
+    let _ = writeln!(
+        out,
+        "  wal     current {}  confirmed {}  restart {}  lag {lag_bytes} / {lag_seconds}  wal_status {}",
+        text(&src["current_wal_lsn"]),
+        text(&src["confirmed_lsn"]),
+        text(&src["restart_lsn"]),
+        text(&src["wal_status"])
+    );
+    let p = &s["pipeline"];
+    let stages = p["stages"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "pipeline  {}  ({} stages)", text(&p["version"]), stages.len());
+    for st in &stages {
+        let hash = text(&st["content_hash"]);
+        let _ = writeln!(
+            out,
+            "  {:<14} {} {}  sha256 {}",
+            text(&st["name"]),
+            text(&st["plugin"]),
+            text(&st["version"]),
+            hash.get(..12).unwrap_or(&hash)
+        );
+    }
+    let reload = &p["last_reload"];
+    if !reload.is_null() {
+        let outcome = if reload["ok"].as_bool() == Some(true) {
+            format!("ok, version {}", text(&reload["version"]))
+        } else {
+            format!("FAILED: {}", text(&reload["error"]))
+        };
+        let _ = writeln!(out, "  last reload ({}): {outcome}", text(&reload["reason"]));
+    }
+    let _ = writeln!(out, "sinks");
+    if let Some(sinks) = s["sinks"].as_object() {
+        for (name, sink) in sinks {
+            let routes: Vec<String> = sink["routes"].as_array().into_iter().flatten().map(text).collect();
+            let _ = writeln!(
+                out,
+                "  {name:<10} {:<6} {}  routes {}  durable {}",
+                text(&sink["kind"]),
+                text(&sink["url"]),
+                routes.join(","),
+                text(&sink["durable_lsn"])
+            );
+        }
+    }
+    if !s["snapshot"].is_null() {
+        let _ = writeln!(out, "snapshot  {}", s["snapshot"]);
+    }
+    match s["last_error"].as_object() {
+        Some(e) => {
+            let _ = writeln!(out, "last error [{}] {}", text(&e["component"]), text(&e["message"]));
+        }
+        None => {
+            let _ = writeln!(out, "last error none");
+        }
+    }
+    out
 }
 
 #[derive(Subcommand)]
@@ -75,7 +215,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,deltalake=warn,deltalake_core=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,airlock=info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -170,6 +310,22 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             airlock::demo::run(options, shutdown_signal()).await?;
         }
         Command::Check { config } => check(config).await?,
+        Command::Status { admin, json } => {
+            let (_, body) = send(&admin, reqwest::Method::GET, "/status").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else {
+                print!("{}", render_status(&body));
+            }
+        }
+        Command::Reload { admin } => {
+            let (code, body) = send(&admin, reqwest::Method::POST, "/reload").await?;
+            if code == 200 {
+                println!("reloaded: pipeline {}", body["version"].as_str().unwrap_or("?"));
+            } else {
+                anyhow::bail!("reload refused: {}", body["error"].as_str().unwrap_or("unknown error"));
+            }
+        }
         Command::Guest { command: GuestCommand::Test { plugin, settings } } => guest_test(plugin, settings).await?,
     }
     Ok(())

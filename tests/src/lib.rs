@@ -138,3 +138,4 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+pub mod spine_support;

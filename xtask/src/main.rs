@@ -15,10 +15,29 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
+/// Removes what `cargo run` put in our environment for this xtask binary. Passed on,
+/// those variables dirty the fingerprints of build scripts that track them (ring,
+/// aws-lc-sys), and every build from here would recompile them against builds made
+/// from a plain shell.
+fn scrub(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let injected = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(&*key, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "LD_LIBRARY_PATH" | "RUST_RECURSION_COUNT" | "RUSTUP_TOOLCHAIN_SOURCE");
+        if injected {
+            cmd.env_remove(&*key);
+        }
+    }
+    cmd
+}
+
 fn run(cmd: &mut Command) -> Result<(), String> {
-    eprintln!("$ {}", format!("{cmd:?}").replace('"', ""));
-    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+    let shown = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    eprintln!("$ {shown}");
+    scrub(cmd);
+    let status = cmd.status().map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("`{shown}` failed with {status}")) }
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -107,6 +126,16 @@ fn guests() -> Result<(), String> {
     Ok(())
 }
 
+/// Builds the workspace's binaries and returns the path of `airlock`. Built with
+/// `--workspace`, like the tests, so both share one set of compiled dependencies
+/// (building one package alone resolves features differently and rebuilds them).
+fn build_host() -> Result<PathBuf, String> {
+    run(cargo().current_dir(root()).args(["build", "--release", "--locked", "--workspace", "--bins"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let target = if target.is_absolute() { target } else { root().join(target) };
+    Ok(target.join("release/airlock"))
+}
+
 fn setup() -> Result<(), String> {
     ensure_wasm_target()?;
     ensure_postgres()?;
@@ -119,11 +148,11 @@ fn main() -> ExitCode {
     let result = match task {
         "guests" => guests(),
         "setup" => setup(),
-        "test" => setup().and_then(|()| guests()).and_then(|()| {
+        "test" => setup().and_then(|()| guests()).and_then(|()| build_host()).and_then(|_| {
             run(cargo().current_dir(root()).args(["test", "--release", "--workspace", "--locked"]).args(&rest))
         }),
-        "demo" => ensure_postgres().and_then(|()| guests()).and_then(|()| {
-            run(cargo().current_dir(root()).args(["run", "--release", "--locked", "-p", "airlock", "--", "demo"]).args(&rest))
+        "demo" => ensure_postgres().and_then(|()| guests()).and_then(|()| build_host()).and_then(|airlock| {
+            run(Command::new(airlock).current_dir(root()).arg("demo").args(&rest))
         }),
         _ => {
             eprintln!("usage: cargo xtask <demo|test|guests|setup> [ARGS]");

@@ -43,7 +43,7 @@ pub enum DemoError {
 const STAGES: &[(&str, &str, &str)] = &[
     ("filter", "10-filter", "# keep every table; drop nothing by default\n"),
     ("tag", "20-tag", "# classify columns that look like personal data\n"),
-    ("mask", "30-mask", "columns = [\"email\"]\n\n[mode]\nphone = \"keep-last-4\"\n"),
+    ("mask", "30-mask", "columns = [\"email\", \"phone\"]\n\n[mode]\nphone = \"keep-last-4\"\n"),
     ("route", "40-route", "spine_tables = [\"public.customers\"]\n"),
 ];
 
@@ -81,8 +81,10 @@ CREATE TABLE customers (
     signed_up   timestamptz NOT NULL DEFAULT now()
 );
 CREATE PUBLICATION airlock FOR TABLE customers;
-SELECT pg_create_logical_replication_slot('airlock', 'pgoutput');
 ";
+
+/// Created before the host starts, so no change of the traffic predates the slot.
+const SLOT: &str = "SELECT pg_create_logical_replication_slot('airlock', 'pgoutput')";
 
 const FIRST: &[&str] = &["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Niklaus"];
 const LAST: &[&str] = &["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson", "Perlman", "Wirth"];
@@ -177,6 +179,7 @@ pub async fn run(options: DemoOptions, mut shutdown: watch::Receiver<bool>) -> R
     let cluster = tokio::task::spawn_blocking(|| Cluster::start("")).await.map_err(std::io::Error::other)??;
     let client = cluster.connect("postgres").await?;
     client.batch_execute(SCHEMA).await?;
+    client.batch_execute(SLOT).await?;
 
     let config_path = dir.join("airlock.toml");
     let config_text = format!(
@@ -209,24 +212,29 @@ pub async fn run(options: DemoOptions, mut shutdown: watch::Receiver<bool>) -> R
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let pipeline = tokio::spawn(crate::run(config, stop_rx.clone()));
+    let mut pipeline = tokio::spawn(crate::run(config, stop_rx.clone()));
     let traffic_client = cluster.connect("postgres").await?;
     let load = tokio::spawn(traffic(traffic_client, stop_rx));
 
-    match options.duration {
-        Some(d) => {
-            tokio::select! {
-                _ = tokio::time::sleep(d) => {}
-                _ = shutdown.changed() => {}
-            }
+    let until = async {
+        match options.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
         }
-        None => {
-            let _ = shutdown.changed().await;
-        }
-    }
+    };
+    // Stop on Ctrl-C, at the end of --duration, or as soon as the pipeline fails.
+    let early = tokio::select! {
+        _ = until => None,
+        _ = shutdown.changed() => None,
+        result = &mut pipeline => Some(result),
+    };
     let _ = stop_tx.send(true);
     let changes = load.await.map_err(std::io::Error::other)??;
-    let result = pipeline.await.map_err(std::io::Error::other)?;
+    let result = match early {
+        Some(result) => result,
+        None => pipeline.await,
+    }
+    .map_err(std::io::Error::other)?;
     let rows: i64 = client.query_one("SELECT count(*) FROM customers", &[]).await?.get(0);
     drop(client);
     result?;

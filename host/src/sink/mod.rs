@@ -150,3 +150,4 @@ fn publish(durable: &watch::Sender<Lsn>, lsn: Lsn) {
         }
     });
 }
+pub mod spine;

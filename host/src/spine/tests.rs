@@ -329,7 +329,7 @@ async fn verify_names_the_first_edited_deleted_inserted_or_reordered_record() {
     rewrite(&d, &original);
     let path = d.join(LOG_FILE);
     let mut bytes = std::fs::read(&path).unwrap();
-    let at = bytes.windows(7).position(|w| w == b"\"n\":2,").unwrap();
+    let at = bytes.windows(6).position(|w| w == b"\"n\":2,").unwrap();
     bytes[at + 4] = b'7';
     std::fs::write(&path, &bytes).unwrap();
     let report = verify(&d).unwrap();

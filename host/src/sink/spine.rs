@@ -1,0 +1,740 @@
+//! The spine sink: rows routed to it become audit events, delivered in commit order to
+//! an audit-stream-py compatible spine — audit-stream-py itself or the built-in
+//! [`crate::spine`].
+//!
+//! ```text
+//! accept(Arc<Batch>) ── kept rows ─▶ event JSON (no I/O) ─▶ pending: VecDeque, commit order
+//!                                                               │
+//! flush() ─ resync? GET {url}?source=S&limit=n ─▶ last delivered position ─▶ drop pending ≤ it
+//!         ─ POST {url}/batch (chunks of max_events)      ─┐ one request at a time, over the
+//!           or POST {url} per event (no batch endpoint)  ─┘ client's persistent connections
+//!         ─ 2xx: pop what it carried · 5xx/408/429/timeout/refused: Transient · other 4xx: Definite
+//! ```
+//!
+//! Invariants:
+//! - An event leaves the buffer only after the spine answered 2xx for it; events are
+//!   sent in commit order and, within a transaction, in change order, one request at a
+//!   time. Nothing is dropped or reordered: a transient failure keeps everything and
+//!   [`drive`](crate::sink::drive) retries `flush` with backoff (plus jitter here).
+//! - Each event has a *position* `(commit_lsn, index)`, `index` being the change's
+//!   place in its transaction (counting every change, whatever guests dropped or
+//!   routed), and an `event_id` derived from it (see [`event_id`]). Positions of
+//!   delivered events strictly increase.
+//! - No duplicates after a restart: before its first delivery, and again after any
+//!   failed request (whose events may have landed anyway), the sink asks the spine for
+//!   the newest event of each of its sources (`GET {url}?source=S&limit=N`) and skips
+//!   every pending event at or before the newest position found. A spine that is idempotent on
+//!   `payload.event_id` (the built-in one) also drops any duplicate that gets through.
+//!   The sources asked about are the default, the `watch` sources and every source seen
+//!   since start; each airlock pipeline must use its own source names on a shared spine.
+//! - Kinds are checked at [`SpineSink::open`] (default and `watch` kinds) against the
+//!   spine's list; a guest's `spine.kind` annotation outside it is a definite error at
+//!   `accept`, naming the row, rather than an event refused later.
+//!
+//! # Events
+//!
+//! `{"kind", "source", "payload", "timestamp"}` with `timestamp` the commit time (ISO
+//! 8601 UTC) and `payload`:
+//! `table` (`schema.table`), `operation` (`INSERT`, `UPDATE`, `DELETE`, `TRUNCATE`,
+//! `SNAPSHOT`), `new` (new image, when there is one), `old` (old image: key columns, or
+//! every column with `REPLICA IDENTITY FULL`), `lsn`, `commit_lsn` (PostgreSQL's
+//! `X/Y` text), `xid`, `pipeline`, `tags` (row tags), `column_tags` (only when a column
+//! has tags) and `event_id`. Values are [`row_to_json`]'s: the row as the guests left
+//! it (masked), exact, untouched.
+//!
+//! `kind` and `source`: the row's `spine.kind` / `spine.source` annotation, else the
+//! first `watch` entry whose `schema.table` glob matches the table, else the defaults.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::error::Error as _;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+use serde_json::{Map, Value as Json, json};
+use sha2::{Digest, Sha256};
+
+use crate::change::json::{format_timestamp, row_to_json};
+use crate::change::{Lsn, Op, Relation, ReplicaIdentity};
+use crate::pipeline::batch::{Batch, BatchRow};
+use crate::sink::{Sink, SinkError};
+use crate::spine::AUDIT_STREAM_KINDS;
+
+/// The annotation a guest sets to choose a row's event kind.
+pub const KIND_ANNOTATION: &str = "spine.kind";
+/// The annotation a guest sets to choose a row's event source.
+pub const SOURCE_ANNOTATION: &str = "spine.source";
+
+/// A batch request stops growing past this many bytes (one event may be larger).
+const BATCH_BYTES: usize = 8 << 20;
+
+/// Settings of one spine sink, validated by the config layer and by [`SpineSink::open`].
+#[derive(Clone, Debug)]
+pub struct SpineSettings {
+    /// The sink's name in the configuration (`[sinks.NAME]`), used in logs and errors.
+    pub name: String,
+    /// The spine's events endpoint, e.g. `http://127.0.0.1:8093/events`.
+    pub url: String,
+    /// Routes this sink takes (a row without routes takes `default`).
+    pub routes: Vec<String>,
+    /// Bearer token sent with every request.
+    pub token: Option<String>,
+    /// The kinds the spine accepts (its `EventKind` values).
+    pub kinds: Vec<String>,
+    /// Kind of events whose row has no annotation and no `watch` match.
+    pub default_kind: String,
+    /// Source of events whose row has no annotation and no `watch` match.
+    pub default_source: String,
+    /// `(schema.table glob, kind, source)`: the first match gives a table's events
+    /// their kind and source. `*` and `?` wildcards; without a dot, any schema.
+    pub watch: Vec<(String, String, String)>,
+    /// How long accepted events may wait before a flush.
+    pub flush_interval: Duration,
+    /// Flush when this many events are buffered; also the most events per request.
+    pub max_events: usize,
+    /// Time limit of one HTTP request (connect, send, answer).
+    pub request_timeout: Duration,
+}
+
+impl SpineSettings {
+    pub const DEFAULT_ROUTE: &'static str = "spine";
+    pub const DEFAULT_KIND: &'static str = "other";
+    pub const DEFAULT_SOURCE: &'static str = "airlock";
+    pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+    pub const DEFAULT_MAX_EVENTS: usize = 1000;
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Settings with the defaults: route `spine`, audit-stream-py's kinds, kind
+    /// `other`, source `airlock`, no watch map, 1 s, 1000 events, 30 s per request.
+    pub fn new(name: impl Into<String>, url: impl Into<String>) -> SpineSettings {
+        SpineSettings {
+            name: name.into(),
+            url: url.into(),
+            routes: vec![Self::DEFAULT_ROUTE.to_owned()],
+            token: None,
+            kinds: AUDIT_STREAM_KINDS.iter().map(|k| (*k).to_owned()).collect(),
+            default_kind: Self::DEFAULT_KIND.to_owned(),
+            default_source: Self::DEFAULT_SOURCE.to_owned(),
+            watch: Vec::new(),
+            flush_interval: Self::DEFAULT_FLUSH_INTERVAL,
+            max_events: Self::DEFAULT_MAX_EVENTS,
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// Where an event comes from in the change stream: its transaction's commit LSN and
+/// the change's index in that transaction. Ordered as the stream is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub index: u32,
+}
+
+/// The `event_id` of the change at `position` delivered under `source`:
+/// `CCCCCCCCCCCCCCCC-IIIIII-SSSSSSSS`, the commit LSN as 16 uppercase hex digits, the
+/// change's index in its transaction in (at least 6) decimal digits, and the first 8
+/// hex digits of SHA-256(`source`). Redelivery of the same change under the same source
+/// gives the same id; two pipelines with different sources never collide. (The change's
+/// own LSN adds nothing to `(commit_lsn, index)`, and one TRUNCATE of several tables
+/// gives several changes with one LSN, so it is not part of the id.)
+pub fn event_id(source: &str, position: Position) -> String {
+    format!("{:016X}-{:06}-{}", position.commit_lsn.0, position.index, source_tag(source))
+}
+
+fn source_tag(source: &str) -> String {
+    hex::encode(&Sha256::digest(source.as_bytes())[..4])
+}
+
+/// The position of an `event_id` made by [`event_id`] for `source`; `None` for any
+/// other id (another producer's event).
+pub fn parse_event_id(source: &str, id: &str) -> Option<Position> {
+    let mut parts = id.split('-');
+    let (lsn, index, tag) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || lsn.len() != 16 || tag != source_tag(source) {
+        return None;
+    }
+    Some(Position { commit_lsn: Lsn(u64::from_str_radix(lsn, 16).ok()?), index: index.parse().ok()? })
+}
+
+/// An HTTP client for an audit-stream-py compatible spine: one `reqwest::Client`, so
+/// connections persist. Errors are classified for the sink contract.
+#[derive(Clone, Debug)]
+pub struct SpineClient {
+    http: reqwest::Client,
+    events_url: String,
+    token: Option<String>,
+    sink: String,
+}
+
+impl SpineClient {
+    /// A client for the spine whose events endpoint is `url` (`http://h:p/events`; a
+    /// URL without the `/events` path gets it added).
+    pub fn new(sink: &str, url: &str, token: Option<String>, timeout: Duration) -> Result<SpineClient, SinkError> {
+        let definite = |message: String| SinkError::Definite { sink: sink.to_owned(), message };
+        let parsed = reqwest::Url::parse(url).map_err(|e| definite(format!("url `{url}` is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(definite(format!("url `{url}`: expected http:// or https://")));
+        }
+        let trimmed = url.trim_end_matches('/');
+        let events_url =
+            if parsed.path().trim_end_matches('/').ends_with("/events") { trimmed.to_owned() } else { format!("{trimmed}/events") };
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| definite(format!("cannot build the HTTP client: {e}")))?;
+        Ok(SpineClient { http, events_url, token, sink: sink.to_owned() })
+    }
+
+    /// The events endpoint.
+    pub fn events_url(&self) -> &str {
+        &self.events_url
+    }
+
+    /// POSTs one event (a JSON object); returns the stored event.
+    pub async fn publish(&self, event: impl Into<Bytes>) -> Result<Json, SinkError> {
+        let (status, body) = self.send(self.http.post(&self.events_url), Some(event.into())).await?;
+        self.check(status, &body, "POST")?;
+        self.json(&body)
+    }
+
+    /// POSTs a JSON array of events to `{url}/batch`; `Ok(None)` when the spine has no
+    /// batch endpoint (audit-stream-py answers 404 or 405).
+    pub async fn publish_batch(&self, events: impl Into<Bytes>) -> Result<Option<Json>, SinkError> {
+        let url = format!("{}/batch", self.events_url);
+        let (status, body) = self.send(self.http.post(&url), Some(events.into())).await?;
+        if matches!(status, StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) {
+            return Ok(None);
+        }
+        self.check(status, &body, "POST /batch")?;
+        self.json(&body).map(Some)
+    }
+
+    /// `GET {url}?kind=&source=&limit=`: the newest `limit` matching events, oldest first.
+    pub async fn events(&self, kind: Option<&str>, source: Option<&str>, limit: usize) -> Result<Vec<Json>, SinkError> {
+        let mut query = vec![("limit", limit.to_string())];
+        query.extend(kind.map(|k| ("kind", k.to_owned())));
+        query.extend(source.map(|s| ("source", s.to_owned())));
+        let (status, body) = self.send(self.http.get(&self.events_url).query(&query), None).await?;
+        self.check(status, &body, "GET")?;
+        match self.json(&body)? {
+            Json::Array(events) => Ok(events),
+            other => Err(self.definite(format!("GET {} answered {other} instead of a list of events", self.events_url))),
+        }
+    }
+
+    /// `GET` a path of the spine beside `/events` (`/stats`, `/verify`, `/events/7`).
+    pub async fn get(&self, path: &str) -> Result<Json, SinkError> {
+        let base = self.events_url.strip_suffix("/events").unwrap_or(&self.events_url);
+        let (status, body) = self.send(self.http.get(format!("{base}{path}")), None).await?;
+        self.check(status, &body, "GET")?;
+        self.json(&body)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, body: Option<Bytes>) -> Result<(StatusCode, Bytes), SinkError> {
+        let mut request = request;
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        }
+        let unreachable = |e: reqwest::Error| {
+            let mut message = format!("spine at {} unreachable: {e}", self.events_url);
+            let mut source = e.source();
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            SinkError::Transient { sink: self.sink.clone(), message }
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(unreachable)?;
+        Ok((status, body))
+    }
+
+    fn check(&self, status: StatusCode, body: &[u8], what: &str) -> Result<(), SinkError> {
+        if status.is_success() {
+            return Ok(());
+        }
+        let mut answer = String::from_utf8_lossy(body).into_owned();
+        if answer.len() > 2000 {
+            let cut = (0..=2000).rev().find(|&i| answer.is_char_boundary(i)).unwrap_or(0);
+            answer.truncate(cut);
+            answer.push_str("...");
+        }
+        let message = format!("{what} {} answered {status}: {answer}", self.events_url);
+        let transient = status.is_server_error() || matches!(status, StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS);
+        Err(if transient { SinkError::Transient { sink: self.sink.clone(), message } } else { self.definite(message) })
+    }
+
+    fn json(&self, body: &[u8]) -> Result<Json, SinkError> {
+        serde_json::from_slice(body).map_err(|e| self.definite(format!("the spine at {} answered invalid JSON: {e}", self.events_url)))
+    }
+
+    fn definite(&self, message: String) -> SinkError {
+        SinkError::Definite { sink: self.sink.clone(), message }
+    }
+}
+
+/// A compiled `watch` entry.
+#[derive(Clone, Debug)]
+struct Watch {
+    schema: Option<String>,
+    table: String,
+    kind: String,
+    source: String,
+}
+
+impl Watch {
+    fn new(pattern: &str, kind: &str, source: &str) -> Watch {
+        let (schema, table) = match pattern.split_once('.') {
+            Some((s, t)) => (Some(s.to_owned()), t.to_owned()),
+            None => (None, pattern.to_owned()),
+        };
+        Watch { schema, table, kind: kind.to_owned(), source: source.to_owned() }
+    }
+
+    fn matches(&self, relation: &Relation) -> bool {
+        self.schema.as_deref().is_none_or(|s| glob(s, &relation.schema)) && glob(&self.table, &relation.name)
+    }
+}
+
+/// `*` (any run) and `?` (any one character) wildcards.
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// One event waiting for delivery.
+struct Pending {
+    position: Position,
+    event_id: String,
+    /// `table T, kind K, source S`, for error messages.
+    about: String,
+    body: Bytes,
+}
+
+/// The spine sink. See the [module documentation](self).
+pub struct SpineSink {
+    settings: SpineSettings,
+    client: SpineClient,
+    watch: Vec<Watch>,
+    pending: VecDeque<Pending>,
+    /// End LSN of the last accepted transaction not yet reported by `flush`.
+    accepted_end: Option<Lsn>,
+    /// The newest position known to be in the spine.
+    delivered: Option<Position>,
+    /// Ask the spine what it has before sending (at start when it was unreachable,
+    /// and after a failed request).
+    resync: bool,
+    /// Sources to ask the spine about.
+    sources: BTreeSet<String>,
+    /// Whether the spine takes `POST {url}/batch` (unknown until tried).
+    batch_endpoint: Option<bool>,
+    failures: u32,
+    rng: u64,
+}
+
+impl SpineSink {
+    /// Validates the settings (every kind against `kinds`, every problem at once),
+    /// builds the client and asks the spine which of this sink's events it already has.
+    /// A spine that cannot be reached is asked again before the first delivery; a
+    /// definite answer (bad token, wrong URL) fails here.
+    pub async fn open(settings: SpineSettings) -> Result<SpineSink, SinkError> {
+        let watch = validate(&settings)?;
+        let client = SpineClient::new(&settings.name, &settings.url, settings.token.clone(), settings.request_timeout)?;
+        let mut sources: BTreeSet<String> = watch.iter().map(|w| w.source.clone()).collect();
+        sources.insert(settings.default_source.clone());
+        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        let mut sink = SpineSink {
+            settings,
+            client,
+            watch,
+            pending: VecDeque::new(),
+            accepted_end: None,
+            delivered: None,
+            resync: true,
+            sources,
+            batch_endpoint: None,
+            failures: 0,
+            rng: seed,
+        };
+        match sink.last_delivered().await {
+            Ok(found) => {
+                sink.delivered = found;
+                sink.resync = false;
+                if let Some(p) = found {
+                    tracing::info!(
+                        sink = %sink.settings.name, url = sink.client.events_url(), commit_lsn = %p.commit_lsn, index = p.index,
+                        "the spine has events up to this position; skipping them"
+                    );
+                }
+            }
+            Err(error) if error.is_transient() => {
+                tracing::warn!(sink = %sink.settings.name, %error, "spine unreachable at start; will ask it again before the first delivery");
+            }
+            Err(error) => return Err(error),
+        }
+        Ok(sink)
+    }
+
+    /// The settings the sink runs with.
+    pub fn settings(&self) -> &SpineSettings {
+        &self.settings
+    }
+
+    /// Events accepted and not yet delivered.
+    pub fn pending_events(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The newest position the spine is known to hold.
+    pub fn delivered(&self) -> Option<Position> {
+        self.delivered
+    }
+
+    fn definite(&self, message: String) -> SinkError {
+        SinkError::Definite { sink: self.settings.name.clone(), message }
+    }
+
+    /// The newest position among the spine's events of this sink's sources.
+    async fn last_delivered(&self) -> Result<Option<Position>, SinkError> {
+        let mut newest = None;
+        for source in &self.sources {
+            // Other producers may share the source: look further back until one of ours.
+            for limit in [1, 16, 256, 4096] {
+                let events = self.client.events(None, Some(source), limit).await?;
+                let ours = events.iter().rev().find_map(|e| {
+                    let id = e.get("payload")?.get("event_id")?.as_str()?;
+                    parse_event_id(source, id)
+                });
+                if let Some(p) = ours {
+                    newest = newest.max(Some(p));
+                    break;
+                }
+                if events.len() < limit {
+                    break;
+                }
+            }
+        }
+        Ok(newest)
+    }
+
+    /// Random delay before retrying after `failures` failed flushes (jitter on top of
+    /// the driver's exponential backoff).
+    fn jitter(&mut self) -> Duration {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let cap_ms = (100u64 << self.failures.min(6)).min(5_000);
+        Duration::from_millis(self.rng % cap_ms)
+    }
+
+    fn skip_delivered(&mut self) {
+        while let Some(front) = self.pending.front() {
+            if self.delivered.is_some_and(|d| front.position <= d) {
+                self.pending.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    async fn deliver(&mut self) -> Result<(), SinkError> {
+        if self.resync {
+            let found = self.last_delivered().await?;
+            self.delivered = self.delivered.max(found);
+            self.resync = false;
+            self.skip_delivered();
+        }
+        while !self.pending.is_empty() {
+            if self.batch_endpoint != Some(false) {
+                let mut count = 0;
+                let mut bytes = 0;
+                let mut body = Vec::with_capacity(self.pending.front().map_or(0, |p| p.body.len()) + 2);
+                body.push(b'[');
+                for event in &self.pending {
+                    if count == self.settings.max_events.max(1) || (count > 0 && bytes + event.body.len() > BATCH_BYTES) {
+                        break;
+                    }
+                    if count > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&event.body);
+                    bytes += event.body.len();
+                    count += 1;
+                }
+                body.push(b']');
+                let first = &self.pending[0];
+                let context = format!("{count} events from {} ({})", first.event_id, first.about);
+                match self.client.publish_batch(Bytes::from(body)).await.map_err(|e| with_context(e, &context))? {
+                    Some(_) => {
+                        self.batch_endpoint = Some(true);
+                        for event in self.pending.drain(..count) {
+                            self.delivered = Some(event.position);
+                        }
+                    }
+                    None => {
+                        tracing::info!(sink = %self.settings.name, url = self.client.events_url(), "the spine has no batch endpoint; posting events one by one");
+                        self.batch_endpoint = Some(false);
+                    }
+                }
+            } else {
+                let event = &self.pending[0];
+                let context = format!("event {} ({})", event.event_id, event.about);
+                self.client.publish(event.body.clone()).await.map_err(|e| with_context(e, &context))?;
+                let event = self.pending.pop_front().expect("not empty");
+                self.delivered = Some(event.position);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn with_context(error: SinkError, context: &str) -> SinkError {
+    match error {
+        SinkError::Transient { sink, message } => SinkError::Transient { sink, message: format!("{context}: {message}") },
+        SinkError::Definite { sink, message } => SinkError::Definite { sink, message: format!("{context}: {message}") },
+    }
+}
+
+/// Checks the settings; every problem at once.
+fn validate(settings: &SpineSettings) -> Result<Vec<Watch>, SinkError> {
+    let mut problems = Vec::new();
+    let kinds = &settings.kinds;
+    let check_kind = |what: String, kind: &str, problems: &mut Vec<String>| {
+        if !kinds.iter().any(|k| k == kind) {
+            let hint = closest(kind, kinds).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+            problems.push(format!("{what}: kind `{kind}` is not one of the spine's kinds{hint}: {}", kinds.join(", ")));
+        }
+    };
+    if kinds.is_empty() {
+        problems.push("kinds: the list of the spine's kinds is empty".to_owned());
+    } else {
+        check_kind("default_kind".to_owned(), &settings.default_kind, &mut problems);
+    }
+    if settings.default_source.is_empty() {
+        problems.push("default_source: must not be empty".to_owned());
+    }
+    let mut watch = Vec::with_capacity(settings.watch.len());
+    for (i, (pattern, kind, source)) in settings.watch.iter().enumerate() {
+        let what = format!("watch[{i}] (`{pattern}`)");
+        if pattern.is_empty() {
+            problems.push(format!("{what}: the table pattern is empty"));
+        }
+        if !kinds.is_empty() {
+            check_kind(what.clone(), kind, &mut problems);
+        }
+        if source.is_empty() {
+            problems.push(format!("{what}: the source is empty"));
+        }
+        watch.push(Watch::new(pattern, kind, source));
+    }
+    if problems.is_empty() {
+        Ok(watch)
+    } else {
+        Err(SinkError::Definite { sink: settings.name.clone(), message: problems.join("; ") })
+    }
+}
+
+/// The kind nearest to `kind` by edit distance, when it is near enough to be a typo.
+fn closest<'a>(kind: &str, kinds: &'a [String]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, &cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    kinds
+        .iter()
+        .map(|k| (distance(kind, k), k.as_str()))
+        .min()
+        .filter(|(d, _)| *d <= 2.max(kind.len() / 4))
+        .map(|(_, k)| k)
+}
+
+fn operation(op: Op) -> &'static str {
+    match op {
+        Op::Insert => "INSERT",
+        Op::Update => "UPDATE",
+        Op::Delete => "DELETE",
+        Op::Truncate => "TRUNCATE",
+        Op::Read => "SNAPSHOT",
+    }
+}
+
+/// The old image: the key columns, or every column with `REPLICA IDENTITY FULL` (the
+/// others hold no value, only `Null` placeholders).
+fn old_image(relation: &Relation, values: &[crate::change::Value]) -> Map<String, Json> {
+    let all = row_to_json(relation, values);
+    if relation.replica_identity == ReplicaIdentity::Full || !relation.columns.iter().any(|c| c.key) {
+        return all;
+    }
+    let keys: BTreeSet<&str> = relation.columns.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect();
+    all.into_iter().filter(|(name, _)| keys.contains(name.as_str())).collect()
+}
+
+impl Sink for SpineSink {
+    fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    async fn accept(&mut self, batch: Arc<Batch>) -> Result<bool, SinkError> {
+        if let Some(end) = batch.end_lsn() {
+            self.accepted_end = Some(self.accepted_end.map_or(end, |e| e.max(end)));
+        }
+        let table_watch: Vec<Option<usize>> =
+            batch.tables.iter().map(|t| self.watch.iter().position(|w| w.matches(&t.relation))).collect();
+        let mut index_in_txn = vec![0u32; batch.txns.len()];
+        let mut kept = false;
+        for row in &batch.rows {
+            let index = index_in_txn[row.txn as usize];
+            index_in_txn[row.txn as usize] += 1;
+            if row.dropped || !row.has_route_in(&self.settings.routes) {
+                continue;
+            }
+            let txn = &batch.txns[row.txn as usize];
+            let relation = &batch.tables[row.table as usize].relation;
+            let watch = table_watch[row.table as usize].map(|w| &self.watch[w]);
+            let kind = row
+                .annotation(KIND_ANNOTATION)
+                .or(watch.map(|w| w.kind.as_str()))
+                .unwrap_or(&self.settings.default_kind);
+            let source = row
+                .annotation(SOURCE_ANNOTATION)
+                .or(watch.map(|w| w.source.as_str()))
+                .unwrap_or(&self.settings.default_source);
+            let table = relation.qualified_name();
+            if !self.settings.kinds.iter().any(|k| k == kind) {
+                let hint = closest(kind, &self.settings.kinds).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+                return Err(self.definite(format!(
+                    "a row of {table} (lsn {}) has {KIND_ANNOTATION} `{kind}`, which is not one of the spine's kinds{hint}: \
+                     fix the guest's setting or add the kind to the sink's `kinds`",
+                    row.change.lsn
+                )));
+            }
+            if source.is_empty() {
+                return Err(self.definite(format!("a row of {table} (lsn {}) has an empty {SOURCE_ANNOTATION}", row.change.lsn)));
+            }
+            kept = true;
+            let position = Position { commit_lsn: txn.commit_lsn, index };
+            if self.delivered.is_some_and(|d| position <= d) {
+                continue;
+            }
+            let id = event_id(source, position);
+            let body = serde_json::to_vec(&json!({
+                "kind": kind,
+                "source": source,
+                "payload": payload(&batch, row, relation, &id),
+                "timestamp": format_timestamp(txn.commit_ts, true),
+            }))
+            .map_err(|e| self.definite(format!("cannot encode event {id}: {e}")))?;
+            if !self.sources.contains(source) {
+                self.sources.insert(source.to_owned());
+            }
+            self.pending.push_back(Pending {
+                position,
+                about: format!("table {table}, kind {kind}, source {source}"),
+                event_id: id,
+                body: Bytes::from(body),
+            });
+        }
+        Ok(kept)
+    }
+
+    fn due(&self) -> bool {
+        self.pending.len() >= self.settings.max_events.max(1)
+    }
+
+    async fn flush(&mut self) -> Result<Option<Lsn>, SinkError> {
+        if self.failures > 0 {
+            let delay = self.jitter();
+            tokio::time::sleep(delay).await;
+        }
+        match self.deliver().await {
+            Ok(()) => {
+                self.failures = 0;
+                Ok(self.accepted_end.take())
+            }
+            Err(error) => {
+                if error.is_transient() {
+                    self.failures = self.failures.saturating_add(1);
+                    // The request may have landed: ask the spine before sending again.
+                    self.resync = true;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn flush_interval(&self) -> Duration {
+        self.settings.flush_interval
+    }
+}
+
+/// The event payload of one row.
+fn payload(batch: &Batch, row: &BatchRow, relation: &Relation, event_id: &str) -> Json {
+    let txn = &batch.txns[row.txn as usize];
+    let mut payload = Map::new();
+    payload.insert("table".into(), relation.qualified_name().into());
+    payload.insert("operation".into(), operation(row.change.op).into());
+    if let Some(new) = &row.change.new {
+        payload.insert("new".into(), Json::Object(row_to_json(relation, new)));
+    }
+    if let Some(old) = &row.change.old {
+        payload.insert("old".into(), Json::Object(old_image(relation, old)));
+    }
+    payload.insert("lsn".into(), row.change.lsn.to_string().into());
+    payload.insert("commit_lsn".into(), txn.commit_lsn.to_string().into());
+    payload.insert("xid".into(), txn.xid.into());
+    payload.insert("pipeline".into(), (*batch.pipeline).into());
+    payload.insert("tags".into(), row.tags.clone().into());
+    let table = &batch.tables[row.table as usize];
+    if table.column_tags.iter().any(|t| !t.is_empty()) {
+        let tags: Map<String, Json> = relation
+            .columns
+            .iter()
+            .zip(&table.column_tags)
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(c, t)| (c.name.clone(), t.clone().into()))
+            .collect();
+        payload.insert("column_tags".into(), Json::Object(tags));
+    }
+    payload.insert("event_id".into(), event_id.into());
+    Json::Object(payload)
+}
+
+#[cfg(test)]
+mod tests;
