@@ -39,7 +39,11 @@ pub fn format_date(days: i32) -> String {
         i32::MIN => "-infinity".into(),
         _ => {
             let (y, m, d) = civil_from_days(i64::from(days));
-            if y <= 0 { format!("{:04}-{m:02}-{d:02} BC", 1 - y) } else { format!("{y:04}-{m:02}-{d:02}") }
+            if y <= 0 {
+                format!("{:04}-{m:02}-{d:02} BC", 1 - y)
+            } else {
+                format!("{y:04}-{m:02}-{d:02}")
+            }
         }
     }
 }
@@ -49,7 +53,11 @@ pub fn format_time(micros: i64) -> String {
     let secs = micros.div_euclid(1_000_000);
     let frac = micros.rem_euclid(1_000_000);
     let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    if frac == 0 { format!("{h:02}:{m:02}:{s:02}") } else { format!("{h:02}:{m:02}:{s:02}.{frac:06}") }
+    if frac == 0 {
+        format!("{h:02}:{m:02}:{s:02}")
+    } else {
+        format!("{h:02}:{m:02}:{s:02}.{frac:06}")
+    }
 }
 
 /// ISO 8601 `YYYY-MM-DDTHH:MM:SS[.ffffff]` (+ `Z` when `utc`), or `±infinity`.
@@ -65,7 +73,11 @@ pub fn format_timestamp(micros: i64, utc: bool) -> String {
                 Some(d) => (d.to_owned(), " BC"),
                 None => (date, ""),
             };
-            format!("{date}T{}{}{bc}", format_time(time), if utc { "Z" } else { "" })
+            format!(
+                "{date}T{}{}{bc}",
+                format_time(time),
+                if utc { "Z" } else { "" }
+            )
         }
     }
 }
@@ -73,7 +85,46 @@ pub fn format_timestamp(micros: i64, utc: bool) -> String {
 /// Canonical lowercase `8-4-4-4-12` text of a UUID.
 pub fn format_uuid(bytes: &[u8; 16]) -> String {
     let h = hex::encode(bytes);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Appends the bytes a value is hashed and packed as (`hash-column`,
+/// `read-text-column`): UTF-8 text for text-like values, raw bytes for `bytes`, the
+/// canonical text of other variants. Returns false (and appends nothing) for `null`
+/// and unchanged TOAST values.
+pub fn value_bytes(value: &Value, out: &mut Vec<u8>) -> bool {
+    use std::io::Write;
+    match value {
+        Value::Null | Value::UnchangedToast => return false,
+        Value::Numeric(s) | Value::Text(s) | Value::Json(s) | Value::Other(s) => {
+            out.extend_from_slice(s.as_bytes())
+        }
+        Value::Bytes(b) => out.extend_from_slice(b),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::Float(f) if f.is_nan() => out.extend_from_slice(b"NaN"),
+        Value::Float(f) if f.is_infinite() => {
+            out.extend_from_slice(if *f > 0.0 { b"Infinity" } else { b"-Infinity" })
+        }
+        Value::Float(f) => {
+            let _ = write!(out, "{f}");
+        }
+        Value::Date(d) => out.extend_from_slice(format_date(*d).as_bytes()),
+        Value::Time(t) => out.extend_from_slice(format_time(*t).as_bytes()),
+        Value::Timestamp(t) => out.extend_from_slice(format_timestamp(*t, false).as_bytes()),
+        Value::Timestamptz(t) => out.extend_from_slice(format_timestamp(*t, true).as_bytes()),
+        Value::Uuid(u) => out.extend_from_slice(format_uuid(u).as_bytes()),
+    }
+    true
 }
 
 /// The JSON form of one value.
@@ -99,7 +150,12 @@ pub fn value_to_json(value: &Value) -> Json {
 
 /// A row image as a JSON object keyed by column name.
 pub fn row_to_json(relation: &Relation, values: &[Value]) -> Map<String, Json> {
-    relation.columns.iter().zip(values).map(|(c, v)| (c.name.clone(), value_to_json(v))).collect()
+    relation
+        .columns
+        .iter()
+        .zip(values)
+        .map(|(c, v)| (c.name.clone(), value_to_json(v)))
+        .collect()
 }
 
 /// Reads a value for a column of type `type_oid` from JSON, the inverse of
@@ -113,10 +169,16 @@ pub fn value_from_json(column: &super::Column, json: &Json) -> Result<Value, Str
         Json::Null => return Ok(Value::Null),
         Json::Bool(b) if ty == oid::BOOL => return Ok(Value::Bool(*b)),
         Json::Number(n) if matches!(ty, oid::INT2 | oid::INT4 | oid::INT8 | oid::OID) => {
-            return n.as_i64().map(Value::Int).ok_or_else(|| format!("`{n}` is not an integer"));
+            return n
+                .as_i64()
+                .map(Value::Int)
+                .ok_or_else(|| format!("`{n}` is not an integer"));
         }
         Json::Number(n) if matches!(ty, oid::FLOAT4 | oid::FLOAT8) => {
-            return n.as_f64().map(Value::Float).ok_or_else(|| format!("`{n}` is not a number"));
+            return n
+                .as_f64()
+                .map(Value::Float)
+                .ok_or_else(|| format!("`{n}` is not a number"));
         }
         Json::Number(n) if ty == oid::NUMERIC => return Ok(Value::Numeric(n.to_string())),
         _ if matches!(ty, oid::JSON | oid::JSONB) => {
@@ -159,14 +221,32 @@ mod tests {
 
     #[test]
     fn timestamps_and_values_render_exactly() {
-        assert_eq!(format_timestamp(1_704_067_200_123_456, true), "2024-01-01T00:00:00.123456Z");
+        assert_eq!(
+            format_timestamp(1_704_067_200_123_456, true),
+            "2024-01-01T00:00:00.123456Z"
+        );
         assert_eq!(format_timestamp(0, false), "1970-01-01T00:00:00");
         assert_eq!(format_time(45_296_000_001), "12:34:56.000001");
-        assert_eq!(value_to_json(&Value::Int(i64::MAX)), json!(9_223_372_036_854_775_807_i64));
-        assert_eq!(value_to_json(&Value::Numeric("12.340".into())), json!("12.340"));
-        assert_eq!(value_to_json(&Value::Bytes(vec![0xde, 0xad])), json!("\\xdead"));
-        assert_eq!(value_to_json(&Value::UnchangedToast), json!({"$unchanged": true}));
+        assert_eq!(
+            value_to_json(&Value::Int(i64::MAX)),
+            json!(9_223_372_036_854_775_807_i64)
+        );
+        assert_eq!(
+            value_to_json(&Value::Numeric("12.340".into())),
+            json!("12.340")
+        );
+        assert_eq!(
+            value_to_json(&Value::Bytes(vec![0xde, 0xad])),
+            json!("\\xdead")
+        );
+        assert_eq!(
+            value_to_json(&Value::UnchangedToast),
+            json!({"$unchanged": true})
+        );
         assert_eq!(value_to_json(&Value::Float(f64::NAN)), json!("NaN"));
-        assert_eq!(format_uuid(&[0x12; 16]), "12121212-1212-1212-1212-121212121212");
+        assert_eq!(
+            format_uuid(&[0x12; 16]),
+            "12121212-1212-1212-1212-121212121212"
+        );
     }
 }

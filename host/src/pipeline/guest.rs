@@ -376,6 +376,103 @@ impl wit::HostBatch for GuestState {
         result
     }
 
+    fn read_text_column(&mut self, b: Resource<GuestBatch>, table: u32, column: u32, image: wit::Image) -> wasmtime::Result<wit::TextColumn> {
+        let gb = self.table.get(&b)?;
+        gb.check_table_column(table, column)?;
+        let rows = &gb.batch.tables[table as usize].rows;
+        let mut kinds = Vec::with_capacity(rows.len());
+        let mut offsets = Vec::with_capacity(rows.len() + 1);
+        let mut data = Vec::new();
+        offsets.push(0);
+        for &row in rows {
+            let change = &gb.batch.rows[row as usize].change;
+            let kind = match image_of(change, image).map(|v| &v[column as usize]) {
+                None | Some(change::Value::Null) => 0,
+                Some(change::Value::UnchangedToast) => 1,
+                Some(value) => {
+                    change::json::value_bytes(value, &mut data);
+                    2
+                }
+            };
+            kinds.push(kind);
+            let end = u32::try_from(data.len()).map_err(|_| wasmtime::format_err!("read-text-column: more than 4 GiB of data in one column"))?;
+            offsets.push(end);
+        }
+        Ok(wit::TextColumn { kinds, data, offsets })
+    }
+
+    fn write_text_column(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+        values: wit::TextColumn,
+    ) -> wasmtime::Result<()> {
+        let gb = self.table.get_mut(&b)?;
+        gb.check_table_column(table, column)?;
+        let rows = std::mem::take(&mut gb.batch.tables[table as usize].rows);
+        let result = (|| {
+            let wit::TextColumn { kinds, data, offsets } = values;
+            if kinds.len() != rows.len() || offsets.len() != rows.len() + 1 {
+                wasmtime::bail!(
+                    "write-text-column got {} kinds and {} offsets for table {table}, which has {} rows in this batch \
+                     (expected {} kinds and {} offsets)",
+                    kinds.len(),
+                    offsets.len(),
+                    rows.len(),
+                    rows.len(),
+                    rows.len() + 1
+                );
+            }
+            for (i, (&row, &kind)) in rows.iter().zip(&kinds).enumerate() {
+                let value = match kind {
+                    0 => change::Value::Null,
+                    1 => change::Value::UnchangedToast,
+                    2 => {
+                        let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+                        let bytes = data.get(start..end).filter(|_| start <= end).ok_or_else(|| {
+                            wasmtime::format_err!("write-text-column: offsets {start}..{end} of entry {i} are outside the {} data bytes", data.len())
+                        })?;
+                        let text = std::str::from_utf8(bytes)
+                            .map_err(|_| wasmtime::format_err!("write-text-column: entry {i} is not UTF-8"))?;
+                        change::Value::Text(text.to_owned())
+                    }
+                    other => wasmtime::bail!("write-text-column: entry {i} has kind {other}; expected 0 (null), 1 (unchanged-toast) or 2 (value)"),
+                };
+                gb.put(row, column, image, value)?;
+            }
+            Ok(())
+        })();
+        gb.batch.tables[table as usize].rows = rows;
+        result
+    }
+
+    fn hash_column(&mut self, b: Resource<GuestBatch>, table: u32, column: u32, image: wit::Image, salt: Vec<u8>) -> wasmtime::Result<u32> {
+        use sha2::{Digest, Sha256};
+        let gb = self.table.get_mut(&b)?;
+        gb.check_table_column(table, column)?;
+        let rows = std::mem::take(&mut gb.batch.tables[table as usize].rows);
+        let mut bytes = Vec::new();
+        let mut hex = [0u8; 64];
+        let mut replaced = 0u32;
+        let result = rows.iter().try_for_each(|&row| {
+            let change = &gb.batch.rows[row as usize].change;
+            bytes.clear();
+            let present = image_of(change, image).is_some_and(|v| change::json::value_bytes(&v[column as usize], &mut bytes));
+            if !present {
+                return Ok(());
+            }
+            let digest = Sha256::new().chain_update(&salt).chain_update(&bytes).finalize();
+            hex::encode_to_slice(digest, &mut hex).map_err(|e| wasmtime::format_err!("hash-column: {e}"))?;
+            let text = std::str::from_utf8(&hex).map_err(|e| wasmtime::format_err!("hash-column: {e}"))?.to_owned();
+            replaced += 1;
+            gb.put(row, column, image, change::Value::Text(text))
+        });
+        gb.batch.tables[table as usize].rows = rows;
+        result.map(|()| replaced)
+    }
+
     fn drop_row(&mut self, b: Resource<GuestBatch>, row: u32) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;

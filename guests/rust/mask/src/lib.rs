@@ -1,21 +1,25 @@
 //! `mask`: masks configured columns in both the new and the old row image.
 //!
 //! Per batch: `tables()` once; per table, the masked columns are resolved once and
-//! each is read and written a whole column at a time (`read-column`/`write-column`,
-//! one host call per column, image and table), never row by row. Hex digests are
-//! encoded on the stack and written into the value's own string buffer.
+//! each is masked a whole column at a time, never row by row: `hash` asks the host
+//! to replace the column by salted SHA-256 digests (`hash-column`: the values never
+//! enter guest memory), the other modes read the column as one packed buffer
+//! (`read-text-column`), rewrite it in one pass and write it back
+//! (`write-text-column`).
 //!
 //! Invariants: `null` stays `null`, `unchanged-toast` stays `unchanged-toast`, and a
-//! column is written back only when a value in it changed.
+//! column is written back only when it holds a value.
 
 use std::cell::RefCell;
-use std::mem;
 
-use airlock_guest::{Batch, Guest, Image, PluginInfo, Settings, TablePatterns, Value, value_text};
-use sha2::{Digest, Sha256};
+use airlock_guest::{Batch, Guest, Image, PluginInfo, Settings, TablePatterns, TextColumn};
 
 const REDACTED: &str = "[redacted]";
 const MODES: &str = "hash, redact, null, keep-last-N (N a whole number, e.g. keep-last-4)";
+
+/// Packed column kinds (see the WIT `text-column` record).
+const KIND_NULL: u8 = 0;
+const KIND_VALUE: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Mode {
@@ -51,10 +55,8 @@ struct Rule {
 struct Config {
     rules: Vec<Rule>,
     tag: String,
-    /// SHA-256 state with the salt already absorbed; cloned per value.
-    salted: Sha256,
-    /// Reused buffer for the canonical text of non-string values.
-    scratch: String,
+    /// Prepended to every hashed value.
+    salt: Vec<u8>,
 }
 
 thread_local! {
@@ -109,16 +111,8 @@ impl Config {
             }
         }
         let tag = settings.get_or("tag", "pii").trim().to_string();
-        let mut salted = Sha256::new();
-        if let Some(salt) = settings.get("salt") {
-            salted.update(salt.as_bytes());
-        }
-        Ok(Config {
-            rules,
-            tag,
-            salted,
-            scratch: String::new(),
-        })
+        let salt = settings.get("salt").unwrap_or("").as_bytes().to_vec();
+        Ok(Config { rules, tag, salt })
     }
 
     fn mode_for(&self, schema: &str, table: &str, column: &str) -> Option<Mode> {
@@ -130,7 +124,7 @@ impl Config {
             .map(|r| r.mode)
     }
 
-    fn process(&mut self, batch: &Batch) {
+    fn process(&self, batch: &Batch) {
         let tables = batch.tables();
         for (ti, table) in tables.iter().enumerate() {
             let ti = ti as u32;
@@ -142,157 +136,55 @@ impl Config {
                 if !self.tag.is_empty() {
                     batch.tag_column(ti, ci, &self.tag);
                 }
-                let mut new = batch.read_column(ti, ci, Image::New);
-                let mut old = batch.read_column(ti, ci, Image::Old);
-                let (mut new_changed, mut old_changed) = (false, false);
-                for (n, o) in new.iter_mut().zip(old.iter_mut()) {
-                    // REPLICA IDENTITY FULL sends unchanged columns twice: mask once.
-                    if same_string(n, o) {
-                        if self.mask(n, mode) {
-                            *o = n.clone();
-                            new_changed = true;
-                            old_changed = true;
+                for image in [Image::New, Image::Old] {
+                    match mode {
+                        Mode::Hash => {
+                            batch.hash_column(ti, ci, image, &self.salt);
                         }
-                        continue;
+                        other => {
+                            let column = batch.read_text_column(ti, ci, image);
+                            if let Some(masked) = mask_packed(&column, other) {
+                                batch.write_text_column(ti, ci, image, &masked);
+                            }
+                        }
                     }
-                    new_changed |= self.mask(n, mode);
-                    old_changed |= self.mask(o, mode);
-                }
-                if new_changed {
-                    batch.write_column(ti, ci, Image::New, &new);
-                }
-                if old_changed {
-                    batch.write_column(ti, ci, Image::Old, &old);
-                }
-            }
-        }
-    }
-
-    /// Masks one value in place; returns whether it changed.
-    fn mask(&mut self, value: &mut Value, mode: Mode) -> bool {
-        if matches!(value, Value::Null | Value::UnchangedToast) {
-            return false;
-        }
-        match mode {
-            Mode::Null => *value = Value::Null,
-            Mode::Hash => self.hash(value),
-            Mode::Redact => match value {
-                Value::Text(s) => replace(s, REDACTED),
-                Value::Json(s) => {
-                    s.clear();
-                    s.push('"');
-                    s.push_str(REDACTED);
-                    s.push('"');
-                }
-                Value::Other(s) => {
-                    replace(s, REDACTED);
-                    *value = Value::Text(mem::take(s));
-                }
-                _ => *value = Value::Null,
-            },
-            Mode::KeepLast(n) => return self.keep_last(value, n),
-        }
-        true
-    }
-
-    fn hash(&mut self, value: &mut Value) {
-        let mut hex = [0u8; 64];
-        match value {
-            Value::Text(s) => replace(s, self.digest(s.as_bytes(), &mut hex)),
-            Value::Json(s) => {
-                let digest = self.digest(s.as_bytes(), &mut hex);
-                s.clear();
-                s.push('"');
-                s.push_str(digest);
-                s.push('"');
-            }
-            Value::Numeric(s) | Value::Other(s) => {
-                replace(s, self.digest(s.as_bytes(), &mut hex));
-                *value = Value::Text(mem::take(s));
-            }
-            Value::Bytes(b) => {
-                let digest = self.digest(b, &mut hex);
-                b.clear();
-                b.extend_from_slice(digest.as_bytes());
-            }
-            _ => {
-                let mut text = mem::take(&mut self.scratch);
-                text.clear();
-                value_text(value, &mut text);
-                let digest = self.digest(text.as_bytes(), &mut hex).to_string();
-                self.scratch = text;
-                *value = Value::Text(digest);
-            }
-        }
-    }
-
-    /// Lowercase hex SHA-256 of salt ++ `bytes`, encoded into `hex`.
-    fn digest<'h>(&self, bytes: &[u8], hex: &'h mut [u8; 64]) -> &'h str {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut hasher = self.salted.clone();
-        hasher.update(bytes);
-        for (i, byte) in hasher.finalize().iter().enumerate() {
-            hex[2 * i] = DIGITS[usize::from(byte >> 4)];
-            hex[2 * i + 1] = DIGITS[usize::from(byte & 0xf)];
-        }
-        std::str::from_utf8(hex).expect("hex digits are ASCII")
-    }
-
-    fn keep_last(&mut self, value: &mut Value, n: usize) -> bool {
-        match value {
-            Value::Bytes(b) => {
-                let masked = b.len().saturating_sub(n);
-                b[..masked].fill(b'*');
-                masked > 0
-            }
-            Value::Text(s) => match star_all_but_last(s, n) {
-                Some(masked) => {
-                    *s = masked;
-                    true
-                }
-                None => false,
-            },
-            Value::Json(s) => match star_all_but_last(s, n) {
-                Some(masked) => {
-                    *s = json_string(&masked);
-                    true
-                }
-                None => false,
-            },
-            _ => {
-                let mut text = mem::take(&mut self.scratch);
-                text.clear();
-                value_text(value, &mut text);
-                let masked = star_all_but_last(&text, n);
-                self.scratch = text;
-                match masked {
-                    Some(masked) => {
-                        *value = Value::Text(masked);
-                        true
-                    }
-                    None => false,
                 }
             }
         }
     }
 }
 
-/// Whether both values are the same string-carrying value (so one mask serves both).
-fn same_string(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Text(x), Value::Text(y))
-        | (Value::Json(x), Value::Json(y))
-        | (Value::Numeric(x), Value::Numeric(y))
-        | (Value::Other(x), Value::Other(y)) => x == y,
-        (Value::Bytes(x), Value::Bytes(y)) => x == y,
-        _ => false,
+/// Masks every value of a packed column with `mode` (not `hash`, which the host
+/// does); `None` when the column holds no value (nothing to write back).
+fn mask_packed(column: &TextColumn, mode: Mode) -> Option<TextColumn> {
+    if !column.kinds.contains(&KIND_VALUE) {
+        return None;
     }
-}
-
-/// Replaces the contents of `s`, reusing its buffer.
-fn replace(s: &mut String, with: &str) {
-    s.clear();
-    s.push_str(with);
+    let mut out = TextColumn {
+        kinds: column.kinds.clone(),
+        data: Vec::with_capacity(column.data.len()),
+        offsets: Vec::with_capacity(column.offsets.len()),
+    };
+    out.offsets.push(0);
+    for (i, kind) in out.kinds.iter_mut().enumerate() {
+        if *kind == KIND_VALUE {
+            let bytes = &column.data[column.offsets[i] as usize..column.offsets[i + 1] as usize];
+            match mode {
+                Mode::Null => *kind = KIND_NULL,
+                Mode::Redact => out.data.extend_from_slice(REDACTED.as_bytes()),
+                Mode::KeepLast(n) => {
+                    let text = String::from_utf8_lossy(bytes);
+                    match star_all_but_last(&text, n) {
+                        Some(masked) => out.data.extend_from_slice(masked.as_bytes()),
+                        None => out.data.extend_from_slice(text.as_bytes()),
+                    }
+                }
+                Mode::Hash => unreachable!("hash is done by the host"),
+            }
+        }
+        out.offsets.push(out.data.len() as u32);
+    }
+    Some(out)
 }
 
 /// `text` with all but its last `n` characters replaced by `*`, or `None` when it
@@ -313,22 +205,6 @@ fn star_all_but_last(text: &str, n: usize) -> Option<String> {
     Some(out)
 }
 
-/// `text` as a JSON string literal.
-fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 struct Mask;
 
 impl Guest for Mask {
@@ -347,7 +223,7 @@ impl Guest for Mask {
     }
 
     fn process(batch: &Batch) -> Result<(), String> {
-        CONFIG.with(|c| match c.borrow_mut().as_mut() {
+        CONFIG.with(|c| match c.borrow().as_ref() {
             Some(config) => {
                 config.process(batch);
                 Ok(())
@@ -365,126 +241,73 @@ mod tests {
 
     fn config(pairs: &[(&str, &str)]) -> Result<Config, String> {
         Config::from_settings(&Settings::new(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ))
     }
 
-    fn text(v: &Value) -> &str {
-        match v {
-            Value::Text(s) | Value::Json(s) => s,
-            other => panic!("not text: {other:?}"),
+    fn packed(values: &[Option<&str>]) -> TextColumn {
+        let mut column = TextColumn { kinds: Vec::new(), data: Vec::new(), offsets: vec![0] };
+        for v in values {
+            match v {
+                Some(text) => {
+                    column.kinds.push(KIND_VALUE);
+                    column.data.extend_from_slice(text.as_bytes());
+                }
+                None => column.kinds.push(KIND_NULL),
+            }
+            column.offsets.push(column.data.len() as u32);
         }
+        column
+    }
+
+    fn texts(column: &TextColumn) -> Vec<Option<String>> {
+        (0..column.kinds.len())
+            .map(|i| {
+                (column.kinds[i] == KIND_VALUE).then(|| {
+                    String::from_utf8(column.data[column.offsets[i] as usize..column.offsets[i + 1] as usize].to_vec()).unwrap()
+                })
+            })
+            .collect()
     }
 
     #[test]
-    fn hash_is_lowercase_sha256_hex_of_salt_and_text() {
-        let mut c = config(&[]).unwrap();
-        let mut v = Value::Text("abc".into());
-        assert!(c.mask(&mut v, Mode::Hash));
-        assert_eq!(
-            text(&v),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        let mut c = config(&[("salt", "a")]).unwrap();
-        let mut v = Value::Text("bc".into());
-        c.mask(&mut v, Mode::Hash);
-        assert_eq!(
-            text(&v),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        let mut v = Value::Int(42);
-        c.mask(&mut v, Mode::Hash);
-        assert_eq!(text(&v).len(), 64);
+    fn redact_null_and_keep_last_rewrite_only_values() {
+        let column = packed(&[Some("ada@example.com"), None, Some("+1-555-010-4477")]);
+        let redacted = mask_packed(&column, Mode::Redact).unwrap();
+        assert_eq!(texts(&redacted), vec![Some(REDACTED.into()), None, Some(REDACTED.into())]);
+        let nulled = mask_packed(&column, Mode::Null).unwrap();
+        assert_eq!(texts(&nulled), vec![None, None, None]);
+        let kept = mask_packed(&column, Mode::KeepLast(4)).unwrap();
+        assert_eq!(texts(&kept), vec![Some("***********.com".into()), None, Some("***********4477".into())]);
+        assert!(mask_packed(&packed(&[None, None]), Mode::Redact).is_none(), "nothing to write back");
     }
 
     #[test]
-    fn null_and_unchanged_toast_stay() {
-        let mut c = config(&[]).unwrap();
-        for mode in [Mode::Hash, Mode::Redact, Mode::Null, Mode::KeepLast(2)] {
-            let mut v = Value::UnchangedToast;
-            assert!(!c.mask(&mut v, mode));
-            assert!(matches!(v, Value::UnchangedToast));
-            let mut v = Value::Null;
-            assert!(!c.mask(&mut v, mode));
-            assert!(matches!(v, Value::Null));
-        }
+    fn unchanged_toast_entries_stay_unchanged() {
+        let mut column = packed(&[Some("x@y.z")]);
+        column.kinds.push(1);
+        column.offsets.push(column.data.len() as u32);
+        let out = mask_packed(&column, Mode::Redact).unwrap();
+        assert_eq!(out.kinds, vec![KIND_VALUE, 1]);
     }
 
     #[test]
-    fn redact_and_keep_last() {
-        let mut c = config(&[]).unwrap();
-        let mut v = Value::Text("secret".into());
-        c.mask(&mut v, Mode::Redact);
-        assert_eq!(text(&v), "[redacted]");
-        let mut v = Value::Int(7);
-        c.mask(&mut v, Mode::Redact);
-        assert!(matches!(v, Value::Null));
-        let mut v = Value::Text("4111111111111111".into());
-        c.mask(&mut v, Mode::KeepLast(4));
-        assert_eq!(text(&v), "************1111");
-        let mut v = Value::Text("ünï".into());
-        c.mask(&mut v, Mode::KeepLast(1));
-        assert_eq!(text(&v), "**ï");
-        let mut v = Value::Json("\"ab\"".into());
-        c.mask(&mut v, Mode::KeepLast(2));
-        assert_eq!(text(&v), "\"**b\\\"\"");
+    fn keep_last_counts_characters_not_bytes() {
+        assert_eq!(star_all_but_last("héllo", 2).as_deref(), Some("***lo"));
+        assert_eq!(star_all_but_last("abc", 3), None);
     }
 
     #[test]
     fn settings_are_checked() {
-        let err = config(&[("columns", "ssn"), ("mode.ssn", "scramble")])
-            .err()
-            .unwrap();
-        assert!(
-            err.contains("`ssn`") && err.contains("keep-last-N"),
-            "{err}"
-        );
-        let err = config(&[("mode.phone", "null")]).err().unwrap();
-        assert!(err.contains("mode.phone"), "{err}");
-        assert!(config(&[("colums", "x")]).is_err());
-        let c = config(&[
-            ("columns", "email"),
-            ("columns", "public.users.phone"),
-            ("mode.public.users.phone", "keep-last-4"),
-        ])
-        .unwrap();
-        assert_eq!(
-            c.mode_for("public", "users", "phone"),
-            Some(Mode::KeepLast(4))
-        );
+        assert!(config(&[]).is_ok());
+        let e = config(&[("columns", "email"), ("mode.email", "scramble")]).err().unwrap();
+        assert!(e.contains("scramble") && e.contains("allowed modes"), "{e}");
+        let e = config(&[("mode.phone", "hash")]).err().unwrap();
+        assert!(e.contains("not in `columns`"), "{e}");
+        let c = config(&[("columns", "email"), ("columns", "public.users.phone"), ("mode.public.users.phone", "keep-last-4"), ("salt", "s")]).unwrap();
+        assert_eq!(c.mode_for("public", "users", "phone"), Some(Mode::KeepLast(4)));
         assert_eq!(c.mode_for("public", "orders", "phone"), None);
         assert_eq!(c.mode_for("x", "y", "email"), Some(Mode::Hash));
-    }
-}
-
-#[cfg(test)]
-mod throughput {
-    use super::*;
-
-    /// Rough native cost of the masking loop alone (no host calls):
-    /// `cargo test --release -p mask -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn hash_two_columns_of_1024_rows() {
-        let mut c = Config::from_settings(&Settings::default()).unwrap();
-        let column: Vec<Value> = (0..1024)
-            .map(|i| Value::Text(format!("user{i}@example.com")))
-            .collect();
-        let rounds = 200;
-        let start = std::time::Instant::now();
-        for _ in 0..rounds {
-            for _ in 0..2 {
-                let mut values = column.clone();
-                for v in &mut values {
-                    c.mask(v, Mode::Hash);
-                }
-                std::hint::black_box(&values);
-            }
-        }
-        let per_row = start.elapsed().as_nanos() / (rounds * 1024);
-        println!("hash, 2 columns: {per_row} ns per row (native, clone included)");
+        assert_eq!(c.salt, b"s");
     }
 }

@@ -1,0 +1,199 @@
+//! Guest cost per row, side by side with native Rust doing the same transform.
+//!
+//! Batches of 1024 ten-column rows go through each example guest (one stage at a
+//! time, exactly as the live pipeline calls it) and through a native implementation
+//! of the same transform on the same host data structure, in the same run. Prints
+//! nanoseconds per row for both and the ratio.
+//!
+//! usage: cargo run --release -p airlock-tests --bin bench_guests [-- --batches N]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock::change::{Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid};
+use airlock::pipeline::batch::Batch;
+use airlock::pipeline::runtime::{Limits, Runtime};
+use airlock::pipeline::{Pipeline, PluginFile};
+use sha2::Digest;
+
+const ROWS: usize = 1024;
+
+fn relation() -> Arc<Relation> {
+    let cols: [(&str, u32); 10] = [
+        ("id", oid::INT8),
+        ("name", oid::TEXT),
+        ("email", oid::TEXT),
+        ("phone", oid::TEXT),
+        ("balance", oid::NUMERIC),
+        ("active", oid::BOOL),
+        ("visits", oid::INT4),
+        ("score", oid::FLOAT8),
+        ("signed_up", oid::TIMESTAMPTZ),
+        ("note", oid::TEXT),
+    ];
+    Arc::new(Relation {
+        oid: 1,
+        schema: "public".into(),
+        name: "customers".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: cols
+            .iter()
+            .map(|(n, t)| Column { name: (*n).into(), type_oid: *t, type_modifier: -1, key: *n == "id" })
+            .collect(),
+    })
+}
+
+/// One transaction of 1024 inserts.
+fn batch(rel: &Arc<Relation>) -> Batch {
+    let changes = (0..ROWS as i64)
+        .map(|i| Change {
+            relation: rel.clone(),
+            op: Op::Insert,
+            lsn: Lsn(i as u64 + 1),
+            old: None,
+            new: Some(vec![
+                Value::Int(i),
+                Value::Text(format!("Customer number {i}")),
+                Value::Text(format!("customer{i}@example.com")),
+                Value::Text(format!("+1-555-{:03}-{:04}", i % 1000, i % 10_000)),
+                Value::Numeric(format!("{}.{:02}", i * 7, i % 100)),
+                Value::Bool(i % 3 != 0),
+                Value::Int(i % 50),
+                Value::Float(i as f64 / 7.0),
+                Value::Timestamptz(1_700_000_000_000_000 + i),
+                Value::Text("a short note".into()),
+            ]),
+        })
+        .collect();
+    Batch::from_transactions(vec![Transaction {
+        meta: TxnMeta { xid: 1, commit_lsn: Lsn(ROWS as u64 + 1), end_lsn: Lsn(ROWS as u64 + 2), commit_ts: 0 },
+        changes,
+    }])
+}
+
+// Native equivalents, on the same data structure.
+
+fn native_mask(b: &mut Batch) {
+    let mut hex = [0u8; 64];
+    for row in &mut b.rows {
+        if let Some(values) = &mut row.change.new {
+            for c in [2, 3] {
+                if let Value::Text(s) = &mut values[c] {
+                    let digest = sha2::Sha256::digest(s.as_bytes());
+                    hex::encode_to_slice(digest, &mut hex).expect("64 bytes");
+                    s.clear();
+                    s.push_str(std::str::from_utf8(&hex).expect("hex"));
+                }
+            }
+        }
+    }
+    for c in [2, 3] {
+        b.tables[0].column_tags[c].push("pii".into());
+    }
+}
+
+fn native_filter(b: &mut Batch) {
+    for row in &mut b.rows {
+        if let Some(values) = &row.change.new
+            && values[5] != Value::Bool(true)
+        {
+            row.dropped = true;
+        }
+    }
+}
+
+fn native_tag(b: &mut Batch) {
+    // By name, then value samples of the other text columns, as the guest does.
+    let rel = b.tables[0].relation.clone();
+    for (c, col) in rel.columns.iter().enumerate() {
+        if col.name.contains("email") || col.name.contains("phone") {
+            b.tables[0].column_tags[c].push("pii".into());
+        }
+    }
+    for row in &mut b.rows {
+        if let Some(values) = &row.change.new {
+            let hit = values.iter().take(32).any(|v| matches!(v, Value::Text(s) if s.contains('@')));
+            if hit {
+                row.tags.push("pii".into());
+            }
+        }
+    }
+}
+
+fn native_route(b: &mut Batch) {
+    let restricted = b.tables[0].column_tags.iter().any(|t| t.iter().any(|t| t == "pii"));
+    for row in &mut b.rows {
+        let route = if restricted || row.tags.iter().any(|t| t == "pii") { "restricted" } else { "default" };
+        row.routes.push(route.into());
+    }
+}
+
+fn native_passthrough(b: &mut Batch) {
+    for row in &mut b.rows {
+        if let Some(values) = &mut row.change.new {
+            for v in values.iter_mut() {
+                *v = v.clone();
+            }
+        }
+    }
+}
+
+fn time_per_row(batches: usize, input: &Batch, mut run: impl FnMut(Batch) -> Batch) -> f64 {
+    // Warm up, then time only the transform (cloning the input is outside the clock).
+    for _ in 0..3 {
+        run(input.clone());
+    }
+    let mut total = Duration::ZERO;
+    for _ in 0..batches {
+        let b = input.clone();
+        let start = Instant::now();
+        let out = run(b);
+        total += start.elapsed();
+        std::hint::black_box(out);
+    }
+    total.as_nanos() as f64 / (batches * ROWS) as f64
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let batches = args
+        .iter()
+        .position(|a| a == "--batches")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200);
+    let rt = Runtime::new(Limits::default(), None)?;
+    let rel = relation();
+    let input = batch(&rel);
+    type Native = fn(&mut Batch);
+    let cases: [(&str, &[(&str, &str)], &str, Native); 6] = [
+        ("mask", &[("columns", "email"), ("columns", "phone")], "hash 2 of 10 columns", native_mask),
+        ("mask", &[("columns", "email"), ("columns", "phone"), ("default_mode", "redact")], "redact 2 of 10", |b| {
+            for row in &mut b.rows {
+                if let Some(v) = &mut row.change.new {
+                    v[2] = Value::Text("[redacted]".into());
+                    v[3] = Value::Text("[redacted]".into());
+                }
+            }
+        }),
+        ("filter", &[("where.column", "active"), ("where.op", "eq"), ("where.value", "true")], "drop inactive", native_filter),
+        ("tag", &[], "classify columns", native_tag),
+        ("route", &[], "route by tags", native_route),
+        ("test_passthrough", &[], "read+write all 10 columns", native_passthrough),
+    ];
+    println!("guest cost per row: batches of {ROWS} rows x 10 columns, {batches} batches each, wasm beside native Rust");
+    println!("{:<18} {:<26} {:>12} {:>12} {:>8}", "guest", "work", "wasm ns/row", "native ns/row", "ratio");
+    for (guest, settings, work, native) in cases {
+        let path = airlock_tests::guest(guest);
+        let file = PluginFile { name: guest.into(), wasm: path, settings: None };
+        let extra: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut pipeline = Pipeline::load(&rt, &[file], &extra).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let wasm = time_per_row(batches, &input, |b| pipeline.process(b).unwrap_or_else(|(_, e)| panic!("{e}")));
+        let native_ns = time_per_row(batches, &input, |mut b| {
+            native(&mut b);
+            b
+        });
+        println!("{guest:<18} {work:<26} {wasm:>12.1} {native_ns:>12.1} {:>7.1}x", wasm / native_ns);
+    }
+    Ok(())
+}
