@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod change;
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;

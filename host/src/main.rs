@@ -281,21 +281,23 @@ async fn guest_test(plugin: PathBuf, settings: Vec<String>) -> anyhow::Result<()
     .await?
 }
 
-async fn check(config: PathBuf) -> anyhow::Result<()> {
-    let config = airlock::config::Config::load(&config)?;
-    let plugins = config.plugins.clone();
-    tokio::task::spawn_blocking(move || {
-        let runtime = airlock::pipeline::runtime::Runtime::new(plugins.limits.clone(), plugins.cache_dir.clone())?;
-        let pipeline = airlock::pipeline::Pipeline::load_dir(&runtime, &plugins.dir).map_err(|errors| {
-            anyhow::anyhow!(errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))
-        })?;
-        for stage in &pipeline.stages {
-            println!("stage {} ({} {}): ok", stage.name, stage.info.name, stage.info.version);
+async fn check(path: PathBuf) -> anyhow::Result<()> {
+    let config = match airlock::config::Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            print!("{e}");
+            anyhow::bail!("{} is not valid: fix the problems above", path.display());
         }
-        println!("pipeline {}: ok", pipeline.version);
-        anyhow::Ok(())
-    })
-    .await??;
+    };
+    let findings = airlock::check::check(&config).await;
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let failed = findings.iter().filter(|f| !f.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} problem{} found", if failed == 1 { "" } else { "s" });
+    }
+    println!("all checks passed");
     Ok(())
 }
 

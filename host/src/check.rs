@@ -1,0 +1,197 @@
+//! `airlock check`: everything that can be verified before streaming, each problem
+//! reported with what to do, all at once.
+//!
+//! ```text
+//! config (already validated) ─▶ connect ─▶ wal_level ─▶ role ─▶ publication ─▶ slot
+//!                              plugins: compile + init every stage, require ─▶ sinks
+//! ```
+
+use std::fmt;
+
+use crate::config::{Config, SinkKind};
+use crate::pipeline::registry;
+use crate::pipeline::runtime::Runtime;
+
+/// The outcome of one check.
+#[derive(Clone, Debug)]
+pub struct Finding {
+    pub what: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = if self.ok { "ok  " } else { "FAIL" };
+        write!(f, "{mark} {:<22} {}", self.what, self.detail)
+    }
+}
+
+fn ok(what: &str, detail: impl Into<String>) -> Finding {
+    Finding { what: what.into(), ok: true, detail: detail.into() }
+}
+
+fn fail(what: &str, detail: impl Into<String>) -> Finding {
+    Finding { what: what.into(), ok: false, detail: detail.into() }
+}
+
+async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
+    let connect = match crate::source::protocol::ConnectConfig::from_url(&config.source.url) {
+        Ok(mut c) => {
+            if let Some(p) = &config.source.password {
+                c.password = Some(p.clone());
+            }
+            c
+        }
+        Err(e) => return out.push(fail("source.url", e.to_string())),
+    };
+    let target = connect.redacted_url();
+    let client = match connect.tokio_postgres_config().connect(tokio_postgres::NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            out.push(ok("connection", format!("connected to {target}")));
+            client
+        }
+        Err(e) => {
+            return out.push(fail("connection", format!("cannot connect to {target}: {e} (check source.url, the password and pg_hba.conf)")));
+        }
+    };
+
+    match client.query_one("SHOW wal_level", &[]).await {
+        Ok(row) if row.get::<_, String>(0) == "logical" => out.push(ok("wal_level", "logical")),
+        Ok(row) => out.push(fail(
+            "wal_level",
+            format!("is `{}`: set wal_level = logical in postgresql.conf (or ALTER SYSTEM) and restart PostgreSQL", row.get::<_, String>(0)),
+        )),
+        Err(e) => out.push(fail("wal_level", e.to_string())),
+    }
+
+    match client.query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[]).await {
+        Ok(row) if row.get::<_, bool>(1) => out.push(ok("privileges", format!("role {} may replicate", row.get::<_, String>(0)))),
+        Ok(row) => {
+            let role: String = row.get(0);
+            out.push(fail("privileges", format!("role {role} lacks REPLICATION: ALTER ROLE {role} WITH REPLICATION")))
+        }
+        Err(e) => out.push(fail("privileges", e.to_string())),
+    }
+
+    let publication = &config.source.publication;
+    match client.query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[publication]).await {
+        Ok(Some(_)) => {
+            let tables: Vec<String> = client
+                .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[publication])
+                .await
+                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_default();
+            if tables.is_empty() {
+                out.push(fail("publication", format!("`{publication}` publishes no table: ALTER PUBLICATION {publication} ADD TABLE ...")));
+            } else {
+                out.push(ok("publication", format!("`{publication}`: {}", tables.join(", "))));
+            }
+            let unreadable: Vec<String> = client
+                .query(
+                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 \
+                     AND NOT has_table_privilege(quote_ident(schemaname) || '.' || quote_ident(tablename), 'SELECT') ORDER BY 1",
+                    &[publication],
+                )
+                .await
+                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_default();
+            if !unreadable.is_empty() {
+                out.push(fail(
+                    "table privileges",
+                    format!("no SELECT on {} (needed for the initial snapshot): GRANT SELECT ON ... TO the airlock role", unreadable.join(", ")),
+                ));
+            }
+        }
+        Ok(None) if !config.source.tables.is_empty() => out.push(ok(
+            "publication",
+            format!("`{publication}` does not exist yet; it will be created for {}", config.source.tables.join(", ")),
+        )),
+        Ok(None) => out.push(fail(
+            "publication",
+            format!("`{publication}` does not exist: CREATE PUBLICATION {publication} FOR TABLE ..., or list the tables in [source] tables"),
+        )),
+        Err(e) => out.push(fail("publication", e.to_string())),
+    }
+
+    let slot = &config.source.slot;
+    let query = "SELECT plugin, active, active_pid, wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1";
+    match client.query_opt(query, &[slot]).await {
+        Ok(Some(row)) => {
+            let plugin: Option<String> = row.get(0);
+            let active: bool = row.get(1);
+            let pid: Option<i32> = row.get(2);
+            let wal_status: Option<String> = row.get(3);
+            let confirmed: Option<String> = row.get(4);
+            if plugin.as_deref() != Some("pgoutput") {
+                out.push(fail("slot", format!("`{slot}` uses plugin {plugin:?}, not pgoutput: drop it or choose another [source] slot")));
+            } else if wal_status.as_deref() == Some("lost") {
+                out.push(fail("slot", format!("`{slot}` is invalidated (wal_status = lost): its WAL is gone; drop it and start again with snapshot = \"initial\"")));
+            } else if active {
+                out.push(fail("slot", format!("`{slot}` is in use by another consumer (pid {}): stop it, or choose another slot", pid.unwrap_or(0))));
+            } else {
+                out.push(ok("slot", format!("`{slot}` (pgoutput) at {}", confirmed.unwrap_or_else(|| "-".into()))));
+            }
+        }
+        Ok(None) if config.source.create_slot => out.push(ok("slot", format!("`{slot}` does not exist yet; it will be created"))),
+        Ok(None) => out.push(fail("slot", format!("`{slot}` does not exist and create_slot = false"))),
+        Err(e) => out.push(fail("slot", e.to_string())),
+    }
+}
+
+fn plugin_checks(config: &Config, out: &mut Vec<Finding>) {
+    let runtime = match Runtime::new(config.plugins.limits.clone(), config.plugins.cache_dir.clone()) {
+        Ok(r) => r,
+        Err(e) => return out.push(fail("plugins", e.to_string())),
+    };
+    match registry::build(&runtime, &config.plugins.dir, &config.plugins.require) {
+        Ok(pipeline) => {
+            for stage in &pipeline.stages {
+                out.push(ok(
+                    &format!("stage {}", stage.name),
+                    format!("{} {}: {}", stage.info.name, stage.info.version, stage.info.description),
+                ));
+            }
+            out.push(ok("pipeline", format!("version {} from {}", pipeline.version, config.plugins.dir.display())));
+        }
+        Err(error) => out.push(fail("plugins", error)),
+    }
+}
+
+fn sink_checks(config: &Config, out: &mut Vec<Finding>) {
+    for sink in &config.sinks {
+        let what = format!("sink {}", sink.name);
+        match (&sink.kind, sink.url.strip_prefix("file://")) {
+            (SinkKind::Delta, Some(path)) => {
+                let dir = std::path::Path::new(path);
+                let probe = dir.join(format!(".airlock-check-{}", std::process::id()));
+                let writable = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&probe, b"")).and_then(|()| std::fs::remove_file(&probe));
+                match writable {
+                    Ok(()) => out.push(ok(&what, format!("{} is writable", sink.url))),
+                    Err(e) => out.push(fail(&what, format!("cannot write in {path}: {e}"))),
+                }
+            }
+            _ => out.push(ok(&what, format!("{} (not probed)", sink.url))),
+        }
+    }
+}
+
+/// Runs every check; the caller prints them and fails if any failed.
+pub async fn check(config: &Config) -> Vec<Finding> {
+    let mut out = vec![ok("configuration", "valid")];
+    database_checks(config, &mut out).await;
+    let for_plugins = config.clone();
+    let plugins = tokio::task::spawn_blocking(move || {
+        let mut found = Vec::new();
+        plugin_checks(&for_plugins, &mut found);
+        found
+    })
+    .await
+    .unwrap_or_else(|e| vec![fail("plugins", format!("the plugin check panicked: {e}"))]);
+    out.extend(plugins);
+    sink_checks(config, &mut out);
+    out
+}
