@@ -9,6 +9,7 @@
 //! | `GET /status` | JSON: source, slot, LSNs, lag, pipeline and stages, sinks, last error |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /reload` | rebuilds the pipeline from the plugin folder; 200 with the new version, or 409 with why not |
+//! | `POST /compact` | compacts every table of every lake sink now, serially inside the writer; 200 with a report per table |
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct AdminState {
     pub status: Arc<Status>,
     pub reload: ReloadTrigger,
     pub token: Option<Arc<str>>,
+    /// The lake sinks' writers, for `POST /compact`.
+    pub compactors: crate::sink::lake::Compactors,
 }
 
 /// The admin API's routes.
@@ -40,6 +43,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/reload", post(reload))
+        .route("/compact", post(compact))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -107,5 +111,12 @@ async fn reload(State(state): State<AdminState>) -> Response {
         Ok(Ok(Err(error))) => (StatusCode::CONFLICT, axum::Json(json!({"ok": false, "error": error}))).into_response(),
         _ => (StatusCode::GATEWAY_TIMEOUT, axum::Json(json!({"ok": false, "error": "the reload did not finish within 120 s"})))
             .into_response(),
+    }
+}
+
+async fn compact(State(state): State<AdminState>) -> Response {
+    match state.compactors.compact_all().await {
+        Ok(reports) => axum::Json(json!({"ok": true, "tables": reports})).into_response(),
+        Err(error) => (StatusCode::CONFLICT, axum::Json(json!({"ok": false, "error": error.to_string()}))).into_response(),
     }
 }

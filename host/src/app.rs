@@ -25,7 +25,8 @@ use crate::pipeline::batch::Batch;
 use crate::pipeline::registry::{self, ReloadRequest, SwapSlot};
 use crate::pipeline::runtime::{Runtime, RuntimeError};
 use crate::pipeline::{self, Worker};
-use crate::sink::lake::{LakeSettings, LakeSink};
+use crate::sink::lake::{Compactors, LakeSettings, LakeSink};
+use crate::sink::spine::{SpineSettings, SpineSink};
 use crate::sink::{self, SinkError};
 use crate::source::{self, SourceError, SourceSettings};
 use crate::status::{self, Status, lsn_text};
@@ -61,30 +62,30 @@ async fn open_sink(
     sink: &SinkConfig,
     rx: mpsc::Receiver<Arc<Batch>>,
     durable: watch::Sender<Lsn>,
+    compactors: &Compactors,
 ) -> Result<SinkTask, SinkError> {
     match sink.kind {
         SinkKind::Delta => {
-            let mut commit_info = serde_json::Map::new();
-            commit_info.insert("airlock.slot".into(), config.source.slot.clone().into());
-            commit_info.insert("airlock.publication".into(), config.source.publication.clone().into());
-            let lake = LakeSink::open(LakeSettings {
-                name: sink.name.clone(),
-                url: sink.url.clone(),
-                routes: sink.routes.clone(),
-                flush_interval: sink.flush_interval,
-                max_rows: sink.max_rows,
-                max_bytes: sink.max_bytes,
-                app_id: format!("airlock:{}", config.source.slot),
-                storage_options: sink.storage_options.clone(),
-                commit_info,
-            })
-            .await?;
+            let lake = LakeSink::open(LakeSettings::from_config(config, sink)).await?;
+            compactors.register(lake.handle()); // lake: `POST /compact`
             Ok(tokio::spawn(sink::drive(lake, rx, durable)))
         }
-        SinkKind::Http => Err(SinkError::Definite {
-            sink: sink.name.clone(),
-            message: "the http sink is not available in this build".into(),
-        }),
+        SinkKind::Http => {
+            let mut settings = SpineSettings::new(sink.name.clone(), sink.url.clone());
+            settings.routes = sink.routes.clone();
+            settings.token = sink.spine.token.clone();
+            if let Some(kinds) = &sink.spine.kinds {
+                settings.kinds = kinds.clone();
+            }
+            settings.default_kind = sink.spine.default_kind.clone();
+            settings.default_source = sink.spine.default_source.clone();
+            settings.watch = sink.spine.watch.clone();
+            settings.flush_interval = sink.flush_interval;
+            settings.max_events = sink.max_rows;
+            settings.request_timeout = sink.spine.request_timeout;
+            let spine = SpineSink::open(settings).await?;
+            Ok(tokio::spawn(sink::drive(spine, rx, durable)))
+        }
     }
 }
 
@@ -230,6 +231,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         }
     });
 
+    // Lake sinks' compaction handles, for the admin API's `POST /compact`.
+    let compactors = Compactors::default();
+
     // Admin API.
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
@@ -240,6 +244,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         status: status.clone(),
         reload: reload_tx.clone(),
         token: config.admin.token.as_deref().map(Arc::from),
+        compactors: compactors.clone(),
     };
     let mut admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(crate::admin::serve(listener, admin_state, async move {
@@ -268,7 +273,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
                 st.metrics.set(status::SINK_DURABLE_LSN, &[("sink", &name)], lsn.0 as f64);
             }
         });
-        sink_tasks.push((sink.name.clone(), open_sink(&config, sink, rx, durable).await?));
+        sink_tasks.push((sink.name.clone(), open_sink(&config, sink, rx, durable, &compactors).await?));
     }
     let tracker_task = tokio::spawn(tracker.run());
 
@@ -310,6 +315,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         publication: config.source.publication.clone(),
         create_slot: config.source.create_slot,
         status_interval: config.source.status_interval,
+        tables: config.source.tables.clone(),
+        slot_busy_timeout: config.source.slot_busy_timeout,
+        snapshot: config.source.snapshot == crate::config::Snapshot::Initial,
+        on_snapshot: Some({
+            let status = status.clone(); // initial snapshot progress in `/status`
+            source::snapshot::SnapshotObserver(Arc::new(move |progress| status.set_snapshot(progress)))
+        }),
     };
     let source_status = status.clone();
     let source_task = tokio::spawn(source::run(settings, txn_tx, durable_rx, shutdown));
@@ -321,7 +333,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     }
     source_status.update_source(|s| s.state = "stopped".into());
     let _ = tap_task.await;
+    tracing::info!("source stopped; draining the pipeline");
     let worker_result = worker_done.await.unwrap_or(Ok(()));
+    tracing::info!("pipeline drained; flushing sinks");
     let mut sink_error = None;
     for (name, task) in sink_tasks {
         match task.await {
@@ -333,15 +347,18 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             Err(e) => tracing::error!(sink = %name, error = %e, "sink task panicked"),
         }
     }
+    tracing::info!("sinks flushed");
     tracker_task.abort();
     registry_task.abort();
     hup_task.abort();
     monitor_task.abort();
     admin_task.abort();
+    tracing::debug!("run: background tasks stopped");
     if let Some(e) = sink_error {
         return Err(e.into());
     }
     worker_result?;
     source_result?;
+    tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -147,7 +147,20 @@ fn plugin_checks(config: &Config, out: &mut Vec<Finding>) {
         Ok(r) => r,
         Err(e) => return out.push(fail("plugins", e.to_string())),
     };
-    match registry::build(&runtime, &config.plugins.dir, &config.plugins.require) {
+    let files = match crate::pipeline::scan(&config.plugins.dir) {
+        Ok(files) => files,
+        Err(e) => return out.push(fail("plugins", e.to_string())),
+    };
+    if let Err(e) = registry::check_required(&files, &config.plugins.require) {
+        out.push(fail("plugins.require", e));
+    }
+    // Every plugin is compiled and initialised, whatever the require check said.
+    match crate::pipeline::Pipeline::load(&runtime, &files, &[]) {
+        Err(errors) => {
+            for error in errors {
+                out.push(fail("plugin", error.to_string()));
+            }
+        }
         Ok(pipeline) => {
             for stage in &pipeline.stages {
                 out.push(ok(
@@ -157,7 +170,6 @@ fn plugin_checks(config: &Config, out: &mut Vec<Finding>) {
             }
             out.push(ok("pipeline", format!("version {} from {}", pipeline.version, config.plugins.dir.display())));
         }
-        Err(error) => out.push(fail("plugins", error)),
     }
 }
 

@@ -60,6 +60,11 @@ pub mod raw {
         pub create_slot: Option<bool>,
         /// How often to confirm progress to PostgreSQL. Default `10s`.
         pub status_interval: Option<String>,
+        /// How long the slot may stay in use by another consumer (retried with
+        /// backoff meanwhile) before airlock stops with an error. Default `60s`, a
+        /// little longer than PostgreSQL's default `wal_sender_timeout`, so that the
+        /// walsender of an airlock that just died has time to go away.
+        pub slot_busy_timeout: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -111,6 +116,42 @@ pub mod raw {
         pub max_bytes: Option<i64>,
         /// Extra object store options for `s3://` (e.g. `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
         pub storage_options: Option<BTreeMap<String, String>>,
+        // Lake maintenance (`delta` only); see `docs/lake.md`.
+        /// Compact a table when it has more than this many small files. Default 32.
+        pub compact_min_files: Option<i64>,
+        /// A data file smaller than this many bytes counts as small. Default 16777216 (16 MiB).
+        pub small_file_bytes: Option<i64>,
+        /// Compaction merges small files into files of about this many bytes. Default 134217728 (128 MiB).
+        pub target_file_bytes: Option<i64>,
+        /// Write a Delta checkpoint every this many commits. Default 10.
+        pub checkpoint_interval: Option<i64>,
+        /// How long files removed by compaction stay for time travel before vacuum deletes them. Default `168h` (7 days).
+        pub vacuum_retention: Option<String>,
+        // The audit spine (`http` only); see `docs/spine.md`.
+        /// Environment variable with the spine's bearer token.
+        pub token_env: Option<String>,
+        /// Event kinds the spine accepts. Default: audit-stream-py's EventKind values.
+        pub kinds: Option<Vec<String>>,
+        /// `kind` of events whose row has no `spine.kind` annotation and no `watch` entry. Default `other`.
+        pub default_kind: Option<String>,
+        /// `source` of events without a `spine.source` annotation or `watch` entry. Default `airlock`.
+        pub default_source: Option<String>,
+        /// Per-table kind and source: `[[sinks.NAME.watch]] table = "public.*"`, `kind`, `source`.
+        pub watch: Option<Vec<Watch>>,
+        /// Time allowed for one request to the spine before it is retried. Default `30s`.
+        pub request_timeout: Option<String>,
+    }
+
+    /// One `watch(table, kind, source)` entry of an `http` sink.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Watch {
+        /// `schema.table` glob (`*`, `?`).
+        pub table: String,
+        /// Event kind for the table's rows.
+        pub kind: String,
+        /// Event source for the table's rows. Default: the sink's `default_source`.
+        pub source: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -179,6 +220,7 @@ pub struct SourceConfig {
     pub snapshot: Snapshot,
     pub create_slot: bool,
     pub status_interval: Duration,
+    pub slot_busy_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -207,6 +249,26 @@ pub struct SinkConfig {
     pub max_rows: usize,
     pub max_bytes: usize,
     pub storage_options: HashMap<String, String>,
+    // Lake maintenance (`delta` sinks).
+    pub compact_min_files: usize,
+    pub small_file_bytes: u64,
+    pub target_file_bytes: u64,
+    pub checkpoint_interval: u64,
+    pub vacuum_retention: Duration,
+    /// Spine settings (`http` sinks).
+    pub spine: SpineConfig,
+}
+
+/// What an `http` sink needs beyond the common fields.
+#[derive(Clone, Debug)]
+pub struct SpineConfig {
+    pub token: Option<String>,
+    pub kinds: Option<Vec<String>>,
+    pub default_kind: String,
+    pub default_source: String,
+    /// `(table glob, kind, source)`.
+    pub watch: Vec<(String, String, String)>,
+    pub request_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -362,6 +424,7 @@ impl Config {
                     snapshot,
                     create_slot: s.create_slot.unwrap_or(true),
                     status_interval: issues.duration("source.status_interval", s.status_interval.as_ref(), Duration::from_secs(10)),
+                    slot_busy_timeout: issues.duration("source.slot_busy_timeout", s.slot_busy_timeout.as_ref(), Duration::from_secs(60)),
                 })
             }
         };
@@ -439,14 +502,52 @@ impl Config {
                 }
                 _ => {}
             }
+            let http = kind == SinkKind::Http;
+            let default_source = s.default_source.clone().unwrap_or_else(|| "airlock".into());
+            let spine = SpineConfig {
+                token: env_secret(&mut issues, &at("token_env"), s.token_env.clone()),
+                kinds: s.kinds.clone(),
+                default_kind: s.default_kind.clone().unwrap_or_else(|| "other".into()),
+                watch: s
+                    .watch
+                    .iter()
+                    .flatten()
+                    .map(|w| (w.table.clone(), w.kind.clone(), w.source.clone().unwrap_or_else(|| default_source.clone())))
+                    .collect(),
+                default_source,
+                request_timeout: issues.duration(&at("request_timeout"), s.request_timeout.as_ref(), Duration::from_secs(30)),
+            };
+            if !http {
+                for (field, set) in [
+                    ("token_env", s.token_env.is_some()),
+                    ("kinds", s.kinds.is_some()),
+                    ("default_kind", s.default_kind.is_some()),
+                    ("default_source", s.default_source.is_some()),
+                    ("watch", s.watch.is_some()),
+                    ("request_timeout", s.request_timeout.is_some()),
+                ] {
+                    if set {
+                        issues.add(at(field), "only `http` sinks take this field: remove it, or set type = \"http\"");
+                    }
+                }
+            }
+            let default_routes = if http { vec!["spine".to_owned()] } else { vec!["default".to_owned()] };
+            let default_flush = if http { Duration::from_secs(1) } else { Duration::from_secs(5) };
             sinks.push(SinkConfig {
                 kind,
                 url,
-                routes: s.routes.unwrap_or_else(|| vec!["default".into()]),
-                flush_interval: issues.duration(&at("flush_interval"), s.flush_interval.as_ref(), Duration::from_secs(5)),
-                max_rows: issues.positive(&at("max_rows"), s.max_rows, 100_000),
+                routes: s.routes.unwrap_or(default_routes),
+                flush_interval: issues.duration(&at("flush_interval"), s.flush_interval.as_ref(), default_flush),
+                max_rows: issues.positive(&at("max_rows"), s.max_rows, if http { 1000 } else { 100_000 }),
                 max_bytes: issues.positive(&at("max_bytes"), s.max_bytes, 64 << 20),
                 storage_options: s.storage_options.unwrap_or_default().into_iter().collect(),
+                // Lake maintenance.
+                compact_min_files: issues.positive(&at("compact_min_files"), s.compact_min_files, 32),
+                small_file_bytes: issues.positive(&at("small_file_bytes"), s.small_file_bytes, 16 << 20) as u64,
+                target_file_bytes: issues.positive(&at("target_file_bytes"), s.target_file_bytes, 128 << 20) as u64,
+                checkpoint_interval: issues.positive(&at("checkpoint_interval"), s.checkpoint_interval, 10) as u64,
+                vacuum_retention: issues.duration(&at("vacuum_retention"), s.vacuum_retention.as_ref(), Duration::from_secs(7 * 24 * 3600)),
+                spine,
                 name,
             });
         }

@@ -62,6 +62,28 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// List the lake's tables: columns, types, tags, row counts, latest version.
+    Catalog {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compact the lake now: through the running host's admin API, or, with no host
+    /// running, directly under the lake's compaction lock.
+    Compact {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Bearer token for the admin API.
+        #[arg(long, env = "AIRLOCK_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// The built-in audit spine: serve it, or verify its hash chain.
+    Spine {
+        #[command(subcommand)]
+        command: SpineCommand,
+    },
     /// Work with guests.
     Guest {
         #[command(subcommand)]
@@ -197,6 +219,27 @@ fn render_status(s: &serde_json::Value) -> String {
 }
 
 #[derive(Subcommand)]
+enum SpineCommand {
+    /// Serve the built-in spine (audit-stream-py's API, durable, hash-chained).
+    Serve {
+        /// Where the spine keeps its log.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8093")]
+        listen: String,
+        /// Bearer token required for reads and writes.
+        #[arg(long, env = "AIRLOCK_SPINE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Verify a spine's log: finds any edited, deleted, inserted or reordered record.
+    Verify {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum GuestCommand {
     /// Run a guest (or a folder of guests, in file-name order) on changes given as JSON
     /// lines on stdin; print the results as JSON lines. Guest logs go to stderr.
@@ -329,6 +372,51 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Guest { command: GuestCommand::Test { plugin, settings } } => guest_test(plugin, settings).await?,
+        Command::Catalog { config, json } => {
+            let config = airlock::config::Config::load(&config)?;
+            let catalog = airlock::sink::lake::catalog(&config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&catalog.to_json())?);
+            } else {
+                print!("{}", catalog.render_table());
+            }
+        }
+        Command::Compact { config, token } => {
+            let admin = AdminArgs { config: Some(config.clone()), admin: String::new(), token };
+            match send(&admin, reqwest::Method::POST, "/compact").await {
+                Ok((200, body)) => println!("compacted by the running host:\n{}", serde_json::to_string_pretty(&body["tables"])?),
+                Ok((_, body)) => anyhow::bail!("the running host refused: {}", body["error"].as_str().unwrap_or("unknown error")),
+                Err(error) if format!("{error:#}").contains("cannot reach the admin API") => {
+                    eprintln!("no host answers at the admin address; compacting directly under the lake's lock");
+                    let config = airlock::config::Config::load(&config)?;
+                    let reports = airlock::sink::lake::compact_offline(&config).await?;
+                    println!("{}", serde_json::to_string_pretty(&reports)?);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Command::Spine { command: SpineCommand::Serve { dir, listen, token } } => {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}: choose a free address with --listen"))?;
+            eprintln!("spine serving {} on http://{}", dir.display(), listener.local_addr()?);
+            let mut stop = shutdown_signal();
+            airlock::spine::serve(&dir, listener, token, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+        }
+        Command::Spine { command: SpineCommand::Verify { dir } } => {
+            let report = airlock::spine::verify(&dir)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.valid {
+                anyhow::bail!(
+                    "the spine's log is not intact: {} (record {})",
+                    report.reason.as_deref().unwrap_or("unknown reason"),
+                    report.first_break_at.map(|n| n.to_string()).unwrap_or_else(|| "-".into())
+                );
+            }
+        }
     }
     Ok(())
 }

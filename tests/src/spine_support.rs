@@ -9,7 +9,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock::change::{Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid};
+use airlock::change::{
+    Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
+};
 use airlock::pipeline::batch::Batch;
 use airlock::sink::spine::SpineClient;
 use anyhow::{Context, Result, bail};
@@ -20,7 +22,11 @@ pub const AUDIT_STREAM_PIP: &str = "python3 -m pip install audit-stream==0.1.0";
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }
 
 /// A client for the spine whose events endpoint is `url`.
@@ -35,7 +41,9 @@ pub async fn wait_healthy(url: &str, timeout: Duration) -> Result<()> {
     loop {
         match client.get("/healthz").await {
             Ok(_) => return Ok(()),
-            Err(e) if start.elapsed() > timeout => bail!("spine at {url} not healthy within {timeout:?}: {e}"),
+            Err(e) if start.elapsed() > timeout => {
+                bail!("spine at {url} not healthy within {timeout:?}: {e}")
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -81,8 +89,16 @@ impl BuiltinSpine {
             .await
         });
         let url = format!("http://{addr}/events");
-        wait_healthy(&url, Duration::from_secs(10)).await.expect("built-in spine starts");
-        BuiltinSpine { url, addr, dir: dir.to_path_buf(), stop: Some(stop), task }
+        wait_healthy(&url, Duration::from_secs(10))
+            .await
+            .expect("built-in spine starts");
+        BuiltinSpine {
+            url,
+            addr,
+            dir: dir.to_path_buf(),
+            stop: Some(stop),
+            task,
+        }
     }
 
     /// Shuts the spine down gracefully and waits until its log is closed.
@@ -107,7 +123,10 @@ pub fn require_audit_stream_py() {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    assert!(found, "audit-stream-py is not installed: run `{AUDIT_STREAM_PIP}` (the README's test setup does)");
+    assert!(
+        found,
+        "audit-stream-py is not installed: run `{AUDIT_STREAM_PIP}` (the README's test setup does)"
+    );
 }
 
 /// The real audit-stream-py (`python3 -m audit_stream`, uvicorn) as a child process.
@@ -134,13 +153,24 @@ impl AuditStreamPy {
             .env("HOST", "127.0.0.1")
             .env("PORT", port.to_string())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).map(Stdio::from).unwrap_or(Stdio::null()))
+            .stderr(
+                std::fs::File::create(&log)
+                    .map(Stdio::from)
+                    .unwrap_or(Stdio::null()),
+            )
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run python3 -m audit_stream: {e}; install it with `{AUDIT_STREAM_PIP}`"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run python3 -m audit_stream: {e}; install it with `{AUDIT_STREAM_PIP}`"
+                )
+            });
         let url = format!("http://127.0.0.1:{port}/events");
         if let Err(e) = wait_healthy(&url, Duration::from_secs(30)).await {
-            panic!("{e}; its log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            panic!(
+                "{e}; its log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
         AuditStreamPy { url, port, child }
     }
@@ -151,12 +181,23 @@ impl AuditStreamPy {
     }
 }
 
-/// The `airlock` binary next to the test executable (`target/release/airlock`).
+/// The `airlock` binary next to the test executable (`target/release/airlock`), or the
+/// one named by `AIRLOCK_BIN`.
 pub fn airlock_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("AIRLOCK_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test executable");
-    let dir = exe.parent().and_then(Path::parent).expect("target/release/deps/..");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/release/deps/..");
     let bin = dir.join("airlock");
-    assert!(bin.is_file(), "{} is not built: run `cargo build --release -p airlock`", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is not built: run `cargo build --release -p airlock`",
+        bin.display()
+    );
     bin
 }
 
@@ -176,13 +217,20 @@ impl SpineProcess {
             .arg(dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).map(Stdio::from).unwrap_or(Stdio::null()))
+            .stderr(
+                std::fs::File::create(&log)
+                    .map(Stdio::from)
+                    .unwrap_or(Stdio::null()),
+            )
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot run {}", bin.display()))?;
         let url = format!("http://127.0.0.1:{port}/events");
         let start = Instant::now();
-        while wait_healthy(&url, Duration::from_millis(200)).await.is_err() {
+        while wait_healthy(&url, Duration::from_millis(200))
+            .await
+            .is_err()
+        {
             if let Some(status) = child.try_wait()? {
                 bail!(
                     "`{} spine serve` exited with {status} (does the binary have the `spine serve` subcommand?): {}",
@@ -205,13 +253,22 @@ impl SpineProcess {
 
 /// `public.accounts (id int8 key, email text, note text)`.
 pub fn accounts() -> Arc<Relation> {
-    let column = |name: &str, type_oid, key| Column { name: name.into(), type_oid, type_modifier: -1, key };
+    let column = |name: &str, type_oid, key| Column {
+        name: name.into(),
+        type_oid,
+        type_modifier: -1,
+        key,
+    };
     Arc::new(Relation {
         oid: 16_400,
         schema: "public".into(),
         name: "accounts".into(),
         replica_identity: ReplicaIdentity::Default,
-        columns: vec![column("id", oid::INT8, true), column("email", oid::TEXT, false), column("note", oid::TEXT, false)],
+        columns: vec![
+            column("id", oid::INT8, true),
+            column("email", oid::TEXT, false),
+            column("note", oid::TEXT, false),
+        ],
     })
 }
 

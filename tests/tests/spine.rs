@@ -15,7 +15,7 @@ use airlock::spine::log;
 use airlock_tests::spine_support::*;
 use airlock_tests::temp_dir;
 use anyhow::{Context, Result, bail};
-use serde_json::{Value as Json, json};
+use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 fn settings(url: &str) -> SpineSettings {
@@ -48,10 +48,16 @@ impl Driven {
 
     /// Waits until the sink reports `lsn` durable.
     async fn wait(&mut self, lsn: Lsn, timeout: Duration) -> Result<()> {
-        tokio::time::timeout(timeout, self.durable.wait_for(|d| *d >= lsn))
+        let reached = tokio::time::timeout(timeout, self.durable.wait_for(|d| *d >= lsn))
             .await
-            .with_context(|| format!("{lsn} not durable within {timeout:?}; at {}", *self.durable.borrow()))??;
-        Ok(())
+            .map(|r| r.map(|_| ()));
+        match reached {
+            Ok(result) => Ok(result?),
+            Err(_) => bail!(
+                "{lsn} not durable within {timeout:?}; at {}",
+                *self.durable.borrow()
+            ),
+        }
     }
 
     async fn finish(self) -> Result<(), SinkError> {
@@ -65,12 +71,19 @@ async fn delivered_ids(url: &str, source: &str) -> Result<Vec<u64>> {
     let events = client(url).events(None, Some(source), 100_000).await?;
     events
         .iter()
-        .map(|e| e["payload"]["new"]["id"].as_u64().with_context(|| format!("event without payload.new.id: {e}")))
+        .map(|e| {
+            e["payload"]["new"]["id"]
+                .as_u64()
+                .with_context(|| format!("event without payload.new.id: {e}"))
+        })
         .collect()
 }
 
 fn ids_of(batches: impl IntoIterator<Item = u64>, rows: u64) -> Vec<u64> {
-    batches.into_iter().flat_map(|n| (0..rows).map(move |i| n * 1000 + i)).collect()
+    batches
+        .into_iter()
+        .flat_map(|n| (0..rows).map(move |i| n * 1000 + i))
+        .collect()
 }
 
 async fn events_arrive_in_order_with_masked_values(url: &str) -> Result<()> {
@@ -82,19 +95,32 @@ async fn events_arrive_in_order_with_masked_values(url: &str) -> Result<()> {
     sink.finish().await?;
 
     let events = client(url).events(None, Some("airlock"), 100_000).await?;
-    let ids: Vec<u64> = events.iter().map(|e| e["payload"]["new"]["id"].as_u64().unwrap_or(0)).collect();
+    let ids: Vec<u64> = events
+        .iter()
+        .map(|e| e["payload"]["new"]["id"].as_u64().unwrap_or(0))
+        .collect();
     assert_eq!(ids, ids_of(1..=40, 5), "events in commit order, once each");
     for e in &events {
         let id = e["payload"]["new"]["id"].as_u64().unwrap();
         assert_eq!(e["kind"], "other");
         assert_eq!(e["payload"]["operation"], "INSERT");
         assert_eq!(e["payload"]["table"], "public.accounts");
-        assert_eq!(e["payload"]["new"]["email"], masked(&format!("user{id}@example.com")), "masked value untouched");
+        assert_eq!(
+            e["payload"]["new"]["email"],
+            masked(&format!("user{id}@example.com")),
+            "masked value untouched"
+        );
         assert_eq!(e["payload"]["column_tags"], json!({"email": ["pii"]}));
     }
     let text = serde_json::to_string(&events)?;
-    assert!(!text.contains("@example.com"), "no unmasked address reaches the spine");
-    let event_ids: HashSet<&str> = events.iter().filter_map(|e| e["payload"]["event_id"].as_str()).collect();
+    assert!(
+        !text.contains("@example.com"),
+        "no unmasked address reaches the spine"
+    );
+    let event_ids: HashSet<&str> = events
+        .iter()
+        .filter_map(|e| e["payload"]["event_id"].as_str())
+        .collect();
     assert_eq!(event_ids.len(), events.len(), "event ids are unique");
     let verified = client(url).get("/verify").await?;
     assert_eq!(verified["valid"], true, "{verified}");
@@ -133,7 +159,10 @@ async fn builtin_spine_down_then_up_loses_and_duplicates_nothing() -> Result<()>
         sink.send(accounts_batch(n, 3, "")).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(*sink.durable.borrow() < accounts_end(6), "nothing is acknowledged while the spine is down");
+    assert!(
+        *sink.durable.borrow() < accounts_end(6),
+        "nothing is acknowledged while the spine is down"
+    );
     let spine = BuiltinSpine::start_on(&dir, addr).await;
     sink.wait(accounts_end(10), Duration::from_secs(60)).await?;
     assert_eq!(delivered_ids(&url, "airlock").await?, ids_of(1..=10, 3));
@@ -168,7 +197,10 @@ async fn audit_stream_py_down_then_up_loses_and_duplicates_nothing() -> Result<(
         sink.send(accounts_batch(n, 3, "")).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(*sink.durable.borrow() < accounts_end(6), "nothing is acknowledged while the spine is down");
+    assert!(
+        *sink.durable.borrow() < accounts_end(6),
+        "nothing is acknowledged while the spine is down"
+    );
     // audit-stream-py keeps events in memory: it comes back empty, and gets everything
     // the sink accepted while it was away, once.
     let spine = AuditStreamPy::start_on(port).await;
@@ -229,12 +261,26 @@ async fn audit_stream_py_a_one_megabyte_row_is_delivered_whole() -> Result<()> {
 async fn a_bad_kind_is_refused_at_startup() -> Result<()> {
     let spine = AuditStreamPy::start().await;
     let mut s = settings(&spine.url);
-    s.watch = vec![("public.accounts".into(), "watch_drifed".into(), "accounts".into())];
-    let Err(error) = SpineSink::open(s).await else { bail!("a typo in a kind must fail at startup") };
+    s.watch = vec![(
+        "public.accounts".into(),
+        "watch_drifed".into(),
+        "accounts".into(),
+    )];
+    let Err(error) = SpineSink::open(s).await else {
+        bail!("a typo in a kind must fail at startup")
+    };
     assert!(!error.is_transient());
     let message = error.to_string();
-    assert!(message.contains("watch[0] (`public.accounts`): kind `watch_drifed` is not one of the spine's kinds"), "{message}");
-    assert!(message.contains("did you mean `watch_drifted`?"), "{message}");
+    assert!(
+        message.contains(
+            "watch[0] (`public.accounts`): kind `watch_drifed` is not one of the spine's kinds"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("did you mean `watch_drifted`?"),
+        "{message}"
+    );
 
     // A kind the sink was told to allow but the spine refuses: a definite error that
     // stops the pipeline, with the spine's answer.
@@ -243,11 +289,19 @@ async fn a_bad_kind_is_refused_at_startup() -> Result<()> {
     s.default_kind = "data_access".into();
     let sink = Driven::start(s).await?;
     sink.send(accounts_batch(1, 1, "")).await;
-    let error = tokio::time::timeout(Duration::from_secs(30), sink.finish()).await?.expect_err("refused");
+    let error = tokio::time::timeout(Duration::from_secs(30), sink.finish())
+        .await?
+        .expect_err("refused");
     assert!(!error.is_transient());
     let message = error.to_string();
-    assert!(message.contains("422 Unprocessable Entity") && message.contains("literal_error"), "{message}");
-    assert!(message.contains("table public.accounts, kind data_access"), "{message}");
+    assert!(
+        message.contains("422 Unprocessable Entity") && message.contains("literal_error"),
+        "{message}"
+    );
+    assert!(
+        message.contains("table public.accounts, kind data_access"),
+        "{message}"
+    );
     spine.stop().await;
     Ok(())
 }
@@ -257,14 +311,24 @@ async fn audit_stream_py_events_verify_with_the_builtin_hash_chain() -> Result<(
     // The same chain construction: our canonical JSON reproduces audit-stream-py's hashes.
     let spine = AuditStreamPy::start().await;
     let mut sink = Driven::start(settings(&spine.url)).await?;
-    sink.send(accounts_batch(1, 3, "é 😀 \"quoted\" \u{7f} 1e-7")).await;
+    sink.send(accounts_batch(1, 3, "é 😀 \"quoted\" \u{7f} 1e-7"))
+        .await;
     sink.wait(accounts_end(1), Duration::from_secs(30)).await?;
     sink.finish().await?;
     let mut prev = airlock::spine::chain::GENESIS_HASH.to_owned();
     for mut e in client(&spine.url).events(None, None, 100).await? {
-        let hash = e.as_object_mut().context("event")?.remove("hash").context("hash")?;
+        let hash = e
+            .as_object_mut()
+            .context("event")?
+            .remove("hash")
+            .context("hash")?;
         assert_eq!(e["prev_hash"], prev.as_str());
-        assert_eq!(hash, hex::encode(airlock::spine::chain::hash(&airlock::spine::chain::canonical(&e))));
+        assert_eq!(
+            hash,
+            hex::encode(airlock::spine::chain::hash(
+                &airlock::spine::chain::canonical(&e)
+            ))
+        );
         prev = hash.as_str().context("hash")?.to_owned();
     }
     spine.stop().await;
@@ -289,13 +353,22 @@ async fn tampering_with_the_builtin_log_is_detected() -> Result<()> {
 
     // Someone rewrites the masked address of the 4th event in place.
     let target = masked("user4000@example.com");
-    let at = original.windows(target.len()).position(|w| w == target.as_bytes()).context("4th event")?;
+    let at = original
+        .windows(target.len())
+        .position(|w| w == target.as_bytes())
+        .context("4th event")?;
     let mut edited = original.clone();
     edited[at..at + 8].copy_from_slice(b"deadbeef");
     std::fs::write(&path, &edited)?;
     let report = airlock::spine::verify(&dir)?;
-    assert_eq!((report.valid, report.first_break_at), (false, Some(4)), "{report:?}");
-    let refused = airlock::spine::SpineState::open(&dir, None).err().context("the server refuses a damaged log")?;
+    assert_eq!(
+        (report.valid, report.first_break_at),
+        (false, Some(4)),
+        "{report:?}"
+    );
+    let refused = airlock::spine::SpineState::open(&dir, None)
+        .err()
+        .context("the server refuses a damaged log")?;
     assert!(refused.to_string().contains("record 4"), "{refused}");
 
     // A careful forger swaps events 6 and 7 and re-frames them: the frames are intact,
@@ -303,7 +376,7 @@ async fn tampering_with_the_builtin_log_is_detected() -> Result<()> {
     std::fs::write(&path, &original)?;
     let mut reader = log::Reader::open(&path, None)?.context("log")?;
     let mut frames = Vec::new();
-    while let log::Step::Frame(f) = reader.next()? {
+    while let log::Step::Frame(f) = reader.read_next()? {
         frames.push(f);
     }
     frames.swap(5, 6);
@@ -313,11 +386,22 @@ async fn tampering_with_the_builtin_log_is_detected() -> Result<()> {
     }
     std::fs::write(&path, &forged)?;
     let report = airlock::spine::verify(&dir)?;
-    assert_eq!((report.valid, report.first_break_at), (false, Some(6)), "{report:?}");
-    assert_eq!(report.reason.as_deref(), Some("event_id should be 6, got 7"));
+    assert_eq!(
+        (report.valid, report.first_break_at),
+        (false, Some(6)),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.reason.as_deref(),
+        Some("event_id should be 6, got 7")
+    );
     let spine = BuiltinSpine::start(&dir).await;
     let answer = client(&spine.url).get("/verify").await?;
-    assert_eq!((&answer["valid"], &answer["first_break_at"]), (&json!(false), &json!(6)), "{answer}");
+    assert_eq!(
+        (&answer["valid"], &answer["first_break_at"]),
+        (&json!(false), &json!(6)),
+        "{answer}"
+    );
     spine.stop().await;
     Ok(())
 }
@@ -351,19 +435,36 @@ async fn the_spine_binary_survives_kill_9_without_losing_an_acknowledged_event()
         w.await?;
     }
     let acked = acked.lock().expect("lock").clone();
-    assert!(acked.len() > 20, "the writers got {} answers before the kill", acked.len());
+    assert!(
+        acked.len() > 20,
+        "the writers got {} answers before the kill",
+        acked.len()
+    );
 
     let spine = SpineProcess::start(&dir, port).await?;
     let stored: Vec<String> = client(&url)
         .events(None, Some("kill9"), 100_000)
         .await?
         .iter()
-        .map(|e| e["payload"]["event_id"].as_str().unwrap_or_default().to_owned())
+        .map(|e| {
+            e["payload"]["event_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     let set: HashSet<&String> = stored.iter().collect();
     assert_eq!(set.len(), stored.len(), "no event stored twice");
+    println!(
+        "kill -9: {} events acknowledged, {} stored after restart",
+        acked.len(),
+        stored.len()
+    );
     let lost: Vec<&String> = acked.iter().filter(|id| !set.contains(id)).collect();
-    assert!(lost.is_empty(), "acknowledged events lost by kill -9: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "acknowledged events lost by kill -9: {lost:?}"
+    );
     assert_eq!(client(&url).get("/verify").await?["valid"], true);
     // Writing again after the crash: an event that made it in before the kill is not
     // appended twice.

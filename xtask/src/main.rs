@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// Python packages the tests read the lake with.
-const PYTHON_PACKAGES: &[&str] = &["duckdb==1.5.5", "duckdb-extension-delta==1.5.5", "deltalake", "pytz"];
+const PYTHON_PACKAGES: &[&str] = &["duckdb==1.5.5", "duckdb-extension-delta==1.5.5", "deltalake", "pytz", "audit-stream==0.1.0", "moto[server]"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
@@ -86,7 +86,7 @@ fn ensure_postgres() -> Result<(), String> {
 }
 
 fn ensure_python_packages() -> Result<(), String> {
-    let check = "import duckdb, deltalake, pytz, importlib.metadata as m; m.version('duckdb-extension-delta')";
+    let check = "import duckdb, deltalake, pytz, audit_stream, moto, flask, importlib.metadata as m; m.version('duckdb-extension-delta')";
     if succeeds(Command::new("python3").args(["-c", check])) {
         return Ok(());
     }

@@ -81,6 +81,43 @@ pub mod oid {
     pub const NUMERIC: u32 = 1700;
     pub const UUID: u32 = 2950;
     pub const JSONB: u32 = 3802;
+
+    /// The element type of a built-in one-dimensional array type (`int4[]` → `int4`).
+    pub fn array_element(array_oid: u32) -> Option<u32> {
+        Some(match array_oid {
+            1000 => BOOL,
+            1001 => BYTEA,
+            1002 => CHAR,
+            1003 => NAME,
+            1005 => INT2,
+            1007 => INT4,
+            1016 => INT8,
+            1028 => OID,
+            1009 => TEXT,
+            1014 => BPCHAR,
+            1015 => VARCHAR,
+            1021 => FLOAT4,
+            1022 => FLOAT8,
+            1231 => NUMERIC,
+            1182 => DATE,
+            1183 => TIME,
+            1115 => TIMESTAMP,
+            1185 => TIMESTAMPTZ,
+            1187 => INTERVAL,
+            1270 => TIMETZ,
+            2951 => UUID,
+            199 => JSON,
+            3807 => JSONB,
+            143 => XML,
+            791 => MONEY,
+            1041 => 869,  // inet
+            651 => 650,   // cidr
+            1040 => 829,  // macaddr
+            1561 => 1560, // bit
+            1563 => 1562, // varbit
+            _ => return None,
+        })
+    }
 }
 
 /// A column value, typed by the column's PostgreSQL type.

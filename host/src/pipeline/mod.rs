@@ -237,44 +237,96 @@ impl Worker {
         }
     }
 
-    /// Runs the stages on one batch under the `on_error` policy. `Ok(None)` means the
-    /// source went away while the batch was halted.
-    fn process(&mut self, mut batch: Batch, source_gone: impl Fn() -> bool) -> Result<Option<Batch>, RuntimeError> {
+    /// Runs the stages on one batch under the `on_error` policy. When a batch of
+    /// several transactions fails, its transactions are run again one by one, so the
+    /// policy applies to the failing transaction alone: those before it go through
+    /// (handed to `emit` at once, before any halt), and only it is halted on or
+    /// dead-lettered. Returns false when the stream should stop: the source went away
+    /// while a transaction was halted, or `emit` found the sinks gone.
+    fn process(&mut self, batch: Batch, source_gone: impl Fn() -> bool, mut emit: impl FnMut(&Self, Batch) -> bool) -> Result<bool, RuntimeError> {
+        self.swap_if_offered();
+        match self.pipeline.process_observed(batch, Some(&self.status)) {
+            Ok(done) => {
+                self.status.clear_error("pipeline");
+                Ok(emit(self, done))
+            }
+            Err((back, error)) if back.txns.len() > 1 => {
+                tracing::warn!(
+                    error = %error,
+                    transactions = back.txns.len(),
+                    "a batch failed; running its transactions one by one to isolate the failing one"
+                );
+                for txn in back.into_transactions() {
+                    let Some(batch) = self.process_one(Batch::from_transactions([txn]), &source_gone)? else {
+                        return Ok(false);
+                    };
+                    if !emit(self, batch) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            Err((back, error)) => match self.on_failure(back, error, &source_gone)? {
+                Some(batch) => Ok(emit(self, batch)),
+                None => Ok(false),
+            },
+        }
+    }
+
+    /// Runs one transaction's batch until it passes, or the policy disposes of it.
+    fn process_one(&mut self, batch: Batch, source_gone: &impl Fn() -> bool) -> Result<Option<Batch>, RuntimeError> {
+        self.swap_if_offered();
+        match self.pipeline.process_observed(batch, Some(&self.status)) {
+            Ok(done) => {
+                self.status.clear_error("pipeline");
+                Ok(Some(done))
+            }
+            Err((back, error)) => self.on_failure(back, error, source_gone),
+        }
+    }
+
+    /// Applies `on_error` to a failed single-transaction batch.
+    /// `Ok(None)` when the source went away during a halt.
+    fn on_failure(&mut self, mut batch: Batch, mut error: RuntimeError, source_gone: &impl Fn() -> bool) -> Result<Option<Batch>, RuntimeError> {
         let mut backoff = Duration::from_millis(500);
         loop {
-            self.swap_if_offered();
-            match self.pipeline.process_observed(batch, Some(&self.status)) {
-                Ok(done) => {
-                    self.status.clear_error("pipeline");
-                    return Ok(Some(done));
-                }
-                Err((back, error)) => match &self.on_error {
-                    OnError::Halt => {
-                        self.status.error("pipeline", &error.to_string());
-                        if source_gone() {
-                            return Err(error);
+            match &self.on_error {
+                OnError::Halt => {
+                    self.status.error("pipeline", &error.to_string());
+                    if source_gone() {
+                        tracing::error!(error = %error, "stopping while halted: the transaction stays unacknowledged in the slot");
+                        return Ok(None);
+                    }
+                    tracing::error!(
+                        error = %error,
+                        retry_in = ?backoff,
+                        "pipeline halted: nothing past this transaction is acknowledged; \
+                         retrying (fix or replace the guest: a reload is picked up here)"
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    self.swap_if_offered();
+                    match self.pipeline.process_observed(batch, Some(&self.status)) {
+                        Ok(done) => {
+                            self.status.clear_error("pipeline");
+                            return Ok(Some(done));
                         }
-                        tracing::error!(
-                            error = %error,
-                            retry_in = ?backoff,
-                            "pipeline halted: nothing past this transaction is acknowledged; \
-                             retrying (fix or replace the guest: a reload is picked up here)"
-                        );
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        batch = back;
+                        Err((back, again)) => {
+                            batch = back;
+                            error = again;
+                        }
                     }
-                    OnError::DeadLetter(dir) => {
-                        let path = dead_letter(dir, &back, &error).map_err(|e| RuntimeError::Engine(format!(
-                            "cannot write the dead-letter file in {}: {e}; halting", dir.display()
-                        )))?;
-                        tracing::warn!(error = %error, file = %path.display(), transactions = back.txns.len(), "transactions dead-lettered");
-                        self.status.error("pipeline", &format!("dead-lettered to {}: {error}", path.display()));
-                        // The transactions still count as done: sinks receive them
-                        // without rows, so the slot moves past them.
-                        return Ok(Some(Batch { txns: back.txns, pipeline: self.pipeline.version.clone(), ..Batch::default() }));
-                    }
-                },
+                }
+                OnError::DeadLetter(dir) => {
+                    let path = dead_letter(dir, &batch, &error).map_err(|e| {
+                        RuntimeError::Engine(format!("cannot write the dead-letter file in {}: {e}; halting", dir.display()))
+                    })?;
+                    tracing::warn!(error = %error, file = %path.display(), "transaction dead-lettered");
+                    self.status.error("pipeline", &format!("dead-lettered to {}: {error}", path.display()));
+                    // The transaction still counts as done: sinks receive it without
+                    // rows, so the slot moves past it.
+                    return Ok(Some(Batch { txns: batch.txns, pipeline: self.pipeline.version.clone(), ..Batch::default() }));
+                }
             }
         }
     }
@@ -327,14 +379,14 @@ pub fn run_worker(
         }
         let batch = Batch::from_transactions(txns);
         worker.count_in(&batch);
-        let Some(batch) = worker.process(batch, || rx.is_closed())? else { return Ok(()) };
-        worker.count_out(&batch);
-        let batch = Arc::new(batch);
-        for sink in &sinks {
-            if sink.blocking_send(batch.clone()).is_err() {
-                // The sink stopped; its task reports why.
-                return Ok(());
-            }
+        let emit = |worker: &Worker, batch: Batch| {
+            worker.count_out(&batch);
+            let batch = Arc::new(batch);
+            // A failed send means a sink stopped; its task reports why.
+            sinks.iter().all(|sink| sink.blocking_send(batch.clone()).is_ok())
+        };
+        if !worker.process(batch, || rx.is_closed(), emit)? {
+            return Ok(());
         }
     }
     Ok(())

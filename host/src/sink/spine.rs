@@ -141,7 +141,12 @@ pub struct Position {
 /// own LSN adds nothing to `(commit_lsn, index)`, and one TRUNCATE of several tables
 /// gives several changes with one LSN, so it is not part of the id.)
 pub fn event_id(source: &str, position: Position) -> String {
-    format!("{:016X}-{:06}-{}", position.commit_lsn.0, position.index, source_tag(source))
+    format!(
+        "{:016X}-{:06}-{}",
+        position.commit_lsn.0,
+        position.index,
+        source_tag(source)
+    )
 }
 
 fn source_tag(source: &str) -> String {
@@ -156,7 +161,10 @@ pub fn parse_event_id(source: &str, id: &str) -> Option<Position> {
     if parts.next().is_some() || lsn.len() != 16 || tag != source_tag(source) {
         return None;
     }
-    Some(Position { commit_lsn: Lsn(u64::from_str_radix(lsn, 16).ok()?), index: index.parse().ok()? })
+    Some(Position {
+        commit_lsn: Lsn(u64::from_str_radix(lsn, 16).ok()?),
+        index: index.parse().ok()?,
+    })
 }
 
 /// An HTTP client for an audit-stream-py compatible spine: one `reqwest::Client`, so
@@ -172,15 +180,29 @@ pub struct SpineClient {
 impl SpineClient {
     /// A client for the spine whose events endpoint is `url` (`http://h:p/events`; a
     /// URL without the `/events` path gets it added).
-    pub fn new(sink: &str, url: &str, token: Option<String>, timeout: Duration) -> Result<SpineClient, SinkError> {
-        let definite = |message: String| SinkError::Definite { sink: sink.to_owned(), message };
-        let parsed = reqwest::Url::parse(url).map_err(|e| definite(format!("url `{url}` is not a URL: {e}")))?;
+    pub fn new(
+        sink: &str,
+        url: &str,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<SpineClient, SinkError> {
+        let definite = |message: String| SinkError::Definite {
+            sink: sink.to_owned(),
+            message,
+        };
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| definite(format!("url `{url}` is not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(definite(format!("url `{url}`: expected http:// or https://")));
+            return Err(definite(format!(
+                "url `{url}`: expected http:// or https://"
+            )));
         }
         let trimmed = url.trim_end_matches('/');
-        let events_url =
-            if parsed.path().trim_end_matches('/').ends_with("/events") { trimmed.to_owned() } else { format!("{trimmed}/events") };
+        let events_url = if parsed.path().trim_end_matches('/').ends_with("/events") {
+            trimmed.to_owned()
+        } else {
+            format!("{trimmed}/events")
+        };
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
@@ -188,7 +210,12 @@ impl SpineClient {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| definite(format!("cannot build the HTTP client: {e}")))?;
-        Ok(SpineClient { http, events_url, token, sink: sink.to_owned() })
+        Ok(SpineClient {
+            http,
+            events_url,
+            token,
+            sink: sink.to_owned(),
+        })
     }
 
     /// The events endpoint.
@@ -198,7 +225,9 @@ impl SpineClient {
 
     /// POSTs one event (a JSON object); returns the stored event.
     pub async fn publish(&self, event: impl Into<Bytes>) -> Result<Json, SinkError> {
-        let (status, body) = self.send(self.http.post(&self.events_url), Some(event.into())).await?;
+        let (status, body) = self
+            .send(self.http.post(&self.events_url), Some(event.into()))
+            .await?;
         self.check(status, &body, "POST")?;
         self.json(&body)
     }
@@ -208,7 +237,10 @@ impl SpineClient {
     pub async fn publish_batch(&self, events: impl Into<Bytes>) -> Result<Option<Json>, SinkError> {
         let url = format!("{}/batch", self.events_url);
         let (status, body) = self.send(self.http.post(&url), Some(events.into())).await?;
-        if matches!(status, StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) {
+        if matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+        ) {
             return Ok(None);
         }
         self.check(status, &body, "POST /batch")?;
@@ -216,33 +248,54 @@ impl SpineClient {
     }
 
     /// `GET {url}?kind=&source=&limit=`: the newest `limit` matching events, oldest first.
-    pub async fn events(&self, kind: Option<&str>, source: Option<&str>, limit: usize) -> Result<Vec<Json>, SinkError> {
+    pub async fn events(
+        &self,
+        kind: Option<&str>,
+        source: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Json>, SinkError> {
         let mut query = vec![("limit", limit.to_string())];
         query.extend(kind.map(|k| ("kind", k.to_owned())));
         query.extend(source.map(|s| ("source", s.to_owned())));
-        let (status, body) = self.send(self.http.get(&self.events_url).query(&query), None).await?;
+        let (status, body) = self
+            .send(self.http.get(&self.events_url).query(&query), None)
+            .await?;
         self.check(status, &body, "GET")?;
         match self.json(&body)? {
             Json::Array(events) => Ok(events),
-            other => Err(self.definite(format!("GET {} answered {other} instead of a list of events", self.events_url))),
+            other => Err(self.definite(format!(
+                "GET {} answered {other} instead of a list of events",
+                self.events_url
+            ))),
         }
     }
 
     /// `GET` a path of the spine beside `/events` (`/stats`, `/verify`, `/events/7`).
     pub async fn get(&self, path: &str) -> Result<Json, SinkError> {
-        let base = self.events_url.strip_suffix("/events").unwrap_or(&self.events_url);
-        let (status, body) = self.send(self.http.get(format!("{base}{path}")), None).await?;
+        let base = self
+            .events_url
+            .strip_suffix("/events")
+            .unwrap_or(&self.events_url);
+        let (status, body) = self
+            .send(self.http.get(format!("{base}{path}")), None)
+            .await?;
         self.check(status, &body, "GET")?;
         self.json(&body)
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder, body: Option<Bytes>) -> Result<(StatusCode, Bytes), SinkError> {
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        body: Option<Bytes>,
+    ) -> Result<(StatusCode, Bytes), SinkError> {
         let mut request = request;
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
         if let Some(body) = body {
-            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
         }
         let unreachable = |e: reqwest::Error| {
             let mut message = format!("spine at {} unreachable: {e}", self.events_url);
@@ -251,7 +304,10 @@ impl SpineClient {
                 message.push_str(&format!(": {cause}"));
                 source = cause.source();
             }
-            SinkError::Transient { sink: self.sink.clone(), message }
+            SinkError::Transient {
+                sink: self.sink.clone(),
+                message,
+            }
         };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
@@ -265,21 +321,43 @@ impl SpineClient {
         }
         let mut answer = String::from_utf8_lossy(body).into_owned();
         if answer.len() > 2000 {
-            let cut = (0..=2000).rev().find(|&i| answer.is_char_boundary(i)).unwrap_or(0);
+            let cut = (0..=2000)
+                .rev()
+                .find(|&i| answer.is_char_boundary(i))
+                .unwrap_or(0);
             answer.truncate(cut);
             answer.push_str("...");
         }
         let message = format!("{what} {} answered {status}: {answer}", self.events_url);
-        let transient = status.is_server_error() || matches!(status, StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS);
-        Err(if transient { SinkError::Transient { sink: self.sink.clone(), message } } else { self.definite(message) })
+        let transient = status.is_server_error()
+            || matches!(
+                status,
+                StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
+            );
+        Err(if transient {
+            SinkError::Transient {
+                sink: self.sink.clone(),
+                message,
+            }
+        } else {
+            self.definite(message)
+        })
     }
 
     fn json(&self, body: &[u8]) -> Result<Json, SinkError> {
-        serde_json::from_slice(body).map_err(|e| self.definite(format!("the spine at {} answered invalid JSON: {e}", self.events_url)))
+        serde_json::from_slice(body).map_err(|e| {
+            self.definite(format!(
+                "the spine at {} answered invalid JSON: {e}",
+                self.events_url
+            ))
+        })
     }
 
     fn definite(&self, message: String) -> SinkError {
-        SinkError::Definite { sink: self.sink.clone(), message }
+        SinkError::Definite {
+            sink: self.sink.clone(),
+            message,
+        }
     }
 }
 
@@ -298,11 +376,19 @@ impl Watch {
             Some((s, t)) => (Some(s.to_owned()), t.to_owned()),
             None => (None, pattern.to_owned()),
         };
-        Watch { schema, table, kind: kind.to_owned(), source: source.to_owned() }
+        Watch {
+            schema,
+            table,
+            kind: kind.to_owned(),
+            source: source.to_owned(),
+        }
     }
 
     fn matches(&self, relation: &Relation) -> bool {
-        self.schema.as_deref().is_none_or(|s| glob(s, &relation.schema)) && glob(&self.table, &relation.name)
+        self.schema
+            .as_deref()
+            .is_none_or(|s| glob(s, &relation.schema))
+            && glob(&self.table, &relation.name)
     }
 }
 
@@ -366,10 +452,18 @@ impl SpineSink {
     /// definite answer (bad token, wrong URL) fails here.
     pub async fn open(settings: SpineSettings) -> Result<SpineSink, SinkError> {
         let watch = validate(&settings)?;
-        let client = SpineClient::new(&settings.name, &settings.url, settings.token.clone(), settings.request_timeout)?;
+        let client = SpineClient::new(
+            &settings.name,
+            &settings.url,
+            settings.token.clone(),
+            settings.request_timeout,
+        )?;
         let mut sources: BTreeSet<String> = watch.iter().map(|w| w.source.clone()).collect();
         sources.insert(settings.default_source.clone());
-        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            | 1;
         let mut sink = SpineSink {
             settings,
             client,
@@ -418,7 +512,10 @@ impl SpineSink {
     }
 
     fn definite(&self, message: String) -> SinkError {
-        SinkError::Definite { sink: self.settings.name.clone(), message }
+        SinkError::Definite {
+            sink: self.settings.name.clone(),
+            message,
+        }
     }
 
     /// The newest position among the spine's events of this sink's sources.
@@ -475,10 +572,13 @@ impl SpineSink {
             if self.batch_endpoint != Some(false) {
                 let mut count = 0;
                 let mut bytes = 0;
-                let mut body = Vec::with_capacity(self.pending.front().map_or(0, |p| p.body.len()) + 2);
+                let mut body =
+                    Vec::with_capacity(self.pending.front().map_or(0, |p| p.body.len()) + 2);
                 body.push(b'[');
                 for event in &self.pending {
-                    if count == self.settings.max_events.max(1) || (count > 0 && bytes + event.body.len() > BATCH_BYTES) {
+                    if count == self.settings.max_events.max(1)
+                        || (count > 0 && bytes + event.body.len() > BATCH_BYTES)
+                    {
                         break;
                     }
                     if count > 0 {
@@ -491,7 +591,12 @@ impl SpineSink {
                 body.push(b']');
                 let first = &self.pending[0];
                 let context = format!("{count} events from {} ({})", first.event_id, first.about);
-                match self.client.publish_batch(Bytes::from(body)).await.map_err(|e| with_context(e, &context))? {
+                match self
+                    .client
+                    .publish_batch(Bytes::from(body))
+                    .await
+                    .map_err(|e| with_context(e, &context))?
+                {
                     Some(_) => {
                         self.batch_endpoint = Some(true);
                         for event in self.pending.drain(..count) {
@@ -506,7 +611,10 @@ impl SpineSink {
             } else {
                 let event = &self.pending[0];
                 let context = format!("event {} ({})", event.event_id, event.about);
-                self.client.publish(event.body.clone()).await.map_err(|e| with_context(e, &context))?;
+                self.client
+                    .publish(event.body.clone())
+                    .await
+                    .map_err(|e| with_context(e, &context))?;
                 let event = self.pending.pop_front().expect("not empty");
                 self.delivered = Some(event.position);
             }
@@ -517,8 +625,14 @@ impl SpineSink {
 
 fn with_context(error: SinkError, context: &str) -> SinkError {
     match error {
-        SinkError::Transient { sink, message } => SinkError::Transient { sink, message: format!("{context}: {message}") },
-        SinkError::Definite { sink, message } => SinkError::Definite { sink, message: format!("{context}: {message}") },
+        SinkError::Transient { sink, message } => SinkError::Transient {
+            sink,
+            message: format!("{context}: {message}"),
+        },
+        SinkError::Definite { sink, message } => SinkError::Definite {
+            sink,
+            message: format!("{context}: {message}"),
+        },
     }
 }
 
@@ -528,14 +642,23 @@ fn validate(settings: &SpineSettings) -> Result<Vec<Watch>, SinkError> {
     let kinds = &settings.kinds;
     let check_kind = |what: String, kind: &str, problems: &mut Vec<String>| {
         if !kinds.iter().any(|k| k == kind) {
-            let hint = closest(kind, kinds).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
-            problems.push(format!("{what}: kind `{kind}` is not one of the spine's kinds{hint}: {}", kinds.join(", ")));
+            let hint = closest(kind, kinds)
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            problems.push(format!(
+                "{what}: kind `{kind}` is not one of the spine's kinds{hint}: {}",
+                kinds.join(", ")
+            ));
         }
     };
     if kinds.is_empty() {
         problems.push("kinds: the list of the spine's kinds is empty".to_owned());
     } else {
-        check_kind("default_kind".to_owned(), &settings.default_kind, &mut problems);
+        check_kind(
+            "default_kind".to_owned(),
+            &settings.default_kind,
+            &mut problems,
+        );
     }
     if settings.default_source.is_empty() {
         problems.push("default_source: must not be empty".to_owned());
@@ -557,7 +680,10 @@ fn validate(settings: &SpineSettings) -> Result<Vec<Watch>, SinkError> {
     if problems.is_empty() {
         Ok(watch)
     } else {
-        Err(SinkError::Definite { sink: settings.name.clone(), message: problems.join("; ") })
+        Err(SinkError::Definite {
+            sink: settings.name.clone(),
+            message: problems.join("; "),
+        })
     }
 }
 
@@ -599,11 +725,19 @@ fn operation(op: Op) -> &'static str {
 /// others hold no value, only `Null` placeholders).
 fn old_image(relation: &Relation, values: &[crate::change::Value]) -> Map<String, Json> {
     let all = row_to_json(relation, values);
-    if relation.replica_identity == ReplicaIdentity::Full || !relation.columns.iter().any(|c| c.key) {
+    if relation.replica_identity == ReplicaIdentity::Full || !relation.columns.iter().any(|c| c.key)
+    {
         return all;
     }
-    let keys: BTreeSet<&str> = relation.columns.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect();
-    all.into_iter().filter(|(name, _)| keys.contains(name.as_str())).collect()
+    let keys: BTreeSet<&str> = relation
+        .columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| c.name.as_str())
+        .collect();
+    all.into_iter()
+        .filter(|(name, _)| keys.contains(name.as_str()))
+        .collect()
 }
 
 impl Sink for SpineSink {
@@ -615,8 +749,11 @@ impl Sink for SpineSink {
         if let Some(end) = batch.end_lsn() {
             self.accepted_end = Some(self.accepted_end.map_or(end, |e| e.max(end)));
         }
-        let table_watch: Vec<Option<usize>> =
-            batch.tables.iter().map(|t| self.watch.iter().position(|w| w.matches(&t.relation))).collect();
+        let table_watch: Vec<Option<usize>> = batch
+            .tables
+            .iter()
+            .map(|t| self.watch.iter().position(|w| w.matches(&t.relation)))
+            .collect();
         let mut index_in_txn = vec![0u32; batch.txns.len()];
         let mut kept = false;
         for row in &batch.rows {
@@ -638,7 +775,9 @@ impl Sink for SpineSink {
                 .unwrap_or(&self.settings.default_source);
             let table = relation.qualified_name();
             if !self.settings.kinds.iter().any(|k| k == kind) {
-                let hint = closest(kind, &self.settings.kinds).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+                let hint = closest(kind, &self.settings.kinds)
+                    .map(|k| format!(" (did you mean `{k}`?)"))
+                    .unwrap_or_default();
                 return Err(self.definite(format!(
                     "a row of {table} (lsn {}) has {KIND_ANNOTATION} `{kind}`, which is not one of the spine's kinds{hint}: \
                      fix the guest's setting or add the kind to the sink's `kinds`",
@@ -646,10 +785,16 @@ impl Sink for SpineSink {
                 )));
             }
             if source.is_empty() {
-                return Err(self.definite(format!("a row of {table} (lsn {}) has an empty {SOURCE_ANNOTATION}", row.change.lsn)));
+                return Err(self.definite(format!(
+                    "a row of {table} (lsn {}) has an empty {SOURCE_ANNOTATION}",
+                    row.change.lsn
+                )));
             }
             kept = true;
-            let position = Position { commit_lsn: txn.commit_lsn, index };
+            let position = Position {
+                commit_lsn: txn.commit_lsn,
+                index,
+            };
             if self.delivered.is_some_and(|d| position <= d) {
                 continue;
             }

@@ -131,6 +131,24 @@ pub enum SourceError {
     SlotInUse { slot: String, pid: Option<i32> },
 
     #[error(
+        "replication slot `{slot}` has been in use by another consumer (pid {}) for {waited_secs} s: another airlock or replication client is streaming from it; stop it, end it with `SELECT pg_terminate_backend({})`, or give this airlock its own slot in [source] slot",
+        .pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+        .pid.map_or_else(|| "pid".to_owned(), |p| p.to_string())
+    )]
+    SlotBusy {
+        slot: String,
+        pid: Option<i32>,
+        waited_secs: u64,
+    },
+
+    #[error("the initial snapshot of `{table}` failed while {during}: {reason}")]
+    Snapshot {
+        table: String,
+        during: &'static str,
+        reason: String,
+    },
+
+    #[error(
         "replication slot `{slot}` uses output plugin `{plugin}` but airlock needs `pgoutput`: drop it with `SELECT pg_drop_replication_slot('{slot}')` or choose another slot name"
     )]
     SlotPlugin { slot: String, plugin: String },

@@ -29,10 +29,20 @@
 //!   it keeps sending status updates, so the server does not time the connection out.
 //! - Each change holds the `Arc<Relation>` current at the change; a Relation message
 //!   replaces the cache entry and never alters changes already made.
+//! - A column whose type is not built in is looked up in `pg_type` once (on an
+//!   ordinary connection) when its Relation message arrives: a domain becomes its base
+//!   type (and the domain's type modifier), an array of a domain the base's array type.
+//! - With REPLICA IDENTITY FULL an unchanged TOASTed value is filled in from the old
+//!   row; otherwise it stays [`Value::UnchangedToast`], never `Null`.
+//! - A slot held by another consumer is retried for `slot_busy_timeout`, then the
+//!   source stops with [`SourceError::SlotBusy`].
+//! - With `snapshot`, a missing slot is created by [`snapshot`] after the initial copy
+//!   is durable; streaming starts at its consistent point.
 
 pub mod error;
 pub mod pgoutput;
 pub mod protocol;
+pub mod snapshot;
 pub mod text;
 
 use std::collections::HashMap;
@@ -43,7 +53,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 pub use error::{PgError, SourceError};
-use pgoutput::{Message, TupleData, TupleValue};
+use pgoutput::{Message, OldKind, TupleData, TupleValue};
 use protocol::{ReplicationConnection, ReplicationEvent, ReplicationStream, SnapshotAction};
 
 use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta, Value};
@@ -52,6 +62,8 @@ use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta, Value};
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// Events handled per wake-up before status timers and shutdown are looked at again.
 const DRAIN_BUDGET: usize = 1024;
+/// How long a slot held by another consumer is retried before giving up.
+pub const DEFAULT_SLOT_BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -67,6 +79,16 @@ pub struct SourceSettings {
     pub create_slot: bool,
     /// Interval of standby status updates; default [`DEFAULT_STATUS_INTERVAL`].
     pub status_interval: Duration,
+    /// Tables (`schema.table`) for the publication when it does not exist: airlock
+    /// creates it `FOR TABLE` these. Empty: a missing publication is an error.
+    pub tables: Vec<String>,
+    /// How long the slot may be held by another consumer (retried meanwhile) before
+    /// [`SourceError::SlotBusy`] stops the source; default [`DEFAULT_SLOT_BUSY_TIMEOUT`].
+    pub slot_busy_timeout: Duration,
+    /// Take an initial snapshot when the slot does not exist yet (and create it then).
+    pub snapshot: bool,
+    /// Told the snapshot's progress, for `/status`.
+    pub on_snapshot: Option<snapshot::SnapshotObserver>,
 }
 
 impl SourceSettings {
@@ -78,6 +100,10 @@ impl SourceSettings {
             publication: publication.to_owned(),
             create_slot: false,
             status_interval: DEFAULT_STATUS_INTERVAL,
+            tables: Vec::new(),
+            slot_busy_timeout: DEFAULT_SLOT_BUSY_TIMEOUT,
+            snapshot: false,
+            on_snapshot: None,
         }
     }
 
@@ -122,6 +148,8 @@ pub async fn run(
     settings.validate()?;
     let mut progress = Progress::default();
     let mut backoff = INITIAL_BACKOFF;
+    // Since when the slot has been held by another consumer, without a session between.
+    let mut busy_since: Option<std::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -143,6 +171,22 @@ pub async fn run(
         };
         if streamed {
             backoff = INITIAL_BACKOFF;
+            busy_since = None;
+        }
+        // A slot held by someone else is retried (the walsender of a previous airlock
+        // may linger until wal_sender_timeout), but not forever: after
+        // `slot_busy_timeout` it is a definite error naming the holder.
+        if let SourceError::SlotInUse { slot, pid } = &err {
+            let since = *busy_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= settings.slot_busy_timeout {
+                return Err(SourceError::SlotBusy {
+                    slot: slot.clone(),
+                    pid: *pid,
+                    waited_secs: since.elapsed().as_secs(),
+                });
+            }
+        } else {
+            busy_since = None;
         }
         warn!(
             slot = %settings.slot,
@@ -198,7 +242,18 @@ async fn session(
         server_version = conn.server_version().unwrap_or("unknown"),
         "connected to postgresql"
     );
-    let confirmed = check_catalog(settings, &mut conn).await?;
+    let confirmed = match check_catalog(settings, &mut conn).await? {
+        Some(confirmed) => confirmed,
+        None => match snapshot::take(settings, &mut conn, tx, durable, shutdown).await? {
+            Some((consistent_point, last_chunk)) => {
+                if let Some(last) = last_chunk {
+                    progress.dispatched = progress.dispatched.max(last);
+                }
+                consistent_point
+            }
+            None => return Ok(()),
+        },
+    };
     progress.flushed = progress.flushed.max(confirmed);
     let stream = conn
         .start_replication(
@@ -220,17 +275,20 @@ async fn session(
         assembler: Assembler::default(),
         received: Lsn::ZERO,
         idle: Lsn::ZERO,
+        catalog: None,
     }
     .run()
     .await
 }
 
 /// Checks `wal_level`, the publication and the slot over an ordinary SQL connection,
-/// creating the slot when allowed. Returns the slot's confirmed flush LSN.
+/// creating the publication from `tables` and the slot when allowed. Returns the
+/// slot's confirmed flush LSN, or `None` when the slot is missing and the initial
+/// snapshot is to create it.
 async fn check_catalog(
     settings: &SourceSettings,
     conn: &mut ReplicationConnection,
-) -> Result<Lsn, SourceError> {
+) -> Result<Option<Lsn>, SourceError> {
     let addr = settings.connect.addr();
     let user = settings.connect.user.as_str();
     let fail = |during: &'static str| {
@@ -270,9 +328,17 @@ async fn check_catalog(
             .await
             .map_err(fail("checking the publication"))?;
         if publication.is_none() {
-            return Err(SourceError::PublicationMissing {
-                publication: settings.publication.clone(),
-            });
+            if settings.tables.is_empty() {
+                return Err(SourceError::PublicationMissing {
+                    publication: settings.publication.clone(),
+                });
+            }
+            let sql = create_publication_sql(&settings.publication, &settings.tables);
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(fail("creating the publication from [source] tables"))?;
+            info!(publication = %settings.publication, tables = ?settings.tables, "created publication");
         }
 
         let slot = client
@@ -320,18 +386,40 @@ async fn check_catalog(
     let _ = connection.await;
 
     match checks? {
-        Some(confirmed) => Ok(confirmed),
+        Some(confirmed) => Ok(Some(confirmed)),
+        // The snapshot creates the slot once it is complete.
+        None if settings.create_slot && settings.snapshot => Ok(None),
         None if settings.create_slot => {
             let created = conn
                 .create_logical_slot(&settings.slot, false, SnapshotAction::NoExport)
                 .await?;
             info!(slot = %created.slot_name, lsn = %created.consistent_point, "created replication slot");
-            Ok(created.consistent_point)
+            Ok(Some(created.consistent_point))
         }
         None => Err(SourceError::SlotMissing {
             slot: settings.slot.clone(),
         }),
     }
+}
+
+/// `CREATE PUBLICATION "pub" FOR TABLE "schema"."table", ...` for `[source] tables`.
+fn create_publication_sql(publication: &str, tables: &[String]) -> String {
+    let tables: Vec<String> = tables
+        .iter()
+        .map(|t| match t.split_once('.') {
+            Some((schema, table)) => format!(
+                "{}.{}",
+                protocol::quote_ident(schema),
+                protocol::quote_ident(table)
+            ),
+            None => protocol::quote_ident(t),
+        })
+        .collect();
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        protocol::quote_ident(publication),
+        tables.join(", ")
+    )
 }
 
 fn catalog_error(
@@ -375,6 +463,8 @@ struct Streamer<'a> {
     received: Lsn,
     /// Highest LSN known to hold nothing for us, seen outside a transaction.
     idle: Lsn,
+    /// An ordinary connection for catalog lookups (column types), opened on demand.
+    catalog: Option<tokio_postgres::Client>,
 }
 
 impl Streamer<'_> {
@@ -432,7 +522,11 @@ impl Streamer<'_> {
                 wal_start, data, ..
             } => {
                 self.received = self.received.max(wal_start);
-                if let Some(txn) = self.assembler.apply(wal_start, &data)? {
+                let txn = self.assembler.apply(wal_start, &data)?;
+                if let Some(oid) = self.assembler.unresolved.take() {
+                    self.resolve_types(oid).await?;
+                }
+                if let Some(txn) = txn {
                     return self.commit(txn, ticker).await;
                 }
             }
@@ -491,6 +585,57 @@ impl Streamer<'_> {
         Ok(true)
     }
 
+    /// Looks up the column types of relation `oid` that are not built in (domains,
+    /// arrays of domains) in the catalog, and rewrites the cached relation so that a
+    /// domain column has its base type (and the domain's type modifier).
+    async fn resolve_types(&mut self, oid: u32) -> Result<(), SourceError> {
+        let Some(relation) = self.assembler.relations.get(&oid).cloned() else {
+            return Ok(());
+        };
+        let missing: Vec<u32> = relation
+            .columns
+            .iter()
+            .map(|c| c.type_oid)
+            .filter(|t| *t >= FIRST_NORMAL_OID && !self.assembler.types.contains_key(t))
+            .collect();
+        if !missing.is_empty() {
+            let addr = self.settings.connect.addr();
+            let user = self.settings.connect.user.clone();
+            let fail = |e| catalog_error(&addr, &user, "resolving column types", e);
+            if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
+                let (client, connection) = self
+                    .settings
+                    .connect
+                    .tokio_postgres_config()
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(fail)?;
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        debug!(error = %error, "type catalog connection ended");
+                    }
+                });
+                self.catalog = Some(client);
+            }
+            let client = self.catalog.as_ref().expect("connected above");
+            for type_oid in missing {
+                let resolved = resolve_type(client, type_oid).await.map_err(fail)?;
+                if resolved.0 != type_oid {
+                    debug!(
+                        type_oid,
+                        base_oid = resolved.0,
+                        "resolved a domain to its base type"
+                    );
+                }
+                self.assembler.types.insert(type_oid, resolved);
+            }
+        }
+        let mut relation = (*relation).clone();
+        self.assembler.apply_types(&mut relation);
+        self.assembler.relations.insert(oid, Arc::new(relation));
+        Ok(())
+    }
+
     /// The flush LSN to report now; never lower than one reported before.
     fn flush_lsn(&mut self) -> Lsn {
         let durable = *self.durable.borrow();
@@ -513,14 +658,91 @@ impl Streamer<'_> {
     }
 }
 
+/// OIDs below this are built into PostgreSQL; types at or above it (domains, enums,
+/// composite and range types, their arrays) are looked up in the catalog.
+const FIRST_NORMAL_OID: u32 = 16_384;
+
+/// `(base type, type modifier)` of a type: for a domain, the base type of the
+/// (innermost) domain and the outermost type modifier; for an array of a domain, the
+/// array type of its base type; otherwise the type itself and -1.
+async fn resolve_type(
+    client: &tokio_postgres::Client,
+    type_oid: u32,
+) -> Result<(u32, i32), tokio_postgres::Error> {
+    const QUERY: &str = "SELECT typtype::text, typbasetype, typtypmod, typelem, typcategory::text, \
+                         (SELECT b.typarray FROM pg_type b WHERE b.oid = t.typelem) \
+                         FROM pg_type t WHERE oid = $1";
+    let mut current = type_oid;
+    let mut typmod = -1;
+    // Domains over domains: bounded, in case the catalog is odd.
+    for _ in 0..16 {
+        let Some(row) = client.query_opt(QUERY, &[&current]).await? else {
+            break;
+        };
+        let typtype: String = row.get(0);
+        if typtype == "d" {
+            let domain_typmod: i32 = row.get(2);
+            if typmod == -1 {
+                typmod = domain_typmod;
+            }
+            current = row.get(1);
+            continue;
+        }
+        let element: u32 = row.get(3);
+        let category: String = row.get(4);
+        if category == "A" && element >= FIRST_NORMAL_OID {
+            let (base, element_typmod) = Box::pin(resolve_type(client, element)).await?;
+            if base != element {
+                let array: Option<u32> = client
+                    .query_opt("SELECT typarray FROM pg_type WHERE oid = $1", &[&base])
+                    .await?
+                    .map(|r| r.get(0));
+                if let Some(array) = array.filter(|a| *a != 0) {
+                    current = array;
+                    if typmod == -1 {
+                        typmod = element_typmod;
+                    }
+                }
+            }
+        }
+        break;
+    }
+    Ok((current, typmod))
+}
+
 /// Turns decoded pgoutput messages into committed transactions.
 #[derive(Debug, Default)]
 struct Assembler {
     relations: HashMap<u32, Arc<Relation>>,
     current: Option<Transaction>,
+    /// Resolved non-built-in column types: OID → (base type OID, type modifier).
+    types: HashMap<u32, (u32, i32)>,
+    /// A relation just described whose column types need a catalog lookup.
+    unresolved: Option<u32>,
 }
 
 impl Assembler {
+    /// Rewrites domain columns to their base type with the types resolved so far;
+    /// returns whether some non-built-in type is not resolved yet.
+    fn apply_types(&self, relation: &mut Relation) -> bool {
+        let mut missing = false;
+        for column in &mut relation.columns {
+            if column.type_oid < FIRST_NORMAL_OID {
+                continue;
+            }
+            match self.types.get(&column.type_oid) {
+                Some(&(base, typmod)) => {
+                    column.type_oid = base;
+                    if column.type_modifier == -1 {
+                        column.type_modifier = typmod;
+                    }
+                }
+                None => missing = true,
+            }
+        }
+        missing
+    }
+
     fn in_transaction(&self) -> bool {
         self.current.is_some()
     }
@@ -559,7 +781,10 @@ impl Assembler {
                 return Ok(Some(txn));
             }
             Message::Relation(body) => {
-                let relation = body.to_relation();
+                let mut relation = body.to_relation();
+                if self.apply_types(&mut relation) {
+                    self.unresolved = Some(relation.oid);
+                }
                 debug!(oid = relation.oid, relation = %relation.qualified_name(), columns = relation.columns.len(), "relation described");
                 self.relations.insert(relation.oid, Arc::new(relation));
             }
@@ -571,10 +796,20 @@ impl Assembler {
             Message::Update(update) => {
                 let relation = self.relation(update.relation_oid, lsn)?;
                 let old = match update.old {
-                    Some((_, tuple)) => Some(image(&relation, tuple, lsn)?),
+                    Some((kind, tuple)) => Some((kind, image(&relation, tuple, lsn)?)),
                     None => None,
                 };
-                let new = image(&relation, update.new, lsn)?;
+                let mut new = image(&relation, update.new, lsn)?;
+                // REPLICA IDENTITY FULL sends the whole old row, TOASTed values
+                // included: an unchanged TOASTed value is filled from it.
+                if let Some((OldKind::Full, old)) = &old {
+                    for (value, before) in new.iter_mut().zip(old) {
+                        if *value == Value::UnchangedToast && *before != Value::UnchangedToast {
+                            *value = before.clone();
+                        }
+                    }
+                }
+                let old = old.map(|(_, image)| image);
                 self.push(lsn, relation, Op::Update, Some(new), old)?;
             }
             Message::Delete(delete) => {
@@ -891,6 +1126,7 @@ mod tests {
                 assembler: Assembler::default(),
                 received: Lsn::ZERO,
                 idle: Lsn::ZERO,
+                catalog: None,
             }
             .run()
             .await;
@@ -1002,6 +1238,19 @@ mod tests {
         result.unwrap();
         assert_eq!(progress.dispatched, Lsn(0x1_0000_0130));
         assert_eq!(h.rx.recv().await.unwrap().meta.end_lsn, Lsn(0x1_0000_0130));
+    }
+
+    /// Regression: at a fast shutdown the walsender sends CommandComplete without
+    /// CopyDone; that ended the source with a definite protocol error instead of a
+    /// reconnect.
+    #[tokio::test]
+    async fn command_complete_at_server_shutdown_is_a_transient_end_of_stream() {
+        let mut h = harness(4, Progress::default()).await;
+        h.server.send(b'C', b"COPY 0\0").await;
+        let (result, _) = h.task.await.unwrap();
+        let err = result.unwrap_err();
+        assert!(matches!(err, SourceError::StreamEnded { .. }), "{err}");
+        assert!(err.is_transient());
     }
 
     #[tokio::test]

@@ -1100,7 +1100,9 @@ impl ReplicationStream {
             };
             return match frame.tag {
                 b'd' => self.copy_data(frame.body).map(|e| Some(Some(e))),
-                b'c' => {
+                // CopyDone; or CommandComplete without CopyDone, which is how a
+                // walsender ends the stream when the server shuts down (`WalSndDone`).
+                b'c' | b'C' => {
                     self.done = true;
                     Ok(Some(None))
                 }

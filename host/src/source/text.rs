@@ -137,6 +137,53 @@ pub fn type_name(type_oid: u32) -> &'static str {
     }
 }
 
+/// The elements of a one-dimensional array in PostgreSQL's text output
+/// (`{1,NULL,"a b"}`), `None` for `NULL` elements. Returns `None` for anything else:
+/// multi-dimensional arrays, arrays with explicit bounds (`[0:1]={...}`), bad text.
+pub fn parse_array(text: &str) -> Option<Vec<Option<String>>> {
+    let inner = text.strip_prefix('{')?.strip_suffix('}')?;
+    let mut out = Vec::new();
+    if inner.is_empty() {
+        return Some(out);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut element = String::new();
+            loop {
+                match chars.next()? {
+                    '\\' => element.push(chars.next()?),
+                    '"' => break,
+                    c => element.push(c),
+                }
+            }
+            out.push(Some(element));
+        } else {
+            let mut element = String::new();
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                if matches!(c, '{' | '}' | '"' | '\\') {
+                    return None;
+                }
+                element.push(c);
+                chars.next();
+            }
+            if element.is_empty() {
+                return None;
+            }
+            out.push((!element.eq_ignore_ascii_case("NULL")).then_some(element));
+        }
+        match chars.next() {
+            None => return Some(out),
+            Some(',') => {}
+            Some(_) => return None,
+        }
+    }
+}
+
 fn parse_float(text: &[u8]) -> Option<f64> {
     match text {
         b"NaN" => Some(f64::NAN),
@@ -384,6 +431,24 @@ impl<'a> Parser<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_dimensional_arrays_split_into_elements() {
+        let some = |v: &[Option<&str>]| Some(v.iter().map(|e| e.map(str::to_owned)).collect());
+        assert_eq!(parse_array("{}"), some(&[]));
+        assert_eq!(
+            parse_array("{1,2,NULL}"),
+            some(&[Some("1"), Some("2"), None])
+        );
+        assert_eq!(
+            parse_array(r#"{"a b","NULL","q\"x\\y",""}"#),
+            some(&[Some("a b"), Some("NULL"), Some("q\"x\\y"), Some("")])
+        );
+        assert_eq!(parse_array("{{1,2},{3,4}}"), None);
+        assert_eq!(parse_array("[0:1]={1,2}"), None);
+        assert_eq!(parse_array("{1,"), None);
+        assert_eq!(parse_array("1,2"), None);
+    }
 
     fn col(type_oid: u32) -> Column {
         Column {

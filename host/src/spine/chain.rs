@@ -136,7 +136,9 @@ pub fn write_float(f: f64, out: &mut Vec<u8>) {
             out.extend_from_slice(&digits[1..]);
         }
         let e = decpt - 1;
-        out.extend_from_slice(format!("e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs()).as_bytes());
+        out.extend_from_slice(
+            format!("e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs()).as_bytes(),
+        );
     } else if decpt <= 0 {
         out.extend_from_slice(b"0.");
         out.extend(std::iter::repeat_n(b'0', (-decpt) as usize));
@@ -244,10 +246,14 @@ mod tests {
 
     #[test]
     fn objects_sort_keys_and_numbers_keep_their_kind() {
-        let value: Json =
-            serde_json::from_str(r#"{"b": [1.0, 1e2, 10000000000000000000, -5], "a": {"é": null, "z": true}}"#)
-                .unwrap();
-        assert_eq!(text(&value), r#"{"a":{"z":true,"\u00e9":null},"b":[1.0,100.0,10000000000000000000,-5]}"#);
+        let value: Json = serde_json::from_str(
+            r#"{"b": [1.0, 1e2, 10000000000000000000, -5], "a": {"é": null, "z": true}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            text(&value),
+            r#"{"a":{"z":true,"\u00e9":null},"b":[1.0,100.0,10000000000000000000,-5]}"#
+        );
     }
 
     #[test]
@@ -256,7 +262,14 @@ mod tests {
         // POST /events {"kind":"other","source":"a","payload":{"x":"é😀","f":1e-7,"g":1e16},
         //               "timestamp":"2024-01-01T00:00:00Z"}
         let payload = canonical(&json!({"x": "é😀", "f": 1e-7, "g": 1e16}));
-        let body = event_body(1, "other", &payload, GENESIS_HASH, "a", "2024-01-01T00:00:00Z");
+        let body = event_body(
+            1,
+            "other",
+            &payload,
+            GENESIS_HASH,
+            "a",
+            "2024-01-01T00:00:00Z",
+        );
         assert_eq!(
             hex::encode(hash(&body)),
             "53c3247217f0facbafc689b1dd5499532bbf3b2252e68185d5cec72a59144847"
@@ -268,6 +281,9 @@ mod tests {
         assert_eq!(body, canonical(&whole));
         let served: Json = serde_json::from_slice(&event_json(&body, &hash(&body))).unwrap();
         assert_eq!(served["payload"]["x"], "é😀");
-        assert_eq!(served["hash"], "53c3247217f0facbafc689b1dd5499532bbf3b2252e68185d5cec72a59144847");
+        assert_eq!(
+            served["hash"],
+            "53c3247217f0facbafc689b1dd5499532bbf3b2252e68185d5cec72a59144847"
+        );
     }
 }

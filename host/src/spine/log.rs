@@ -100,10 +100,14 @@ pub enum End {
     /// An unacknowledged write cut short by a crash: `bytes` from `offset` to the end.
     Torn { offset: u64, bytes: u64 },
     /// A damaged frame that is not a torn tail: record number `record` at `offset`.
-    Corrupt { record: u64, offset: u64, reason: String },
+    Corrupt {
+        record: u64,
+        offset: u64,
+        reason: String,
+    },
 }
 
-/// What [`Reader::next`] found.
+/// What [`Reader::read_next`] found.
 #[derive(Debug)]
 pub enum Step {
     Frame(Frame),
@@ -123,7 +127,11 @@ impl Reader {
     /// Opens `path` for reading up to `len` bytes (the whole file when `None`).
     /// Returns `Ok(None)` when the file is shorter than its header (never written).
     pub fn open(path: &Path, len: Option<u64>) -> Result<Option<Reader>, LogError> {
-        let io = |action, source| LogError::Io { path: path.to_path_buf(), action, source };
+        let io = |action, source| LogError::Io {
+            path: path.to_path_buf(),
+            action,
+            source,
+        };
         let file = File::open(path).map_err(|e| io("open", e))?;
         let file_len = file.metadata().map_err(|e| io("stat", e))?.len();
         let len = len.map_or(file_len, |l| l.min(file_len));
@@ -133,14 +141,27 @@ impl Reader {
             if header[..got] == FILE_HEADER[..got] {
                 return Ok(None);
             }
-            return Err(LogError::NotALog { path: path.to_path_buf() });
+            return Err(LogError::NotALog {
+                path: path.to_path_buf(),
+            });
         }
         if &header != FILE_HEADER {
-            return Err(LogError::NotALog { path: path.to_path_buf() });
+            return Err(LogError::NotALog {
+                path: path.to_path_buf(),
+            });
         }
-        let mut reader = BufReader::with_capacity(1 << 20, file.try_clone().map_err(|e| io("open", e))?);
-        reader.seek(SeekFrom::Start(FILE_HEADER.len() as u64)).map_err(|e| io("seek", e))?;
-        Ok(Some(Reader { file, reader, pos: FILE_HEADER.len() as u64, len, records: 0 }))
+        let mut reader =
+            BufReader::with_capacity(1 << 20, file.try_clone().map_err(|e| io("open", e))?);
+        reader
+            .seek(SeekFrom::Start(FILE_HEADER.len() as u64))
+            .map_err(|e| io("seek", e))?;
+        Ok(Some(Reader {
+            file,
+            reader,
+            pos: FILE_HEADER.len() as u64,
+            len,
+            records: 0,
+        }))
     }
 
     /// Frames read so far.
@@ -149,7 +170,7 @@ impl Reader {
     }
 
     /// The next intact frame, or how the log ends.
-    pub fn next(&mut self) -> io::Result<Step> {
+    pub fn read_next(&mut self) -> io::Result<Step> {
         let remaining = self.len - self.pos;
         if remaining == 0 {
             return Ok(Step::End(End::Clean));
@@ -169,13 +190,22 @@ impl Reader {
         let mut body = vec![0u8; len as usize];
         self.reader.read_exact(&mut body)?;
         if frame_sum(len, &body) != header[8..16] {
-            let zero_tail = body.len() >= 8 && body[body.len().saturating_sub(4096)..].iter().all(|&b| b == 0);
-            return self.bad(zero_tail, "frame checksum mismatch: the record was edited or damaged");
+            let zero_tail = body.len() >= 8
+                && body[body.len().saturating_sub(4096)..]
+                    .iter()
+                    .all(|&b| b == 0);
+            return self.bad(
+                zero_tail,
+                "frame checksum mismatch: the record was edited or damaged",
+            );
         }
         if body.len() < HASH_LEN + 2 {
             return self.bad(false, "frame too short to hold an event");
         }
-        let frame = Frame { offset: self.pos, body };
+        let frame = Frame {
+            offset: self.pos,
+            body,
+        };
         self.pos += FRAME_HEADER + u64::from(len);
         self.records += 1;
         Ok(Step::Frame(frame))
@@ -185,16 +215,31 @@ impl Reader {
     fn bad(&mut self, zero_tail: bool, reason: &str) -> io::Result<Step> {
         let offset = self.pos;
         let record = self.records + 1;
-        let corrupt = || End::Corrupt { record, offset, reason: reason.to_owned() };
+        let corrupt = || End::Corrupt {
+            record,
+            offset,
+            reason: reason.to_owned(),
+        };
         if let Some(next) = self.find_frame_after(offset + 1)? {
             let reason = format!("{reason}; an intact record follows at byte {next}");
-            return Ok(Step::End(End::Corrupt { record, offset, reason }));
+            return Ok(Step::End(End::Corrupt {
+                record,
+                offset,
+                reason,
+            }));
         }
         let rest = self.len - offset;
         let incomplete = reason.starts_with("incomplete") || reason.starts_with("frame runs past");
         let all_zero = self.all_zero(offset, rest)?;
         let torn = incomplete || zero_tail || all_zero;
-        Ok(Step::End(if torn { End::Torn { offset, bytes: rest } } else { corrupt() }))
+        Ok(Step::End(if torn {
+            End::Torn {
+                offset,
+                bytes: rest,
+            }
+        } else {
+            corrupt()
+        }))
     }
 
     fn all_zero(&self, from: u64, bytes: u64) -> io::Result<bool> {
@@ -278,7 +323,11 @@ impl Writer {
     /// Run recovery ([`Reader`], [`cut_torn_tail`]) after this and before appending.
     pub fn open(dir: &Path) -> Result<Writer, LogError> {
         let path = dir.join(LOG_FILE);
-        let io = |action, source| LogError::Io { path: path.clone(), action, source };
+        let io = |action, source| LogError::Io {
+            path: path.clone(),
+            action,
+            source,
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -294,16 +343,23 @@ impl Writer {
         let len = file.metadata().map_err(|e| io("stat", e))?.len();
         if len < FILE_HEADER.len() as u64 {
             let mut start = vec![0u8; len as usize];
-            file.read_exact_at(&mut start, 0).map_err(|e| io("read", e))?;
+            file.read_exact_at(&mut start, 0)
+                .map_err(|e| io("read", e))?;
             if start[..] != FILE_HEADER[..start.len()] {
                 return Err(LogError::NotALog { path });
             }
-            file.write_all_at(FILE_HEADER, 0).map_err(|e| io("write", e))?;
+            file.write_all_at(FILE_HEADER, 0)
+                .map_err(|e| io("write", e))?;
             file.sync_all().map_err(|e| io("fsync", e))?;
             sync_dir(dir).map_err(|e| io("fsync directory", e))?;
         }
         let len = len.max(FILE_HEADER.len() as u64);
-        Ok(Writer { path, file, len, poisoned: None })
+        Ok(Writer {
+            path,
+            file,
+            len,
+            poisoned: None,
+        })
     }
 
     /// Sets where the next frame goes, after recovery cut a torn tail off.
@@ -312,7 +368,7 @@ impl Writer {
     }
 
     /// Bytes in the log.
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.len
     }
 
@@ -330,7 +386,10 @@ impl Writer {
             return Err(message);
         }
         if let Err(e) = self.file.sync_data() {
-            let message = format!("{}: fsync failed: {e}; restart the spine", self.path.display());
+            let message = format!(
+                "{}: fsync failed: {e}; restart the spine",
+                self.path.display()
+            );
             self.poisoned = Some(message.clone());
             return Err(message);
         }
@@ -348,12 +407,23 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 pub fn cut_torn_tail(dir: &Path, offset: u64, bytes: u64) -> Result<PathBuf, LogError> {
     let path = dir.join(LOG_FILE);
     let aside = dir.join(format!("torn-{offset}.bin"));
-    let io = |action, source| LogError::Io { path: path.clone(), action, source };
-    let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| io("open", e))?;
+    let io = |action, source| LogError::Io {
+        path: path.clone(),
+        action,
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io("open", e))?;
     let mut tail = vec![0u8; bytes as usize];
-    file.read_exact_at(&mut tail, offset).map_err(|e| io("read", e))?;
+    file.read_exact_at(&mut tail, offset)
+        .map_err(|e| io("read", e))?;
     let mut out = File::create(&aside).map_err(|e| io("save torn tail", e))?;
-    out.write_all(&tail).and_then(|()| out.sync_all()).map_err(|e| io("save torn tail", e))?;
+    out.write_all(&tail)
+        .and_then(|()| out.sync_all())
+        .map_err(|e| io("save torn tail", e))?;
     file.set_len(offset).map_err(|e| io("truncate", e))?;
     file.sync_all().map_err(|e| io("fsync", e))?;
     sync_dir(dir).map_err(|e| io("fsync directory", e))?;
@@ -365,7 +435,8 @@ mod tests {
     use super::*;
 
     fn dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("airlock-spine-log-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("airlock-spine-log-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -375,7 +446,7 @@ mod tests {
         let mut w = Writer::open(dir).unwrap();
         let mut offsets = Vec::new();
         for e in events {
-            offsets.push(w.len());
+            offsets.push(w.size());
             let mut frame = Vec::new();
             encode_frame(&[7; 32], e.as_bytes(), &mut frame);
             w.append(&frame).unwrap();
@@ -387,7 +458,7 @@ mod tests {
         let mut r = Reader::open(&dir.join(LOG_FILE), None).unwrap().unwrap();
         let mut out = Vec::new();
         loop {
-            match r.next().unwrap() {
+            match r.read_next().unwrap() {
                 Step::Frame(f) => out.push(String::from_utf8(f.canonical().to_vec()).unwrap()),
                 Step::End(end) => return (out, end),
             }
@@ -398,7 +469,13 @@ mod tests {
     fn frames_read_back_in_order() {
         let d = dir("order");
         write(&d, &["{\"a\":1}", "{\"b\":2}"]);
-        assert_eq!(read_all(&d), (vec!["{\"a\":1}".to_owned(), "{\"b\":2}".to_owned()], End::Clean));
+        assert_eq!(
+            read_all(&d),
+            (
+                vec!["{\"a\":1}".to_owned(), "{\"b\":2}".to_owned()],
+                End::Clean
+            )
+        );
     }
 
     #[test]
@@ -412,7 +489,10 @@ mod tests {
             std::fs::write(&path, &original[..(full - cut) as usize]).unwrap();
             let (events, end) = read_all(&d);
             assert_eq!(events.len(), 2, "cut {cut}");
-            assert!(matches!(end, End::Torn { bytes, .. } if bytes == 16 + 32 + 7 - cut), "cut {cut}: {end:?}");
+            assert!(
+                matches!(end, End::Torn { bytes, .. } if bytes == 16 + 32 + 7 - cut),
+                "cut {cut}: {end:?}"
+            );
         }
         std::fs::write(&path, &original).unwrap();
         // A zero-filled extent (the size grew, the data never landed) is torn too.
@@ -420,7 +500,9 @@ mod tests {
         f.set_len(full + 100).unwrap();
         let (events, end) = read_all(&d);
         assert_eq!(events.len(), 3);
-        let End::Torn { offset, bytes } = end else { panic!("{end:?}") };
+        let End::Torn { offset, bytes } = end else {
+            panic!("{end:?}")
+        };
         assert_eq!((offset, bytes), (full, 100));
         let aside = cut_torn_tail(&d, offset, bytes).unwrap();
         assert_eq!(std::fs::read(aside).unwrap(), vec![0u8; 100]);
@@ -453,7 +535,10 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let (events, end) = read_all(&d);
         assert_eq!(events.len(), 1);
-        assert!(matches!(&end, End::Corrupt { record: 2, reason, .. } if reason.contains("checksum")), "{end:?}");
+        assert!(
+            matches!(&end, End::Corrupt { record: 2, reason, .. } if reason.contains("checksum")),
+            "{end:?}"
+        );
     }
 
     #[test]

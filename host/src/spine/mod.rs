@@ -137,9 +137,18 @@ pub enum SpineError {
         path = path.display(),
         dir = path.parent().unwrap_or(Path::new(".")).display()
     )]
-    Corrupt { path: PathBuf, record: u64, offset: u64, reason: String },
+    Corrupt {
+        path: PathBuf,
+        record: u64,
+        offset: u64,
+        reason: String,
+    },
     #[error("{path}: record {record} is not a spine event: {reason}", path = path.display())]
-    BadRecord { path: PathBuf, record: u64, reason: String },
+    BadRecord {
+        path: PathBuf,
+        record: u64,
+        reason: String,
+    },
     #[error("spine server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -184,7 +193,7 @@ pub(crate) fn verify_file(path: &Path, len: Option<u64>) -> Result<VerifyReport,
     };
     let mut chain = Chain::default();
     loop {
-        let step = reader.next().map_err(|source| log::LogError::Io {
+        let step = reader.read_next().map_err(|source| log::LogError::Io {
             path: path.to_path_buf(),
             action: "read",
             source,
@@ -206,7 +215,11 @@ pub(crate) fn verify_file(path: &Path, len: Option<u64>) -> Result<VerifyReport,
                 report.torn_tail_bytes = bytes;
                 return Ok(report);
             }
-            log::Step::End(log::End::Corrupt { record, offset, reason }) => {
+            log::Step::End(log::End::Corrupt {
+                record,
+                offset,
+                reason,
+            }) => {
                 report.valid = false;
                 report.first_break_at = Some(record);
                 report.reason = Some(format!("event #{record} at byte {offset}: {reason}"));
@@ -229,18 +242,35 @@ pub(crate) struct Stored {
 
 impl Stored {
     pub fn parse(canonical: &[u8]) -> Result<Stored, String> {
-        let value: Json = serde_json::from_slice(canonical).map_err(|e| format!("not JSON: {e}"))?;
+        let value: Json =
+            serde_json::from_slice(canonical).map_err(|e| format!("not JSON: {e}"))?;
         let text = |key: &str| {
-            value.get(key).and_then(Json::as_str).map(str::to_owned).ok_or_else(|| format!("no string `{key}`"))
+            value
+                .get(key)
+                .and_then(Json::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| format!("no string `{key}`"))
         };
-        let event_id = value.get("event_id").and_then(Json::as_u64).ok_or("no integer `event_id`")?;
-        let payload = value.get("payload").and_then(Json::as_object).ok_or("no object `payload`")?;
+        let event_id = value
+            .get("event_id")
+            .and_then(Json::as_u64)
+            .ok_or("no integer `event_id`")?;
+        let payload = value
+            .get("payload")
+            .and_then(Json::as_object)
+            .ok_or("no object `payload`")?;
         let idempotency_key = payload
             .get("event_id")
             .filter(|v| !v.is_null())
             .map(|v| String::from_utf8(chain::canonical(v)).expect("canonical JSON is ASCII"));
         let _ = text("timestamp")?;
-        Ok(Stored { event_id, kind: text("kind")?, source: text("source")?, prev_hash: text("prev_hash")?, idempotency_key })
+        Ok(Stored {
+            event_id,
+            kind: text("kind")?,
+            source: text("source")?,
+            prev_hash: text("prev_hash")?,
+            idempotency_key,
+        })
     }
 }
 
@@ -252,7 +282,9 @@ pub(crate) struct Chain {
 
 impl Default for Chain {
     fn default() -> Chain {
-        Chain { prev: chain::GENESIS_HASH.to_owned() }
+        Chain {
+            prev: chain::GENESIS_HASH.to_owned(),
+        }
     }
 }
 
@@ -260,9 +292,13 @@ impl Chain {
     /// Checks record `position` (1-based) and moves on to the next. The `Err` is the
     /// reason, in audit-stream-py's words where it has them.
     pub fn check(&mut self, position: u64, frame: &log::Frame) -> Result<Stored, String> {
-        let stored = Stored::parse(frame.canonical()).map_err(|e| format!("event #{position} is not a valid event: {e}"))?;
+        let stored = Stored::parse(frame.canonical())
+            .map_err(|e| format!("event #{position} is not a valid event: {e}"))?;
         if stored.event_id != position {
-            return Err(format!("event_id should be {position}, got {}", stored.event_id));
+            return Err(format!(
+                "event_id should be {position}, got {}",
+                stored.event_id
+            ));
         }
         if stored.prev_hash != self.prev {
             return Err(format!("prev_hash mismatch at event #{position}"));

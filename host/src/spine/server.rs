@@ -76,7 +76,14 @@ struct Entry {
 }
 
 impl Index {
-    fn push(&mut self, entry: (u64, u64), kind: &str, source: &str, key: Option<String>, hash: [u8; 32]) {
+    fn push(
+        &mut self,
+        entry: (u64, u64),
+        kind: &str,
+        source: &str,
+        key: Option<String>,
+        hash: [u8; 32],
+    ) {
         let id = self.entries.len() as u64 + 1;
         let intern = |map: &mut HashMap<Arc<str>, Vec<u64>>, name: &str| -> Arc<str> {
             match map.get_key_value(name) {
@@ -95,12 +102,18 @@ impl Index {
         if let Some(key) = key {
             self.idempotency.entry(key).or_insert(id);
         }
-        self.entries.push(Entry { body_offset: entry.0, body_len: entry.1, kind, source });
+        self.entries.push(Entry {
+            body_offset: entry.0,
+            body_len: entry.1,
+            kind,
+            source,
+        });
         self.latest_hash = Some(hash);
     }
 
     fn latest_hash_hex(&self) -> String {
-        self.latest_hash.map_or_else(|| chain::GENESIS_HASH.to_owned(), hex::encode)
+        self.latest_hash
+            .map_or_else(|| chain::GENESIS_HASH.to_owned(), hex::encode)
     }
 }
 
@@ -134,27 +147,38 @@ impl SpineState {
     }
 
     /// [`SpineState::open`] accepting the given event kinds.
-    pub fn open_with_kinds(dir: &Path, token: Option<String>, kinds: Vec<String>) -> Result<SpineState, SpineError> {
+    pub fn open_with_kinds(
+        dir: &Path,
+        token: Option<String>,
+        kinds: Vec<String>,
+    ) -> Result<SpineState, SpineError> {
         std::fs::create_dir_all(dir).map_err(|source| log::LogError::Io {
             path: dir.to_path_buf(),
             action: "create directory",
             source,
         })?;
         let path = dir.join(LOG_FILE);
-        let io = |action, source| log::LogError::Io { path: path.clone(), action, source };
+        let io = |action, source| log::LogError::Io {
+            path: path.clone(),
+            action,
+            source,
+        };
         let mut writer = log::Writer::open(dir)?;
         let mut index = Index::default();
         let mut chain = Chain::default();
         let mut broken = None;
-        let mut reader = log::Reader::open(&path, None)?.ok_or_else(|| log::LogError::NotALog { path: path.clone() })?;
+        let mut reader = log::Reader::open(&path, None)?
+            .ok_or_else(|| log::LogError::NotALog { path: path.clone() })?;
         loop {
-            match reader.next().map_err(|e| io("read", e))? {
+            match reader.read_next().map_err(|e| io("read", e))? {
                 log::Step::Frame(frame) => {
                     let position = reader.records();
-                    let stored = Stored::parse(frame.canonical()).map_err(|reason| SpineError::BadRecord {
-                        path: path.clone(),
-                        record: position,
-                        reason,
+                    let stored = Stored::parse(frame.canonical()).map_err(|reason| {
+                        SpineError::BadRecord {
+                            path: path.clone(),
+                            record: position,
+                            reason,
+                        }
                     })?;
                     if broken.is_none()
                         && let Err(reason) = chain.check(position, &frame)
@@ -162,7 +186,13 @@ impl SpineState {
                         broken = Some(reason);
                     }
                     let body = (frame.body_offset(), frame.body.len() as u64);
-                    index.push(body, &stored.kind, &stored.source, stored.idempotency_key, frame.hash());
+                    index.push(
+                        body,
+                        &stored.kind,
+                        &stored.source,
+                        stored.idempotency_key,
+                        frame.hash(),
+                    );
                 }
                 log::Step::End(log::End::Clean) => break,
                 log::Step::End(log::End::Torn { offset, bytes }) => {
@@ -174,8 +204,17 @@ impl SpineState {
                     writer.recovered(offset);
                     break;
                 }
-                log::Step::End(log::End::Corrupt { record, offset, reason }) => {
-                    return Err(SpineError::Corrupt { path, record, offset, reason });
+                log::Step::End(log::End::Corrupt {
+                    record,
+                    offset,
+                    reason,
+                }) => {
+                    return Err(SpineError::Corrupt {
+                        path,
+                        record,
+                        offset,
+                        reason,
+                    });
                 }
             }
         }
@@ -185,10 +224,13 @@ impl SpineState {
                 "the spine log fails verification (serving it anyway): run `airlock spine verify`"
             );
         }
-        index.committed_len = writer.len();
+        index.committed_len = writer.size();
         let count = index.entries.len() as u64;
         let reader = File::open(&path).map_err(|e| io("open", e))?;
-        let store = Arc::new(Store { index: RwLock::new(index), head: watch::Sender::new(count) });
+        let store = Arc::new(Store {
+            index: RwLock::new(index),
+            head: watch::Sender::new(count),
+        });
         let (tx, rx) = mpsc::channel(1024);
         let thread_store = store.clone();
         let thread = std::thread::Builder::new()
@@ -227,17 +269,27 @@ impl SpineState {
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(token) = &self.shared.token else { return Ok(()) };
+        let Some(token) = &self.shared.token else {
+            return Ok(());
+        };
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let same = given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0;
+        let same = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0, |acc, (a, b)| acc | (a ^ b))
+                == 0;
         if same {
             Ok(())
         } else {
-            Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token: send `Authorization: Bearer TOKEN`".into()))
+            Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token: send `Authorization: Bearer TOKEN`".into(),
+            ))
         }
     }
 
@@ -249,7 +301,10 @@ impl SpineState {
             .send(WriteOp { events, reply })
             .await
             .map_err(|_| unavailable("the spine is shutting down".into()))?;
-        answer.await.map_err(|_| unavailable("the spine writer stopped".into()))?.map_err(unavailable)
+        answer
+            .await
+            .map_err(|_| unavailable("the spine writer stopped".into()))?
+            .map_err(unavailable)
     }
 
     /// Reads events by number (each `1..=count`), returning `(kind, event JSON)`.
@@ -257,7 +312,12 @@ impl SpineState {
         let state = self.clone();
         tokio::task::spawn_blocking(move || {
             let places: Vec<(u64, u64, Arc<str>)> = {
-                let index = state.shared.store.index.read().unwrap_or_else(|p| p.into_inner());
+                let index = state
+                    .shared
+                    .store
+                    .index
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner());
                 ids.iter()
                     .map(|&id| {
                         let e = &index.entries[(id - 1) as usize];
@@ -277,9 +337,17 @@ impl SpineState {
                 .collect::<std::io::Result<Vec<_>>>()
         })
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("read task failed: {e}")))?
         .map_err(|e| {
-            ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading {} failed: {e}", self.shared.path.display()))
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("read task failed: {e}"),
+            )
+        })?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading {} failed: {e}", self.shared.path.display()),
+            )
         })
     }
 
@@ -296,8 +364,12 @@ impl SpineState {
             timestamp: Option<String>,
         }
         let request: PublishRequest = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        if !self.shared.kinds.iter().any(|k| *k == request.kind) {
-            return Err(format!("kind `{}` is not one of: {}", request.kind, self.shared.kinds.join(", ")));
+        if !self.shared.kinds.contains(&request.kind) {
+            return Err(format!(
+                "kind `{}` is not one of: {}",
+                request.kind,
+                self.shared.kinds.join(", ")
+            ));
         }
         if request.source.is_empty() {
             return Err("source must not be empty".into());
@@ -308,8 +380,17 @@ impl SpineState {
             .filter(|v| !v.is_null())
             .map(|v| String::from_utf8(chain::canonical(v)).expect("canonical JSON is ASCII"));
         let payload = chain::canonical(&Json::Object(request.payload));
-        let timestamp = request.timestamp.filter(|t| !t.is_empty()).unwrap_or_else(now_iso);
-        Ok(Prepared { kind: request.kind, source: request.source, timestamp, payload, key })
+        let timestamp = request
+            .timestamp
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(now_iso);
+        Ok(Prepared {
+            kind: request.kind,
+            source: request.source,
+            timestamp,
+            payload,
+            key,
+        })
     }
 }
 
@@ -352,14 +433,24 @@ fn commit(log: &mut log::Writer, store: &Store, ops: Vec<WriteOp>) {
             let mut written = Vec::with_capacity(op.events.len());
             for event in &op.events {
                 if let Some(key) = &event.key
-                    && let Some(&id) = index.idempotency.get(key).or_else(|| in_group.get(key.as_str()))
+                    && let Some(&id) = index
+                        .idempotency
+                        .get(key)
+                        .or_else(|| in_group.get(key.as_str()))
                 {
                     written.push(Written::Existing { id });
                     continue;
                 }
-                let body = chain::event_body(next_id, &event.kind, &event.payload, &prev, &event.source, &event.timestamp);
+                let body = chain::event_body(
+                    next_id,
+                    &event.kind,
+                    &event.payload,
+                    &prev,
+                    &event.source,
+                    &event.timestamp,
+                );
                 let hash = chain::hash(&body);
-                let body_offset = log.len() + frames.len() as u64 + log::FRAME_HEADER;
+                let body_offset = log.size() + frames.len() as u64 + log::FRAME_HEADER;
                 log::encode_frame(&hash, &body, &mut frames);
                 if let Some(key) = &event.key {
                     in_group.insert(key, next_id);
@@ -371,7 +462,9 @@ fn commit(log: &mut log::Writer, store: &Store, ops: Vec<WriteOp>) {
                     key: event.key.clone(),
                     hash,
                 });
-                written.push(Written::New { json: chain::event_json(&body, &hash) });
+                written.push(Written::New {
+                    json: chain::event_json(&body, &hash),
+                });
                 prev = hex::encode(hash);
                 next_id += 1;
             }
@@ -382,7 +475,9 @@ fn commit(log: &mut log::Writer, store: &Store, ops: Vec<WriteOp>) {
         if let Err(why) = log.append(&frames) {
             tracing::error!(error = %why, "spine append failed");
             for op in ops {
-                let _ = op.reply.send(Err(format!("the spine could not store the events: {why}")));
+                let _ = op
+                    .reply
+                    .send(Err(format!("the spine could not store the events: {why}")));
             }
             return;
         }
@@ -391,7 +486,7 @@ fn commit(log: &mut log::Writer, store: &Store, ops: Vec<WriteOp>) {
             for new in added {
                 index.push(new.body, &new.kind, &new.source, new.key, new.hash);
             }
-            index.committed_len = log.len();
+            index.committed_len = log.size();
             index.entries.len() as u64
         };
         store.head.send_replace(count);
@@ -403,10 +498,17 @@ fn commit(log: &mut log::Writer, store: &Store, ops: Vec<WriteOp>) {
 
 /// Now as audit-stream-py stamps it: `2026-05-15T03:14:15+00:00`.
 fn now_iso() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     let (y, m, d) = crate::change::json::civil_from_days(secs.div_euclid(86_400));
     let t = secs.rem_euclid(86_400);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}+00:00", t / 3600, t / 60 % 60, t % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}+00:00",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
 }
 
 /// An error answer: `{"detail": "..."}`, as FastAPI writes them.
@@ -421,7 +523,10 @@ impl IntoResponse for ApiError {
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut response = (status, body).into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -475,7 +580,11 @@ pub async fn serve(
             closer.close();
         })
         .await;
-    let thread = state.writer_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let thread = state
+        .writer_thread
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     drop(state);
     if let Some(thread) = thread {
         // Every clone is gone once the connections are: the writer sees its channel
@@ -485,7 +594,10 @@ pub async fn serve(
     result.map_err(SpineError::Serve)
 }
 
-async fn info(State(state): State<SpineState>, headers: HeaderMap) -> Result<JsonBody<Json>, ApiError> {
+async fn info(
+    State(state): State<SpineState>,
+    headers: HeaderMap,
+) -> Result<JsonBody<Json>, ApiError> {
     state.authorize(&headers)?;
     Ok(JsonBody(json!({
         "name": "airlock-spine",
@@ -509,33 +621,57 @@ async fn healthz() -> JsonBody<Json> {
     JsonBody(json!({"status": "ok"}))
 }
 
-async fn append_one(State(state): State<SpineState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn append_one(
+    State(state): State<SpineState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
-    let value: Json = serde_json::from_slice(&body).map_err(|e| unprocessable(format!("body is not JSON: {e}")))?;
+    let value: Json = serde_json::from_slice(&body)
+        .map_err(|e| unprocessable(format!("body is not JSON: {e}")))?;
     let event = state.prepare(value).map_err(unprocessable)?;
     let written = state.append(vec![event]).await?;
     let (status, json) = answer(&state, written).await?;
-    Ok(json_response(status, json.into_iter().next().unwrap_or_default()))
+    Ok(json_response(
+        status,
+        json.into_iter().next().unwrap_or_default(),
+    ))
 }
 
-async fn append_batch(State(state): State<SpineState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn append_batch(
+    State(state): State<SpineState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
-    let value: Json = serde_json::from_slice(&body).map_err(|e| unprocessable(format!("body is not JSON: {e}")))?;
+    let value: Json = serde_json::from_slice(&body)
+        .map_err(|e| unprocessable(format!("body is not JSON: {e}")))?;
     let Json::Array(items) = value else {
         return Err(unprocessable("body must be a JSON array of events".into()));
     };
     let events = items
         .into_iter()
         .enumerate()
-        .map(|(i, v)| state.prepare(v).map_err(|e| unprocessable(format!("event {i}: {e}"))))
+        .map(|(i, v)| {
+            state
+                .prepare(v)
+                .map_err(|e| unprocessable(format!("event {i}: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let written = if events.is_empty() { Vec::new() } else { state.append(events).await? };
+    let written = if events.is_empty() {
+        Vec::new()
+    } else {
+        state.append(events).await?
+    };
     let (status, json) = answer(&state, written).await?;
     Ok(json_response(status, json_array(json)))
 }
 
 /// The events to answer a write with, and `201` if any is new, else `200`.
-async fn answer(state: &SpineState, written: Vec<Written>) -> Result<(StatusCode, Vec<Vec<u8>>), ApiError> {
+async fn answer(
+    state: &SpineState,
+    written: Vec<Written>,
+) -> Result<(StatusCode, Vec<Vec<u8>>), ApiError> {
     let existing: Vec<u64> = written
         .iter()
         .filter_map(|w| match w {
@@ -543,7 +679,11 @@ async fn answer(state: &SpineState, written: Vec<Written>) -> Result<(StatusCode
             Written::New { .. } => None,
         })
         .collect();
-    let status = if existing.len() < written.len() { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if existing.len() < written.len() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let mut stored = state.read(existing).await?.into_iter();
     let json = written
         .into_iter()
@@ -574,22 +714,35 @@ async fn query_events(
     state.authorize(&headers)?;
     let limit = q.limit.unwrap_or(1000);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "limit must be in 1..100000".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "limit must be in 1..100000".into(),
+        ));
     }
     if let Some(kind) = &q.kind
         && !state.shared.kinds.contains(kind)
     {
-        return Err(unprocessable(format!("kind `{kind}` is not one of: {}", state.shared.kinds.join(", "))));
+        return Err(unprocessable(format!(
+            "kind `{kind}` is not one of: {}",
+            state.shared.kinds.join(", ")
+        )));
     }
     let limit = limit as usize;
     let ids: Vec<u64> = {
-        let index = state.shared.store.index.read().unwrap_or_else(|p| p.into_inner());
+        let index = state
+            .shared
+            .store
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let last = |ids: Option<&Vec<u64>>, source: Option<&str>| -> Vec<u64> {
             let mut out: Vec<u64> = ids
                 .into_iter()
                 .flatten()
                 .rev()
-                .filter(|&&id| source.is_none_or(|s| &*index.entries[(id - 1) as usize].source == s))
+                .filter(|&&id| {
+                    source.is_none_or(|s| &*index.entries[(id - 1) as usize].source == s)
+                })
                 .take(limit)
                 .copied()
                 .collect();
@@ -606,7 +759,10 @@ async fn query_events(
         }
     };
     let events = state.read(ids).await?;
-    Ok(json_response(StatusCode::OK, json_array(events.into_iter().map(|(_, j)| j))))
+    Ok(json_response(
+        StatusCode::OK,
+        json_array(events.into_iter().map(|(_, j)| j)),
+    ))
 }
 
 async fn get_event(
@@ -615,12 +771,20 @@ async fn get_event(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
-    let id: u64 = id.parse().map_err(|_| unprocessable(format!("event_id must be an integer, got `{id}`")))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| unprocessable(format!("event_id must be an integer, got `{id}`")))?;
     if id == 0 || id > state.count() {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown event_id: {id}")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("unknown event_id: {id}"),
+        ));
     }
     let mut events = state.read(vec![id]).await?;
-    Ok(json_response(StatusCode::OK, events.pop().map(|(_, j)| j).unwrap_or_default()))
+    Ok(json_response(
+        StatusCode::OK,
+        events.pop().map(|(_, j)| j).unwrap_or_default(),
+    ))
 }
 
 async fn stream(
@@ -630,44 +794,80 @@ async fn stream(
     state.authorize(&headers)?;
     let head = state.shared.store.head.subscribe();
     let closing = state.shared.closing.subscribe();
-    let from = match headers.get("last-event-id").map(|v| v.to_str().map(str::parse::<u64>)) {
+    let from = match headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::parse::<u64>))
+    {
         Some(Ok(Ok(last))) => last + 1,
-        Some(_) => return Err(ApiError(StatusCode::BAD_REQUEST, "Last-Event-ID must be an event_id".into())),
+        Some(_) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "Last-Event-ID must be an event_id".into(),
+            ));
+        }
         None => *head.borrow() + 1,
     };
-    let events = futures::stream::unfold((state, from, head, closing), |(state, next, mut head, mut closing)| async move {
-        loop {
-            if *closing.borrow_and_update() {
-                return None;
+    let events = futures::stream::unfold(
+        (state, from, head, closing),
+        |(state, next, mut head, mut closing)| async move {
+            loop {
+                if *closing.borrow_and_update() {
+                    return None;
+                }
+                if next <= *head.borrow_and_update() {
+                    let (kind, json) = state.read(vec![next]).await.ok()?.pop()?;
+                    let event = Event::default()
+                        .event(&*kind)
+                        .id(next.to_string())
+                        .data(String::from_utf8(json).ok()?);
+                    return Some((Ok(event), (state, next + 1, head, closing)));
+                }
+                tokio::select! {
+                    changed = head.changed() => changed.ok()?,
+                    changed = closing.changed() => changed.ok()?,
+                }
             }
-            if next <= *head.borrow_and_update() {
-                let (kind, json) = state.read(vec![next]).await.ok()?.pop()?;
-                let event = Event::default().event(&*kind).id(next.to_string()).data(String::from_utf8(json).ok()?);
-                return Some((Ok(event), (state, next + 1, head, closing)));
-            }
-            tokio::select! {
-                changed = head.changed() => changed.ok()?,
-                changed = closing.changed() => changed.ok()?,
-            }
-        }
-    });
+        },
+    );
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
-async fn verify_chain(State(state): State<SpineState>, headers: HeaderMap) -> Result<JsonBody<Json>, ApiError> {
+async fn verify_chain(
+    State(state): State<SpineState>,
+    headers: HeaderMap,
+) -> Result<JsonBody<Json>, ApiError> {
     state.authorize(&headers)?;
-    let len = state.shared.store.index.read().unwrap_or_else(|p| p.into_inner()).committed_len;
+    let len = state
+        .shared
+        .store
+        .index
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .committed_len;
     let path = state.shared.path.clone();
     let report = tokio::task::spawn_blocking(move || verify_file(&path, Some(len)))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("verify task failed: {e}")))?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("verify task failed: {e}"),
+            )
+        })?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(JsonBody(serde_json::to_value(report).unwrap_or_default()))
 }
 
-async fn stats(State(state): State<SpineState>, headers: HeaderMap) -> Result<JsonBody<Json>, ApiError> {
+async fn stats(
+    State(state): State<SpineState>,
+    headers: HeaderMap,
+) -> Result<JsonBody<Json>, ApiError> {
     state.authorize(&headers)?;
-    let index = state.shared.store.index.read().unwrap_or_else(|p| p.into_inner());
+    let index = state
+        .shared
+        .store
+        .index
+        .read()
+        .unwrap_or_else(|p| p.into_inner());
     let count = index.entries.len();
     Ok(JsonBody(json!({
         "count": count,

@@ -36,21 +36,41 @@ impl Running {
             })
             .await
         });
-        Running { url, stop: Some(stop), task, http: reqwest::Client::new() }
+        Running {
+            url,
+            stop: Some(stop),
+            task,
+            http: reqwest::Client::new(),
+        }
     }
 
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("spine stops").unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("spine stops")
+            .unwrap()
+            .unwrap();
     }
 
     async fn post(&self, path: &str, body: Json) -> (u16, Json) {
-        let r = self.http.post(format!("{}{path}", self.url)).json(&body).send().await.unwrap();
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.json().await.unwrap())
     }
 
     async fn get(&self, path: &str) -> (u16, Json) {
-        let r = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.json().await.unwrap())
     }
 }
@@ -71,9 +91,11 @@ async fn fill(dir: &Path, n: u64) {
 
 /// The log's frames as `(stored hash, canonical body)`.
 fn frames(dir: &Path) -> Vec<([u8; 32], Vec<u8>)> {
-    let mut reader = log::Reader::open(&dir.join(LOG_FILE), None).unwrap().unwrap();
+    let mut reader = log::Reader::open(&dir.join(LOG_FILE), None)
+        .unwrap()
+        .unwrap();
     let mut out = Vec::new();
-    while let log::Step::Frame(f) = reader.next().unwrap() {
+    while let log::Step::Frame(f) = reader.read_next().unwrap() {
         out.push((f.hash(), f.canonical().to_vec()));
     }
     out
@@ -101,17 +123,26 @@ async fn events_are_chained_as_audit_stream_py_chains_them() {
         // audit-stream-py's `_canonical_hash` over every field but `hash`.
         let mut body = e.clone();
         body.as_object_mut().unwrap().remove("hash");
-        assert_eq!(e["hash"], hex::encode(chain::hash(&chain::canonical(&body))));
+        assert_eq!(
+            e["hash"],
+            hex::encode(chain::hash(&chain::canonical(&body)))
+        );
         prev = e["hash"].as_str().unwrap().to_owned();
     }
     let (_, stats) = spine.get("/stats").await;
-    assert_eq!(stats, json!({"count": 3, "last_event_id": 3, "latest_hash": prev}));
+    assert_eq!(
+        stats,
+        json!({"count": 3, "last_event_id": 3, "latest_hash": prev})
+    );
     let (_, report) = spine.get("/verify").await;
     assert_eq!(report["valid"], true);
     assert_eq!(report["checked"], 3);
     spine.stop().await;
     let report = verify(&d).unwrap();
-    assert!(report.valid && report.checked == 3 && report.latest_hash.as_deref() == Some(prev.as_str()), "{report:?}");
+    assert!(
+        report.valid && report.checked == 3 && report.latest_hash.as_deref() == Some(prev.as_str()),
+        "{report:?}"
+    );
 }
 
 #[tokio::test]
@@ -121,28 +152,75 @@ async fn the_api_answers_like_audit_stream_py() {
     assert_eq!(spine.get("/healthz").await, (200, json!({"status": "ok"})));
     for (i, source) in ["a", "b", "a", "c", "a"].iter().enumerate() {
         let kind = if i == 3 { "flag_swapped" } else { "other" };
-        let (status, _) = spine.post("/events", json!({"kind": kind, "source": source, "payload": {"i": i}})).await;
+        let (status, _) = spine
+            .post(
+                "/events",
+                json!({"kind": kind, "source": source, "payload": {"i": i}}),
+            )
+            .await;
         assert_eq!(status, 201);
     }
-    let ids = |v: &Json| v.as_array().unwrap().iter().map(|e| e["event_id"].as_u64().unwrap()).collect::<Vec<_>>();
-    assert_eq!(ids(&spine.get("/events?source=a&limit=2").await.1), vec![3, 5]);
+    let ids = |v: &Json| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event_id"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&spine.get("/events?source=a&limit=2").await.1),
+        vec![3, 5]
+    );
     assert_eq!(ids(&spine.get("/events?source=a").await.1), vec![1, 3, 5]);
-    assert_eq!(ids(&spine.get("/events?kind=flag_swapped").await.1), vec![4]);
+    assert_eq!(
+        ids(&spine.get("/events?kind=flag_swapped").await.1),
+        vec![4]
+    );
     assert_eq!(ids(&spine.get("/events?limit=2").await.1), vec![4, 5]);
-    assert_eq!(ids(&spine.get("/events?source=zz&limit=1").await.1), Vec::<u64>::new());
-    assert_eq!(spine.get("/events?limit=0").await, (400, json!({"detail": "limit must be in 1..100000"})));
-    assert_eq!(spine.get("/events/9").await, (404, json!({"detail": "unknown event_id: 9"})));
+    assert_eq!(
+        ids(&spine.get("/events?source=zz&limit=1").await.1),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        spine.get("/events?limit=0").await,
+        (400, json!({"detail": "limit must be in 1..100000"}))
+    );
+    assert_eq!(
+        spine.get("/events/9").await,
+        (404, json!({"detail": "unknown event_id: 9"}))
+    );
     let (status, one) = spine.get("/events/2").await;
-    assert_eq!((status, &one["source"], &one["payload"]), (200, &json!("b"), &json!({"i": 1})));
+    assert_eq!(
+        (status, &one["source"], &one["payload"]),
+        (200, &json!("b"), &json!({"i": 1}))
+    );
     // The server stamps a timestamp when none is given, as audit-stream-py does.
-    assert!(one["timestamp"].as_str().unwrap().ends_with("+00:00"), "{one}");
+    assert!(
+        one["timestamp"].as_str().unwrap().ends_with("+00:00"),
+        "{one}"
+    );
 
-    let (status, e) = spine.post("/events", json!({"kind": "data_access", "source": "a"})).await;
+    let (status, e) = spine
+        .post("/events", json!({"kind": "data_access", "source": "a"}))
+        .await;
     assert_eq!(status, 422);
-    assert!(e["detail"].as_str().unwrap().contains("kind `data_access` is not one of"), "{e}");
-    let (status, _) = spine.post("/events", json!({"kind": "other", "source": "a", "extra": 1})).await;
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("kind `data_access` is not one of"),
+        "{e}"
+    );
+    let (status, _) = spine
+        .post(
+            "/events",
+            json!({"kind": "other", "source": "a", "extra": 1}),
+        )
+        .await;
     assert_eq!(status, 422);
-    let (status, _) = spine.post("/events", json!({"kind": "other", "source": ""})).await;
+    let (status, _) = spine
+        .post("/events", json!({"kind": "other", "source": ""}))
+        .await;
     assert_eq!(status, 422);
     assert_eq!(spine.get("/stats").await.1["count"], 5);
     spine.stop().await;
@@ -160,15 +238,29 @@ async fn writes_are_idempotent_on_payload_event_id_and_batches_are_all_or_nothin
     let batch = json!([event(1), event(2), event(3), event(2)]);
     let (status, answer) = spine.post("/events/batch", batch).await;
     assert_eq!(status, 201);
-    let ids: Vec<u64> = answer.as_array().unwrap().iter().map(|e| e["event_id"].as_u64().unwrap()).collect();
+    let ids: Vec<u64> = answer
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_id"].as_u64().unwrap())
+        .collect();
     assert_eq!(ids, vec![1, 2, 3, 2]);
 
     let bad = json!([event(4), {"kind": "nope", "source": "x"}]);
     let (status, answer) = spine.post("/events/batch", bad).await;
     assert_eq!(status, 422);
-    assert!(answer["detail"].as_str().unwrap().starts_with("event 1: kind `nope`"), "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("event 1: kind `nope`"),
+        "{answer}"
+    );
     assert_eq!(spine.get("/stats").await.1["count"], 3);
-    assert_eq!(spine.post("/events/batch", json!([])).await, (200, json!([])));
+    assert_eq!(
+        spine.post("/events/batch", json!([])).await,
+        (200, json!([]))
+    );
     spine.stop().await;
 
     // The idempotency index is rebuilt from the log.
@@ -186,9 +278,22 @@ async fn a_token_guards_reads_and_writes_but_not_the_health_probe() {
     assert_eq!(spine.get("/healthz").await.0, 200);
     assert_eq!(spine.get("/events").await.0, 401);
     assert_eq!(spine.post("/events", event(1)).await.0, 401);
-    let r = spine.http.post(format!("{}/events", spine.url)).bearer_auth("s3cret").json(&event(1)).send().await.unwrap();
+    let r = spine
+        .http
+        .post(format!("{}/events", spine.url))
+        .bearer_auth("s3cret")
+        .json(&event(1))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 201);
-    let r = spine.http.get(format!("{}/stats", spine.url)).bearer_auth("wrong!").send().await.unwrap();
+    let r = spine
+        .http
+        .get(format!("{}/stats", spine.url))
+        .bearer_auth("wrong!")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     spine.stop().await;
 }
@@ -211,17 +316,25 @@ async fn the_stream_replays_after_last_event_id_then_tails() {
     let mut text = String::new();
     let mut posted = false;
     while text.matches("\nid: ").count() + usize::from(text.starts_with("id: ")) < 3 {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk()).await.unwrap().unwrap().unwrap();
+        let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         text.push_str(&String::from_utf8_lossy(&chunk));
         if !posted && text.contains("id: 3") {
             posted = true;
             spine.post("/events", event(4)).await;
         }
     }
-    let ids: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
     assert_eq!(ids, ["2", "3", "4"], "{text}");
     assert!(text.contains("event: other"), "{text}");
-    let data: Json = serde_json::from_str(text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+    let data: Json =
+        serde_json::from_str(text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
     assert_eq!(data["event_id"], 2);
     // Shutdown ends the open stream instead of waiting for it.
     spine.stop().await;
@@ -232,10 +345,20 @@ async fn a_one_megabyte_event_is_stored_whole() {
     let d = dir("big");
     let spine = Running::start(&d, None).await;
     let big = "x".repeat(1 << 20) + "é";
-    let (status, e) = spine.post("/events", json!({"kind": "other", "source": "s", "payload": {"big": big}})).await;
+    let (status, e) = spine
+        .post(
+            "/events",
+            json!({"kind": "other", "source": "s", "payload": {"big": big}}),
+        )
+        .await;
     assert_eq!(status, 201);
     assert_eq!(e["payload"]["big"].as_str().unwrap(), big);
-    assert_eq!(spine.get("/events/1").await.1["payload"]["big"].as_str().unwrap(), big);
+    assert_eq!(
+        spine.get("/events/1").await.1["payload"]["big"]
+            .as_str()
+            .unwrap(),
+        big
+    );
     spine.stop().await;
     assert!(verify(&d).unwrap().valid);
 }
@@ -253,7 +376,10 @@ async fn recovery_cuts_a_torn_tail_and_keeps_every_acknowledged_event() {
     bytes.extend_from_slice(&frame[..frame.len() / 2]);
     std::fs::write(&path, &bytes).unwrap();
     let report = verify(&d).unwrap();
-    assert!(report.valid && report.checked == 3 && report.torn_tail_bytes > 0, "{report:?}");
+    assert!(
+        report.valid && report.checked == 3 && report.torn_tail_bytes > 0,
+        "{report:?}"
+    );
 
     let spine = Running::start(&d, None).await;
     assert_eq!(spine.get("/stats").await.1["count"], 3);
@@ -262,7 +388,10 @@ async fn recovery_cuts_a_torn_tail_and_keeps_every_acknowledged_event() {
     spine.stop().await;
     assert!(d.join(format!("torn-{good}.bin")).is_file());
     let report = verify(&d).unwrap();
-    assert!(report.valid && report.checked == 4 && report.torn_tail_bytes == 0, "{report:?}");
+    assert!(
+        report.valid && report.checked == 4 && report.torn_tail_bytes == 0,
+        "{report:?}"
+    );
 }
 
 #[tokio::test]
@@ -271,15 +400,31 @@ async fn recovery_refuses_a_damaged_record_in_the_middle() {
     fill(&d, 3).await;
     let path = d.join(LOG_FILE);
     let mut bytes = std::fs::read(&path).unwrap();
-    let second = bytes.windows(4).enumerate().filter(|(_, w)| w == log::FRAME_MAGIC).nth(1).unwrap().0;
+    let second = bytes
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| w == log::FRAME_MAGIC)
+        .nth(1)
+        .unwrap()
+        .0;
     bytes[second + 60] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
     let error = SpineState::open(&d, None).err().expect("refused");
     let message = error.to_string();
-    assert!(matches!(error, SpineError::Corrupt { record: 2, .. }), "{message}");
-    assert!(message.contains("record 2") && message.contains("airlock spine verify"), "{message}");
+    assert!(
+        matches!(error, SpineError::Corrupt { record: 2, .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("record 2") && message.contains("airlock spine verify"),
+        "{message}"
+    );
     let report = verify(&d).unwrap();
-    assert_eq!((report.valid, report.first_break_at, report.checked), (false, Some(2), 1), "{report:?}");
+    assert_eq!(
+        (report.valid, report.first_break_at, report.checked),
+        (false, Some(2), 1),
+        "{report:?}"
+    );
 }
 
 #[tokio::test]
@@ -295,13 +440,18 @@ async fn verify_names_the_first_edited_deleted_inserted_or_reordered_record() {
         assert!(!report.valid, "{report:?}");
         assert_eq!(report.first_break_at, Some(at), "{report:?}");
         assert_eq!(report.checked, at - 1, "{report:?}");
-        assert!(report.reason.as_deref().unwrap().contains(reason), "{report:?}");
+        assert!(
+            report.reason.as_deref().unwrap().contains(reason),
+            "{report:?}"
+        );
     };
     assert!(check(&original).valid);
 
     // Edited payload, frame checksum recomputed: the stored hash no longer matches.
     let mut edited = original.clone();
-    let body = String::from_utf8(edited[2].1.clone()).unwrap().replace("\"n\":3", "\"n\":9");
+    let body = String::from_utf8(edited[2].1.clone())
+        .unwrap()
+        .replace("\"n\":3", "\"n\":9");
     edited[2].1 = body.into_bytes();
     expect(check(&edited), 3, "hash mismatch at event #3");
 
@@ -339,6 +489,10 @@ async fn verify_names_the_first_edited_deleted_inserted_or_reordered_record() {
     rewrite(&d, &reordered);
     let spine = Running::start(&d, None).await;
     let (_, report) = spine.get("/verify").await;
-    assert_eq!((report["valid"].clone(), report["first_break_at"].clone()), (json!(false), json!(4)), "{report}");
+    assert_eq!(
+        (report["valid"].clone(), report["first_break_at"].clone()),
+        (json!(false), json!(4)),
+        "{report}"
+    );
     spine.stop().await;
 }

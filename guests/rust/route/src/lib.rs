@@ -57,7 +57,7 @@ impl Config {
             by_column_tags: s.flag("by_column_tags", true)?,
             spine_tables: TablePatterns::new(s.get_all("spine_tables")),
             spine_route: text("spine_route", "spine")?,
-            spine_kind: text("spine_kind", "data_access")?,
+            spine_kind: text("spine_kind", "other")?,
             spine_source: text("spine_source", "airlock")?,
         })
     }

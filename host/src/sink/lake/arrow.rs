@@ -171,7 +171,20 @@ pub(super) fn delta_type(column: &Column) -> DataType {
         oid::DATE => DataType::DATE,
         oid::TIMESTAMP => DataType::TIMESTAMP_NTZ,
         oid::TIMESTAMPTZ => DataType::TIMESTAMP,
-        _ => DataType::STRING,
+        array => match oid::array_element(array) {
+            // An array column's type modifier applies to its elements.
+            Some(element) => ArrayType::new(
+                delta_type(&Column {
+                    name: column.name.clone(),
+                    type_oid: element,
+                    type_modifier: column.type_modifier,
+                    key: false,
+                }),
+                true,
+            )
+            .into(),
+            None => DataType::STRING,
+        },
     }
 }
 
@@ -314,19 +327,32 @@ struct Cells<'a> {
     /// Per segment: the index of this field's column in the segment's relation.
     map: Vec<Option<usize>>,
     name: Arc<str>,
+    /// Instead of `rows`: plain values (the elements of array columns).
+    flat: Option<&'a [Value]>,
 }
 
-impl Cells<'_> {
+impl<'a> Cells<'a> {
+    fn len(&self) -> usize {
+        self.flat.map_or(self.rows.len(), <[Value]>::len)
+    }
+
+    fn value(&self, i: usize) -> Option<&'a Value> {
+        if let Some(flat) = self.flat {
+            return flat.get(i);
+        }
+        let view = &self.rows[i];
+        match (view.image, self.map[view.segment]) {
+            (Some(image), Some(column)) => image.get(column),
+            _ => None,
+        }
+    }
+
     /// Calls `put(Some(value))` for each present, non-null value and `put(None)` for a
     /// null; `put` returns false when it cannot hold the value, which then becomes a null
     /// and a `_special` entry.
     fn fill(&self, notes: &mut Notes, mut put: impl FnMut(Option<&Value>) -> bool) {
-        for (i, view) in self.rows.iter().enumerate() {
-            let value = match (view.image, self.map[view.segment]) {
-                (Some(image), Some(column)) => image.get(column),
-                _ => None,
-            };
-            match value {
+        for i in 0..self.len() {
+            match self.value(i) {
                 None | Some(Value::Null) => {
                     put(None);
                 }
@@ -358,7 +384,7 @@ impl Cells<'_> {
         convert: impl Fn(&Value) -> Option<T::Native>,
     ) -> ArrayRef {
         let mut builder =
-            PrimitiveBuilder::<T>::with_capacity(self.rows.len()).with_data_type(target.clone());
+            PrimitiveBuilder::<T>::with_capacity(self.len()).with_data_type(target.clone());
         self.fill(notes, |value| match value {
             None => {
                 builder.append_null();
@@ -426,6 +452,7 @@ pub(super) fn record_batch(
                 rows: &rows,
                 map,
                 name: Arc::from(field.name().as_str()),
+                flat: None,
             };
             data_column(field, &cells, &mut notes)?
         };
@@ -567,7 +594,7 @@ fn data_column(
     let target = field.data_type();
     let array: ArrayRef = match target {
         ArrowType::Boolean => {
-            let mut b = BooleanBuilder::with_capacity(cells.rows.len());
+            let mut b = BooleanBuilder::with_capacity(cells.len());
             cells.fill(notes, |value| match value {
                 None => {
                     b.append_null();
@@ -594,7 +621,7 @@ fn data_column(
             _ => None,
         }),
         ArrowType::Float32 => cells.primitive::<Float32Type>(target, notes, |v| match v {
-            Value::Float(f) if f.is_nan() || f64::from(*f as f32) == *f => Some(*f as f32),
+            Value::Float(f) if is_float4(*f) => Some(*f as f32),
             _ => None,
         }),
         ArrowType::Float64 => cells.primitive::<Float64Type>(target, notes, |v| match v {
@@ -628,7 +655,7 @@ fn data_column(
                 _ => None,
             }),
         ArrowType::Utf8 => {
-            let mut b = StringBuilder::with_capacity(cells.rows.len(), cells.rows.len() * 16);
+            let mut b = StringBuilder::with_capacity(cells.len(), cells.len() * 16);
             cells.fill(notes, |value| {
                 match value {
                     None => b.append_null(),
@@ -644,8 +671,9 @@ fn data_column(
             });
             Arc::new(b.finish())
         }
+        ArrowType::List(element) => list_column_of(element, cells, notes)?,
         ArrowType::Binary => {
-            let mut b = BinaryBuilder::with_capacity(cells.rows.len(), cells.rows.len() * 16);
+            let mut b = BinaryBuilder::with_capacity(cells.len(), cells.len() * 16);
             cells.fill(notes, |value| match value {
                 None => {
                     b.append_null();
@@ -667,6 +695,123 @@ fn data_column(
         }
     };
     Ok(array)
+}
+
+/// Whether a double is exactly a float4 value: the same number, or the value of the
+/// float4's shortest decimal text (PostgreSQL sends `0.1` for the float4 nearest 0.1;
+/// read as a double that is not the float4, but it names it exactly).
+fn is_float4(f: f64) -> bool {
+    let single = f as f32;
+    f.is_nan()
+        || f64::from(single) == f
+        || (single.is_finite() && single.to_string().parse::<f64>() == Ok(f))
+}
+
+/// The PostgreSQL type whose text form an array element of Arrow type `target` is
+/// parsed as; `None`: kept as the element's text.
+fn element_type(target: &ArrowType) -> Option<u32> {
+    Some(match target {
+        ArrowType::Boolean => oid::BOOL,
+        ArrowType::Int16 | ArrowType::Int32 | ArrowType::Int64 => oid::INT8,
+        ArrowType::Float32 | ArrowType::Float64 => oid::FLOAT8,
+        ArrowType::Decimal128(..) => oid::NUMERIC,
+        ArrowType::Date32 => oid::DATE,
+        ArrowType::Timestamp(_, None) => oid::TIMESTAMP,
+        ArrowType::Timestamp(_, Some(_)) => oid::TIMESTAMPTZ,
+        ArrowType::Binary => oid::BYTEA,
+        _ => return None,
+    })
+}
+
+/// A list column from PostgreSQL array text: one-dimensional arrays become lists of
+/// the element type; an array that is not one-dimensional, or with an element the
+/// element type cannot hold exactly, is written as null and recorded in `_special`.
+fn list_column_of(
+    element: &FieldRef,
+    cells: &Cells<'_>,
+    notes: &mut Notes,
+) -> Result<ArrayRef, ConvertError> {
+    let parse_as = element_type(element.data_type()).map(|type_oid| Column {
+        name: cells.name.to_string(),
+        type_oid,
+        type_modifier: -1,
+        key: false,
+    });
+    let mut values: Vec<Value> = Vec::new();
+    let mut offsets: Vec<i32> = vec![0];
+    let mut valid: Vec<bool> = Vec::with_capacity(cells.len());
+    // Row of each element, to find the rows of elements that did not fit.
+    let mut owner: Vec<u32> = Vec::new();
+    let mut row = 0u32;
+    cells.fill(notes, |value| {
+        let parsed = match value {
+            None => None,
+            Some(Value::Other(text) | Value::Text(text)) => {
+                let elements = crate::source::text::parse_array(text).and_then(|elements| {
+                    elements
+                        .into_iter()
+                        .map(|e| match (e, &parse_as) {
+                            (None, _) => Some(Value::Null),
+                            (Some(text), Some(column)) => {
+                                crate::source::text::parse_value(column, text.as_bytes()).ok()
+                            }
+                            (Some(text), None) => Some(Value::Text(text)),
+                        })
+                        .collect::<Option<Vec<Value>>>()
+                });
+                match elements {
+                    Some(elements) => Some(elements),
+                    None => return false,
+                }
+            }
+            Some(_) => return false,
+        };
+        match parsed {
+            None => valid.push(false),
+            Some(elements) => {
+                owner.extend(std::iter::repeat_n(row, elements.len()));
+                values.extend(elements);
+                valid.push(true);
+            }
+        }
+        offsets.push(values.len() as i32);
+        row += 1;
+        true
+    });
+    let element_cells = Cells {
+        rows: &[],
+        map: Vec::new(),
+        name: cells.name.clone(),
+        flat: Some(&values),
+    };
+    let mut element_notes = Notes::default();
+    let child = data_column(element, &element_cells, &mut element_notes)?;
+    // Elements that did not fit: their whole array goes to `_special`, the list is null.
+    let mut failed: Vec<u32> = element_notes
+        .special
+        .iter()
+        .map(|(i, _)| owner[*i as usize])
+        .collect();
+    failed.dedup();
+    for r in failed {
+        if !std::mem::replace(&mut valid[r as usize], false) {
+            continue;
+        }
+        if let Some(value) = cells.value(r as usize) {
+            let mut text = format!("{}=", cells.name);
+            write_text(&mut text, value);
+            notes.special.push((r, text));
+            notes.special_columns.insert(cells.name.to_string());
+        }
+    }
+    let list = arrow::array::ListArray::try_new(
+        element.clone(),
+        arrow::buffer::OffsetBuffer::new(offsets.into()),
+        child,
+        Some(arrow::buffer::NullBuffer::from(valid)),
+    )
+    .map_err(|e| convert_error(&cells.name, format!("cannot build the list column: {e}")))?;
+    Ok(Arc::new(list))
 }
 
 /// Parses PostgreSQL numeric text into an unscaled `decimal(p, s)` value; `None` when
@@ -789,6 +934,16 @@ mod tests {
         let mut out = String::new();
         write_text(&mut out, &value);
         out
+    }
+
+    #[test]
+    fn float4_values_are_recognised_from_their_shortest_text() {
+        for f in [0.1, 1.5, -3.4028235e38, 1e-45, f64::NAN, f64::INFINITY] {
+            assert!(is_float4(f), "{f}");
+        }
+        for f in [0.1000000000001, 1e300, std::f64::consts::PI] {
+            assert!(!is_float4(f), "{f}");
+        }
     }
 
     #[test]

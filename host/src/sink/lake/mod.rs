@@ -59,12 +59,14 @@
 //! relation lacks stays and is written as null.
 
 mod arrow;
+mod catalog;
+mod maintain;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Once};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, MetadataExt as _, Transaction};
@@ -78,6 +80,9 @@ use crate::pipeline::batch::{Batch, BatchRow};
 use crate::sink::{Sink, SinkError};
 
 pub use self::arrow::TAGS_KEY;
+pub use self::catalog::{Catalog, CatalogColumn, CatalogError, CatalogSink, CatalogTable, catalog};
+use self::maintain::{CompactLock, Trigger};
+pub use self::maintain::{CompactReport, Maintenance};
 
 /// Settings of one lake sink, validated by the config layer.
 #[derive(Clone, Debug)]
@@ -100,6 +105,8 @@ pub struct LakeSettings {
     pub storage_options: HashMap<String, String>,
     /// Static entries added to every commit's info (source database, slot, ...).
     pub commit_info: serde_json::Map<String, serde_json::Value>,
+    /// Compaction, checkpoints and vacuum.
+    pub maintenance: Maintenance,
 }
 
 impl LakeSettings {
@@ -123,6 +130,39 @@ impl LakeSettings {
             app_id: app_id.into(),
             storage_options: HashMap::new(),
             commit_info: serde_json::Map::new(),
+            maintenance: Maintenance::default(),
+        }
+    }
+
+    /// The settings of the `delta` sink `sink` of `config`: what `airlock run` writes with
+    /// and what `airlock compact` and `airlock catalog` read.
+    pub fn from_config(
+        config: &crate::config::Config,
+        sink: &crate::config::SinkConfig,
+    ) -> LakeSettings {
+        let mut commit_info = serde_json::Map::new();
+        commit_info.insert("airlock.slot".into(), config.source.slot.clone().into());
+        commit_info.insert(
+            "airlock.publication".into(),
+            config.source.publication.clone().into(),
+        );
+        LakeSettings {
+            name: sink.name.clone(),
+            url: sink.url.clone(),
+            routes: sink.routes.clone(),
+            flush_interval: sink.flush_interval,
+            max_rows: sink.max_rows,
+            max_bytes: sink.max_bytes,
+            app_id: format!("airlock:{}", config.source.slot),
+            storage_options: sink.storage_options.clone(),
+            commit_info,
+            maintenance: Maintenance {
+                compact_min_files: sink.compact_min_files,
+                small_file_bytes: sink.small_file_bytes,
+                target_file_bytes: sink.target_file_bytes,
+                checkpoint_interval: sink.checkpoint_interval,
+                vacuum_retention: sink.vacuum_retention,
+            },
         }
     }
 }
@@ -143,6 +183,17 @@ enum LakeError {
         #[source]
         source: arrow::ConvertError,
     },
+    #[error("the compaction lock: {0}")]
+    Lock(#[source] object_store::Error),
+    #[error(
+        "another compaction holds the lock {path} ({holder}); wait for it, or delete the lock object if no compactor is running"
+    )]
+    Locked { path: String, holder: String },
+    #[error("table {table}: compaction refused: {message}")]
+    Compaction { table: String, message: String },
+    #[cfg(test)]
+    #[error("injected crash: {0}")]
+    Crash(&'static str),
 }
 
 impl LakeError {
@@ -164,10 +215,18 @@ impl LakeError {
         }
     }
 
+    fn lock(source: object_store::Error) -> LakeError {
+        LakeError::Lock(source)
+    }
+
     fn into_sink_error(self, sink: &str) -> SinkError {
         let transient = match &self {
             LakeError::Delta { source, .. } => is_transient(source),
-            LakeError::Convert { .. } => false,
+            LakeError::Lock(source) => object_store_transient(source),
+            LakeError::Locked { .. } => true,
+            LakeError::Convert { .. } | LakeError::Compaction { .. } => false,
+            #[cfg(test)]
+            LakeError::Crash(_) => true,
         };
         let message = match &self {
             LakeError::Delta { source, .. } if transient => {
@@ -273,9 +332,37 @@ struct LakeTable {
     bytes: usize,
     /// Columns already warned about for `_special` values.
     warned: BTreeSet<String>,
+    /// Commits since the last checkpoint (counted from the writer's start).
+    commits_since_checkpoint: u64,
+    last_vacuum: Option<Instant>,
+}
+
+/// Where a test makes the flush stop, as if the process were killed there.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum CrashPoint {
+    /// The Parquet files are uploaded; the commit is not written.
+    BeforeCommit,
+    /// The commit is written; the flush does not return (no durable LSN, no slot ack).
+    AfterCommit,
 }
 
 impl LakeTable {
+    fn new(name: String, url: String) -> LakeTable {
+        LakeTable {
+            name,
+            url,
+            delta: None,
+            committed: None,
+            pending: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            warned: BTreeSet::new(),
+            commits_since_checkpoint: 0,
+            last_vacuum: None,
+        }
+    }
+
     /// Loads the table (or notes that it does not exist yet) and its committed version.
     async fn open(&mut self, settings: &LakeSettings) -> Result<(), LakeError> {
         let name = self.name.as_str();
@@ -342,8 +429,13 @@ impl LakeTable {
         skipped
     }
 
-    /// Commits every pending row of this table; on `Ok` the buffer is empty.
-    async fn flush(&mut self, settings: &LakeSettings) -> Result<(), LakeError> {
+    /// Commits every pending row of this table; on `Ok` the buffer is empty and the
+    /// result is how many commits were written (schema changes and data).
+    async fn flush(
+        &mut self,
+        settings: &LakeSettings,
+        #[cfg(test)] crash: Option<CrashPoint>,
+    ) -> Result<u64, LakeError> {
         if self.delta.is_none() {
             self.open(settings).await?;
         }
@@ -359,8 +451,9 @@ impl LakeTable {
         }
         if self.pending.is_empty() {
             self.clear();
-            return Ok(());
+            return Ok(0);
         }
+        let mut commits = 0;
         let name = self.name.clone();
         let name = name.as_str();
         let mut table = self.delta.take().expect("opened above");
@@ -380,6 +473,7 @@ impl LakeTable {
                 )
                 .await
                 .map_err(LakeError::delta(name, "creating the table"))?;
+            commits += 1;
             tracing::info!(sink = %settings.name, table = %name, url = %self.url, "created lake table");
             let schema = table
                 .snapshot()
@@ -398,6 +492,7 @@ impl LakeTable {
                 )
                 .await
                 .map_err(LakeError::delta(name, "adding columns"))?;
+            commits += 1;
             tracing::info!(sink = %settings.name, table = %name, columns = ?added, "added lake columns");
             let schema = table
                 .snapshot()
@@ -445,6 +540,12 @@ impl LakeTable {
             .await
             .map_err(LakeError::delta(name, "writing Parquet"))?;
         actions.extend(adds.into_iter().map(Action::Add));
+        #[cfg(test)]
+        if crash == Some(CrashPoint::BeforeCommit) {
+            return Err(LakeError::Crash(
+                "after the Parquet upload, before the commit",
+            ));
+        }
 
         // The commit.
         let (first, last) = self.commit_lsn_range();
@@ -491,8 +592,14 @@ impl LakeTable {
         table.state = Some(finalized.snapshot());
         self.delta = Some(table);
         self.committed = Some(version);
+        #[cfg(test)]
+        if crash == Some(CrashPoint::AfterCommit) {
+            return Err(LakeError::Crash(
+                "after the commit, before the flush returned",
+            ));
+        }
         self.clear();
-        Ok(())
+        Ok(commits + 1)
     }
 
     fn clear(&mut self) {
@@ -541,8 +648,9 @@ impl LakeTable {
     }
 }
 
-/// Writes routed rows to Delta tables under one location; see the module documentation.
-pub struct LakeSink {
+/// The single writer of one lake sink: every flush and every compaction runs on it,
+/// one at a time (it lives behind the sink's mutex).
+struct Writer {
     settings: LakeSettings,
     /// Tables by `schema.table`; flushed in name order.
     tables: BTreeMap<String, LakeTable>,
@@ -550,15 +658,162 @@ pub struct LakeSink {
     bytes: usize,
     /// End LSN of the last accepted batch not yet covered by a successful flush.
     accepted_end: Option<Lsn>,
+    lock: CompactLock,
+    #[cfg(test)]
+    crash: Option<CrashPoint>,
+}
+
+impl Writer {
+    fn table_url(&self, name: &str) -> String {
+        format!(
+            "{}/{}",
+            self.settings.url.trim_end_matches('/'),
+            encode_segment(name)
+        )
+    }
+
+    fn table(&mut self, name: &str) -> &mut LakeTable {
+        if !self.tables.contains_key(name) {
+            let url = self.table_url(name);
+            self.tables
+                .insert(name.to_owned(), LakeTable::new(name.to_owned(), url));
+        }
+        self.tables.get_mut(name).expect("inserted above")
+    }
+
+    fn accept(&mut self, batch: Arc<Batch>) -> bool {
+        if let Some(end) = batch.end_lsn() {
+            self.accepted_end = Some(self.accepted_end.map_or(end, |e| e.max(end)));
+        }
+        let mut kept = false;
+        for (t, table) in batch.tables.iter().enumerate() {
+            let mut bytes = 0;
+            let rows: Vec<u32> = table
+                .rows
+                .iter()
+                .copied()
+                .filter(|&r| {
+                    let row = &batch.rows[r as usize];
+                    let keep = !row.dropped && row.has_route_in(&self.settings.routes);
+                    if keep {
+                        bytes += row_bytes(row);
+                    }
+                    keep
+                })
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            kept = true;
+            let name = table.relation.qualified_name();
+            self.rows += rows.len();
+            self.bytes += bytes;
+            let entry = self.table(&name);
+            entry.rows += rows.len();
+            entry.bytes += bytes;
+            entry.pending.push(Segment {
+                batch: batch.clone(),
+                table: t as u32,
+                rows,
+            });
+        }
+        kept
+    }
+
+    fn due(&self) -> bool {
+        self.rows >= self.settings.max_rows || self.bytes >= self.settings.max_bytes
+    }
+
+    async fn flush(&mut self) -> Result<Option<Lsn>, SinkError> {
+        let settings = &self.settings;
+        let mut committed = Vec::new();
+        for table in self.tables.values_mut() {
+            if table.pending.is_empty() {
+                continue;
+            }
+            let (rows, bytes) = (table.rows, table.bytes);
+            let result = table
+                .flush(
+                    settings,
+                    #[cfg(test)]
+                    self.crash,
+                )
+                .await;
+            match result {
+                Ok(commits) => committed.push((table.name.clone(), commits)),
+                Err(error) => {
+                    // The commit may have landed anyway: reload before the next attempt.
+                    table.delta = None;
+                    return Err(error.into_sink_error(&settings.name));
+                }
+            }
+            self.rows -= rows;
+            self.bytes -= bytes;
+        }
+        // The data is durable; maintenance never fails the flush.
+        for (name, commits) in committed {
+            if commits > 0
+                && let Some(table) = self.tables.get_mut(&name)
+            {
+                table.after_commit(settings, &self.lock, commits).await;
+            }
+        }
+        Ok(self.accepted_end.take())
+    }
+
+    /// Compacts every table of the sink, those on storage included, now.
+    async fn compact_all(&mut self) -> Result<Vec<CompactReport>, SinkError> {
+        let sink = self.settings.name.clone();
+        let names = catalog::list_tables(&self.settings)
+            .await
+            .map_err(|e| e.into_sink_error(&sink))?;
+        for name in &names {
+            self.table(name);
+        }
+        let mut reports = Vec::new();
+        for table in self.tables.values_mut() {
+            let report = table
+                .compact(&self.settings, &self.lock, Trigger::Requested)
+                .await;
+            let report = match report {
+                Ok(report) => report,
+                Err(error) => {
+                    table.delta = None;
+                    return Err(error.into_sink_error(&sink));
+                }
+            };
+            table
+                .checkpoint_if_due(&self.settings)
+                .await
+                .map_err(|e| e.into_sink_error(&sink))?;
+            if let Err(error) = table.vacuum(&self.settings).await {
+                table.delta = None;
+                return Err(error.into_sink_error(&sink));
+            }
+            table.last_vacuum = Some(Instant::now());
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+}
+
+/// Writes routed rows to Delta tables under one location; see the module documentation.
+///
+/// The sink and its [`LakeHandle`]s share one writer behind a mutex: a compaction asked
+/// for through a handle waits for the flush in progress and holds the next one back.
+pub struct LakeSink {
+    name: String,
+    flush_interval: Duration,
+    writer: Arc<tokio::sync::Mutex<Writer>>,
+    /// `Writer::due` as of the last `accept` or `flush` (only they change it).
+    due: bool,
 }
 
 impl std::fmt::Debug for LakeSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LakeSink")
-            .field("name", &self.settings.name)
-            .field("url", &self.settings.url)
-            .field("rows", &self.rows)
-            .field("bytes", &self.bytes)
+            .field("name", &self.name)
+            .field("due", &self.due)
             .finish_non_exhaustive()
     }
 }
@@ -598,107 +853,146 @@ impl LakeSink {
         if settings.max_rows == 0 || settings.max_bytes == 0 {
             return Err(definite("max_rows and max_bytes must be at least 1".into()));
         }
+        let m = &settings.maintenance;
+        if m.compact_min_files == 0
+            || m.small_file_bytes == 0
+            || m.target_file_bytes == 0
+            || m.checkpoint_interval == 0
+        {
+            return Err(definite(
+                "compact_min_files, small_file_bytes, target_file_bytes and checkpoint_interval must be at least 1".into(),
+            ));
+        }
+        let lock =
+            CompactLock::for_sink(&settings).map_err(|e| e.into_sink_error(&settings.name))?;
         Ok(LakeSink {
-            settings,
-            tables: BTreeMap::new(),
-            rows: 0,
-            bytes: 0,
-            accepted_end: None,
+            name: settings.name.clone(),
+            flush_interval: settings.flush_interval,
+            writer: Arc::new(tokio::sync::Mutex::new(Writer {
+                settings,
+                tables: BTreeMap::new(),
+                rows: 0,
+                bytes: 0,
+                accepted_end: None,
+                lock,
+                #[cfg(test)]
+                crash: None,
+            })),
+            due: false,
         })
     }
 
-    fn table_url(&self, name: &str) -> String {
-        format!(
-            "{}/{}",
-            self.settings.url.trim_end_matches('/'),
-            encode_segment(name)
-        )
+    /// A handle for asking this sink's writer to compact now (admin API, tests).
+    pub fn handle(&self) -> LakeHandle {
+        LakeHandle {
+            name: self.name.clone(),
+            writer: self.writer.clone(),
+        }
     }
+
+    #[cfg(test)]
+    async fn set_crash(&self, crash: Option<CrashPoint>) {
+        self.writer.lock().await.crash = crash;
+    }
+
+    #[cfg(test)]
+    async fn buffered_rows(&self) -> usize {
+        self.writer.lock().await.rows
+    }
+}
+
+/// Asks a running lake sink's writer to maintain its tables. Cloning is cheap.
+#[derive(Clone)]
+pub struct LakeHandle {
+    name: String,
+    writer: Arc<tokio::sync::Mutex<Writer>>,
+}
+
+impl std::fmt::Debug for LakeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeHandle")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl LakeHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compacts every table of the sink now (any two or more small files), writes a
+    /// checkpoint when one is due, and vacuums files past retention. Waits for a flush
+    /// in progress; holds flushes back while it runs. Fails when another process holds
+    /// the compaction lock.
+    pub async fn compact(&self) -> Result<Vec<CompactReport>, SinkError> {
+        self.writer.lock().await.compact_all().await
+    }
+}
+
+/// The lake sinks of a running host, for `POST /compact`. Cloning shares the list.
+#[derive(Clone, Debug, Default)]
+pub struct Compactors(Arc<std::sync::Mutex<Vec<LakeHandle>>>);
+
+impl Compactors {
+    pub fn register(&self, handle: LakeHandle) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle);
+    }
+
+    /// Compacts every table of every registered lake sink, one sink after another.
+    pub async fn compact_all(&self) -> Result<Vec<CompactReport>, SinkError> {
+        let handles = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut reports = Vec::new();
+        for handle in handles {
+            reports.extend(handle.compact().await?);
+        }
+        Ok(reports)
+    }
+}
+
+/// `airlock compact` with no host running: compacts every table of every `delta` sink
+/// of `config` under each sink's compaction lock (an error when it is held).
+pub async fn compact_offline(
+    config: &crate::config::Config,
+) -> Result<Vec<CompactReport>, SinkError> {
+    let mut reports = Vec::new();
+    for sink in &config.sinks {
+        if sink.kind != crate::config::SinkKind::Delta {
+            continue;
+        }
+        let lake = LakeSink::open(LakeSettings::from_config(config, sink)).await?;
+        reports.extend(lake.handle().compact().await?);
+    }
+    Ok(reports)
 }
 
 impl Sink for LakeSink {
     fn name(&self) -> &str {
-        &self.settings.name
+        &self.name
     }
 
     async fn accept(&mut self, batch: Arc<Batch>) -> Result<bool, SinkError> {
-        if let Some(end) = batch.end_lsn() {
-            self.accepted_end = Some(self.accepted_end.map_or(end, |e| e.max(end)));
-        }
-        let mut kept = false;
-        for (t, table) in batch.tables.iter().enumerate() {
-            let mut bytes = 0;
-            let rows: Vec<u32> = table
-                .rows
-                .iter()
-                .copied()
-                .filter(|&r| {
-                    let row = &batch.rows[r as usize];
-                    let keep = !row.dropped && row.has_route_in(&self.settings.routes);
-                    if keep {
-                        bytes += row_bytes(row);
-                    }
-                    keep
-                })
-                .collect();
-            if rows.is_empty() {
-                continue;
-            }
-            kept = true;
-            let name = table.relation.qualified_name();
-            if !self.tables.contains_key(&name) {
-                let url = self.table_url(&name);
-                self.tables.insert(
-                    name.clone(),
-                    LakeTable {
-                        name: name.clone(),
-                        url,
-                        delta: None,
-                        committed: None,
-                        pending: Vec::new(),
-                        rows: 0,
-                        bytes: 0,
-                        warned: BTreeSet::new(),
-                    },
-                );
-            }
-            let entry = self.tables.get_mut(&name).expect("inserted above");
-            entry.rows += rows.len();
-            entry.bytes += bytes;
-            self.rows += rows.len();
-            self.bytes += bytes;
-            entry.pending.push(Segment {
-                batch: batch.clone(),
-                table: t as u32,
-                rows,
-            });
-        }
+        let mut writer = self.writer.lock().await;
+        let kept = writer.accept(batch);
+        self.due = writer.due();
         Ok(kept)
     }
 
     fn due(&self) -> bool {
-        self.rows >= self.settings.max_rows || self.bytes >= self.settings.max_bytes
+        self.due
     }
 
     async fn flush(&mut self) -> Result<Option<Lsn>, SinkError> {
-        let settings = &self.settings;
-        for table in self.tables.values_mut() {
-            if table.pending.is_empty() {
-                continue;
-            }
-            let (rows, bytes) = (table.rows, table.bytes);
-            if let Err(error) = table.flush(settings).await {
-                // The commit may have landed anyway: reload before the next attempt.
-                table.delta = None;
-                return Err(error.into_sink_error(&settings.name));
-            }
-            self.rows -= rows;
-            self.bytes -= bytes;
-        }
-        Ok(self.accepted_end.take())
+        let mut writer = self.writer.lock().await;
+        let result = writer.flush().await;
+        self.due = writer.due();
+        result
     }
 
     fn flush_interval(&self) -> Duration {
-        self.settings.flush_interval
+        self.flush_interval
     }
 }

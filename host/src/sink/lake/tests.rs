@@ -740,7 +740,11 @@ async fn a_failed_table_does_not_make_the_retry_recommit_the_others() {
     sink.accept(Arc::new(batch(vec![both]))).await.unwrap();
     let error = sink.flush().await.unwrap_err();
     assert!(error.to_string().contains("public.b"), "{error}");
-    assert_eq!(sink.rows, 1, "b's row stays buffered, a's is gone");
+    assert_eq!(
+        sink.buffered_rows().await,
+        1,
+        "b's row stays buffered, a's is gone"
+    );
 
     std::fs::remove_file(&blocker).unwrap();
     assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x110)));
@@ -884,4 +888,417 @@ async fn an_unreachable_s3_lake_is_transient_and_the_retry_commits_once() {
         .to_vec();
     assert_eq!(ids, [1, 2]);
     drop(moto);
+}
+
+// ---- Maintenance: compaction, checkpoints, vacuum -------------------------------------
+
+fn ids_of(rows: &RecordBatch) -> Vec<i64> {
+    let mut ids: Vec<i64> = col(rows, "id")
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec();
+    ids.sort();
+    ids
+}
+
+fn events() -> Arc<Relation> {
+    relation(
+        "public",
+        "events",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT8, -1, true), ("body", oid::TEXT, -1, false)],
+    )
+}
+
+/// Transaction `n` (1-based): two inserts, ids `2n-1` and `2n`.
+fn two_rows(rel: &Arc<Relation>, n: u64) -> Transaction {
+    let id = 2 * n as i64;
+    txn(
+        n as u32,
+        0x1000 * n + 0x800,
+        vec![
+            insert(
+                rel,
+                0x1000 * n,
+                vec![Value::Int(id - 1), Value::Text(format!("row {}", id - 1))],
+            ),
+            insert(
+                rel,
+                0x1000 * n + 8,
+                vec![Value::Int(id), Value::Text(format!("row {id}"))],
+            ),
+        ],
+    )
+}
+
+async fn write_flushes(
+    sink: &mut LakeSink,
+    rel: &Arc<Relation>,
+    range: std::ops::RangeInclusive<u64>,
+) {
+    for n in range {
+        sink.accept(Arc::new(batch(vec![two_rows(rel, n)])))
+            .await
+            .unwrap();
+        sink.flush().await.unwrap();
+    }
+}
+
+fn parquet_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect()
+}
+
+#[tokio::test]
+async fn compaction_keeps_every_row_exactly_once_and_the_history_readable() {
+    let dir = temp_dir("compact");
+    let rel = events();
+    let mut settings = settings(&dir);
+    settings.maintenance.compact_min_files = 100; // only on request
+    let mut sink = LakeSink::open(settings.clone()).await.unwrap();
+    write_flushes(&mut sink, &rel, 1..=6).await;
+
+    let url = table_url(&dir, "public.events");
+    let before = load(&url).await;
+    let version_before = before.version().unwrap();
+    assert_eq!(before.snapshot().unwrap().log_data().num_files(), 6);
+    let rows_before = read_rows(&before).await;
+
+    let reports = sink.handle().compact().await.unwrap();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let report = &reports[0];
+    assert_eq!(
+        (report.files_removed, report.files_added, report.rows),
+        (6, 1, 12),
+        "{report:?}"
+    );
+    assert_eq!(report.commits, 1);
+
+    let after = load(&url).await;
+    assert_eq!(after.version(), Some(version_before + 1));
+    assert_eq!(after.snapshot().unwrap().log_data().num_files(), 1);
+    let rows_after = read_rows(&after).await;
+    assert_eq!(
+        ids_of(&rows_after),
+        (1..=12).collect::<Vec<_>>(),
+        "every row exactly once"
+    );
+    assert_eq!(
+        rows_after, rows_before,
+        "the same rows, values and metadata columns"
+    );
+
+    // The compaction commit changes no data and says so.
+    let info = last_commit_info(&after).await;
+    assert_eq!(info["airlock.operation"], "compact");
+    let infos: Vec<_> = after.history(Some(1)).try_collect().await.unwrap();
+    assert_eq!(infos[0].operation.as_deref(), Some("OPTIMIZE"));
+    let log = std::fs::read_to_string(
+        dir.join("public.events/_delta_log")
+            .join(format!("{:020}.json", version_before + 1)),
+    )
+    .unwrap();
+    assert_eq!(log.matches("\"remove\"").count(), 6);
+    assert_eq!(log.matches("\"dataChange\":false").count(), 7, "{log}");
+    assert!(!log.contains("\"dataChange\":true"), "{log}");
+
+    // Time travel: every older version still reads as it was.
+    for (version, rows) in [(version_before, 12), (2, 4)] {
+        let mut old = load(&url).await;
+        old.load_version(version).await.unwrap();
+        assert_eq!(
+            ids_of(&read_rows(&old).await),
+            (1..=rows).collect::<Vec<_>>(),
+            "version {version}"
+        );
+    }
+
+    // More writes after the compaction, then the application transaction still holds:
+    // a redelivered transaction is skipped.
+    write_flushes(&mut sink, &rel, 6..=7).await;
+    let after = load(&url).await;
+    assert_eq!(
+        ids_of(&read_rows(&after).await),
+        (1..=14).collect::<Vec<_>>()
+    );
+
+    // Nothing left to compact: a second request changes nothing.
+    let again = sink.handle().compact().await.unwrap();
+    assert_eq!(again[0].commits, 1, "the two new small files merge");
+    let again = sink.handle().compact().await.unwrap();
+    assert_eq!(again[0].commits, 0);
+
+    // Vacuum with no retention deletes the compacted-away files, and only those.
+    drop(sink);
+    settings.maintenance.vacuum_retention = Duration::ZERO;
+    let sink = LakeSink::open(settings).await.unwrap();
+    sink.handle().compact().await.unwrap();
+    let table = load(&url).await;
+    let live: BTreeSet<String> = table
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .iter()
+        .map(|f| f.path().into_owned())
+        .collect();
+    let on_disk: BTreeSet<String> = parquet_files(&dir.join("public.events"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(on_disk, live, "vacuum leaves exactly the live files");
+    assert_eq!(
+        ids_of(&read_rows(&table).await),
+        (1..=14).collect::<Vec<_>>()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn the_writer_compacts_past_the_threshold_and_checkpoints_every_n_commits() {
+    let dir = temp_dir("autocompact");
+    let rel = events();
+    let mut settings = settings(&dir);
+    settings.maintenance.compact_min_files = 3;
+    settings.maintenance.checkpoint_interval = 4;
+    let mut sink = LakeSink::open(settings).await.unwrap();
+    write_flushes(&mut sink, &rel, 1..=3).await;
+    let url = table_url(&dir, "public.events");
+    assert_eq!(
+        load(&url).await.snapshot().unwrap().log_data().num_files(),
+        3,
+        "not past 3 yet"
+    );
+    write_flushes(&mut sink, &rel, 4..=4).await;
+    let table = load(&url).await;
+    assert_eq!(
+        table.snapshot().unwrap().log_data().num_files(),
+        1,
+        "4 small files > 3: compacted"
+    );
+    assert_eq!(
+        ids_of(&read_rows(&table).await),
+        (1..=8).collect::<Vec<_>>()
+    );
+    write_flushes(&mut sink, &rel, 5..=9).await;
+    let table = load(&url).await;
+    assert_eq!(
+        ids_of(&read_rows(&table).await),
+        (1..=18).collect::<Vec<_>>()
+    );
+    let checkpoints = std::fs::read_dir(dir.join("public.events/_delta_log"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".checkpoint."))
+        .count();
+    assert!(
+        checkpoints >= 2,
+        "{checkpoints} checkpoints for {:?} versions",
+        table.version()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn a_held_compaction_lock_refuses_a_requested_compaction_and_skips_an_automatic_one() {
+    let dir = temp_dir("lock");
+    let rel = events();
+    let mut settings = settings(&dir);
+    settings.maintenance.compact_min_files = 2;
+    let other = CompactLock::for_sink(&settings).unwrap();
+    assert!(other.acquire("another compactor").await.unwrap());
+
+    let mut sink = LakeSink::open(settings).await.unwrap();
+    write_flushes(&mut sink, &rel, 1..=3).await; // past the threshold, but locked
+    let url = table_url(&dir, "public.events");
+    assert_eq!(
+        load(&url).await.snapshot().unwrap().log_data().num_files(),
+        3
+    );
+    let error = sink.handle().compact().await.unwrap_err();
+    assert!(error.to_string().contains("another compactor"), "{error}");
+
+    other.release().await.unwrap();
+    let reports = sink.handle().compact().await.unwrap();
+    assert_eq!(reports[0].files_removed, 3);
+    assert!(
+        !dir.join("_airlock/compact.lock").exists(),
+        "released after use"
+    );
+    assert_eq!(
+        ids_of(&read_rows(&load(&url).await).await),
+        (1..=6).collect::<Vec<_>>()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---- Exactly once across a kill --------------------------------------------------------
+
+#[tokio::test]
+async fn a_kill_between_the_parquet_upload_and_the_commit_writes_each_row_once() {
+    let dir = temp_dir("crash-before");
+    let rel = events();
+    let mut settings = settings(&dir);
+    settings.maintenance.vacuum_retention = Duration::ZERO;
+    let mut first = LakeSink::open(settings.clone()).await.unwrap();
+    write_flushes(&mut first, &rel, 1..=1).await;
+    first.set_crash(Some(CrashPoint::BeforeCommit)).await;
+    first
+        .accept(Arc::new(batch(vec![two_rows(&rel, 2)])))
+        .await
+        .unwrap();
+    first.flush().await.unwrap_err();
+    drop(first); // killed: the Parquet file is uploaded, no commit references it
+    let table_dir = dir.join("public.events");
+    assert_eq!(
+        parquet_files(&table_dir).len(),
+        2,
+        "one committed file, one orphan"
+    );
+    let url = table_url(&dir, "public.events");
+    assert_eq!(
+        ids_of(&read_rows(&load(&url).await).await),
+        [1, 2],
+        "readers never see the orphan"
+    );
+
+    // The slot was not acknowledged past transaction 1: it redelivers 1 and 2.
+    let mut second = LakeSink::open(settings).await.unwrap();
+    second
+        .accept(Arc::new(batch(vec![two_rows(&rel, 1), two_rows(&rel, 2)])))
+        .await
+        .unwrap();
+    assert_eq!(second.flush().await.unwrap(), Some(Lsn(0x2810)));
+    let table = load(&url).await;
+    assert_eq!(
+        ids_of(&read_rows(&table).await),
+        [1, 2, 3, 4],
+        "each row once"
+    );
+
+    // Vacuum (retention zero here) deletes the orphan and nothing live.
+    second.handle().compact().await.unwrap();
+    let table = load(&url).await;
+    assert_eq!(ids_of(&read_rows(&table).await), [1, 2, 3, 4]);
+    assert_eq!(
+        parquet_files(&table_dir).len(),
+        table.snapshot().unwrap().log_data().num_files()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn a_kill_between_the_commit_and_the_slot_acknowledgement_writes_each_row_once() {
+    let dir = temp_dir("crash-after");
+    let rel = events();
+    let url = table_url(&dir, "public.events");
+
+    // In-process retry: the commit landed but the flush failed; the retry must not
+    // commit again.
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    sink.set_crash(Some(CrashPoint::AfterCommit)).await;
+    sink.accept(Arc::new(batch(vec![two_rows(&rel, 1)])))
+        .await
+        .unwrap();
+    let error = sink.flush().await.unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    sink.set_crash(None).await;
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x1810)));
+    let version = load(&url).await.version();
+
+    // Killed after the commit of transaction 2: no durable LSN reached the slot.
+    sink.set_crash(Some(CrashPoint::AfterCommit)).await;
+    sink.accept(Arc::new(batch(vec![two_rows(&rel, 2)])))
+        .await
+        .unwrap();
+    sink.flush().await.unwrap_err();
+    drop(sink);
+    assert_eq!(
+        load(&url).await.version(),
+        version.map(|v| v + 1),
+        "the commit landed"
+    );
+
+    // The slot redelivers 2, then 3.
+    let mut restarted = LakeSink::open(settings(&dir)).await.unwrap();
+    restarted
+        .accept(Arc::new(batch(vec![two_rows(&rel, 2), two_rows(&rel, 3)])))
+        .await
+        .unwrap();
+    assert_eq!(restarted.flush().await.unwrap(), Some(Lsn(0x3810)));
+    let table = load(&url).await;
+    assert_eq!(
+        ids_of(&read_rows(&table).await),
+        [1, 2, 3, 4, 5, 6],
+        "each row once"
+    );
+    assert_eq!(
+        table.version(),
+        version.map(|v| v + 2),
+        "only transaction 3 was committed again"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---- Catalog --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_catalog_lists_tables_columns_tags_rows_and_versions() {
+    let dir = temp_dir("catalog");
+    let rel = events();
+    let mut settings = settings(&dir);
+    settings.app_id = "airlock:airlock".into();
+    let mut sink = LakeSink::open(settings).await.unwrap();
+    let mut b = batch(vec![two_rows(&rel, 1)]);
+    b.tables[0].column_tags[1] = vec!["pii".into()];
+    sink.accept(Arc::new(b)).await.unwrap();
+    sink.flush().await.unwrap();
+    write_flushes(&mut sink, &rel, 2..=2).await;
+
+    let toml = format!(
+        "[source]\nurl = \"postgres://u@h/db\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file://{}\"\n\
+         [sinks.empty]\ntype = \"delta\"\nurl = \"file://{}/nothing\"\n",
+        dir.display(),
+        dir.display()
+    );
+    let config = crate::config::Config::from_toml("t.toml", &toml, &dir).unwrap();
+    let catalog = catalog(&config).await.unwrap();
+    let lake = catalog.sinks.iter().find(|s| s.name == "lake").unwrap();
+    assert_eq!(lake.tables.len(), 1);
+    let t = &lake.tables[0];
+    assert_eq!(
+        (t.name.as_str(), t.rows, t.files, t.version),
+        ("public.events", Some(4), 2, 2)
+    );
+    let body = t.columns.iter().find(|c| c.name == "body").unwrap();
+    assert_eq!(
+        (body.data_type.as_str(), body.tags.clone()),
+        ("string", vec!["pii".to_owned()])
+    );
+    let id = t.columns.iter().find(|c| c.name == "id").unwrap();
+    assert_eq!(id.data_type, "long");
+    assert!(t.columns.iter().any(|c| c.name == "_commit_lsn"));
+    assert!(
+        t.last_commit_info.contains_key("airlock.lsn_range"),
+        "{:?}",
+        t.last_commit_info
+    );
+    let empty = catalog.sinks.iter().find(|s| s.name == "empty").unwrap();
+    assert!(empty.tables.is_empty());
+
+    let text = catalog.render_table();
+    assert!(
+        text.contains("public.events  version 2  rows 4  files 2"),
+        "{text}"
+    );
+    assert!(text.contains("pii"), "{text}");
+    let json = catalog.to_json();
+    assert_eq!(
+        json["sinks"][1]["tables"][0]["columns"][1]["tags"][0], "pii",
+        "{json}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -16,13 +16,22 @@ use crate::change::{Change, Column, Relation, ReplicaIdentity, Transaction, TxnM
 use crate::sink::drive;
 
 fn relation() -> Arc<Relation> {
-    let column = |name: &str, type_oid, key| Column { name: name.into(), type_oid, type_modifier: -1, key };
+    let column = |name: &str, type_oid, key| Column {
+        name: name.into(),
+        type_oid,
+        type_modifier: -1,
+        key,
+    };
     Arc::new(Relation {
         oid: 1,
         schema: "public".into(),
         name: "accounts".into(),
         replica_identity: ReplicaIdentity::Default,
-        columns: vec![column("id", oid::INT8, true), column("email", oid::TEXT, false), column("note", oid::TEXT, false)],
+        columns: vec![
+            column("id", oid::INT8, true),
+            column("email", oid::TEXT, false),
+            column("note", oid::TEXT, false),
+        ],
     })
 }
 
@@ -39,9 +48,16 @@ fn insert(relation: &Arc<Relation>, lsn: u64, id: i64, email: &str) -> Change {
 /// Transaction `n` (commit LSN n×1000) with `rows` inserts, every row routed to `spine`.
 fn batch(n: u64, rows: i64) -> Arc<Batch> {
     let r = relation();
-    let changes = (0..rows).map(|i| insert(&r, n * 1000 + i as u64, n as i64 * 100 + i, "x@y")).collect();
+    let changes = (0..rows)
+        .map(|i| insert(&r, n * 1000 + i as u64, n as i64 * 100 + i, "x@y"))
+        .collect();
     let txn = Transaction {
-        meta: TxnMeta { xid: n as u32, commit_lsn: Lsn(n * 1000 + 999), end_lsn: Lsn(n * 1000 + 1000), commit_ts: 1_704_067_200_000_000 },
+        meta: TxnMeta {
+            xid: n as u32,
+            commit_lsn: Lsn(n * 1000 + 999),
+            end_lsn: Lsn(n * 1000 + 1000),
+            commit_ts: 1_704_067_200_000_000,
+        },
         changes,
     };
     let mut b = Batch::from_transactions([txn]);
@@ -78,7 +94,10 @@ struct Fake {
 }
 
 async fn fake(fake: Fake) -> String {
-    async fn publish(State(f): State<Fake>, JsonBody(mut e): JsonBody<Json>) -> (StatusCode, JsonBody<Json>) {
+    async fn publish(
+        State(f): State<Fake>,
+        JsonBody(mut e): JsonBody<Json>,
+    ) -> (StatusCode, JsonBody<Json>) {
         let failing = f.fail.load(Ordering::SeqCst) > 0;
         if failing {
             f.fail.fetch_sub(1, Ordering::SeqCst);
@@ -88,17 +107,35 @@ async fn fake(fake: Fake) -> String {
             e["event_id"] = json!(events.len() + 1);
             events.push(e.clone());
         }
-        if failing { (StatusCode::SERVICE_UNAVAILABLE, JsonBody(json!({"detail": "busy"}))) } else { (StatusCode::CREATED, JsonBody(e)) }
+        if failing {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                JsonBody(json!({"detail": "busy"})),
+            )
+        } else {
+            (StatusCode::CREATED, JsonBody(e))
+        }
     }
-    async fn query(State(f): State<Fake>, Query(q): Query<std::collections::HashMap<String, String>>) -> JsonBody<Json> {
+    async fn query(
+        State(f): State<Fake>,
+        Query(q): Query<std::collections::HashMap<String, String>>,
+    ) -> JsonBody<Json> {
         let limit: usize = q["limit"].parse().unwrap();
         let events = f.events.lock().unwrap();
-        let matching: Vec<Json> = events.iter().filter(|e| q.get("source").is_none_or(|s| e["source"] == **s)).cloned().collect();
-        JsonBody(Json::Array(matching[matching.len().saturating_sub(limit)..].to_vec()))
+        let matching: Vec<Json> = events
+            .iter()
+            .filter(|e| q.get("source").is_none_or(|s| e["source"] == **s))
+            .cloned()
+            .collect();
+        JsonBody(Json::Array(
+            matching[matching.len().saturating_sub(limit)..].to_vec(),
+        ))
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
-    let app = Router::new().route("/events", post(publish).get(query)).with_state(fake);
+    let app = Router::new()
+        .route("/events", post(publish).get(query))
+        .with_state(fake);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     url
 }
@@ -111,14 +148,31 @@ fn settings(url: &str) -> SpineSettings {
 
 #[test]
 fn event_ids_are_stable_and_scoped_to_their_source() {
-    let p = Position { commit_lsn: Lsn(0x16B_3748), index: 3 };
+    let p = Position {
+        commit_lsn: Lsn(0x16B_3748),
+        index: 3,
+    };
     let id = event_id("airlock", p);
-    assert_eq!(id, format!("00000000016B3748-000003-{}", &hex::encode(Sha256::digest(b"airlock"))[..8]));
+    assert_eq!(
+        id,
+        format!(
+            "00000000016B3748-000003-{}",
+            &hex::encode(Sha256::digest(b"airlock"))[..8]
+        )
+    );
     assert_eq!(event_id("airlock", p), id);
     assert_eq!(parse_event_id("airlock", &id), Some(p));
     assert_eq!(parse_event_id("other-source", &id), None);
     assert_eq!(parse_event_id("airlock", "42"), None);
-    assert!(Position { commit_lsn: Lsn(5), index: 9 } < Position { commit_lsn: Lsn(6), index: 0 });
+    assert!(
+        Position {
+            commit_lsn: Lsn(5),
+            index: 9
+        } < Position {
+            commit_lsn: Lsn(6),
+            index: 0
+        }
+    );
 }
 
 #[test]
@@ -137,20 +191,35 @@ fn watch_patterns_match_schema_and_table_globs() {
 async fn bad_kinds_are_refused_at_open_all_at_once() {
     let mut s = settings("http://127.0.0.1:9/events");
     s.default_kind = "watch_drifed".into();
-    s.watch = vec![("public.*".into(), "data_access".into(), "airlock".into()), ("x".into(), "other".into(), "".into())];
-    let Err(error) = SpineSink::open(s).await else { panic!("opened") };
+    s.watch = vec![
+        ("public.*".into(), "data_access".into(), "airlock".into()),
+        ("x".into(), "other".into(), "".into()),
+    ];
+    let Err(error) = SpineSink::open(s).await else {
+        panic!("opened")
+    };
     let message = error.to_string();
     assert!(!error.is_transient());
     assert!(message.contains("default_kind: kind `watch_drifed` is not one of the spine's kinds (did you mean `watch_drifted`?)"), "{message}");
-    assert!(message.contains("watch[0] (`public.*`): kind `data_access`"), "{message}");
-    assert!(message.contains("watch[1] (`x`): the source is empty"), "{message}");
+    assert!(
+        message.contains("watch[0] (`public.*`): kind `data_access`"),
+        "{message}"
+    );
+    assert!(
+        message.contains("watch[1] (`x`): the source is empty"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
 async fn events_carry_the_row_and_the_change_metadata() {
     let (url, _stop) = builtin("payload").await;
     let mut s = settings(&url);
-    s.watch = vec![("public.acc*".into(), "watch_drifted".into(), "accounts-svc".into())];
+    s.watch = vec![(
+        "public.acc*".into(),
+        "watch_drifted".into(),
+        "accounts-svc".into(),
+    )];
     let mut sink = SpineSink::open(s).await.unwrap();
 
     let r = relation();
@@ -158,11 +227,29 @@ async fn events_carry_the_row_and_the_change_metadata() {
         relation: r.clone(),
         op: Op::Update,
         lsn: Lsn(0x20),
-        new: Some(vec![Value::Int(1), Value::Text("5f2c…masked".into()), Value::UnchangedToast]),
+        new: Some(vec![
+            Value::Int(1),
+            Value::Text("5f2c…masked".into()),
+            Value::UnchangedToast,
+        ]),
         old: Some(vec![Value::Int(1), Value::Null, Value::Null]),
     };
-    let delete = Change { relation: r.clone(), op: Op::Delete, lsn: Lsn(0x30), new: None, old: Some(vec![Value::Int(2), Value::Null, Value::Null]) };
-    let txn = Transaction { meta: TxnMeta { xid: 77, commit_lsn: Lsn(0x40), end_lsn: Lsn(0x48), commit_ts: 1_704_067_200_123_456 }, changes: vec![update, delete] };
+    let delete = Change {
+        relation: r.clone(),
+        op: Op::Delete,
+        lsn: Lsn(0x30),
+        new: None,
+        old: Some(vec![Value::Int(2), Value::Null, Value::Null]),
+    };
+    let txn = Transaction {
+        meta: TxnMeta {
+            xid: 77,
+            commit_lsn: Lsn(0x40),
+            end_lsn: Lsn(0x48),
+            commit_ts: 1_704_067_200_123_456,
+        },
+        changes: vec![update, delete],
+    };
     let mut b = Batch::from_transactions([txn]);
     b.pipeline = "abc123".into();
     b.tables[0].column_tags[1] = vec!["pii".into()];
@@ -170,8 +257,12 @@ async fn events_carry_the_row_and_the_change_metadata() {
         row.routes.push("spine".into());
     }
     b.rows[0].tags.push("restricted".into());
-    b.rows[1].annotations.push((KIND_ANNOTATION.into(), "request_denied".into()));
-    b.rows[1].annotations.push((SOURCE_ANNOTATION.into(), "guest-src".into()));
+    b.rows[1]
+        .annotations
+        .push((KIND_ANNOTATION.into(), "request_denied".into()));
+    b.rows[1]
+        .annotations
+        .push((SOURCE_ANNOTATION.into(), "guest-src".into()));
     assert!(sink.accept(Arc::new(b)).await.unwrap());
     assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x48)));
 
@@ -179,22 +270,59 @@ async fn events_carry_the_row_and_the_change_metadata() {
     let events = client.events(None, None, 10).await.unwrap();
     assert_eq!(events.len(), 2);
     let (u, d) = (&events[0], &events[1]);
-    assert_eq!((u["kind"].as_str(), u["source"].as_str()), (Some("watch_drifted"), Some("accounts-svc")));
-    assert_eq!((d["kind"].as_str(), d["source"].as_str()), (Some("request_denied"), Some("guest-src")));
+    assert_eq!(
+        (u["kind"].as_str(), u["source"].as_str()),
+        (Some("watch_drifted"), Some("accounts-svc"))
+    );
+    assert_eq!(
+        (d["kind"].as_str(), d["source"].as_str()),
+        (Some("request_denied"), Some("guest-src"))
+    );
     assert_eq!(u["timestamp"], "2024-01-01T00:00:00.123456Z");
     let p = &u["payload"];
     assert_eq!(p["table"], "public.accounts");
     assert_eq!(p["operation"], "UPDATE");
-    assert_eq!(p["new"], json!({"id": 1, "email": "5f2c…masked", "note": {"$unchanged": true}}));
+    assert_eq!(
+        p["new"],
+        json!({"id": 1, "email": "5f2c…masked", "note": {"$unchanged": true}})
+    );
     assert_eq!(p["old"], json!({"id": 1}));
-    assert_eq!((p["lsn"].as_str(), p["commit_lsn"].as_str(), p["xid"].as_u64()), (Some("0/20"), Some("0/40"), Some(77)));
-    assert_eq!((p["pipeline"].as_str(), &p["tags"]), (Some("abc123"), &json!(["restricted"])));
+    assert_eq!(
+        (
+            p["lsn"].as_str(),
+            p["commit_lsn"].as_str(),
+            p["xid"].as_u64()
+        ),
+        (Some("0/20"), Some("0/40"), Some(77))
+    );
+    assert_eq!(
+        (p["pipeline"].as_str(), &p["tags"]),
+        (Some("abc123"), &json!(["restricted"]))
+    );
     assert_eq!(p["column_tags"], json!({"email": ["pii"]}));
-    assert_eq!(p["event_id"], event_id("accounts-svc", Position { commit_lsn: Lsn(0x40), index: 0 }));
+    assert_eq!(
+        p["event_id"],
+        event_id(
+            "accounts-svc",
+            Position {
+                commit_lsn: Lsn(0x40),
+                index: 0
+            }
+        )
+    );
     assert_eq!(d["payload"]["operation"], "DELETE");
     assert_eq!(d["payload"]["old"], json!({"id": 2}));
     assert!(d["payload"].get("new").is_none());
-    assert_eq!(d["payload"]["event_id"], event_id("guest-src", Position { commit_lsn: Lsn(0x40), index: 1 }));
+    assert_eq!(
+        d["payload"]["event_id"],
+        event_id(
+            "guest-src",
+            Position {
+                commit_lsn: Lsn(0x40),
+                index: 1
+            }
+        )
+    );
 }
 
 #[tokio::test]
@@ -206,9 +334,22 @@ async fn unrouted_and_dropped_rows_are_not_sent_but_keep_their_index() {
     b.rows[1].dropped = true;
     assert!(sink.accept(Arc::new(b)).await.unwrap());
     sink.flush().await.unwrap();
-    let events = SpineClient::new("t", &url, None, Duration::from_secs(5)).unwrap().events(None, None, 10).await.unwrap();
+    let events = SpineClient::new("t", &url, None, Duration::from_secs(5))
+        .unwrap()
+        .events(None, None, 10)
+        .await
+        .unwrap();
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0]["payload"]["event_id"], event_id("airlock", Position { commit_lsn: Lsn(1999), index: 2 }));
+    assert_eq!(
+        events[0]["payload"]["event_id"],
+        event_id(
+            "airlock",
+            Position {
+                commit_lsn: Lsn(1999),
+                index: 2
+            }
+        )
+    );
     // A batch with nothing for the spine keeps nothing.
     let mut b = (*batch(2, 1)).clone();
     b.rows[0].routes = vec!["default".into()];
@@ -220,16 +361,30 @@ async fn an_unknown_kind_from_a_guest_stops_at_accept() {
     let (url, _stop) = builtin("guest-kind").await;
     let mut sink = SpineSink::open(settings(&url)).await.unwrap();
     let mut b = (*batch(1, 1)).clone();
-    b.rows[0].annotations.push((KIND_ANNOTATION.into(), "data_access".into()));
+    b.rows[0]
+        .annotations
+        .push((KIND_ANNOTATION.into(), "data_access".into()));
     let error = sink.accept(Arc::new(b)).await.unwrap_err();
     assert!(!error.is_transient());
-    assert!(error.to_string().contains("has spine.kind `data_access`, which is not one of the spine's kinds"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("has spine.kind `data_access`, which is not one of the spine's kinds"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn a_restarted_sink_skips_what_the_spine_already_has() {
     for spine in ["builtin", "fake"] {
-        let (url, _stop) = if spine == "builtin" { builtin("restart").await } else { (fake(Fake::default()).await, tokio::sync::oneshot::channel().0) };
+        let (url, _stop) = if spine == "builtin" {
+            builtin("restart").await
+        } else {
+            (
+                fake(Fake::default()).await,
+                tokio::sync::oneshot::channel().0,
+            )
+        };
         let mut sink = SpineSink::open(settings(&url)).await.unwrap();
         for n in 1..=3 {
             sink.accept(batch(n, 2)).await.unwrap();
@@ -237,22 +392,43 @@ async fn a_restarted_sink_skips_what_the_spine_already_has() {
         sink.flush().await.unwrap();
         // A new sink (after a crash) gets transactions 2..5 again.
         let mut sink = SpineSink::open(settings(&url)).await.unwrap();
-        assert_eq!(sink.delivered(), Some(Position { commit_lsn: Lsn(3999), index: 1 }), "{spine}");
+        assert_eq!(
+            sink.delivered(),
+            Some(Position {
+                commit_lsn: Lsn(3999),
+                index: 1
+            }),
+            "{spine}"
+        );
         for n in 2..=5 {
             sink.accept(batch(n, 2)).await.unwrap();
         }
         assert_eq!(sink.pending_events(), 4, "{spine}");
         sink.flush().await.unwrap();
-        let events = SpineClient::new("t", &url, None, Duration::from_secs(5)).unwrap().events(None, None, 100).await.unwrap();
-        let ids: Vec<u64> = events.iter().map(|e| e["payload"]["new"]["id"].as_u64().unwrap()).collect();
-        assert_eq!(ids, vec![100, 101, 200, 201, 300, 301, 400, 401, 500, 501], "{spine}");
+        let events = SpineClient::new("t", &url, None, Duration::from_secs(5))
+            .unwrap()
+            .events(None, None, 100)
+            .await
+            .unwrap();
+        let ids: Vec<u64> = events
+            .iter()
+            .map(|e| e["payload"]["new"]["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            vec![100, 101, 200, 201, 300, 301, 400, 401, 500, 501],
+            "{spine}"
+        );
     }
 }
 
 #[tokio::test]
 async fn server_errors_are_retried_without_loss_or_duplicates() {
     // Answers lost after the event was stored: the resync must find them.
-    let f = Fake { store_failed: true, ..Fake::default() };
+    let f = Fake {
+        store_failed: true,
+        ..Fake::default()
+    };
     f.fail.store(2, Ordering::SeqCst);
     let url = fake(f.clone()).await;
     let sink = SpineSink::open(settings(&url)).await.unwrap();
@@ -265,15 +441,30 @@ async fn server_errors_are_retried_without_loss_or_duplicates() {
     drop(tx);
     task.await.unwrap().unwrap();
     assert_eq!(*durable_rx.borrow_and_update(), Lsn(5000));
-    let ids: Vec<u64> = f.events.lock().unwrap().iter().map(|e| e["payload"]["new"]["id"].as_u64().unwrap()).collect();
-    assert_eq!(ids, vec![100, 101, 102, 200, 201, 202, 300, 301, 302, 400, 401, 402]);
+    let ids: Vec<u64> = f
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e["payload"]["new"]["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![100, 101, 102, 200, 201, 202, 300, 301, 302, 400, 401, 402]
+    );
 }
 
 #[tokio::test]
 async fn an_unreachable_spine_is_transient_and_keeps_everything() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}/events");
-    let mut sink = SpineSink::open(settings(&url)).await.expect("opens while the spine is down");
+    let mut sink = SpineSink::open(settings(&url))
+        .await
+        .expect("opens while the spine is down");
     sink.accept(batch(1, 2)).await.unwrap();
     let error = sink.flush().await.unwrap_err();
     assert!(error.is_transient(), "{error}");
@@ -287,10 +478,19 @@ async fn a_refused_request_is_definite_with_the_spines_answer() {
     let _ = std::fs::remove_dir_all(&dir);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
-    tokio::spawn(async move { crate::spine::serve(&dir, listener, Some("t0ken".into()), std::future::pending()).await });
-    let error = SpineSink::open(settings(&url)).await.err().expect("refused");
+    tokio::spawn(async move {
+        crate::spine::serve(&dir, listener, Some("t0ken".into()), std::future::pending()).await
+    });
+    let error = SpineSink::open(settings(&url))
+        .await
+        .err()
+        .expect("refused");
     assert!(!error.is_transient());
-    assert!(error.to_string().contains("401 Unauthorized") && error.to_string().contains("bearer token"), "{error}");
+    assert!(
+        error.to_string().contains("401 Unauthorized")
+            && error.to_string().contains("bearer token"),
+        "{error}"
+    );
     let mut s = settings(&url);
     s.token = Some("t0ken".into());
     let mut sink = SpineSink::open(s).await.unwrap();

@@ -1,0 +1,313 @@
+//! The lake's catalog: what `airlock catalog` prints.
+//!
+//! ```text
+//! config ──▶ every `delta` sink ──list {url}/*/_delta_log──▶ load each table (log only)
+//!        ──▶ Catalog { sinks: [ { tables: [ columns, types, tags, rows, version ] } ] }
+//! ```
+//!
+//! Reads only the Delta log: row counts come from the files' statistics, never from
+//! the Parquet data.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use deltalake::DeltaTableBuilder;
+use object_store::path::Path;
+use serde::Serialize;
+
+use super::arrow::field_tags;
+use super::{LakeError, LakeSettings, REGISTER_S3};
+use crate::config::{Config, SinkKind};
+
+/// Every table of every lake sink of a configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Catalog {
+    pub sinks: Vec<CatalogSink>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CatalogSink {
+    pub name: String,
+    pub url: String,
+    pub routes: Vec<String>,
+    pub tables: Vec<CatalogTable>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CatalogTable {
+    /// `schema.table`.
+    pub name: String,
+    pub location: String,
+    /// The latest Delta version.
+    pub version: u64,
+    /// Rows in the current files, from their statistics (`None`: a file has none).
+    pub rows: Option<u64>,
+    pub files: usize,
+    pub bytes: u64,
+    /// Time of the latest commit, milliseconds since the epoch.
+    pub last_commit_ms: Option<i64>,
+    /// The latest commit's LSN range and pipeline, from its commit info.
+    pub last_commit_info: HashMap<String, serde_json::Value>,
+    pub columns: Vec<CatalogColumn>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CatalogColumn {
+    pub name: String,
+    /// The Delta type, e.g. `long`, `decimal(12,2)`, `timestamp`.
+    #[serde(rename = "type")]
+    pub data_type: String,
+    pub nullable: bool,
+    /// Guest column tags (`airlock.tags` field metadata).
+    pub tags: Vec<String>,
+}
+
+/// Why the catalog could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("sink {sink}: {message}")]
+pub struct CatalogError {
+    pub sink: String,
+    pub message: String,
+}
+
+/// The `schema.table` directories holding a Delta table under the sink's location.
+pub(super) async fn list_tables(settings: &LakeSettings) -> Result<Vec<String>, LakeError> {
+    let url = settings.url.trim_end_matches('/');
+    if url.starts_with("s3://") || url.starts_with("s3a://") {
+        REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
+    }
+    if let Some(path) = url.strip_prefix("file://")
+        && !std::path::Path::new(path).is_dir()
+    {
+        return Ok(Vec::new());
+    }
+    let root = deltalake::ensure_table_uri(url).map_err(LakeError::delta(
+        "(sink root)",
+        "resolving the lake location",
+    ))?;
+    let store = DeltaTableBuilder::from_url(root)
+        .and_then(|b| {
+            b.with_storage_options(settings.storage_options.clone())
+                .build_storage()
+        })
+        .map_err(LakeError::delta("(sink root)", "opening the lake location"))?
+        .object_store(None);
+    let listing = store
+        .list_with_delimiter(None)
+        .await
+        .map_err(|e| LakeError::delta("(sink root)", "listing the lake")(e.into()))?;
+    let mut names = Vec::new();
+    for dir in listing.common_prefixes {
+        let Some(encoded) = dir.filename() else {
+            continue;
+        };
+        if encoded.starts_with('_') {
+            continue; // `_airlock/`: the compaction lock
+        }
+        let log = Path::from_iter([encoded, "_delta_log"]);
+        let entries = store
+            .list_with_delimiter(Some(&log))
+            .await
+            .map_err(|e| LakeError::delta("(sink root)", "listing the lake")(e.into()))?;
+        if entries.objects.is_empty() {
+            continue;
+        }
+        names.push(percent_decode(encoded));
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn describe(settings: &LakeSettings, name: &str) -> Result<CatalogTable, LakeError> {
+    use futures::TryStreamExt as _;
+    let location = format!(
+        "{}/{}",
+        settings.url.trim_end_matches('/'),
+        super::encode_segment(name)
+    );
+    let url = deltalake::ensure_table_uri(&location)
+        .map_err(LakeError::delta(name, "resolving the table location"))?;
+    let mut table = DeltaTableBuilder::from_url(url)
+        .and_then(|b| {
+            b.with_storage_options(settings.storage_options.clone())
+                .build()
+        })
+        .map_err(LakeError::delta(name, "opening the table"))?;
+    table
+        .load()
+        .await
+        .map_err(LakeError::delta(name, "loading the table"))?;
+    let state = table
+        .snapshot()
+        .map_err(LakeError::delta(name, "loading the table"))?;
+    let mut rows = Some(0u64);
+    let (mut files, mut bytes) = (0, 0u64);
+    for file in state.log_data().iter() {
+        files += 1;
+        bytes += file.size() as u64;
+        rows = rows.zip(file.num_records()).map(|(a, b)| a + b as u64);
+    }
+    let columns = state
+        .schema()
+        .fields()
+        .map(|field| CatalogColumn {
+            name: field.name().clone(),
+            data_type: type_name(field.data_type()),
+            nullable: field.is_nullable(),
+            tags: field_tags(field).into_iter().collect(),
+        })
+        .collect();
+    let version = table.version().unwrap_or_default();
+    let last = table
+        .history(Some(1))
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(LakeError::delta(name, "reading the history"))?;
+    let last = last.into_iter().next();
+    let mut info = last.as_ref().map(|c| c.info.clone()).unwrap_or_default();
+    info.retain(|k, _| k.starts_with("airlock."));
+    if let Some(operation) = last.as_ref().and_then(|c| c.operation.clone()) {
+        info.insert("operation".into(), operation.into());
+    }
+    Ok(CatalogTable {
+        name: name.to_owned(),
+        location,
+        version,
+        rows,
+        files,
+        bytes,
+        last_commit_ms: last.and_then(|c| c.timestamp),
+        last_commit_info: info,
+        columns,
+    })
+}
+
+/// Delta's name for a type: `long`, `decimal(12,2)`, `array<string>`, ...
+fn type_name(data_type: &deltalake::kernel::DataType) -> String {
+    use deltalake::kernel::DataType;
+    match data_type {
+        DataType::Primitive(p) => serde_json::to_value(p)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{p:?}")),
+        DataType::Array(a) => format!("array<{}>", type_name(a.element_type())),
+        DataType::Map(m) => format!(
+            "map<{},{}>",
+            type_name(m.key_type()),
+            type_name(m.value_type())
+        ),
+        DataType::Struct(_) => "struct".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Reads the catalog of every `delta` sink of `config` (the Delta logs only).
+pub async fn catalog(config: &Config) -> Result<Catalog, CatalogError> {
+    let mut sinks = Vec::new();
+    for sink in &config.sinks {
+        if sink.kind != SinkKind::Delta {
+            continue;
+        }
+        let settings = LakeSettings::from_config(config, sink);
+        let error = |e: LakeError| CatalogError {
+            sink: sink.name.clone(),
+            message: e.to_string(),
+        };
+        let names = list_tables(&settings).await.map_err(error)?;
+        let mut tables = Vec::new();
+        for name in names {
+            tables.push(describe(&settings, &name).await.map_err(error)?);
+        }
+        sinks.push(CatalogSink {
+            name: sink.name.clone(),
+            url: sink.url.clone(),
+            routes: sink.routes.clone(),
+            tables,
+        });
+    }
+    Ok(Catalog { sinks })
+}
+
+impl Catalog {
+    /// The catalog as JSON (what `airlock catalog --json` prints).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    /// The catalog as text tables: one summary line per table, then its columns.
+    pub fn render_table(&self) -> String {
+        let mut out = String::new();
+        for sink in &self.sinks {
+            let _ = writeln!(
+                out,
+                "sink {} ({}) routes: {}",
+                sink.name,
+                sink.url,
+                sink.routes.join(", ")
+            );
+            if sink.tables.is_empty() {
+                let _ = writeln!(out, "  (no tables yet)");
+            }
+            for t in &sink.tables {
+                let rows = t.rows.map_or("?".into(), |r| r.to_string());
+                let _ = writeln!(
+                    out,
+                    "\n  {}  version {}  rows {}  files {}  {} bytes",
+                    t.name, t.version, rows, t.files, t.bytes
+                );
+                if let Some(lsn) = t.last_commit_info.get("airlock.lsn_range") {
+                    let _ = writeln!(out, "  last commit LSNs {lsn}");
+                }
+                let width = t
+                    .columns
+                    .iter()
+                    .map(|c| c.name.len())
+                    .max()
+                    .unwrap_or(6)
+                    .max(6);
+                let type_width = t
+                    .columns
+                    .iter()
+                    .map(|c| c.data_type.len())
+                    .max()
+                    .unwrap_or(4)
+                    .max(4);
+                let _ = writeln!(
+                    out,
+                    "    {:width$}  {:type_width$}  null  tags",
+                    "column", "type"
+                );
+                for c in &t.columns {
+                    let _ = writeln!(
+                        out,
+                        "    {:width$}  {:type_width$}  {:4}  {}",
+                        c.name,
+                        c.data_type,
+                        if c.nullable { "yes" } else { "no" },
+                        c.tags.join(", ")
+                    );
+                }
+            }
+        }
+        out
+    }
+}

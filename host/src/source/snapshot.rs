@@ -1,0 +1,498 @@
+//! The initial snapshot (`[source] snapshot = "initial"`): every row of every published
+//! table as `Op::Read` changes, then streaming from the exact point the copy saw.
+//!
+//! ```text
+//!  replication conn: CREATE_REPLICATION_SLOT {slot}_snapshot TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT
+//!        │ (stays open and idle: the exported snapshot lives as long as it does)
+//!  SQL conn: BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '...'
+//!        │   per published table: COPY (SELECT columns FROM table) TO STDOUT ─▶ chunks ─▶ tx
+//!        │   COMMIT; wait until the sinks made the last chunk durable
+//!  SQL conn: pg_copy_logical_replication_slot('{slot}_snapshot', '{slot}')   ◀── "snapshot complete"
+//!  replication conn: DROP_REPLICATION_SLOT {slot}_snapshot; START_REPLICATION SLOT {slot}
+//! ```
+//!
+//! Invariants:
+//! - The permanent slot exists only once the snapshot is durable in every sink: its
+//!   existence is the "snapshot complete" marker. A snapshot interrupted at any point
+//!   leaves no permanent slot (the temporary one dies with its connection), so the
+//!   next start takes the snapshot again, from a new consistent point.
+//! - Chunks are transactions of at most [`CHUNK_ROWS`] rows (or [`CHUNK_BYTES`]), sent
+//!   on the same bounded channel as streamed transactions: memory stays bounded.
+//! - Chunk `i` has `commit_lsn = end_lsn = consistent_point - SPAN + i`: strictly
+//!   increasing, strictly below the consistent point (so below every streamed
+//!   transaction), which is what the lake's exactly-once check needs.
+//! - The slot's flush LSN is never reported past the consistent point before the
+//!   snapshot is complete: streaming only starts afterwards.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use super::protocol::{ReplicationConnection, SnapshotAction, quote_ident};
+use super::{SourceError, SourceSettings, catalog_error, resolve_type, shutdown_requested};
+use crate::change::{Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta};
+
+/// Rows per snapshot chunk (one transaction downstream).
+pub const CHUNK_ROWS: usize = 10_000;
+/// Bytes of values per snapshot chunk, whichever comes first.
+pub const CHUNK_BYTES: usize = 8 << 20;
+/// Chunk LSNs count up from `consistent_point - SPAN`: room for 2^20 chunks (10^10 rows).
+const SPAN: u64 = 1 << 20;
+/// How often progress is logged and published.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Called with the snapshot's progress as JSON (for `/status`).
+#[derive(Clone)]
+pub struct SnapshotObserver(pub Arc<dyn Fn(serde_json::Value) + Send + Sync>);
+
+impl std::fmt::Debug for SnapshotObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotObserver")
+    }
+}
+
+/// The name of the temporary slot that exports the snapshot.
+fn temporary_slot(slot: &str) -> String {
+    let keep = slot.len().min(63 - "_snapshot".len());
+    format!("{}_snapshot", &slot[..keep])
+}
+
+/// The LSN of chunk `index` below `consistent_point`.
+fn chunk_lsn(consistent_point: Lsn, index: u64) -> Lsn {
+    Lsn(consistent_point.0.saturating_sub(SPAN).max(1) + index)
+}
+
+/// What the snapshot reports as it goes.
+struct Meter<'a> {
+    observer: Option<&'a SnapshotObserver>,
+    started: Instant,
+    last: Instant,
+    rows: u64,
+    tables_done: usize,
+    tables: usize,
+}
+
+impl Meter<'_> {
+    fn report(&mut self, table: &str, table_rows: u64, estimate: i64, state: &str, force: bool) {
+        if !force && self.last.elapsed() < PROGRESS_INTERVAL {
+            return;
+        }
+        self.last = Instant::now();
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = self.rows as f64 / seconds;
+        info!(
+            table,
+            table_rows,
+            table_estimate = estimate,
+            rows = self.rows,
+            rows_per_second = rate as u64,
+            tables_done = self.tables_done,
+            tables = self.tables,
+            state,
+            "initial snapshot progress"
+        );
+        if let Some(observer) = self.observer {
+            (observer.0)(serde_json::json!({
+                "state": state,
+                "table": table,
+                "table_rows": table_rows,
+                "table_estimate": estimate.max(0),
+                "rows": self.rows,
+                "rows_per_second": rate.round(),
+                "tables_done": self.tables_done,
+                "tables": self.tables,
+                "elapsed_seconds": seconds.round(),
+            }));
+        }
+    }
+}
+
+/// Takes the initial snapshot and creates the permanent slot. Returns the consistent
+/// point (the slot's confirmed flush LSN) and the LSN of the last chunk sent, or `None`
+/// when shutdown was requested meanwhile.
+pub(super) async fn take(
+    settings: &SourceSettings,
+    conn: &mut ReplicationConnection,
+    tx: &mpsc::Sender<Transaction>,
+    durable: &mut watch::Receiver<Lsn>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<(Lsn, Option<Lsn>)>, SourceError> {
+    let temporary = temporary_slot(&settings.slot);
+    let created = conn
+        .create_logical_slot(&temporary, true, SnapshotAction::Export)
+        .await?;
+    let consistent_point = created.consistent_point;
+    let snapshot_name = created.snapshot_name.ok_or_else(|| SourceError::Snapshot {
+        table: "*".into(),
+        during: "creating the slot",
+        reason: "CREATE_REPLICATION_SLOT returned no snapshot name".into(),
+    })?;
+    info!(slot = %settings.slot, consistent_point = %consistent_point, snapshot = %snapshot_name, "initial snapshot started");
+
+    let addr = settings.connect.addr();
+    let user = settings.connect.user.clone();
+    let fail = |during: &'static str| {
+        let (addr, user) = (addr.clone(), user.clone());
+        move |e: tokio_postgres::Error| catalog_error(&addr, &user, during, e)
+    };
+    let (client, connection) = settings
+        .connect
+        .tokio_postgres_config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(fail("connecting for the snapshot"))?;
+    let connection = tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(error = %error, "snapshot connection ended");
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            super::protocol::quote_literal(&snapshot_name)
+        ))
+        .await
+        .map_err(fail("importing the snapshot"))?;
+    let tables: Vec<(String, String)> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+             WHERE pubname = $1 ORDER BY 1, 2",
+            &[&settings.publication],
+        )
+        .await
+        .map_err(fail("listing the published tables"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    let mut meter = Meter {
+        observer: settings.on_snapshot.as_ref(),
+        started: Instant::now(),
+        last: Instant::now(),
+        rows: 0,
+        tables_done: 0,
+        tables: tables.len(),
+    };
+    let mut chunk_index = 0u64;
+    let mut last_chunk = None;
+    for (schema, name) in &tables {
+        let relation = relation(&client, schema, name)
+            .await
+            .map_err(fail("describing a published table"))?;
+        let qualified = relation.qualified_name();
+        let estimate: i64 = client
+            .query_one(
+                "SELECT reltuples::int8 FROM pg_class WHERE oid = $1",
+                &[&relation.oid],
+            )
+            .await
+            .map_err(fail("estimating the table size"))?
+            .get(0);
+        let columns: Vec<String> = relation
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        let sql = format!(
+            "COPY (SELECT {} FROM {}.{}) TO STDOUT",
+            if columns.is_empty() {
+                "".into()
+            } else {
+                columns.join(", ")
+            },
+            quote_ident(schema),
+            quote_ident(name)
+        );
+        let relation = Arc::new(relation);
+        let stream = client
+            .copy_out(sql.as_str())
+            .await
+            .map_err(fail("copying a table"))?;
+        let mut stream = pin!(stream);
+        let mut pending: Vec<u8> = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
+        let mut bytes = 0usize;
+        let mut table_rows = 0u64;
+        meter.report(&qualified, 0, estimate, "copying", true);
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = shutdown_requested(shutdown) => return Ok(None),
+                next = stream.next() => next,
+            };
+            let end = next.is_none();
+            if let Some(data) = next {
+                pending.extend_from_slice(&data.map_err(fail("copying a table"))?);
+            }
+            // Whole lines only; the rest waits for the next piece.
+            let mut start = 0;
+            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+                let line = &pending[start..start + nl];
+                start += nl + 1;
+                let lsn = chunk_lsn(consistent_point, chunk_index);
+                let values = parse_row(&relation, line, lsn)?;
+                bytes += line.len();
+                changes.push(Change {
+                    relation: relation.clone(),
+                    op: Op::Read,
+                    lsn,
+                    new: Some(values),
+                    old: None,
+                });
+                table_rows += 1;
+                meter.rows += 1;
+            }
+            pending.drain(..start);
+            if changes.len() >= CHUNK_ROWS || bytes >= CHUNK_BYTES || (end && !changes.is_empty()) {
+                let lsn = chunk_lsn(consistent_point, chunk_index);
+                if lsn >= consistent_point {
+                    return Err(SourceError::Snapshot {
+                        table: qualified,
+                        during: "numbering chunks",
+                        reason: format!(
+                            "more than {SPAN} chunks below the consistent point {consistent_point}"
+                        ),
+                    });
+                }
+                let txn = Transaction {
+                    meta: TxnMeta {
+                        xid: 0,
+                        commit_lsn: lsn,
+                        end_lsn: lsn,
+                        commit_ts: now_micros(),
+                    },
+                    changes: std::mem::take(&mut changes),
+                };
+                tokio::select! {
+                    biased;
+                    () = shutdown_requested(shutdown) => return Ok(None),
+                    sent = tx.send(txn) => sent.map_err(|_| SourceError::PipelineClosed)?,
+                }
+                last_chunk = Some(lsn);
+                chunk_index += 1;
+                bytes = 0;
+                meter.report(&qualified, table_rows, estimate, "copying", false);
+            }
+            if end {
+                break;
+            }
+        }
+        meter.tables_done += 1;
+        meter.report(&qualified, table_rows, estimate, "copying", true);
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(fail("ending the snapshot transaction"))?;
+
+    // Complete means durable: only then does the permanent slot come to exist.
+    if let Some(last) = last_chunk {
+        meter.report("*", 0, 0, "waiting for the sinks", true);
+        loop {
+            if *durable.borrow_and_update() >= last {
+                break;
+            }
+            tokio::select! {
+                biased;
+                () = shutdown_requested(shutdown) => return Ok(None),
+                changed = durable.changed() => if changed.is_err() {
+                    return Err(SourceError::PipelineClosed);
+                },
+            }
+        }
+    }
+    client
+        .execute(
+            // Permanent: without `false` the copy would be temporary like its source.
+            "SELECT pg_copy_logical_replication_slot($1, $2, false)",
+            &[&temporary, &settings.slot],
+        )
+        .await
+        .map_err(fail("creating the replication slot after the snapshot"))?;
+    drop(client);
+    let _ = connection.await;
+    if let Err(error) = conn
+        .simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}",
+            quote_ident(&temporary)
+        ))
+        .await
+    {
+        debug!(error = %error, "dropping the temporary snapshot slot failed; it goes with the connection");
+    }
+    meter.report("*", 0, 0, "complete", true);
+    info!(slot = %settings.slot, consistent_point = %consistent_point, rows = meter.rows, chunks = chunk_index, "initial snapshot complete, created replication slot");
+    Ok(Some((consistent_point, last_chunk)))
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// A published table as pgoutput would describe it: its columns in order (without
+/// dropped and generated ones), key flags, replica identity, domains resolved.
+async fn relation(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    name: &str,
+) -> Result<Relation, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &name],
+        )
+        .await?;
+    let oid: u32 = row.get(0);
+    let identity: String = row.get(1);
+    let replica_identity = match identity.as_str() {
+        "n" => ReplicaIdentity::Nothing,
+        "f" => ReplicaIdentity::Full,
+        "i" => ReplicaIdentity::Index,
+        _ => ReplicaIdentity::Default,
+    };
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, \
+             EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND a.attnum = ANY(i.indkey) \
+                     AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) \
+             OR c.relreplident = 'f' \
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await?;
+    let mut columns = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut column = Column {
+            name: row.get(0),
+            type_oid: row.get(1),
+            type_modifier: row.get(2),
+            key: row.get(3),
+        };
+        if column.type_oid >= super::FIRST_NORMAL_OID {
+            let (base, typmod) = resolve_type(client, column.type_oid).await?;
+            column.type_oid = base;
+            if column.type_modifier == -1 {
+                column.type_modifier = typmod;
+            }
+        }
+        columns.push(column);
+    }
+    Ok(Relation {
+        oid,
+        schema: schema.to_owned(),
+        name: name.to_owned(),
+        replica_identity,
+        columns,
+    })
+}
+
+/// One line of COPY text output as typed values.
+fn parse_row(
+    relation: &Relation,
+    line: &[u8],
+    lsn: Lsn,
+) -> Result<Vec<crate::change::Value>, SourceError> {
+    let fields: Vec<&[u8]> = if relation.columns.is_empty() {
+        Vec::new()
+    } else {
+        line.split(|&b| b == b'\t').collect()
+    };
+    if fields.len() != relation.columns.len() {
+        return Err(SourceError::Snapshot {
+            table: relation.qualified_name(),
+            during: "parsing COPY output",
+            reason: format!(
+                "a row has {} fields, the table {} columns",
+                fields.len(),
+                relation.columns.len()
+            ),
+        });
+    }
+    let mut values = Vec::with_capacity(fields.len());
+    for (column, field) in relation.columns.iter().zip(fields) {
+        if field == b"\\N" {
+            values.push(crate::change::Value::Null);
+            continue;
+        }
+        let text = unescape(field);
+        values.push(super::text::parse_value(column, &text).map_err(|source| {
+            SourceError::Value {
+                relation: relation.qualified_name(),
+                lsn,
+                source,
+            }
+        })?);
+    }
+    Ok(values)
+}
+
+/// Undoes COPY text escaping (`\\`, `\t`, `\n`, `\r`, `\b`, `\f`, `\v`, octal).
+fn unescape(field: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !field.contains(&b'\\') {
+        return std::borrow::Cow::Borrowed(field);
+    }
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let b = field[i];
+        i += 1;
+        if b != b'\\' || i == field.len() {
+            out.push(b);
+            continue;
+        }
+        let c = field[i];
+        i += 1;
+        out.push(match c {
+            b't' => b'\t',
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b'b' => 8,
+            b'f' => 12,
+            b'v' => 11,
+            b'0'..=b'7' => {
+                let mut value = u32::from(c - b'0');
+                for _ in 0..2 {
+                    match field.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            value = value * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                value as u8
+            }
+            other => other,
+        });
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_are_undone() {
+        assert_eq!(&*unescape(b"plain"), b"plain");
+        assert_eq!(&*unescape(b"a\\tb\\nc\\\\d\\101"), b"a\tb\nc\\dA");
+    }
+
+    #[test]
+    fn chunk_lsns_increase_below_the_consistent_point() {
+        let cp = Lsn(0x1_6B3_748);
+        let lsns: Vec<Lsn> = (0..3).map(|i| chunk_lsn(cp, i)).collect();
+        assert!(lsns.windows(2).all(|w| w[0] < w[1]));
+        assert!(lsns.iter().all(|l| *l < cp));
+        assert_eq!(temporary_slot(&"x".repeat(63)).len(), 63);
+    }
+}

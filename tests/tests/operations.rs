@@ -1,0 +1,268 @@
+//! Operating airlock: `airlock check` lists every problem, SIGTERM drains and exits 0
+//! with nothing lost or repeated on restart, and a failing guest either halts the
+//! stream (nothing past it acknowledged) or dead-letters the transaction.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use airlock_tests::*;
+
+/// The `airlock` binary built beside this test (`cargo xtask test` builds it first).
+fn airlock_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe.parent().and_then(Path::parent).expect("target/release").join("airlock");
+    assert!(bin.is_file(), "{} is missing: build it with `cargo build --release --workspace --bins` (the README's test command does)", bin.display());
+    bin
+}
+
+fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("airlock.toml");
+    std::fs::write(&path, body).expect("write config");
+    path
+}
+
+async fn wait_slot_active(db: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let row = db.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?;
+        if row.is_some_and(|r| r.get::<_, bool>(0)) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("slot {slot} never became active")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_lists_every_problem_at_once() -> anyhow::Result<()> {
+    let dir = temp_dir("check");
+    let pg = Cluster::start("wal_level = replica").unwrap_or_else(|e| panic!("{e}"));
+    let plugins = plugin_dir(&dir, &[("10-mask", "mask", "")]);
+    std::fs::write(plugins.join("20-broken.wasm"), b"not wasm at all")?;
+    let config = write_config(
+        &dir,
+        &format!(
+            "[source]\nurl = \"{}\"\npublication = \"nothere\"\nslot = \"nothere\"\ncreate_slot = false\n\
+             [plugins]\ndir = \"plugins\"\nrequire = [\"30-mask\"]\n\
+             [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\n",
+            pg.url("postgres"),
+            dir.display()
+        ),
+    );
+    let out = Command::new(airlock_bin()).args(["check", "--config"]).arg(&config).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check must fail:\n{stdout}");
+    for expected in [
+        "ok   connection",
+        "FAIL wal_level              is `replica`: set wal_level = logical",
+        "FAIL publication            `nothere` does not exist",
+        "FAIL slot                   `nothere` does not exist and create_slot = false",
+        "FAIL plugins.require        required stage 30-mask missing",
+        "FAIL plugin ",
+        "20-broken.wasm",
+        "ok   sink lake",
+    ] {
+        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+    }
+    assert!(stderr.contains("problems found"), "{stderr}");
+
+    // A bad configuration file lists every invalid field, with its path.
+    let bad = write_config(&dir, "[source]\nurl = \"mysql://x\"\nslot = \"Bad\"\n[sinks.lake]\ntype = \"parquet\"\n");
+    let out = Command::new(airlock_bin()).args(["check", "--config"]).arg(&bad).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    for expected in ["source.url:", "source.slot:", "sinks.lake.type:", "sinks.lake.url:"] {
+        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+    }
+    Ok(())
+}
+
+/// A host process, killed if the test fails before it stops.
+struct HostProcess(Child);
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_host(config: &Path, log: &Path) -> HostProcess {
+    HostProcess(
+        Command::new(airlock_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("spawn airlock run"),
+    )
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "kill {sig} failed");
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing() -> anyhow::Result<()> {
+    let dir = temp_dir("sigterm");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, email text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
+    // The slot exists before the first write, so every row is in its stream.
+    db.batch_execute("SELECT pg_create_logical_replication_slot('term', 'pgoutput')").await?;
+    plugin_dir(&dir, &[("10-mask", "mask", "")]);
+    let config = write_config(
+        &dir,
+        &format!(
+            "[source]\nurl = \"{}\"\nslot = \"term\"\nstatus_interval = \"1s\"\n[plugins]\ndir = \"plugins\"\n\
+             [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            pg.url("postgres"),
+            dir.display()
+        ),
+    );
+    let writer_db = pg.connect("postgres").await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(async move {
+        let mut id = 0i64;
+        while !*stop_rx.borrow() {
+            id += 1;
+            writer_db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &format!("u{id}@example.com")]).await?;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        anyhow::Ok(id)
+    });
+
+    for round in 0..3 {
+        let mut host = spawn_host(&config, &dir.join(format!("host{round}.log")));
+        wait_slot_active(&db, "term").await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        signal(&host.0, "-TERM");
+        let status = wait_exit(&mut host.0, Duration::from_secs(30));
+        let log = std::fs::read_to_string(dir.join(format!("host{round}.log"))).unwrap_or_default();
+        assert_eq!(status.and_then(|s| s.code()), Some(0), "round {round}: SIGTERM must exit 0 within 30 s; log:\n{log}");
+    }
+    let _ = stop_tx.send(true);
+    let written = writer.await??;
+
+    // A last run drains what was written while stopped.
+    let mut host = spawn_host(&config, &dir.join("final.log"));
+    let table = dir.join("lake/public.t");
+    let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| rows.len() >= written as usize).await?;
+    signal(&host.0, "-TERM");
+    assert_eq!(wait_exit(&mut host.0, Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
+    let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    let unique: HashSet<i64> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "a row was written twice");
+    assert_eq!(ids.len(), written as usize, "every committed row is in the lake");
+    // The slot was acknowledged: nothing is pending in it after the final run.
+    let pending: i64 = db
+        .query_one("SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'term'", &[])
+        .await?
+        .get(0);
+    assert!(pending < 64 * 1024, "the slot still holds {pending} bytes after a clean stop");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fixed() -> anyhow::Result<()> {
+    let dir = temp_dir("halt");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, name text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('halt', 'pgoutput')").await?;
+    let plugins = plugin_dir(&dir, &[("10-check", "test_trap", "trap = \"row-value\"\nvalue = \"poison\"\n")]);
+    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
+    let config = format!(
+        "[source]\nurl = \"{}\"\nslot = \"halt\"\nstatus_interval = \"1s\"\n[plugins]\ndir = \"{}\"\n\
+         [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"200ms\"\n[admin]\nlisten = \"{admin}\"\n",
+        pg.url("postgres"),
+        plugins.display(),
+        dir.display()
+    );
+    let host = Host::start(&config, &dir);
+    // Three transactions; the second poisons the guest.
+    for (id, name) in [(1i64, "fine"), (2, "poison"), (3, "after")] {
+        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name]).await?;
+    }
+    let table = dir.join("lake/public.t");
+    wait_for_lake(&table, Duration::from_secs(30), |rows| rows.len() >= 1).await?;
+    // The poisoned transaction halts the stream: its error shows in /status.
+    let start = Instant::now();
+    let status = loop {
+        let s: serde_json::Value = reqwest::get(format!("http://{admin}/status")).await?.json().await?;
+        if s["last_error"]["message"].as_str().is_some_and(|m| m.contains("10-check")) {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no halt error in /status: {s:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status["last_error"]["message"].as_str().unwrap().contains("trapped"), "{status:#}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rows = read_lake("duckdb", &table)?;
+    assert_eq!(rows.iter().map(|r| r["id"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1], "nothing past the halt is written");
+    let confirmed: String = db.query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'halt'", &[]).await?.get(0);
+
+    // Fix the guest (same stage name, a guest that does not trap): the halted batch goes through.
+    std::fs::write(plugins.join("10-check.toml"), "trap = \"never\"\n")?;
+    let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| rows.len() >= 3).await?;
+    host.stop().await?;
+    assert_eq!(rows.iter().map(|r| r["id"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let after: String = db.query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'halt'", &[]).await?.get(0);
+    assert_ne!(confirmed, after, "the slot moves once the halted transaction is through");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on() -> anyhow::Result<()> {
+    let dir = temp_dir("deadletter");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, name text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('dl', 'pgoutput')").await?;
+    let plugins = plugin_dir(&dir, &[("10-check", "test_trap", "trap = \"row-value\"\nvalue = \"poison\"\n")]);
+    let quarantine = dir.join("quarantine");
+    let config = format!(
+        "[source]\nurl = \"{}\"\nslot = \"dl\"\nstatus_interval = \"1s\"\n\
+         [plugins]\ndir = \"{}\"\non_error = \"dead-letter\"\ndead_letter_dir = \"{}\"\n\
+         [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"200ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        pg.url("postgres"),
+        plugins.display(),
+        quarantine.display(),
+        dir.display()
+    );
+    let host = Host::start(&config, &dir);
+    // Three transactions, committed back to back (they may share a batch): only the
+    // poisoned one is quarantined.
+    for (id, name) in [(1i64, "fine"), (2, "poison"), (3, "after")] {
+        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name]).await?;
+    }
+    let table = dir.join("lake/public.t");
+    let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| rows.iter().any(|r| r["id"] == 3)).await?;
+    host.stop().await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, vec![1, 3], "the poisoned transaction is not in the lake, the others are");
+    let files = files_under(&quarantine);
+    assert_eq!(files.len(), 1, "one dead-letter file: {files:?}");
+    let text = std::fs::read_to_string(&files[0])?;
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap())?;
+    assert_eq!(line["new"]["id"], 2);
+    assert_eq!(line["new"]["name"], "poison");
+    assert!(line["error"].as_str().unwrap().contains("10-check"), "{line}");
+    Ok(())
+}
