@@ -181,11 +181,25 @@ pub async fn run(options: DemoOptions, mut shutdown: watch::Receiver<bool>) -> R
     client.batch_execute(SCHEMA).await?;
     client.batch_execute(SLOT).await?;
 
+    // The built-in audit spine, in this process.
+    let spine_dir = dir.join("spine");
+    let spine_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let spine_addr = spine_listener.local_addr()?;
+    let (spine_stop_tx, mut spine_stop) = watch::channel(false);
+    let spine_dir_for_task = spine_dir.clone();
+    let spine = tokio::spawn(async move {
+        crate::spine::serve(&spine_dir_for_task, spine_listener, None, async move {
+            let _ = spine_stop.wait_for(|s| *s).await;
+        })
+        .await
+    });
+
     let config_path = dir.join("airlock.toml");
     let config_text = format!(
         "# written by `airlock demo`\n[source]\nurl = \"{url}\"\npublication = \"airlock\"\nslot = \"airlock\"\nstatus_interval = \"1s\"\n\n\
          [plugins]\ndir = \"plugins\"\nrequire = [\"30-mask\"]\n\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"2s\"\n\n\
+         [sinks.spine]\ntype = \"http\"\nurl = \"http://{spine_addr}/events\"\nroutes = [\"spine\"]\n\n\
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n",
         url = cluster.url("postgres"),
         lake = lake.display(),
@@ -196,13 +210,15 @@ pub async fn run(options: DemoOptions, mut shutdown: watch::Receiver<bool>) -> R
 
     let table = lake.join("public.customers");
     println!(
-        "\nairlock demo\n  postgres:  {url}\n  config:    {config}\n  plugins:   {stages}\n  lake:      {table}\n\n\
+        "\nairlock demo\n  postgres:  {url}\n  config:    {config}\n  plugins:   {stages}\n  lake:      {table}\n  spine:     http://{spine_addr}/events (log in {spine_dir})\n  admin:     airlock status --config {config}\n\n\
          read the lake while it runs (DuckDB with the delta extension):\n  \
          duckdb -c \"SELECT id, name, email, phone, balance, _op, _commit_lsn FROM delta_scan('{table}') ORDER BY _commit_lsn, _lsn\"\n\
-         or with Python:\n  python3 -c \"import deltalake; print(deltalake.DeltaTable('{table}').to_pandas())\"\n\n\
+         or with Python:\n  python3 -c \"import deltalake; print(deltalake.DeltaTable('{table}').to_pandas())\"\n\
+         the audit events (masked), and the hash chain's check:\n  curl -s 'http://{spine_addr}/events?limit=5'\n  curl -s http://{spine_addr}/verify\n\n\
          {until}\n",
         url = cluster.url("postgres"),
         table = table.display(),
+        spine_dir = spine_dir.display(),
         config = config_path.display(),
         stages = stages.join(", "),
         until = match options.duration {
@@ -237,10 +253,16 @@ pub async fn run(options: DemoOptions, mut shutdown: watch::Receiver<bool>) -> R
     .map_err(std::io::Error::other)?;
     let rows: i64 = client.query_one("SELECT count(*) FROM customers", &[]).await?.get(0);
     drop(client);
+    let _ = spine_stop_tx.send(true);
+    let _ = spine.await;
     result?;
+    let verified = crate::spine::verify(&spine_dir).map(|r| format!("{} events, chain valid: {}", r.checked, r.valid));
     println!(
-        "\nstopped: {changes} changes made, {rows} customers in PostgreSQL.\nthe lake stays at {table}\n(the PostgreSQL cluster was removed)",
-        table = table.display()
+        "\nstopped: {changes} changes made, {rows} customers in PostgreSQL.\nthe lake stays at {table}\nthe spine log stays at {spine} ({verified})\n\
+         (verify it again with: airlock spine verify --dir {spine})\n(the PostgreSQL cluster was removed)",
+        table = table.display(),
+        spine = spine_dir.display(),
+        verified = verified.unwrap_or_else(|e| e.to_string()),
     );
     drop(cluster);
     Ok(())
