@@ -344,11 +344,11 @@ impl Issues {
     }
 }
 
-fn env_secret(issues: &mut Issues, path: &str, var: Option<String>) -> Option<String> {
+fn env_secret(issues: &mut Issues, env: &dyn Fn(&str) -> Option<String>, path: &str, var: Option<String>) -> Option<String> {
     let var = var?;
-    match std::env::var(&var) {
-        Ok(value) => Some(value),
-        Err(_) => {
+    match env(&var) {
+        Some(value) => Some(value),
+        None => {
             issues.add(path, format!("the environment variable `{var}` is not set: export it, or remove `{path}`"));
             None
         }
@@ -367,17 +367,18 @@ impl Config {
         Config::from_toml(&file, &text, base)
     }
 
-    /// Validates configuration text; relative paths are taken from `base`.
+    /// Validates configuration text; relative paths are taken from `base`, secrets
+    /// from the process environment.
     pub fn from_toml(file: &str, text: &str, base: &Path) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(file, text, base, &|var| std::env::var(var).ok())
+    }
+
+    /// Validates configuration text with secrets looked up through `env`: a pure
+    /// function of its inputs.
+    pub fn from_toml_with_env(file: &str, text: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let error = |issues| ConfigError { file: file.to_owned(), issues };
         let raw: raw::File = toml::from_str(text).map_err(|e| {
-            let path = e
-                .span()
-                .map(|span| {
-                    let line = text[..span.start].matches('\n').count() + 1;
-                    format!("line {line}")
-                })
-                .unwrap_or_else(|| "(file)".into());
+            let path = e.span().map(|span| field_path(text, span)).unwrap_or_else(|| "(file)".into());
             error(vec![ConfigIssue { path, message: e.message().trim().to_owned() }])
         })?;
         let mut issues = Issues(Vec::new());
@@ -400,7 +401,7 @@ impl Config {
                 if !url.is_empty() && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                     issues.add("source.url", "expected a URL starting with `postgres://` or `postgresql://`");
                 }
-                let password = env_secret(&mut issues, "source.password_env", s.password_env);
+                let password = env_secret(&mut issues, env, "source.password_env", s.password_env);
                 let snapshot = match s.snapshot.as_deref() {
                     None | Some("never") => Snapshot::Never,
                     Some("initial") => Snapshot::Initial,
@@ -505,7 +506,7 @@ impl Config {
             let http = kind == SinkKind::Http;
             let default_source = s.default_source.clone().unwrap_or_else(|| "airlock".into());
             let spine = SpineConfig {
-                token: env_secret(&mut issues, &at("token_env"), s.token_env.clone()),
+                token: if http { env_secret(&mut issues, env, &at("token_env"), s.token_env.clone()) } else { None },
                 kinds: s.kinds.clone(),
                 default_kind: s.default_kind.clone().unwrap_or_else(|| "other".into()),
                 watch: s
@@ -559,12 +560,31 @@ impl Config {
             issues.add("admin.listen", format!("found `{listen_text}`, expected an address like `127.0.0.1:8090`"));
             SocketAddr::from(([127, 0, 0, 1], 8090))
         });
-        let token = env_secret(&mut issues, "admin.token_env", a.token_env);
+        let token = env_secret(&mut issues, env, "admin.token_env", a.token_env);
 
         match source {
             Some(source) if issues.0.is_empty() => Ok(Config { source, plugins, sinks, admin: AdminConfig { listen, token } }),
             _ => Err(error(issues.0)),
         }
+    }
+}
+
+/// Where a parse error is: `section.key (line N)` when the span covers a key under a
+/// `[section]` header, else `line N`.
+fn field_path(text: &str, span: std::ops::Range<usize>) -> String {
+    let start = span.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let key = text.get(span.clone()).map(str::trim).filter(|k| !k.is_empty() && k.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-'));
+    let section = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    match (section, key) {
+        (Some(section), Some(key)) => format!("{section}.{key} (line {line})"),
+        (None, Some(key)) => format!("{key} (line {line})"),
+        _ => format!("line {line}"),
     }
 }
 
@@ -623,7 +643,7 @@ mod tests {
     fn unknown_fields_are_refused_with_their_line() {
         let found = issues("[source]\nurl = \"postgres://u@h/db\"\nslots = \"x\"\n");
         assert_eq!(found.len(), 1);
-        assert!(found[0].starts_with("line 3: unknown field `slots`"), "{found:?}");
+        assert!(found[0].starts_with("source.slots (line 3): unknown field `slots`"), "{found:?}");
     }
 
     #[test]
