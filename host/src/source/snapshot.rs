@@ -2,25 +2,32 @@
 //! table as `Op::Read` changes, then streaming from the exact point the copy saw.
 //!
 //! ```text
-//!  replication conn: CREATE_REPLICATION_SLOT {slot}_snapshot TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT
+//!  SQL conn: {slot}_snapshot left by an interrupted attempt? drop it, and write 1 MiB of
+//!            WAL (a logical message) so that the new chunks number above the old ones
+//!  replication conn: CREATE_REPLICATION_SLOT {slot}_snapshot LOGICAL pgoutput EXPORT_SNAPSHOT
 //!        │ (stays open and idle: the exported snapshot lives as long as it does)
 //!  SQL conn: BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '...'
 //!        │   per published table: COPY (SELECT columns FROM table) TO STDOUT ─▶ chunks ─▶ tx
 //!        │   COMMIT; wait until the sinks made the last chunk durable
 //!  SQL conn: pg_copy_logical_replication_slot('{slot}_snapshot', '{slot}')   ◀── "snapshot complete"
-//!  replication conn: DROP_REPLICATION_SLOT {slot}_snapshot; START_REPLICATION SLOT {slot}
+//!  SQL conn: pg_drop_replication_slot('{slot}_snapshot')
+//!  replication conn: START_REPLICATION SLOT {slot}
 //! ```
 //!
 //! Invariants:
-//! - The permanent slot exists only once the snapshot is durable in every sink: its
+//! - The slot `{slot}` exists only once the snapshot is durable in every sink: its
 //!   existence is the "snapshot complete" marker. A snapshot interrupted at any point
-//!   leaves no permanent slot (the temporary one dies with its connection), so the
-//!   next start takes the snapshot again, from a new consistent point.
+//!   leaves only `{slot}_snapshot`, so the next attempt (a reconnect or the next start)
+//!   drops that and takes the snapshot again, from a new consistent point.
 //! - Chunks are transactions of at most [`CHUNK_ROWS`] rows (or [`CHUNK_BYTES`]), sent
 //!   on the same bounded channel as streamed transactions: memory stays bounded.
-//! - Chunk `i` has `commit_lsn = end_lsn = consistent_point - SPAN + i`: strictly
+//! - Chunk `i` has `commit_lsn = end_lsn = base + i` with `base = consistent_point -
+//!   SPAN`, or the interrupted attempt's consistent point when that is higher: strictly
 //!   increasing, strictly below the consistent point (so below every streamed
-//!   transaction), which is what the lake's exactly-once check needs.
+//!   transaction) and above every chunk of an interrupted attempt, which is what the
+//!   lake's exactly-once check (skip `commit_lsn <=` what it recorded) needs.
+//! - Every chunk of one attempt has `xid` = the low 32 bits of its consistent point:
+//!   after an interrupted attempt, readers keep the `_op = 'r'` rows of the last one.
 //! - The slot's flush LSN is never reported past the consistent point before the
 //!   snapshot is complete: streaming only starts afterwards.
 
@@ -30,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::protocol::{ReplicationConnection, SnapshotAction, quote_ident};
 use super::{SourceError, SourceSettings, catalog_error, resolve_type, shutdown_requested};
@@ -55,15 +62,17 @@ impl std::fmt::Debug for SnapshotObserver {
     }
 }
 
-/// The name of the temporary slot that exports the snapshot.
-fn temporary_slot(slot: &str) -> String {
+/// The name of the slot that exports the snapshot and marks an attempt in progress.
+fn snapshot_slot(slot: &str) -> String {
     let keep = slot.len().min(63 - "_snapshot".len());
     format!("{}_snapshot", &slot[..keep])
 }
 
-/// The LSN of chunk `index` below `consistent_point`.
-fn chunk_lsn(consistent_point: Lsn, index: u64) -> Lsn {
-    Lsn(consistent_point.0.saturating_sub(SPAN).max(1) + index)
+/// The LSN of the first chunk: `SPAN` below the consistent point, but above every
+/// chunk of an interrupted attempt (all below its consistent point `previous`).
+fn chunk_base(consistent_point: Lsn, previous: Option<Lsn>) -> Lsn {
+    let base = consistent_point.0.saturating_sub(SPAN).max(1);
+    Lsn(previous.map_or(base, |p| base.max(p.0)))
 }
 
 /// What the snapshot reports as it goes.
@@ -121,18 +130,7 @@ pub(super) async fn take(
     durable: &mut watch::Receiver<Lsn>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<(Lsn, Option<Lsn>)>, SourceError> {
-    let temporary = temporary_slot(&settings.slot);
-    let created = conn
-        .create_logical_slot(&temporary, true, SnapshotAction::Export)
-        .await?;
-    let consistent_point = created.consistent_point;
-    let snapshot_name = created.snapshot_name.ok_or_else(|| SourceError::Snapshot {
-        table: "*".into(),
-        during: "creating the slot",
-        reason: "CREATE_REPLICATION_SLOT returned no snapshot name".into(),
-    })?;
-    info!(slot = %settings.slot, consistent_point = %consistent_point, snapshot = %snapshot_name, "initial snapshot started");
-
+    let exporting_slot = snapshot_slot(&settings.slot);
     let addr = settings.connect.addr();
     let user = settings.connect.user.clone();
     let fail = |during: &'static str| {
@@ -150,6 +148,45 @@ pub(super) async fn take(
             debug!(error = %error, "snapshot connection ended");
         }
     });
+
+    // An interrupted attempt left its slot: drop it, and put 1 MiB of WAL (more than
+    // SPAN bytes) between its consistent point and the new one, so that the new chunks
+    // all number above the old ones and the lake does not skip them.
+    let previous: Option<String> = client
+        .query_opt(
+            "SELECT COALESCE(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&exporting_slot],
+        )
+        .await
+        .map_err(fail("looking for an interrupted snapshot"))?
+        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_else(|| "0/0".into()));
+    let previous: Option<Lsn> = previous.map(|p| p.parse().unwrap_or(Lsn::ZERO));
+    if let Some(previous) = previous {
+        warn!(slot = %exporting_slot, consistent_point = %previous, "an earlier initial snapshot was interrupted; taking it again (its rows already in the lake have a lower _commit_lsn and another _xid)");
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&exporting_slot])
+            .await
+            .map_err(fail("dropping the slot of an interrupted snapshot"))?;
+        client
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'airlock.snapshot', repeat(' ', $1))",
+                &[&((SPAN + 1) as i32)],
+            )
+            .await
+            .map_err(fail("separating the new snapshot from the interrupted one"))?;
+    }
+    let created = conn
+        .create_logical_slot(&exporting_slot, false, SnapshotAction::Export)
+        .await?;
+    let consistent_point = created.consistent_point;
+    let snapshot_name = created.snapshot_name.ok_or_else(|| SourceError::Snapshot {
+        table: "*".into(),
+        during: "creating the slot",
+        reason: "CREATE_REPLICATION_SLOT returned no snapshot name".into(),
+    })?;
+    let base = chunk_base(consistent_point, previous);
+    let xid = consistent_point.0 as u32;
+    info!(slot = %settings.slot, consistent_point = %consistent_point, snapshot = %snapshot_name, first_chunk_lsn = %base, "initial snapshot started");
     client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -233,7 +270,7 @@ pub(super) async fn take(
             while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
                 let line = &pending[start..start + nl];
                 start += nl + 1;
-                let lsn = chunk_lsn(consistent_point, chunk_index);
+                let lsn = Lsn(base.0 + chunk_index);
                 let values = parse_row(&relation, line, lsn)?;
                 bytes += line.len();
                 changes.push(Change {
@@ -248,19 +285,19 @@ pub(super) async fn take(
             }
             pending.drain(..start);
             if changes.len() >= CHUNK_ROWS || bytes >= CHUNK_BYTES || (end && !changes.is_empty()) {
-                let lsn = chunk_lsn(consistent_point, chunk_index);
+                let lsn = Lsn(base.0 + chunk_index);
                 if lsn >= consistent_point {
                     return Err(SourceError::Snapshot {
                         table: qualified,
                         during: "numbering chunks",
                         reason: format!(
-                            "more than {SPAN} chunks below the consistent point {consistent_point}"
+                            "more chunks than LSNs between {base} and the consistent point {consistent_point}"
                         ),
                     });
                 }
                 let txn = Transaction {
                     meta: TxnMeta {
-                        xid: 0,
+                        xid,
                         commit_lsn: lsn,
                         end_lsn: lsn,
                         commit_ts: now_micros(),
@@ -307,23 +344,21 @@ pub(super) async fn take(
     }
     client
         .execute(
-            // Permanent: without `false` the copy would be temporary like its source.
+            // Permanent: without `false` it would copy the source's persistence.
             "SELECT pg_copy_logical_replication_slot($1, $2, false)",
-            &[&temporary, &settings.slot],
+            &[&exporting_slot, &settings.slot],
         )
         .await
         .map_err(fail("creating the replication slot after the snapshot"))?;
-    drop(client);
-    let _ = connection.await;
-    if let Err(error) = conn
-        .simple_query(&format!(
-            "DROP_REPLICATION_SLOT {}",
-            quote_ident(&temporary)
-        ))
+    // The exporting slot is released once created: any session may drop it.
+    if let Err(error) = client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&exporting_slot])
         .await
     {
-        debug!(error = %error, "dropping the temporary snapshot slot failed; it goes with the connection");
+        warn!(slot = %exporting_slot, error = %error, "dropping the snapshot slot failed; drop it with pg_drop_replication_slot");
     }
+    drop(client);
+    let _ = connection.await;
     meter.report("*", 0, 0, "complete", true);
     info!(slot = %settings.slot, consistent_point = %consistent_point, rows = meter.rows, chunks = chunk_index, "initial snapshot complete, created replication slot");
     Ok(Some((consistent_point, last_chunk)))
@@ -488,11 +523,14 @@ mod tests {
     }
 
     #[test]
-    fn chunk_lsns_increase_below_the_consistent_point() {
+    fn chunks_number_below_the_consistent_point_and_above_an_interrupted_attempt() {
         let cp = Lsn(0x1_6B3_748);
-        let lsns: Vec<Lsn> = (0..3).map(|i| chunk_lsn(cp, i)).collect();
-        assert!(lsns.windows(2).all(|w| w[0] < w[1]));
-        assert!(lsns.iter().all(|l| *l < cp));
-        assert_eq!(temporary_slot(&"x".repeat(63)).len(), 63);
+        assert_eq!(chunk_base(cp, None), Lsn(cp.0 - SPAN));
+        assert_eq!(chunk_base(Lsn(10), None), Lsn(1));
+        // A retry after 1 MiB of WAL: above every chunk of the first attempt.
+        let retry = Lsn(cp.0 + SPAN + 100);
+        assert!(chunk_base(retry, Some(cp)) >= cp);
+        assert!(chunk_base(retry, Some(cp)).0 + SPAN / 2 < retry.0);
+        assert_eq!(snapshot_slot(&"x".repeat(63)).len(), 63);
     }
 }
