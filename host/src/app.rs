@@ -317,6 +317,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         status_interval: config.source.status_interval,
         tables: config.source.tables.clone(),
         slot_busy_timeout: config.source.slot_busy_timeout,
+        shutdown_drain: source::DEFAULT_SHUTDOWN_DRAIN,
         snapshot: config.source.snapshot == crate::config::Snapshot::Initial,
         on_snapshot: Some({
             let status = status.clone(); // initial snapshot progress in `/status`

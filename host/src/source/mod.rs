@@ -64,6 +64,8 @@ pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const DRAIN_BUDGET: usize = 1024;
 /// How long a slot held by another consumer is retried before giving up.
 pub const DEFAULT_SLOT_BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`SourceSettings::shutdown_drain`].
+pub const DEFAULT_SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -85,6 +87,10 @@ pub struct SourceSettings {
     /// How long the slot may be held by another consumer (retried meanwhile) before
     /// [`SourceError::SlotBusy`] stops the source; default [`DEFAULT_SLOT_BUSY_TIMEOUT`].
     pub slot_busy_timeout: Duration,
+    /// How long a stopping source waits for the sinks to make what it dispatched
+    /// durable, so its final standby status covers it. Past this, the slot keeps the
+    /// rest and a restart resends it, which the sinks skip.
+    pub shutdown_drain: Duration,
     /// Take an initial snapshot when the slot does not exist yet (and create it then).
     pub snapshot: bool,
     /// Told the snapshot's progress, for `/status`.
@@ -102,6 +108,7 @@ impl SourceSettings {
             status_interval: DEFAULT_STATUS_INTERVAL,
             tables: Vec::new(),
             slot_busy_timeout: DEFAULT_SLOT_BUSY_TIMEOUT,
+            shutdown_drain: DEFAULT_SHUTDOWN_DRAIN,
             snapshot: false,
             on_snapshot: None,
         }
@@ -500,6 +507,27 @@ impl Streamer<'_> {
                             None => break,
                         }
                     }
+                }
+            }
+        }
+        // Stop reading, but stay connected until the pipeline has drained: the sinks
+        // flush what they hold, and the final status acknowledges it.
+        let target = self.progress.dispatched;
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_drain;
+        while self.durable_open && *self.durable.borrow() < target {
+            tokio::select! {
+                changed = self.durable.changed() => match changed {
+                    Ok(()) => self.send_status(false).await?,
+                    Err(_) => self.durable_open = false,
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    warn!(
+                        slot = %self.settings.slot,
+                        durable = %*self.durable.borrow(),
+                        dispatched = %target,
+                        "stopping before the sinks made everything durable; the slot keeps the rest"
+                    );
+                    break;
                 }
             }
         }
@@ -1109,11 +1137,13 @@ mod tests {
         let (durable_tx, mut durable_rx) = watch::channel(Lsn::ZERO);
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let settings = SourceSettings::new(
+            let mut settings = SourceSettings::new(
                 protocol::ConnectConfig::new("db", 5432, "app", None, "orders"),
                 "lake",
                 "pub",
             );
+            // These harness sinks never make anything durable: do not wait for them.
+            settings.shutdown_drain = Duration::from_millis(50);
             let mut progress = progress;
             let result = Streamer {
                 stream,
