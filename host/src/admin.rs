@@ -58,7 +58,9 @@ pub async fn serve(
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -97,19 +99,40 @@ async fn status(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.status.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.status.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn reload(State(state): State<AdminState>) -> Response {
     let (tx, rx) = oneshot::channel();
-    if state.reload.send(ReloadRequest { reason: "admin API", reply: Some(tx) }).is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"ok": false, "error": "the host is shutting down"})))
+    if state
+        .reload
+        .send(ReloadRequest {
+            reason: "admin API",
+            reply: Some(tx),
+        })
+        .is_err()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"ok": false, "error": "the host is shutting down"})),
+        )
             .into_response();
     }
     match tokio::time::timeout(Duration::from_secs(120), rx).await {
         Ok(Ok(Ok(version))) => axum::Json(json!({"ok": true, "version": version})).into_response(),
-        Ok(Ok(Err(error))) => (StatusCode::CONFLICT, axum::Json(json!({"ok": false, "error": error}))).into_response(),
-        _ => (StatusCode::GATEWAY_TIMEOUT, axum::Json(json!({"ok": false, "error": "the reload did not finish within 120 s"})))
+        Ok(Ok(Err(error))) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"ok": false, "error": error})),
+        )
+            .into_response(),
+        _ => (
+            StatusCode::GATEWAY_TIMEOUT,
+            axum::Json(json!({"ok": false, "error": "the reload did not finish within 120 s"})),
+        )
             .into_response(),
     }
 }
@@ -117,6 +140,10 @@ async fn reload(State(state): State<AdminState>) -> Response {
 async fn compact(State(state): State<AdminState>) -> Response {
     match state.compactors.compact_all().await {
         Ok(reports) => axum::Json(json!({"ok": true, "tables": reports})).into_response(),
-        Err(error) => (StatusCode::CONFLICT, axum::Json(json!({"ok": false, "error": error.to_string()}))).into_response(),
+        Err(error) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"ok": false, "error": error.to_string()})),
+        )
+            .into_response(),
     }
 }

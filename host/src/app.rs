@@ -63,12 +63,18 @@ async fn open_sink(
     rx: mpsc::Receiver<Arc<Batch>>,
     durable: watch::Sender<Lsn>,
     compactors: &Compactors,
+    status: &Arc<Status>,
 ) -> Result<SinkTask, SinkError> {
     match sink.kind {
         SinkKind::Delta => {
             let lake = LakeSink::open(LakeSettings::from_config(config, sink)).await?;
             compactors.register(lake.handle()); // lake: `POST /compact`
-            Ok(tokio::spawn(sink::drive(lake, rx, durable)))
+            Ok(tokio::spawn(sink::drive_observed(
+                lake,
+                rx,
+                durable,
+                Some(status.clone()),
+            )))
         }
         SinkKind::Http => {
             let mut settings = SpineSettings::new(sink.name.clone(), sink.url.clone());
@@ -84,7 +90,12 @@ async fn open_sink(
             settings.max_events = sink.max_rows;
             settings.request_timeout = sink.spine.request_timeout;
             let spine = SpineSink::open(settings).await?;
-            Ok(tokio::spawn(sink::drive(spine, rx, durable)))
+            Ok(tokio::spawn(sink::drive_observed(
+                spine,
+                rx,
+                durable,
+                Some(status.clone()),
+            )))
         }
     }
 }
@@ -96,7 +107,10 @@ struct InFlight(Arc<Mutex<VecDeque<(Lsn, i64)>>>);
 
 impl InFlight {
     fn push(&self, end: Lsn, commit_ts: i64) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push_back((end, commit_ts));
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((end, commit_ts));
     }
 
     /// Drops what is durable; returns the commit time of the oldest still in flight.
@@ -150,13 +164,19 @@ async fn monitor_slot(
                         s.wal_status = row.get(3);
                         s.safe_wal_size = row.get(4);
                         s.lag_bytes = lag.map(|l| l.max(0) as u64);
-                        s.state = if active { "streaming".into() } else { "connecting".into() };
+                        s.state = if active {
+                            "streaming".into()
+                        } else {
+                            "connecting".into()
+                        };
                     });
                     if active {
                         status.set_ready(true);
                     }
                     if let Some(lag) = lag {
-                        status.metrics.set(status::LAG_BYTES, &[], lag.max(0) as f64);
+                        status
+                            .metrics
+                            .set(status::LAG_BYTES, &[], lag.max(0) as f64);
                     }
                 }
                 Ok(None) => status.update_source(|s| s.state = "slot missing".into()),
@@ -164,8 +184,13 @@ async fn monitor_slot(
             }
         }
         let durable_now = *durable.borrow();
-        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-        let lag_seconds = in_flight.oldest_after(durable_now).map_or(0.0, |ts| ((now_us - ts) as f64 / 1e6).max(0.0));
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let lag_seconds = in_flight
+            .oldest_after(durable_now)
+            .map_or(0.0, |ts| ((now_us - ts) as f64 / 1e6).max(0.0));
         status.update_source(|s| {
             s.lag_seconds = Some(lag_seconds);
             if let Some(text) = lsn_text(durable_now) {
@@ -173,7 +198,9 @@ async fn monitor_slot(
             }
         });
         status.metrics.set(status::LAG_SECONDS, &[], lag_seconds);
-        status.metrics.set(status::CONFIRMED_LSN, &[], durable_now.0 as f64);
+        status
+            .metrics
+            .set(status::CONFIRMED_LSN, &[], durable_now.0 as f64);
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = shutdown.changed() => return,
@@ -197,8 +224,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     });
 
     // The pipeline: built completely before anything streams.
-    let runtime = Runtime::new(config.plugins.limits.clone(), config.plugins.cache_dir.clone())?;
-    let (loader, dir, require) = (runtime.clone(), config.plugins.dir.clone(), config.plugins.require.clone());
+    let runtime = Runtime::new(
+        config.plugins.limits.clone(),
+        config.plugins.cache_dir.clone(),
+    )?;
+    let (loader, dir, require) = (
+        runtime.clone(),
+        config.plugins.dir.clone(),
+        config.plugins.require.clone(),
+    );
     let pipeline = tokio::task::spawn_blocking(move || registry::build(&loader, &dir, &require))
         .await
         .map_err(|e| RunError::Internal(format!("plugin loader panicked: {e}")))?
@@ -212,6 +246,18 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     // Reload: folder watch, SIGHUP, admin API.
     let slot = SwapSlot::default();
     let (reload_tx, reload_rx) = mpsc::unbounded_channel::<ReloadRequest>();
+    let mut notifier = registry::ReloadNotifier::default();
+    for sink in config.sinks.iter().filter(|s| s.kind == SinkKind::Http) {
+        let client = crate::sink::spine::SpineClient::new(
+            &sink.name,
+            &sink.url,
+            sink.spine.token.clone(),
+            sink.spine.request_timeout,
+        )?;
+        notifier
+            .spines
+            .push((Arc::new(client), sink.spine.default_source.clone()));
+    }
     let registry_task = tokio::spawn(registry::run(
         runtime.clone(),
         config.plugins.dir.clone(),
@@ -219,13 +265,23 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         config.plugins.watch,
         slot.clone(),
         status.clone(),
+        notifier,
         reload_rx,
     ));
     let hup_tx = reload_tx.clone();
     let hup_task = tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
         while hup.recv().await.is_some() {
-            if hup_tx.send(ReloadRequest { reason: "SIGHUP", reply: None }).is_err() {
+            if hup_tx
+                .send(ReloadRequest {
+                    reason: "SIGHUP",
+                    reply: None,
+                })
+                .is_err()
+            {
                 return;
             }
         }
@@ -237,8 +293,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     // Admin API.
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
-        .map_err(|error| RunError::Admin { addr: config.admin.listen.to_string(), error })?;
-    let admin_addr = listener.local_addr().map_err(|error| RunError::Admin { addr: config.admin.listen.to_string(), error })?;
+        .map_err(|error| RunError::Admin {
+            addr: config.admin.listen.to_string(),
+            error,
+        })?;
+    let admin_addr = listener.local_addr().map_err(|error| RunError::Admin {
+        addr: config.admin.listen.to_string(),
+        error,
+    })?;
     tracing::info!(addr = %admin_addr, "admin API listening");
     let admin_state = crate::admin::AdminState {
         status: status.clone(),
@@ -270,10 +332,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             while watch_durable.changed().await.is_ok() {
                 let lsn = *watch_durable.borrow();
                 st.update_sink(&name, |v| v.durable_lsn = lsn_text(lsn));
-                st.metrics.set(status::SINK_DURABLE_LSN, &[("sink", &name)], lsn.0 as f64);
+                st.metrics
+                    .set(status::SINK_DURABLE_LSN, &[("sink", &name)], lsn.0 as f64);
             }
         });
-        sink_tasks.push((sink.name.clone(), open_sink(&config, sink, rx, durable, &compactors).await?));
+        sink_tasks.push((
+            sink.name.clone(),
+            open_sink(&config, sink, rx, durable, &compactors, &status).await?,
+        ));
     }
     let tracker_task = tokio::spawn(tracker.run());
 
@@ -290,7 +356,12 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             }
         }
     });
-    let worker = Worker { pipeline, slot, status: status.clone(), on_error: config.plugins.on_error.clone() };
+    let worker = Worker {
+        pipeline,
+        slot,
+        status: status.clone(),
+        on_error: config.plugins.on_error.clone(),
+    };
     let (worker_done_tx, worker_done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("airlock-pipeline".into())
@@ -321,14 +392,18 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         snapshot: config.source.snapshot == crate::config::Snapshot::Initial,
         on_snapshot: Some({
             let status = status.clone(); // initial snapshot progress in `/status`
-            source::snapshot::SnapshotObserver(Arc::new(move |progress| status.set_snapshot(progress)))
+            source::snapshot::SnapshotObserver(Arc::new(move |progress| {
+                status.set_snapshot(progress)
+            }))
         }),
     };
     let source_status = status.clone();
     let source_task = tokio::spawn(source::run(settings, txn_tx, durable_rx, shutdown));
 
     // The source ends first (shutdown or error); then the pipeline drains, then sinks.
-    let source_result = source_task.await.map_err(|e| RunError::Internal(format!("source task panicked: {e}")))?;
+    let source_result = source_task
+        .await
+        .map_err(|e| RunError::Internal(format!("source task panicked: {e}")))?;
     if let Err(e) = &source_result {
         source_status.error("source", &e.to_string());
     }

@@ -28,11 +28,19 @@ impl fmt::Display for Finding {
 }
 
 fn ok(what: &str, detail: impl Into<String>) -> Finding {
-    Finding { what: what.into(), ok: true, detail: detail.into() }
+    Finding {
+        what: what.into(),
+        ok: true,
+        detail: detail.into(),
+    }
 }
 
 fn fail(what: &str, detail: impl Into<String>) -> Finding {
-    Finding { what: what.into(), ok: false, detail: detail.into() }
+    Finding {
+        what: what.into(),
+        ok: false,
+        detail: detail.into(),
+    }
 }
 
 async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
@@ -46,7 +54,11 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
         Err(e) => return out.push(fail("source.url", e.to_string())),
     };
     let target = connect.redacted_url();
-    let client = match connect.tokio_postgres_config().connect(tokio_postgres::NoTls).await {
+    let client = match connect
+        .tokio_postgres_config()
+        .connect(tokio_postgres::NoTls)
+        .await
+    {
         Ok((client, connection)) => {
             tokio::spawn(async move {
                 let _ = connection.await;
@@ -133,17 +145,32 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
             } else if active {
                 out.push(fail("slot", format!("`{slot}` is in use by another consumer (pid {}): stop it, or choose another slot", pid.unwrap_or(0))));
             } else {
-                out.push(ok("slot", format!("`{slot}` (pgoutput) at {}", confirmed.unwrap_or_else(|| "-".into()))));
+                out.push(ok(
+                    "slot",
+                    format!(
+                        "`{slot}` (pgoutput) at {}",
+                        confirmed.unwrap_or_else(|| "-".into())
+                    ),
+                ));
             }
         }
-        Ok(None) if config.source.create_slot => out.push(ok("slot", format!("`{slot}` does not exist yet; it will be created"))),
-        Ok(None) => out.push(fail("slot", format!("`{slot}` does not exist and create_slot = false"))),
+        Ok(None) if config.source.create_slot => out.push(ok(
+            "slot",
+            format!("`{slot}` does not exist yet; it will be created"),
+        )),
+        Ok(None) => out.push(fail(
+            "slot",
+            format!("`{slot}` does not exist and create_slot = false"),
+        )),
         Err(e) => out.push(fail("slot", e.to_string())),
     }
 }
 
 fn plugin_checks(config: &Config, out: &mut Vec<Finding>) {
-    let runtime = match Runtime::new(config.plugins.limits.clone(), config.plugins.cache_dir.clone()) {
+    let runtime = match Runtime::new(
+        config.plugins.limits.clone(),
+        config.plugins.cache_dir.clone(),
+    ) {
         Ok(r) => r,
         Err(e) => return out.push(fail("plugins", e.to_string())),
     };
@@ -165,10 +192,20 @@ fn plugin_checks(config: &Config, out: &mut Vec<Finding>) {
             for stage in &pipeline.stages {
                 out.push(ok(
                     &format!("stage {}", stage.name),
-                    format!("{} {}: {}", stage.info.name, stage.info.version, stage.info.description),
+                    format!(
+                        "{} {}: {}",
+                        stage.info.name, stage.info.version, stage.info.description
+                    ),
                 ));
             }
-            out.push(ok("pipeline", format!("version {} from {}", pipeline.version, config.plugins.dir.display())));
+            out.push(ok(
+                "pipeline",
+                format!(
+                    "version {} from {}",
+                    pipeline.version,
+                    config.plugins.dir.display()
+                ),
+            ));
         }
     }
 }
@@ -180,7 +217,9 @@ fn sink_checks(config: &Config, out: &mut Vec<Finding>) {
             (SinkKind::Delta, Some(path)) => {
                 let dir = std::path::Path::new(path);
                 let probe = dir.join(format!(".airlock-check-{}", std::process::id()));
-                let writable = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&probe, b"")).and_then(|()| std::fs::remove_file(&probe));
+                let writable = std::fs::create_dir_all(dir)
+                    .and_then(|()| std::fs::write(&probe, b""))
+                    .and_then(|()| std::fs::remove_file(&probe));
                 match writable {
                     Ok(()) => out.push(ok(&what, format!("{} is writable", sink.url))),
                     Err(e) => out.push(fail(&what, format!("cannot write in {path}: {e}"))),

@@ -26,7 +26,13 @@ impl Tracker {
     /// A tracker publishing on a new channel; returns it and the receiver for the source.
     pub fn new() -> (Tracker, watch::Receiver<Lsn>) {
         let (out, rx) = watch::channel(Lsn::ZERO);
-        (Tracker { sinks: Vec::new(), out }, rx)
+        (
+            Tracker {
+                sinks: Vec::new(),
+                out,
+            },
+            rx,
+        )
     }
 
     /// Registers a sink; returns the sender the sink publishes its durable LSN on.
@@ -55,7 +61,8 @@ impl Tracker {
                 return;
             }
             let (result, index, _) =
-                futures::future::select_all(self.sinks.iter_mut().map(|rx| Box::pin(rx.changed()))).await;
+                futures::future::select_all(self.sinks.iter_mut().map(|rx| Box::pin(rx.changed())))
+                    .await;
             if result.is_err() {
                 let last = *self.sinks.swap_remove(index).borrow();
                 finished = Some(finished.map_or(last, |f| f.min(last)));

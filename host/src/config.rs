@@ -189,7 +189,12 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.issues.len();
-        writeln!(f, "{} has {n} problem{}:", self.file, if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "{} has {n} problem{}:",
+            self.file,
+            if n == 1 { "" } else { "s" }
+        )?;
         for issue in &self.issues {
             writeln!(f, "  - {issue}")?;
         }
@@ -289,7 +294,9 @@ pub struct Config {
 /// Parses `5s`, `250ms`, `2m`, `1h`.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().ok()?;
     match unit.trim() {
@@ -305,14 +312,20 @@ struct Issues(Vec<ConfigIssue>);
 
 impl Issues {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigIssue { path: path.into(), message: message.into() });
+        self.0.push(ConfigIssue {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 
     fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
         match value {
             None => default,
             Some(text) => parse_duration(text).unwrap_or_else(|| {
-                self.add(path, format!("found `{text}`, expected a duration like `500ms`, `5s`, `2m` or `1h`"));
+                self.add(
+                    path,
+                    format!("found `{text}`, expected a duration like `500ms`, `5s`, `2m` or `1h`"),
+                );
                 default
             }),
         }
@@ -333,7 +346,9 @@ impl Issues {
         let name = value.unwrap_or_else(|| default.to_owned());
         let valid = !name.is_empty()
             && name.len() <= 63
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !valid {
             self.add(
                 path,
@@ -344,12 +359,22 @@ impl Issues {
     }
 }
 
-fn env_secret(issues: &mut Issues, env: &dyn Fn(&str) -> Option<String>, path: &str, var: Option<String>) -> Option<String> {
+fn env_secret(
+    issues: &mut Issues,
+    env: &dyn Fn(&str) -> Option<String>,
+    path: &str,
+    var: Option<String>,
+) -> Option<String> {
     let var = var?;
     match env(&var) {
         Some(value) => Some(value),
         None => {
-            issues.add(path, format!("the environment variable `{var}` is not set: export it, or remove `{path}`"));
+            issues.add(
+                path,
+                format!(
+                    "the environment variable `{var}` is not set: export it, or remove `{path}`"
+                ),
+            );
             None
         }
     }
@@ -361,7 +386,10 @@ impl Config {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
-            issues: vec![ConfigIssue { path: "(file)".into(), message: format!("cannot read: {e}") }],
+            issues: vec![ConfigIssue {
+                path: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Config::from_toml(&file, &text, base)
@@ -375,45 +403,80 @@ impl Config {
 
     /// Validates configuration text with secrets looked up through `env`: a pure
     /// function of its inputs.
-    pub fn from_toml_with_env(file: &str, text: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let error = |issues| ConfigError { file: file.to_owned(), issues };
+    pub fn from_toml_with_env(
+        file: &str,
+        text: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let error = |issues| ConfigError {
+            file: file.to_owned(),
+            issues,
+        };
         let raw: raw::File = toml::from_str(text).map_err(|e| {
-            let path = e.span().map(|span| field_path(text, span)).unwrap_or_else(|| "(file)".into());
-            error(vec![ConfigIssue { path, message: e.message().trim().to_owned() }])
+            let path = e
+                .span()
+                .map(|span| field_path(text, span))
+                .unwrap_or_else(|| "(file)".into());
+            error(vec![ConfigIssue {
+                path,
+                message: e.message().trim().to_owned(),
+            }])
         })?;
         let mut issues = Issues(Vec::new());
         let resolve = |p: &str| {
             let p = Path::new(p);
-            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
         };
 
         // [source]
         let source = match raw.source {
             None => {
-                issues.add("source", "missing: add a [source] section with at least `url`");
+                issues.add(
+                    "source",
+                    "missing: add a [source] section with at least `url`",
+                );
                 None
             }
             Some(s) => {
                 let url = s.url.unwrap_or_else(|| {
-                    issues.add("source.url", "missing: expected `postgres://user@host:port/dbname`");
+                    issues.add(
+                        "source.url",
+                        "missing: expected `postgres://user@host:port/dbname`",
+                    );
                     String::new()
                 });
-                if !url.is_empty() && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    issues.add("source.url", "expected a URL starting with `postgres://` or `postgresql://`");
+                if !url.is_empty()
+                    && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+                {
+                    issues.add(
+                        "source.url",
+                        "expected a URL starting with `postgres://` or `postgresql://`",
+                    );
                 }
                 let password = env_secret(&mut issues, env, "source.password_env", s.password_env);
                 let snapshot = match s.snapshot.as_deref() {
                     None | Some("never") => Snapshot::Never,
                     Some("initial") => Snapshot::Initial,
                     Some(other) => {
-                        issues.add("source.snapshot", format!("found `{other}`, expected `initial` or `never`"));
+                        issues.add(
+                            "source.snapshot",
+                            format!("found `{other}`, expected `initial` or `never`"),
+                        );
                         Snapshot::Never
                     }
                 };
                 let tables = s.tables.unwrap_or_default();
                 for (i, t) in tables.iter().enumerate() {
                     if t.split('.').count() != 2 {
-                        issues.add(format!("source.tables[{i}]"), format!("found `{t}`, expected `schema.table`"));
+                        issues.add(
+                            format!("source.tables[{i}]"),
+                            format!("found `{t}`, expected `schema.table`"),
+                        );
                     }
                 }
                 Some(SourceConfig {
@@ -424,8 +487,16 @@ impl Config {
                     tables,
                     snapshot,
                     create_slot: s.create_slot.unwrap_or(true),
-                    status_interval: issues.duration("source.status_interval", s.status_interval.as_ref(), Duration::from_secs(10)),
-                    slot_busy_timeout: issues.duration("source.slot_busy_timeout", s.slot_busy_timeout.as_ref(), Duration::from_secs(60)),
+                    status_interval: issues.duration(
+                        "source.status_interval",
+                        s.status_interval.as_ref(),
+                        Duration::from_secs(10),
+                    ),
+                    slot_busy_timeout: issues.duration(
+                        "source.slot_busy_timeout",
+                        s.slot_busy_timeout.as_ref(),
+                        Duration::from_secs(60),
+                    ),
                 })
             }
         };
@@ -449,17 +520,41 @@ impl Config {
                 OnError::Halt
             }
             (Some(other), _) => {
-                issues.add("plugins.on_error", format!("found `{other}`, expected `halt` or `dead-letter`"));
+                issues.add(
+                    "plugins.on_error",
+                    format!("found `{other}`, expected `halt` or `dead-letter`"),
+                );
                 OnError::Halt
             }
         };
         let defaults = crate::pipeline::runtime::Limits::default();
-        let l = p.limits.unwrap_or(raw::Limits { memory_mib: None, deadline_ms: None, output_bytes: None, log_lines_per_second: None });
+        let l = p.limits.unwrap_or(raw::Limits {
+            memory_mib: None,
+            deadline_ms: None,
+            output_bytes: None,
+            log_lines_per_second: None,
+        });
         let limits = crate::pipeline::runtime::Limits {
-            memory_bytes: issues.positive("plugins.limits.memory_mib", l.memory_mib, defaults.memory_bytes >> 20) << 20,
-            deadline: Duration::from_millis(issues.positive("plugins.limits.deadline_ms", l.deadline_ms, defaults.deadline.as_millis() as usize) as u64),
-            output_bytes: issues.positive("plugins.limits.output_bytes", l.output_bytes, defaults.output_bytes),
-            log_lines_per_second: issues.positive("plugins.limits.log_lines_per_second", l.log_lines_per_second, defaults.log_lines_per_second as usize) as u32,
+            memory_bytes: issues.positive(
+                "plugins.limits.memory_mib",
+                l.memory_mib,
+                defaults.memory_bytes >> 20,
+            ) << 20,
+            deadline: Duration::from_millis(issues.positive(
+                "plugins.limits.deadline_ms",
+                l.deadline_ms,
+                defaults.deadline.as_millis() as usize,
+            ) as u64),
+            output_bytes: issues.positive(
+                "plugins.limits.output_bytes",
+                l.output_bytes,
+                defaults.output_bytes,
+            ),
+            log_lines_per_second: issues.positive(
+                "plugins.limits.log_lines_per_second",
+                l.log_lines_per_second,
+                defaults.log_lines_per_second as usize,
+            ) as u32,
         };
         let plugins = PluginsConfig {
             dir,
@@ -481,7 +576,10 @@ impl Config {
                 Some("delta") => SinkKind::Delta,
                 Some("http") => SinkKind::Http,
                 Some(other) => {
-                    issues.add(at("type"), format!("found `{other}`, expected `delta` or `http`"));
+                    issues.add(
+                        at("type"),
+                        format!("found `{other}`, expected `delta` or `http`"),
+                    );
                     SinkKind::Delta
                 }
                 None => {
@@ -491,32 +589,57 @@ impl Config {
             };
             let url = s.url.unwrap_or_default();
             match kind {
-                SinkKind::Delta if url.is_empty() => {
-                    issues.add(at("url"), "missing: expected `file:///absolute/dir` or `s3://bucket/prefix`")
+                SinkKind::Delta if url.is_empty() => issues.add(
+                    at("url"),
+                    "missing: expected `file:///absolute/dir` or `s3://bucket/prefix`",
+                ),
+                SinkKind::Http if url.is_empty() => {
+                    issues.add(at("url"), "missing: expected `http://host:port/events`")
                 }
-                SinkKind::Http if url.is_empty() => issues.add(at("url"), "missing: expected `http://host:port/events`"),
                 SinkKind::Delta if !(url.starts_with("file://") || url.starts_with("s3://")) => {
-                    issues.add(at("url"), format!("found `{url}`, expected `file:///absolute/dir` or `s3://bucket/prefix`"))
+                    issues.add(
+                        at("url"),
+                        format!(
+                            "found `{url}`, expected `file:///absolute/dir` or `s3://bucket/prefix`"
+                        ),
+                    )
                 }
                 SinkKind::Http if !(url.starts_with("http://") || url.starts_with("https://")) => {
-                    issues.add(at("url"), format!("found `{url}`, expected `http://host:port/events`"))
+                    issues.add(
+                        at("url"),
+                        format!("found `{url}`, expected `http://host:port/events`"),
+                    )
                 }
                 _ => {}
             }
             let http = kind == SinkKind::Http;
             let default_source = s.default_source.clone().unwrap_or_else(|| "airlock".into());
             let spine = SpineConfig {
-                token: if http { env_secret(&mut issues, env, &at("token_env"), s.token_env.clone()) } else { None },
+                token: if http {
+                    env_secret(&mut issues, env, &at("token_env"), s.token_env.clone())
+                } else {
+                    None
+                },
                 kinds: s.kinds.clone(),
                 default_kind: s.default_kind.clone().unwrap_or_else(|| "other".into()),
                 watch: s
                     .watch
                     .iter()
                     .flatten()
-                    .map(|w| (w.table.clone(), w.kind.clone(), w.source.clone().unwrap_or_else(|| default_source.clone())))
+                    .map(|w| {
+                        (
+                            w.table.clone(),
+                            w.kind.clone(),
+                            w.source.clone().unwrap_or_else(|| default_source.clone()),
+                        )
+                    })
                     .collect(),
                 default_source,
-                request_timeout: issues.duration(&at("request_timeout"), s.request_timeout.as_ref(), Duration::from_secs(30)),
+                request_timeout: issues.duration(
+                    &at("request_timeout"),
+                    s.request_timeout.as_ref(),
+                    Duration::from_secs(30),
+                ),
             };
             if !http {
                 for (field, set) in [
@@ -528,42 +651,92 @@ impl Config {
                     ("request_timeout", s.request_timeout.is_some()),
                 ] {
                     if set {
-                        issues.add(at(field), "only `http` sinks take this field: remove it, or set type = \"http\"");
+                        issues.add(
+                            at(field),
+                            "only `http` sinks take this field: remove it, or set type = \"http\"",
+                        );
                     }
                 }
             }
-            let default_routes = if http { vec!["spine".to_owned()] } else { vec!["default".to_owned()] };
-            let default_flush = if http { Duration::from_secs(1) } else { Duration::from_secs(5) };
+            let default_routes = if http {
+                vec!["spine".to_owned()]
+            } else {
+                vec!["default".to_owned()]
+            };
+            let default_flush = if http {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(5)
+            };
             sinks.push(SinkConfig {
                 kind,
                 url,
                 routes: s.routes.unwrap_or(default_routes),
-                flush_interval: issues.duration(&at("flush_interval"), s.flush_interval.as_ref(), default_flush),
-                max_rows: issues.positive(&at("max_rows"), s.max_rows, if http { 1000 } else { 100_000 }),
+                flush_interval: issues.duration(
+                    &at("flush_interval"),
+                    s.flush_interval.as_ref(),
+                    default_flush,
+                ),
+                max_rows: issues.positive(
+                    &at("max_rows"),
+                    s.max_rows,
+                    if http { 1000 } else { 100_000 },
+                ),
                 max_bytes: issues.positive(&at("max_bytes"), s.max_bytes, 64 << 20),
                 storage_options: s.storage_options.unwrap_or_default().into_iter().collect(),
                 // Lake maintenance.
-                compact_min_files: issues.positive(&at("compact_min_files"), s.compact_min_files, 32),
-                small_file_bytes: issues.positive(&at("small_file_bytes"), s.small_file_bytes, 16 << 20) as u64,
-                target_file_bytes: issues.positive(&at("target_file_bytes"), s.target_file_bytes, 128 << 20) as u64,
-                checkpoint_interval: issues.positive(&at("checkpoint_interval"), s.checkpoint_interval, 10) as u64,
-                vacuum_retention: issues.duration(&at("vacuum_retention"), s.vacuum_retention.as_ref(), Duration::from_secs(7 * 24 * 3600)),
+                compact_min_files: issues.positive(
+                    &at("compact_min_files"),
+                    s.compact_min_files,
+                    32,
+                ),
+                small_file_bytes: issues.positive(
+                    &at("small_file_bytes"),
+                    s.small_file_bytes,
+                    16 << 20,
+                ) as u64,
+                target_file_bytes: issues.positive(
+                    &at("target_file_bytes"),
+                    s.target_file_bytes,
+                    128 << 20,
+                ) as u64,
+                checkpoint_interval: issues.positive(
+                    &at("checkpoint_interval"),
+                    s.checkpoint_interval,
+                    10,
+                ) as u64,
+                vacuum_retention: issues.duration(
+                    &at("vacuum_retention"),
+                    s.vacuum_retention.as_ref(),
+                    Duration::from_secs(7 * 24 * 3600),
+                ),
                 spine,
                 name,
             });
         }
 
         // [admin]
-        let a = raw.admin.unwrap_or(raw::Admin { listen: None, token_env: None });
+        let a = raw.admin.unwrap_or(raw::Admin {
+            listen: None,
+            token_env: None,
+        });
         let listen_text = a.listen.unwrap_or_else(|| "127.0.0.1:8090".into());
         let listen = listen_text.parse().unwrap_or_else(|_| {
-            issues.add("admin.listen", format!("found `{listen_text}`, expected an address like `127.0.0.1:8090`"));
+            issues.add(
+                "admin.listen",
+                format!("found `{listen_text}`, expected an address like `127.0.0.1:8090`"),
+            );
             SocketAddr::from(([127, 0, 0, 1], 8090))
         });
         let token = env_secret(&mut issues, env, "admin.token_env", a.token_env);
 
         match source {
-            Some(source) if issues.0.is_empty() => Ok(Config { source, plugins, sinks, admin: AdminConfig { listen, token } }),
+            Some(source) if issues.0.is_empty() => Ok(Config {
+                source,
+                plugins,
+                sinks,
+                admin: AdminConfig { listen, token },
+            }),
             _ => Err(error(issues.0)),
         }
     }
@@ -574,7 +747,11 @@ impl Config {
 fn field_path(text: &str, span: std::ops::Range<usize>) -> String {
     let start = span.start.min(text.len());
     let line = text[..start].matches('\n').count() + 1;
-    let key = text.get(span.clone()).map(str::trim).filter(|k| !k.is_empty() && k.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-'));
+    let key = text.get(span.clone()).map(str::trim).filter(|k| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+    });
     let section = text[..start]
         .lines()
         .rev()
@@ -643,7 +820,10 @@ mod tests {
     fn unknown_fields_are_refused_with_their_line() {
         let found = issues("[source]\nurl = \"postgres://u@h/db\"\nslots = \"x\"\n");
         assert_eq!(found.len(), 1);
-        assert!(found[0].starts_with("source.slots (line 3): unknown field `slots`"), "{found:?}");
+        assert!(
+            found[0].starts_with("source.slots (line 3): unknown field `slots`"),
+            "{found:?}"
+        );
     }
 
     #[test]

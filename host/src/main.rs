@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(name = "airlock", version, about = "A one-way, governed pipeline out of PostgreSQL")]
+#[command(
+    name = "airlock",
+    version,
+    about = "A one-way, governed pipeline out of PostgreSQL"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -110,13 +114,20 @@ impl AdminArgs {
         match &self.config {
             Some(path) => {
                 let config = airlock::config::Config::load(path)?;
-                Ok((config.admin.listen.to_string(), config.admin.token.or_else(|| self.token.clone())))
+                Ok((
+                    config.admin.listen.to_string(),
+                    config.admin.token.or_else(|| self.token.clone()),
+                ))
             }
             None => Ok((self.admin.clone(), self.token.clone())),
         }
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
         let (addr, token) = self.resolve()?;
         let mut request = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
         if let Some(token) = token {
@@ -126,17 +137,24 @@ impl AdminArgs {
     }
 }
 
-async fn send(admin: &AdminArgs, method: reqwest::Method, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+async fn send(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
     let (addr, _) = admin.resolve()?;
-    let response = admin
-        .request(method, path)?
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the admin API at {addr}: is `airlock run` running there?"))?;
+    let response = admin.request(method, path)?.send().await.with_context(|| {
+        format!("cannot reach the admin API at {addr}: is `airlock run` running there?")
+    })?;
     let code = response.status().as_u16();
-    let body = response.json().await.context("the admin API answered with something other than JSON")?;
+    let body = response
+        .json()
+        .await
+        .context("the admin API answered with something other than JSON")?;
     if code == 401 {
-        anyhow::bail!("the admin API refused the request: pass its token with --token or AIRLOCK_ADMIN_TOKEN");
+        anyhow::bail!(
+            "the admin API refused the request: pass its token with --token or AIRLOCK_ADMIN_TOKEN"
+        );
     }
     Ok((code, body))
 }
@@ -153,12 +171,29 @@ fn render_status(s: &serde_json::Value) -> String {
         up / 3600,
         up / 60 % 60,
         up % 60,
-        if s["ready"].as_bool() == Some(true) { "ready" } else { "not ready" }
+        if s["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "not ready"
+        }
     );
     let src = &s["source"];
-    let _ = writeln!(out, "source    {}  slot {}  publication {}  [{}]", text(&src["database"]), text(&src["slot"]), text(&src["publication"]), text(&src["state"]));
-    let lag_bytes = src["lag_bytes"].as_u64().map(|b| format!("{b} B")).unwrap_or_else(|| "-".into());
-    let lag_seconds = src["lag_seconds"].as_f64().map(|s| format!("{s:.1} s")).unwrap_or_else(|| "-".into());
+    let _ = writeln!(
+        out,
+        "source    {}  slot {}  publication {}  [{}]",
+        text(&src["database"]),
+        text(&src["slot"]),
+        text(&src["publication"]),
+        text(&src["state"])
+    );
+    let lag_bytes = src["lag_bytes"]
+        .as_u64()
+        .map(|b| format!("{b} B"))
+        .unwrap_or_else(|| "-".into());
+    let lag_seconds = src["lag_seconds"]
+        .as_f64()
+        .map(|s| format!("{s:.1} s"))
+        .unwrap_or_else(|| "-".into());
     let _ = writeln!(
         out,
         "  wal     current {}  confirmed {}  restart {}  lag {lag_bytes} / {lag_seconds}  wal_status {}",
@@ -169,7 +204,12 @@ fn render_status(s: &serde_json::Value) -> String {
     );
     let p = &s["pipeline"];
     let stages = p["stages"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(out, "pipeline  {}  ({} stages)", text(&p["version"]), stages.len());
+    let _ = writeln!(
+        out,
+        "pipeline  {}  ({} stages)",
+        text(&p["version"]),
+        stages.len()
+    );
     for st in &stages {
         let hash = text(&st["content_hash"]);
         let _ = writeln!(
@@ -188,20 +228,33 @@ fn render_status(s: &serde_json::Value) -> String {
         } else {
             format!("FAILED: {}", text(&reload["error"]))
         };
-        let _ = writeln!(out, "  last reload ({}): {outcome}", text(&reload["reason"]));
+        let _ = writeln!(
+            out,
+            "  last reload ({}): {outcome}",
+            text(&reload["reason"])
+        );
     }
     let _ = writeln!(out, "sinks");
     if let Some(sinks) = s["sinks"].as_object() {
         for (name, sink) in sinks {
-            let routes: Vec<String> = sink["routes"].as_array().into_iter().flatten().map(text).collect();
+            let routes: Vec<String> = sink["routes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
             let _ = writeln!(
                 out,
-                "  {name:<10} {:<6} {}  routes {}  durable {}",
+                "  {name:<10} {:<6} {}  routes {}  durable {}  backlog {} batches",
                 text(&sink["kind"]),
                 text(&sink["url"]),
                 routes.join(","),
-                text(&sink["durable_lsn"])
+                text(&sink["durable_lsn"]),
+                sink["queued_batches"].as_u64().unwrap_or(0)
             );
+            if sink["retrying"].as_bool() == Some(true) {
+                let _ = writeln!(out, "             RETRYING: {}", text(&sink["last_error"]));
+            }
         }
     }
     if !s["snapshot"].is_null() {
@@ -209,7 +262,12 @@ fn render_status(s: &serde_json::Value) -> String {
     }
     match s["last_error"].as_object() {
         Some(e) => {
-            let _ = writeln!(out, "last error [{}] {}", text(&e["component"]), text(&e["message"]));
+            let _ = writeln!(
+                out,
+                "last error [{}] {}",
+                text(&e["component"]),
+                text(&e["message"])
+            );
         }
         None => {
             let _ = writeln!(out, "last error none");
@@ -253,13 +311,16 @@ enum GuestCommand {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    airlock::config::parse_duration(text).ok_or_else(|| format!("`{text}` is not a duration: use e.g. 30s, 2m, 500ms"))
+    airlock::config::parse_duration(text)
+        .ok_or_else(|| format!("`{text}` is not a duration: use e.g. 30s, 2m, 500ms"))
 }
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,airlock=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -271,23 +332,28 @@ fn init_tracing(format: LogFormat) {
 fn shutdown_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         for n in 0.. {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
             if n == 0 {
-                tracing::info!("shutting down: draining in-flight batches (signal again to exit at once)");
+                tracing::info!(
+                    "shutting down: draining in-flight batches (signal again to exit at once)"
+                );
                 let _ = tx.send(true);
             } else {
-                tracing::warn!("second signal: exiting now; unacknowledged changes stay in the slot");
+                tracing::warn!(
+                    "second signal: exiting now; unacknowledged changes stay in the slot"
+                );
                 std::process::exit(130);
             }
         }
@@ -305,17 +371,35 @@ async fn guest_test(plugin: PathBuf, settings: Vec<String>) -> anyhow::Result<()
         })
         .collect::<anyhow::Result<_>>()?;
     tokio::task::spawn_blocking(move || {
-        let runtime = airlock::pipeline::runtime::Runtime::new(Default::default(), airlock::config::default_cache_dir())?;
+        let runtime = airlock::pipeline::runtime::Runtime::new(
+            Default::default(),
+            airlock::config::default_cache_dir(),
+        )?;
         let files = if plugin.is_dir() {
             airlock::pipeline::scan(&plugin)?
         } else {
-            let name = plugin.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let name = plugin
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             let toml = plugin.with_extension("toml");
-            vec![airlock::pipeline::PluginFile { name, settings: toml.is_file().then_some(toml), wasm: plugin.clone() }]
+            vec![airlock::pipeline::PluginFile {
+                name,
+                settings: toml.is_file().then_some(toml),
+                wasm: plugin.clone(),
+            }]
         };
-        let mut pipeline = airlock::pipeline::Pipeline::load(&runtime, &files, &extra).map_err(|errors| {
-            anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
-        })?;
+        let mut pipeline =
+            airlock::pipeline::Pipeline::load(&runtime, &files, &extra).map_err(|errors| {
+                anyhow::anyhow!(
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })?;
         let stdin = std::io::stdin().lock();
         let stdout = std::io::stdout().lock();
         airlock::pipeline::harness::run(&mut pipeline, stdin, stdout)?;
@@ -338,7 +422,10 @@ async fn check(path: PathBuf) -> anyhow::Result<()> {
     }
     let failed = findings.iter().filter(|f| !f.ok).count();
     if failed > 0 {
-        anyhow::bail!("{failed} problem{} found", if failed == 1 { "" } else { "s" });
+        anyhow::bail!(
+            "{failed} problem{} found",
+            if failed == 1 { "" } else { "s" }
+        );
     }
     println!("all checks passed");
     Ok(())
@@ -350,8 +437,16 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             let config = airlock::config::Config::load(&config)?;
             airlock::run(config, shutdown_signal()).await?;
         }
-        Command::Demo { duration, dir, guests } => {
-            let options = airlock::demo::DemoOptions { duration, dir, guests };
+        Command::Demo {
+            duration,
+            dir,
+            guests,
+        } => {
+            let options = airlock::demo::DemoOptions {
+                duration,
+                dir,
+                guests,
+            };
             airlock::demo::run(options, shutdown_signal()).await?;
         }
         Command::Check { config } => check(config).await?,
@@ -366,12 +461,20 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         Command::Reload { admin } => {
             let (code, body) = send(&admin, reqwest::Method::POST, "/reload").await?;
             if code == 200 {
-                println!("reloaded: pipeline {}", body["version"].as_str().unwrap_or("?"));
+                println!(
+                    "reloaded: pipeline {}",
+                    body["version"].as_str().unwrap_or("?")
+                );
             } else {
-                anyhow::bail!("reload refused: {}", body["error"].as_str().unwrap_or("unknown error"));
+                anyhow::bail!(
+                    "reload refused: {}",
+                    body["error"].as_str().unwrap_or("unknown error")
+                );
             }
         }
-        Command::Guest { command: GuestCommand::Test { plugin, settings } } => guest_test(plugin, settings).await?,
+        Command::Guest {
+            command: GuestCommand::Test { plugin, settings },
+        } => guest_test(plugin, settings).await?,
         Command::Catalog { config, json } => {
             let config = airlock::config::Config::load(&config)?;
             let catalog = airlock::sink::lake::catalog(&config).await?;
@@ -382,12 +485,24 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Compact { config, token } => {
-            let admin = AdminArgs { config: Some(config.clone()), admin: String::new(), token };
+            let admin = AdminArgs {
+                config: Some(config.clone()),
+                admin: String::new(),
+                token,
+            };
             match send(&admin, reqwest::Method::POST, "/compact").await {
-                Ok((200, body)) => println!("compacted by the running host:\n{}", serde_json::to_string_pretty(&body["tables"])?),
-                Ok((_, body)) => anyhow::bail!("the running host refused: {}", body["error"].as_str().unwrap_or("unknown error")),
+                Ok((200, body)) => println!(
+                    "compacted by the running host:\n{}",
+                    serde_json::to_string_pretty(&body["tables"])?
+                ),
+                Ok((_, body)) => anyhow::bail!(
+                    "the running host refused: {}",
+                    body["error"].as_str().unwrap_or("unknown error")
+                ),
                 Err(error) if format!("{error:#}").contains("cannot reach the admin API") => {
-                    eprintln!("no host answers at the admin address; compacting directly under the lake's lock");
+                    eprintln!(
+                        "no host answers at the admin address; compacting directly under the lake's lock"
+                    );
                     let config = airlock::config::Config::load(&config)?;
                     let reports = airlock::sink::lake::compact_offline(&config).await?;
                     println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -395,25 +510,38 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
                 Err(error) => return Err(error),
             }
         }
-        Command::Spine { command: SpineCommand::Serve { dir, listen, token } } => {
+        Command::Spine {
+            command: SpineCommand::Serve { dir, listen, token },
+        } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
-                .with_context(|| format!("cannot listen on {listen}: choose a free address with --listen"))?;
-            eprintln!("spine serving {} on http://{}", dir.display(), listener.local_addr()?);
+                .with_context(|| {
+                    format!("cannot listen on {listen}: choose a free address with --listen")
+                })?;
+            eprintln!(
+                "spine serving {} on http://{}",
+                dir.display(),
+                listener.local_addr()?
+            );
             let mut stop = shutdown_signal();
             airlock::spine::serve(&dir, listener, token, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await?;
         }
-        Command::Spine { command: SpineCommand::Verify { dir } } => {
+        Command::Spine {
+            command: SpineCommand::Verify { dir },
+        } => {
             let report = airlock::spine::verify(&dir)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             if !report.valid {
                 anyhow::bail!(
                     "the spine's log is not intact: {} (record {})",
                     report.reason.as_deref().unwrap_or("unknown reason"),
-                    report.first_break_at.map(|n| n.to_string()).unwrap_or_else(|| "-".into())
+                    report
+                        .first_break_at
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "-".into())
                 );
             }
         }
@@ -424,7 +552,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

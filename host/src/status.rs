@@ -13,7 +13,10 @@ use serde_json::json;
 use crate::change::Lsn;
 
 fn now_unix() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// One stage as `/status` shows it.
@@ -53,6 +56,10 @@ pub struct SinkView {
     pub url: String,
     pub routes: Vec<String>,
     pub durable_lsn: Option<String>,
+    /// Batches waiting in front of the sink: its backlog.
+    pub queued_batches: usize,
+    /// True while a write keeps failing and is being retried.
+    pub retrying: bool,
     pub last_error: Option<String>,
 }
 
@@ -87,7 +94,11 @@ pub struct Status {
 
 impl Default for Status {
     fn default() -> Self {
-        Status { started_at: now_unix(), inner: RwLock::new(Inner::default()), metrics: Metrics::default() }
+        Status {
+            started_at: now_unix(),
+            inner: RwLock::new(Inner::default()),
+            metrics: Metrics::default(),
+        }
     }
 }
 
@@ -120,16 +131,31 @@ impl Status {
         inner.pipeline_since = now_unix();
     }
 
+    /// The version of the pipeline the worker runs.
+    pub fn pipeline_version(&self) -> String {
+        self.read().pipeline_version.clone()
+    }
+
     pub fn reload_succeeded(&self, reason: &str, version: &str) {
         self.metrics.add(RELOADS, &[("outcome", "ok")], 1.0);
-        self.write().reload =
-            Some(ReloadView { at: now_unix(), reason: reason.into(), ok: true, version: Some(version.into()), error: None });
+        self.write().reload = Some(ReloadView {
+            at: now_unix(),
+            reason: reason.into(),
+            ok: true,
+            version: Some(version.into()),
+            error: None,
+        });
     }
 
     pub fn reload_failed(&self, reason: &str, error: &str) {
         self.metrics.add(RELOADS, &[("outcome", "failed")], 1.0);
-        self.write().reload =
-            Some(ReloadView { at: now_unix(), reason: reason.into(), ok: false, version: None, error: Some(error.into()) });
+        self.write().reload = Some(ReloadView {
+            at: now_unix(),
+            reason: reason.into(),
+            ok: false,
+            version: None,
+            error: Some(error.into()),
+        });
     }
 
     pub fn update_sink(&self, name: &str, f: impl FnOnce(&mut SinkView)) {
@@ -138,12 +164,18 @@ impl Status {
 
     /// Records the latest error an operator should see.
     pub fn error(&self, component: &str, message: &str) {
-        self.write().last_error = Some(json!({"at": now_unix(), "component": component, "message": message}));
+        self.write().last_error =
+            Some(json!({"at": now_unix(), "component": component, "message": message}));
     }
 
     pub fn clear_error(&self, component: &str) {
         let mut inner = self.write();
-        if inner.last_error.as_ref().and_then(|e| e["component"].as_str()) == Some(component) {
+        if inner
+            .last_error
+            .as_ref()
+            .and_then(|e| e["component"].as_str())
+            == Some(component)
+        {
             inner.last_error = None;
         }
     }
@@ -196,18 +228,54 @@ pub const RELOADS: &str = "airlock_reloads_total";
 
 const CATALOG: &[(&str, &str, &str)] = &[
     (ROWS_IN, "counter", "Rows entering the pipeline, by table."),
-    (ROWS_OUT, "counter", "Rows leaving the pipeline, by table and route."),
+    (
+        ROWS_OUT,
+        "counter",
+        "Rows leaving the pipeline, by table and route.",
+    ),
     (ROWS_DROPPED, "counter", "Rows dropped by guests, by table."),
     (TRANSACTIONS, "counter", "Committed transactions processed."),
     (BATCH_ROWS, "summary", "Rows per batch."),
-    (GUEST_SECONDS, "summary", "Time spent in each guest stage per batch."),
-    (GUEST_FAILURES, "counter", "Failed guest calls (traps or errors), by stage."),
-    (SINK_FLUSH_SECONDS, "summary", "Time to make a sink's buffered data durable, by sink."),
-    (SINK_RETRIES, "counter", "Retried sink writes after transient errors, by sink."),
-    (SINK_DURABLE_LSN, "gauge", "The LSN up to which each sink has made every change durable."),
-    (LAG_BYTES, "gauge", "Bytes of WAL between the server's current position and the slot's confirmed position."),
-    (LAG_SECONDS, "gauge", "Seconds since the commit of the last transaction made durable everywhere."),
-    (CONFIRMED_LSN, "gauge", "The flush LSN confirmed to PostgreSQL."),
+    (
+        GUEST_SECONDS,
+        "summary",
+        "Time spent in each guest stage per batch.",
+    ),
+    (
+        GUEST_FAILURES,
+        "counter",
+        "Failed guest calls (traps or errors), by stage.",
+    ),
+    (
+        SINK_FLUSH_SECONDS,
+        "summary",
+        "Time to make a sink's buffered data durable, by sink.",
+    ),
+    (
+        SINK_RETRIES,
+        "counter",
+        "Retried sink writes after transient errors, by sink.",
+    ),
+    (
+        SINK_DURABLE_LSN,
+        "gauge",
+        "The LSN up to which each sink has made every change durable.",
+    ),
+    (
+        LAG_BYTES,
+        "gauge",
+        "Bytes of WAL between the server's current position and the slot's confirmed position.",
+    ),
+    (
+        LAG_SECONDS,
+        "gauge",
+        "Seconds since the commit of the last transaction made durable everywhere.",
+    ),
+    (
+        CONFIRMED_LSN,
+        "gauge",
+        "The flush LSN confirmed to PostgreSQL.",
+    ),
     (RELOADS, "counter", "Pipeline reloads, by outcome."),
 ];
 
@@ -223,18 +291,33 @@ fn label_text(labels: &[(&str, &str)]) -> String {
     }
     let inner: Vec<String> = labels
         .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+        .map(|(k, v)| {
+            format!(
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            )
+        })
         .collect();
     format!("{{{}}}", inner.join(","))
 }
 
 impl Metrics {
     pub fn add(&self, name: &'static str, labels: &[(&str, &str)], value: f64) {
-        *self.series.lock().unwrap_or_else(|p| p.into_inner()).entry((name, label_text(labels))).or_insert(0.0) += value;
+        *self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((name, label_text(labels)))
+            .or_insert(0.0) += value;
     }
 
     pub fn set(&self, name: &'static str, labels: &[(&str, &str)], value: f64) {
-        self.series.lock().unwrap_or_else(|p| p.into_inner()).insert((name, label_text(labels)), value);
+        self.series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((name, label_text(labels)), value);
     }
 
     /// Records one observation of a summary (`_sum` and `_count`).
@@ -242,7 +325,9 @@ impl Metrics {
         let labels = label_text(labels);
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         *series.entry((name, format!("_sum{labels}"))).or_insert(0.0) += value;
-        *series.entry((name, format!("_count{labels}"))).or_insert(0.0) += 1.0;
+        *series
+            .entry((name, format!("_count{labels}")))
+            .or_insert(0.0) += 1.0;
     }
 
     /// Prometheus text exposition format.
@@ -276,9 +361,18 @@ mod tests {
         m.set(LAG_BYTES, &[], 42.0);
         let text = m.render();
         assert!(text.contains("# TYPE airlock_rows_in_total counter\n"));
-        assert!(text.contains("airlock_rows_in_total{table=\"public.customers\"} 5\n"), "{text}");
-        assert!(text.contains("airlock_guest_seconds_sum{stage=\"30-mask\"} 0.5\n"), "{text}");
-        assert!(text.contains("airlock_guest_seconds_count{stage=\"30-mask\"} 1\n"), "{text}");
+        assert!(
+            text.contains("airlock_rows_in_total{table=\"public.customers\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("airlock_guest_seconds_sum{stage=\"30-mask\"} 0.5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("airlock_guest_seconds_count{stage=\"30-mask\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("airlock_source_lag_bytes 42\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (series, value) = line.rsplit_once(' ').unwrap();

@@ -17,14 +17,37 @@ pub use airlock::demo::Cluster;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
 }
 
 /// A built guest component from `guests/dist`.
 pub fn guest(name: &str) -> PathBuf {
     let path = root().join("guests/dist").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "guest {} is not built: run `cargo xtask guests` (the README's test command does)", path.display());
+    assert!(
+        path.is_file(),
+        "guest {} is not built: run `cargo xtask guests` (the README's test command does)",
+        path.display()
+    );
     path
+}
+
+/// The `airlock` binary built beside the tests (`cargo xtask test` builds it first).
+pub fn airlock_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/release")
+        .join("airlock");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build --release --workspace --bins` (the README's test command does)",
+        bin.display()
+    );
+    bin
 }
 
 /// A fresh, empty temporary directory for one test.
@@ -45,9 +68,11 @@ pub fn plugin_dir(dir: &Path, stages: &[(&str, &str, &str)]) -> PathBuf {
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).expect("create plugin dir");
     for (stage, guest_name, settings) in stages {
-        std::fs::copy(guest(guest_name), plugins.join(format!("{stage}.wasm"))).expect("copy guest");
+        std::fs::copy(guest(guest_name), plugins.join(format!("{stage}.wasm")))
+            .expect("copy guest");
         if !settings.is_empty() {
-            std::fs::write(plugins.join(format!("{stage}.toml")), settings).expect("write settings");
+            std::fs::write(plugins.join(format!("{stage}.toml")), settings)
+                .expect("write settings");
         }
     }
     plugins
@@ -62,7 +87,8 @@ pub struct Host {
 impl Host {
     /// Validates `config_toml` (relative paths from `base`) and starts the pipeline.
     pub fn start(config_toml: &str, base: &Path) -> Host {
-        let config = airlock::config::Config::from_toml("test.toml", config_toml, base).unwrap_or_else(|e| panic!("{e}"));
+        let config = airlock::config::Config::from_toml("test.toml", config_toml, base)
+            .unwrap_or_else(|e| panic!("{e}"));
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(airlock::run(config, rx));
         Host { stop, task }
@@ -71,7 +97,9 @@ impl Host {
     /// Asks for a graceful shutdown and waits for it.
     pub async fn stop(self) -> Result<()> {
         let _ = self.stop.send(true);
-        tokio::time::timeout(Duration::from_secs(60), self.task).await.context("host did not stop within 60 s")???;
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .context("host did not stop within 60 s")???;
         Ok(())
     }
 
@@ -96,7 +124,12 @@ pub fn read_lake(reader: &str, table: &Path) -> Result<Vec<Json>> {
         .output()
         .context("cannot run python3: install Python 3 (the README's test command sets it up)")?;
     if !out.status.success() {
-        bail!("{} {reader} {} failed: {}", script.display(), table.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{} {reader} {} failed: {}",
+            script.display(),
+            table.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -105,7 +138,11 @@ pub fn read_lake(reader: &str, table: &Path) -> Result<Vec<Json>> {
 }
 
 /// Polls `read_lake` until `done(rows)` holds or `timeout` passes.
-pub async fn wait_for_lake(table: &Path, timeout: Duration, done: impl Fn(&[Json]) -> bool) -> Result<Vec<Json>> {
+pub async fn wait_for_lake(
+    table: &Path,
+    timeout: Duration,
+    done: impl Fn(&[Json]) -> bool,
+) -> Result<Vec<Json>> {
     let start = Instant::now();
     let mut last = Vec::new();
     while start.elapsed() < timeout {
@@ -117,7 +154,11 @@ pub async fn wait_for_lake(table: &Path, timeout: Duration, done: impl Fn(&[Json
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    bail!("lake {} did not reach the expected state within {timeout:?}; last read {} rows: {last:#?}", table.display(), last.len())
+    bail!(
+        "lake {} did not reach the expected state within {timeout:?}; last read {} rows: {last:#?}",
+        table.display(),
+        last.len()
+    )
 }
 
 /// Lowercase SHA-256 hex of `text`: what the `mask` guest writes.
@@ -133,7 +174,11 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = entry.path();
-            if p.is_dir() { stack.push(p) } else { out.push(p) }
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
         }
     }
     out

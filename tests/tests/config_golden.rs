@@ -28,7 +28,11 @@ fn every_example_config_is_valid() {
             checked += 1;
         }
     }
-    assert!(checked >= 3, "expected the example configs in {}", dir.display());
+    assert!(
+        checked >= 3,
+        "expected the example configs in {}",
+        dir.display()
+    );
 }
 
 #[test]
@@ -45,19 +49,27 @@ fn invalid_configs_give_their_golden_messages() {
         cases += 1;
         let text = std::fs::read_to_string(&path).expect("read");
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let actual = match Config::from_toml_with_env(&name, &text, Path::new("/etc/airlock"), &|_| None) {
-            Ok(_) => format!("{name} is valid\n"),
-            Err(e) => e.to_string(),
-        };
+        let actual =
+            match Config::from_toml_with_env(&name, &text, Path::new("/etc/airlock"), &|_| None) {
+                Ok(_) => format!("{name} is valid\n"),
+                Err(e) => e.to_string(),
+            };
         let expected_path = path.with_extension("expected");
         if bless {
             std::fs::write(&expected_path, &actual).expect("bless");
             continue;
         }
-        let expected = std::fs::read_to_string(&expected_path)
-            .unwrap_or_else(|_| panic!("{} is missing: run with AIRLOCK_BLESS=1 and review it", expected_path.display()));
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: run with AIRLOCK_BLESS=1 and review it",
+                expected_path.display()
+            )
+        });
         if expected != actual {
-            mismatches.push(format!("--- {}\n{expected}+++ actual\n{actual}", expected_path.display()));
+            mismatches.push(format!(
+                "--- {}\n{expected}+++ actual\n{actual}",
+                expected_path.display()
+            ));
         }
     }
     assert!(cases >= 7, "golden cases missing in {}", dir.display());

@@ -37,14 +37,19 @@ fn config(url: &str, plugins: &std::path::Path, lake: &std::path::Path) -> Strin
 fn by_key(rows: &[Json]) -> HashMap<(i64, String, i64), usize> {
     let mut seen = HashMap::new();
     for r in rows {
-        let key = (r["id"].as_i64().unwrap_or(-1), r["_op"].as_str().unwrap_or("").to_owned(), r["_lsn"].as_i64().unwrap_or(-1));
+        let key = (
+            r["id"].as_i64().unwrap_or(-1),
+            r["_op"].as_str().unwrap_or("").to_owned(),
+            r["_lsn"].as_i64().unwrap_or(-1),
+        );
         *seen.entry(key).or_insert(0) += 1;
     }
     seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inserts_updates_and_deletes_arrive_masked_and_exact_and_exactly_once_across_restarts() -> anyhow::Result<()> {
+async fn inserts_updates_and_deletes_arrive_masked_and_exact_and_exactly_once_across_restarts()
+-> anyhow::Result<()> {
     let dir = temp_dir("e2e");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
@@ -57,7 +62,14 @@ async fn inserts_updates_and_deletes_arrive_masked_and_exact_and_exactly_once_ac
     let host = Host::start(&config, &dir);
     // The host creates the slot; wait for it before writing so nothing predates it.
     for _ in 0..200 {
-        if db.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'e2e'", &[]).await?.is_some() {
+        if db
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'e2e'",
+                &[],
+            )
+            .await?
+            .is_some()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -75,7 +87,10 @@ async fn inserts_updates_and_deletes_arrive_masked_and_exact_and_exactly_once_ac
 
     let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| rows.len() >= 5).await?;
     assert_eq!(rows.len(), 5, "{rows:#?}");
-    let ops: Vec<(i64, &str)> = rows.iter().map(|r| (r["id"].as_i64().unwrap(), r["_op"].as_str().unwrap())).collect();
+    let ops: Vec<(i64, &str)> = rows
+        .iter()
+        .map(|r| (r["id"].as_i64().unwrap(), r["_op"].as_str().unwrap()))
+        .collect();
     assert_eq!(ops, vec![(1, "c"), (2, "c"), (3, "c"), (1, "u"), (2, "d")]);
 
     let ada = &rows[0];
@@ -93,8 +108,15 @@ async fn inserts_updates_and_deletes_arrive_masked_and_exact_and_exactly_once_ac
     assert_eq!(grace["score"], json!(-1.5e300));
     assert_eq!(grace["signed_up"], json!("1970-01-01T00:00:00+00:00"));
     assert_eq!(grace["note"], Json::Null);
-    assert_eq!(rows[2]["email"], Json::Null, "NULL stays NULL through the mask");
-    assert_eq!(rows[3]["email"], json!(sha256_hex("ada@newmail.example.org")));
+    assert_eq!(
+        rows[2]["email"],
+        Json::Null,
+        "NULL stays NULL through the mask"
+    );
+    assert_eq!(
+        rows[3]["email"],
+        json!(sha256_hex("ada@newmail.example.org"))
+    );
     assert_eq!(rows[3]["balance"], json!("99.99"));
     // The delete carries the old key.
     assert_eq!(rows[4]["id"], json!(2));
@@ -106,7 +128,10 @@ async fn inserts_updates_and_deletes_arrive_masked_and_exact_and_exactly_once_ac
         assert_eq!(r["_pipeline"].as_str().unwrap().len(), 12);
         assert!(r["_commit_ts"].as_str().is_some());
     }
-    assert_eq!(rows[0]["_commit_lsn"], rows[1]["_commit_lsn"], "one transaction, one commit LSN");
+    assert_eq!(
+        rows[0]["_commit_lsn"], rows[1]["_commit_lsn"],
+        "one transaction, one commit LSN"
+    );
 
     // Stop, write while stopped, start again: every committed row exactly once.
     host.stop().await?;
@@ -121,7 +146,10 @@ async fn inserts_updates_and_deletes_arrive_masked_and_exact_and_exactly_once_ac
     let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| rows.len() >= 8).await?;
     host.stop().await?;
     let counts = by_key(&rows);
-    assert!(counts.values().all(|&n| n == 1), "a change appears twice: {counts:?}");
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "a change appears twice: {counts:?}"
+    );
     assert_eq!(rows.len(), 8, "{rows:#?}");
     let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, vec![1, 2, 3, 1, 2, 4, 1, 5]);
@@ -130,7 +158,13 @@ async fn inserts_updates_and_deletes_arrive_masked_and_exact_and_exactly_once_ac
     // No raw address anywhere in the lake's files.
     for file in files_under(&lake) {
         let bytes = std::fs::read(&file)?;
-        for raw in ["ada@example.com", "grace@example.com", "ewd@example.com", "liskov@example.com", "newmail"] {
+        for raw in [
+            "ada@example.com",
+            "grace@example.com",
+            "ewd@example.com",
+            "liskov@example.com",
+            "newmail",
+        ] {
             assert!(
                 !bytes.windows(raw.len()).any(|w| w == raw.as_bytes()),
                 "{} contains the raw address {raw}",

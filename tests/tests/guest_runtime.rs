@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock::change::{Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid};
+use airlock::change::{
+    Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
+};
 use airlock::pipeline::batch::Batch;
 use airlock::pipeline::runtime::{Limits, Runtime, RuntimeError};
 use airlock::pipeline::{Pipeline, PluginFile};
@@ -15,9 +17,20 @@ fn runtime(limits: Limits) -> Runtime {
     Runtime::new(limits, None).expect("runtime")
 }
 
-fn load(rt: &Runtime, guest_name: &str, settings: &[(&str, &str)]) -> Result<Pipeline, Vec<RuntimeError>> {
-    let file = PluginFile { name: format!("10-{guest_name}"), wasm: guest(guest_name), settings: None };
-    let extra: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+fn load(
+    rt: &Runtime,
+    guest_name: &str,
+    settings: &[(&str, &str)],
+) -> Result<Pipeline, Vec<RuntimeError>> {
+    let file = PluginFile {
+        name: format!("10-{guest_name}"),
+        wasm: guest(guest_name),
+        settings: None,
+    };
+    let extra: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     Pipeline::load(rt, &[file], &extra)
 }
 
@@ -29,16 +42,38 @@ fn type_zoo() -> (Arc<Relation>, Vec<Value>) {
         ("c_bool", oid::BOOL, Value::Bool(true)),
         ("c_int", oid::INT8, Value::Int(i64::MIN)),
         ("c_float", oid::FLOAT8, Value::Float(-0.1)),
-        ("c_numeric", oid::NUMERIC, Value::Numeric("-12345678901234567890.000000000000000001".into())),
-        ("c_text", oid::TEXT, Value::Text("héllo \u{1F600} \"quoted\"".into())),
+        (
+            "c_numeric",
+            oid::NUMERIC,
+            Value::Numeric("-12345678901234567890.000000000000000001".into()),
+        ),
+        (
+            "c_text",
+            oid::TEXT,
+            Value::Text("héllo \u{1F600} \"quoted\"".into()),
+        ),
         ("c_bytes", oid::BYTEA, Value::Bytes(vec![0, 1, 255, 128])),
         ("c_date", oid::DATE, Value::Date(i32::MAX)),
         ("c_time", oid::TIME, Value::Time(86_399_999_999)),
         ("c_ts", oid::TIMESTAMP, Value::Timestamp(-1)),
         ("c_tstz", oid::TIMESTAMPTZ, Value::Timestamptz(i64::MIN)),
-        ("c_uuid", oid::UUID, Value::Uuid([0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10, 1, 2, 3, 4, 5, 6, 7, 8])),
-        ("c_json", oid::JSONB, Value::Json("{\"a\": [1, 2.5, null]}".into())),
-        ("c_other", oid::INTERVAL, Value::Other("1 year 2 mons -3 days".into())),
+        (
+            "c_uuid",
+            oid::UUID,
+            Value::Uuid([
+                0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10, 1, 2, 3, 4, 5, 6, 7, 8,
+            ]),
+        ),
+        (
+            "c_json",
+            oid::JSONB,
+            Value::Json("{\"a\": [1, 2.5, null]}".into()),
+        ),
+        (
+            "c_other",
+            oid::INTERVAL,
+            Value::Other("1 year 2 mons -3 days".into()),
+        ),
     ];
     let relation = Arc::new(Relation {
         oid: 16384,
@@ -47,14 +82,27 @@ fn type_zoo() -> (Arc<Relation>, Vec<Value>) {
         replica_identity: ReplicaIdentity::Full,
         columns: columns
             .iter()
-            .map(|(name, type_oid, _)| Column { name: (*name).into(), type_oid: *type_oid, type_modifier: -1, key: false })
+            .map(|(name, type_oid, _)| Column {
+                name: (*name).into(),
+                type_oid: *type_oid,
+                type_modifier: -1,
+                key: false,
+            })
             .collect(),
     });
     (relation, columns.into_iter().map(|(_, _, v)| v).collect())
 }
 
 fn txn(n: u64, changes: Vec<Change>) -> Transaction {
-    Transaction { meta: TxnMeta { xid: n as u32, commit_lsn: Lsn(n * 100), end_lsn: Lsn(n * 100 + 1), commit_ts: 0 }, changes }
+    Transaction {
+        meta: TxnMeta {
+            xid: n as u32,
+            commit_lsn: Lsn(n * 100),
+            end_lsn: Lsn(n * 100 + 1),
+            commit_ts: 0,
+        },
+        changes,
+    }
 }
 
 fn zoo_batch(rows: usize) -> Batch {
@@ -63,7 +111,13 @@ fn zoo_batch(rows: usize) -> Batch {
         .map(|n| {
             txn(
                 n,
-                vec![Change { relation: relation.clone(), op: Op::Update, lsn: Lsn(n * 100 - 1), new: Some(values.clone()), old: Some(values.clone()) }],
+                vec![Change {
+                    relation: relation.clone(),
+                    op: Op::Update,
+                    lsn: Lsn(n * 100 - 1),
+                    new: Some(values.clone()),
+                    old: Some(values.clone()),
+                }],
             )
         })
         .collect::<Vec<_>>();
@@ -75,13 +129,18 @@ fn every_value_type_round_trips_through_a_passthrough_guest() {
     let rt = runtime(Limits::default());
     let mut pipeline = load(&rt, "test_passthrough", &[]).unwrap_or_else(|e| panic!("{e:?}"));
     let before = zoo_batch(3);
-    let after = pipeline.process(before.clone()).unwrap_or_else(|(_, e)| panic!("{e}"));
+    let after = pipeline
+        .process(before.clone())
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
     assert_eq!(after.rows.len(), 3);
     for (b, a) in before.rows.iter().zip(&after.rows) {
         assert_eq!(b.change.new, a.change.new);
         assert_eq!(b.change.old, a.change.old);
     }
-    assert!(after.written_bytes > 0, "the passthrough guest really wrote every value back");
+    assert!(
+        after.written_bytes > 0,
+        "the passthrough guest really wrote every value back"
+    );
     assert_eq!(&*after.pipeline, &*pipeline.version);
 }
 
@@ -95,38 +154,81 @@ fn mask_hashes_the_email_column_and_tags_it_pii() {
         name: "customers".into(),
         replica_identity: ReplicaIdentity::Default,
         columns: vec![
-            Column { name: "id".into(), type_oid: oid::INT8, type_modifier: -1, key: true },
-            Column { name: "email".into(), type_oid: oid::TEXT, type_modifier: -1, key: false },
+            Column {
+                name: "id".into(),
+                type_oid: oid::INT8,
+                type_modifier: -1,
+                key: true,
+            },
+            Column {
+                name: "email".into(),
+                type_oid: oid::TEXT,
+                type_modifier: -1,
+                key: false,
+            },
         ],
     });
     let row = |id: i64, email: Value| Some(vec![Value::Int(id), email]);
     let batch = Batch::from_transactions(vec![txn(
         1,
         vec![
-            Change { relation: relation.clone(), op: Op::Insert, lsn: Lsn(1), new: row(1, Value::Text("ada@example.com".into())), old: None },
-            Change { relation: relation.clone(), op: Op::Insert, lsn: Lsn(2), new: row(2, Value::Null), old: None },
-            Change { relation: relation.clone(), op: Op::Update, lsn: Lsn(3), new: row(1, Value::UnchangedToast), old: None },
+            Change {
+                relation: relation.clone(),
+                op: Op::Insert,
+                lsn: Lsn(1),
+                new: row(1, Value::Text("ada@example.com".into())),
+                old: None,
+            },
+            Change {
+                relation: relation.clone(),
+                op: Op::Insert,
+                lsn: Lsn(2),
+                new: row(2, Value::Null),
+                old: None,
+            },
+            Change {
+                relation: relation.clone(),
+                op: Op::Update,
+                lsn: Lsn(3),
+                new: row(1, Value::UnchangedToast),
+                old: None,
+            },
         ],
     )]);
-    let out = pipeline.process(batch).unwrap_or_else(|(_, e)| panic!("{e}"));
+    let out = pipeline
+        .process(batch)
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
     let email = |i: usize| out.rows[i].change.new.as_ref().unwrap()[1].clone();
     assert_eq!(email(0), Value::Text(sha256_hex("ada@example.com")));
     assert_eq!(email(1), Value::Null);
-    assert_eq!(email(2), Value::UnchangedToast, "an unchanged TOAST value is never turned into data");
+    assert_eq!(
+        email(2),
+        Value::UnchangedToast,
+        "an unchanged TOAST value is never turned into data"
+    );
     assert_eq!(out.tables[0].column_tags[1], vec!["pii".to_string()]);
-    assert_eq!(out.rows[0].change.new.as_ref().unwrap()[0], Value::Int(1), "untouched columns stay as they were");
+    assert_eq!(
+        out.rows[0].change.new.as_ref().unwrap()[0],
+        Value::Int(1),
+        "untouched columns stay as they were"
+    );
 }
 
 #[test]
 fn a_trapped_instance_is_discarded_and_the_batch_retried_on_a_fresh_one() {
     let rt = runtime(Limits::default());
     // The guest traps on the second call of an instance only.
-    let mut pipeline = load(&rt, "test_trap", &[("trap", "second-call")]).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut pipeline =
+        load(&rt, "test_trap", &[("trap", "second-call")]).unwrap_or_else(|e| panic!("{e:?}"));
     let batch = zoo_batch(2);
-    pipeline.process(batch.clone()).unwrap_or_else(|(_, e)| panic!("the first call passes: {e}"));
+    pipeline
+        .process(batch.clone())
+        .unwrap_or_else(|(_, e)| panic!("the first call passes: {e}"));
     // Second call: traps; the instance is poisoned, rebuilt, and the retry (the new
     // instance's first call) passes. wasmtime refuses to re-enter a trapped instance.
-    let out = pipeline.process(batch.clone()).unwrap_or_else(|(_, e)| panic!("retry on a fresh instance should succeed: {e}"));
+    let out = pipeline
+        .process(batch.clone())
+        .unwrap_or_else(|(_, e)| panic!("retry on a fresh instance should succeed: {e}"));
     assert_eq!(out.rows.len(), 2);
     assert_eq!(out.rows[0].change.new, batch.rows[0].change.new);
 }
@@ -134,35 +236,57 @@ fn a_trapped_instance_is_discarded_and_the_batch_retried_on_a_fresh_one() {
 #[test]
 fn a_guest_that_always_traps_fails_the_batch_and_returns_it_unchanged() {
     let rt = runtime(Limits::default());
-    let mut pipeline = load(&rt, "test_trap", &[("trap", "always")]).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut pipeline =
+        load(&rt, "test_trap", &[("trap", "always")]).unwrap_or_else(|e| panic!("{e:?}"));
     let batch = zoo_batch(2);
-    let (back, error) = pipeline.process(batch.clone()).expect_err("a trapping guest must fail the batch");
+    let (back, error) = pipeline
+        .process(batch.clone())
+        .expect_err("a trapping guest must fail the batch");
     let message = error.to_string();
-    assert!(message.contains("10-test_trap"), "names the guest: {message}");
+    assert!(
+        message.contains("10-test_trap"),
+        "names the guest: {message}"
+    );
     assert!(message.contains("trapped"), "says it trapped: {message}");
     assert!(message.contains("0/64"), "names the transaction: {message}");
     assert_eq!(back.rows.len(), batch.rows.len(), "no row lost");
     for (b, a) in batch.rows.iter().zip(&back.rows) {
-        assert_eq!(b.change, a.change, "the failed batch comes back as it went in");
+        assert_eq!(
+            b.change, a.change,
+            "the failed batch comes back as it went in"
+        );
     }
 }
 
 #[test]
 fn a_guest_that_loops_forever_hits_its_deadline() {
-    let rt = runtime(Limits { deadline: Duration::from_millis(200), ..Limits::default() });
+    let rt = runtime(Limits {
+        deadline: Duration::from_millis(200),
+        ..Limits::default()
+    });
     let mut pipeline = load(&rt, "test_spin", &[]).unwrap_or_else(|e| panic!("{e:?}"));
     let start = Instant::now();
-    let (back, error) = pipeline.process(zoo_batch(1)).expect_err("an endless loop must fail");
-    assert!(start.elapsed() < Duration::from_secs(10), "two attempts of 200 ms each, not forever");
+    let (back, error) = pipeline
+        .process(zoo_batch(1))
+        .expect_err("an endless loop must fail");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "two attempts of 200 ms each, not forever"
+    );
     assert!(error.to_string().contains("deadline"), "{error}");
     assert_eq!(back.rows.len(), 1);
 }
 
 #[test]
 fn a_guest_that_allocates_without_bound_hits_its_memory_limit() {
-    let rt = runtime(Limits { memory_bytes: 16 << 20, ..Limits::default() });
+    let rt = runtime(Limits {
+        memory_bytes: 16 << 20,
+        ..Limits::default()
+    });
     let mut pipeline = load(&rt, "test_hog", &[]).unwrap_or_else(|e| panic!("{e:?}"));
-    let (back, error) = pipeline.process(zoo_batch(1)).expect_err("a memory hog must fail");
+    let (back, error) = pipeline
+        .process(zoo_batch(1))
+        .expect_err("a memory hog must fail");
     let message = error.to_string();
     assert!(message.contains("memory"), "{message}");
     assert_eq!(back.rows.len(), 1);
@@ -171,7 +295,8 @@ fn a_guest_that_allocates_without_bound_hits_its_memory_limit() {
 #[test]
 fn a_guest_returning_an_error_fails_the_batch_with_its_message() {
     let rt = runtime(Limits::default());
-    let mut pipeline = load(&rt, "test_error", &[("message", "cannot classify row")]).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut pipeline = load(&rt, "test_error", &[("message", "cannot classify row")])
+        .unwrap_or_else(|e| panic!("{e:?}"));
     let (_, error) = pipeline.process(zoo_batch(1)).expect_err("must fail");
     assert!(error.to_string().contains("cannot classify row"), "{error}");
 }
@@ -179,7 +304,9 @@ fn a_guest_returning_an_error_fails_the_batch_with_its_message() {
 #[test]
 fn init_can_refuse_settings_and_the_message_is_shown_verbatim() {
     let rt = runtime(Limits::default());
-    let errors = load(&rt, "test_error", &[("refuse", "yes")]).err().expect("must refuse");
+    let errors = load(&rt, "test_error", &[("refuse", "yes")])
+        .err()
+        .expect("must refuse");
     let message = errors[0].to_string();
     assert!(message.contains("refusing settings"), "{message}");
 }
@@ -195,7 +322,9 @@ fn a_guest_without_the_process_export_is_refused_at_load() {
 #[test]
 fn a_guest_built_for_another_contract_version_is_refused_naming_both() {
     let rt = runtime(Limits::default());
-    let errors = load(&rt, "test_old_contract", &[]).err().expect("must refuse");
+    let errors = load(&rt, "test_old_contract", &[])
+        .err()
+        .expect("must refuse");
     let message = errors[0].to_string();
     assert!(message.contains("airlock:transform@0.0.9"), "{message}");
     assert!(message.contains("airlock:transform@0.1.0"), "{message}");
@@ -207,19 +336,40 @@ fn malformed_and_truncated_wasm_files_are_refused_clearly() {
     let rt = runtime(Limits::default());
     let good = std::fs::read(guest("mask")).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("text", b"hello, not wasm".to_vec(), "not a WebAssembly file"),
-        ("truncated", good[..good.len() / 2].to_vec(), "cannot compile"),
+        (
+            "text",
+            b"hello, not wasm".to_vec(),
+            "not a WebAssembly file",
+        ),
+        (
+            "truncated",
+            good[..good.len() / 2].to_vec(),
+            "cannot compile",
+        ),
         ("empty", Vec::new(), "not a WebAssembly file"),
-        ("core-module", vec![0, b'a', b's', b'm', 1, 0, 0, 0], "core module"),
+        (
+            "core-module",
+            vec![0, b'a', b's', b'm', 1, 0, 0, 0],
+            "core module",
+        ),
     ];
     for (name, bytes, expected) in cases {
         let path = dir.join(format!("{name}.wasm"));
         std::fs::write(&path, bytes).unwrap();
-        let files = [PluginFile { name: name.into(), wasm: path, settings: None }];
-        let errors = Pipeline::load(&rt, &files, &[]).err().unwrap_or_else(|| panic!("{name} must be refused"));
+        let files = [PluginFile {
+            name: name.into(),
+            wasm: path,
+            settings: None,
+        }];
+        let errors = Pipeline::load(&rt, &files, &[])
+            .err()
+            .unwrap_or_else(|| panic!("{name} must be refused"));
         let message = errors[0].to_string();
         assert!(message.contains(expected), "{name}: {message}");
-        assert!(message.contains(&format!("{name}.wasm")), "names the file: {message}");
+        assert!(
+            message.contains(&format!("{name}.wasm")),
+            "names the file: {message}"
+        );
     }
 }
 
@@ -228,7 +378,9 @@ fn the_sandbox_denies_files_environment_and_network() {
     let rt = runtime(Limits::default());
     // SAFETY of the test: a variable the guest must not see.
     let mut pipeline = load(&rt, "test_escape", &[]).unwrap_or_else(|e| panic!("{e:?}"));
-    let out = pipeline.process(zoo_batch(1)).unwrap_or_else(|(_, e)| panic!("{e}"));
+    let out = pipeline
+        .process(zoo_batch(1))
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
     let row = &out.rows[0];
     let fs = row.annotation("escape.fs").expect("fs probe ran");
     let env = row.annotation("escape.env").expect("env probe ran");

@@ -9,14 +9,6 @@ use std::time::{Duration, Instant};
 
 use airlock_tests::*;
 
-/// The `airlock` binary built beside this test (`cargo xtask test` builds it first).
-fn airlock_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe.parent().and_then(Path::parent).expect("target/release").join("airlock");
-    assert!(bin.is_file(), "{} is missing: build it with `cargo build --release --workspace --bins` (the README's test command does)", bin.display());
-    bin
-}
-
 fn write_config(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("airlock.toml");
     std::fs::write(&path, body).expect("write config");
@@ -26,7 +18,12 @@ fn write_config(dir: &Path, body: &str) -> PathBuf {
 async fn wait_slot_active(db: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        let row = db.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?;
+        let row = db
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
         if row.is_some_and(|r| r.get::<_, bool>(0)) {
             return Ok(());
         }
@@ -51,7 +48,10 @@ async fn check_lists_every_problem_at_once() -> anyhow::Result<()> {
             dir.display()
         ),
     );
-    let out = Command::new(airlock_bin()).args(["check", "--config"]).arg(&config).output()?;
+    let out = Command::new(airlock_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "check must fail:\n{stdout}");
@@ -65,17 +65,34 @@ async fn check_lists_every_problem_at_once() -> anyhow::Result<()> {
         "20-broken.wasm",
         "ok   sink lake",
     ] {
-        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
     }
     assert!(stderr.contains("problems found"), "{stderr}");
 
     // A bad configuration file lists every invalid field, with its path.
-    let bad = write_config(&dir, "[source]\nurl = \"mysql://x\"\nslot = \"Bad\"\n[sinks.lake]\ntype = \"parquet\"\n");
-    let out = Command::new(airlock_bin()).args(["check", "--config"]).arg(&bad).output()?;
+    let bad = write_config(
+        &dir,
+        "[source]\nurl = \"mysql://x\"\nslot = \"Bad\"\n[sinks.lake]\ntype = \"parquet\"\n",
+    );
+    let out = Command::new(airlock_bin())
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
-    for expected in ["source.url:", "source.slot:", "sinks.lake.type:", "sinks.lake.url:"] {
-        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+    for expected in [
+        "source.url:",
+        "source.slot:",
+        "sinks.lake.type:",
+        "sinks.lake.url:",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
     }
     Ok(())
 }
@@ -103,7 +120,11 @@ fn spawn_host(config: &Path, log: &Path) -> HostProcess {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     assert!(ok, "kill {sig} failed");
 }
 
@@ -119,13 +140,15 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitS
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing() -> anyhow::Result<()> {
+async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
+-> anyhow::Result<()> {
     let dir = temp_dir("sigterm");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
     db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, email text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
     // The slot exists before the first write, so every row is in its stream.
-    db.batch_execute("SELECT pg_create_logical_replication_slot('term', 'pgoutput')").await?;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('term', 'pgoutput')")
+        .await?;
     plugin_dir(&dir, &[("10-mask", "mask", "")]);
     let config = write_config(
         &dir,
@@ -142,7 +165,12 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
         let mut id = 0i64;
         while !*stop_rx.borrow() {
             id += 1;
-            writer_db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &format!("u{id}@example.com")]).await?;
+            writer_db
+                .execute(
+                    "INSERT INTO t VALUES ($1, $2)",
+                    &[&id, &format!("u{id}@example.com")],
+                )
+                .await?;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         anyhow::Ok(id)
@@ -155,7 +183,11 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
         signal(&host.0, "-TERM");
         let status = wait_exit(&mut host.0, Duration::from_secs(30));
         let log = std::fs::read_to_string(dir.join(format!("host{round}.log"))).unwrap_or_default();
-        assert_eq!(status.and_then(|s| s.code()), Some(0), "round {round}: SIGTERM must exit 0 within 30 s; log:\n{log}");
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "round {round}: SIGTERM must exit 0 within 30 s; log:\n{log}"
+        );
     }
     let _ = stop_tx.send(true);
     let written = writer.await??;
@@ -163,9 +195,15 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
     // A last run drains what was written while stopped.
     let mut host = spawn_host(&config, &dir.join("final.log"));
     let table = dir.join("lake/public.t");
-    let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| rows.len() >= written as usize).await?;
+    let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| {
+        rows.len() >= written as usize
+    })
+    .await?;
     signal(&host.0, "-TERM");
-    assert_eq!(wait_exit(&mut host.0, Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
+    assert_eq!(
+        wait_exit(&mut host.0, Duration::from_secs(30)).and_then(|s| s.code()),
+        Some(0)
+    );
     let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
     let unique: HashSet<i64> = ids.iter().copied().collect();
     assert_eq!(unique.len(), ids.len(), "a row was written twice");
@@ -173,26 +211,45 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
     // sent a transaction the lake already held.
     for log in ["host1.log", "host2.log", "final.log"] {
         let text = std::fs::read_to_string(dir.join(log))?;
-        assert!(!text.contains("skipping rows the lake already holds"), "{log}: PostgreSQL resent durable changes after a clean stop");
+        assert!(
+            !text.contains("skipping rows the lake already holds"),
+            "{log}: PostgreSQL resent durable changes after a clean stop"
+        );
     }
-    assert_eq!(ids.len(), written as usize, "every committed row is in the lake");
+    assert_eq!(
+        ids.len(),
+        written as usize,
+        "every committed row is in the lake"
+    );
     // The slot was acknowledged: nothing is pending in it after the final run.
     let pending: i64 = db
         .query_one("SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'term'", &[])
         .await?
         .get(0);
-    assert!(pending < 64 * 1024, "the slot still holds {pending} bytes after a clean stop");
+    assert!(
+        pending < 64 * 1024,
+        "the slot still holds {pending} bytes after a clean stop"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fixed() -> anyhow::Result<()> {
+async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fixed()
+-> anyhow::Result<()> {
     let dir = temp_dir("halt");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
     db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, name text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
-    db.batch_execute("SELECT pg_create_logical_replication_slot('halt', 'pgoutput')").await?;
-    let plugins = plugin_dir(&dir, &[("10-check", "test_trap", "trap = \"row-value\"\nvalue = \"poison\"\n")]);
+    db.batch_execute("SELECT pg_create_logical_replication_slot('halt', 'pgoutput')")
+        .await?;
+    let plugins = plugin_dir(
+        &dir,
+        &[(
+            "10-check",
+            "test_trap",
+            "trap = \"row-value\"\nvalue = \"poison\"\n",
+        )],
+    );
     let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
     let config = format!(
         "[source]\nurl = \"{}\"\nslot = \"halt\"\nstatus_interval = \"1s\"\n[plugins]\ndir = \"{}\"\n\
@@ -204,44 +261,95 @@ async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fi
     let host = Host::start(&config, &dir);
     // Three transactions; the second poisons the guest.
     for (id, name) in [(1i64, "fine"), (2, "poison"), (3, "after")] {
-        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name]).await?;
+        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name])
+            .await?;
     }
     let table = dir.join("lake/public.t");
     wait_for_lake(&table, Duration::from_secs(30), |rows| rows.len() >= 1).await?;
     // The poisoned transaction halts the stream: its error shows in /status.
     let start = Instant::now();
     let status = loop {
-        let s: serde_json::Value = reqwest::get(format!("http://{admin}/status")).await?.json().await?;
-        if s["last_error"]["message"].as_str().is_some_and(|m| m.contains("10-check")) {
+        let s: serde_json::Value = reqwest::get(format!("http://{admin}/status"))
+            .await?
+            .json()
+            .await?;
+        if s["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("10-check"))
+        {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no halt error in /status: {s:#}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no halt error in /status: {s:#}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(status["last_error"]["message"].as_str().unwrap().contains("trapped"), "{status:#}");
+    assert!(
+        status["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("trapped"),
+        "{status:#}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rows = read_lake("duckdb", &table)?;
-    assert_eq!(rows.iter().map(|r| r["id"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1], "nothing past the halt is written");
-    let confirmed: String = db.query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'halt'", &[]).await?.get(0);
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["id"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1],
+        "nothing past the halt is written"
+    );
+    let confirmed: String = db
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'halt'",
+            &[],
+        )
+        .await?
+        .get(0);
 
     // Fix the guest (same stage name, a guest that does not trap): the halted batch goes through.
     std::fs::write(plugins.join("10-check.toml"), "trap = \"never\"\n")?;
     let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| rows.len() >= 3).await?;
     host.stop().await?;
-    assert_eq!(rows.iter().map(|r| r["id"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
-    let after: String = db.query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'halt'", &[]).await?.get(0);
-    assert_ne!(confirmed, after, "the slot moves once the halted transaction is through");
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["id"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let after: String = db
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'halt'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_ne!(
+        confirmed, after,
+        "the slot moves once the halted transaction is through"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on() -> anyhow::Result<()> {
+async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on()
+-> anyhow::Result<()> {
     let dir = temp_dir("deadletter");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
     db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, name text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
-    db.batch_execute("SELECT pg_create_logical_replication_slot('dl', 'pgoutput')").await?;
-    let plugins = plugin_dir(&dir, &[("10-check", "test_trap", "trap = \"row-value\"\nvalue = \"poison\"\n")]);
+    db.batch_execute("SELECT pg_create_logical_replication_slot('dl', 'pgoutput')")
+        .await?;
+    let plugins = plugin_dir(
+        &dir,
+        &[(
+            "10-check",
+            "test_trap",
+            "trap = \"row-value\"\nvalue = \"poison\"\n",
+        )],
+    );
     let quarantine = dir.join("quarantine");
     let config = format!(
         "[source]\nurl = \"{}\"\nslot = \"dl\"\nstatus_interval = \"1s\"\n\
@@ -256,19 +364,177 @@ async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on(
     // Three transactions, committed back to back (they may share a batch): only the
     // poisoned one is quarantined.
     for (id, name) in [(1i64, "fine"), (2, "poison"), (3, "after")] {
-        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name]).await?;
+        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name])
+            .await?;
     }
     let table = dir.join("lake/public.t");
-    let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| rows.iter().any(|r| r["id"] == 3)).await?;
+    let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| {
+        rows.iter().any(|r| r["id"] == 3)
+    })
+    .await?;
     host.stop().await?;
     let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
-    assert_eq!(ids, vec![1, 3], "the poisoned transaction is not in the lake, the others are");
+    assert_eq!(
+        ids,
+        vec![1, 3],
+        "the poisoned transaction is not in the lake, the others are"
+    );
     let files = files_under(&quarantine);
     assert_eq!(files.len(), 1, "one dead-letter file: {files:?}");
     let text = std::fs::read_to_string(&files[0])?;
     let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap())?;
     assert_eq!(line["new"]["id"], 2);
     assert_eq!(line["new"]["name"], "poison");
-    assert!(line["error"].as_str().unwrap().contains("10-check"), "{line}");
+    assert!(
+        line["error"].as_str().unwrap().contains("10-check"),
+        "{line}"
+    );
+    Ok(())
+}
+
+/// GET a JSON document; `None` while the server does not answer yet.
+async fn get_json(url: &str) -> Option<serde_json::Value> {
+    reqwest::get(url).await.ok()?.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spine_that_is_down_shows_in_status_and_metrics_and_gets_everything_when_back()
+-> anyhow::Result<()> {
+    let dir = temp_dir("spinedown");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, email text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('down', 'pgoutput')")
+        .await?;
+    let plugins = plugin_dir(
+        &dir,
+        &[
+            ("10-mask", "mask", ""),
+            ("20-route", "route", "spine_tables = [\"public.t\"]\n"),
+        ],
+    );
+    let spine_port = airlock::demo::cluster::free_port();
+    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
+    let config = format!(
+        "[source]\nurl = \"{}\"\nslot = \"down\"\nstatus_interval = \"1s\"\n[plugins]\ndir = \"{}\"\n\
+         [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
+         [sinks.spine]\ntype = \"http\"\nurl = \"http://127.0.0.1:{spine_port}/events\"\ndefault_source = \"ops\"\nflush_interval = \"200ms\"\n\
+         [admin]\nlisten = \"{admin}\"\n",
+        pg.url("postgres"),
+        plugins.display(),
+        dir.display()
+    );
+    // No spine listens yet: the host starts, and the spine sink retries.
+    let host = Host::start(&config, &dir);
+    for id in 1..=5i64 {
+        db.execute(
+            "INSERT INTO t VALUES ($1, $2)",
+            &[&id, &format!("u{id}@example.com")],
+        )
+        .await?;
+    }
+    let start = Instant::now();
+    loop {
+        // The admin API may not listen yet right after the start; a host that stopped
+        // by itself fails the test with its own error.
+        let Some(s) = get_json(&format!("http://{admin}/status")).await else {
+            if host.is_finished() {
+                host.stop().await?;
+                anyhow::bail!("the host stopped by itself");
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "the admin API at {admin} does not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let spine = &s["sinks"]["spine"];
+        if spine["retrying"] == true {
+            assert!(
+                spine["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{spine}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the spine outage never showed in /status: {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("airlock_sink_retries_total{sink=\"spine\"}"),
+        "{metrics}"
+    );
+
+    // The spine comes up: every event arrives, once, masked; the status clears.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", spine_port)).await?;
+    let spine_dir = dir.join("spine");
+    tokio::spawn(async move {
+        airlock::spine::serve(&spine_dir, listener, None, std::future::pending::<()>()).await
+    });
+    let start = Instant::now();
+    let events = loop {
+        // The route guest annotates `spine.source`, which wins over the sink's default.
+        let events: serde_json::Value = reqwest::get(format!(
+            "http://127.0.0.1:{spine_port}/events?source=airlock"
+        ))
+        .await?
+        .json()
+        .await?;
+        if events.as_array().is_some_and(|a| a.len() >= 5) {
+            break events;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "events did not arrive after the spine came back: {events:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ids: Vec<i64> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["payload"]["new"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5], "in commit order, each once");
+    for e in events.as_array().unwrap() {
+        let id = e["payload"]["new"]["id"].as_i64().unwrap();
+        assert_eq!(
+            e["payload"]["new"]["email"],
+            serde_json::Value::from(sha256_hex(&format!("u{id}@example.com")))
+        );
+    }
+    let start = Instant::now();
+    loop {
+        // The admin API may not listen yet right after the start; a host that stopped
+        // by itself fails the test with its own error.
+        let Some(s) = get_json(&format!("http://{admin}/status")).await else {
+            if host.is_finished() {
+                host.stop().await?;
+                anyhow::bail!("the host stopped by itself");
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "the admin API at {admin} does not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if s["sinks"]["spine"]["retrying"] == false {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still retrying: {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    host.stop().await?;
     Ok(())
 }

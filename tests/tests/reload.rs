@@ -12,10 +12,18 @@ use serde_json::Value as Json;
 const TXN_ROWS: i64 = 5;
 
 async fn status(admin: &str) -> anyhow::Result<Json> {
-    Ok(reqwest::get(format!("http://{admin}/status")).await?.error_for_status()?.json().await?)
+    Ok(reqwest::get(format!("http://{admin}/status"))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
 }
 
-async fn wait_status(admin: &str, timeout: Duration, done: impl Fn(&Json) -> bool) -> anyhow::Result<Json> {
+async fn wait_status(
+    admin: &str,
+    timeout: Duration,
+    done: impl Fn(&Json) -> bool,
+) -> anyhow::Result<Json> {
     let start = Instant::now();
     loop {
         if let Ok(s) = status(admin).await
@@ -24,7 +32,10 @@ async fn wait_status(admin: &str, timeout: Duration, done: impl Fn(&Json) -> boo
             return Ok(s);
         }
         if start.elapsed() > timeout {
-            anyhow::bail!("status did not reach the expected state within {timeout:?}: {:#}", status(admin).await?);
+            anyhow::bail!(
+                "status did not reach the expected state within {timeout:?}: {:#}",
+                status(admin).await?
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -44,14 +55,29 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
          CREATE PUBLICATION airlock FOR TABLE events;",
     )
     .await?;
-    db.batch_execute("SELECT pg_create_logical_replication_slot('reload', 'pgoutput')").await?;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('reload', 'pgoutput')")
+        .await?;
     let plugins = plugin_dir(&dir, &[("10-mask", "mask", "")]);
     let lake = dir.join("lake");
     let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
+    // A built-in spine, to receive the failed-reload event.
+    let spine_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let spine_addr = spine_listener.local_addr()?;
+    let spine_dir = dir.join("spine");
+    tokio::spawn(async move {
+        airlock::spine::serve(
+            &spine_dir,
+            spine_listener,
+            None,
+            std::future::pending::<()>(),
+        )
+        .await
+    });
     let config = format!(
         "[source]\nurl = \"{}\"\nslot = \"reload\"\nstatus_interval = \"1s\"\n\
          [plugins]\ndir = \"{}\"\nrequire = [\"10-mask\"]\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}\"\nflush_interval = \"300ms\"\n\
+         [sinks.spine]\ntype = \"http\"\nurl = \"http://{spine_addr}/events\"\ndefault_source = \"reload-test\"\n\
          [admin]\nlisten = \"{admin}\"\n",
         pg.url("postgres"),
         plugins.display(),
@@ -72,7 +98,9 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
             let mut sql = String::from("BEGIN;");
             for i in 0..TXN_ROWS {
                 let id = txn * TXN_ROWS + i;
-                sql.push_str(&format!("INSERT INTO events VALUES ({id}, {txn}, 'user{id}@example.com');"));
+                sql.push_str(&format!(
+                    "INSERT INTO events VALUES ({id}, {txn}, 'user{id}@example.com');"
+                ));
             }
             sql.push_str("COMMIT;");
             writer_db.batch_execute(&sql).await?;
@@ -88,36 +116,113 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
     let second = wait_status(&admin, Duration::from_secs(20), |s| version(s) != v1).await?;
     let v2 = version(&second);
     eprintln!("new stage live {:?} after the copy", copied.elapsed());
-    let stages: Vec<&str> = second["pipeline"]["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let stages: Vec<&str> = second["pipeline"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
     assert_eq!(stages, vec!["10-mask", "20-pass"]);
-    assert_eq!(second["pipeline"]["stages"][1]["content_hash"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        second["pipeline"]["stages"][1]["content_hash"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 2. A broken guest: refused, the running pipeline stays, the error is visible.
-    std::fs::write(plugins.join("30-broken.wasm"), b"\0asm\x0d\x00\x01\x00truncated")?;
-    let broken = wait_status(&admin, Duration::from_secs(20), |s| s["pipeline"]["last_reload"]["ok"] == Json::Bool(false)).await?;
-    assert_eq!(version(&broken), v2, "a failed reload leaves the running pipeline");
+    std::fs::write(
+        plugins.join("30-broken.wasm"),
+        b"\0asm\x0d\x00\x01\x00truncated",
+    )?;
+    let broken = wait_status(&admin, Duration::from_secs(20), |s| {
+        s["pipeline"]["last_reload"]["ok"] == Json::Bool(false)
+    })
+    .await?;
+    assert_eq!(
+        version(&broken),
+        v2,
+        "a failed reload leaves the running pipeline"
+    );
     let error = broken["pipeline"]["last_reload"]["error"].as_str().unwrap();
     assert!(error.contains("30-broken.wasm"), "{error}");
+    // ... and in an event on the audit spine.
+    let start = Instant::now();
+    loop {
+        let events: Json = reqwest::get(format!("http://{spine_addr}/events?source=reload-test"))
+            .await?
+            .json()
+            .await?;
+        let found = events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["payload"]["event"] == "pipeline_reload_failed");
+        if let Some(event) = found {
+            assert!(
+                event["payload"]["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("30-broken.wasm"),
+                "{event}"
+            );
+            assert_eq!(event["payload"]["running_pipeline"], Json::from(v2.clone()));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no reload-failure event on the spine: {events:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     std::fs::remove_file(plugins.join("30-broken.wasm"))?;
-    wait_status(&admin, Duration::from_secs(20), |s| s["pipeline"]["last_reload"]["ok"] == Json::Bool(true)).await?;
+    wait_status(&admin, Duration::from_secs(20), |s| {
+        s["pipeline"]["last_reload"]["ok"] == Json::Bool(true)
+    })
+    .await?;
 
     // 3. Removing the required masking stage: refused (fail closed).
     std::fs::rename(plugins.join("10-mask.wasm"), dir.join("10-mask.wasm.away"))?;
-    let refused = wait_status(&admin, Duration::from_secs(20), |s| s["pipeline"]["last_reload"]["ok"] == Json::Bool(false)).await?;
-    let error = refused["pipeline"]["last_reload"]["error"].as_str().unwrap();
-    assert!(error.contains("10-mask") && error.contains("require"), "{error}");
-    let running: Vec<&str> = refused["pipeline"]["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert!(running.contains(&"10-mask"), "the masking stage keeps running: {running:?}");
+    let refused = wait_status(&admin, Duration::from_secs(20), |s| {
+        s["pipeline"]["last_reload"]["ok"] == Json::Bool(false)
+    })
+    .await?;
+    let error = refused["pipeline"]["last_reload"]["error"]
+        .as_str()
+        .unwrap();
+    assert!(
+        error.contains("10-mask") && error.contains("require"),
+        "{error}"
+    );
+    let running: Vec<&str> = refused["pipeline"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        running.contains(&"10-mask"),
+        "the masking stage keeps running: {running:?}"
+    );
     // The admin API's reload says the same, synchronously.
-    let answer = reqwest::Client::new().post(format!("http://{admin}/reload")).send().await?;
+    let answer = reqwest::Client::new()
+        .post(format!("http://{admin}/reload"))
+        .send()
+        .await?;
     assert_eq!(answer.status().as_u16(), 409);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let _ = stop_tx.send(true);
     let txns = writer.await??;
     let expected = (txns * TXN_ROWS) as usize;
-    let rows = wait_for_lake(&lake.join("public.events"), Duration::from_secs(60), |rows| rows.len() >= expected).await?;
+    let rows = wait_for_lake(
+        &lake.join("public.events"),
+        Duration::from_secs(60),
+        |rows| rows.len() >= expected,
+    )
+    .await?;
     host.stop().await?;
 
     // Every row exactly once, masked.
@@ -126,15 +231,28 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
     assert_eq!(ids.len(), expected, "a row appears twice");
     for r in &rows {
         let id = r["id"].as_i64().unwrap();
-        assert_eq!(r["email"].as_str().unwrap(), sha256_hex(&format!("user{id}@example.com")), "row {id} not masked");
+        assert_eq!(
+            r["email"].as_str().unwrap(),
+            sha256_hex(&format!("user{id}@example.com")),
+            "row {id} not masked"
+        );
     }
     // Each transaction carries exactly one pipeline version; both versions were used.
     let mut per_txn: HashMap<i64, HashSet<String>> = HashMap::new();
     for r in &rows {
-        per_txn.entry(r["txn"].as_i64().unwrap()).or_default().insert(r["_pipeline"].as_str().unwrap().to_owned());
+        per_txn
+            .entry(r["txn"].as_i64().unwrap())
+            .or_default()
+            .insert(r["_pipeline"].as_str().unwrap().to_owned());
     }
-    assert!(per_txn.values().all(|v| v.len() == 1), "a transaction was split across pipeline versions");
+    assert!(
+        per_txn.values().all(|v| v.len() == 1),
+        "a transaction was split across pipeline versions"
+    );
     let versions: HashSet<&String> = per_txn.values().flatten().collect();
-    assert!(versions.contains(&v1) && versions.contains(&v2), "rows before and after the swap: {versions:?}");
+    assert!(
+        versions.contains(&v1) && versions.contains(&v2),
+        "rows before and after the swap: {versions:?}"
+    );
     Ok(())
 }

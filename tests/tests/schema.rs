@@ -9,7 +9,14 @@ use airlock_tests::*;
 use serde_json::{Value as Json, json};
 
 fn specials(row: &Json) -> Vec<String> {
-    row["_special"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    row["_special"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,13 +29,17 @@ async fn add_drop_rename_retype_and_truncate_keep_every_row() -> anyhow::Result<
          CREATE PUBLICATION airlock FOR TABLE evolve;",
     )
     .await?;
-    let host = Host::start(&support::config(&pg.url("postgres"), &dir, "schema", ""), &dir);
+    let host = Host::start(
+        &support::config(&pg.url("postgres"), &dir, "schema", ""),
+        &dir,
+    );
     support::wait_for_slot(&db, "schema").await?;
     let table = dir.join("lake/public.evolve");
 
-    db.batch_execute("INSERT INTO evolve VALUES (1, 'one', 1)").await?;
+    db.batch_execute("INSERT INTO evolve VALUES (1, 'one', 1)")
+        .await?;
     // Let the first schema reach the lake, so that later changes evolve a real table.
-    support::wait_rows(&table, Duration::from_secs(60), |r| !r.is_empty()).await?;
+    airlock_tests::wait_for_lake(&table, Duration::from_secs(60), |r| !r.is_empty()).await?;
     for step in [
         "ALTER TABLE evolve ADD COLUMN c numeric(6,2)",
         "INSERT INTO evolve VALUES (2, 'two', 2, 1.5)",
@@ -43,10 +54,14 @@ async fn add_drop_rename_retype_and_truncate_keep_every_row() -> anyhow::Result<
     ] {
         db.batch_execute(step).await?;
     }
-    let rows = support::wait_rows(&table, Duration::from_secs(60), |r| r.len() >= 8).await?;
+    let rows =
+        airlock_tests::wait_for_lake(&table, Duration::from_secs(60), |r| r.len() >= 8).await?;
     host.stop().await?;
     assert_eq!(rows.len(), 8, "{rows:#?}");
-    let ops: Vec<(Json, &str)> = rows.iter().map(|r| (r["id"].clone(), r["_op"].as_str().unwrap())).collect();
+    let ops: Vec<(Json, &str)> = rows
+        .iter()
+        .map(|r| (r["id"].clone(), r["_op"].as_str().unwrap()))
+        .collect();
     assert_eq!(
         ops,
         vec![
@@ -98,7 +113,10 @@ async fn replica_identities_decide_what_old_rows_carry() -> anyhow::Result<()> {
          CREATE PUBLICATION airlock FOR TABLE ri_default, ri_index, ri_full, ri_nothing, no_pk;",
     )
     .await?;
-    let host = Host::start(&support::config(&pg.url("postgres"), &dir, "identity", ""), &dir);
+    let host = Host::start(
+        &support::config(&pg.url("postgres"), &dir, "identity", ""),
+        &dir,
+    );
     support::wait_for_slot(&db, "identity").await?;
 
     for table in ["ri_default", "ri_index", "ri_full"] {
@@ -113,20 +131,42 @@ async fn replica_identities_decide_what_old_rows_carry() -> anyhow::Result<()> {
     // Without an identity PostgreSQL refuses updates and deletes of a table that
     // publishes them; inserts still flow.
     for table in ["ri_nothing", "no_pk"] {
-        db.execute(&format!("INSERT INTO {table} VALUES (1, 'k1', 'a')"), &[]).await?;
-        for change in [format!("UPDATE {table} SET v = 'b'"), format!("DELETE FROM {table}")] {
-            let err = db.batch_execute(&change).await.expect_err("PostgreSQL refuses it");
-            let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
-            assert!(message.contains("does not have a replica identity"), "{table}: {message}");
+        db.execute(&format!("INSERT INTO {table} VALUES (1, 'k1', 'a')"), &[])
+            .await?;
+        for change in [
+            format!("UPDATE {table} SET v = 'b'"),
+            format!("DELETE FROM {table}"),
+        ] {
+            let err = db
+                .batch_execute(&change)
+                .await
+                .expect_err("PostgreSQL refuses it");
+            let message = err
+                .as_db_error()
+                .map(|e| e.message().to_owned())
+                .unwrap_or_default();
+            assert!(
+                message.contains("does not have a replica identity"),
+                "{table}: {message}"
+            );
         }
     }
 
     let lake = dir.join("lake");
     let read = |name: &str| {
         let table = lake.join(format!("public.{name}"));
-        async move { support::wait_rows(&table, Duration::from_secs(60), |r| r.len() >= 4).await }
+        async move {
+            airlock_tests::wait_for_lake(&table, Duration::from_secs(60), |r| r.len() >= 4).await
+        }
     };
-    let cols = |r: &Json| (r["_op"].as_str().unwrap().to_owned(), r["id"].clone(), r["code"].clone(), r["v"].clone());
+    let cols = |r: &Json| {
+        (
+            r["_op"].as_str().unwrap().to_owned(),
+            r["id"].clone(),
+            r["code"].clone(),
+            r["v"].clone(),
+        )
+    };
     let s = |t: &str| json!(t);
 
     // DEFAULT (primary key): updates and deletes carry the new row / the old key only.
@@ -142,13 +182,24 @@ async fn replica_identities_decide_what_old_rows_carry() -> anyhow::Result<()> {
     );
     // INDEX: the delete carries the index columns only.
     let rows = read("ri_index").await?;
-    assert_eq!(cols(&rows[3]), ("d".into(), Json::Null, s("k2"), Json::Null));
+    assert_eq!(
+        cols(&rows[3]),
+        ("d".into(), Json::Null, s("k2"), Json::Null)
+    );
     // FULL: the delete carries the whole old row.
     let rows = read("ri_full").await?;
     assert_eq!(cols(&rows[3]), ("d".into(), json!(1), s("k2"), s("b")));
     for table in ["ri_nothing", "no_pk"] {
-        let rows = support::wait_rows(&dir.join(format!("lake/public.{table}")), Duration::from_secs(60), |r| !r.is_empty()).await?;
-        assert_eq!(rows.iter().map(cols).collect::<Vec<_>>(), vec![("c".into(), json!(1), s("k1"), s("a"))]);
+        let rows = airlock_tests::wait_for_lake(
+            &dir.join(format!("lake/public.{table}")),
+            Duration::from_secs(60),
+            |r| !r.is_empty(),
+        )
+        .await?;
+        assert_eq!(
+            rows.iter().map(cols).collect::<Vec<_>>(),
+            vec![("c".into(), json!(1), s("k1"), s("a"))]
+        );
     }
     host.stop().await?;
     Ok(())

@@ -14,7 +14,8 @@ use serde_json::{Value as Json, json};
 const ROWS: i32 = 25_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn existing_rows_arrive_as_reads_then_streaming_continues_exactly_once() -> anyhow::Result<()> {
+async fn existing_rows_arrive_as_reads_then_streaming_continues_exactly_once() -> anyhow::Result<()>
+{
     let dir = temp_dir("snapshot");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
@@ -35,8 +36,13 @@ async fn existing_rows_arrive_as_reads_then_streaming_continues_exactly_once() -
         let db = pg.connect("postgres").await?;
         tokio::spawn(async move {
             for i in 1..=200 {
-                db.execute("INSERT INTO items (id, v) VALUES ($1, 'during')", &[&(1_000_000 + i)]).await?;
-                db.execute("UPDATE items SET v = 'updated' WHERE id = $1", &[&i]).await?;
+                db.execute(
+                    "INSERT INTO items (id, v) VALUES ($1, 'during')",
+                    &[&(1_000_000 + i)],
+                )
+                .await?;
+                db.execute("UPDATE items SET v = 'updated' WHERE id = $1", &[&i])
+                    .await?;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             anyhow::Ok(())
@@ -44,39 +50,74 @@ async fn existing_rows_arrive_as_reads_then_streaming_continues_exactly_once() -
     };
     support::wait_for_slot(&db, "snap").await?;
     writer.await??;
-    db.batch_execute("INSERT INTO items (id, v) VALUES (2000000, 'after'); DELETE FROM items WHERE id = 3;").await?;
+    db.batch_execute(
+        "INSERT INTO items (id, v) VALUES (2000000, 'after'); DELETE FROM items WHERE id = 3;",
+    )
+    .await?;
 
     let table = dir.join("lake/public.items");
     let done = |rows: &[Json]| rows.iter().any(|r| r["id"] == json!(3) && r["_op"] == "d");
-    let rows = support::wait_rows(&table, Duration::from_secs(120), done).await?;
+    let rows = airlock_tests::wait_for_lake(&table, Duration::from_secs(120), done).await?;
 
     // Restart: the slot exists, so no second snapshot.
     host.stop().await?;
     let host = Host::start(&config, &dir);
-    db.execute("INSERT INTO items (id, v) VALUES (2000001, 'after restart')", &[]).await?;
-    let rows_after = support::wait_rows(&table, Duration::from_secs(60), |r| r.len() > rows.len()).await?;
+    db.execute(
+        "INSERT INTO items (id, v) VALUES (2000001, 'after restart')",
+        &[],
+    )
+    .await?;
+    let rows_after =
+        airlock_tests::wait_for_lake(&table, Duration::from_secs(60), |r| r.len() > rows.len())
+            .await?;
     host.stop().await?;
-    assert_eq!(rows_after.len(), rows.len() + 1, "only the new insert after the restart");
+    assert_eq!(
+        rows_after.len(),
+        rows.len() + 1,
+        "only the new insert after the restart"
+    );
     let rows = rows_after;
 
     // Every change once.
-    let keys: HashSet<(i64, String, i64)> =
-        rows.iter().map(|r| (r["id"].as_i64().unwrap(), r["_op"].as_str().unwrap().to_owned(), r["_lsn"].as_i64().unwrap())).collect();
+    let keys: HashSet<(i64, String, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_i64().unwrap(),
+                r["_op"].as_str().unwrap().to_owned(),
+                r["_lsn"].as_i64().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(keys.len(), rows.len(), "a change appears twice");
     let reads: Vec<&Json> = rows.iter().filter(|r| r["_op"] == "r").collect();
     let read_ids: HashSet<i64> = reads.iter().map(|r| r["id"].as_i64().unwrap()).collect();
     assert_eq!(read_ids.len(), reads.len(), "a row was copied twice");
-    assert!((1..=ROWS as i64).all(|id| read_ids.contains(&id)), "every pre-existing row is copied");
+    assert!(
+        (1..=ROWS as i64).all(|id| read_ids.contains(&id)),
+        "every pre-existing row is copied"
+    );
     // A row inserted during the copy is either in the snapshot or streamed, never both.
     for r in rows.iter().filter(|r| r["_op"] == "c") {
-        assert!(!read_ids.contains(&r["id"].as_i64().unwrap()), "copied and streamed: {r}");
+        assert!(
+            !read_ids.contains(&r["id"].as_i64().unwrap()),
+            "copied and streamed: {r}"
+        );
     }
     // Snapshot rows come first, below every streamed commit LSN, strictly increasing by chunk.
     let first_stream = rows.iter().position(|r| r["_op"] != "r").unwrap();
     assert!(rows[..first_stream].iter().all(|r| r["_op"] == "r"));
     assert_eq!(first_stream, reads.len());
-    let chunks: Vec<i64> = reads.iter().map(|r| r["_commit_lsn"].as_i64().unwrap()).collect::<HashSet<_>>().into_iter().collect();
-    assert!(chunks.len() >= 3, "25 000 rows make at least 3 chunks: {chunks:?}");
+    let chunks: Vec<i64> = reads
+        .iter()
+        .map(|r| r["_commit_lsn"].as_i64().unwrap())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    assert!(
+        chunks.len() >= 3,
+        "25 000 rows make at least 3 chunks: {chunks:?}"
+    );
 
     // Typed values in snapshot rows (domain as its base type, arrays as lists, COPY escapes).
     let r2 = reads.iter().find(|r| r["id"] == json!(2)).unwrap();
@@ -99,11 +140,22 @@ async fn existing_rows_arrive_as_reads_then_streaming_continues_exactly_once() -
         .query("SELECT id, v::text FROM items", &[])
         .await?
         .iter()
-        .map(|r| (i64::from(r.get::<_, i32>(0)), json!(r.get::<_, Option<String>>(1))))
+        .map(|r| {
+            (
+                i64::from(r.get::<_, i32>(0)),
+                json!(r.get::<_, Option<String>>(1)),
+            )
+        })
         .collect();
     assert_eq!(replay.len(), table_now.len());
-    assert!(replay == table_now, "the lake replayed differs from the table");
-    assert!(!dir.join("lake/public.empty_one").exists() || support::read(&dir.join("lake/public.empty_one"))?.is_empty());
+    assert!(
+        replay == table_now,
+        "the lake replayed differs from the table"
+    );
+    assert!(
+        !dir.join("lake/public.empty_one").exists()
+            || airlock_tests::read_lake("duckdb", &dir.join("lake/public.empty_one"))?.is_empty()
+    );
     Ok(())
 }
 
@@ -111,7 +163,8 @@ async fn existing_rows_arrive_as_reads_then_streaming_continues_exactly_once() -
 /// the lake, but every row of the last attempt arrives (none skipped by the lake's
 /// exactly-once check), and that attempt's rows share one `_xid`, above the other's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() -> anyhow::Result<()> {
+async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() -> anyhow::Result<()>
+{
     let dir = temp_dir("snapshot-retry");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
@@ -140,28 +193,58 @@ async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() 
             .map(|r| r.get(0))
             .collect();
         if let Some(pid) = pids.first() {
-            db.execute("SELECT pg_terminate_backend($1)", &[pid]).await?;
+            db.execute("SELECT pg_terminate_backend($1)", &[pid])
+                .await?;
             killed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(killed, "did not catch the snapshot between its copy and the slot creation");
+    assert!(
+        killed,
+        "did not catch the snapshot between its copy and the slot creation"
+    );
     support::wait_for_slot(&db, "retry").await?;
-    db.execute("INSERT INTO items VALUES (0, 'streamed')", &[]).await?;
+    db.execute("INSERT INTO items VALUES (0, 'streamed')", &[])
+        .await?;
     let table = dir.join("lake/public.items");
-    let lake = support::wait_rows(&table, Duration::from_secs(120), |r| r.iter().any(|r| r["_op"] == "c")).await?;
+    let lake = airlock_tests::wait_for_lake(&table, Duration::from_secs(120), |r| {
+        r.iter().any(|r| r["_op"] == "c")
+    })
+    .await?;
     host.stop().await?;
 
     let reads: Vec<&Json> = lake.iter().filter(|r| r["_op"] == "r").collect();
-    assert_eq!(reads.len(), 2 * rows as usize, "both attempts are in the lake, whole");
+    assert_eq!(
+        reads.len(),
+        2 * rows as usize,
+        "both attempts are in the lake, whole"
+    );
     let last_xid = &reads.last().unwrap()["_xid"];
     let last: Vec<&&Json> = reads.iter().filter(|r| &r["_xid"] == last_xid).collect();
     let ids: HashSet<i64> = last.iter().map(|r| r["id"].as_i64().unwrap()).collect();
-    assert_eq!((last.len(), ids.len()), (rows as usize, rows as usize), "the last attempt has every row once");
-    let first_of_last = last.iter().map(|r| r["_commit_lsn"].as_i64().unwrap()).min().unwrap();
-    assert!(reads.iter().filter(|r| &r["_xid"] != last_xid).all(|r| r["_commit_lsn"].as_i64().unwrap() < first_of_last));
-    let slots: Vec<String> = db.query("SELECT slot_name::text FROM pg_replication_slots", &[]).await?.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        (last.len(), ids.len()),
+        (rows as usize, rows as usize),
+        "the last attempt has every row once"
+    );
+    let first_of_last = last
+        .iter()
+        .map(|r| r["_commit_lsn"].as_i64().unwrap())
+        .min()
+        .unwrap();
+    assert!(
+        reads
+            .iter()
+            .filter(|r| &r["_xid"] != last_xid)
+            .all(|r| r["_commit_lsn"].as_i64().unwrap() < first_of_last)
+    );
+    let slots: Vec<String> = db
+        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(slots, vec!["retry".to_owned()], "the snapshot slot is gone");
     Ok(())
 }

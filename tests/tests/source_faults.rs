@@ -19,7 +19,10 @@ async fn failure(host: Host) -> String {
     while !host.is_finished() && start.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(host.is_finished(), "the host did not stop with an error within 60 s");
+    assert!(
+        host.is_finished(),
+        "the host did not stop with an error within 60 s"
+    );
     match host.stop().await {
         Ok(()) => panic!("the host stopped without an error"),
         Err(e) => format!("{e:#}"),
@@ -42,32 +45,47 @@ async fn a_postgres_restart_mid_stream_loses_and_repeats_nothing() -> Result<()>
     let pg = cluster();
     let db = pg.connect("postgres").await?;
     db.batch_execute("CREATE TABLE events (id integer PRIMARY KEY, v text); CREATE PUBLICATION airlock FOR TABLE events;").await?;
-    let host = Host::start(&support::config(&pg.url("postgres"), &dir, "restart", ""), &dir);
+    let host = Host::start(
+        &support::config(&pg.url("postgres"), &dir, "restart", ""),
+        &dir,
+    );
     support::wait_for_slot(&db, "restart").await?;
 
     for id in 1..=100 {
-        db.execute("INSERT INTO events VALUES ($1, 'before')", &[&id]).await?;
+        db.execute("INSERT INTO events VALUES ($1, 'before')", &[&id])
+            .await?;
     }
     // Restart while the host is streaming (and probably mid-flush).
     tokio::task::block_in_place(|| pg.restart())?;
     let db = pg.connect("postgres").await?;
     for id in 101..=150 {
-        db.execute("INSERT INTO events VALUES ($1, 'after restart')", &[&id]).await?;
+        db.execute("INSERT INTO events VALUES ($1, 'after restart')", &[&id])
+            .await?;
     }
     // And once more, the hard way: no shutdown checkpoint, crash recovery.
     tokio::task::block_in_place(|| pg.stop_server("immediate").and_then(|()| pg.start_server()))?;
     let db = pg.connect("postgres").await?;
     for id in 151..=200 {
-        db.execute("INSERT INTO events VALUES ($1, 'after crash')", &[&id]).await?;
+        db.execute("INSERT INTO events VALUES ($1, 'after crash')", &[&id])
+            .await?;
     }
     let table = dir.join("lake/public.events");
-    let rows = support::wait_rows(&table, Duration::from_secs(120), |r| r.len() >= 200).await?;
+    let rows =
+        airlock_tests::wait_for_lake(&table, Duration::from_secs(120), |r| r.len() >= 200).await?;
     // Give a duplicate, if any, the time to show up.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rows = if support::read(&table)?.len() != rows.len() { support::read(&table)? } else { rows };
+    let rows = if airlock_tests::read_lake("duckdb", &table)?.len() != rows.len() {
+        airlock_tests::read_lake("duckdb", &table)?
+    } else {
+        rows
+    };
     host.stop().await?;
     let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
-    assert_eq!(ids, (1..=200).collect::<Vec<_>>(), "every row once, in commit order");
+    assert_eq!(
+        ids,
+        (1..=200).collect::<Vec<_>>(),
+        "every row once, in commit order"
+    );
     let lsns: HashSet<i64> = rows.iter().map(|r| r["_lsn"].as_i64().unwrap()).collect();
     assert_eq!(lsns.len(), 200, "no change twice");
     Ok(())
@@ -78,10 +96,20 @@ async fn wal_level_replica_is_a_clear_error() -> Result<()> {
     let dir = temp_dir("faults-wal");
     let pg = Cluster::start("wal_level = replica")?;
     let db = pg.connect("postgres").await?;
-    db.batch_execute("CREATE TABLE t (id integer PRIMARY KEY); CREATE PUBLICATION airlock FOR TABLE t;").await?;
-    let error = failure(Host::start(&support::config(&pg.url("postgres"), &dir, "wal", ""), &dir)).await;
+    db.batch_execute(
+        "CREATE TABLE t (id integer PRIMARY KEY); CREATE PUBLICATION airlock FOR TABLE t;",
+    )
+    .await?;
+    let error = failure(Host::start(
+        &support::config(&pg.url("postgres"), &dir, "wal", ""),
+        &dir,
+    ))
+    .await;
     assert!(error.contains("wal_level is `replica`"), "{error}");
-    assert!(error.contains("set wal_level = logical in postgresql.conf and restart PostgreSQL"), "{error}");
+    assert!(
+        error.contains("set wal_level = logical in postgresql.conf and restart PostgreSQL"),
+        "{error}"
+    );
     Ok(())
 }
 
@@ -98,7 +126,10 @@ async fn a_role_without_replication_is_a_clear_error() -> Result<()> {
     let url = format!("postgres://reader@127.0.0.1:{}/postgres", pg.port);
     let error = failure(Host::start(&support::config(&url, &dir, "role", ""), &dir)).await;
     assert!(error.contains("user `reader` lacks a privilege"), "{error}");
-    assert!(error.contains("ALTER ROLE reader WITH REPLICATION"), "{error}");
+    assert!(
+        error.contains("ALTER ROLE reader WITH REPLICATION"),
+        "{error}"
+    );
     Ok(())
 }
 
@@ -110,12 +141,27 @@ async fn a_missing_publication_is_an_error_or_created_from_tables() -> Result<()
     db.batch_execute("CREATE SCHEMA sales; CREATE TABLE sales.\"Orders\" (id integer PRIMARY KEY); CREATE TABLE other (id integer);").await?;
 
     // Without `tables`: stop, naming the publication and the fix.
-    let error = failure(Host::start(&support::config(&pg.url("postgres"), &dir, "pub", ""), &dir)).await;
-    assert!(error.contains("publication `airlock` does not exist"), "{error}");
-    assert!(error.contains("CREATE PUBLICATION airlock FOR TABLE"), "{error}");
+    let error = failure(Host::start(
+        &support::config(&pg.url("postgres"), &dir, "pub", ""),
+        &dir,
+    ))
+    .await;
+    assert!(
+        error.contains("publication `airlock` does not exist"),
+        "{error}"
+    );
+    assert!(
+        error.contains("CREATE PUBLICATION airlock FOR TABLE"),
+        "{error}"
+    );
 
     // With `tables`: airlock creates it and streams.
-    let config = support::config(&pg.url("postgres"), &dir, "pub", "tables = [\"sales.Orders\"]");
+    let config = support::config(
+        &pg.url("postgres"),
+        &dir,
+        "pub",
+        "tables = [\"sales.Orders\"]",
+    );
     let host = Host::start(&config, &dir);
     support::wait_for_slot(&db, "pub").await?;
     let published: Vec<String> = db
@@ -125,8 +171,14 @@ async fn a_missing_publication_is_an_error_or_created_from_tables() -> Result<()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(published, vec!["sales.Orders".to_owned()]);
-    db.batch_execute("INSERT INTO sales.\"Orders\" VALUES (1); INSERT INTO other VALUES (1);").await?;
-    let rows = support::wait_rows(&dir.join("lake/sales.Orders"), Duration::from_secs(60), |r| !r.is_empty()).await?;
+    db.batch_execute("INSERT INTO sales.\"Orders\" VALUES (1); INSERT INTO other VALUES (1);")
+        .await?;
+    let rows = airlock_tests::wait_for_lake(
+        &dir.join("lake/sales.Orders"),
+        Duration::from_secs(60),
+        |r| !r.is_empty(),
+    )
+    .await?;
     assert_eq!(rows[0]["id"], json!(1));
     host.stop().await?;
     assert!(!dir.join("lake/public.other").exists());
@@ -138,29 +190,66 @@ async fn a_slot_held_by_another_consumer_is_retried_then_reported() -> Result<()
     let dir = temp_dir("faults-busy");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
-    db.batch_execute("CREATE TABLE t (id integer PRIMARY KEY); CREATE PUBLICATION airlock FOR TABLE t;").await?;
-    let first = Host::start(&support::config(&pg.url("postgres"), &dir.join("first"), "busy", ""), &dir.join("first"));
+    db.batch_execute(
+        "CREATE TABLE t (id integer PRIMARY KEY); CREATE PUBLICATION airlock FOR TABLE t;",
+    )
+    .await?;
+    let first = Host::start(
+        &support::config(&pg.url("postgres"), &dir.join("first"), "busy", ""),
+        &dir.join("first"),
+    );
     support::wait_for_slot(&db, "busy").await?;
     for _ in 0..100 {
-        let active: bool = db.query_one("SELECT active FROM pg_replication_slots WHERE slot_name = 'busy'", &[]).await?.get(0);
+        let active: bool = db
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'busy'",
+                &[],
+            )
+            .await?
+            .get(0);
         if active {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let pid: i32 = db.query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'busy'", &[]).await?.get(0);
+    let pid: i32 = db
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'busy'",
+            &[],
+        )
+        .await?
+        .get(0);
 
     let second_dir = dir.join("second");
     let started = Instant::now();
-    let config = support::config(&pg.url("postgres"), &second_dir, "busy", "slot_busy_timeout = \"2s\"");
+    let config = support::config(
+        &pg.url("postgres"),
+        &second_dir,
+        "busy",
+        "slot_busy_timeout = \"2s\"",
+    );
     let error = failure(Host::start(&config, &second_dir)).await;
-    assert!(started.elapsed() >= Duration::from_secs(2), "retried for slot_busy_timeout first");
-    assert!(error.contains("replication slot `busy` has been in use by another consumer"), "{error}");
-    assert!(error.contains(&format!("pg_terminate_backend({pid})")), "{error}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "retried for slot_busy_timeout first"
+    );
+    assert!(
+        error.contains("replication slot `busy` has been in use by another consumer"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!("pg_terminate_backend({pid})")),
+        "{error}"
+    );
 
     // The first host is not disturbed.
     db.execute("INSERT INTO t VALUES (1)", &[]).await?;
-    support::wait_rows(&dir.join("first/lake/public.t"), Duration::from_secs(60), |r| r.len() == 1).await?;
+    airlock_tests::wait_for_lake(
+        &dir.join("first/lake/public.t"),
+        Duration::from_secs(60),
+        |r| r.len() == 1,
+    )
+    .await?;
     assert!(!first.is_finished());
     first.stop().await?;
     Ok(())
@@ -181,11 +270,20 @@ async fn an_invalidated_slot_is_a_clear_error() -> Result<()> {
         db.batch_execute("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 2000); SELECT pg_switch_wal();").await?;
     }
     db.batch_execute("CHECKPOINT").await?;
-    let status: Option<String> = db.query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'lost'", &[]).await?.get(0);
+    let status: Option<String> = db
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'lost'",
+            &[],
+        )
+        .await?
+        .get(0);
     assert_eq!(status.as_deref(), Some("lost"));
 
     let error = failure(Host::start(&config, &dir)).await;
-    assert!(error.contains("replication slot `lost` can no longer be used"), "{error}");
+    assert!(
+        error.contains("replication slot `lost` can no longer be used"),
+        "{error}"
+    );
     assert!(error.contains("drop and recreate the slot"), "{error}");
     Ok(())
 }
@@ -200,15 +298,22 @@ async fn an_idle_slot_advances_past_unpublished_writes() -> Result<()> {
          CREATE PUBLICATION airlock FOR TABLE published;",
     )
     .await?;
-    let host = Host::start(&support::config(&pg.url("postgres"), &dir, "idle", ""), &dir);
+    let host = Host::start(
+        &support::config(&pg.url("postgres"), &dir, "idle", ""),
+        &dir,
+    );
     support::wait_for_slot(&db, "idle").await?;
     let (confirmed_before, restart_before) = slot_lsns(&db, "idle").await?;
     for i in 0..20 {
-        db.execute("INSERT INTO unpublished VALUES ($1)", &[&i]).await?;
+        db.execute("INSERT INTO unpublished VALUES ($1)", &[&i])
+            .await?;
     }
     // A checkpoint lets restart_lsn move too (it needs a newer running-xacts record).
     db.batch_execute("CHECKPOINT").await?;
-    let written: i64 = db.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await?.get(0);
+    let written: i64 = db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
+        .await?
+        .get(0);
     let start = Instant::now();
     let mut last = (confirmed_before, restart_before);
     while start.elapsed() < Duration::from_secs(30) {
@@ -219,8 +324,15 @@ async fn an_idle_slot_advances_past_unpublished_writes() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     host.stop().await?;
-    assert!(last.0 >= written as u64, "confirmed_flush_lsn {:X} did not reach {written:X}", last.0);
-    assert!(last.1 > restart_before, "restart_lsn did not move from {restart_before:X}");
+    assert!(
+        last.0 >= written as u64,
+        "confirmed_flush_lsn {:X} did not reach {written:X}",
+        last.0
+    );
+    assert!(
+        last.1 > restart_before,
+        "restart_lsn did not move from {restart_before:X}"
+    );
     assert!(!dir.join("lake/public.unpublished").exists());
     Ok(())
 }

@@ -27,42 +27,86 @@ async fn unchanged_toast_is_marked_or_filled_never_null() -> anyhow::Result<()> 
     let pg = cluster();
     let db = pg.connect("postgres").await?;
     db.batch_execute(SCHEMA).await?;
-    let host = Host::start(&support::config(&pg.url("postgres"), &dir, "toast", ""), &dir);
+    let host = Host::start(
+        &support::config(&pg.url("postgres"), &dir, "toast", ""),
+        &dir,
+    );
     support::wait_for_slot(&db, "toast").await?;
 
     // 4 kB of random hex: incompressible for pglz, well over the TOAST threshold.
     let big: String = db
-        .query_one("SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 128)", &[])
+        .query_one(
+            "SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 128)",
+            &[],
+        )
         .await?
         .get(0);
     assert_eq!(big.len(), 4096);
     for table in ["docs_default", "docs_full"] {
-        db.execute(&format!("INSERT INTO {table} VALUES (1, 0, $1)"), &[&big]).await?;
-        db.execute(&format!("UPDATE {table} SET n = 1 WHERE id = 1"), &[]).await?;
+        db.execute(&format!("INSERT INTO {table} VALUES (1, 0, $1)"), &[&big])
+            .await?;
+        db.execute(&format!("UPDATE {table} SET n = 1 WHERE id = 1"), &[])
+            .await?;
         // An explicit NULL stays a NULL, and is not `_unchanged`.
-        db.execute(&format!("UPDATE {table} SET n = 2, body = NULL WHERE id = 1"), &[]).await?;
+        db.execute(
+            &format!("UPDATE {table} SET n = 2, body = NULL WHERE id = 1"),
+            &[],
+        )
+        .await?;
     }
     let toasted: bool = db
-        .query_one("SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class WHERE relname = 'docs_full'", &[])
+        .query_one(
+            "SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class WHERE relname = 'docs_full'",
+            &[],
+        )
         .await?
         .get(0);
     assert!(toasted, "the test value was not TOASTed");
 
     let unchanged = |r: &Json| r["_unchanged"].as_array().cloned().unwrap_or_default();
-    let rows = support::wait_rows(&dir.join("lake/public.docs_default"), Duration::from_secs(60), |r| r.len() >= 3).await?;
-    let ns: Vec<(i64, &str)> = rows.iter().map(|r| (r["n"].as_i64().unwrap(), r["_op"].as_str().unwrap())).collect();
+    let rows = airlock_tests::wait_for_lake(
+        &dir.join("lake/public.docs_default"),
+        Duration::from_secs(60),
+        |r| r.len() >= 3,
+    )
+    .await?;
+    let ns: Vec<(i64, &str)> = rows
+        .iter()
+        .map(|r| (r["n"].as_i64().unwrap(), r["_op"].as_str().unwrap()))
+        .collect();
     assert_eq!(ns, vec![(0, "c"), (1, "u"), (2, "u")]);
     assert_eq!(rows[0]["body"], json!(big));
-    assert_eq!(rows[1]["body"], Json::Null, "DEFAULT identity: the value was not sent");
-    assert_eq!(unchanged(&rows[1]), vec![json!("body")], "and the lake says so: {:#?}", rows[1]);
+    assert_eq!(
+        rows[1]["body"],
+        Json::Null,
+        "DEFAULT identity: the value was not sent"
+    );
+    assert_eq!(
+        unchanged(&rows[1]),
+        vec![json!("body")],
+        "and the lake says so: {:#?}",
+        rows[1]
+    );
     assert_eq!(rows[2]["body"], Json::Null);
-    assert!(unchanged(&rows[2]).is_empty(), "a real NULL is not `_unchanged`");
+    assert!(
+        unchanged(&rows[2]).is_empty(),
+        "a real NULL is not `_unchanged`"
+    );
 
-    let rows = support::wait_rows(&dir.join("lake/public.docs_full"), Duration::from_secs(60), |r| r.len() >= 3).await?;
+    let rows = airlock_tests::wait_for_lake(
+        &dir.join("lake/public.docs_full"),
+        Duration::from_secs(60),
+        |r| r.len() >= 3,
+    )
+    .await?;
     host.stop().await?;
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[1]["n"], json!(1));
-    assert_eq!(rows[1]["body"], json!(big), "FULL identity: filled from the old row");
+    assert_eq!(
+        rows[1]["body"],
+        json!(big),
+        "FULL identity: filled from the old row"
+    );
     assert!(unchanged(&rows[1]).is_empty(), "{:#?}", rows[1]);
     assert_eq!(rows[2]["body"], Json::Null);
     assert!(unchanged(&rows[2]).is_empty());

@@ -10,12 +10,16 @@ Decimals, timestamps and bytes are printed as exact text.
 import datetime
 import decimal
 import json
+import math
 import os
 import sys
 import uuid
 
 
 def plain(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN or infinities: keep them as PostgreSQL writes them.
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, decimal.Decimal):
         return str(value)
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):

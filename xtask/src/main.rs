@@ -9,10 +9,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// Python packages the tests read the lake with.
-const PYTHON_PACKAGES: &[&str] = &["duckdb==1.5.5", "duckdb-extension-delta==1.5.5", "deltalake", "pytz", "audit-stream==0.1.0", "moto[server]"];
+const PYTHON_PACKAGES: &[&str] = &[
+    "duckdb==1.5.5",
+    "duckdb-extension-delta==1.5.5",
+    "deltalake",
+    "pytz",
+    "audit-stream==0.1.0",
+    "moto[server]",
+];
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// Removes what `cargo run` put in our environment for this xtask binary. Passed on,
@@ -24,7 +34,15 @@ fn scrub(cmd: &mut Command) -> &mut Command {
         let key = key.to_string_lossy();
         let injected = key.starts_with("CARGO_PKG_")
             || key.starts_with("CARGO_MANIFEST_")
-            || matches!(&*key, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "LD_LIBRARY_PATH" | "RUST_RECURSION_COUNT" | "RUSTUP_TOOLCHAIN_SOURCE");
+            || matches!(
+                &*key,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "LD_LIBRARY_PATH"
+                    | "RUST_RECURSION_COUNT"
+                    | "RUSTUP_TOOLCHAIN_SOURCE"
+            );
         if injected {
             cmd.env_remove(&*key);
         }
@@ -33,11 +51,21 @@ fn scrub(cmd: &mut Command) -> &mut Command {
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
-    let shown = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    let shown = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
     eprintln!("$ {shown}");
     scrub(cmd);
-    let status = cmd.status().map_err(|e| format!("cannot run {shown}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("`{shown}` failed with {status}")) }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{shown}` failed with {status}"))
+    }
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -47,7 +75,11 @@ fn succeeds(cmd: &mut Command) -> bool {
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -57,7 +89,11 @@ fn ensure_wasm_target() -> Result<(), String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-wasip2"))
         .unwrap_or(false);
-    if installed { Ok(()) } else { run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"])) }
+    if installed {
+        Ok(())
+    } else {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))
+    }
 }
 
 fn postgres_present() -> bool {
@@ -66,11 +102,18 @@ fn postgres_present() -> bool {
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| Path::new(String::from_utf8_lossy(&o.stdout).trim()).join("initdb").exists())
+        .map(|o| {
+            Path::new(String::from_utf8_lossy(&o.stdout).trim())
+                .join("initdb")
+                .exists()
+        })
         .unwrap_or(false);
     from_pg_config
         || std::fs::read_dir("/usr/lib/postgresql")
-            .map(|d| d.filter_map(Result::ok).any(|e| e.path().join("bin/initdb").exists()))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .any(|e| e.path().join("bin/initdb").exists())
+            })
             .unwrap_or(false)
 }
 
@@ -82,7 +125,9 @@ fn ensure_postgres() -> Result<(), String> {
         return Err("PostgreSQL server binaries are missing: install them (e.g. `sudo apt-get install postgresql`)".into());
     }
     run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "postgresql", "postgresql-contrib"]).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "postgresql", "postgresql-contrib"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn ensure_python_packages() -> Result<(), String> {
@@ -90,7 +135,15 @@ fn ensure_python_packages() -> Result<(), String> {
     if succeeds(Command::new("python3").args(["-c", check])) {
         return Ok(());
     }
-    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PYTHON_PACKAGES))
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(PYTHON_PACKAGES))
 }
 
 fn cargo() -> Command {
@@ -106,7 +159,14 @@ fn guests() -> Result<(), String> {
         .map(|d| PathBuf::from(d).join("guests"))
         .unwrap_or_else(|| root.join("guests/rust/target"));
     run(cargo()
-        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .arg("--target-dir")
         .arg(&target_dir))?;
@@ -114,11 +174,14 @@ fn guests() -> Result<(), String> {
     let dist = root.join("guests/dist");
     std::fs::create_dir_all(&dist).map_err(|e| format!("cannot create {}: {e}", dist.display()))?;
     let mut count = 0;
-    for entry in std::fs::read_dir(&built).map_err(|e| format!("cannot read {}: {e}", built.display()))? {
+    for entry in
+        std::fs::read_dir(&built).map_err(|e| format!("cannot read {}: {e}", built.display()))?
+    {
         let path = entry.map_err(|e| e.to_string())?.path();
         if path.extension().is_some_and(|x| x == "wasm") {
             let name = path.file_name().expect("a file");
-            std::fs::copy(&path, dist.join(name)).map_err(|e| format!("cannot copy {}: {e}", path.display()))?;
+            std::fs::copy(&path, dist.join(name))
+                .map_err(|e| format!("cannot copy {}: {e}", path.display()))?;
             count += 1;
         }
     }
@@ -130,9 +193,21 @@ fn guests() -> Result<(), String> {
 /// `--workspace`, like the tests, so both share one set of compiled dependencies
 /// (building one package alone resolves features differently and rebuilds them).
 fn build_host() -> Result<PathBuf, String> {
-    run(cargo().current_dir(root()).args(["build", "--release", "--locked", "--workspace", "--bins"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    let target = if target.is_absolute() { target } else { root().join(target) };
+    run(cargo().current_dir(root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "--workspace",
+        "--bins",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        root().join(target)
+    };
     Ok(target.join("release/airlock"))
 }
 
@@ -144,16 +219,31 @@ fn setup() -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (task, rest) = args.split_first().map(|(t, r)| (t.as_str(), r.to_vec())).unwrap_or(("help", Vec::new()));
+    let (task, rest) = args
+        .split_first()
+        .map(|(t, r)| (t.as_str(), r.to_vec()))
+        .unwrap_or(("help", Vec::new()));
     let result = match task {
         "guests" => guests(),
         "setup" => setup(),
-        "test" => setup().and_then(|()| guests()).and_then(|()| build_host()).and_then(|_| {
-            run(cargo().current_dir(root()).args(["test", "--release", "--workspace", "--locked"]).args(&rest))
-        }),
-        "demo" => ensure_postgres().and_then(|()| guests()).and_then(|()| build_host()).and_then(|airlock| {
-            run(Command::new(airlock).current_dir(root()).arg("demo").args(&rest))
-        }),
+        "test" => setup()
+            .and_then(|()| guests())
+            .and_then(|()| build_host())
+            .and_then(|_| {
+                run(cargo()
+                    .current_dir(root())
+                    .args(["test", "--release", "--workspace", "--locked"])
+                    .args(&rest))
+            }),
+        "demo" => ensure_postgres()
+            .and_then(|()| guests())
+            .and_then(|()| build_host())
+            .and_then(|airlock| {
+                run(Command::new(airlock)
+                    .current_dir(root())
+                    .arg("demo")
+                    .args(&rest))
+            }),
         _ => {
             eprintln!("usage: cargo xtask <demo|test|guests|setup> [ARGS]");
             return ExitCode::from(2);

@@ -33,7 +33,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -82,18 +86,33 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| step("create the cluster directory", e))?;
         let port = free_port();
-        let cluster = Cluster { dir, port, bin, as_postgres, keep: std::env::var_os("AIRLOCK_KEEP_CLUSTER").is_some() };
+        let cluster = Cluster {
+            dir,
+            port,
+            bin,
+            as_postgres,
+            keep: std::env::var_os("AIRLOCK_KEEP_CLUSTER").is_some(),
+        };
         if as_postgres {
-            cluster.run("chown", Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.dir))?;
+            cluster.run(
+                "chown",
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&cluster.dir),
+            )?;
         }
         let data = cluster.data_dir();
         cluster.run(
             "initdb",
-            cluster
-                .pg("initdb")
-                .arg("-D")
-                .arg(&data)
-                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]),
+            cluster.pg("initdb").arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ]),
         )?;
         let conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nwal_level = logical\n\
@@ -101,7 +120,8 @@ impl Cluster {
              max_connections = 100\nlog_min_messages = warning\n{extra_conf}\n",
             cluster.dir.display()
         );
-        append(&data.join("postgresql.conf"), &conf).map_err(|e| step("write postgresql.conf", e))?;
+        append(&data.join("postgresql.conf"), &conf)
+            .map_err(|e| step("write postgresql.conf", e))?;
         cluster.start_server()?;
         Ok(cluster)
     }
@@ -122,13 +142,20 @@ impl Cluster {
     }
 
     fn run(&self, what: &str, cmd: &mut Command) -> Result<(), ClusterError> {
-        let out = cmd.stdin(Stdio::null()).output().map_err(|e| step(what, e))?;
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| step(what, e))?;
         if out.status.success() {
             Ok(())
         } else {
             Err(ClusterError::Step {
                 step: what.to_owned(),
-                message: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+                message: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             })
         }
     }
@@ -138,12 +165,20 @@ impl Cluster {
         let log = self.dir.join("postgres.log");
         self.run(
             "pg_ctl start",
-            self.pg("pg_ctl").arg("-D").arg(self.data_dir()).arg("-l").arg(&log).args(["-w", "-t", "60", "start"]),
+            self.pg("pg_ctl")
+                .arg("-D")
+                .arg(self.data_dir())
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "60", "start"]),
         )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if Instant::now() > deadline {
-                return Err(ClusterError::Step { step: "wait for postgres".into(), message: format!("see {}", log.display()) });
+                return Err(ClusterError::Step {
+                    step: "wait for postgres".into(),
+                    message: format!("see {}", log.display()),
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -152,7 +187,13 @@ impl Cluster {
 
     /// Stops the server (`fast`: disconnect clients, checkpoint) or kills it (`immediate`).
     pub fn stop_server(&self, mode: &str) -> Result<(), ClusterError> {
-        self.run("pg_ctl stop", self.pg("pg_ctl").arg("-D").arg(self.data_dir()).args(["-m", mode, "-w", "stop"]))
+        self.run(
+            "pg_ctl stop",
+            self.pg("pg_ctl")
+                .arg("-D")
+                .arg(self.data_dir())
+                .args(["-m", mode, "-w", "stop"]),
+        )
     }
 
     /// Restarts the server.
@@ -169,7 +210,10 @@ impl Cluster {
     /// A tokio-postgres configuration for ordinary SQL.
     pub fn pg_config(&self, db: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1").port(self.port).user("postgres").dbname(db);
+        c.host("127.0.0.1")
+            .port(self.port)
+            .user("postgres")
+            .dbname(db);
         c
     }
 
@@ -198,7 +242,10 @@ impl Drop for Cluster {
 }
 
 fn step(what: &str, e: std::io::Error) -> ClusterError {
-    ClusterError::Step { step: what.to_owned(), message: e.to_string() }
+    ClusterError::Step {
+        step: what.to_owned(),
+        message: e.to_string(),
+    }
 }
 
 fn append(path: &Path, text: &str) -> std::io::Result<()> {

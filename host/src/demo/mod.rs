@@ -41,10 +41,26 @@ pub enum DemoError {
 
 /// The example stages, in order, with their demo settings.
 const STAGES: &[(&str, &str, &str)] = &[
-    ("filter", "10-filter", "# keep every table; drop nothing by default\n"),
-    ("tag", "20-tag", "# classify columns that look like personal data\n"),
-    ("mask", "30-mask", "columns = [\"email\", \"phone\"]\n\n[mode]\nphone = \"keep-last-4\"\n"),
-    ("route", "40-route", "spine_tables = [\"public.customers\"]\n"),
+    (
+        "filter",
+        "10-filter",
+        "# keep every table; drop nothing by default\n",
+    ),
+    (
+        "tag",
+        "20-tag",
+        "# classify columns that look like personal data\n",
+    ),
+    (
+        "mask",
+        "30-mask",
+        "columns = [\"email\", \"phone\"]\n\n[mode]\nphone = \"keep-last-4\"\n",
+    ),
+    (
+        "route",
+        "40-route",
+        "spine_tables = [\"public.customers\"]\n",
+    ),
 ];
 
 /// Where the built example guests are: `--guests`, `$AIRLOCK_GUESTS`, or `guests/dist`
@@ -55,7 +71,10 @@ fn find_guests(explicit: Option<&Path>) -> Result<PathBuf, DemoError> {
         None => std::env::var_os("AIRLOCK_GUESTS")
             .map(PathBuf::from)
             .into_iter()
-            .chain([PathBuf::from("guests/dist"), Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/dist")])
+            .chain([
+                PathBuf::from("guests/dist"),
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/dist"),
+            ])
             .collect(),
     };
     candidates
@@ -63,7 +82,11 @@ fn find_guests(explicit: Option<&Path>) -> Result<PathBuf, DemoError> {
         .find(|dir| dir.join("mask.wasm").is_file())
         .cloned()
         .ok_or_else(|| DemoError::NoGuests {
-            looked: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            looked: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
 }
 
@@ -86,8 +109,13 @@ CREATE PUBLICATION airlock FOR TABLE customers;
 /// Created before the host starts, so no change of the traffic predates the slot.
 const SLOT: &str = "SELECT pg_create_logical_replication_slot('airlock', 'pgoutput')";
 
-const FIRST: &[&str] = &["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Niklaus"];
-const LAST: &[&str] = &["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson", "Perlman", "Wirth"];
+const FIRST: &[&str] = &[
+    "Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Niklaus",
+];
+const LAST: &[&str] = &[
+    "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson", "Perlman",
+    "Wirth",
+];
 
 /// A small deterministic generator for the traffic.
 struct Xorshift(u64);
@@ -105,7 +133,10 @@ impl Xorshift {
 }
 
 /// Inserts, updates and deletes customers until `stop` turns true.
-async fn traffic(client: tokio_postgres::Client, mut stop: watch::Receiver<bool>) -> Result<u64, tokio_postgres::Error> {
+async fn traffic(
+    client: tokio_postgres::Client,
+    mut stop: watch::Receiver<bool>,
+) -> Result<u64, tokio_postgres::Error> {
     let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
     let mut changes = 0u64;
     let insert = client
@@ -121,13 +152,26 @@ async fn traffic(client: tokio_postgres::Client, mut stop: watch::Receiver<bool>
             let first = FIRST[rng.below(FIRST.len() as u64) as usize];
             let last = LAST[rng.below(LAST.len() as u64) as usize];
             let name = format!("{first} {last}");
-            let email = format!("{}.{}{}@example.com", first.to_lowercase(), last.to_lowercase(), next_id);
+            let email = format!(
+                "{}.{}{}@example.com",
+                first.to_lowercase(),
+                last.to_lowercase(),
+                next_id
+            );
             let phone = format!("+1-555-{:03}-{:04}", rng.below(1000), rng.below(10_000));
             let balance = format!("{}.{:02}", rng.below(100_000), rng.below(100));
             client
                 .execute(
                     &insert,
-                    &[&name, &email, &phone, &balance, &(rng.below(50) as i32), &(rng.below(3) as i16 + 1), &(rng.below(1000) as f64 / 7.0)],
+                    &[
+                        &name,
+                        &email,
+                        &phone,
+                        &balance,
+                        &(rng.below(50) as i32),
+                        &(rng.below(3) as i16 + 1),
+                        &(rng.below(1000) as f64 / 7.0),
+                    ],
                 )
                 .await?;
             changes += 1;
@@ -141,7 +185,10 @@ async fn traffic(client: tokio_postgres::Client, mut stop: watch::Receiver<bool>
             .await?;
         if rng.below(4) == 0 {
             changes += client
-                .execute("DELETE FROM customers WHERE id = (SELECT min(id) FROM customers WHERE active)", &[])
+                .execute(
+                    "DELETE FROM customers WHERE id = (SELECT min(id) FROM customers WHERE active)",
+                    &[],
+                )
                 .await?;
         }
         tokio::select! {
@@ -155,9 +202,15 @@ async fn traffic(client: tokio_postgres::Client, mut stop: watch::Receiver<bool>
 }
 
 /// Runs the demo until `shutdown` or the duration ends.
-pub async fn run(options: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<(), DemoError> {
+pub async fn run(
+    options: DemoOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), DemoError> {
     let guests = find_guests(options.guests.as_deref())?;
-    let dir = options.dir.clone().unwrap_or_else(|| std::env::temp_dir().join("airlock-demo"));
+    let dir = options
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("airlock-demo"));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -176,7 +229,9 @@ pub async fn run(options: DemoOptions, mut shutdown: watch::Receiver<bool>) -> R
     }
 
     println!("starting a throwaway PostgreSQL cluster ...");
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start("")).await.map_err(std::io::Error::other)??;
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(""))
+        .await
+        .map_err(std::io::Error::other)??;
     let client = cluster.connect("postgres").await?;
     client.batch_execute(SCHEMA).await?;
     client.batch_execute(SLOT).await?;
@@ -251,12 +306,16 @@ pub async fn run(options: DemoOptions, mut shutdown: watch::Receiver<bool>) -> R
         None => pipeline.await,
     }
     .map_err(std::io::Error::other)?;
-    let rows: i64 = client.query_one("SELECT count(*) FROM customers", &[]).await?.get(0);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await?
+        .get(0);
     drop(client);
     let _ = spine_stop_tx.send(true);
     let _ = spine.await;
     result?;
-    let verified = crate::spine::verify(&spine_dir).map(|r| format!("{} events, chain valid: {}", r.checked, r.valid));
+    let verified = crate::spine::verify(&spine_dir)
+        .map(|r| format!("{} events, chain valid: {}", r.checked, r.valid));
     println!(
         "\nstopped: {changes} changes made, {rows} customers in PostgreSQL.\nthe lake stays at {table}\nthe spine log stays at {spine} ({verified})\n\
          (verify it again with: airlock spine verify --dir {spine})\n(the PostgreSQL cluster was removed)",

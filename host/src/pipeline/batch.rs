@@ -123,7 +123,9 @@ impl Batch {
             .iter()
             .map(|r| {
                 let image = |v: &Option<Vec<Value>>| {
-                    v.as_ref().map_or(0, |vs| vs.iter().map(Value::heap_size).sum::<usize>() + vs.len() * 8)
+                    v.as_ref().map_or(0, |vs| {
+                        vs.iter().map(Value::heap_size).sum::<usize>() + vs.len() * 8
+                    })
                 };
                 image(&r.change.new) + image(&r.change.old)
             })
@@ -136,7 +138,10 @@ impl Batch {
         let mut out: Vec<Transaction> = self
             .txns
             .into_iter()
-            .map(|meta| Transaction { meta, changes: Vec::new() })
+            .map(|meta| Transaction {
+                meta,
+                changes: Vec::new(),
+            })
             .collect();
         for row in self.rows {
             out[row.txn as usize].changes.push(row.change);

@@ -39,12 +39,32 @@ pub const CONTRACT_PACKAGE: &str = "airlock:transform";
 /// How to take back one guest write.
 #[derive(Debug)]
 enum Undo {
-    Value { row: u32, column: u32, old_image: bool, value: change::Value },
-    Dropped { row: u32 },
-    Routes { row: u32, len: usize },
-    RowTags { row: u32, len: usize },
-    ColumnTags { table: u32, column: u32, len: usize },
-    Annotations { row: u32, annotations: Vec<(String, String)> },
+    Value {
+        row: u32,
+        column: u32,
+        old_image: bool,
+        value: change::Value,
+    },
+    Dropped {
+        row: u32,
+    },
+    Routes {
+        row: u32,
+        len: usize,
+    },
+    RowTags {
+        row: u32,
+        len: usize,
+    },
+    ColumnTags {
+        table: u32,
+        column: u32,
+        len: usize,
+    },
+    Annotations {
+        row: u32,
+        annotations: Vec<(String, String)>,
+    },
 }
 
 /// A batch lent to one guest call, with the undo log and the output cap.
@@ -59,7 +79,12 @@ pub struct GuestBatch {
 
 impl GuestBatch {
     pub fn new(batch: host::Batch, cap: usize) -> GuestBatch {
-        GuestBatch { batch, undo: Vec::new(), written: 0, cap }
+        GuestBatch {
+            batch,
+            undo: Vec::new(),
+            written: 0,
+            cap,
+        }
     }
 
     /// Keeps the guest's edits.
@@ -73,9 +98,18 @@ impl GuestBatch {
         let batch = &mut self.batch;
         while let Some(undo) = self.undo.pop() {
             match undo {
-                Undo::Value { row, column, old_image, value } => {
+                Undo::Value {
+                    row,
+                    column,
+                    old_image,
+                    value,
+                } => {
                     let change = &mut batch.rows[row as usize].change;
-                    let image = if old_image { &mut change.old } else { &mut change.new };
+                    let image = if old_image {
+                        &mut change.old
+                    } else {
+                        &mut change.new
+                    };
                     if let Some(values) = image {
                         values[column as usize] = value;
                     }
@@ -108,7 +142,10 @@ impl GuestBatch {
 
     fn row(&self, row: u32) -> wasmtime::Result<&BatchRow> {
         self.batch.rows.get(row as usize).ok_or_else(|| {
-            wasmtime::format_err!("row index {row} out of range: the batch has {} rows", self.batch.rows.len())
+            wasmtime::format_err!(
+                "row index {row} out of range: the batch has {} rows",
+                self.batch.rows.len()
+            )
         })
     }
 
@@ -116,34 +153,56 @@ impl GuestBatch {
         let r = self.row(row)?;
         let columns = self.batch.tables[r.table as usize].relation.columns.len();
         if column as usize >= columns {
-            wasmtime::bail!("column index {column} out of range: row {row}'s table has {columns} columns");
+            wasmtime::bail!(
+                "column index {column} out of range: row {row}'s table has {columns} columns"
+            );
         }
         Ok(())
     }
 
     fn table(&self, table: u32) -> wasmtime::Result<&BatchTable> {
         self.batch.tables.get(table as usize).ok_or_else(|| {
-            wasmtime::format_err!("table index {table} out of range: the batch has {} tables", self.batch.tables.len())
+            wasmtime::format_err!(
+                "table index {table} out of range: the batch has {} tables",
+                self.batch.tables.len()
+            )
         })
     }
 
     fn check_table_column(&self, table: u32, column: u32) -> wasmtime::Result<()> {
         let columns = self.table(table)?.relation.columns.len();
         if column as usize >= columns {
-            wasmtime::bail!("column index {column} out of range: table {table} has {columns} columns");
+            wasmtime::bail!(
+                "column index {column} out of range: table {table} has {columns} columns"
+            );
         }
         Ok(())
     }
 
     /// Replaces one value, recording the old one. Writing to a missing image is ignored.
-    fn put(&mut self, row: u32, column: u32, image: wit::Image, value: change::Value) -> wasmtime::Result<()> {
+    fn put(
+        &mut self,
+        row: u32,
+        column: u32,
+        image: wit::Image,
+        value: change::Value,
+    ) -> wasmtime::Result<()> {
         self.charge(value.heap_size() + 8)?;
         let old_image = matches!(image, wit::Image::Old);
         let change = &mut self.batch.rows[row as usize].change;
-        let values = if old_image { &mut change.old } else { &mut change.new };
+        let values = if old_image {
+            &mut change.old
+        } else {
+            &mut change.new
+        };
         if let Some(values) = values {
             let previous = std::mem::replace(&mut values[column as usize], value);
-            self.undo.push(Undo::Value { row, column, old_image, value: previous });
+            self.undo.push(Undo::Value {
+                row,
+                column,
+                old_image,
+                value: previous,
+            });
         }
         Ok(())
     }
@@ -160,7 +219,10 @@ pub struct GuestState {
 
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -214,7 +276,9 @@ pub fn from_wit(value: wit::Value) -> change::Value {
         wit::Value::Time(t) => V::Time(t),
         wit::Value::Timestamp(t) => V::Timestamp(t),
         wit::Value::Timestamptz(t) => V::Timestamptz(t),
-        wit::Value::Uuid((hi, lo)) => V::Uuid(((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes()),
+        wit::Value::Uuid((hi, lo)) => {
+            V::Uuid(((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes())
+        }
         wit::Value::Json(s) => V::Json(s),
         wit::Value::Other(s) => V::Other(s),
     }
@@ -299,10 +363,19 @@ impl wit::HostBatch for GuestState {
             .collect())
     }
 
-    fn column_index(&mut self, b: Resource<GuestBatch>, table: u32, name: String) -> wasmtime::Result<Option<u32>> {
+    fn column_index(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        name: String,
+    ) -> wasmtime::Result<Option<u32>> {
         let gb = self.table.get(&b)?;
         let t = gb.table(table)?;
-        Ok(t.relation.columns.iter().position(|c| c.name == name).map(|i| i as u32))
+        Ok(t.relation
+            .columns
+            .iter()
+            .position(|c| c.name == name)
+            .map(|i| i as u32))
     }
 
     fn rows_of(&mut self, b: Resource<GuestBatch>, table: u32) -> wasmtime::Result<Vec<u32>> {
@@ -324,20 +397,39 @@ impl wit::HostBatch for GuestState {
         })
     }
 
-    fn get(&mut self, b: Resource<GuestBatch>, row: u32, column: u32, image: wit::Image) -> wasmtime::Result<wit::Value> {
+    fn get(
+        &mut self,
+        b: Resource<GuestBatch>,
+        row: u32,
+        column: u32,
+        image: wit::Image,
+    ) -> wasmtime::Result<wit::Value> {
         let gb = self.table.get(&b)?;
         gb.check_column(row, column)?;
         let change = &gb.batch.rows[row as usize].change;
         Ok(image_of(change, image).map_or(wit::Value::Null, |v| to_wit(&v[column as usize])))
     }
 
-    fn set(&mut self, b: Resource<GuestBatch>, row: u32, column: u32, image: wit::Image, value: wit::Value) -> wasmtime::Result<()> {
+    fn set(
+        &mut self,
+        b: Resource<GuestBatch>,
+        row: u32,
+        column: u32,
+        image: wit::Image,
+        value: wit::Value,
+    ) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.check_column(row, column)?;
         gb.put(row, column, image, from_wit(value))
     }
 
-    fn read_column(&mut self, b: Resource<GuestBatch>, table: u32, column: u32, image: wit::Image) -> wasmtime::Result<Vec<wit::Value>> {
+    fn read_column(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+    ) -> wasmtime::Result<Vec<wit::Value>> {
         let gb = self.table.get(&b)?;
         gb.check_table_column(table, column)?;
         let t = &gb.batch.tables[table as usize];
@@ -376,7 +468,13 @@ impl wit::HostBatch for GuestState {
         result
     }
 
-    fn read_text_column(&mut self, b: Resource<GuestBatch>, table: u32, column: u32, image: wit::Image) -> wasmtime::Result<wit::TextColumn> {
+    fn read_text_column(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+    ) -> wasmtime::Result<wit::TextColumn> {
         let gb = self.table.get(&b)?;
         gb.check_table_column(table, column)?;
         let rows = &gb.batch.tables[table as usize].rows;
@@ -395,10 +493,16 @@ impl wit::HostBatch for GuestState {
                 }
             };
             kinds.push(kind);
-            let end = u32::try_from(data.len()).map_err(|_| wasmtime::format_err!("read-text-column: more than 4 GiB of data in one column"))?;
+            let end = u32::try_from(data.len()).map_err(|_| {
+                wasmtime::format_err!("read-text-column: more than 4 GiB of data in one column")
+            })?;
             offsets.push(end);
         }
-        Ok(wit::TextColumn { kinds, data, offsets })
+        Ok(wit::TextColumn {
+            kinds,
+            data,
+            offsets,
+        })
     }
 
     fn write_text_column(
@@ -413,7 +517,11 @@ impl wit::HostBatch for GuestState {
         gb.check_table_column(table, column)?;
         let rows = std::mem::take(&mut gb.batch.tables[table as usize].rows);
         let result = (|| {
-            let wit::TextColumn { kinds, data, offsets } = values;
+            let wit::TextColumn {
+                kinds,
+                data,
+                offsets,
+            } = values;
             if kinds.len() != rows.len() || offsets.len() != rows.len() + 1 {
                 wasmtime::bail!(
                     "write-text-column got {} kinds and {} offsets for table {table}, which has {} rows in this batch \
@@ -434,11 +542,14 @@ impl wit::HostBatch for GuestState {
                         let bytes = data.get(start..end).filter(|_| start <= end).ok_or_else(|| {
                             wasmtime::format_err!("write-text-column: offsets {start}..{end} of entry {i} are outside the {} data bytes", data.len())
                         })?;
-                        let text = std::str::from_utf8(bytes)
-                            .map_err(|_| wasmtime::format_err!("write-text-column: entry {i} is not UTF-8"))?;
+                        let text = std::str::from_utf8(bytes).map_err(|_| {
+                            wasmtime::format_err!("write-text-column: entry {i} is not UTF-8")
+                        })?;
                         change::Value::Text(text.to_owned())
                     }
-                    other => wasmtime::bail!("write-text-column: entry {i} has kind {other}; expected 0 (null), 1 (unchanged-toast) or 2 (value)"),
+                    other => wasmtime::bail!(
+                        "write-text-column: entry {i} has kind {other}; expected 0 (null), 1 (unchanged-toast) or 2 (value)"
+                    ),
                 };
                 gb.put(row, column, image, value)?;
             }
@@ -448,7 +559,14 @@ impl wit::HostBatch for GuestState {
         result
     }
 
-    fn hash_column(&mut self, b: Resource<GuestBatch>, table: u32, column: u32, image: wit::Image, salt: Vec<u8>) -> wasmtime::Result<u32> {
+    fn hash_column(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+        salt: Vec<u8>,
+    ) -> wasmtime::Result<u32> {
         use sha2::{Digest, Sha256};
         let gb = self.table.get_mut(&b)?;
         gb.check_table_column(table, column)?;
@@ -459,13 +577,20 @@ impl wit::HostBatch for GuestState {
         let result = rows.iter().try_for_each(|&row| {
             let change = &gb.batch.rows[row as usize].change;
             bytes.clear();
-            let present = image_of(change, image).is_some_and(|v| change::json::value_bytes(&v[column as usize], &mut bytes));
+            let present = image_of(change, image)
+                .is_some_and(|v| change::json::value_bytes(&v[column as usize], &mut bytes));
             if !present {
                 return Ok(());
             }
-            let digest = Sha256::new().chain_update(&salt).chain_update(&bytes).finalize();
-            hex::encode_to_slice(digest, &mut hex).map_err(|e| wasmtime::format_err!("hash-column: {e}"))?;
-            let text = std::str::from_utf8(&hex).map_err(|e| wasmtime::format_err!("hash-column: {e}"))?.to_owned();
+            let digest = Sha256::new()
+                .chain_update(&salt)
+                .chain_update(&bytes)
+                .finalize();
+            hex::encode_to_slice(digest, &mut hex)
+                .map_err(|e| wasmtime::format_err!("hash-column: {e}"))?;
+            let text = std::str::from_utf8(&hex)
+                .map_err(|e| wasmtime::format_err!("hash-column: {e}"))?
+                .to_owned();
             replaced += 1;
             gb.put(row, column, image, change::Value::Text(text))
         });
@@ -488,7 +613,12 @@ impl wit::HostBatch for GuestState {
         Ok(self.table.get(&b)?.row(row)?.dropped)
     }
 
-    fn add_route(&mut self, b: Resource<GuestBatch>, row: u32, route: String) -> wasmtime::Result<()> {
+    fn add_route(
+        &mut self,
+        b: Resource<GuestBatch>,
+        row: u32,
+        route: String,
+    ) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
         if gb.batch.rows[row as usize].routes.contains(&route) {
@@ -496,7 +626,10 @@ impl wit::HostBatch for GuestState {
         }
         gb.charge(route.len())?;
         let routes = &mut gb.batch.rows[row as usize].routes;
-        gb.undo.push(Undo::Routes { row, len: routes.len() });
+        gb.undo.push(Undo::Routes {
+            row,
+            len: routes.len(),
+        });
         routes.push(route);
         Ok(())
     }
@@ -513,7 +646,10 @@ impl wit::HostBatch for GuestState {
         }
         gb.charge(tag.len())?;
         let tags = &mut gb.batch.rows[row as usize].tags;
-        gb.undo.push(Undo::RowTags { row, len: tags.len() });
+        gb.undo.push(Undo::RowTags {
+            row,
+            len: tags.len(),
+        });
         tags.push(tag);
         Ok(())
     }
@@ -522,7 +658,13 @@ impl wit::HostBatch for GuestState {
         Ok(self.table.get(&b)?.row(row)?.tags.clone())
     }
 
-    fn tag_column(&mut self, b: Resource<GuestBatch>, table: u32, column: u32, tag: String) -> wasmtime::Result<()> {
+    fn tag_column(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        tag: String,
+    ) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.check_table_column(table, column)?;
         let tags = &gb.batch.tables[table as usize].column_tags[column as usize];
@@ -531,29 +673,51 @@ impl wit::HostBatch for GuestState {
         }
         gb.charge(tag.len())?;
         let tags = &mut gb.batch.tables[table as usize].column_tags[column as usize];
-        gb.undo.push(Undo::ColumnTags { table, column, len: tags.len() });
+        gb.undo.push(Undo::ColumnTags {
+            table,
+            column,
+            len: tags.len(),
+        });
         tags.push(tag);
         Ok(())
     }
 
-    fn column_tags(&mut self, b: Resource<GuestBatch>, table: u32, column: u32) -> wasmtime::Result<Vec<String>> {
+    fn column_tags(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+    ) -> wasmtime::Result<Vec<String>> {
         let gb = self.table.get(&b)?;
         gb.check_table_column(table, column)?;
         Ok(gb.batch.tables[table as usize].column_tags[column as usize].clone())
     }
 
-    fn annotate(&mut self, b: Resource<GuestBatch>, row: u32, key: String, value: String) -> wasmtime::Result<()> {
+    fn annotate(
+        &mut self,
+        b: Resource<GuestBatch>,
+        row: u32,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
         gb.charge(key.len() + value.len())?;
         let annotations = &mut gb.batch.rows[row as usize].annotations;
-        gb.undo.push(Undo::Annotations { row, annotations: annotations.clone() });
+        gb.undo.push(Undo::Annotations {
+            row,
+            annotations: annotations.clone(),
+        });
         annotations.retain(|(k, _)| *k != key);
         annotations.push((key, value));
         Ok(())
     }
 
-    fn annotations(&mut self, b: Resource<GuestBatch>, row: u32) -> wasmtime::Result<Vec<(String, String)>> {
+    fn annotations(
+        &mut self,
+        b: Resource<GuestBatch>,
+        row: u32,
+    ) -> wasmtime::Result<Vec<(String, String)>> {
         Ok(self.table.get(&b)?.row(row)?.annotations.clone())
     }
 

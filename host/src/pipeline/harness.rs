@@ -21,7 +21,9 @@ use serde_json::{Map, Value as Json, json};
 use super::batch::Batch;
 use super::{BATCH_ROWS, Pipeline};
 use crate::change::json::{row_to_json, value_from_json};
-use crate::change::{Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid};
+use crate::change::{
+    Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
+};
 
 /// Why the harness could not run.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +90,10 @@ pub fn type_from_name(name: &str) -> (u32, i32) {
         "interval" => oid::INTERVAL,
         _ => 0,
     };
-    let numbers: Vec<i32> = args.split(',').filter_map(|a| a.trim().parse().ok()).collect();
+    let numbers: Vec<i32> = args
+        .split(',')
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
     let typmod = match (oid, numbers.as_slice()) {
         (oid::NUMERIC, [p]) => ((p << 16) | 0) + 4,
         (oid::NUMERIC, [p, s]) => ((p << 16) | s) + 4,
@@ -132,7 +137,8 @@ fn op_name(op: Op) -> &'static str {
 
 /// Reads JSON lines into transactions, one per line.
 pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessError> {
-    let mut relations: HashMap<(String, Vec<(String, u32, i32, bool)>), Arc<Relation>> = HashMap::new();
+    let mut relations: HashMap<(String, Vec<(String, u32, i32, bool)>), Arc<Relation>> =
+        HashMap::new();
     let mut txns = Vec::new();
     for (index, line) in input.lines().enumerate() {
         let number = index + 1;
@@ -140,16 +146,24 @@ pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessErro
         if line.trim().is_empty() || line.trim_start().starts_with("//") {
             continue;
         }
-        let bad = |message: String| HarnessError::Input { line: number, message };
+        let bad = |message: String| HarnessError::Input {
+            line: number,
+            message,
+        };
         let change: InputChange = serde_json::from_str(&line)
             .map_err(|e| bad(format!("{e}: expected an object like {{\"table\":\"public.t\",\"op\":\"insert\",\"new\":{{...}}}}")))?;
         let op = parse_op(&change.op).ok_or_else(|| {
-            bad(format!("unknown op `{}`: expected insert, update, delete, snapshot or truncate", change.op))
+            bad(format!(
+                "unknown op `{}`: expected insert, update, delete, snapshot or truncate",
+                change.op
+            ))
         })?;
-        let (schema, name) = change
-            .table
-            .split_once('.')
-            .ok_or_else(|| bad(format!("table `{}` must be written as `schema.table`", change.table)))?;
+        let (schema, name) = change.table.split_once('.').ok_or_else(|| {
+            bad(format!(
+                "table `{}` must be written as `schema.table`",
+                change.table
+            ))
+        })?;
         let columns: Vec<(String, u32, i32, bool)> = match &change.columns {
             Some(cols) => cols
                 .iter()
@@ -191,18 +205,25 @@ pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessErro
                 })
             })
             .clone();
-        let image = |which: &str, map: &Option<Map<String, Json>>| -> Result<Option<Vec<Value>>, HarnessError> {
+        let image = |which: &str,
+                     map: &Option<Map<String, Json>>|
+         -> Result<Option<Vec<Value>>, HarnessError> {
             let Some(map) = map else { return Ok(None) };
-            if let Some(unknown) = map.keys().find(|k| !relation.columns.iter().any(|c| &c.name == *k)) {
-                return Err(bad(format!("`{which}` has column `{unknown}`, which is not in `columns`")));
+            if let Some(unknown) = map
+                .keys()
+                .find(|k| !relation.columns.iter().any(|c| &c.name == *k))
+            {
+                return Err(bad(format!(
+                    "`{which}` has column `{unknown}`, which is not in `columns`"
+                )));
             }
             relation
                 .columns
                 .iter()
                 .map(|c| {
-                    map.get(&c.name).map_or(Ok(Value::Null), |v| value_from_json(c, v)).map_err(|e| {
-                        bad(format!("`{which}.{}`: {e}", c.name))
-                    })
+                    map.get(&c.name)
+                        .map_or(Ok(Value::Null), |v| value_from_json(c, v))
+                        .map_err(|e| bad(format!("`{which}.{}`: {e}", c.name)))
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some)
@@ -220,7 +241,13 @@ pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessErro
                 end_lsn: Lsn(lsn.0 + 1),
                 commit_ts: change.commit_time.unwrap_or(0),
             },
-            changes: vec![Change { relation, op, lsn, new, old }],
+            changes: vec![Change {
+                relation,
+                op,
+                lsn,
+                new,
+                old,
+            }],
         });
     }
     Ok(txns)
@@ -263,23 +290,28 @@ pub fn row_lines(batch: &Batch) -> Vec<Json> {
 }
 
 /// Runs `pipeline` over the changes read from `input` and writes one JSON line per row.
-pub fn run(pipeline: &mut Pipeline, input: impl BufRead, mut output: impl Write) -> Result<usize, HarnessError> {
+pub fn run(
+    pipeline: &mut Pipeline,
+    input: impl BufRead,
+    mut output: impl Write,
+) -> Result<usize, HarnessError> {
     let txns = read_changes(input)?;
     let mut written = 0;
     let mut pending = Vec::new();
     let mut rows = 0;
-    let mut flush = |pending: &mut Vec<Transaction>, output: &mut dyn Write| -> Result<usize, HarnessError> {
-        if pending.is_empty() {
-            return Ok(0);
-        }
-        let batch = Batch::from_transactions(std::mem::take(pending));
-        let batch = pipeline.process(batch).map_err(|(_, e)| e)?;
-        let lines = row_lines(&batch);
-        for line in &lines {
-            writeln!(output, "{line}")?;
-        }
-        Ok(lines.len())
-    };
+    let mut flush =
+        |pending: &mut Vec<Transaction>, output: &mut dyn Write| -> Result<usize, HarnessError> {
+            if pending.is_empty() {
+                return Ok(0);
+            }
+            let batch = Batch::from_transactions(std::mem::take(pending));
+            let batch = pipeline.process(batch).map_err(|(_, e)| e)?;
+            let lines = row_lines(&batch);
+            for line in &lines {
+                writeln!(output, "{line}")?;
+            }
+            Ok(lines.len())
+        };
     for txn in txns {
         rows += txn.changes.len();
         pending.push(txn);

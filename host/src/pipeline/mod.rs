@@ -35,7 +35,7 @@ use self::registry::SwapSlot;
 use self::runtime::{Runtime, RuntimeError, Stage};
 use crate::change::Transaction;
 use crate::config::OnError;
-use crate::status::{self, Status, StageView};
+use crate::status::{self, StageView, Status};
 
 /// A versioned, ordered set of loaded stages.
 pub struct Pipeline {
@@ -65,9 +65,17 @@ pub fn scan(dir: &Path) -> Result<Vec<PluginFile>, RuntimeError> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "wasm") && p.is_file())
         .map(|wasm| {
-            let name = wasm.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let name = wasm
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             let toml = wasm.with_extension("toml");
-            PluginFile { name, settings: toml.is_file().then_some(toml), wasm }
+            PluginFile {
+                name,
+                settings: toml.is_file().then_some(toml),
+                wasm,
+            }
         })
         .collect();
     plugins.sort_by(|a, b| a.name.cmp(&b.name));
@@ -81,7 +89,11 @@ pub fn flatten_settings(table: &toml::Table) -> Vec<(String, String)> {
         match value {
             toml::Value::Table(t) => {
                 for (k, v) in t {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     walk(&key, v, out);
                 }
             }
@@ -97,15 +109,19 @@ pub fn flatten_settings(table: &toml::Table) -> Vec<(String, String)> {
 
 /// Reads a plugin's settings file, if any, into flattened key/values.
 pub fn read_settings(path: Option<&Path>) -> Result<Vec<(String, String)>, RuntimeError> {
-    let Some(path) = path else { return Ok(Vec::new()) };
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
     let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::Load {
         path: path.display().to_string(),
         message: format!("cannot read settings: {e}"),
     })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| RuntimeError::Load {
-        path: path.display().to_string(),
-        message: format!("invalid TOML: {}", e.message()),
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| RuntimeError::Load {
+            path: path.display().to_string(),
+            message: format!("invalid TOML: {}", e.message()),
+        })?;
     Ok(flatten_settings(&table))
 }
 
@@ -124,16 +140,28 @@ pub fn version_of<'a>(stages: impl IntoIterator<Item = (&'a str, &'a str)>) -> S
 impl Pipeline {
     /// Loads every plugin of `files` (with `extra_settings` added to each stage's own),
     /// reporting every failure at once.
-    pub fn load(runtime: &Runtime, files: &[PluginFile], extra_settings: &[(String, String)]) -> Result<Pipeline, Vec<RuntimeError>> {
+    pub fn load(
+        runtime: &Runtime,
+        files: &[PluginFile],
+        extra_settings: &[(String, String)],
+    ) -> Result<Pipeline, Vec<RuntimeError>> {
         let mut stages = Vec::new();
         let mut errors = Vec::new();
         for file in files {
             let loaded = std::fs::read(&file.wasm)
-                .map_err(|e| RuntimeError::Load { path: file.wasm.display().to_string(), message: format!("cannot read: {e}") })
+                .map_err(|e| RuntimeError::Load {
+                    path: file.wasm.display().to_string(),
+                    message: format!("cannot read: {e}"),
+                })
                 .and_then(|wasm| {
                     let mut settings = read_settings(file.settings.as_deref())?;
                     settings.extend(extra_settings.iter().cloned());
-                    runtime.load_stage(&file.name, &file.wasm.display().to_string(), &wasm, settings)
+                    runtime.load_stage(
+                        &file.name,
+                        &file.wasm.display().to_string(),
+                        &wasm,
+                        settings,
+                    )
                 });
             match loaded {
                 Ok(stage) => stages.push(stage),
@@ -143,8 +171,15 @@ impl Pipeline {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let version = version_of(stages.iter().map(|s| (s.name.as_str(), s.content_hash.as_str())));
-        Ok(Pipeline { version: Arc::from(version), stages })
+        let version = version_of(
+            stages
+                .iter()
+                .map(|s| (s.name.as_str(), s.content_hash.as_str())),
+        );
+        Ok(Pipeline {
+            version: Arc::from(version),
+            stages,
+        })
     }
 
     /// Loads the plugin folder.
@@ -160,13 +195,21 @@ impl Pipeline {
     }
 
     /// Like [`Pipeline::process`], recording each stage's time and failures.
-    pub fn process_observed(&mut self, mut batch: Batch, status: Option<&Status>) -> Result<Batch, (Batch, RuntimeError)> {
+    pub fn process_observed(
+        &mut self,
+        mut batch: Batch,
+        status: Option<&Status>,
+    ) -> Result<Batch, (Batch, RuntimeError)> {
         for stage in &mut self.stages {
             let started = Instant::now();
             let result = stage.process(batch);
             if let Some(status) = status {
                 let labels = [("stage", stage.name.as_str())];
-                status.metrics.observe(status::GUEST_SECONDS, &labels, started.elapsed().as_secs_f64());
+                status.metrics.observe(
+                    status::GUEST_SECONDS,
+                    &labels,
+                    started.elapsed().as_secs_f64(),
+                );
                 if result.is_err() {
                     status.metrics.add(status::GUEST_FAILURES, &labels, 1.0);
                 }
@@ -187,7 +230,11 @@ impl Pipeline {
                 version: s.info.version.clone(),
                 description: s.info.description.clone(),
                 content_hash: s.content_hash.clone(),
-                loaded_at: s.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                loaded_at: s
+                    .loaded_at
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
             })
             .collect()
     }
@@ -206,7 +253,8 @@ impl Worker {
     fn swap_if_offered(&mut self) {
         if let Some(next) = self.slot.take() {
             self.pipeline = next;
-            self.status.pipeline_running(&self.pipeline.version, self.pipeline.stage_views());
+            self.status
+                .pipeline_running(&self.pipeline.version, self.pipeline.stage_views());
             tracing::info!(version = %self.pipeline.version, "pipeline swapped in");
         }
     }
@@ -217,7 +265,11 @@ impl Worker {
         metrics.observe(status::BATCH_ROWS, &[], batch.rows.len() as f64);
         for table in &batch.tables {
             let name = table.relation.qualified_name();
-            metrics.add(status::ROWS_IN, &[("table", &name)], table.rows.len() as f64);
+            metrics.add(
+                status::ROWS_IN,
+                &[("table", &name)],
+                table.rows.len() as f64,
+            );
         }
     }
 
@@ -228,10 +280,18 @@ impl Worker {
             if row.dropped {
                 metrics.add(status::ROWS_DROPPED, &[("table", &table)], 1.0);
             } else if row.routes.is_empty() {
-                metrics.add(status::ROWS_OUT, &[("table", &table), ("route", batch::BatchRow::DEFAULT_ROUTE)], 1.0);
+                metrics.add(
+                    status::ROWS_OUT,
+                    &[("table", &table), ("route", batch::BatchRow::DEFAULT_ROUTE)],
+                    1.0,
+                );
             } else {
                 for route in &row.routes {
-                    metrics.add(status::ROWS_OUT, &[("table", &table), ("route", route)], 1.0);
+                    metrics.add(
+                        status::ROWS_OUT,
+                        &[("table", &table), ("route", route)],
+                        1.0,
+                    );
                 }
             }
         }
@@ -243,7 +303,12 @@ impl Worker {
     /// (handed to `emit` at once, before any halt), and only it is halted on or
     /// dead-lettered. Returns false when the stream should stop: the source went away
     /// while a transaction was halted, or `emit` found the sinks gone.
-    fn process(&mut self, batch: Batch, source_gone: impl Fn() -> bool, mut emit: impl FnMut(&Self, Batch) -> bool) -> Result<bool, RuntimeError> {
+    fn process(
+        &mut self,
+        batch: Batch,
+        source_gone: impl Fn() -> bool,
+        mut emit: impl FnMut(&Self, Batch) -> bool,
+    ) -> Result<bool, RuntimeError> {
         self.swap_if_offered();
         match self.pipeline.process_observed(batch, Some(&self.status)) {
             Ok(done) => {
@@ -257,7 +322,9 @@ impl Worker {
                     "a batch failed; running its transactions one by one to isolate the failing one"
                 );
                 for txn in back.into_transactions() {
-                    let Some(batch) = self.process_one(Batch::from_transactions([txn]), &source_gone)? else {
+                    let Some(batch) =
+                        self.process_one(Batch::from_transactions([txn]), &source_gone)?
+                    else {
                         return Ok(false);
                     };
                     if !emit(self, batch) {
@@ -274,7 +341,11 @@ impl Worker {
     }
 
     /// Runs one transaction's batch until it passes, or the policy disposes of it.
-    fn process_one(&mut self, batch: Batch, source_gone: &impl Fn() -> bool) -> Result<Option<Batch>, RuntimeError> {
+    fn process_one(
+        &mut self,
+        batch: Batch,
+        source_gone: &impl Fn() -> bool,
+    ) -> Result<Option<Batch>, RuntimeError> {
         self.swap_if_offered();
         match self.pipeline.process_observed(batch, Some(&self.status)) {
             Ok(done) => {
@@ -287,7 +358,12 @@ impl Worker {
 
     /// Applies `on_error` to a failed single-transaction batch.
     /// `Ok(None)` when the source went away during a halt.
-    fn on_failure(&mut self, mut batch: Batch, mut error: RuntimeError, source_gone: &impl Fn() -> bool) -> Result<Option<Batch>, RuntimeError> {
+    fn on_failure(
+        &mut self,
+        mut batch: Batch,
+        mut error: RuntimeError,
+        source_gone: &impl Fn() -> bool,
+    ) -> Result<Option<Batch>, RuntimeError> {
         let mut backoff = Duration::from_millis(500);
         loop {
             match &self.on_error {
@@ -319,13 +395,23 @@ impl Worker {
                 }
                 OnError::DeadLetter(dir) => {
                     let path = dead_letter(dir, &batch, &error).map_err(|e| {
-                        RuntimeError::Engine(format!("cannot write the dead-letter file in {}: {e}; halting", dir.display()))
+                        RuntimeError::Engine(format!(
+                            "cannot write the dead-letter file in {}: {e}; halting",
+                            dir.display()
+                        ))
                     })?;
                     tracing::warn!(error = %error, file = %path.display(), "transaction dead-lettered");
-                    self.status.error("pipeline", &format!("dead-lettered to {}: {error}", path.display()));
+                    self.status.error(
+                        "pipeline",
+                        &format!("dead-lettered to {}: {error}", path.display()),
+                    );
                     // The transaction still counts as done: sinks receive it without
                     // rows, so the slot moves past it.
-                    return Ok(Some(Batch { txns: batch.txns, pipeline: self.pipeline.version.clone(), ..Batch::default() }));
+                    return Ok(Some(Batch {
+                        txns: batch.txns,
+                        pipeline: self.pipeline.version.clone(),
+                        ..Batch::default()
+                    }));
                 }
             }
         }
@@ -364,7 +450,9 @@ pub fn run_worker(
     mut rx: mpsc::Receiver<Transaction>,
     sinks: Vec<mpsc::Sender<Arc<Batch>>>,
 ) -> Result<(), RuntimeError> {
-    worker.status.pipeline_running(&worker.pipeline.version, worker.pipeline.stage_views());
+    worker
+        .status
+        .pipeline_running(&worker.pipeline.version, worker.pipeline.stage_views());
     while let Some(first) = rx.blocking_recv() {
         let mut rows = first.changes.len();
         let mut txns = vec![first];
@@ -383,7 +471,9 @@ pub fn run_worker(
             worker.count_out(&batch);
             let batch = Arc::new(batch);
             // A failed send means a sink stopped; its task reports why.
-            sinks.iter().all(|sink| sink.blocking_send(batch.clone()).is_ok())
+            sinks
+                .iter()
+                .all(|sink| sink.blocking_send(batch.clone()).is_ok())
         };
         if !worker.process(batch, || rx.is_closed(), emit)? {
             return Ok(());

@@ -34,7 +34,11 @@ impl RateLimitedLog {
         RateLimitedLog {
             guest,
             per_second,
-            state: Mutex::new(Bucket { tokens: f64::from(per_second), last: Instant::now(), suppressed: 0 }),
+            state: Mutex::new(Bucket {
+                tokens: f64::from(per_second),
+                last: Instant::now(),
+                suppressed: 0,
+            }),
         }
     }
 
@@ -43,7 +47,8 @@ impl RateLimitedLog {
         let mut bucket = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let rate = f64::from(self.per_second);
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * rate).min(rate);
+        bucket.tokens =
+            (bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * rate).min(rate);
         bucket.last = now;
         if bucket.tokens < 1.0 {
             bucket.suppressed += 1;
@@ -76,14 +81,19 @@ pub struct GuestOutput {
 
 impl GuestOutput {
     pub fn new(log: Arc<RateLimitedLog>, level: Level) -> GuestOutput {
-        GuestOutput { log, level, pending: Arc::new(Mutex::new(Vec::new())) }
+        GuestOutput {
+            log,
+            level,
+            pending: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 
     fn push(&self, bytes: &[u8]) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         for &byte in bytes {
             if byte == b'\n' {
-                self.log.line(self.level, &String::from_utf8_lossy(&pending));
+                self.log
+                    .line(self.level, &String::from_utf8_lossy(&pending));
                 pending.clear();
             } else if pending.len() < MAX_LINE {
                 pending.push(byte);
@@ -133,7 +143,11 @@ impl Pollable for GuestOutput {
 }
 
 impl tokio::io::AsyncWrite for GuestOutput {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.push(buf);
         Poll::Ready(Ok(buf.len()))
     }

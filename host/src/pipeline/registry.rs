@@ -5,7 +5,7 @@
 //! ```text
 //! folder poll (debounced) ─┐
 //! SIGHUP ──────────────────┼──▶ reload: scan → require check → compile/instantiate/init ──▶ swap slot
-//! POST /reload ────────────┘                     │ failure: log, /status, the running pipeline stays
+//! POST /reload ────────────┘                     │ failure: log, /status, spine event; the running pipeline stays
 //!                                                ▼
 //!                              worker: `if let Some(next) = slot.take() { pipeline = next }`
 //! ```
@@ -71,17 +71,73 @@ fn fingerprint(dir: &std::path::Path) -> Fingerprint {
         })
         .filter_map(|e| {
             let meta = e.metadata().ok()?;
-            Some((e.file_name().to_string_lossy().into_owned(), meta.len(), meta.modified().ok()))
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                meta.len(),
+                meta.modified().ok(),
+            ))
         })
         .collect();
     entries.sort();
     Fingerprint(entries)
 }
 
+/// Tells the audit spines about failed reloads: an event of kind `other` whose
+/// payload says what was refused and why, and which pipeline version keeps running.
+/// Sent in the background and retried with backoff for about ten minutes.
+#[derive(Clone, Default)]
+pub struct ReloadNotifier {
+    /// `(spine client, event source)` per `http` sink.
+    pub spines: Vec<(Arc<crate::sink::spine::SpineClient>, String)>,
+}
+
+impl ReloadNotifier {
+    fn reload_failed(&self, reason: &str, error: &str, running: &str) {
+        for (client, source) in &self.spines {
+            let event = serde_json::json!({
+                "kind": "other",
+                "source": source,
+                "payload": {
+                    "event": "pipeline_reload_failed",
+                    "reason": reason,
+                    "error": error,
+                    "running_pipeline": running,
+                },
+                "timestamp": chrono::Utc::now().to_rfc3339(),
+            });
+            let client = client.clone();
+            tokio::spawn(async move {
+                let body = event.to_string();
+                let mut backoff = Duration::from_millis(200);
+                for _ in 0..20 {
+                    match client.publish(body.clone()).await {
+                        Ok(_) => return,
+                        Err(e) if e.is_transient() => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(60));
+                        }
+                        Err(e) => {
+                            tracing::error!(spine = client.events_url(), error = %e, "the spine refused the reload-failure event");
+                            return;
+                        }
+                    }
+                }
+                tracing::error!(
+                    spine = client.events_url(),
+                    "could not tell the spine about a failed reload"
+                );
+            });
+        }
+    }
+}
+
 /// Checks that every required stage is present among `files`.
 pub fn check_required(files: &[PluginFile], require: &[String]) -> Result<(), String> {
-    let missing: Vec<&str> =
-        require.iter().filter(|r| !files.iter().any(|f| &f.name == *r)).map(String::as_str).collect();
+    let missing: Vec<&str> = require
+        .iter()
+        .filter(|r| !files.iter().any(|f| &f.name == *r))
+        .map(String::as_str)
+        .collect();
     if missing.is_empty() {
         Ok(())
     } else {
@@ -95,11 +151,19 @@ pub fn check_required(files: &[PluginFile], require: &[String]) -> Result<(), St
 }
 
 /// Builds a complete pipeline from the folder, or says why not.
-pub fn build(runtime: &Runtime, dir: &std::path::Path, require: &[String]) -> Result<Pipeline, String> {
+pub fn build(
+    runtime: &Runtime,
+    dir: &std::path::Path,
+    require: &[String],
+) -> Result<Pipeline, String> {
     let files = scan(dir).map_err(|e| e.to_string())?;
     check_required(&files, require)?;
     Pipeline::load(runtime, &files, &[]).map_err(|errors: Vec<RuntimeError>| {
-        errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
     })
 }
 
@@ -111,9 +175,11 @@ pub async fn run(
     watch: bool,
     slot: SwapSlot,
     status: Arc<Status>,
+    notifier: ReloadNotifier,
     mut requests: mpsc::UnboundedReceiver<ReloadRequest>,
 ) {
     let mut seen = fingerprint(&dir);
+    let mut running = String::new();
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -154,11 +220,18 @@ pub async fn run(
                 );
                 slot.offer(pipeline);
                 status.reload_succeeded(request.reason, &version);
+                running = version.clone();
                 Ok(version)
             }
             Err(error) => {
                 tracing::error!(reason = request.reason, error = %error, "reload failed; the running pipeline stays");
                 status.reload_failed(request.reason, &error);
+                let current = if running.is_empty() {
+                    status.pipeline_version()
+                } else {
+                    running.clone()
+                };
+                notifier.reload_failed(request.reason, &error, &current);
                 Err(error)
             }
         };

@@ -25,7 +25,9 @@ use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 use wasmtime_wasi::WasiCtx;
 
 use super::batch::Batch;
-use super::guest::{CONTRACT_PACKAGE, CONTRACT_VERSION, GuestBatch, GuestState, Transform, TransformPre, wit};
+use super::guest::{
+    CONTRACT_PACKAGE, CONTRACT_VERSION, GuestBatch, GuestState, Transform, TransformPre, wit,
+};
 use super::output::{GuestOutput, RateLimitedLog};
 
 /// How often the epoch advances; deadlines are rounded up to it.
@@ -62,8 +64,16 @@ pub enum RuntimeError {
     Load { path: String, message: String },
     #[error("guest `{guest}` refused its settings: {message}")]
     Init { guest: String, message: String },
-    #[error("guest `{guest}` failed on a batch of {rows} rows (transactions {first_lsn}..{last_lsn}): {message}")]
-    Process { guest: String, rows: usize, first_lsn: String, last_lsn: String, message: String },
+    #[error(
+        "guest `{guest}` failed on a batch of {rows} rows (transactions {first_lsn}..{last_lsn}): {message}"
+    )]
+    Process {
+        guest: String,
+        rows: usize,
+        first_lsn: String,
+        last_lsn: String,
+        message: String,
+    },
     #[error("wasm runtime: {0}")]
     Engine(String),
 }
@@ -86,7 +96,8 @@ impl Runtime {
         config.epoch_interruption(true);
         let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<GuestState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         Transform::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker = engine.clone();
@@ -101,22 +112,40 @@ impl Runtime {
             .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
         if let Some(dir) = &cache_dir {
             std::fs::create_dir_all(dir).map_err(|e| {
-                RuntimeError::Engine(format!("cannot create the compile cache {}: {e}", dir.display()))
+                RuntimeError::Engine(format!(
+                    "cannot create the compile cache {}: {e}",
+                    dir.display()
+                ))
             })?;
         }
-        Ok(Runtime { engine, linker: Arc::new(linker), cache_dir, limits })
+        Ok(Runtime {
+            engine,
+            linker: Arc::new(linker),
+            cache_dir,
+            limits,
+        })
     }
 
     /// A hash that changes whenever compiled code from this engine would not load.
     fn engine_hash(&self) -> u64 {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         hasher.finish()
     }
 
     /// Compiles (or loads from the cache) a component.
-    fn compile(&self, path: &str, wasm: &[u8], content_hash: &str) -> Result<Component, RuntimeError> {
-        let load_err = |message: String| RuntimeError::Load { path: path.to_owned(), message };
+    fn compile(
+        &self,
+        path: &str,
+        wasm: &[u8],
+        content_hash: &str,
+    ) -> Result<Component, RuntimeError> {
+        let load_err = |message: String| RuntimeError::Load {
+            path: path.to_owned(),
+            message,
+        };
         let cached = self
             .cache_dir
             .as_ref()
@@ -126,12 +155,15 @@ impl Runtime {
         {
             match deserialize_cached(&self.engine, cached) {
                 Ok(component) => return Ok(component),
-                Err(error) => tracing::warn!(path = %cached.display(), error = %error, "ignoring unreadable compile cache entry"),
+                Err(error) => {
+                    tracing::warn!(path = %cached.display(), error = %error, "ignoring unreadable compile cache entry")
+                }
             }
         }
         if !wasm.starts_with(b"\0asm") {
             return Err(load_err(
-                "not a WebAssembly file (no `\\0asm` header): build the guest for wasm32-wasip2".into(),
+                "not a WebAssembly file (no `\\0asm` header): build the guest for wasm32-wasip2"
+                    .into(),
             ));
         }
         let component = Component::new(&self.engine, wasm).map_err(|e| {
@@ -146,11 +178,16 @@ impl Runtime {
             match component.serialize() {
                 Ok(bytes) => {
                     let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
-                    if std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &cached)).is_err() {
+                    if std::fs::write(&tmp, bytes)
+                        .and_then(|()| std::fs::rename(&tmp, &cached))
+                        .is_err()
+                    {
                         tracing::warn!(path = %cached.display(), "cannot write the compile cache entry");
                     }
                 }
-                Err(error) => tracing::warn!(error = %error, "cannot serialize a compiled component"),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot serialize a compiled component")
+                }
             }
         }
         Ok(component)
@@ -158,22 +195,41 @@ impl Runtime {
 
     /// Loads one stage: compiles, checks the contract version, pre-instantiates,
     /// instantiates once and calls `info` and `init(settings)`.
-    pub fn load_stage(&self, name: &str, path: &str, wasm: &[u8], settings: Vec<(String, String)>) -> Result<Stage, RuntimeError> {
+    pub fn load_stage(
+        &self,
+        name: &str,
+        path: &str,
+        wasm: &[u8],
+        settings: Vec<(String, String)>,
+    ) -> Result<Stage, RuntimeError> {
         let content_hash = hex::encode(Sha256::digest(wasm));
         let component = self.compile(path, wasm, &content_hash)?;
-        check_contract(&self.engine, &component).map_err(|message| RuntimeError::Load { path: path.to_owned(), message })?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| RuntimeError::Load {
+        check_contract(&self.engine, &component).map_err(|message| RuntimeError::Load {
             path: path.to_owned(),
-            message: format!("cannot link: {e:#}"),
+            message,
         })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| RuntimeError::Load {
+                path: path.to_owned(),
+                message: format!("cannot link: {e:#}"),
+            })?;
         let pre = TransformPre::new(pre).map_err(|e| RuntimeError::Load {
             path: path.to_owned(),
             message: format!("does not export the `transform` world ({e:#}): it must export info, init and process"),
         })?;
-        let log = Arc::new(RateLimitedLog::new(Arc::from(name), self.limits.log_lines_per_second));
+        let log = Arc::new(RateLimitedLog::new(
+            Arc::from(name),
+            self.limits.log_lines_per_second,
+        ));
         let mut stage = Stage {
             name: name.to_owned(),
-            info: wit::PluginInfo { name: name.to_owned(), version: String::new(), description: String::new() },
+            info: wit::PluginInfo {
+                name: name.to_owned(),
+                version: String::new(),
+                description: String::new(),
+            },
             content_hash,
             loaded_at: SystemTime::now(),
             settings,
@@ -184,10 +240,13 @@ impl Runtime {
         };
         let mut live = stage.instantiate()?;
         live.store.set_epoch_deadline(ticks(self.limits.deadline));
-        stage.info = live.bindings.call_info(&mut live.store).map_err(|e| RuntimeError::Load {
-            path: path.to_owned(),
-            message: format!("`info` failed: {e:#}"),
-        })?;
+        stage.info = live
+            .bindings
+            .call_info(&mut live.store)
+            .map_err(|e| RuntimeError::Load {
+                path: path.to_owned(),
+                message: format!("`info` failed: {e:#}"),
+            })?;
         stage.live = Some(live);
         Ok(stage)
     }
@@ -204,7 +263,10 @@ fn deserialize_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Componen
 /// Refuses components built for another version of the contract, naming both.
 fn check_contract(engine: &Engine, component: &Component) -> Result<(), String> {
     let ty = component.component_type();
-    let names = ty.imports(engine).map(|(n, _)| n.to_owned()).chain(ty.exports(engine).map(|(n, _)| n.to_owned()));
+    let names = ty
+        .imports(engine)
+        .map(|(n, _)| n.to_owned())
+        .chain(ty.exports(engine).map(|(n, _)| n.to_owned()));
     for name in names {
         if let Some(rest) = name.strip_prefix(CONTRACT_PACKAGE)
             && let Some((_, version)) = rest.split_once('@')
@@ -269,15 +331,24 @@ impl Stage {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(ticks(limits.deadline));
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| RuntimeError::Init {
-            guest: self.name.clone(),
-            message: format!("cannot instantiate: {e:#}"),
-        })?;
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| RuntimeError::Init {
+                guest: self.name.clone(),
+                message: format!("cannot instantiate: {e:#}"),
+            })?;
         store.set_epoch_deadline(ticks(limits.deadline));
         match bindings.call_init(&mut store, &self.settings) {
             Ok(Ok(())) => Ok(Live { store, bindings }),
-            Ok(Err(message)) => Err(RuntimeError::Init { guest: self.name.clone(), message }),
-            Err(e) => Err(RuntimeError::Init { guest: self.name.clone(), message: format!("`init` trapped: {}", describe_trap(&e, limits)) }),
+            Ok(Err(message)) => Err(RuntimeError::Init {
+                guest: self.name.clone(),
+                message,
+            }),
+            Err(e) => Err(RuntimeError::Init {
+                guest: self.name.clone(),
+                message: format!("`init` trapped: {}", describe_trap(&e, limits)),
+            }),
         }
     }
 
@@ -297,13 +368,22 @@ impl Stage {
                     }
                 },
             };
-            live.store.set_epoch_deadline(ticks(self.runtime.limits.deadline));
-            let resource = match live.store.data_mut().table.push(GuestBatch::new(batch, self.runtime.limits.output_bytes)) {
+            live.store
+                .set_epoch_deadline(ticks(self.runtime.limits.deadline));
+            let resource = match live
+                .store
+                .data_mut()
+                .table
+                .push(GuestBatch::new(batch, self.runtime.limits.output_bytes))
+            {
                 Ok(r) => r,
                 Err(e) => unreachable_table(e),
             };
             let rep = resource.rep();
-            let outcome = live.bindings.call_process(&mut live.store, wasmtime::component::Resource::new_borrow(rep));
+            let outcome = live.bindings.call_process(
+                &mut live.store,
+                wasmtime::component::Resource::new_borrow(rep),
+            );
             let lent = match live.store.data_mut().table.delete(resource) {
                 Ok(lent) => lent,
                 Err(e) => unreachable_table(e),
@@ -328,10 +408,27 @@ impl Stage {
                 tracing::warn!(guest = %self.name, error = %last_error, "guest failed a batch; retrying once on a fresh instance");
             }
         }
-        let first = batch.txns.first().map(|t| t.commit_lsn.to_string()).unwrap_or_default();
-        let last = batch.txns.last().map(|t| t.commit_lsn.to_string()).unwrap_or_default();
+        let first = batch
+            .txns
+            .first()
+            .map(|t| t.commit_lsn.to_string())
+            .unwrap_or_default();
+        let last = batch
+            .txns
+            .last()
+            .map(|t| t.commit_lsn.to_string())
+            .unwrap_or_default();
         let rows = batch.rows.len();
-        Err((batch, RuntimeError::Process { guest: self.name.clone(), rows, first_lsn: first, last_lsn: last, message: last_error }))
+        Err((
+            batch,
+            RuntimeError::Process {
+                guest: self.name.clone(),
+                rows,
+                first_lsn: first,
+                last_lsn: last,
+                message: last_error,
+            },
+        ))
     }
 }
 
@@ -357,7 +454,9 @@ fn describe_trap(error: &wasmtime::Error, limits: &Limits) -> String {
         }
     }
     let text = format!("{error:#}");
-    if text.contains("forcing trap when growing memory") || text.contains("memory") && text.contains("limit") {
+    if text.contains("forcing trap when growing memory")
+        || text.contains("memory") && text.contains("limit")
+    {
         return format!(
             "exceeded its memory limit of {} MiB (raise [plugins.limits] memory_mib if this is expected): {text}",
             limits.memory_bytes >> 20
@@ -389,6 +488,7 @@ impl wasmtime_wasi::HostMonotonicClock for StepClock {
         1_000
     }
     fn now(&self) -> u64 {
-        self.0.fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
+        self.0
+            .fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
     }
 }

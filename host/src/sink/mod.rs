@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::change::Lsn;
 use crate::pipeline::batch::Batch;
+use crate::status::{self, Status};
 
 /// Why a sink could not accept or persist data.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +58,8 @@ impl SinkError {
 /// - `flush_interval` is how long accepted data may wait before a flush.
 pub trait Sink: Send + 'static {
     fn name(&self) -> &str;
-    fn accept(&mut self, batch: Arc<Batch>) -> impl Future<Output = Result<bool, SinkError>> + Send;
+    fn accept(&mut self, batch: Arc<Batch>)
+    -> impl Future<Output = Result<bool, SinkError>> + Send;
     fn due(&self) -> bool;
     fn flush(&mut self) -> impl Future<Output = Result<Option<Lsn>, SinkError>> + Send;
     fn flush_interval(&self) -> Duration;
@@ -67,10 +69,22 @@ pub trait Sink: Send + 'static {
 /// passes, retries transient flush errors with backoff, and publishes the durable LSN
 /// on `durable`. Returns when `rx` is closed and everything accepted is flushed.
 pub async fn drive<S: Sink>(
+    sink: S,
+    rx: mpsc::Receiver<Arc<Batch>>,
+    durable: watch::Sender<Lsn>,
+) -> Result<(), SinkError> {
+    drive_observed(sink, rx, durable, None).await
+}
+
+/// [`drive`], also reporting to `status`: flush latency, retries, the last error while
+/// retrying, and the batches queued in front of the sink (its backlog).
+pub async fn drive_observed<S: Sink>(
     mut sink: S,
     mut rx: mpsc::Receiver<Arc<Batch>>,
     durable: watch::Sender<Lsn>,
+    status: Option<Arc<Status>>,
 ) -> Result<(), SinkError> {
+    let status = status.as_deref();
     let interval = sink.flush_interval();
     let mut pending: Option<Lsn> = None;
     let mut deadline = tokio::time::Instant::now() + interval;
@@ -100,17 +114,21 @@ pub async fn drive<S: Sink>(
                     Some(end) => pending = Some(end),
                     None => {}
                 }
+                if let Some(status) = status {
+                    let queued = rx.len();
+                    status.update_sink(sink.name(), |v| v.queued_batches = queued);
+                }
                 if pending.is_some() && sink.due() {
-                    flush_with_retry(&mut sink, &durable, &mut pending).await?;
+                    flush_with_retry(&mut sink, &durable, &mut pending, status).await?;
                 }
             }
             Some(None) => {
                 if pending.is_some() {
-                    flush_with_retry(&mut sink, &durable, &mut pending).await?;
+                    flush_with_retry(&mut sink, &durable, &mut pending, status).await?;
                 }
                 return Ok(());
             }
-            None => flush_with_retry(&mut sink, &durable, &mut pending).await?,
+            None => flush_with_retry(&mut sink, &durable, &mut pending, status).await?,
         }
     }
 }
@@ -119,11 +137,25 @@ async fn flush_with_retry<S: Sink>(
     sink: &mut S,
     durable: &watch::Sender<Lsn>,
     pending: &mut Option<Lsn>,
+    status: Option<&Status>,
 ) -> Result<(), SinkError> {
     let mut backoff = Duration::from_millis(100);
     loop {
+        let started = std::time::Instant::now();
         match sink.flush().await {
             Ok(flushed) => {
+                if let Some(status) = status {
+                    let name = sink.name().to_owned();
+                    status.metrics.observe(
+                        status::SINK_FLUSH_SECONDS,
+                        &[("sink", &name)],
+                        started.elapsed().as_secs_f64(),
+                    );
+                    status.update_sink(&name, |v| {
+                        v.last_error = None;
+                        v.retrying = false;
+                    });
+                }
                 if let Some(lsn) = flushed.or(*pending) {
                     publish(durable, lsn);
                 }
@@ -132,6 +164,16 @@ async fn flush_with_retry<S: Sink>(
             }
             Err(error) if error.is_transient() => {
                 tracing::warn!(sink = sink.name(), error = %error, retry_in = ?backoff, "sink flush failed, retrying");
+                if let Some(status) = status {
+                    let name = sink.name().to_owned();
+                    status
+                        .metrics
+                        .add(status::SINK_RETRIES, &[("sink", &name)], 1.0);
+                    status.update_sink(&name, |v| {
+                        v.last_error = Some(error.to_string());
+                        v.retrying = true;
+                    });
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }

@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock::change::{Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid};
+use airlock::change::{
+    Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
+};
 use airlock::pipeline::batch::Batch;
 use airlock::pipeline::runtime::{Limits, Runtime};
 use airlock::pipeline::{Pipeline, PluginFile};
@@ -38,7 +40,12 @@ fn relation() -> Arc<Relation> {
         replica_identity: ReplicaIdentity::Default,
         columns: cols
             .iter()
-            .map(|(n, t)| Column { name: (*n).into(), type_oid: *t, type_modifier: -1, key: *n == "id" })
+            .map(|(n, t)| Column {
+                name: (*n).into(),
+                type_oid: *t,
+                type_modifier: -1,
+                key: *n == "id",
+            })
             .collect(),
     })
 }
@@ -66,7 +73,12 @@ fn batch(rel: &Arc<Relation>) -> Batch {
         })
         .collect();
     Batch::from_transactions(vec![Transaction {
-        meta: TxnMeta { xid: 1, commit_lsn: Lsn(ROWS as u64 + 1), end_lsn: Lsn(ROWS as u64 + 2), commit_ts: 0 },
+        meta: TxnMeta {
+            xid: 1,
+            commit_lsn: Lsn(ROWS as u64 + 1),
+            end_lsn: Lsn(ROWS as u64 + 2),
+            commit_ts: 0,
+        },
         changes,
     }])
 }
@@ -112,7 +124,10 @@ fn native_tag(b: &mut Batch) {
     }
     for row in &mut b.rows {
         if let Some(values) = &row.change.new {
-            let hit = values.iter().take(32).any(|v| matches!(v, Value::Text(s) if s.contains('@')));
+            let hit = values
+                .iter()
+                .take(32)
+                .any(|v| matches!(v, Value::Text(s) if s.contains('@')));
             if hit {
                 row.tags.push("pii".into());
             }
@@ -121,9 +136,16 @@ fn native_tag(b: &mut Batch) {
 }
 
 fn native_route(b: &mut Batch) {
-    let restricted = b.tables[0].column_tags.iter().any(|t| t.iter().any(|t| t == "pii"));
+    let restricted = b.tables[0]
+        .column_tags
+        .iter()
+        .any(|t| t.iter().any(|t| t == "pii"));
     for row in &mut b.rows {
-        let route = if restricted || row.tags.iter().any(|t| t == "pii") { "restricted" } else { "default" };
+        let route = if restricted || row.tags.iter().any(|t| t == "pii") {
+            "restricted"
+        } else {
+            "default"
+        };
         row.routes.push(route.into());
     }
 }
@@ -167,33 +189,79 @@ fn main() -> anyhow::Result<()> {
     let input = batch(&rel);
     type Native = fn(&mut Batch);
     let cases: [(&str, &[(&str, &str)], &str, Native); 6] = [
-        ("mask", &[("columns", "email"), ("columns", "phone")], "hash 2 of 10 columns", native_mask),
-        ("mask", &[("columns", "email"), ("columns", "phone"), ("default_mode", "redact")], "redact 2 of 10", |b| {
-            for row in &mut b.rows {
-                if let Some(v) = &mut row.change.new {
-                    v[2] = Value::Text("[redacted]".into());
-                    v[3] = Value::Text("[redacted]".into());
+        (
+            "mask",
+            &[("columns", "email"), ("columns", "phone")],
+            "hash 2 of 10 columns",
+            native_mask,
+        ),
+        (
+            "mask",
+            &[
+                ("columns", "email"),
+                ("columns", "phone"),
+                ("default_mode", "redact"),
+            ],
+            "redact 2 of 10",
+            |b| {
+                for row in &mut b.rows {
+                    if let Some(v) = &mut row.change.new {
+                        v[2] = Value::Text("[redacted]".into());
+                        v[3] = Value::Text("[redacted]".into());
+                    }
                 }
-            }
-        }),
-        ("filter", &[("where.column", "active"), ("where.op", "eq"), ("where.value", "true")], "drop inactive", native_filter),
+            },
+        ),
+        (
+            "filter",
+            &[
+                ("where.column", "active"),
+                ("where.op", "eq"),
+                ("where.value", "true"),
+            ],
+            "drop inactive",
+            native_filter,
+        ),
         ("tag", &[], "classify columns", native_tag),
         ("route", &[], "route by tags", native_route),
-        ("test_passthrough", &[], "read+write all 10 columns", native_passthrough),
+        (
+            "test_passthrough",
+            &[],
+            "read+write all 10 columns",
+            native_passthrough,
+        ),
     ];
-    println!("guest cost per row: batches of {ROWS} rows x 10 columns, {batches} batches each, wasm beside native Rust");
-    println!("{:<18} {:<26} {:>12} {:>12} {:>8}", "guest", "work", "wasm ns/row", "native ns/row", "ratio");
+    println!(
+        "guest cost per row: batches of {ROWS} rows x 10 columns, {batches} batches each, wasm beside native Rust"
+    );
+    println!(
+        "{:<18} {:<26} {:>12} {:>12} {:>8}",
+        "guest", "work", "wasm ns/row", "native ns/row", "ratio"
+    );
     for (guest, settings, work, native) in cases {
         let path = airlock_tests::guest(guest);
-        let file = PluginFile { name: guest.into(), wasm: path, settings: None };
-        let extra: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut pipeline = Pipeline::load(&rt, &[file], &extra).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let wasm = time_per_row(batches, &input, |b| pipeline.process(b).unwrap_or_else(|(_, e)| panic!("{e}")));
+        let file = PluginFile {
+            name: guest.into(),
+            wasm: path,
+            settings: None,
+        };
+        let extra: Vec<(String, String)> = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut pipeline =
+            Pipeline::load(&rt, &[file], &extra).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let wasm = time_per_row(batches, &input, |b| {
+            pipeline.process(b).unwrap_or_else(|(_, e)| panic!("{e}"))
+        });
         let native_ns = time_per_row(batches, &input, |mut b| {
             native(&mut b);
             b
         });
-        println!("{guest:<18} {work:<26} {wasm:>12.1} {native_ns:>12.1} {:>7.1}x", wasm / native_ns);
+        println!(
+            "{guest:<18} {work:<26} {wasm:>12.1} {native_ns:>12.1} {:>7.1}x",
+            wasm / native_ns
+        );
     }
     Ok(())
 }

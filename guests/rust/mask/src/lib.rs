@@ -241,12 +241,19 @@ mod tests {
 
     fn config(pairs: &[(&str, &str)]) -> Result<Config, String> {
         Config::from_settings(&Settings::new(
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         ))
     }
 
     fn packed(values: &[Option<&str>]) -> TextColumn {
-        let mut column = TextColumn { kinds: Vec::new(), data: Vec::new(), offsets: vec![0] };
+        let mut column = TextColumn {
+            kinds: Vec::new(),
+            data: Vec::new(),
+            offsets: vec![0],
+        };
         for v in values {
             match v {
                 Some(text) => {
@@ -264,7 +271,11 @@ mod tests {
         (0..column.kinds.len())
             .map(|i| {
                 (column.kinds[i] == KIND_VALUE).then(|| {
-                    String::from_utf8(column.data[column.offsets[i] as usize..column.offsets[i + 1] as usize].to_vec()).unwrap()
+                    String::from_utf8(
+                        column.data[column.offsets[i] as usize..column.offsets[i + 1] as usize]
+                            .to_vec(),
+                    )
+                    .unwrap()
                 })
             })
             .collect()
@@ -274,12 +285,25 @@ mod tests {
     fn redact_null_and_keep_last_rewrite_only_values() {
         let column = packed(&[Some("ada@example.com"), None, Some("+1-555-010-4477")]);
         let redacted = mask_packed(&column, Mode::Redact).unwrap();
-        assert_eq!(texts(&redacted), vec![Some(REDACTED.into()), None, Some(REDACTED.into())]);
+        assert_eq!(
+            texts(&redacted),
+            vec![Some(REDACTED.into()), None, Some(REDACTED.into())]
+        );
         let nulled = mask_packed(&column, Mode::Null).unwrap();
         assert_eq!(texts(&nulled), vec![None, None, None]);
         let kept = mask_packed(&column, Mode::KeepLast(4)).unwrap();
-        assert_eq!(texts(&kept), vec![Some("***********.com".into()), None, Some("***********4477".into())]);
-        assert!(mask_packed(&packed(&[None, None]), Mode::Redact).is_none(), "nothing to write back");
+        assert_eq!(
+            texts(&kept),
+            vec![
+                Some("***********.com".into()),
+                None,
+                Some("***********4477".into())
+            ]
+        );
+        assert!(
+            mask_packed(&packed(&[None, None]), Mode::Redact).is_none(),
+            "nothing to write back"
+        );
     }
 
     #[test]
@@ -300,12 +324,23 @@ mod tests {
     #[test]
     fn settings_are_checked() {
         assert!(config(&[]).is_ok());
-        let e = config(&[("columns", "email"), ("mode.email", "scramble")]).err().unwrap();
+        let e = config(&[("columns", "email"), ("mode.email", "scramble")])
+            .err()
+            .unwrap();
         assert!(e.contains("scramble") && e.contains("allowed modes"), "{e}");
         let e = config(&[("mode.phone", "hash")]).err().unwrap();
         assert!(e.contains("not in `columns`"), "{e}");
-        let c = config(&[("columns", "email"), ("columns", "public.users.phone"), ("mode.public.users.phone", "keep-last-4"), ("salt", "s")]).unwrap();
-        assert_eq!(c.mode_for("public", "users", "phone"), Some(Mode::KeepLast(4)));
+        let c = config(&[
+            ("columns", "email"),
+            ("columns", "public.users.phone"),
+            ("mode.public.users.phone", "keep-last-4"),
+            ("salt", "s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.mode_for("public", "users", "phone"),
+            Some(Mode::KeepLast(4))
+        );
         assert_eq!(c.mode_for("public", "orders", "phone"), None);
         assert_eq!(c.mode_for("x", "y", "email"), Some(Mode::Hash));
         assert_eq!(c.salt, b"s");

@@ -42,7 +42,9 @@ pub mod bindings {
     });
 }
 
-pub use bindings::airlock::transform::types::{Column, Image, Op, RowMeta, Table, TextColumn, Value};
+pub use bindings::airlock::transform::types::{
+    Column, Image, Op, RowMeta, Table, TextColumn, Value,
+};
 pub use bindings::{Batch, Guest, Level, PluginInfo, export, log};
 
 /// A guest's settings: the host's flattening of `NAME.toml`.

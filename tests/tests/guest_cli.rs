@@ -1,0 +1,110 @@
+//! `airlock guest test`: the guest author's harness, through the real binary, on the
+//! documented example input (`examples/changes.jsonl`).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use airlock_tests::*;
+use serde_json::{Value as Json, json};
+
+fn guest_test(plugin: &Path, settings: &[&str], input: &[u8]) -> (bool, Vec<Json>, String) {
+    let mut cmd = Command::new(airlock_bin());
+    cmd.args(["guest", "test"]).arg(plugin);
+    for s in settings {
+        cmd.args(["--setting", s]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (
+        out.status.success(),
+        lines,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn guest_test_masks_the_example_changes_and_prints_routes_tags_and_annotations() {
+    let input =
+        std::fs::read(root().join("examples/changes.jsonl")).expect("examples/changes.jsonl");
+    let (ok, lines, stderr) = guest_test(
+        &guest("mask"),
+        &["columns=email", "columns=phone", "mode.phone=keep-last-4"],
+        &input,
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(lines.len(), 4, "one line per input change");
+    let insert = &lines[0];
+    assert_eq!(insert["table"], "public.customers");
+    assert_eq!(insert["op"], "insert");
+    assert_eq!(insert["new"]["email"], json!(sha256_hex("ada@example.com")));
+    assert_eq!(insert["new"]["phone"], "***********4477");
+    assert_eq!(insert["new"]["balance"], "1234.50", "numeric stays exact");
+    assert_eq!(insert["new"]["signed_up"], "2024-02-29T12:00:00Z");
+    assert_eq!(insert["column_tags"]["email"], json!(["pii"]));
+    assert_eq!(insert["routes"], json!(["default"]));
+    // The update's phone was an unchanged TOAST value: it stays unchanged, not data.
+    assert_eq!(lines[1]["new"]["phone"], json!({"$unchanged": true}));
+    assert_eq!(
+        lines[1]["new"]["email"],
+        json!(sha256_hex("ada@newmail.example.org"))
+    );
+    // A table without the masked columns passes through untouched.
+    assert_eq!(lines[3]["table"], "public.orders");
+    assert_eq!(lines[3]["new"]["total"], json!(12.5));
+}
+
+#[test]
+fn guest_test_runs_a_folder_of_stages_in_order() {
+    let dir = temp_dir("guest-cli-folder");
+    let plugins = plugin_dir(
+        &dir,
+        &[
+            ("10-mask", "mask", ""),
+            (
+                "20-route",
+                "route",
+                "spine_tables = [\"public.customers\"]\n",
+            ),
+        ],
+    );
+    let input =
+        std::fs::read(root().join("examples/changes.jsonl")).expect("examples/changes.jsonl");
+    let (ok, lines, stderr) = guest_test(&plugins, &[], &input);
+    assert!(ok, "{stderr}");
+    // mask tags `email` as pii, so route sends customers rows to `restricted` and `spine`.
+    assert_eq!(lines[0]["routes"], json!(["restricted", "spine"]));
+    assert_eq!(lines[0]["annotations"]["spine.kind"], "other");
+    assert_eq!(lines[3]["routes"], json!(["default"]));
+    assert_eq!(lines[0]["pipeline"].as_str().unwrap().len(), 12);
+}
+
+#[test]
+fn guest_test_names_the_bad_input_line_and_the_fix() {
+    let input = b"{\"table\":\"public.t\",\"op\":\"insert\",\"new\":{\"id\":1}}\n{\"table\":\"t\",\"op\":\"upsert\"}\n";
+    let (ok, _, stderr) = guest_test(&guest("mask"), &[], input);
+    assert!(!ok);
+    assert!(stderr.contains("input line 2"), "{stderr}");
+    assert!(stderr.contains("unknown op `upsert`"), "{stderr}");
+    let (ok, _, stderr) = guest_test(&guest("mask"), &["mode.email=scramble"], b"");
+    assert!(!ok);
+    assert!(
+        stderr.contains("scramble") && stderr.contains("allowed modes"),
+        "the guest's refusal is shown verbatim: {stderr}"
+    );
+}
