@@ -89,6 +89,7 @@ async fn open_sink(
             settings.flush_interval = sink.flush_interval;
             settings.max_events = sink.max_rows;
             settings.request_timeout = sink.spine.request_timeout;
+            settings.dead_letter_dir = sink.spine.dead_letter_dir.clone();
             let spine = SpineSink::open(settings).await?;
             Ok(tokio::spawn(sink::drive_observed(
                 spine,

@@ -140,6 +140,8 @@ pub mod raw {
         pub watch: Option<Vec<Watch>>,
         /// Time allowed for one request to the spine before it is retried. Default `30s`.
         pub request_timeout: Option<String>,
+        /// Where events the spine refuses (4xx) go, so the stream goes on. Default: none, a 4xx stops the pipeline.
+        pub dead_letter_dir: Option<String>,
     }
 
     /// One `watch(table, kind, source)` entry of an `http` sink.
@@ -274,6 +276,7 @@ pub struct SpineConfig {
     /// `(table glob, kind, source)`.
     pub watch: Vec<(String, String, String)>,
     pub request_timeout: Duration,
+    pub dead_letter_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -640,6 +643,7 @@ impl Config {
                     s.request_timeout.as_ref(),
                     Duration::from_secs(30),
                 ),
+                dead_letter_dir: s.dead_letter_dir.as_deref().map(resolve),
             };
             if !http {
                 for (field, set) in [
@@ -649,6 +653,7 @@ impl Config {
                     ("default_source", s.default_source.is_some()),
                     ("watch", s.watch.is_some()),
                     ("request_timeout", s.request_timeout.is_some()),
+                    ("dead_letter_dir", s.dead_letter_dir.is_some()),
                 ] {
                     if set {
                         issues.add(

@@ -96,6 +96,9 @@ pub struct SpineSettings {
     pub max_events: usize,
     /// Time limit of one HTTP request (connect, send, answer).
     pub request_timeout: Duration,
+    /// Where events the spine refuses with a 4xx go, one JSON line each with the
+    /// spine's answer, so the stream goes on. `None`: a 4xx stops the pipeline.
+    pub dead_letter_dir: Option<std::path::PathBuf>,
 }
 
 impl SpineSettings {
@@ -121,6 +124,7 @@ impl SpineSettings {
             flush_interval: Self::DEFAULT_FLUSH_INTERVAL,
             max_events: Self::DEFAULT_MAX_EVENTS,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            dead_letter_dir: None,
         }
     }
 }
@@ -441,6 +445,9 @@ pub struct SpineSink {
     sources: BTreeSet<String>,
     /// Whether the spine takes `POST {url}/batch` (unknown until tried).
     batch_endpoint: Option<bool>,
+    /// Events at the front of `pending` to send one at a time: a batch holding them
+    /// was refused, and one-by-one delivery finds the event the spine refuses.
+    isolate: usize,
     failures: u32,
     rng: u64,
 }
@@ -474,6 +481,7 @@ impl SpineSink {
             resync: true,
             sources,
             batch_endpoint: None,
+            isolate: 0,
             failures: 0,
             rng: seed,
         };
@@ -569,7 +577,7 @@ impl SpineSink {
             self.skip_delivered();
         }
         while !self.pending.is_empty() {
-            if self.batch_endpoint != Some(false) {
+            if self.batch_endpoint != Some(false) && self.isolate == 0 {
                 let mut count = 0;
                 let mut bytes = 0;
                 let mut body =
@@ -591,12 +599,15 @@ impl SpineSink {
                 body.push(b']');
                 let first = &self.pending[0];
                 let context = format!("{count} events from {} ({})", first.event_id, first.about);
-                match self
-                    .client
-                    .publish_batch(Bytes::from(body))
-                    .await
-                    .map_err(|e| with_context(e, &context))?
-                {
+                let answer = match self.client.publish_batch(Bytes::from(body)).await {
+                    Err(SinkError::Definite { .. }) if self.settings.dead_letter_dir.is_some() => {
+                        // Find the refused event by sending this batch's events singly.
+                        self.isolate = count;
+                        continue;
+                    }
+                    other => other.map_err(|e| with_context(e, &context))?,
+                };
+                match answer {
                     Some(_) => {
                         self.batch_endpoint = Some(true);
                         for event in self.pending.drain(..count) {
@@ -611,15 +622,54 @@ impl SpineSink {
             } else {
                 let event = &self.pending[0];
                 let context = format!("event {} ({})", event.event_id, event.about);
-                self.client
-                    .publish(event.body.clone())
-                    .await
-                    .map_err(|e| with_context(e, &context))?;
+                match self.client.publish(event.body.clone()).await {
+                    Ok(_) => {}
+                    Err(error @ SinkError::Definite { .. })
+                        if self.settings.dead_letter_dir.is_some() =>
+                    {
+                        let error = with_context(error, &context);
+                        let path = self.dead_letter(&error).await?;
+                        tracing::warn!(sink = %self.settings.name, error = %error, file = %path.display(), "the spine refused an event; dead-lettered");
+                    }
+                    Err(error) => return Err(with_context(error, &context)),
+                }
                 let event = self.pending.pop_front().expect("not empty");
                 self.delivered = Some(event.position);
+                self.isolate = self.isolate.saturating_sub(1);
             }
         }
         Ok(())
+    }
+}
+
+impl SpineSink {
+    /// Appends the front event and the spine's answer to `{dead_letter_dir}/{sink}.jsonl`,
+    /// durably. The event holds masked data only: it already went through the guests.
+    async fn dead_letter(&self, error: &SinkError) -> Result<std::path::PathBuf, SinkError> {
+        use tokio::io::AsyncWriteExt;
+        let dir = self
+            .settings
+            .dead_letter_dir
+            .as_ref()
+            .expect("checked by the caller");
+        let path = dir.join(format!("{}.jsonl", self.settings.name));
+        let event: Json = serde_json::from_slice(&self.pending[0].body).unwrap_or(Json::Null);
+        let line =
+            serde_json::json!({"event": event, "refused": error.to_string()}).to_string() + "\n";
+        let definite = |e: std::io::Error| SinkError::Definite {
+            sink: self.settings.name.clone(),
+            message: format!("cannot write the dead-letter file {}: {e}", path.display()),
+        };
+        tokio::fs::create_dir_all(dir).await.map_err(definite)?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(definite)?;
+        file.write_all(line.as_bytes()).await.map_err(definite)?;
+        file.sync_all().await.map_err(definite)?;
+        Ok(path)
     }
 }
 
