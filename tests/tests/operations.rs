@@ -471,6 +471,16 @@ async fn a_spine_that_is_down_shows_in_status_and_metrics_and_gets_everything_wh
         metrics.contains("airlock_sink_retries_total{sink=\"spine\"}"),
         "{metrics}"
     );
+    // Rows out per table and route: every row went to `restricted` (mask tags its
+    // table's email column pii) and to `spine`; none was dropped.
+    for series in [
+        "airlock_rows_in_total{table=\"public.t\"} 5\n",
+        "airlock_rows_out_total{table=\"public.t\",route=\"restricted\"} 5\n",
+        "airlock_rows_out_total{table=\"public.t\",route=\"spine\"} 5\n",
+    ] {
+        assert!(metrics.contains(series), "missing `{}` in:\n{metrics}", series.trim());
+    }
+    assert!(!metrics.contains("airlock_rows_dropped_total{"), "{metrics}");
 
     // The spine comes up: every event arrives, once, masked; the status clears.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", spine_port)).await?;

@@ -23,6 +23,7 @@ pub mod output;
 pub mod registry;
 pub mod runtime;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -273,26 +274,33 @@ impl Worker {
         }
     }
 
+    /// Counts rows out per table and route, and rows dropped per table: tallied in
+    /// the batch first, so the metrics are touched once per (table, route), not per row.
     fn count_out(&self, batch: &Batch) {
-        let metrics = &self.status.metrics;
+        let mut tally: HashMap<(u32, Option<&str>), u64> = HashMap::new();
         for row in &batch.rows {
-            let table = batch.tables[row.table as usize].relation.qualified_name();
             if row.dropped {
-                metrics.add(status::ROWS_DROPPED, &[("table", &table)], 1.0);
+                *tally.entry((row.table, None)).or_default() += 1;
             } else if row.routes.is_empty() {
-                metrics.add(
-                    status::ROWS_OUT,
-                    &[("table", &table), ("route", batch::BatchRow::DEFAULT_ROUTE)],
-                    1.0,
-                );
+                *tally
+                    .entry((row.table, Some(batch::BatchRow::DEFAULT_ROUTE)))
+                    .or_default() += 1;
             } else {
                 for route in &row.routes {
-                    metrics.add(
-                        status::ROWS_OUT,
-                        &[("table", &table), ("route", route)],
-                        1.0,
-                    );
+                    *tally.entry((row.table, Some(route.as_str()))).or_default() += 1;
                 }
+            }
+        }
+        let metrics = &self.status.metrics;
+        for ((table, route), count) in tally {
+            let table = batch.tables[table as usize].relation.qualified_name();
+            match route {
+                None => metrics.add(status::ROWS_DROPPED, &[("table", &table)], count as f64),
+                Some(route) => metrics.add(
+                    status::ROWS_OUT,
+                    &[("table", &table), ("route", route)],
+                    count as f64,
+                ),
             }
         }
     }

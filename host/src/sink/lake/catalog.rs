@@ -144,14 +144,7 @@ async fn describe(settings: &LakeSettings, name: &str) -> Result<CatalogTable, L
         settings.url.trim_end_matches('/'),
         super::encode_segment(name)
     );
-    let url = deltalake::ensure_table_uri(&location)
-        .map_err(LakeError::delta(name, "resolving the table location"))?;
-    let mut table = DeltaTableBuilder::from_url(url)
-        .and_then(|b| {
-            b.with_storage_options(settings.storage_options.clone())
-                .build()
-        })
-        .map_err(LakeError::delta(name, "opening the table"))?;
+    let mut table = super::table_handle(&location, name, &settings.storage_options)?;
     table
         .load()
         .await

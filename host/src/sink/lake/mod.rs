@@ -366,14 +366,7 @@ impl LakeTable {
     /// Loads the table (or notes that it does not exist yet) and its committed version.
     async fn open(&mut self, settings: &LakeSettings) -> Result<(), LakeError> {
         let name = self.name.as_str();
-        let url = deltalake::ensure_table_uri(&self.url)
-            .map_err(LakeError::delta(name, "resolving the table location"))?;
-        let mut table = DeltaTableBuilder::from_url(url)
-            .and_then(|b| {
-                b.with_storage_options(settings.storage_options.clone())
-                    .build()
-            })
-            .map_err(LakeError::delta(name, "opening the table"))?;
+        let mut table = table_handle(&self.url, name, &settings.storage_options)?;
         let exists = table
             .verify_deltatable_existence()
             .await
@@ -928,6 +921,19 @@ impl LakeHandle {
     pub async fn compact(&self) -> Result<Vec<CompactReport>, SinkError> {
         self.writer.lock().await.compact_all().await
     }
+}
+
+/// A handle on the Delta table at `location` (not loaded yet), for table `name`.
+fn table_handle(
+    location: &str,
+    name: &str,
+    storage_options: &HashMap<String, String>,
+) -> Result<DeltaTable, LakeError> {
+    let url = deltalake::ensure_table_uri(location)
+        .map_err(LakeError::delta(name, "resolving the table location"))?;
+    DeltaTableBuilder::from_url(url)
+        .and_then(|b| b.with_storage_options(storage_options.clone()).build())
+        .map_err(LakeError::delta(name, "opening the table"))
 }
 
 /// The lake sinks of a running host, for `POST /compact`. Cloning shares the list.
