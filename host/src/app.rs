@@ -351,18 +351,20 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let tap_in_flight = in_flight.clone();
     let tap_task = tokio::spawn(async move {
         while let Some(txn) = tap_rx.recv().await {
-            tap_in_flight.push(txn.meta.end_lsn, txn.meta.commit_ts);
+            if txn.meta.completes() {
+                tap_in_flight.push(txn.meta.end_lsn, txn.meta.commit_ts);
+            }
             if worker_tx.send(txn).await.is_err() {
                 return;
             }
         }
     });
-    let worker = Worker {
+    let worker = Worker::new(
         pipeline,
         slot,
-        status: status.clone(),
-        on_error: config.plugins.on_error.clone(),
-    };
+        status.clone(),
+        config.plugins.on_error.clone(),
+    );
     let (worker_done_tx, worker_done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("airlock-pipeline".into())

@@ -100,6 +100,7 @@ fn txn(n: u64, changes: Vec<Change>) -> Transaction {
             commit_lsn: Lsn(n * 100),
             end_lsn: Lsn(n * 100 + 1),
             commit_ts: 0,
+            part: airlock::change::Part::WHOLE,
         },
         changes,
     }

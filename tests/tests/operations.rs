@@ -478,9 +478,16 @@ async fn a_spine_that_is_down_shows_in_status_and_metrics_and_gets_everything_wh
         "airlock_rows_out_total{table=\"public.t\",route=\"restricted\"} 5\n",
         "airlock_rows_out_total{table=\"public.t\",route=\"spine\"} 5\n",
     ] {
-        assert!(metrics.contains(series), "missing `{}` in:\n{metrics}", series.trim());
+        assert!(
+            metrics.contains(series),
+            "missing `{}` in:\n{metrics}",
+            series.trim()
+        );
     }
-    assert!(!metrics.contains("airlock_rows_dropped_total{"), "{metrics}");
+    assert!(
+        !metrics.contains("airlock_rows_dropped_total{"),
+        "{metrics}"
+    );
 
     // The spine comes up: every event arrives, once, masked; the status clears.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", spine_port)).await?;

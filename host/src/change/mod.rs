@@ -246,9 +246,49 @@ pub struct TxnMeta {
     /// LSN of the commit record.
     pub commit_lsn: Lsn,
     /// LSN just past the commit record: what the slot is acknowledged up to.
+    /// [`Lsn::ZERO`] in a part that is not the transaction's last (see [`Part`]).
     pub end_lsn: Lsn,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_ts: i64,
+    /// Which part of the transaction this is; [`Part::WHOLE`] for all but large ones.
+    pub part: Part,
+}
+
+impl TxnMeta {
+    /// Whether this is the transaction's last (or only) part: its end is known, and
+    /// once it is durable the slot may be acknowledged past the whole transaction.
+    pub fn completes(&self) -> bool {
+        self.part.last
+    }
+}
+
+/// Where a piece of a transaction sits in it.
+///
+/// The source hands a transaction larger than its part bound (see
+/// [`crate::source::PART_CHANGES`]) to the pipeline in several parts, so memory stays
+/// bounded however large a transaction is. Every part is a [`Transaction`] with the
+/// same `xid`, `commit_lsn` and `commit_ts` (pgoutput's Begin message carries them);
+/// only the last knows `end_lsn`. Parts arrive in order and nothing else arrives
+/// between them. Sinks may stage a part's rows, but make them visible only with the
+/// last part, and acknowledge nothing of the transaction before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// Index in the transaction of the part's first change.
+    pub offset: u64,
+    /// Whether this is the transaction's last part.
+    pub last: bool,
+}
+
+impl Part {
+    /// A transaction in one piece.
+    pub const WHOLE: Part = Part {
+        offset: 0,
+        last: true,
+    };
+
+    pub fn is_whole(self) -> bool {
+        self == Part::WHOLE
+    }
 }
 
 /// A committed transaction and its changes, in the order PostgreSQL made them.

@@ -6,7 +6,10 @@
 //! ```
 //!
 //! Invariants:
-//! - A batch holds whole transactions, in commit order; `txns` is sorted by `end_lsn`.
+//! - A batch holds whole transactions, in commit order, except that its last entry may
+//!   be a part of a large transaction that more parts follow (see
+//!   [`Part`](crate::change::Part)); the transaction's other parts come in the
+//!   batches right after, the last of them first in its batch.
 //! - Rows keep the order of their changes; `rows[i].txn` indexes `txns`.
 //! - A table entry is one relation *version* (`Arc<Relation>` identity): a schema change
 //!   inside a batch yields two entries for the same table name.
@@ -74,6 +77,16 @@ pub struct Batch {
     pub written_bytes: usize,
     /// The pipeline version that processed the batch (`_pipeline`); empty before.
     pub pipeline: Arc<str>,
+    /// The stages of that pipeline, in order, for lineage (the lake's commit info).
+    pub stages: Arc<[StageId]>,
+}
+
+/// A stage as lineage records it: its name in the plugin folder and the SHA-256 of
+/// its `.wasm`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StageId {
+    pub name: String,
+    pub sha256: String,
 }
 
 impl Batch {
@@ -111,10 +124,21 @@ impl Batch {
         batch
     }
 
-    /// The end LSN of the last transaction: what the slot may be acknowledged up to
-    /// once every sink has made this batch durable.
+    /// The end LSN of the last transaction this batch completes: what the slot may be
+    /// acknowledged up to once every sink has made it (and the parts before) durable.
+    /// `None` when the batch only holds a part that more parts follow.
     pub fn end_lsn(&self) -> Option<Lsn> {
-        self.txns.last().map(|t| t.end_lsn)
+        self.txns
+            .iter()
+            .rev()
+            .find(|t| t.completes())
+            .map(|t| t.end_lsn)
+    }
+
+    /// Whether the batch ends inside a transaction: its last entry is a part that
+    /// more parts follow.
+    pub fn ends_open(&self) -> bool {
+        self.txns.last().is_some_and(|t| !t.completes())
     }
 
     /// Total size of the batch's values, for size bounds.

@@ -240,6 +240,7 @@ pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessErro
                 commit_lsn: lsn,
                 end_lsn: Lsn(lsn.0 + 1),
                 commit_ts: change.commit_time.unwrap_or(0),
+                part: crate::change::Part::WHOLE,
             },
             changes: vec![Change {
                 relation,

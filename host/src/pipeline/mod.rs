@@ -9,12 +9,16 @@
 //! ```
 //!
 //! Invariants:
-//! - A batch holds whole transactions, so swapping the pipeline between batches
-//!   swaps it at a transaction boundary: a transaction is processed by exactly one
-//!   pipeline version, which every output row carries (`_pipeline`).
+//! - A batch holds whole transactions, or ends with one part of a large transaction
+//!   (see [`Part`](crate::change::Part)). The pipeline is swapped only between
+//!   batches outside a transaction, so a transaction is processed by exactly one
+//!   pipeline version, which every output row carries (`_pipeline`). The one
+//!   exception: a part the pipeline halts on is retried on a reloaded pipeline.
 //! - Batches reach every sink in commit order.
 //! - A batch that a stage fails twice is never sent on: `on_error` decides whether
-//!   the pipeline halts (nothing past it is acknowledged) or dead-letters it.
+//!   the pipeline halts (nothing past it is acknowledged) or dead-letters it. A part
+//!   of a large transaction is never dead-lettered (its other parts went on): the
+//!   pipeline halts on it.
 
 pub mod batch;
 pub mod guest;
@@ -43,6 +47,8 @@ pub struct Pipeline {
     /// Short hash over the stage names and their content hashes.
     pub version: Arc<str>,
     pub stages: Vec<Stage>,
+    /// The stages' names and content hashes, as every batch it processes carries them.
+    pub lineage: Arc<[batch::StageId]>,
 }
 
 /// A plugin found in the folder, before loading.
@@ -177,9 +183,17 @@ impl Pipeline {
                 .iter()
                 .map(|s| (s.name.as_str(), s.content_hash.as_str())),
         );
+        let lineage = stages
+            .iter()
+            .map(|s| batch::StageId {
+                name: s.name.clone(),
+                sha256: s.content_hash.clone(),
+            })
+            .collect();
         Ok(Pipeline {
             version: Arc::from(version),
             stages,
+            lineage,
         })
     }
 
@@ -218,6 +232,7 @@ impl Pipeline {
             batch = result?;
         }
         batch.pipeline = self.version.clone();
+        batch.stages = self.lineage.clone();
         Ok(batch)
     }
 
@@ -248,10 +263,55 @@ pub struct Worker {
     pub slot: SwapSlot,
     pub status: Arc<Status>,
     pub on_error: OnError,
+    /// Inside a transaction handed on in parts: the pipeline is not swapped until its
+    /// last part went through.
+    pub open: bool,
+    /// The runtime the worker waits on while idle, so that a reloaded pipeline is
+    /// swapped in without waiting for traffic. Without one, it is swapped at the next batch.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Worker {
+    pub fn new(
+        pipeline: Pipeline,
+        slot: SwapSlot,
+        status: Arc<Status>,
+        on_error: OnError,
+    ) -> Worker {
+        Worker {
+            pipeline,
+            slot,
+            status,
+            on_error,
+            open: false,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    /// Waits for the next transaction; while none comes, swaps in an offered pipeline
+    /// (outside a transaction) every [`IDLE_SWAP_CHECK`]. `None` once the channel closed.
+    fn next_transaction(&mut self, rx: &mut mpsc::Receiver<Transaction>) -> Option<Transaction> {
+        let Some(runtime) = self.runtime.clone() else {
+            return rx.blocking_recv();
+        };
+        loop {
+            // The timer is made inside the runtime: it needs its context.
+            match runtime.block_on(async { tokio::time::timeout(IDLE_SWAP_CHECK, rx.recv()).await })
+            {
+                Ok(next) => return next,
+                Err(_) => self.swap_if_offered(),
+            }
+        }
+    }
+
+    /// Swaps in the pipeline the registry offers, at a transaction boundary.
     fn swap_if_offered(&mut self) {
+        if !self.open {
+            self.swap_offered();
+        }
+    }
+
+    fn swap_offered(&mut self) {
         if let Some(next) = self.slot.take() {
             self.pipeline = next;
             self.status
@@ -318,6 +378,20 @@ impl Worker {
         mut emit: impl FnMut(&Self, Batch) -> bool,
     ) -> Result<bool, RuntimeError> {
         self.swap_if_offered();
+        let ends_open = batch.ends_open();
+        let result = self.process_inner(batch, source_gone, &mut emit);
+        // Whatever became of the batch, the stream is now inside or outside a
+        // transaction as the batch left it.
+        self.open = ends_open;
+        result
+    }
+
+    fn process_inner(
+        &mut self,
+        batch: Batch,
+        source_gone: impl Fn() -> bool,
+        emit: &mut impl FnMut(&Self, Batch) -> bool,
+    ) -> Result<bool, RuntimeError> {
         match self.pipeline.process_observed(batch, Some(&self.status)) {
             Ok(done) => {
                 self.status.clear_error("pipeline");
@@ -366,16 +440,33 @@ impl Worker {
 
     /// Applies `on_error` to a failed single-transaction batch.
     /// `Ok(None)` when the source went away during a halt.
+    ///
+    /// A part of a transaction handed on in parts is never dead-lettered: its other
+    /// parts have gone on (or will), so quarantining this one would leave the
+    /// transaction incomplete downstream. The pipeline halts on it instead.
     fn on_failure(
         &mut self,
         mut batch: Batch,
         mut error: RuntimeError,
         source_gone: &impl Fn() -> bool,
     ) -> Result<Option<Batch>, RuntimeError> {
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            match &self.on_error {
-                OnError::Halt => {
+        let in_parts = batch.txns.iter().any(|t| !t.part.is_whole());
+        let policy = match &self.on_error {
+            OnError::DeadLetter(_) if in_parts => {
+                tracing::error!(
+                    error = %error,
+                    "a part of a large transaction failed: it cannot be dead-lettered without \
+                     splitting the transaction, so the pipeline halts on it"
+                );
+                OnError::Halt
+            }
+            policy => policy.clone(),
+        };
+        let dir = match policy {
+            OnError::DeadLetter(dir) => dir,
+            OnError::Halt => {
+                let mut backoff = Duration::from_millis(500);
+                loop {
                     self.status.error("pipeline", &error.to_string());
                     if source_gone() {
                         tracing::error!(error = %error, "stopping while halted: the transaction stays unacknowledged in the slot");
@@ -389,7 +480,11 @@ impl Worker {
                     );
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    self.swap_if_offered();
+                    // A fixed guest is picked up here, even inside a transaction handed
+                    // on in parts (its earlier parts ran on the version before): halted,
+                    // nothing else could ever finish it. Each row's `_pipeline` says
+                    // which version processed it.
+                    self.swap_offered();
                     match self.pipeline.process_observed(batch, Some(&self.status)) {
                         Ok(done) => {
                             self.status.clear_error("pipeline");
@@ -401,28 +496,27 @@ impl Worker {
                         }
                     }
                 }
-                OnError::DeadLetter(dir) => {
-                    let path = dead_letter(dir, &batch, &error).map_err(|e| {
-                        RuntimeError::Engine(format!(
-                            "cannot write the dead-letter file in {}: {e}; halting",
-                            dir.display()
-                        ))
-                    })?;
-                    tracing::warn!(error = %error, file = %path.display(), "transaction dead-lettered");
-                    self.status.error(
-                        "pipeline",
-                        &format!("dead-lettered to {}: {error}", path.display()),
-                    );
-                    // The transaction still counts as done: sinks receive it without
-                    // rows, so the slot moves past it.
-                    return Ok(Some(Batch {
-                        txns: batch.txns,
-                        pipeline: self.pipeline.version.clone(),
-                        ..Batch::default()
-                    }));
-                }
             }
-        }
+        };
+        let path = dead_letter(&dir, &batch, &error).map_err(|e| {
+            RuntimeError::Engine(format!(
+                "cannot write the dead-letter file in {}: {e}; halting",
+                dir.display()
+            ))
+        })?;
+        tracing::warn!(error = %error, file = %path.display(), "transaction dead-lettered");
+        self.status.error(
+            "pipeline",
+            &format!("dead-lettered to {}: {error}", path.display()),
+        );
+        // The transaction still counts as done: sinks receive it without rows, so the
+        // slot moves past it.
+        Ok(Some(Batch {
+            txns: batch.txns,
+            pipeline: self.pipeline.version.clone(),
+            stages: self.pipeline.lineage.clone(),
+            ..Batch::default()
+        }))
     }
 }
 
@@ -449,8 +543,11 @@ fn dead_letter(dir: &Path, batch: &Batch, error: &RuntimeError) -> std::io::Resu
 /// How many rows the worker gathers into one batch before running the stages.
 pub const BATCH_ROWS: usize = 1024;
 
-/// Runs the pipeline on a dedicated thread: gathers whole transactions into batches,
-/// swaps in a reloaded pipeline between batches, runs the stages, and sends each
+/// How often an idle worker looks for a reloaded pipeline to swap in.
+pub const IDLE_SWAP_CHECK: Duration = Duration::from_millis(100);
+
+/// Runs the pipeline on a dedicated thread: gathers whole transactions (or one part of
+/// a large one) into batches, swaps in a reloaded pipeline between transactions, runs the stages, and sends each
 /// result to every sink. Returns when the source channel closes (after forwarding
 /// everything) or a batch fails for good.
 pub fn run_worker(
@@ -461,13 +558,16 @@ pub fn run_worker(
     worker
         .status
         .pipeline_running(&worker.pipeline.version, worker.pipeline.stage_views());
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(first) = worker.next_transaction(&mut rx) {
         let mut rows = first.changes.len();
+        let mut open = !first.meta.completes();
         let mut txns = vec![first];
-        while rows < BATCH_ROWS {
+        // A part that more parts follow ends its batch.
+        while rows < BATCH_ROWS && !open {
             match rx.try_recv() {
                 Ok(txn) => {
                     rows += txn.changes.len();
+                    open = !txn.meta.completes();
                     txns.push(txn);
                 }
                 Err(_) => break,

@@ -46,12 +46,17 @@ impl SinkError {
 /// A destination for processed batches.
 ///
 /// Contract:
-/// - `accept` receives batches in commit order, each holding whole transactions. It
-///   may buffer them; it must not make them visible to readers in part. It returns
-///   whether it kept any row (a batch with no row routed to the sink keeps none).
-/// - `flush` makes everything accepted so far durable and visible, atomically per
-///   table, and returns the end LSN of the last transaction it covers (`None` when it
-///   had nothing to flush). After `Ok` the data survives a crash.
+/// - `accept` receives batches in commit order, each holding whole transactions but
+///   for a last entry that may be a part of a large transaction (see
+///   [`Part`](crate::change::Part)). It may buffer them; it must not make a
+///   transaction visible to readers in part. It returns whether it kept any row (a
+///   batch with no row routed to the sink keeps none).
+/// - `flush` makes every transaction accepted whole so far durable and visible,
+///   atomically per table, and returns the end LSN of the last one it covers (`None`
+///   when it had nothing to flush). After `Ok` that data survives a crash. Rows of a
+///   transaction whose last part has not arrived are staged (written where readers
+///   do not see them, or delivered where a replay is idempotent) so that memory stays
+///   bounded; `holds_open` then says the sink holds some.
 /// - `due` says whether the sink wants a flush now (size bounds reached).
 /// - On a transient error from `flush` the caller retries `flush` later; the buffered
 ///   data stays. A definite error is final.
@@ -63,6 +68,11 @@ pub trait Sink: Send + 'static {
     fn due(&self) -> bool;
     fn flush(&mut self) -> impl Future<Output = Result<Option<Lsn>, SinkError>> + Send;
     fn flush_interval(&self) -> Duration;
+    /// Whether the sink holds staged rows of a transaction not yet flushed whole: its
+    /// end must wait for a flush even when the batch that completes it keeps no row.
+    fn holds_open(&self) -> bool {
+        false
+    }
 }
 
 /// Runs a sink: accepts batches from `rx`, flushes when due or when the interval
@@ -86,7 +96,10 @@ pub async fn drive_observed<S: Sink>(
 ) -> Result<(), SinkError> {
     let status = status.as_deref();
     let interval = sink.flush_interval();
+    // The end LSN that the next flush makes durable.
     let mut pending: Option<Lsn> = None;
+    // Whether the sink holds rows no flush covered yet.
+    let mut holding = false;
     let mut deadline = tokio::time::Instant::now() + interval;
     loop {
         let received = if pending.is_some() {
@@ -101,16 +114,14 @@ pub async fn drive_observed<S: Sink>(
         match received {
             Some(Some(batch)) => {
                 let end = batch.end_lsn();
-                let was_idle = pending.is_none();
                 let kept = sink.accept(batch).await?;
-                if was_idle && kept {
+                if kept && pending.is_none() {
                     deadline = tokio::time::Instant::now() + interval;
                 }
+                holding |= kept;
                 match end {
-                    Some(end) if was_idle && !kept => {
-                        // Nothing buffered and nothing new: durable at once.
-                        publish(&durable, end);
-                    }
+                    // Nothing held and nothing new: durable at once.
+                    Some(end) if !holding => publish(&durable, end),
                     Some(end) => pending = Some(end),
                     None => {}
                 }
@@ -118,17 +129,22 @@ pub async fn drive_observed<S: Sink>(
                     let queued = rx.len();
                     status.update_sink(sink.name(), |v| v.queued_batches = queued);
                 }
-                if pending.is_some() && sink.due() {
+                // Due also inside a large transaction: the flush stages its rows.
+                if holding && sink.due() {
                     flush_with_retry(&mut sink, &durable, &mut pending, status).await?;
+                    holding = sink.holds_open();
                 }
             }
             Some(None) => {
-                if pending.is_some() {
+                if holding || pending.is_some() {
                     flush_with_retry(&mut sink, &durable, &mut pending, status).await?;
                 }
                 return Ok(());
             }
-            None => flush_with_retry(&mut sink, &durable, &mut pending, status).await?,
+            None => {
+                flush_with_retry(&mut sink, &durable, &mut pending, status).await?;
+                holding = sink.holds_open();
+            }
         }
     }
 }

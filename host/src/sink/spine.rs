@@ -807,7 +807,9 @@ impl Sink for SpineSink {
         let mut index_in_txn = vec![0u32; batch.txns.len()];
         let mut kept = false;
         for row in &batch.rows {
-            let index = index_in_txn[row.txn as usize];
+            // The row's place in its whole transaction, across the parts of a large one.
+            let index =
+                batch.txns[row.txn as usize].part.offset as u32 + index_in_txn[row.txn as usize];
             index_in_txn[row.txn as usize] += 1;
             if row.dropped || !row.has_route_in(&self.settings.routes) {
                 continue;

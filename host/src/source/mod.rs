@@ -224,8 +224,11 @@ async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
 /// What survives a reconnect within one `run`.
 #[derive(Debug, Default)]
 struct Progress {
-    /// `end_lsn` of the last transaction sent on `tx`.
+    /// `end_lsn` of the last transaction sent on `tx` (its last part, when in parts).
     dispatched: Lsn,
+    /// A transaction sent in part, not yet to its last: its commit LSN and how many
+    /// of its changes went on.
+    open: Option<(Lsn, u64)>,
     /// The highest flush LSN reported to the server.
     flushed: Lsn,
 }
@@ -271,6 +274,7 @@ async fn session(
         .await?;
     info!(slot = %settings.slot, publication = %settings.publication, lsn = %confirmed, "streaming started");
     *streamed = true;
+    let resume = progress.open;
     Streamer {
         stream,
         settings,
@@ -279,7 +283,10 @@ async fn session(
         durable_open: true,
         shutdown,
         progress,
-        assembler: Assembler::default(),
+        assembler: Assembler {
+            resume,
+            ..Assembler::default()
+        },
         received: Lsn::ZERO,
         idle: Lsn::ZERO,
         catalog: None,
@@ -491,9 +498,12 @@ impl Streamer<'_> {
                 }
                 _ = ticker.tick() => self.send_status(false).await?,
                 event = self.stream.next() => {
-                    // Drain what is already buffered before the next select round.
+                    // Drain what is already buffered before the next select round,
+                    // up to a budget: an event is taken off the stream only when it
+                    // will be handled in this round.
                     let mut event = event?;
-                    for _ in 0..DRAIN_BUDGET {
+                    let mut budget = DRAIN_BUDGET;
+                    loop {
                         let Some(next) = event else {
                             return Err(SourceError::StreamEnded {
                                 addr: self.stream.addr().to_owned(),
@@ -501,6 +511,10 @@ impl Streamer<'_> {
                         };
                         if !self.handle(next, &mut ticker).await? {
                             break 'stream;
+                        }
+                        budget -= 1;
+                        if budget == 0 {
+                            break;
                         }
                         match self.stream.try_next()? {
                             Some(next) => event = Some(next),
@@ -564,7 +578,7 @@ impl Streamer<'_> {
                 ..
             } => {
                 self.received = self.received.max(wal_end);
-                if !self.assembler.in_transaction() {
+                if !self.in_transaction() {
                     self.idle = self.idle.max(wal_end);
                 }
                 if reply_requested {
@@ -575,7 +589,12 @@ impl Streamer<'_> {
         Ok(true)
     }
 
-    /// Dispatches a committed transaction, waiting for room on `tx`.
+    /// Whether a transaction is under way: being assembled, or handed on in part.
+    fn in_transaction(&self) -> bool {
+        self.assembler.in_transaction() || self.progress.open.is_some()
+    }
+
+    /// Dispatches a committed transaction (or a part of one), waiting for room on `tx`.
     /// Returns false when shutdown was requested while waiting.
     async fn commit(
         &mut self,
@@ -583,12 +602,16 @@ impl Streamer<'_> {
         ticker: &mut tokio::time::Interval,
     ) -> Result<bool, SourceError> {
         let end = txn.meta.end_lsn;
-        if end <= self.progress.dispatched {
-            debug!(xid = txn.meta.xid, end_lsn = %end, "skipping a transaction already dispatched");
-            self.idle = self.idle.max(end);
+        // A transaction that commits before the last one dispatched ends before it
+        // too: it was resent after a reconnect. (Parts do not know their end yet.)
+        if txn.meta.commit_lsn < self.progress.dispatched {
+            debug!(xid = txn.meta.xid, commit_lsn = %txn.meta.commit_lsn, "skipping a transaction already dispatched");
+            if txn.meta.completes() {
+                self.idle = self.idle.max(end);
+            }
             return Ok(true);
         }
-        if txn.changes.is_empty() {
+        if txn.changes.is_empty() && txn.meta.part.is_whole() {
             self.idle = self.idle.max(end);
             return Ok(true);
         }
@@ -607,9 +630,22 @@ impl Streamer<'_> {
                 _ = ticker.tick() => self.send_status(false).await?,
             }
         };
-        debug!(xid = txn.meta.xid, end_lsn = %end, changes = txn.changes.len(), "transaction dispatched");
+        debug!(
+            xid = txn.meta.xid,
+            end_lsn = %end,
+            offset = txn.meta.part.offset,
+            last = txn.meta.part.last,
+            changes = txn.changes.len(),
+            "transaction dispatched"
+        );
+        if txn.meta.completes() {
+            self.progress.dispatched = end;
+            self.progress.open = None;
+        } else {
+            let sent = txn.meta.part.offset + txn.changes.len() as u64;
+            self.progress.open = Some((txn.meta.commit_lsn, sent));
+        }
         permit.send(txn);
-        self.progress.dispatched = end;
         Ok(true)
     }
 
@@ -668,7 +704,7 @@ impl Streamer<'_> {
     fn flush_lsn(&mut self) -> Lsn {
         let durable = *self.durable.borrow();
         let mut flush = durable;
-        if !self.assembler.in_transaction() && durable >= self.progress.dispatched {
+        if !self.in_transaction() && durable >= self.progress.dispatched {
             flush = flush.max(self.idle);
         }
         flush = flush.max(self.progress.flushed);
@@ -738,11 +774,28 @@ async fn resolve_type(
     Ok((current, typmod))
 }
 
-/// Turns decoded pgoutput messages into committed transactions.
+/// A transaction is handed on in parts of at most this many changes...
+pub const PART_CHANGES: usize = 1024;
+/// ... or about this many bytes of values, whichever comes first, so that memory stays
+/// bounded however large a transaction is (see [`crate::change::Part`]).
+pub const PART_BYTES: usize = 4 << 20;
+
+/// Turns decoded pgoutput messages into committed transactions, handed on whole, or
+/// in parts when they grow past [`PART_CHANGES`] or [`PART_BYTES`].
 #[derive(Debug, Default)]
 struct Assembler {
     relations: HashMap<u32, Arc<Relation>>,
     current: Option<Transaction>,
+    /// Bytes of the values in `current`'s changes.
+    current_bytes: usize,
+    /// Changes of the current transaction before `current`'s (in parts handed on, or
+    /// skipped after a reconnect).
+    offset: u64,
+    /// After a reconnect inside a transaction handed on in part: its commit LSN and
+    /// how many of its changes went on before. Its first changes are not repeated.
+    resume: Option<(Lsn, u64)>,
+    /// Changes of the current transaction still to skip (see `resume`).
+    skip: u64,
     /// Resolved non-built-in column types: OID → (base type OID, type modifier).
     types: HashMap<u32, (u32, i32)>,
     /// A relation just described whose column types need a catalog lookup.
@@ -775,7 +828,8 @@ impl Assembler {
         self.current.is_some()
     }
 
-    /// Applies one XLogData payload; returns the transaction when it commits.
+    /// Applies one XLogData payload; returns the transaction when it commits, or a
+    /// part of it when it has grown past the part bounds.
     fn apply(&mut self, lsn: Lsn, data: &[u8]) -> Result<Option<Transaction>, SourceError> {
         let message =
             pgoutput::decode(data).map_err(|source| SourceError::Decode { lsn, source })?;
@@ -794,18 +848,35 @@ impl Assembler {
                         commit_lsn: begin.final_lsn,
                         end_lsn: Lsn::ZERO,
                         commit_ts: begin.commit_ts,
+                        part: crate::change::Part::WHOLE,
                     },
                     changes: Vec::new(),
                 });
+                self.current_bytes = 0;
+                (self.offset, self.skip) = match self.resume {
+                    Some((commit_lsn, sent)) if commit_lsn == begin.final_lsn => (sent, sent),
+                    _ => (0, 0),
+                };
             }
             Message::Commit(commit) => {
                 let mut txn = self
                     .current
                     .take()
                     .ok_or_else(|| out_of_order("Commit outside a transaction"))?;
+                if self.skip > 0 {
+                    return Err(out_of_order(
+                        "the transaction resent after a reconnect is shorter than before",
+                    ));
+                }
                 txn.meta.commit_lsn = commit.commit_lsn;
                 txn.meta.end_lsn = commit.end_lsn;
                 txn.meta.commit_ts = commit.commit_ts;
+                txn.meta.part = crate::change::Part {
+                    offset: self.offset,
+                    last: true,
+                };
+                self.offset = 0;
+                self.resume = None;
                 return Ok(Some(txn));
             }
             Message::Relation(body) => {
@@ -853,7 +924,24 @@ impl Assembler {
             }
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
         }
-        Ok(None)
+        Ok(self.take_part())
+    }
+
+    /// The changes gathered so far as a part, when they reached a part bound.
+    fn take_part(&mut self) -> Option<Transaction> {
+        let txn = self.current.as_mut()?;
+        if txn.changes.len() < PART_CHANGES && self.current_bytes < PART_BYTES {
+            return None;
+        }
+        let changes = std::mem::take(&mut txn.changes);
+        let mut meta = txn.meta.clone();
+        meta.part = crate::change::Part {
+            offset: self.offset,
+            last: false,
+        };
+        self.offset += changes.len() as u64;
+        self.current_bytes = 0;
+        Some(Transaction { meta, changes })
     }
 
     fn relation(&self, oid: u32, lsn: Lsn) -> Result<Arc<Relation>, SourceError> {
@@ -881,6 +969,17 @@ impl Assembler {
                 relation.qualified_name()
             ),
         })?;
+        if self.skip > 0 {
+            // Handed on before the reconnect.
+            self.skip -= 1;
+            return Ok(());
+        }
+        let image_bytes = |image: &Option<Vec<Value>>| {
+            image.as_ref().map_or(0, |values| {
+                values.iter().map(|v| v.heap_size() + 32).sum::<usize>()
+            })
+        };
+        self.current_bytes += image_bytes(&new) + image_bytes(&old);
         txn.changes.push(Change {
             relation,
             op,
@@ -963,6 +1062,7 @@ mod tests {
                 commit_lsn: Lsn(0x1_0000_0100),
                 end_lsn: Lsn(0x1_0000_0130),
                 commit_ts: fx::PG_TS + PG_EPOCH_OFFSET_MICROS,
+                part: crate::change::Part::WHOLE,
             }
         );
         let ops: Vec<_> = txn.changes.iter().map(|c| (c.op, c.lsn.0)).collect();
@@ -994,6 +1094,85 @@ mod tests {
         );
         assert_eq!(txn.changes[2].new, None);
         assert!(txn.changes[2].old.is_some());
+    }
+
+    /// Feeds a transaction of `rows` inserts; returns what the assembler handed on.
+    fn large_transaction(a: &mut Assembler, rows: u64) -> Vec<Transaction> {
+        let mut out = Vec::new();
+        out.extend(apply(a, 1, &fx::begin()));
+        out.extend(apply(a, 2, &fx::relation()));
+        for i in 0..rows {
+            out.extend(apply(a, 3 + i, &fx::insert()));
+        }
+        out.extend(apply(a, 3 + rows, &fx::commit()));
+        out
+    }
+
+    #[test]
+    fn a_large_transaction_is_handed_on_in_bounded_parts() {
+        let mut a = Assembler::default();
+        let rows = 2 * PART_CHANGES as u64 + 452;
+        let parts = large_transaction(&mut a, rows);
+        let shape: Vec<_> = parts
+            .iter()
+            .map(|p| {
+                (
+                    p.meta.part.offset,
+                    p.meta.part.last,
+                    p.changes.len(),
+                    p.meta.end_lsn,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, false, PART_CHANGES, Lsn::ZERO),
+                (PART_CHANGES as u64, false, PART_CHANGES, Lsn::ZERO),
+                (2 * PART_CHANGES as u64, true, 452, Lsn(0x1_0000_0130)),
+            ]
+        );
+        for part in &parts {
+            assert_eq!(part.meta.xid, 731);
+            assert_eq!(part.meta.commit_lsn, Lsn(0x1_0000_0100));
+        }
+        // Every change once, in order.
+        let lsns: Vec<u64> = parts
+            .iter()
+            .flat_map(|p| p.changes.iter().map(|c| c.lsn.0))
+            .collect();
+        assert_eq!(lsns, (3..3 + rows).collect::<Vec<_>>());
+        assert!(!a.in_transaction());
+
+        // A transaction that fills its last part exactly still ends with a last part,
+        // without changes, which carries the end.
+        let parts = large_transaction(&mut Assembler::default(), PART_CHANGES as u64);
+        assert_eq!(parts.len(), 2);
+        assert!(parts[1].changes.is_empty());
+        assert!(parts[1].meta.completes());
+        assert_eq!(parts[1].meta.part.offset, PART_CHANGES as u64);
+    }
+
+    #[test]
+    fn a_transaction_resent_after_a_reconnect_resumes_after_its_parts_handed_on() {
+        let rows = PART_CHANGES as u64 + 10;
+        let mut a = Assembler {
+            resume: Some((Lsn(0x1_0000_0100), PART_CHANGES as u64)),
+            ..Assembler::default()
+        };
+        let parts = large_transaction(&mut a, rows);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].meta.part.offset, PART_CHANGES as u64);
+        assert!(parts[0].meta.completes());
+        let lsns: Vec<u64> = parts[0].changes.iter().map(|c| c.lsn.0).collect();
+        assert_eq!(
+            lsns,
+            (3 + PART_CHANGES as u64..3 + rows).collect::<Vec<_>>()
+        );
+        // The next transaction starts from scratch.
+        let parts = large_transaction(&mut a, 3);
+        assert_eq!(parts[0].meta.part, crate::change::Part::WHOLE);
+        assert_eq!(parts[0].changes.len(), 3);
     }
 
     #[test]
@@ -1192,6 +1371,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_backlog_past_the_drain_budget_loses_no_message() {
+        let mut h = harness(64, Progress::default()).await;
+        let rows = 3 * DRAIN_BUDGET as u64 + 7;
+        let base = 0x1_0000_0000;
+        // One burst, so that more messages than the budget are buffered at once.
+        let mut burst = Vec::new();
+        let mut xlog = |lsn: u64, data: &[u8]| {
+            let mut body = vec![b'w'];
+            body.extend_from_slice(&lsn.to_be_bytes());
+            body.extend_from_slice(&(lsn + 100).to_be_bytes());
+            body.extend_from_slice(&7i64.to_be_bytes());
+            body.extend_from_slice(data);
+            burst.push(b'd');
+            burst.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            burst.extend_from_slice(&body);
+        };
+        xlog(base, &fx::begin());
+        xlog(base + 1, &fx::relation());
+        for i in 0..rows {
+            xlog(base + 2 + i, &fx::insert());
+        }
+        xlog(base + 2 + rows, &fx::commit());
+        h.server.send_raw(&burst).await;
+        let mut lsns = Vec::new();
+        loop {
+            let part = h.rx.recv().await.unwrap();
+            lsns.extend(part.changes.iter().map(|c| c.lsn.0 - base - 2));
+            if part.meta.completes() {
+                break;
+            }
+        }
+        assert_eq!(
+            lsns,
+            (0..rows).collect::<Vec<_>>(),
+            "every change once, in order"
+        );
+    }
+
+    #[tokio::test]
     async fn streams_transactions_and_reports_durable_flush() {
         let mut h = harness(4, Progress::default()).await;
         h.transaction(0x1_0000_0000).await;
@@ -1232,6 +1450,7 @@ mod tests {
         let progress = Progress {
             dispatched: Lsn(0x1_0000_0130),
             flushed: Lsn::ZERO,
+            open: None,
         };
         let mut h = harness(4, progress).await;
         h.transaction(0x1_0000_0000).await;

@@ -1400,6 +1400,11 @@ pub(crate) mod tests {
             self.io.write_all(&m).await.unwrap();
         }
 
+        /// Writes pre-built messages in one write, so they arrive as one burst.
+        pub async fn send_raw(&mut self, bytes: &[u8]) {
+            self.io.write_all(bytes).await.unwrap();
+        }
+
         /// Reads one frontend message: (tag, body).
         pub async fn recv(&mut self) -> (u8, Vec<u8>) {
             let tag = self.io.read_u8().await.unwrap();

@@ -301,6 +301,7 @@ pub(super) async fn take(
                         commit_lsn: lsn,
                         end_lsn: lsn,
                         commit_ts: now_micros(),
+                        part: crate::change::Part::WHOLE,
                     },
                     changes: std::mem::take(&mut changes),
                 };

@@ -78,6 +78,7 @@ fn batch(rel: &Arc<Relation>) -> Batch {
             commit_lsn: Lsn(ROWS as u64 + 1),
             end_lsn: Lsn(ROWS as u64 + 2),
             commit_ts: 0,
+            part: airlock::change::Part::WHOLE,
         },
         changes,
     }])

@@ -87,6 +87,7 @@ fn batch(rel: &Arc<Relation>, n: u64, rows: usize) -> Batch {
             commit_lsn: Lsn(commit),
             end_lsn: Lsn(commit + 16),
             commit_ts: 1_704_067_200_000_000,
+            part: airlock::change::Part::WHOLE,
         },
         changes,
     }]);

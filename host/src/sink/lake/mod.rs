@@ -21,8 +21,12 @@
 //!   with `commit_lsn <= V` are never written again: after a restart they are skipped, and
 //!   after any failed commit the table is reloaded first, because a commit can land even
 //!   when its caller saw an error (a lost response, a failed post-commit checkpoint).
-//! - Batches hold whole transactions and a flush covers every accepted batch, so a
-//!   transaction is never split between two commits of one table.
+//! - A flush covers every transaction accepted whole, so a transaction is never split
+//!   between two commits of one table. Rows of a transaction whose last part has not
+//!   arrived (see [`Part`](crate::change::Part)) are written to staged Parquet files at
+//!   a flush, referenced by no commit; the commit that holds the transaction's last
+//!   rows adds them too. A staged file of a transaction that a reload finds committed
+//!   is dropped; after a crash the staged files are orphans that vacuum removes.
 //!
 //! # Rows and types
 //!
@@ -318,6 +322,103 @@ fn row_bytes(row: &BatchRow) -> usize {
         + row.tags.iter().map(|t| t.len() + 8).sum::<usize>()
 }
 
+/// Converts the rows of `segments` and writes them as Parquet files (not committed);
+/// returns the files and how many rows they hold.
+async fn write_files(
+    settings: &LakeSettings,
+    name: &str,
+    warned: &mut BTreeSet<String>,
+    writer: &mut RecordBatchWriter,
+    segments: &[Segment],
+) -> Result<(Vec<deltalake::kernel::Add>, usize), LakeError> {
+    let converted =
+        record_batch(&writer.arrow_schema(), segments).map_err(LakeError::convert(name))?;
+    for column in &converted.special_columns {
+        if warned.insert(column.clone()) {
+            tracing::warn!(
+                sink = %settings.name,
+                table = %name,
+                column = %column,
+                "values that the column's Delta type cannot hold are written as null and kept in `_special`"
+            );
+        }
+    }
+    let rows = converted.batch.num_rows();
+    writer
+        .write(converted.batch)
+        .await
+        .map_err(LakeError::delta(name, "writing Parquet"))?;
+    let adds = writer
+        .flush()
+        .await
+        .map_err(LakeError::delta(name, "writing Parquet"))?;
+    Ok((adds, rows))
+}
+
+/// Splits segments into the rows of the transaction committed at `open` and the rest,
+/// keeping their order.
+fn split_segments(segments: &[Segment], open: Lsn) -> (Vec<Segment>, Vec<Segment>) {
+    let mut staged = Vec::new();
+    let mut rest = Vec::new();
+    for segment in segments {
+        let (mine, others): (Vec<u32>, Vec<u32>) = segment
+            .rows
+            .iter()
+            .partition(|&&r| segment.txn(segment.row(r)).commit_lsn == open);
+        for (rows, out) in [(mine, &mut staged), (others, &mut rest)] {
+            if !rows.is_empty() {
+                out.push(Segment {
+                    batch: segment.batch.clone(),
+                    table: segment.table,
+                    rows,
+                });
+            }
+        }
+    }
+    (staged, rest)
+}
+
+/// A segment without rows and without the rest of its batch: its relation version,
+/// column tags and lineage, for a later schema plan and commit info.
+fn shape(segment: &Segment) -> Segment {
+    let table = &segment.batch.tables[segment.table as usize];
+    Segment {
+        batch: Arc::new(Batch {
+            tables: vec![crate::pipeline::batch::BatchTable {
+                relation: table.relation.clone(),
+                column_tags: table.column_tags.clone(),
+                rows: Vec::new(),
+            }],
+            pipeline: segment.batch.pipeline.clone(),
+            stages: segment.batch.stages.clone(),
+            ..Batch::default()
+        }),
+        table: 0,
+        rows: Vec::new(),
+    }
+}
+
+/// Whether `shape` already stands for `segment`'s relation version, tags and lineage.
+fn same_shape(shape: &Segment, segment: &Segment) -> bool {
+    let a = &shape.batch.tables[shape.table as usize];
+    let b = &segment.batch.tables[segment.table as usize];
+    Arc::ptr_eq(&a.relation, &b.relation)
+        && a.column_tags == b.column_tags
+        && shape.batch.pipeline == segment.batch.pipeline
+}
+
+/// Parquet files written for rows of a transaction whose last part had not arrived:
+/// in the table's directory, but in no commit, so no reader sees them. They are
+/// committed with the transaction's last rows.
+struct Staged {
+    commit_lsn: Lsn,
+    adds: Vec<deltalake::kernel::Add>,
+    rows: usize,
+    /// The staged segments without their rows: relation versions and column tags for
+    /// the schema plan, and pipeline lineage for the commit info.
+    shapes: Vec<Segment>,
+}
+
 /// One Delta table and the rows waiting for it.
 struct LakeTable {
     /// `schema.table`.
@@ -330,6 +431,8 @@ struct LakeTable {
     pending: Vec<Segment>,
     rows: usize,
     bytes: usize,
+    /// Files of large transactions, not committed yet.
+    staged: Vec<Staged>,
     /// Columns already warned about for `_special` values.
     warned: BTreeSet<String>,
     /// Commits since the last checkpoint (counted from the writer's start).
@@ -357,6 +460,7 @@ impl LakeTable {
             pending: Vec::new(),
             rows: 0,
             bytes: 0,
+            staged: Vec::new(),
             warned: BTreeSet::new(),
             commits_since_checkpoint: 0,
             last_vacuum: None,
@@ -399,6 +503,12 @@ impl LakeTable {
         };
         let done = |lsn: Lsn| lsn.0 as i64 <= version;
         let mut skipped = 0;
+        self.staged.retain(|staged| {
+            if done(staged.commit_lsn) {
+                skipped += staged.rows;
+            }
+            !done(staged.commit_lsn)
+        });
         self.pending.retain_mut(|segment| {
             let (first, last) = match (segment.batch.txns.first(), segment.batch.txns.last()) {
                 (Some(first), Some(last)) => (first.commit_lsn, last.commit_lsn),
@@ -422,11 +532,14 @@ impl LakeTable {
         skipped
     }
 
-    /// Commits every pending row of this table; on `Ok` the buffer is empty and the
-    /// result is how many commits were written (schema changes and data).
+    /// Commits every pending row of this table, except rows of `open` (a transaction
+    /// whose last part has not arrived), which are written to staged files. On `Ok`
+    /// the buffer is empty and the result is how many commits were written (schema
+    /// changes and data).
     async fn flush(
         &mut self,
         settings: &LakeSettings,
+        open: Option<Lsn>,
         #[cfg(test)] crash: Option<CrashPoint>,
     ) -> Result<u64, LakeError> {
         if self.delta.is_none() {
@@ -442,7 +555,8 @@ impl LakeTable {
                 "skipping rows the lake already holds"
             );
         }
-        if self.pending.is_empty() {
+        let completed_staged = self.staged.iter().any(|s| Some(s.commit_lsn) != open);
+        if self.pending.is_empty() && !completed_staged {
             self.clear();
             return Ok(0);
         }
@@ -451,10 +565,17 @@ impl LakeTable {
         let name = name.as_str();
         let mut table = self.delta.take().expect("opened above");
 
-        // The schema: create the table, or add the columns it lacks.
+        // The schema: create the table, or add the columns it lacks. Staged rows count:
+        // their column tags are committed with them.
+        let shapes: Vec<Segment> = self
+            .pending
+            .iter()
+            .cloned()
+            .chain(self.staged.iter().flat_map(|s| s.shapes.iter().cloned()))
+            .collect();
         let existing = table.snapshot().ok().map(|s| s.schema());
         let mut plan =
-            plan_schema(existing.as_deref(), &self.pending).map_err(LakeError::convert(name))?;
+            plan_schema(existing.as_deref(), &shapes).map_err(LakeError::convert(name))?;
         if existing.is_none() {
             table = table
                 .create()
@@ -472,8 +593,7 @@ impl LakeTable {
                 .snapshot()
                 .map_err(LakeError::delta(name, "creating the table"))?
                 .schema();
-            plan = plan_schema(Some(schema.as_ref()), &self.pending)
-                .map_err(LakeError::convert(name))?;
+            plan = plan_schema(Some(schema.as_ref()), &shapes).map_err(LakeError::convert(name))?;
         }
         if !plan.added.is_empty() {
             let added: Vec<String> = plan.added.iter().map(|f| f.name().clone()).collect();
@@ -491,9 +611,52 @@ impl LakeTable {
                 .snapshot()
                 .map_err(LakeError::delta(name, "adding columns"))?
                 .schema();
-            plan = plan_schema(Some(schema.as_ref()), &self.pending)
-                .map_err(LakeError::convert(name))?;
+            plan = plan_schema(Some(schema.as_ref()), &shapes).map_err(LakeError::convert(name))?;
         }
+        let mut writer = RecordBatchWriter::for_table(&table)
+            .map_err(LakeError::delta(name, "preparing the writer"))?;
+
+        // Rows of the open transaction: staged, not committed. (On an error the
+        // caller drops the loaded table, so the next attempt reloads it.)
+        if let Some(open) = open {
+            let (staged, rest) = split_segments(&self.pending, open);
+            if !staged.is_empty() {
+                let (adds, rows) =
+                    write_files(settings, name, &mut self.warned, &mut writer, &staged).await?;
+                tracing::debug!(
+                    sink = %settings.name,
+                    table = %name,
+                    rows,
+                    files = adds.len(),
+                    commit_lsn = %open,
+                    "staged rows of a large transaction until its commit"
+                );
+                let mut shapes: Vec<Segment> = Vec::new();
+                for segment in &staged {
+                    if !shapes.iter().any(|s| same_shape(s, segment)) {
+                        shapes.push(shape(segment));
+                    }
+                }
+                self.staged.push(Staged {
+                    commit_lsn: open,
+                    adds,
+                    rows,
+                    shapes,
+                });
+                self.pending = rest;
+                self.recount();
+            }
+        }
+        let completed: Vec<&Staged> = self
+            .staged
+            .iter()
+            .filter(|s| Some(s.commit_lsn) != open)
+            .collect();
+        if self.pending.is_empty() && completed.is_empty() {
+            self.delta = Some(table);
+            return Ok(commits);
+        }
+
         let mut actions = Vec::new();
         if plan.tags_grew {
             let schema = struct_type(plan.fields).map_err(LakeError::convert(name))?;
@@ -508,31 +671,20 @@ impl LakeTable {
             actions.push(Action::Metadata(metadata));
         }
 
-        // The files.
-        let mut writer = RecordBatchWriter::for_table(&table)
-            .map_err(LakeError::delta(name, "preparing the writer"))?;
-        let converted = record_batch(&writer.arrow_schema(), &self.pending)
-            .map_err(LakeError::convert(name))?;
-        for column in &converted.special_columns {
-            if self.warned.insert(column.clone()) {
-                tracing::warn!(
-                    sink = %settings.name,
-                    table = %name,
-                    column = %column,
-                    "values that the column's Delta type cannot hold are written as null and kept in `_special`"
-                );
-            }
-        }
-        let rows = converted.batch.num_rows();
-        writer
-            .write(converted.batch)
-            .await
-            .map_err(LakeError::delta(name, "writing Parquet"))?;
-        let adds = writer
-            .flush()
-            .await
-            .map_err(LakeError::delta(name, "writing Parquet"))?;
+        // The files: the pending rows', and those staged for transactions now complete.
+        let (adds, rows) = if self.pending.is_empty() {
+            (Vec::new(), 0)
+        } else {
+            write_files(settings, name, &mut self.warned, &mut writer, &self.pending).await?
+        };
+        let staged_rows: usize = completed.iter().map(|s| s.rows).sum();
         actions.extend(adds.into_iter().map(Action::Add));
+        actions.extend(
+            completed
+                .iter()
+                .flat_map(|s| s.adds.iter().cloned())
+                .map(Action::Add),
+        );
         #[cfg(test)]
         if crash == Some(CrashPoint::BeforeCommit) {
             return Err(LakeError::Crash(
@@ -541,13 +693,16 @@ impl LakeTable {
         }
 
         // The commit.
-        let (first, last) = self.commit_lsn_range();
+        let (first, last) = self.commit_lsn_range(open);
+        let rows = rows + staged_rows;
         let mut info = self.static_info(settings);
         info.insert(
             "airlock.lsn_range".into(),
             serde_json::json!([first.to_string(), last.to_string()]),
         );
-        info.insert("airlock.pipeline".into(), self.pipelines());
+        let (pipeline, stages) = self.lineage(open);
+        info.insert("airlock.pipeline".into(), pipeline);
+        info.insert("airlock.stages".into(), stages);
         info.insert("airlock.rows".into(), rows.into());
         let version = last.0 as i64;
         let now = std::time::SystemTime::now()
@@ -591,6 +746,7 @@ impl LakeTable {
                 "after the commit, before the flush returned",
             ));
         }
+        self.staged.retain(|s| Some(s.commit_lsn) == open);
         self.clear();
         Ok(commits + 1)
     }
@@ -601,32 +757,66 @@ impl LakeTable {
         self.bytes = 0;
     }
 
-    /// Smallest and largest commit LSN of the pending rows' transactions.
-    fn commit_lsn_range(&self) -> (Lsn, Lsn) {
+    /// Recounts the pending rows and bytes.
+    fn recount(&mut self) {
+        self.rows = self.pending.iter().map(|s| s.rows.len()).sum();
+        self.bytes = self
+            .pending
+            .iter()
+            .flat_map(|s| s.rows.iter().map(|&r| row_bytes(s.row(r))))
+            .sum();
+    }
+
+    /// Smallest and largest commit LSN of what the next commit holds: the pending rows'
+    /// transactions and the staged ones not `open`.
+    fn commit_lsn_range(&self, open: Option<Lsn>) -> (Lsn, Lsn) {
         let mut range: Option<(Lsn, Lsn)> = None;
+        let mut widen = |lsn: Lsn| {
+            range = Some(range.map_or((lsn, lsn), |(lo, hi)| (lo.min(lsn), hi.max(lsn))));
+        };
         for segment in &self.pending {
             for &r in &segment.rows {
-                let lsn = segment.txn(segment.row(r)).commit_lsn;
-                range = Some(range.map_or((lsn, lsn), |(lo, hi)| (lo.min(lsn), hi.max(lsn))));
+                widen(segment.txn(segment.row(r)).commit_lsn);
+            }
+        }
+        for staged in &self.staged {
+            if Some(staged.commit_lsn) != open {
+                widen(staged.commit_lsn);
             }
         }
         range.unwrap_or_default()
     }
 
-    /// The pipeline version of the pending rows: a string, or an array when a reload
-    /// happened between them.
-    fn pipelines(&self) -> serde_json::Value {
-        let mut seen: Vec<&str> = Vec::new();
-        for segment in &self.pending {
-            let pipeline = &*segment.batch.pipeline;
-            if !seen.contains(&pipeline) {
-                seen.push(pipeline);
+    /// The lineage of what the next commit holds: the pipeline version (a string, or
+    /// an array when a reload happened between rows) and the stages of each version
+    /// with their content hashes.
+    fn lineage(&self, open: Option<Lsn>) -> (serde_json::Value, serde_json::Value) {
+        let mut seen: Vec<&Batch> = Vec::new();
+        let staged = self
+            .staged
+            .iter()
+            .filter(|s| Some(s.commit_lsn) != open)
+            .flat_map(|s| s.shapes.iter());
+        for segment in staged.chain(&self.pending) {
+            if !seen.iter().any(|b| b.pipeline == segment.batch.pipeline) {
+                seen.push(&segment.batch);
             }
         }
-        match seen.as_slice() {
-            [one] => (*one).into(),
-            many => many.iter().map(|p| serde_json::Value::from(*p)).collect(),
-        }
+        let pipeline = match seen.as_slice() {
+            [one] => (*one.pipeline).into(),
+            many => many
+                .iter()
+                .map(|b| serde_json::Value::from(&*b.pipeline))
+                .collect(),
+        };
+        let stages: serde_json::Map<String, serde_json::Value> = seen
+            .iter()
+            .map(|b| {
+                let stages = serde_json::to_value(&*b.stages).unwrap_or_default();
+                (b.pipeline.to_string(), stages)
+            })
+            .collect();
+        (pipeline, serde_json::Value::Object(stages))
     }
 
     fn static_info(&self, settings: &LakeSettings) -> HashMap<String, serde_json::Value> {
@@ -651,6 +841,8 @@ struct Writer {
     bytes: usize,
     /// End LSN of the last accepted batch not yet covered by a successful flush.
     accepted_end: Option<Lsn>,
+    /// Commit LSN of the transaction whose parts are arriving, before its last part.
+    open: Option<Lsn>,
     lock: CompactLock,
     #[cfg(test)]
     crash: Option<CrashPoint>,
@@ -678,6 +870,11 @@ impl Writer {
         if let Some(end) = batch.end_lsn() {
             self.accepted_end = Some(self.accepted_end.map_or(end, |e| e.max(end)));
         }
+        self.open = batch
+            .txns
+            .last()
+            .filter(|t| !t.completes())
+            .map(|t| t.commit_lsn);
         let mut kept = false;
         for (t, table) in batch.tables.iter().enumerate() {
             let mut bytes = 0;
@@ -717,17 +914,25 @@ impl Writer {
         self.rows >= self.settings.max_rows || self.bytes >= self.settings.max_bytes
     }
 
+    /// Whether some table holds staged files of a transaction not committed yet.
+    fn holds_open(&self) -> bool {
+        self.tables.values().any(|t| !t.staged.is_empty())
+    }
+
     async fn flush(&mut self) -> Result<Option<Lsn>, SinkError> {
         let settings = &self.settings;
+        let open = self.open;
         let mut committed = Vec::new();
+        let mut failed = None;
         for table in self.tables.values_mut() {
-            if table.pending.is_empty() {
+            let completes = table.staged.iter().any(|s| Some(s.commit_lsn) != open);
+            if table.pending.is_empty() && !completes {
                 continue;
             }
-            let (rows, bytes) = (table.rows, table.bytes);
             let result = table
                 .flush(
                     settings,
+                    open,
                     #[cfg(test)]
                     self.crash,
                 )
@@ -737,11 +942,15 @@ impl Writer {
                 Err(error) => {
                     // The commit may have landed anyway: reload before the next attempt.
                     table.delta = None;
-                    return Err(error.into_sink_error(&settings.name));
+                    failed = Some(error.into_sink_error(&settings.name));
+                    break;
                 }
             }
-            self.rows -= rows;
-            self.bytes -= bytes;
+        }
+        self.rows = self.tables.values().map(|t| t.rows).sum();
+        self.bytes = self.tables.values().map(|t| t.bytes).sum();
+        if let Some(error) = failed {
+            return Err(error);
         }
         // The data is durable; maintenance never fails the flush.
         for (name, commits) in committed {
@@ -800,6 +1009,8 @@ pub struct LakeSink {
     writer: Arc<tokio::sync::Mutex<Writer>>,
     /// `Writer::due` as of the last `accept` or `flush` (only they change it).
     due: bool,
+    /// `Writer::holds_open` as of the last `flush` (only it changes it).
+    holds_open: bool,
 }
 
 impl std::fmt::Debug for LakeSink {
@@ -867,11 +1078,13 @@ impl LakeSink {
                 rows: 0,
                 bytes: 0,
                 accepted_end: None,
+                open: None,
                 lock,
                 #[cfg(test)]
                 crash: None,
             })),
             due: false,
+            holds_open: false,
         })
     }
 
@@ -995,10 +1208,15 @@ impl Sink for LakeSink {
         let mut writer = self.writer.lock().await;
         let result = writer.flush().await;
         self.due = writer.due();
+        self.holds_open = writer.holds_open();
         result
     }
 
     fn flush_interval(&self) -> Duration {
         self.flush_interval
+    }
+
+    fn holds_open(&self) -> bool {
+        self.holds_open
     }
 }

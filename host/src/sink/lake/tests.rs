@@ -80,6 +80,7 @@ fn txn(xid: u32, commit_lsn: u64, changes: Vec<Change>) -> Transaction {
             commit_lsn: Lsn(commit_lsn),
             end_lsn: Lsn(commit_lsn + 0x10),
             commit_ts: COMMIT_TS,
+            part: crate::change::Part::WHOLE,
         },
         changes,
     }
@@ -108,6 +109,10 @@ fn insert(relation: &Arc<Relation>, lsn: u64, values: Vec<Value>) -> Change {
 fn batch(txns: Vec<Transaction>) -> Batch {
     let mut batch = Batch::from_transactions(txns);
     batch.pipeline = Arc::from("p-abc123");
+    batch.stages = Arc::from(vec![crate::pipeline::batch::StageId {
+        name: "30-mask".into(),
+        sha256: "5a1f".into(),
+    }]);
     batch
 }
 
@@ -413,6 +418,11 @@ async fn one_row_per_type_reads_back_exactly() {
         serde_json::json!(["0/1000", "0/2000"])
     );
     assert_eq!(info["airlock.pipeline"], "p-abc123");
+    assert_eq!(
+        info["airlock.stages"],
+        serde_json::json!({"p-abc123": [{"name": "30-mask", "sha256": "5a1f"}]}),
+        "lineage: every stage of the pipeline with its content hash"
+    );
     assert_eq!(info["airlock.rows"], 3);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -1299,6 +1309,128 @@ async fn the_catalog_lists_tables_columns_tags_rows_and_versions() {
     assert_eq!(
         json["sinks"][1]["tables"][0]["columns"][1]["tags"][0], "pii",
         "{json}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Transaction `n` of `rows` inserts (ids `1000n + i`) cut into parts of `part_rows`.
+fn parts(rel: &Arc<Relation>, n: u64, rows: u64, part_rows: u64) -> Vec<Transaction> {
+    let commit_lsn = 0x10_0000 * n + 0xF_0000;
+    let changes: Vec<Change> = (0..rows)
+        .map(|i| {
+            let id = (1000 * n + i) as i64;
+            insert(
+                rel,
+                0x10_0000 * n + 8 * i,
+                vec![Value::Int(id), Value::Text(format!("row {id}"))],
+            )
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut offset = 0;
+    let mut chunks = changes.chunks(part_rows as usize).peekable();
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        let mut t = txn(n as u32, commit_lsn, chunk.to_vec());
+        t.meta.part = crate::change::Part { offset, last };
+        if !last {
+            t.meta.end_lsn = Lsn::ZERO;
+        }
+        offset += chunk.len() as u64;
+        out.push(t);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_transaction_past_the_bounds_is_staged_in_files_and_committed_only_with_its_last_part() {
+    let dir = temp_dir("parts");
+    let rel = events();
+    let url = table_url(&dir, "public.events");
+    let mut settings = settings(&dir);
+    settings.max_rows = 4;
+    let mut sink = LakeSink::open(settings.clone()).await.unwrap();
+    write_flushes(&mut sink, &rel, 1..=1).await; // ids 1, 2
+
+    let mut big = parts(&rel, 7, 10, 4).into_iter();
+    for _ in 0..2 {
+        sink.accept(Arc::new(batch(vec![big.next().unwrap()])))
+            .await
+            .unwrap();
+        assert!(sink.due(), "4 rows buffered");
+        assert_eq!(sink.flush().await.unwrap(), None, "nothing completed");
+        assert!(sink.holds_open());
+        assert!(!sink.due(), "the rows went to staged files");
+        assert_eq!(
+            ids_of(&read_rows(&load(&url).await).await),
+            [1, 2],
+            "staged rows are invisible"
+        );
+    }
+    assert_eq!(parquet_files(&dir.join("public.events")).len(), 3);
+
+    // The last part and a whole transaction after it: one commit holds all of it.
+    let last = big.next().unwrap();
+    assert!(last.meta.completes());
+    let after = two_rows(&rel, 3000); // commits after it: ids 5999, 6000
+    let end = after.meta.end_lsn;
+    sink.accept(Arc::new(batch(vec![last, after])))
+        .await
+        .unwrap();
+    assert_eq!(sink.flush().await.unwrap(), Some(end));
+    assert!(!sink.holds_open());
+    let table = load(&url).await;
+    let mut expected = vec![1, 2, 5999, 6000];
+    expected.extend(7000..7010);
+    expected.sort();
+    assert_eq!(ids_of(&read_rows(&table).await), expected);
+    let info = last_commit_info(&table).await;
+    assert_eq!(info["airlock.rows"], 12);
+    assert_eq!(
+        info["airlock.lsn_range"],
+        serde_json::json!([Lsn(0x7F_0000).to_string(), Lsn(0xBB_8800).to_string()])
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn a_kill_inside_a_large_transaction_leaves_only_orphans_and_the_resend_writes_each_row_once()
+{
+    let dir = temp_dir("parts-crash");
+    let rel = events();
+    let url = table_url(&dir, "public.events");
+    let mut settings = settings(&dir);
+    settings.max_rows = 3;
+    settings.maintenance.vacuum_retention = Duration::ZERO;
+    let mut first = LakeSink::open(settings.clone()).await.unwrap();
+    write_flushes(&mut first, &rel, 1..=1).await;
+    let mut big = parts(&rel, 5, 8, 3).into_iter();
+    first
+        .accept(Arc::new(batch(vec![big.next().unwrap()])))
+        .await
+        .unwrap();
+    assert_eq!(first.flush().await.unwrap(), None);
+    drop(first); // killed with a part staged
+
+    // The restart resends the whole transaction, in parts.
+    let mut second = LakeSink::open(settings).await.unwrap();
+    let mut end = None;
+    for part in parts(&rel, 5, 8, 3) {
+        second.accept(Arc::new(batch(vec![part]))).await.unwrap();
+        end = second.flush().await.unwrap().or(end);
+    }
+    assert_eq!(end, Some(Lsn(0x5F_0010)));
+    let mut expected = vec![1, 2];
+    expected.extend(5000..5008);
+    assert_eq!(ids_of(&read_rows(&load(&url).await).await), expected);
+
+    // Vacuum (retention zero here) deletes the orphan and nothing live.
+    second.handle().compact().await.unwrap();
+    let table = load(&url).await;
+    assert_eq!(ids_of(&read_rows(&table).await), expected);
+    assert_eq!(
+        parquet_files(&dir.join("public.events")).len(),
+        table.snapshot().unwrap().log_data().num_files()
     );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -57,6 +57,7 @@ fn batch(n: u64, rows: i64) -> Arc<Batch> {
             commit_lsn: Lsn(n * 1000 + 999),
             end_lsn: Lsn(n * 1000 + 1000),
             commit_ts: 1_704_067_200_000_000,
+            part: crate::change::Part::WHOLE,
         },
         changes,
     };
@@ -247,6 +248,7 @@ async fn events_carry_the_row_and_the_change_metadata() {
             commit_lsn: Lsn(0x40),
             end_lsn: Lsn(0x48),
             commit_ts: 1_704_067_200_123_456,
+            part: crate::change::Part::WHOLE,
         },
         changes: vec![update, delete],
     };

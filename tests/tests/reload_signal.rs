@@ -1,0 +1,107 @@
+//! SIGHUP reloads the plugin folder of a running `airlock run` process: with the
+//! folder watch off, a new stage stays out until the signal, then goes live.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use airlock_tests::*;
+use serde_json::Value as Json;
+
+/// A host process, killed if the test fails before it stops.
+struct HostProcess(Child);
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn stages(admin: &str) -> Option<Vec<String>> {
+    let status: Json = reqwest::get(format!("http://{admin}/status"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let stages = status["pipeline"]["stages"].as_array()?;
+    Some(
+        stages
+            .iter()
+            .filter_map(|s| s["name"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+async fn wait_stages(admin: &str, expected: &[&str], timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let now = stages(admin).await;
+        if now.as_deref().is_some_and(|s| s == expected) {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!("stages are {now:?}, expected {expected:?} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_plugin_folder() -> anyhow::Result<()> {
+    let dir = temp_dir("sighup");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY); CREATE PUBLICATION airlock FOR TABLE t;",
+    )
+    .await?;
+    let plugins = plugin_dir(&dir, &[("10-mask", "mask", "")]);
+    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
+    let config = dir.join("airlock.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\nslot = \"hup\"\ncreate_slot = true\n\
+             [plugins]\ndir = \"{}\"\nwatch = false\n\
+             [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\n\
+             [admin]\nlisten = \"{admin}\"\n",
+            pg.url("postgres"),
+            plugins.display(),
+            dir.display()
+        ),
+    )?;
+    let log = dir.join("host.log");
+    let host = HostProcess(
+        Command::new(airlock_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    wait_stages(&admin, &["10-mask"], Duration::from_secs(30)).await?;
+
+    // The watch is off: a new file alone changes nothing.
+    std::fs::copy(guest("test_passthrough"), plugins.join("20-pass.wasm"))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        stages(&admin).await.as_deref(),
+        Some(&["10-mask".to_owned()][..]),
+        "the folder is not watched, so only a signal may reload it"
+    );
+
+    let sent = Command::new("kill")
+        .args(["-HUP", &host.0.id().to_string()])
+        .status()?;
+    assert!(sent.success(), "kill -HUP failed");
+    wait_stages(&admin, &["10-mask", "20-pass"], Duration::from_secs(20))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
+    Ok(())
+}
