@@ -139,8 +139,7 @@ pub(super) async fn take(
     };
     let (client, connection) = settings
         .connect
-        .tokio_postgres_config()
-        .connect(tokio_postgres::NoTls)
+        .connect_sql()
         .await
         .map_err(fail("connecting for the snapshot"))?;
     let connection = tokio::spawn(async move {
