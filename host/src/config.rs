@@ -466,9 +466,9 @@ impl Config {
                     String::new()
                 });
                 let mut parsed = None;
-                if !url.is_empty()
-                    && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-                {
+                let postgres_url =
+                    url.starts_with("postgres://") || url.starts_with("postgresql://");
+                if !url.is_empty() && !postgres_url {
                     issues.add(
                         "source.url",
                         "expected a URL starting with `postgres://` or `postgresql://`",

@@ -376,20 +376,12 @@ impl tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> for MakeRustlsC
     type TlsConnect = RustlsConnect;
     type Error = TlsFailure;
 
+    /// Called for every connection, also with `sslmode=disable` and on Unix sockets
+    /// (empty `domain`), where the connector is never used: failures wait for `connect`.
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, TlsFailure> {
-        let config = match &self.config {
-            Ok(Some(config)) => config.clone(),
-            Ok(None) => {
-                return Err(TlsFailure(
-                    "TLS is disabled (sslmode=disable) but the connection asked for it".into(),
-                ));
-            }
-            Err(reason) => return Err(TlsFailure(reason.to_string())),
-        };
-        let name = server_name(domain).map_err(|e| TlsFailure(e.to_string()))?;
         Ok(RustlsConnect {
-            config,
-            name,
+            config: self.config.clone(),
+            host: domain.to_owned(),
             mode: self.mode,
             root_cert: self.root_cert.clone(),
         })
@@ -397,8 +389,8 @@ impl tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> for MakeRustlsC
 }
 
 pub struct RustlsConnect {
-    config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    config: Result<Option<Arc<rustls::ClientConfig>>, Arc<str>>,
+    host: String,
     mode: SslMode,
     root_cert: Option<PathBuf>,
 }
@@ -410,9 +402,19 @@ impl tokio_postgres::tls::TlsConnect<tokio_postgres::Socket> for RustlsConnect {
 
     fn connect(self, stream: tokio_postgres::Socket) -> Self::Future {
         Box::pin(async move {
-            let host = self.name.to_str().into_owned();
-            tokio_rustls::TlsConnector::from(self.config)
-                .connect(self.name, stream)
+            let config = match self.config {
+                Ok(Some(config)) => config,
+                Ok(None) => {
+                    return Err(TlsFailure(
+                        "TLS was asked for although sslmode=disable".into(),
+                    ));
+                }
+                Err(reason) => return Err(TlsFailure(reason.to_string())),
+            };
+            let host = self.host;
+            let name = server_name(&host).map_err(|e| TlsFailure(e.to_string()))?;
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
                 .await
                 .map(|s| RustlsStream(Box::new(s)))
                 .map_err(|e| {
