@@ -184,9 +184,9 @@ impl Drop for Progress {
 
 fn style(unit: Unit, total: u64) -> ProgressStyle {
     let template = match (unit, total) {
-        (Unit::Rows, 0) => "{spinner} {prefix} {human_pos} rows, {per_sec} {msg}",
+        (Unit::Rows, 0) => "{spinner} {prefix} {human_pos} rows, {per_sec:0} {msg}",
         (Unit::Rows, _) => {
-            "{spinner} {prefix} [{bar:30}] {percent:>3}% {human_pos}/~{human_len} rows, {per_sec}, ETA {eta} {msg}"
+            "{spinner} {prefix} [{bar:30}] {percent:>3}% {human_pos}/~{human_len} rows, {per_sec:0}, ETA {eta} {msg}"
         }
         (Unit::Bytes, 0) => "{spinner} {prefix} {binary_bytes}, {binary_bytes_per_sec} {msg}",
         (Unit::Bytes, _) => {

@@ -95,7 +95,7 @@ impl Meter<'_> {
             self.progress.set_message(if table == "*" {
                 state.to_owned()
             } else {
-                format!("{table} ({}/{} tables)", self.tables_done, self.tables)
+                format!("{table}, {}/{} tables done", self.tables_done, self.tables)
             });
         }
         if !force && self.last.elapsed() < PROGRESS_INTERVAL {
