@@ -126,7 +126,7 @@ impl InFlight {
 
 /// Reads the slot's position and WAL retention from PostgreSQL for `/status` and metrics.
 async fn monitor_slot(
-    config: tokio_postgres::Config,
+    config: source::protocol::ConnectConfig,
     slot: String,
     status: Arc<Status>,
     durable: watch::Receiver<Lsn>,
@@ -136,7 +136,7 @@ async fn monitor_slot(
     let mut client: Option<tokio_postgres::Client> = None;
     loop {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match config.connect(tokio_postgres::NoTls).await {
+            client = match config.connect_sql().await {
                 Ok((c, connection)) => {
                     tokio::spawn(async move {
                         let _ = connection.await;
@@ -213,10 +213,7 @@ async fn monitor_slot(
 /// definite error stops it.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let status = Arc::new(Status::default());
-    let mut connect = source::protocol::ConnectConfig::from_url(&config.source.url)?;
-    if let Some(password) = &config.source.password {
-        connect.password = Some(password.clone());
-    }
+    let connect = config.source.connect_config()?;
     status.update_source(|s| {
         s.database = connect.redacted_url();
         s.slot = config.source.slot.clone();
@@ -375,7 +372,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         .map_err(|e| RunError::Internal(format!("cannot start the pipeline thread: {e}")))?;
 
     let monitor_task = tokio::spawn(monitor_slot(
-        connect.tokio_postgres_config(),
+        connect.clone(),
         config.source.slot.clone(),
         status.clone(),
         durable_rx.clone(),

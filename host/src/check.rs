@@ -44,26 +44,39 @@ fn fail(what: &str, detail: impl Into<String>) -> Finding {
 }
 
 async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
-    let connect = match crate::source::protocol::ConnectConfig::from_url(&config.source.url) {
-        Ok(mut c) => {
-            if let Some(p) = &config.source.password {
-                c.password = Some(p.clone());
-            }
-            c
-        }
+    let connect = match config.source.connect_config() {
+        Ok(c) => c,
         Err(e) => return out.push(fail("source.url", e.to_string())),
     };
     let target = connect.redacted_url();
-    let client = match connect
-        .tokio_postgres_config()
-        .connect(tokio_postgres::NoTls)
-        .await
+    if let Err(e) =
+        crate::source::tls::client_config(connect.sslmode, connect.sslrootcert.as_deref())
     {
+        return out.push(fail("source.sslrootcert", e.to_string()));
+    }
+    let client = match connect.connect_sql().await {
         Ok((client, connection)) => {
             tokio::spawn(async move {
                 let _ = connection.await;
             });
-            out.push(ok("connection", format!("connected to {target}")));
+            let tls = match client
+                .query_opt(
+                    "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
+                    &[],
+                )
+                .await
+            {
+                Ok(Some(row)) => format!("TLS {}", row.get::<_, String>(0)),
+                Ok(None) => "not encrypted".to_owned(),
+                Err(_) => "encryption unknown".to_owned(),
+            };
+            out.push(ok(
+                "connection",
+                format!(
+                    "connected to {target} ({tls}, sslmode={})",
+                    connect.sslmode.as_str()
+                ),
+            ));
             client
         }
         Err(e) => {

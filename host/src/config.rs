@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::source::protocol::{ConnectConfig, SSL_MODES, SslMode};
+
 /// The file as written. Every field is documented in `docs/configuration.md`.
 pub mod raw {
     use super::*;
@@ -48,6 +50,12 @@ pub mod raw {
         pub url: Option<String>,
         /// Name of an environment variable holding the password.
         pub password_env: Option<String>,
+        /// TLS: `disable`, `prefer` (default, as libpq), `require`, `verify-ca` or
+        /// `verify-full`. May be given in `url` instead (`?sslmode=`), not in both.
+        pub sslmode: Option<String>,
+        /// PEM file with the CA certificate(s) the server's certificate must chain to
+        /// (`verify-ca`, `verify-full`). Relative to the configuration file.
+        pub sslrootcert: Option<String>,
         /// Publication to stream. Default `airlock`.
         pub publication: Option<String>,
         /// Replication slot to stream from. Default `airlock`.
@@ -221,6 +229,10 @@ pub enum Snapshot {
 pub struct SourceConfig {
     pub url: String,
     pub password: Option<String>,
+    /// The effective sslmode (`[source] sslmode`, else the url's, else `prefer`).
+    pub sslmode: SslMode,
+    /// The effective CA file for `verify-ca` / `verify-full`.
+    pub sslrootcert: Option<PathBuf>,
     pub publication: String,
     pub slot: String,
     pub tables: Vec<String>,
@@ -453,15 +465,85 @@ impl Config {
                     );
                     String::new()
                 });
-                if !url.is_empty()
-                    && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-                {
+                let mut parsed = None;
+                let postgres_url =
+                    url.starts_with("postgres://") || url.starts_with("postgresql://");
+                if !url.is_empty() && !postgres_url {
                     issues.add(
                         "source.url",
                         "expected a URL starting with `postgres://` or `postgresql://`",
                     );
+                } else if !url.is_empty() {
+                    match ConnectConfig::from_url(&url) {
+                        Ok(c) => parsed = Some(c),
+                        Err(crate::source::error::SourceError::InvalidUrl { reason }) => {
+                            issues.add("source.url", reason)
+                        }
+                        Err(other) => issues.add("source.url", other.to_string()),
+                    }
                 }
                 let password = env_secret(&mut issues, env, "source.password_env", s.password_env);
+                let url_sslmode =
+                    url_param(&url, "sslmode").and(parsed.as_ref().map(|c| c.sslmode));
+                let sslmode = match s.sslmode.as_deref() {
+                    None => url_sslmode.unwrap_or_default(),
+                    Some(text) => match SslMode::parse(text) {
+                        Some(mode) => {
+                            if let Some(in_url) = url_sslmode.filter(|m| *m != mode) {
+                                issues.add(
+                                    "source.sslmode",
+                                    format!(
+                                        "found `{text}`, but source.url says sslmode={}: keep one of them",
+                                        in_url.as_str()
+                                    ),
+                                );
+                            }
+                            mode
+                        }
+                        None => {
+                            issues.add(
+                                "source.sslmode",
+                                format!("found `{text}`, expected {SSL_MODES}"),
+                            );
+                            SslMode::default()
+                        }
+                    },
+                };
+                let url_rootcert = parsed.as_ref().and_then(|c| c.sslrootcert.clone());
+                let sslrootcert = match (s.sslrootcert.as_deref(), url_rootcert) {
+                    (Some(field), Some(in_url))
+                        if resolve(field) != resolve(&in_url.to_string_lossy()) =>
+                    {
+                        issues.add(
+                            "source.sslrootcert",
+                            format!(
+                                "found `{field}`, but source.url says sslrootcert={}: keep one of them",
+                                in_url.display()
+                            ),
+                        );
+                        None
+                    }
+                    (Some(field), _) => Some(resolve(field)),
+                    (None, in_url) => in_url.map(|p| resolve(&p.to_string_lossy())),
+                };
+                match (sslmode.verifies(), &sslrootcert) {
+                    (true, None) => issues.add(
+                        "source.sslrootcert",
+                        format!(
+                            "missing: sslmode `{}` verifies the server's certificate and needs the CA that signed it: set sslrootcert to a PEM file with the CA certificate(s)",
+                            sslmode.as_str()
+                        ),
+                    ),
+                    (false, Some(path)) => issues.add(
+                        "source.sslrootcert",
+                        format!(
+                            "found `{}`, but sslmode `{}` does not check certificates: set sslmode = \"verify-full\" (or \"verify-ca\") to use it, or remove sslrootcert",
+                            path.display(),
+                            sslmode.as_str()
+                        ),
+                    ),
+                    _ => {}
+                }
                 let snapshot = match s.snapshot.as_deref() {
                     None | Some("never") => Snapshot::Never,
                     Some("initial") => Snapshot::Initial,
@@ -485,6 +567,8 @@ impl Config {
                 Some(SourceConfig {
                     url,
                     password,
+                    sslmode,
+                    sslrootcert,
                     publication: issues.name("source.publication", s.publication, "airlock"),
                     slot: issues.name("source.slot", s.slot, "airlock"),
                     tables,
@@ -747,6 +831,30 @@ impl Config {
     }
 }
 
+/// The raw value of query parameter `name` in a url, if present.
+fn url_param<'a>(url: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = url.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+impl SourceConfig {
+    /// Where and how to connect: the url, with the password from `password_env` and
+    /// the effective `sslmode` and `sslrootcert`.
+    pub fn connect_config(&self) -> Result<ConnectConfig, crate::source::error::SourceError> {
+        let mut connect = ConnectConfig::from_url(&self.url)?;
+        if let Some(password) = &self.password {
+            connect.password = Some(password.clone());
+        }
+        connect.sslmode = self.sslmode;
+        connect.sslrootcert = self.sslrootcert.clone();
+        Ok(connect)
+    }
+}
+
 /// Where a parse error is: `section.key (line N)` when the span covers a key under a
 /// `[section]` header, else `line N`.
 fn field_path(text: &str, span: std::ops::Range<usize>) -> String {
@@ -828,6 +936,61 @@ mod tests {
         assert!(
             found[0].starts_with("source.slots (line 3): unknown field `slots`"),
             "{found:?}"
+        );
+    }
+
+    #[test]
+    fn sslmode_comes_from_the_field_or_the_url_and_verifying_needs_a_ca() {
+        let base = "[sinks.lake]\ntype = \"delta\"\nurl = \"file:///tmp/lake\"\n";
+        let load = |source: &str| {
+            Config::from_toml(
+                "airlock.toml",
+                &format!("[source]\n{source}\n{base}"),
+                Path::new("/etc/airlock"),
+            )
+        };
+        let c = load("url = \"postgres://u@h/db\"").unwrap();
+        assert_eq!(
+            (c.source.sslmode, c.source.sslrootcert),
+            (SslMode::Prefer, None)
+        );
+        let c = load("url = \"postgres://u@h/db?sslmode=require\"").unwrap();
+        assert_eq!(c.source.sslmode, SslMode::Require);
+        let c = load(
+            "url = \"postgres://u:pw@h/db\"\nsslmode = \"verify-full\"\nsslrootcert = \"tls/ca.pem\"",
+        )
+        .unwrap();
+        assert_eq!(c.source.sslmode, SslMode::VerifyFull);
+        let connect = c.source.connect_config().unwrap();
+        assert_eq!(connect.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            connect.sslrootcert.as_deref(),
+            Some(Path::new("/etc/airlock/tls/ca.pem"))
+        );
+        assert_eq!(connect.password.as_deref(), Some("pw"));
+
+        let found = issues(&format!(
+            "[source]\nurl = \"postgres://u@h/db?sslmode=disable\"\nsslmode = \"require\"\n{base}"
+        ));
+        assert_eq!(
+            found,
+            vec![
+                "source.sslmode: found `require`, but source.url says sslmode=disable: keep one of them"
+            ]
+        );
+        let found = issues(&format!(
+            "[source]\nurl = \"postgres://u@h/db\"\nsslmode = \"require\"\nsslrootcert = \"/ca.pem\"\n{base}"
+        ));
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("source.sslrootcert: found `/ca.pem`, but sslmode `require` does not check certificates"), "{found:?}");
+        let found = issues(&format!(
+            "[source]\nurl = \"postgres://u:hunter2@h/db?sslmode=sometimes\"\n{base}"
+        ));
+        assert_eq!(
+            found,
+            vec![
+                "source.url: sslmode `sometimes` is not one of disable, prefer, require, verify-ca, verify-full"
+            ]
         );
     }
 

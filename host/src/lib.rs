@@ -17,6 +17,7 @@ pub mod config;
 pub mod demo;
 
 pub mod pipeline;
+pub mod progress;
 pub mod sink;
 pub mod source;
 pub mod status;

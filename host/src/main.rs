@@ -318,9 +318,16 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,airlock=info"));
+    // Progress bars (snapshot, compaction) only for a person at a terminal; log
+    // lines are then written above the bars.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if matches!(format, LogFormat::Text) && terminal {
+        airlock::progress::enable_bars();
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(terminal)
+        .with_writer(airlock::progress::LogWriter);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -61,10 +61,13 @@ pub enum SourceError {
     #[error("invalid source url: {reason}")]
     InvalidUrl { reason: String },
 
-    #[error(
-        "sslmode={mode} in the source url: TLS is not supported yet; use sslmode=disable or sslmode=prefer (treated as disable) on a trusted network"
-    )]
-    TlsNotSupported { mode: &'static str },
+    /// The TLS settings cannot be used (no or an unreadable `sslrootcert`, ...).
+    #[error("cannot set up TLS to PostgreSQL: {reason}")]
+    TlsSetup { reason: String },
+
+    /// The server refused TLS, or its certificate did not verify: definite.
+    #[error("TLS with PostgreSQL at {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
 
     #[error("invalid source settings: {reason}")]
     InvalidSettings { reason: String },

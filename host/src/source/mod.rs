@@ -44,6 +44,7 @@ pub mod pgoutput;
 pub mod protocol;
 pub mod snapshot;
 pub mod text;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -311,8 +312,7 @@ async fn check_catalog(
     };
     let (client, connection) = settings
         .connect
-        .tokio_postgres_config()
-        .connect(tokio_postgres::NoTls)
+        .connect_sql()
         .await
         .map_err(fail("connecting for catalog checks"))?;
     let connection = tokio::spawn(async move {
@@ -667,13 +667,8 @@ impl Streamer<'_> {
             let user = self.settings.connect.user.clone();
             let fail = |e| catalog_error(&addr, &user, "resolving column types", e);
             if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, connection) = self
-                    .settings
-                    .connect
-                    .tokio_postgres_config()
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(fail)?;
+                let (client, connection) =
+                    self.settings.connect.connect_sql().await.map_err(fail)?;
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
                         debug!(error = %error, "type catalog connection ended");

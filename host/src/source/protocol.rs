@@ -14,6 +14,9 @@
 //!                        └─ send_status() ──▶ CopyData('r' standby status update)
 //! ```
 //!
+//! TLS (`sslmode`) is negotiated right after the TCP connect, before the startup
+//! packet: see [`super::tls`].
+//!
 //! Invariants:
 //! - The password never appears in `Debug` output, in errors or in logs;
 //!   [`ConnectConfig::redacted_url`] shows it as `***`.
@@ -28,6 +31,7 @@
 //!   `client_encoding=UTF8`), which `text.rs` relies on.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -51,15 +55,20 @@ const MIN_READ_SPACE: usize = 8 * 1024;
 /// PostgreSQL never sends a message larger than 1 GB.
 const MAX_MESSAGE_LEN: usize = 1 << 30;
 
-/// The `sslmode` of the source url.
+/// The `sslmode` of the source (libpq's names and meanings; see [`super::tls`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SslMode {
+    /// Plain text.
     Disable,
-    /// libpq's default; treated as `Disable` until TLS is supported.
+    /// TLS when the server offers it, plain otherwise; the certificate is not
+    /// checked. libpq's default, and airlock's.
     #[default]
     Prefer,
+    /// TLS or nothing; the certificate is not checked.
     Require,
+    /// TLS, and the certificate chain must lead to `sslrootcert`.
     VerifyCa,
+    /// As `VerifyCa`, and the certificate must name the host.
     VerifyFull,
 }
 
@@ -73,7 +82,27 @@ impl SslMode {
             SslMode::VerifyFull => "verify-full",
         }
     }
+
+    /// Parses libpq's names; `None` for anything else.
+    pub fn parse(text: &str) -> Option<SslMode> {
+        Some(match text {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// Whether the server certificate is checked against `sslrootcert`.
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
 }
+
+/// The modes, for messages.
+pub const SSL_MODES: &str = "`disable`, `prefer`, `require`, `verify-ca` or `verify-full`";
 
 /// Where and as whom to connect, parsed from a `postgres://` url.
 #[derive(Clone, PartialEq, Eq)]
@@ -86,6 +115,8 @@ pub struct ConnectConfig {
     pub password: Option<String>,
     pub dbname: String,
     pub sslmode: SslMode,
+    /// PEM file with the CA certificate(s) for `verify-ca` and `verify-full`.
+    pub sslrootcert: Option<PathBuf>,
 }
 
 impl fmt::Debug for ConnectConfig {
@@ -97,6 +128,7 @@ impl fmt::Debug for ConnectConfig {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("dbname", &self.dbname)
             .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
             .finish()
     }
 }
@@ -111,9 +143,9 @@ impl std::str::FromStr for ConnectConfig {
 impl ConnectConfig {
     /// Parses `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`.
     ///
-    /// Parameters: `sslmode`, `host` (e.g. a Unix socket directory), `port`, `user`,
-    /// `password`, `dbname`. Defaults: host `localhost`, port 5432, user `postgres`,
-    /// dbname = user. TLS modes other than `disable`/`prefer` are refused for now.
+    /// Parameters: `sslmode`, `sslrootcert`, `host` (e.g. a Unix socket directory),
+    /// `port`, `user`, `password`, `dbname`. Defaults: host `localhost`, port 5432,
+    /// user `postgres`, dbname = user, sslmode `prefer`.
     pub fn from_url(url: &str) -> Result<Self, SourceError> {
         let invalid = |reason: String| SourceError::InvalidUrl { reason };
         let rest = url
@@ -183,6 +215,7 @@ impl ConnectConfig {
             })?),
         };
         let mut sslmode = SslMode::default();
+        let mut sslrootcert = None;
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let decoded = || {
@@ -194,19 +227,13 @@ impl ConnectConfig {
             };
             match key {
                 "sslmode" => {
-                    sslmode = match value {
-                        "disable" => SslMode::Disable,
-                        "prefer" => SslMode::Prefer,
-                        "require" => SslMode::Require,
-                        "verify-ca" => SslMode::VerifyCa,
-                        "verify-full" => SslMode::VerifyFull,
-                        other => {
-                            return Err(invalid(format!(
-                                "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
-                            )));
-                        }
-                    }
+                    sslmode = SslMode::parse(value).ok_or_else(|| {
+                        invalid(format!(
+                            "sslmode `{value}` is not one of disable, prefer, require, verify-ca, verify-full"
+                        ))
+                    })?
                 }
+                "sslrootcert" => sslrootcert = Some(PathBuf::from(decoded()?)),
                 "host" => host = decoded()?,
                 "port" => port = Some(parse_port(value)?),
                 "user" => user = Some(decoded()?),
@@ -214,7 +241,7 @@ impl ConnectConfig {
                 "dbname" => dbname = Some(decoded()?),
                 other => {
                     return Err(invalid(format!(
-                        "unknown parameter `{other}`: supported are sslmode, host, port, user, password, dbname"
+                        "unknown parameter `{other}`: supported are sslmode, sslrootcert, host, port, user, password, dbname"
                     )));
                 }
             }
@@ -230,8 +257,8 @@ impl ConnectConfig {
             user: user.unwrap_or_else(|| "postgres".into()),
             password,
             sslmode,
+            sslrootcert,
         };
-        config.check_tls()?;
         Ok(config)
     }
 
@@ -244,6 +271,7 @@ impl ConnectConfig {
             password: password.map(str::to_owned),
             dbname: dbname.to_owned(),
             sslmode: SslMode::Disable,
+            sslrootcert: None,
         }
     }
 
@@ -251,14 +279,22 @@ impl ConnectConfig {
         self.password.is_some()
     }
 
-    /// Fails for sslmodes that need TLS, which is not supported yet.
+    /// Checks the TLS settings without I/O: the verifying modes need `sslrootcert`,
+    /// and only they use it.
     pub fn check_tls(&self) -> Result<(), SourceError> {
-        match self.sslmode {
-            SslMode::Disable | SslMode::Prefer => Ok(()),
-            mode => Err(SourceError::TlsNotSupported {
-                mode: mode.as_str(),
-            }),
-        }
+        let reason = match (self.sslmode.verifies(), &self.sslrootcert) {
+            (true, None) => format!(
+                "sslmode={} verifies the server certificate, but no sslrootcert is set: set it to a PEM file with the CA certificate",
+                self.sslmode.as_str()
+            ),
+            (false, Some(path)) => format!(
+                "sslrootcert `{}` is set, but sslmode={} does not check certificates: use sslmode=verify-full (or verify-ca), or remove sslrootcert",
+                path.display(),
+                self.sslmode.as_str()
+            ),
+            _ => return Ok(()),
+        };
+        Err(SourceError::TlsSetup { reason })
     }
 
     /// The url with the password shown as `***`: safe to log.
@@ -305,7 +341,8 @@ impl ConnectConfig {
     }
 
     /// A tokio-postgres config for ordinary (non-replication) SQL connections,
-    /// with the same session settings as the replication connection.
+    /// with the same session settings as the replication connection. Connect it with
+    /// [`ConnectConfig::tls_connector`], or use [`ConnectConfig::connect_sql`].
     pub fn tokio_postgres_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config
@@ -315,12 +352,45 @@ impl ConnectConfig {
             .dbname(&self.dbname)
             .application_name("airlock")
             .options(SESSION_OPTIONS)
-            .ssl_mode(tokio_postgres::config::SslMode::Disable)
+            .ssl_mode(self.tokio_postgres_ssl_mode())
             .connect_timeout(CONNECT_TIMEOUT);
         if let Some(password) = &self.password {
             config.password(password);
         }
         config
+    }
+
+    /// tokio-postgres decides whether to ask for TLS; what is checked is up to
+    /// [`super::tls::MakeRustlsConnect`]. Unix sockets never use TLS.
+    fn tokio_postgres_ssl_mode(&self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Pg;
+        match self.sslmode {
+            _ if self.is_unix_socket() => Pg::Disable,
+            SslMode::Disable => Pg::Disable,
+            SslMode::Prefer => Pg::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Pg::Require,
+        }
+    }
+
+    /// The TLS connector for [`ConnectConfig::tokio_postgres_config`].
+    pub fn tls_connector(&self) -> super::tls::MakeRustlsConnect {
+        super::tls::MakeRustlsConnect::new(self)
+    }
+
+    /// Opens an ordinary SQL connection with this config's sslmode; the caller
+    /// drives the returned connection (e.g. in a spawned task).
+    pub async fn connect_sql(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, super::tls::RustlsStream>,
+        ),
+        tokio_postgres::Error,
+    > {
+        self.tokio_postgres_config()
+            .connect(self.tls_connector())
+            .await
     }
 }
 
@@ -721,7 +791,10 @@ impl ReplicationConnection {
             };
             match frame.tag {
                 b'R' => {}
-                b'E' => return Err(wire.server(DURING, parse_error_fields(&frame.body))),
+                b'E' => {
+                    let error = with_tls_hint(parse_error_fields(&frame.body), config.sslmode);
+                    return Err(wire.server(DURING, error));
+                }
                 other => {
                     return Err(wire.protocol(
                         DURING,
@@ -1004,11 +1077,24 @@ impl ReplicationConnection {
     }
 }
 
+/// A server that takes this user only over TLS (`hostssl` in pg_hba.conf) refuses a
+/// plain connection with `no pg_hba.conf entry for … no encryption`: say what to change.
+fn with_tls_hint(mut error: PgError, mode: SslMode) -> PgError {
+    if error.code == "28000" && error.message.contains("no encryption") && error.hint.is_none() {
+        error.hint = Some(format!(
+            "the connection was not encrypted (sslmode={}); if pg_hba.conf accepts this user only with hostssl, set sslmode = \"verify-full\" (or \"require\")",
+            mode.as_str()
+        ));
+    }
+    error
+}
+
 fn be_i32(bytes: &[u8]) -> Option<i32> {
     Some(i32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
 }
 
-/// Opens the TCP (or Unix socket) connection, split into boxed halves.
+/// Opens the TCP (or Unix socket) connection, with TLS as `sslmode` says (never on
+/// a Unix socket), split into boxed halves.
 async fn open(config: &ConnectConfig, addr: &str) -> Result<(Reader, Writer), SourceError> {
     let connect_error = |source| SourceError::Connect {
         addr: addr.to_owned(),
@@ -1026,8 +1112,17 @@ async fn open(config: &ConnectConfig, addr: &str) -> Result<(Reader, Writer), So
         .await
         .map_err(connect_error)?;
     stream.set_nodelay(true).map_err(connect_error)?;
-    let (r, w) = stream.into_split();
-    Ok((Box::new(r), Box::new(w)))
+    match super::tls::negotiate(stream, config, addr).await? {
+        Ok(tls) => {
+            debug!(addr = %addr, sslmode = config.sslmode.as_str(), "tls established");
+            let (r, w) = tokio::io::split(tls);
+            Ok((Box::new(r), Box::new(w)))
+        }
+        Err(plain) => {
+            let (r, w) = plain.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
 }
 
 fn create_slot_command(name: &str, temporary: bool, snapshot: SnapshotAction) -> String {
@@ -1271,14 +1366,61 @@ pub(crate) mod tests {
             assert!(err.contains(needle), "{url}: {err}");
             assert!(!err.contains("hunter"), "{url}: {err}");
         }
-        for mode in ["require", "verify-ca", "verify-full"] {
-            let err = ConnectConfig::from_url(&format!("postgres://u:hunter2@h/d?sslmode={mode}"))
-                .unwrap_err();
-            assert!(matches!(err, SourceError::TlsNotSupported { .. }));
-            let msg = err.to_string();
-            assert!(msg.contains("TLS is not supported yet"), "{msg}");
-            assert!(!msg.contains("hunter"));
+    }
+
+    #[test]
+    fn tls_settings_are_parsed_and_checked() {
+        for (mode, expected) in [
+            ("disable", SslMode::Disable),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+        ] {
+            let c = ConnectConfig::from_url(&format!("postgres://u:hunter2@h/d?sslmode={mode}"))
+                .unwrap();
+            assert_eq!(c.sslmode, expected);
+            c.check_tls().unwrap();
         }
+        let c = ConnectConfig::from_url(
+            "postgres://u:hunter2@h/d?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem",
+        )
+        .unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            c.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        c.check_tls().unwrap();
+
+        let c = ConnectConfig::from_url("postgres://u:hunter2@h/d?sslmode=verify-ca").unwrap();
+        let msg = c.check_tls().unwrap_err().to_string();
+        assert!(msg.contains("no sslrootcert is set"), "{msg}");
+        assert!(!msg.contains("hunter"), "{msg}");
+        let c =
+            ConnectConfig::from_url("postgres://u:hunter2@h/d?sslmode=require&sslrootcert=ca.pem")
+                .unwrap();
+        let msg = c.check_tls().unwrap_err().to_string();
+        assert!(msg.contains("does not check certificates"), "{msg}");
+    }
+
+    #[test]
+    fn a_hostssl_refusal_says_to_turn_tls_on() {
+        let refusal = PgError {
+            severity: "FATAL".into(),
+            code: "28000".into(),
+            message: "no pg_hba.conf entry for host \"127.0.0.1\", user \"u\", database \"d\", no encryption".into(),
+            ..PgError::default()
+        };
+        let hinted = with_tls_hint(refusal.clone(), SslMode::Disable);
+        assert!(
+            hinted.to_string().contains("sslmode=disable")
+                && hinted.to_string().contains("hostssl"),
+            "{hinted}"
+        );
+        let other = PgError {
+            message: "role \"u\" does not exist".into(),
+            ..refusal
+        };
+        assert_eq!(with_tls_hint(other.clone(), SslMode::Disable), other);
     }
 
     #[test]

@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use super::protocol::{ReplicationConnection, SnapshotAction, quote_ident};
 use super::{SourceError, SourceSettings, catalog_error, resolve_type, shutdown_requested};
 use crate::change::{Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta};
+use crate::progress::{Progress, Unit};
 
 /// Rows per snapshot chunk (one transaction downstream).
 pub const CHUNK_ROWS: usize = 10_000;
@@ -75,9 +76,11 @@ fn chunk_base(consistent_point: Lsn, previous: Option<Lsn>) -> Lsn {
     Lsn(previous.map_or(base, |p| base.max(p.0)))
 }
 
-/// What the snapshot reports as it goes.
+/// What the snapshot reports as it goes: a progress bar on a terminal, else a log
+/// line every [`PROGRESS_INTERVAL`]; and `/status` through the observer.
 struct Meter<'a> {
     observer: Option<&'a SnapshotObserver>,
+    progress: Progress,
     started: Instant,
     last: Instant,
     rows: u64,
@@ -87,23 +90,46 @@ struct Meter<'a> {
 
 impl Meter<'_> {
     fn report(&mut self, table: &str, table_rows: u64, estimate: i64, state: &str, force: bool) {
+        self.progress.set_done(self.rows);
+        if force {
+            self.progress.set_message(if table == "*" {
+                state.to_owned()
+            } else {
+                format!("{table}, {}/{} tables done", self.tables_done, self.tables)
+            });
+        }
         if !force && self.last.elapsed() < PROGRESS_INTERVAL {
             return;
         }
         self.last = Instant::now();
         let seconds = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = self.rows as f64 / seconds;
-        info!(
-            table,
-            table_rows,
-            table_estimate = estimate,
-            rows = self.rows,
-            rows_per_second = rate as u64,
-            tables_done = self.tables_done,
-            tables = self.tables,
-            state,
-            "initial snapshot progress"
-        );
+        let eta_seconds = self.progress.eta_seconds();
+        if self.progress.has_bar() {
+            debug!(
+                table,
+                table_rows,
+                rows = self.rows,
+                rows_per_second = rate as u64,
+                eta_seconds,
+                state,
+                "initial snapshot progress"
+            );
+        } else {
+            info!(
+                table,
+                table_rows,
+                table_estimate = estimate,
+                rows = self.rows,
+                rows_estimate = self.progress.total(),
+                rows_per_second = rate as u64,
+                eta_seconds,
+                tables_done = self.tables_done,
+                tables = self.tables,
+                state,
+                "initial snapshot progress"
+            );
+        }
         if let Some(observer) = self.observer {
             (observer.0)(serde_json::json!({
                 "state": state,
@@ -115,6 +141,8 @@ impl Meter<'_> {
                 "tables_done": self.tables_done,
                 "tables": self.tables,
                 "elapsed_seconds": seconds.round(),
+                "rows_estimate": self.progress.total(),
+                "eta_seconds": eta_seconds,
             }));
         }
     }
@@ -139,8 +167,7 @@ pub(super) async fn take(
     };
     let (client, connection) = settings
         .connect
-        .tokio_postgres_config()
-        .connect(tokio_postgres::NoTls)
+        .connect_sql()
         .await
         .map_err(fail("connecting for the snapshot"))?;
     let connection = tokio::spawn(async move {
@@ -206,8 +233,20 @@ pub(super) async fn take(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
 
+    // The row estimate of every published table, for the ETA (-1: never analyzed).
+    let rows_estimate: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 FROM pg_publication_tables p \
+             JOIN pg_class c ON c.oid = format('%I.%I', p.schemaname, p.tablename)::regclass \
+             WHERE p.pubname = $1",
+            &[&settings.publication],
+        )
+        .await
+        .map_err(fail("estimating the table sizes"))?
+        .get(0);
     let mut meter = Meter {
         observer: settings.on_snapshot.as_ref(),
+        progress: Progress::start("initial snapshot", Unit::Rows, rows_estimate.max(0) as u64),
         started: Instant::now(),
         last: Instant::now(),
         rows: 0,
@@ -282,6 +321,9 @@ pub(super) async fn take(
                 });
                 table_rows += 1;
                 meter.rows += 1;
+                if meter.rows.is_multiple_of(1024) {
+                    meter.progress.set_done(meter.rows);
+                }
             }
             pending.drain(..start);
             if changes.len() >= CHUNK_ROWS || bytes >= CHUNK_BYTES || (end && !changes.is_empty()) {
@@ -361,6 +403,7 @@ pub(super) async fn take(
     drop(client);
     let _ = connection.await;
     meter.report("*", 0, 0, "complete", true);
+    meter.progress.finish();
     info!(slot = %settings.slot, consistent_point = %consistent_point, rows = meter.rows, chunks = chunk_index, "initial snapshot complete, created replication slot");
     Ok(Some((consistent_point, last_chunk)))
 }

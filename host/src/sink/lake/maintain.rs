@@ -43,6 +43,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
 use super::{LakeError, LakeSettings, LakeTable};
+use crate::progress::{Progress, Unit};
 
 /// When and how a lake sink maintains its tables.
 #[derive(Clone, Debug)]
@@ -320,7 +321,8 @@ impl LakeTable {
         Ok(())
     }
 
-    /// Merges small files into files of about the target size, one commit per bin.
+    /// Merges small files into files of about the target size, one commit per bin,
+    /// showing its progress (a bar on a terminal, else `compaction progress` lines).
     pub(super) async fn compact(
         &mut self,
         settings: &LakeSettings,
@@ -410,9 +412,23 @@ impl LakeTable {
             size += file.size;
             bins.last_mut().expect("pushed above").push(file);
         }
-        for bin in bins.into_iter().filter(|b| b.len() > 1) {
-            self.compact_bin(settings, bin, report).await?;
+        bins.retain(|b| b.len() > 1);
+        let mut progress = CompactProgress {
+            progress: Progress::start(
+                &format!("compacting {}", self.name),
+                Unit::Bytes,
+                bins.iter().flatten().map(|f| f.size).sum(),
+            ),
+            files: bins.iter().map(Vec::len).sum(),
+            files_done: 0,
+        };
+        progress.log(settings, &self.name, true);
+        for bin in bins {
+            self.compact_bin(settings, bin, report, &mut progress)
+                .await?;
         }
+        progress.log(settings, &self.name, true);
+        progress.progress.finish();
         Ok(())
     }
 
@@ -421,6 +437,7 @@ impl LakeTable {
         settings: &LakeSettings,
         bin: Vec<Small>,
         report: &mut CompactReport,
+        progress: &mut CompactProgress,
     ) -> Result<(), LakeError> {
         let name = self.name.clone();
         let name = name.as_str();
@@ -454,6 +471,9 @@ impl LakeTable {
                     .map_err(LakeError::delta(name, "writing the compacted file"))?;
             }
             rows_expected = rows_expected.zip(file.rows).map(|(a, b)| a + b as u64);
+            progress.files_done += 1;
+            progress.progress.add(file.size);
+            progress.log(settings, name, false);
         }
         let mut adds = writer
             .flush()
@@ -513,5 +533,35 @@ impl LakeTable {
         report.rows += rows_read;
         report.bytes_removed += bytes_removed;
         Ok(())
+    }
+}
+
+/// The progress of one table's compaction: files and bytes merged, toward the plan.
+struct CompactProgress {
+    progress: Progress,
+    files: usize,
+    files_done: usize,
+}
+
+impl CompactProgress {
+    /// A `compaction progress` line when one is due (at the start, every 2 s, at the
+    /// end) and no bar shows it.
+    fn log(&mut self, settings: &LakeSettings, table: &str, force: bool) {
+        self.progress
+            .set_message(format!("{}/{} files", self.files_done, self.files));
+        if self.progress.has_bar() || !self.progress.log_due(force) {
+            return;
+        }
+        tracing::info!(
+            sink = %settings.name,
+            table,
+            files_done = self.files_done,
+            files = self.files,
+            bytes_done = self.progress.done(),
+            bytes = self.progress.total(),
+            bytes_per_second = self.progress.rate() as u64,
+            eta_seconds = self.progress.eta_seconds(),
+            "compaction progress"
+        );
     }
 }
