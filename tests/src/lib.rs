@@ -184,3 +184,4 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 pub mod spine_support;
+pub mod pgoutput_fuzz;
