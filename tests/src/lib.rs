@@ -183,5 +183,5 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
-pub mod spine_support;
 pub mod pgoutput_fuzz;
+pub mod spine_support;

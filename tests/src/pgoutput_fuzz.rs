@@ -50,7 +50,11 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
 }
 
@@ -240,7 +244,9 @@ pub fn check_error(input: &[u8], error: &DecodeError) -> Result<(), String> {
         _ => return Err(format!("a {name} message gave `{text}`")),
     };
     if message != name {
-        return Err(format!("a {name} message was reported as {message}: `{text}`"));
+        return Err(format!(
+            "a {name} message was reported as {message}: `{text}`"
+        ));
     }
     if offset == 0 || offset > input.len() {
         return Err(format!(
@@ -249,7 +255,9 @@ pub fn check_error(input: &[u8], error: &DecodeError) -> Result<(), String> {
         ));
     }
     if !text.contains(name) || !text.contains(&format!("at offset {offset}")) {
-        return Err(format!("the error does not name the message and offset: `{text}`"));
+        return Err(format!(
+            "the error does not name the message and offset: `{text}`"
+        ));
     }
     Ok(())
 }

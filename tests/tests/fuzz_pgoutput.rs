@@ -24,7 +24,10 @@ fn the_pgoutput_decoder_survives_fuzzing_from_the_golden_fixtures() {
         .expect("run fuzz_pgoutput");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the fuzzer found problems:\n{stdout}{stderr}");
+    assert!(
+        out.status.success(),
+        "the fuzzer found problems:\n{stdout}{stderr}"
+    );
     // The run really exercised both answers, many times.
     let counts: std::collections::HashMap<&str, u64> = stdout
         .lines()
@@ -40,7 +43,10 @@ fn the_pgoutput_decoder_survives_fuzzing_from_the_golden_fixtures() {
     let refused = count("refused");
     assert!(inputs >= 10_000, "only {inputs} inputs: {stdout}");
     assert!(decoded >= 100, "few mutants decoded ({decoded}): {stdout}");
-    assert!(refused >= 1_000, "few mutants refused ({refused}): {stdout}");
+    assert!(
+        refused >= 1_000,
+        "few mutants refused ({refused}): {stdout}"
+    );
 }
 
 /// The checker itself flags what it must: a panic-free decoder is not proved by a
@@ -64,9 +70,18 @@ fn the_fuzz_checker_accepts_good_answers_and_flags_bad_ones() {
         expected: "a 32-bit integer",
     };
     assert!(check_error(insert, &truncated("Insert", 3)).is_ok());
-    assert!(check_error(insert, &truncated("Insert", insert.len() + 1)).is_err(), "offset past the end");
-    assert!(check_error(insert, &truncated("Insert", 0)).is_err(), "offset on the type byte");
-    assert!(check_error(insert, &truncated("Update", 3)).is_err(), "wrong message name");
+    assert!(
+        check_error(insert, &truncated("Insert", insert.len() + 1)).is_err(),
+        "offset past the end"
+    );
+    assert!(
+        check_error(insert, &truncated("Insert", 0)).is_err(),
+        "offset on the type byte"
+    );
+    assert!(
+        check_error(insert, &truncated("Update", 3)).is_err(),
+        "wrong message name"
+    );
     assert!(check_error(insert, &DecodeError::Empty).is_err());
     assert!(check_error(b"Z", &DecodeError::UnknownType { byte: b'Y' }).is_err());
 }
