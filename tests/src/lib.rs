@@ -183,4 +183,5 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+pub mod pgoutput_fuzz;
 pub mod spine_support;

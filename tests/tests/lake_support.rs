@@ -64,6 +64,11 @@ impl Moto {
         panic!("moto's S3 server did not listen on 127.0.0.1:{port} within 30 s");
     }
 
+    /// The server's process id (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -47,7 +47,8 @@ def read_duckdb(table):
                        "v" + duckdb.__version__, "delta.duckdb_extension")
     con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
     con.execute(f"LOAD '{ext}'")
-    cur = con.execute(f"SELECT * FROM delta_scan('{table}') ORDER BY _commit_lsn, _lsn")
+    quoted = table.replace("'", "''")
+    cur = con.execute(f"SELECT * FROM delta_scan('{quoted}') ORDER BY _commit_lsn, _lsn")
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row)) for row in cur.fetchall()]
 

@@ -1158,4 +1158,323 @@ pub(crate) mod tests {
             assert_eq!(t.iter().count(), t.len());
         }
     }
+
+    /// Property tests: every message the model can describe survives encoding and
+    /// decoding exactly; every strict prefix and every extension of it is an error
+    /// that names the message and an offset inside the input; no input panics.
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum V {
+            Null,
+            Toast,
+            Text(Vec<u8>),
+            Binary(Vec<u8>),
+        }
+
+        #[derive(Clone, Debug)]
+        enum Model {
+            Begin(u64, i64, u32),
+            Commit(u8, u64, u64, i64),
+            Origin(u64, String),
+            Relation(u32, String, String, u8, Vec<(u8, String, u32, i32)>),
+            Type(u32, String, String),
+            Insert(u32, Vec<V>),
+            Update(u32, Option<(u8, Vec<V>)>, Vec<V>),
+            Delete(u32, u8, Vec<V>),
+            Truncate(u8, Vec<u32>),
+            Message(u8, u64, String, Vec<u8>),
+        }
+
+        fn name() -> impl Strategy<Value = String> {
+            any::<String>().prop_map(|s| s.replace('\0', ""))
+        }
+
+        fn value() -> impl Strategy<Value = V> {
+            prop_oneof![
+                Just(V::Null),
+                Just(V::Toast),
+                vec(any::<u8>(), 0..40).prop_map(V::Text),
+                vec(any::<u8>(), 0..40).prop_map(V::Binary),
+            ]
+        }
+
+        fn tuple() -> impl Strategy<Value = Vec<V>> {
+            vec(value(), 0..12)
+        }
+
+        fn model() -> impl Strategy<Value = Model> {
+            prop_oneof![
+                (any::<u64>(), any::<i64>(), any::<u32>())
+                    .prop_map(|(a, b, c)| Model::Begin(a, b, c)),
+                (any::<u8>(), any::<u64>(), any::<u64>(), any::<i64>())
+                    .prop_map(|(a, b, c, d)| Model::Commit(a, b, c, d)),
+                (any::<u64>(), name()).prop_map(|(a, b)| Model::Origin(a, b)),
+                (
+                    any::<u32>(),
+                    name(),
+                    name(),
+                    prop::sample::select(vec![b'd', b'n', b'f', b'i']),
+                    vec((any::<u8>(), name(), any::<u32>(), any::<i32>()), 0..10)
+                )
+                    .prop_map(|(a, b, c, d, e)| Model::Relation(a, b, c, d, e)),
+                (any::<u32>(), name(), name()).prop_map(|(a, b, c)| Model::Type(a, b, c)),
+                (any::<u32>(), tuple()).prop_map(|(a, b)| Model::Insert(a, b)),
+                (
+                    any::<u32>(),
+                    proptest::option::of((prop::sample::select(vec![b'K', b'O']), tuple())),
+                    tuple()
+                )
+                    .prop_map(|(a, b, c)| Model::Update(a, b, c)),
+                (
+                    any::<u32>(),
+                    prop::sample::select(vec![b'K', b'O']),
+                    tuple()
+                )
+                    .prop_map(|(a, b, c)| Model::Delete(a, b, c)),
+                (any::<u8>(), vec(any::<u32>(), 0..20)).prop_map(|(a, b)| Model::Truncate(a, b)),
+                (any::<u8>(), any::<u64>(), name(), vec(any::<u8>(), 0..64))
+                    .prop_map(|(a, b, c, d)| Model::Message(a, b, c, d)),
+            ]
+        }
+
+        fn put_tuple(mut m: Msg, values: &[V]) -> Msg {
+            m = m.i16(values.len() as i16);
+            for v in values {
+                m = match v {
+                    V::Null => m.u8(b'n'),
+                    V::Toast => m.u8(b'u'),
+                    V::Text(b) => m.u8(b't').i32(b.len() as i32).raw(b),
+                    V::Binary(b) => m.u8(b'b').i32(b.len() as i32).raw(b),
+                };
+            }
+            m
+        }
+
+        fn encode(model: &Model) -> Vec<u8> {
+            match model {
+                Model::Begin(lsn, ts, xid) => Msg::new(b'B').u64(*lsn).i64(*ts).u32(*xid).0,
+                Model::Commit(flags, commit, end, ts) => {
+                    Msg::new(b'C').u8(*flags).u64(*commit).u64(*end).i64(*ts).0
+                }
+                Model::Origin(lsn, name) => Msg::new(b'O').u64(*lsn).cstr(name).0,
+                Model::Relation(oid, ns, name, ident, cols) => {
+                    let mut m = Msg::new(b'R')
+                        .u32(*oid)
+                        .cstr(ns)
+                        .cstr(name)
+                        .u8(*ident)
+                        .i16(cols.len() as i16);
+                    for (flags, col, type_oid, modifier) in cols {
+                        m = m.u8(*flags).cstr(col).u32(*type_oid).i32(*modifier);
+                    }
+                    m.0
+                }
+                Model::Type(oid, ns, name) => Msg::new(b'Y').u32(*oid).cstr(ns).cstr(name).0,
+                Model::Insert(oid, new) => put_tuple(Msg::new(b'I').u32(*oid).u8(b'N'), new).0,
+                Model::Update(oid, old, new) => {
+                    let mut m = Msg::new(b'U').u32(*oid);
+                    if let Some((kind, old)) = old {
+                        m = put_tuple(m.u8(*kind), old);
+                    }
+                    put_tuple(m.u8(b'N'), new).0
+                }
+                Model::Delete(oid, kind, old) => {
+                    put_tuple(Msg::new(b'D').u32(*oid).u8(*kind), old).0
+                }
+                Model::Truncate(options, oids) => {
+                    let mut m = Msg::new(b'T').u32(oids.len() as u32).u8(*options);
+                    for oid in oids {
+                        m = m.u32(*oid);
+                    }
+                    m.0
+                }
+                Model::Message(flags, lsn, prefix, content) => {
+                    Msg::new(b'M')
+                        .u8(*flags)
+                        .u64(*lsn)
+                        .cstr(prefix)
+                        .u32(content.len() as u32)
+                        .raw(content)
+                        .0
+                }
+            }
+        }
+
+        fn same_tuple(model: &[V], decoded: &TupleData<'_>) -> bool {
+            decoded.len() == model.len()
+                && decoded.iter().zip(model).all(|(d, m)| match (d, m) {
+                    (TupleValue::Null, V::Null) | (TupleValue::UnchangedToast, V::Toast) => true,
+                    (TupleValue::Text(a), V::Text(b)) | (TupleValue::Binary(a), V::Binary(b)) => {
+                        a == b.as_slice()
+                    }
+                    _ => false,
+                })
+        }
+
+        fn kind(tag: u8) -> OldKind {
+            if tag == b'K' {
+                OldKind::Key
+            } else {
+                OldKind::Full
+            }
+        }
+
+        fn identity(tag: u8) -> ReplicaIdentity {
+            match tag {
+                b'd' => ReplicaIdentity::Default,
+                b'n' => ReplicaIdentity::Nothing,
+                b'f' => ReplicaIdentity::Full,
+                _ => ReplicaIdentity::Index,
+            }
+        }
+
+        fn ts(pg: i64) -> i64 {
+            pg.saturating_add(PG_EPOCH_OFFSET_MICROS)
+        }
+
+        /// Whether `decoded` says exactly what `model` says.
+        fn matches(model: &Model, decoded: &Message<'_>) -> bool {
+            match (model, decoded) {
+                (Model::Begin(lsn, t, xid), Message::Begin(b)) => {
+                    *b == Begin {
+                        final_lsn: Lsn(*lsn),
+                        commit_ts: ts(*t),
+                        xid: *xid,
+                    }
+                }
+                (Model::Commit(flags, commit, end, t), Message::Commit(c)) => {
+                    *c == Commit {
+                        flags: *flags,
+                        commit_lsn: Lsn(*commit),
+                        end_lsn: Lsn(*end),
+                        commit_ts: ts(*t),
+                    }
+                }
+                (Model::Origin(lsn, name), Message::Origin(o)) => {
+                    o.commit_lsn == Lsn(*lsn) && o.name == name
+                }
+                (Model::Relation(oid, ns, name, ident, cols), Message::Relation(r)) => {
+                    r.oid == *oid
+                        && r.namespace == ns
+                        && r.name == name
+                        && r.replica_identity == identity(*ident)
+                        && r.columns.len() == cols.len()
+                        && r.columns.iter().zip(cols).all(|(c, (flags, n, t, m))| {
+                            c.flags == *flags
+                                && c.name == n
+                                && c.type_oid == *t
+                                && c.type_modifier == *m
+                        })
+                }
+                (Model::Type(oid, ns, name), Message::Type(t)) => {
+                    t.oid == *oid && t.namespace == ns && t.name == name
+                }
+                (Model::Insert(oid, new), Message::Insert(i)) => {
+                    i.relation_oid == *oid && same_tuple(new, &i.new)
+                }
+                (Model::Update(oid, old, new), Message::Update(u)) => {
+                    u.relation_oid == *oid
+                        && same_tuple(new, &u.new)
+                        && match (old, &u.old) {
+                            (None, None) => true,
+                            (Some((k, o)), Some((dk, d))) => kind(*k) == *dk && same_tuple(o, d),
+                            _ => false,
+                        }
+                }
+                (Model::Delete(oid, k, old), Message::Delete(d)) => {
+                    d.relation_oid == *oid && d.old_kind == kind(*k) && same_tuple(old, &d.old)
+                }
+                (Model::Truncate(options, oids), Message::Truncate(t)) => {
+                    t.cascade == (options & 1 != 0)
+                        && t.restart_identity == (options & 2 != 0)
+                        && &t.relation_oids == oids
+                }
+                (Model::Message(flags, lsn, prefix, content), Message::Message(m)) => {
+                    m.transactional == (flags & 1 != 0)
+                        && m.lsn == Lsn(*lsn)
+                        && m.prefix == prefix
+                        && m.content == content.as_slice()
+                }
+                _ => false,
+            }
+        }
+
+        /// The offset an error names, if it is one that names an offset.
+        fn offset(error: &DecodeError) -> Option<(&'static str, usize)> {
+            match error {
+                DecodeError::Truncated {
+                    message, offset, ..
+                }
+                | DecodeError::Invalid {
+                    message, offset, ..
+                } => Some((message, *offset)),
+                _ => None,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            #[test]
+            fn every_message_round_trips(model in model()) {
+                let bytes = encode(&model);
+                let decoded = decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(matches(&model, &decoded), "{model:?} decoded as {decoded:?}");
+            }
+
+            #[test]
+            fn every_strict_prefix_is_an_error_inside_the_prefix(model in model(), cut in any::<prop::sample::Index>()) {
+                let bytes = encode(&model);
+                // Every message is at least two bytes long: cut to 1..len-1 bytes.
+                let prefix = &bytes[..1 + cut.index(bytes.len() - 1)];
+                let error = decode(prefix).expect_err("a strict prefix must not decode");
+                let (message, at) = offset(&error).unwrap_or_else(|| panic!("no offset in {error}"));
+                let expected = decode(&bytes).map(|m| format!("{m:?}")).unwrap_or_default();
+                prop_assert!(expected.starts_with(message), "{error} for a {expected}");
+                prop_assert!(at >= 1 && at <= prefix.len(), "{error} for {} bytes", prefix.len());
+                let text = format!("at offset {at}");
+                prop_assert!(error.to_string().contains(&text), "{}", error);
+            }
+
+            #[test]
+            fn every_extension_is_a_trailing_bytes_error(model in model(), extra in vec(any::<u8>(), 1..16)) {
+                let mut bytes = encode(&model);
+                let end = bytes.len();
+                bytes.extend_from_slice(&extra);
+                let error = decode(&bytes).expect_err("trailing bytes must not decode");
+                prop_assert_eq!(offset(&error).map(|(_, at)| at), Some(end), "{}", error);
+                prop_assert!(error.to_string().contains("trailing"), "{}", error);
+            }
+
+            #[test]
+            fn any_body_after_any_type_byte_is_a_message_or_a_located_error(
+                tag in prop::sample::select(b"BCORYIUDTM".to_vec()),
+                body in vec(any::<u8>(), 0..200),
+            ) {
+                let mut bytes = vec![tag];
+                bytes.extend_from_slice(&body);
+                match decode(&bytes) {
+                    Ok(message) => {
+                        let tuples: Vec<TupleData<'_>> = match &message {
+                            Message::Insert(i) => vec![i.new],
+                            Message::Update(u) => u.old.iter().map(|o| o.1).chain([u.new]).collect(),
+                            Message::Delete(d) => vec![d.old],
+                            _ => vec![],
+                        };
+                        for t in tuples {
+                            prop_assert_eq!(t.iter().count(), t.len());
+                        }
+                    }
+                    Err(error) => {
+                        let (_, at) = offset(&error).unwrap_or_else(|| panic!("no offset in {error}"));
+                        prop_assert!(at >= 1 && at <= bytes.len(), "{}", error);
+                    }
+                }
+            }
+        }
+    }
 }
