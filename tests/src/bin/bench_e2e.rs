@@ -18,7 +18,8 @@
 //! Prints each figure with its budget and PASS/FAIL, and writes them as JSON.
 //!
 //! usage: cargo xtask bench [-- --rows N --only drain,latency,memory,primary ...]
-//! (`--help` lists every option; `AIRLOCK_BENCH_ROWS` sets `--rows`.)
+//! (`--help` lists every option; `AIRLOCK_BENCH_ROWS` sets `--rows`; `AIRLOCK_BENCH_WRAP`,
+//! e.g. `valgrind --tool=callgrind`, runs the drain's airlock under a profiler.)
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -275,10 +276,30 @@ struct Airlock {
 
 impl Airlock {
     async fn start(config_text: &str, dir: &Path) -> Result<Airlock> {
+        Airlock::start_wrapped(config_text, dir, None).await
+    }
+
+    /// Runs airlock under `wrapper` (a command line such as
+    /// `valgrind --tool=callgrind`), in `dir`.
+    async fn start_wrapped(
+        config_text: &str,
+        dir: &Path,
+        wrapper: Option<&str>,
+    ) -> Result<Airlock> {
         let config_path = dir.join("airlock.toml");
         std::fs::write(&config_path, config_text)?;
         let log = dir.join("airlock.log");
-        let child = Command::new(airlock_binary())
+        let mut words = wrapper.unwrap_or_default().split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(airlock_binary());
+                c
+            }
+            None => Command::new(airlock_binary()),
+        };
+        let child = command
+            .current_dir(dir)
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -601,7 +622,9 @@ impl Bench {
         );
         let mut lake = LakeWatch::new(&dir.join("lake/public.bench_drain"));
         let start = Instant::now();
-        let mut airlock = Airlock::start(&text, &dir).await?;
+        // `AIRLOCK_BENCH_WRAP` runs the drain's airlock under a profiler.
+        let wrapper = std::env::var("AIRLOCK_BENCH_WRAP").ok();
+        let mut airlock = Airlock::start_wrapped(&text, &dir, wrapper.as_deref()).await?;
         let deadline = Duration::from_secs(3600);
         let mut checked = Instant::now();
         // Done when the lake holds every row, or when the slot is acknowledged past the
