@@ -439,8 +439,8 @@ fn lsn_value(text: &str) -> u64 {
     (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
 }
 
-/// The same arguments every client tool gets.
-fn conn_args(cluster: &Cluster, db: &str) -> Vec<String> {
+/// Host, port and user, as every client tool takes them.
+fn server_args(cluster: &Cluster) -> Vec<String> {
     vec![
         "-h".into(),
         "127.0.0.1".into(),
@@ -448,9 +448,15 @@ fn conn_args(cluster: &Cluster, db: &str) -> Vec<String> {
         cluster.port.to_string(),
         "-U".into(),
         "postgres".into(),
-        "-d".into(),
-        db.into(),
     ]
+}
+
+/// `server_args` plus `-d DB` (pg_recvlogical; pgbench takes the database last, its
+/// `-d` is `--debug`).
+fn conn_args(cluster: &Cluster, db: &str) -> Vec<String> {
+    let mut args = server_args(cluster);
+    args.extend(["-d".into(), db.into()]);
+    args
 }
 
 fn tool(bindir: &Path, name: &str) -> Command {
@@ -704,11 +710,13 @@ impl Bench {
                 "pass": ratio >= DRAIN_RATIO_MIN && lost == 0,
             }),
         );
+        self.drop_slot(&client, "bench_drain").await?;
         client
             .batch_execute(
-                "SELECT pg_drop_replication_slot('drain_recvlogical'); DROP TABLE bench_drain",
+                "SELECT pg_drop_replication_slot('drain_recvlogical'); DROP TABLE bench_drain; CHECKPOINT",
             )
             .await?;
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 
@@ -944,7 +952,11 @@ impl Bench {
                 "rows_lost_lake": lost_lake, "rows_lost_spine": lost_spine,
             }),
         );
-        client.batch_execute("DROP TABLE bench_ticks").await?;
+        self.drop_slot(&client, "bench_ticks").await?;
+        client
+            .batch_execute("DROP TABLE bench_ticks; CHECKPOINT")
+            .await?;
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 
@@ -1052,8 +1064,11 @@ impl Bench {
                 "budget_bytes": (RSS_BUDGET_MIB * 1024.0 * 1024.0) as u64, "pass": ok,
             }),
         );
+        let _ = std::fs::remove_dir_all(&dir);
         client
-            .batch_execute("SELECT pg_drop_replication_slot('bench_big'); DROP TABLE bench_big")
+            .batch_execute(
+                "SELECT pg_drop_replication_slot('bench_big'); DROP TABLE bench_big; CHECKPOINT",
+            )
             .await?;
         Ok(())
     }
@@ -1064,10 +1079,10 @@ impl Bench {
         let client = self.cluster.connect("bench_pgbench").await?;
         client.batch_execute("CHECKPOINT").await?;
         let output = tool(&self.bindir, "pgbench")
-            .args(conn_args(&self.cluster, "bench_pgbench"))
+            .args(server_args(&self.cluster))
             .args(["-n", "-c", &o.pgbench_clients.to_string()])
             .args(["-j", &o.pgbench_clients.div_ceil(2).to_string()])
-            .args(["-T", &o.pgbench_secs.to_string()])
+            .args(["-T", &o.pgbench_secs.to_string(), "bench_pgbench"])
             .stdin(Stdio::null())
             .output()
             .await?;
@@ -1129,8 +1144,14 @@ impl Bench {
         admin.batch_execute("CREATE DATABASE bench_pgbench").await?;
         println!("primary: pgbench -i -s {} ...", o.pgbench_scale);
         let init = tool(&self.bindir, "pgbench")
-            .args(conn_args(&self.cluster, "bench_pgbench"))
-            .args(["-i", "-q", "-s", &o.pgbench_scale.to_string()])
+            .args(server_args(&self.cluster))
+            .args([
+                "-i",
+                "-q",
+                "-s",
+                &o.pgbench_scale.to_string(),
+                "bench_pgbench",
+            ])
             .stdin(Stdio::null())
             .output()
             .await?;
@@ -1156,77 +1177,97 @@ impl Bench {
         let mut air_errors: Vec<String> = Vec::new();
         for round in 1..=o.rounds {
             println!(
-                "  round {round}/{}: pgbench -c {} -j {} -T {} with no slot, pg_recvlogical, airlock",
+                "  round {round}/{}: pgbench -c {} -j {} -T {} with no slot, with pg_recvlogical, with airlock (order alternates by round)",
                 o.rounds,
                 o.pgbench_clients,
                 o.pgbench_clients.div_ceil(2),
                 o.pgbench_secs
             );
-            none.push(self.pgbench().await?);
-
-            client
-                .batch_execute(
-                    "SELECT pg_create_logical_replication_slot('pgbench_recvlogical', 'pgoutput')",
-                )
-                .await?;
-            let mut consumer = tool(&self.bindir, "pg_recvlogical")
-                .args(conn_args(&self.cluster, "bench_pgbench"))
-                .args(["--slot", "pgbench_recvlogical", "--start", "--no-loop"])
-                .args([
-                    "-o",
-                    "proto_version=1",
-                    "-o",
-                    "publication_names=bench_pgbench",
-                ])
-                .args(["-f", "/dev/null"])
-                .stdin(Stdio::null())
-                .spawn()?;
-            self.wait_slot_active(&client, "pgbench_recvlogical")
-                .await?;
-            recv.push(self.pgbench().await?);
-            let _ = consumer.kill().await;
-            self.drop_slot(&client, "pgbench_recvlogical").await?;
-
-            client
-                .batch_execute(
-                    "SELECT pg_create_logical_replication_slot('bench_pgbench', 'pgoutput')",
-                )
-                .await?;
-            let dir = self.dir(&format!("primary-{round}"))?;
-            std::fs::create_dir_all(dir.join("plugins"))?;
-            let text = config(
-                &self.cluster,
-                "bench_pgbench",
-                "bench_pgbench",
-                &dir,
-                None,
-                "",
-            );
-            let mut airlock = Airlock::start(&text, &dir).await?;
-            self.wait_slot_active(&client, "bench_pgbench").await?;
-            air.push(self.pgbench().await?);
-            if let Err(e) = airlock.check_alive() {
-                // A run during which airlock stopped does not measure its cost.
-                let message = e.to_string();
-                let last = message.lines().last().unwrap_or_default().to_owned();
-                println!("  airlock stopped during the run: {last}");
-                air_errors.push(last);
-                self.drop_slot(&client, "bench_pgbench").await?;
-                continue;
+            // Alternate the order (ABC, CBA, ...) so a trend in the machine's load
+            // does not favour one side.
+            let mut order = ["none", "pg_recvlogical", "airlock"];
+            if round % 2 == 0 {
+                order.reverse();
             }
-            // How far behind airlock was when pgbench stopped.
-            let end = lsn_value(&pg_lsn(&client, "SELECT pg_current_wal_lsn()::text").await?);
-            let ended = Instant::now();
-            loop {
-                let confirmed = confirmed_flush(&client, "bench_pgbench").await?;
-                if lsn_value(&confirmed) >= end || ended.elapsed() > Duration::from_secs(120) {
-                    break;
+            for which in order {
+                match which {
+                    "none" => {
+                        none.push(self.pgbench().await?);
+                    }
+                    "pg_recvlogical" => {
+                        client
+                        .batch_execute(
+                            "SELECT pg_create_logical_replication_slot('pgbench_recvlogical', 'pgoutput')",
+                        )
+                        .await?;
+                        let mut consumer = tool(&self.bindir, "pg_recvlogical")
+                            .args(conn_args(&self.cluster, "bench_pgbench"))
+                            .args(["--slot", "pgbench_recvlogical", "--start", "--no-loop"])
+                            .args([
+                                "-o",
+                                "proto_version=1",
+                                "-o",
+                                "publication_names=bench_pgbench",
+                            ])
+                            .args(["-f", "/dev/null"])
+                            .stdin(Stdio::null())
+                            .spawn()?;
+                        self.wait_slot_active(&client, "pgbench_recvlogical")
+                            .await?;
+                        recv.push(self.pgbench().await?);
+                        let _ = consumer.kill().await;
+                        self.drop_slot(&client, "pgbench_recvlogical").await?;
+                    }
+                    _ => {
+                        client
+                        .batch_execute(
+                            "SELECT pg_create_logical_replication_slot('bench_pgbench', 'pgoutput')",
+                        )
+                        .await?;
+                        let dir = self.dir(&format!("primary-{round}"))?;
+                        std::fs::create_dir_all(dir.join("plugins"))?;
+                        let text = config(
+                            &self.cluster,
+                            "bench_pgbench",
+                            "bench_pgbench",
+                            &dir,
+                            None,
+                            "",
+                        );
+                        let mut airlock = Airlock::start(&text, &dir).await?;
+                        self.wait_slot_active(&client, "bench_pgbench").await?;
+                        let tps = self.pgbench().await?;
+                        if let Err(e) = airlock.check_alive() {
+                            // A run during which airlock stopped does not measure its cost.
+                            let message = e.to_string();
+                            let last = message.lines().last().unwrap_or_default().to_owned();
+                            println!("  airlock stopped during the run: {last}");
+                            air_errors.push(last);
+                            self.drop_slot(&client, "bench_pgbench").await?;
+                            let _ = std::fs::remove_dir_all(&dir);
+                            continue;
+                        }
+                        air.push(tps);
+                        // How far behind airlock was when pgbench stopped.
+                        let end =
+                            lsn_value(&pg_lsn(&client, "SELECT pg_current_wal_lsn()::text").await?);
+                        let ended = Instant::now();
+                        loop {
+                            let confirmed = confirmed_flush(&client, "bench_pgbench").await?;
+                            if lsn_value(&confirmed) >= end
+                                || ended.elapsed() > Duration::from_secs(120)
+                            {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        catch_up.push(ended.elapsed().as_secs_f64());
+                        airlock.stop().await?;
+                        self.drop_slot(&client, "bench_pgbench").await?;
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            catch_up.push(ended.elapsed().as_secs_f64());
-            airlock.stop().await?;
-            self.drop_slot(&client, "bench_pgbench").await?;
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let (tps_none, tps_recv, tps_air) = (mean(&none), mean(&recv), mean(&air));
@@ -1336,7 +1377,7 @@ async fn main() -> Result<()> {
         machine["memory_gib"]
     );
     let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start("max_wal_size = 8GB\ncheckpoint_timeout = 30min\nwal_sender_timeout = 0\n")
+        Cluster::start("max_wal_size = 1GB\ncheckpoint_timeout = 30min\nwal_sender_timeout = 0\n")
     })
     .await??;
     let work = std::env::temp_dir().join(format!("airlock-bench-e2e-{}", std::process::id()));
