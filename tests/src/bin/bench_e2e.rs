@@ -1049,6 +1049,11 @@ impl Bench {
         report.push(Line {
             figure: format!("peak RSS, one {}-row transaction", thousands(rows as f64)),
             airlock: match &outcome {
+                Ok(()) if lake.poll() < rows => format!(
+                    "{:.0} MiB ({} rows lost)",
+                    mib(hwm),
+                    thousands((rows - lake.poll()) as f64)
+                ),
                 Ok(()) => format!("{:.0} MiB", mib(hwm)),
                 Err(_) => format!("failed ({:.0} MiB seen)", mib(hwm)),
             },
