@@ -360,6 +360,14 @@ impl Airlock {
     }
 }
 
+/// Removes a part's directory (its lake, logs) once done, unless `AIRLOCK_KEEP_BENCH`
+/// asks to keep everything.
+fn discard(dir: &Path) {
+    if std::env::var_os("AIRLOCK_KEEP_BENCH").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -716,7 +724,7 @@ impl Bench {
                 "SELECT pg_drop_replication_slot('drain_recvlogical'); DROP TABLE bench_drain; CHECKPOINT",
             )
             .await?;
-        let _ = std::fs::remove_dir_all(&dir);
+        discard(&dir);
         Ok(())
     }
 
@@ -956,7 +964,7 @@ impl Bench {
         client
             .batch_execute("DROP TABLE bench_ticks; CHECKPOINT")
             .await?;
-        let _ = std::fs::remove_dir_all(&dir);
+        discard(&dir);
         Ok(())
     }
 
@@ -1069,7 +1077,7 @@ impl Bench {
                 "budget_bytes": (RSS_BUDGET_MIB * 1024.0 * 1024.0) as u64, "pass": ok,
             }),
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        discard(&dir);
         client
             .batch_execute(
                 "SELECT pg_drop_replication_slot('bench_big'); DROP TABLE bench_big; CHECKPOINT",
@@ -1249,7 +1257,7 @@ impl Bench {
                             println!("  airlock stopped during the run: {last}");
                             air_errors.push(last);
                             self.drop_slot(&client, "bench_pgbench").await?;
-                            let _ = std::fs::remove_dir_all(&dir);
+                            discard(&dir);
                             continue;
                         }
                         air.push(tps);
@@ -1269,7 +1277,7 @@ impl Bench {
                         catch_up.push(ended.elapsed().as_secs_f64());
                         airlock.stop().await?;
                         self.drop_slot(&client, "bench_pgbench").await?;
-                        let _ = std::fs::remove_dir_all(&dir);
+                        discard(&dir);
                     }
                 }
             }
