@@ -4,6 +4,9 @@
 //! - `cargo xtask test [ARGS]`  set up, build the guests, run the whole test suite
 //! - `cargo xtask guests`       build the example and test guests into guests/dist
 //! - `cargo xtask setup`        install what the tests need (wasm target, PostgreSQL, Python readers)
+//! - `cargo xtask bench [ARGS]` build everything, run the end-to-end benchmark (`bench_e2e ARGS`)
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -226,6 +229,7 @@ fn main() -> ExitCode {
     let result = match task {
         "guests" => guests(),
         "setup" => setup(),
+        "bench" => bench::bench(&rest),
         "test" => setup()
             .and_then(|()| guests())
             .and_then(|()| build_host())
@@ -245,7 +249,7 @@ fn main() -> ExitCode {
                     .args(&rest))
             }),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|guests|setup> [ARGS]");
+            eprintln!("usage: cargo xtask <demo|test|bench|guests|setup> [ARGS]");
             return ExitCode::from(2);
         }
     };

@@ -38,33 +38,30 @@ const MICROS_PER_DAY: i64 = 86_400 * MICROS_PER_SECOND;
 
 /// Parses PostgreSQL's text output of a value of `column`'s type.
 pub fn parse_value(column: &Column, text: &[u8]) -> Result<Value, ValueError> {
-    let fail = |type_name: &'static str, reason: &'static str| ValueError {
+    // The type's name is looked up only for an error: this runs once per value.
+    let fail = |reason: &'static str| ValueError {
         column: column.name.clone(),
-        type_name,
+        type_name: type_name(column.type_oid),
         reason,
     };
-    let type_name = type_name(column.type_oid);
-    let utf8 =
-        || std::str::from_utf8(text).map_err(|_| fail(type_name, "the text is not valid UTF-8"));
+    let utf8 = || std::str::from_utf8(text).map_err(|_| fail("the text is not valid UTF-8"));
     match column.type_oid {
         oid::BOOL => match text {
             b"t" | b"true" => Ok(Value::Bool(true)),
             b"f" | b"false" => Ok(Value::Bool(false)),
-            _ => Err(fail(type_name, "expected `t` or `f`")),
+            _ => Err(fail("expected `t` or `f`")),
         },
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => utf8()?
-            .parse::<i64>()
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => parse_int(text)
             .map(Value::Int)
-            .map_err(|_| fail(type_name, "expected an integer")),
+            .ok_or_else(|| fail("expected an integer")),
         oid::FLOAT4 | oid::FLOAT8 => parse_float(text)
             .map(Value::Float)
-            .ok_or_else(|| fail(type_name, "expected a number, NaN, Infinity or -Infinity")),
+            .ok_or_else(|| fail("expected a number, NaN, Infinity or -Infinity")),
         oid::NUMERIC => {
             if is_numeric(text) {
                 Ok(Value::Numeric(utf8()?.to_owned()))
             } else {
                 Err(fail(
-                    type_name,
                     "expected a decimal number, NaN, Infinity or -Infinity",
                 ))
             }
@@ -74,36 +71,28 @@ pub fn parse_value(column: &Column, text: &[u8]) -> Result<Value, ValueError> {
         }
         oid::BYTEA => parse_bytea(text)
             .map(Value::Bytes)
-            .ok_or_else(|| fail(type_name, "expected hex output (`\\x...`)")),
+            .ok_or_else(|| fail("expected hex output (`\\x...`)")),
         oid::DATE => parse_date(text)
             .map(Value::Date)
-            .ok_or_else(|| fail(type_name, "expected YYYY-MM-DD[ BC] or ±infinity")),
+            .ok_or_else(|| fail("expected YYYY-MM-DD[ BC] or ±infinity")),
         oid::TIME => {
             let mut p = Parser::new(text);
             let micros = p.time().filter(|_| p.done());
             micros
                 .map(Value::Time)
-                .ok_or_else(|| fail(type_name, "expected HH:MM:SS[.ffffff]"))
+                .ok_or_else(|| fail("expected HH:MM:SS[.ffffff]"))
         }
         oid::TIMESTAMP => parse_timestamp(text, false)
             .map(Value::Timestamp)
-            .ok_or_else(|| {
-                fail(
-                    type_name,
-                    "expected YYYY-MM-DD HH:MM:SS[.ffffff][ BC] or ±infinity",
-                )
-            }),
+            .ok_or_else(|| fail("expected YYYY-MM-DD HH:MM:SS[.ffffff][ BC] or ±infinity")),
         oid::TIMESTAMPTZ => parse_timestamp(text, true)
             .map(Value::Timestamptz)
             .ok_or_else(|| {
-                fail(
-                    type_name,
-                    "expected YYYY-MM-DD HH:MM:SS[.ffffff]±HH[:MM[:SS]][ BC] or ±infinity",
-                )
+                fail("expected YYYY-MM-DD HH:MM:SS[.ffffff]±HH[:MM[:SS]][ BC] or ±infinity")
             }),
         oid::UUID => parse_uuid(text)
             .map(Value::Uuid)
-            .ok_or_else(|| fail(type_name, "expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")),
+            .ok_or_else(|| fail("expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")),
         oid::JSON | oid::JSONB => Ok(Value::Json(utf8()?.to_owned())),
         _ => Ok(Value::Other(utf8()?.to_owned())),
     }
@@ -200,6 +189,34 @@ fn parse_float(text: &[u8]) -> Option<f64> {
             std::str::from_utf8(text).ok()?.parse().ok()
         }
     }
+}
+
+/// `[-+]digits` as an `i64`, straight from the bytes (what `str::parse::<i64>` accepts,
+/// without a UTF-8 pass first); `None` on anything else or on overflow.
+fn parse_int(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for &b in digits {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?;
+        // Accumulating negatively reaches i64::MIN.
+        value = if negative {
+            value.checked_sub(i64::from(digit))?
+        } else {
+            value.checked_add(i64::from(digit))?
+        };
+    }
+    Some(value)
 }
 
 /// `-?digits[.digits]` or one of PostgreSQL's special numeric values.
@@ -431,6 +448,38 @@ impl<'a> Parser<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_parse_from_bytes_like_str_parse() {
+        for text in [
+            "0",
+            "-0",
+            "+7",
+            "42",
+            "-42",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "9223372036854775808",
+            "-9223372036854775809",
+            "99999999999999999999",
+            "",
+            "-",
+            "+",
+            "1.5",
+            " 1",
+            "1 ",
+            "--1",
+            "1e3",
+            "0x10",
+            "١",
+        ] {
+            assert_eq!(
+                parse_int(text.as_bytes()),
+                text.parse::<i64>().ok(),
+                "{text:?}"
+            );
+        }
+    }
 
     #[test]
     fn one_dimensional_arrays_split_into_elements() {
