@@ -281,25 +281,28 @@ fn ensure_componentize_js() -> Result<PathBuf, String> {
     {
         apt_install(&["nodejs", "npm"], "Node.js (node and npm)")?;
     }
-    timed("installing componentize-js (npm install from the lock file)", || {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        for file in ["package.json", "package-lock.json"] {
-            std::fs::copy(src.join(file), dir.join(file))
-                .map_err(|e| format!("cannot copy {file} to {}: {e}", dir.display()))?;
-        }
-        // `npm install`, not `npm ci`: the lock file pins every package, but npm
-        // records only this platform's optional native packages, and `npm ci` then
-        // refuses the lock file as out of sync.
-        run(Command::new("npm").current_dir(&dir).args([
-            "install",
-            "--no-audit",
-            "--no-fund",
-            "--loglevel=error",
-        ]))?;
-        std::fs::write(&done, b"").map_err(|e| format!("cannot write {}: {e}", done.display()))
-    })?;
+    timed(
+        "installing componentize-js (npm install from the lock file)",
+        || {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            for file in ["package.json", "package-lock.json"] {
+                std::fs::copy(src.join(file), dir.join(file))
+                    .map_err(|e| format!("cannot copy {file} to {}: {e}", dir.display()))?;
+            }
+            // `npm install`, not `npm ci`: the lock file pins every package, but npm
+            // records only this platform's optional native packages, and `npm ci` then
+            // refuses the lock file as out of sync.
+            run(Command::new("npm").current_dir(&dir).args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+            ]))?;
+            std::fs::write(&done, b"").map_err(|e| format!("cannot write {}: {e}", done.display()))
+        },
+    )?;
     if !cli.is_file() {
         return Err(format!(
             "npm install did not install {}: check guests/js/package.json",
