@@ -121,37 +121,62 @@ class Config {
 }
 
 /** Masks every value of a packed column with `mode` (not `hash`, which the host
- * does); `null` when the column holds no value (nothing to write back). */
+ * does); `null` when the column holds no value (nothing to write back).
+ *
+ * Works on the bytes: ASCII values (the usual case) are masked in place in one
+ * output buffer; only values with other characters are decoded to a string. */
 export function maskPacked(column, mode) {
   if (!column.kinds.includes(KIND_VALUE)) return null;
   const kinds = Uint8Array.from(column.kinds);
   const offsets = new Uint32Array(kinds.length + 1);
-  const parts = [];
+  const src = column.data;
+  let data = new Uint8Array(mode.kind === "redact" ? kinds.length * REDACTED.length : src.length + 16);
   let length = 0;
+  const reserve = (extra) => {
+    if (length + extra > data.length) {
+      const grown = new Uint8Array(Math.max(data.length * 2, length + extra));
+      grown.set(data.subarray(0, length));
+      data = grown;
+    }
+  };
+  const append = (bytes) => {
+    reserve(bytes.length);
+    data.set(bytes, length);
+    length += bytes.length;
+  };
   for (let i = 0; i < kinds.length; i++) {
     if (kinds[i] === KIND_VALUE) {
       if (mode.kind === "null") {
         kinds[i] = KIND_NULL;
       } else if (mode.kind === "redact") {
-        parts.push(REDACTED);
-        length += REDACTED.length;
+        append(REDACTED);
       } else {
-        const bytes = column.data.subarray(column.offsets[i], column.offsets[i + 1]);
-        const masked = encoder.encode(starAllButLast(decoder.decode(bytes), mode.n));
-        parts.push(masked);
-        length += masked.length;
+        const start = column.offsets[i];
+        const end = column.offsets[i + 1];
+        let ascii = true;
+        for (let k = start; k < end && ascii; k++) ascii = src[k] < 0x80;
+        if (ascii) {
+          const hidden = end - start - mode.n;
+          if (hidden > 0) {
+            reserve(hidden);
+            data.fill(STAR_BYTE, length, length + hidden);
+            length += hidden;
+            append(src.subarray(start + hidden, end));
+          } else {
+            append(src.subarray(start, end));
+          }
+        } else {
+          const text = decoder.decode(src.subarray(start, end));
+          append(encoder.encode(starAllButLast(text, mode.n)));
+        }
       }
     }
     offsets[i + 1] = length;
   }
-  const data = new Uint8Array(length);
-  let at = 0;
-  for (const part of parts) {
-    data.set(part, at);
-    at += part.length;
-  }
-  return { kinds, data, offsets };
+  return { kinds, data: data.subarray(0, length), offsets };
 }
+
+const STAR_BYTE = 0x2a;
 
 /** `text` with all but its last `n` characters (code points) replaced by `*`,
  * unchanged when it has no more than `n` characters. */

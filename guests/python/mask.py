@@ -143,8 +143,14 @@ def mask_packed(column: TextColumn, mode) -> Optional[TextColumn]:
             elif mode == "redact":
                 data += REDACTED
             else:
-                text = src[starts[i]:starts[i + 1]].decode("utf-8", "replace")
-                data += star_all_but_last(text, mode[1]).encode()
+                value = src[starts[i]:starts[i + 1]]
+                if value.isascii():
+                    # One byte per character: mask the bytes as they are.
+                    hidden = len(value) - mode[1]
+                    data += b"*" * hidden + value[hidden:] if hidden > 0 else value
+                else:
+                    text = value.decode("utf-8", "replace")
+                    data += star_all_but_last(text, mode[1]).encode()
         offsets.append(len(data))
     return TextColumn(kinds=bytes(kinds), data=bytes(data), offsets=offsets)
 
