@@ -338,13 +338,13 @@ fn mask_refusals() -> Vec<Vec<&'static str>> {
     ]
 }
 
+/// A stage of a folder: `(file stem, guest, language)`; language `*` is the one
+/// under test.
+type Stage = (&'static str, &'static str, &'static str);
+
 /// Folders and settings for `route`: alone, and after Rust stages that tag rows and
 /// columns (so row tags, sub-tags and column tags all reach it).
-fn route_cases() -> Vec<(
-    &'static str,
-    Vec<(&'static str, &'static str, &'static str)>,
-    Vec<&'static str>,
-)> {
+fn route_cases() -> Vec<(&'static str, Vec<Stage>, Vec<&'static str>)> {
     let alone = vec![("90-route", "route", "*")];
     let tagged = vec![("10-tag", "tag", "rust"), ("90-route", "route", "*")];
     let masked = vec![("20-mask", "mask", "rust"), ("90-route", "route", "*")];

@@ -2,9 +2,8 @@
 //!
 //! - `cargo xtask demo [ARGS]`  set up, build the guests, run `airlock demo ARGS`
 //! - `cargo xtask test [ARGS]`  set up, build the guests, run the whole test suite
-//! - `cargo xtask guests [--lang python|js|c|rust|all]`
-//!                              build the guests into guests/dist (default: all
-//!                              languages), installing each language's toolchain
+//! - `cargo xtask guests [--lang python|js|c|rust|all]`  build the guests into
+//!   guests/dist (default: all languages), installing each language's toolchain
 //! - `cargo xtask setup`        install what the tests need (wasm target, PostgreSQL, Python readers)
 
 use std::path::{Path, PathBuf};

@@ -23,6 +23,9 @@ use sha2::Digest;
 
 const ROWS: usize = 1024;
 
+/// A guest's settings, as `NAME.toml` would give them.
+type Settings = &'static [(&'static str, &'static str)];
+
 fn relation() -> Arc<Relation> {
     let cols: [(&str, u32); 10] = [
         ("id", oid::INT8),
@@ -193,7 +196,7 @@ fn main() -> anyhow::Result<()> {
     let rel = relation();
     let input = batch(&rel);
     type Native = fn(&mut Batch);
-    let cases: [(&str, &[(&str, &str)], &str, Native); 6] = [
+    let cases: [(&str, Settings, &str, Native); 6] = [
         (
             "mask",
             &[("columns", "email"), ("columns", "phone")],
@@ -291,7 +294,7 @@ fn languages(rt: &Runtime, batches: usize, input: &Batch) -> anyhow::Result<()> 
         ("js", "-js"),
         ("c", "-c"),
     ];
-    let cases: [(&str, &[(&str, &str)], &str); 4] = [
+    let cases: [(&str, Settings, &str); 4] = [
         (
             "mask",
             &[("columns", "email"), ("columns", "phone")],
