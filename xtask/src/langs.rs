@@ -439,8 +439,9 @@ fn build_c() -> Result<(), String> {
     let build = build_dir(Lang::C)?;
     let bindings = build.join("bindings");
     let dist = dist_dir()?;
+    let clang = output(Command::new("clang").arg("--version")).unwrap_or_default();
     let tool = format!(
-        "clang wit-bindgen {WIT_BINDGEN} wasm-tools {WASM_TOOLS} adapter {ADAPTER_VERSION}"
+        "{clang} wit-bindgen {WIT_BINDGEN} wasm-tools {WASM_TOOLS} adapter {ADAPTER_VERSION}"
     );
     for guest in GUESTS {
         let out = dist.join(format!("{guest}-c.wasm"));
