@@ -23,12 +23,17 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A built guest component from `guests/dist`.
+/// A built guest component from `guests/dist` (`mask`, or `mask-python`, `mask-js`,
+/// `mask-c` for the other languages).
 pub fn guest(name: &str) -> PathBuf {
     let path = root().join("guests/dist").join(format!("{name}.wasm"));
+    let lang = ["python", "js", "c"]
+        .into_iter()
+        .find(|l| name.ends_with(&format!("-{l}")))
+        .unwrap_or("rust");
     assert!(
         path.is_file(),
-        "guest {} is not built: run `cargo xtask guests` (the README's test command does)",
+        "guest {} is not built: run `cargo xtask guests --lang {lang}` (the README's test command builds every language)",
         path.display()
     );
     path

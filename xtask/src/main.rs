@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask demo [ARGS]`  set up, build the guests, run `airlock demo ARGS`
 //! - `cargo xtask test [ARGS]`  set up, build the guests, run the whole test suite
-//! - `cargo xtask guests`       build the example and test guests into guests/dist
+//! - `cargo xtask guests [--lang python|js|c|rust|all]`  build the guests into
+//!   guests/dist (default: all languages), installing each language's toolchain
 //! - `cargo xtask setup`        install what the tests need (wasm target, PostgreSQL, Python readers)
 //! - `cargo xtask bench [ARGS]` build everything, run the end-to-end benchmark (`bench_e2e ARGS`)
 
@@ -10,6 +11,8 @@ mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+mod langs;
 
 /// Python packages the tests read the lake with.
 const PYTHON_PACKAGES: &[&str] = &[
@@ -153,6 +156,23 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Builds the guests of the languages named by `--lang` (default `all`).
+fn guests_for(args: &[String]) -> Result<(), String> {
+    let langs = match args {
+        [] => langs::Lang::ALL.to_vec(),
+        [flag, value] if flag == "--lang" => langs::parse_langs(value)?,
+        _ => {
+            return Err(format!(
+                "unexpected arguments {args:?}: usage `cargo xtask guests [--lang python|js|c|rust|all]`"
+            ));
+        }
+    };
+    for lang in langs {
+        langs::build(lang, guests)?;
+    }
+    Ok(())
+}
+
 /// Builds every guest in guests/rust for wasm32-wasip2 and copies the components to guests/dist.
 fn guests() -> Result<(), String> {
     ensure_wasm_target()?;
@@ -227,11 +247,11 @@ fn main() -> ExitCode {
         .map(|(t, r)| (t.as_str(), r.to_vec()))
         .unwrap_or(("help", Vec::new()));
     let result = match task {
-        "guests" => guests(),
+        "guests" => guests_for(&rest),
         "setup" => setup(),
         "bench" => bench::bench(&rest),
         "test" => setup()
-            .and_then(|()| guests())
+            .and_then(|()| guests_for(&[]))
             .and_then(|()| build_host())
             .and_then(|_| {
                 run(cargo()

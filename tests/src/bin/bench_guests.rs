@@ -5,6 +5,9 @@
 //! of the same transform on the same host data structure, in the same run. Prints
 //! nanoseconds per row for both and the ratio.
 //!
+//! Then `mask` and `route` in every guest language (Rust, Python, JavaScript, C;
+//! built by `cargo xtask guests`) on the same batches, side by side.
+//!
 //! usage: cargo run --release -p airlock-tests --bin bench_guests [-- --batches N]
 
 use std::sync::Arc;
@@ -19,6 +22,9 @@ use airlock::pipeline::{Pipeline, PluginFile};
 use sha2::Digest;
 
 const ROWS: usize = 1024;
+
+/// A guest's settings, as `NAME.toml` would give them.
+type Settings = &'static [(&'static str, &'static str)];
 
 fn relation() -> Arc<Relation> {
     let cols: [(&str, u32); 10] = [
@@ -185,11 +191,13 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|n| n.parse().ok())
         .unwrap_or(200);
-    let rt = Runtime::new(Limits::default(), None)?;
+    // The compile cache spares a recompile of the large Python and JavaScript
+    // components on every run; it does not change the code that runs.
+    let rt = Runtime::new(Limits::default(), airlock::config::default_cache_dir())?;
     let rel = relation();
     let input = batch(&rel);
     type Native = fn(&mut Batch);
-    let cases: [(&str, &[(&str, &str)], &str, Native); 6] = [
+    let cases: [(&str, Settings, &str, Native); 6] = [
         (
             "mask",
             &[("columns", "email"), ("columns", "phone")],
@@ -240,21 +248,7 @@ fn main() -> anyhow::Result<()> {
         "guest", "work", "wasm ns/row", "native ns/row", "ratio"
     );
     for (guest, settings, work, native) in cases {
-        let path = airlock_tests::guest(guest);
-        let file = PluginFile {
-            name: guest.into(),
-            wasm: path,
-            settings: None,
-        };
-        let extra: Vec<(String, String)> = settings
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let mut pipeline =
-            Pipeline::load(&rt, &[file], &extra).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let wasm = time_per_row(batches, &input, |b| {
-            pipeline.process(b).unwrap_or_else(|(_, e)| panic!("{e}"))
-        });
+        let wasm = guest_per_row(&rt, guest, guest, settings, batches, &input)?;
         let native_ns = time_per_row(batches, &input, |mut b| {
             native(&mut b);
             b
@@ -263,6 +257,100 @@ fn main() -> anyhow::Result<()> {
             "{guest:<18} {work:<26} {wasm:>12.1} {native_ns:>12.1} {:>7.1}x",
             wasm / native_ns
         );
+    }
+    languages(&rt, batches, &input)
+}
+
+/// Nanoseconds per row of one guest (`dist` names the file in guests/dist) as the
+/// live pipeline runs it.
+fn guest_per_row(
+    rt: &Runtime,
+    guest: &str,
+    dist: &str,
+    settings: &[(&str, &str)],
+    batches: usize,
+    input: &Batch,
+) -> anyhow::Result<f64> {
+    let file = PluginFile {
+        name: guest.into(),
+        wasm: airlock_tests::guest(dist),
+        settings: None,
+    };
+    let extra: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut pipeline =
+        Pipeline::load(rt, &[file], &extra).map_err(|e| anyhow::anyhow!("{dist}: {e:?}"))?;
+    Ok(time_per_row(batches, input, |b| {
+        pipeline.process(b).unwrap_or_else(|(_, e)| panic!("{e}"))
+    }))
+}
+
+/// `mask` and `route` in every language, side by side with the Rust guest.
+fn languages(rt: &Runtime, batches: usize, input: &Batch) -> anyhow::Result<()> {
+    const LANGUAGES: [(&str, &str); 4] = [
+        ("rust", ""),
+        ("python", "-python"),
+        ("js", "-js"),
+        ("c", "-c"),
+    ];
+    let cases: [(&str, Settings, &str); 4] = [
+        (
+            "mask",
+            &[("columns", "email"), ("columns", "phone")],
+            "hash 2 of 10 columns",
+        ),
+        (
+            "mask",
+            &[
+                ("columns", "email"),
+                ("columns", "phone"),
+                ("default_mode", "redact"),
+            ],
+            "redact 2 of 10",
+        ),
+        (
+            "mask",
+            &[
+                ("columns", "email"),
+                ("columns", "phone"),
+                ("default_mode", "keep-last-4"),
+            ],
+            "keep-last-4 2 of 10",
+        ),
+        ("route", &[("spine_tables", "public.*")], "route + spine"),
+    ];
+    println!();
+    println!(
+        "guests by language: ns/row on the same batches ({batches} batches each), ratio to the Rust guest"
+    );
+    print!("{:<8} {:<22}", "guest", "work");
+    for (language, _) in LANGUAGES {
+        print!(" {:>14}", format!("{language} ns/row"));
+    }
+    println!();
+    for (guest, settings, work) in cases {
+        let mut rust = 0.0;
+        print!("{guest:<8} {work:<22}");
+        for (language, suffix) in LANGUAGES {
+            let ns = guest_per_row(
+                rt,
+                guest,
+                &format!("{guest}{suffix}"),
+                settings,
+                batches,
+                input,
+            )?;
+            if language == "rust" {
+                rust = ns;
+                print!(" {ns:>14.1}");
+            } else {
+                print!(" {:>14}", format!("{ns:.1} ({:.1}x)", ns / rust));
+            }
+            std::io::Write::flush(&mut std::io::stdout())?;
+        }
+        println!();
     }
     Ok(())
 }
