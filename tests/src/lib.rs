@@ -6,7 +6,7 @@
 //! is skipped silently.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -190,3 +190,55 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 pub mod pgoutput_fuzz;
 pub mod spine_support;
+
+/// A child process (an `airlock` host, a spine), killed and reaped when dropped, so a
+/// failing test leaves nothing running.
+pub struct HostProcess(pub Child);
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl HostProcess {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends `sig` (e.g. `-TERM`, `-HUP`) with `kill`.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// `airlock run --config CONFIG`, its stderr (the log) to `log`.
+pub fn spawn_host(config: &Path, log: &Path) -> HostProcess {
+    HostProcess(
+        Command::new(airlock_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("spawn airlock run"),
+    )
+}

@@ -10,8 +10,7 @@
 //! replays a run.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use airlock_tests::pgoutput_fuzz::Rng;
@@ -28,28 +27,6 @@ struct Committed {
     /// The raw address (inserts and updates); the sinks must hold its digest.
     email: Option<String>,
     n: Option<i32>,
-}
-
-/// A host process, killed when dropped.
-struct HostProcess(Child);
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_host(config: &Path, log: &Path) -> HostProcess {
-    HostProcess(
-        Command::new(airlock_bin())
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log file"))
-            .spawn()
-            .expect("spawn airlock run"),
-    )
 }
 
 /// Writes transactions of one to four changes until `stop`, and returns what it committed.

@@ -4,23 +4,13 @@
 //! rows. Read back with DuckDB and compared with the database.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use airlock_tests::*;
 use anyhow::{Context, bail};
 
 const ROWS: i64 = 2_000_000;
-
-/// A host process, killed if the test fails before it stops.
-struct HostProcess(Child);
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Peak resident set size of a process, in KiB (`VmHWM`).
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -127,14 +117,7 @@ async fn a_two_million_row_transaction_flows_in_bounded_memory_and_lands_at_its_
         ),
     )?;
     let log = dir.join("host.log");
-    let mut host = HostProcess(
-        Command::new(airlock_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?,
-    );
+    let mut host = spawn_host(&config, &log);
     let pid = host.0.id();
 
     // Watch the lake while the transaction streams: the committed row count is only

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use airlock_tests::*;
@@ -97,48 +97,6 @@ async fn check_lists_every_problem_at_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A host process, killed if the test fails before it stops.
-struct HostProcess(Child);
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_host(config: &Path, log: &Path) -> HostProcess {
-    HostProcess(
-        Command::new(airlock_bin())
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log file"))
-            .spawn()
-            .expect("spawn airlock run"),
-    )
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "kill {sig} failed");
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
 -> anyhow::Result<()> {
@@ -180,8 +138,8 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
         let mut host = spawn_host(&config, &dir.join(format!("host{round}.log")));
         wait_slot_active(&db, "term").await?;
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        signal(&host.0, "-TERM");
-        let status = wait_exit(&mut host.0, Duration::from_secs(30));
+        host.signal("-TERM");
+        let status = host.wait_exit(Duration::from_secs(30));
         let log = std::fs::read_to_string(dir.join(format!("host{round}.log"))).unwrap_or_default();
         assert_eq!(
             status.and_then(|s| s.code()),
@@ -199,9 +157,10 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
         rows.len() >= written as usize
     })
     .await?;
-    signal(&host.0, "-TERM");
+    host.signal("-TERM");
     assert_eq!(
-        wait_exit(&mut host.0, Duration::from_secs(30)).and_then(|s| s.code()),
+        host.wait_exit(Duration::from_secs(30))
+            .and_then(|s| s.code()),
         Some(0)
     );
     let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();

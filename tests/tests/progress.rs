@@ -4,21 +4,11 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock_tests::*;
 use anyhow::{Context, Result, bail, ensure};
-
-/// A host process, killed if the test fails before it stops.
-struct HostProcess(Child);
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The log lines with `message`.
 fn lines_with<'a>(log: &'a str, message: &str) -> Vec<&'a str> {

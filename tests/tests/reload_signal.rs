@@ -1,21 +1,10 @@
 //! SIGHUP reloads the plugin folder of a running `airlock run` process: with the
 //! folder watch off, a new stage stays out until the signal, then goes live.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock_tests::*;
 use serde_json::Value as Json;
-
-/// A host process, killed if the test fails before it stops.
-struct HostProcess(Child);
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn stages(admin: &str) -> Option<Vec<String>> {
     let status: Json = reqwest::get(format!("http://{admin}/status"))
@@ -72,14 +61,7 @@ async fn sighup_reloads_the_plugin_folder() -> anyhow::Result<()> {
         ),
     )?;
     let log = dir.join("host.log");
-    let host = HostProcess(
-        Command::new(airlock_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?,
-    );
+    let host = spawn_host(&config, &log);
     wait_stages(&admin, &["10-mask"], Duration::from_secs(30)).await?;
 
     // The watch is off: a new file alone changes nothing.
@@ -91,10 +73,7 @@ async fn sighup_reloads_the_plugin_folder() -> anyhow::Result<()> {
         "the folder is not watched, so only a signal may reload it"
     );
 
-    let sent = Command::new("kill")
-        .args(["-HUP", &host.0.id().to_string()])
-        .status()?;
-    assert!(sent.success(), "kill -HUP failed");
+    host.signal("-HUP");
     wait_stages(&admin, &["10-mask", "20-pass"], Duration::from_secs(20))
         .await
         .map_err(|e| {

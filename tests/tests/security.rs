@@ -12,7 +12,7 @@
 mod lake_support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock_tests::spine_support::free_port;
@@ -26,15 +26,6 @@ const SPINE_TOKEN: &str = "spine-Secret-41be07d2";
 const ADMIN_TOKEN: &str = "admin-Secret-c0ffee99";
 const S3_SECRET_KEY: &str = "s3-Secret-9d8e7f6a5b";
 const S3_KEY_ID: &str = "AKIASECRETKEYID0001";
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The admin API or spine at `url`, polled until it answers at all.
 async fn wait_answering(url: &str, timeout: Duration) -> Result<()> {
@@ -126,7 +117,7 @@ async fn tokens_guard_the_admin_api_and_the_spine_and_no_credential_leaks_anywhe
     std::fs::create_dir_all(&spine_dir)?;
     let spine_port = free_port();
     let spine_url = format!("http://127.0.0.1:{spine_port}");
-    let _spine = Process(
+    let _spine = HostProcess(
         Command::new(airlock_bin())
             .args(["spine", "serve", "--dir"])
             .arg(&spine_dir)
@@ -187,7 +178,7 @@ async fn tokens_guard_the_admin_api_and_the_spine_and_no_credential_leaks_anywhe
     assert_no_secret("`airlock check`", &check_output);
 
     let log = dir.join("host.log");
-    let mut host = Process(
+    let mut host = HostProcess(
         Command::new(airlock_bin())
             .args(["run", "--config"])
             .arg(&config)
@@ -417,8 +408,14 @@ async fn tokens_guard_the_admin_api_and_the_spine_and_no_credential_leaks_anywhe
         .lines()
         .filter(|l| l.contains(S3_KEY_ID) && !l.contains("deltalake_aws::storage"))
         .collect();
-    assert!(leaks.is_empty(), "the access key ID in the host's log: {leaks:#?}");
-    assert_no_secret("the host's debug log", &host_log.replace(S3_KEY_ID, "<key id>"));
+    assert!(
+        leaks.is_empty(),
+        "the access key ID in the host's log: {leaks:#?}"
+    );
+    assert_no_secret(
+        "the host's debug log",
+        &host_log.replace(S3_KEY_ID, "<key id>"),
+    );
     assert_no_secret("/status", &status);
     assert_no_secret("/metrics", &metrics);
     assert_no_secret("`airlock check` with a password in the URL", &url_output);

@@ -9,7 +9,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock::source::error::SourceError;
@@ -363,16 +363,6 @@ async fn a_server_without_tls_is_plain_for_prefer_and_an_error_for_require() -> 
     let text = sql_error(&require).await;
     assert!(text.contains("server does not support TLS"), "{text}");
     Ok(())
-}
-
-/// A host process, killed if the test fails before it stops.
-struct HostProcess(Child);
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn get_status(admin: &str) -> Option<String> {
