@@ -1511,6 +1511,7 @@ mod tests {
             dispatched: Lsn(0x1_0000_0130),
             flushed: Lsn::ZERO,
             open: None,
+            slot_used: true,
         };
         let mut h = harness(4, progress).await;
         h.transaction(0x1_0000_0000).await;
