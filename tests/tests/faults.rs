@@ -172,7 +172,6 @@ async fn a_cut_network_path_mid_stream_loses_and_repeats_nothing() -> Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "loses a transaction: after network cuts and a PostgreSQL crash, the replayed stream misses a committed transaction that PostgreSQL's own decoding (a witness slot) holds, or stops with `Begin inside a transaction`; see docs/guarantees.md, known gaps"]
 async fn network_cuts_then_a_postgres_crash_lose_and_repeat_nothing() -> Result<()> {
     network_faults("faults-net-crash", true).await
 }
