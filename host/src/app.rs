@@ -124,7 +124,13 @@ impl InFlight {
     }
 }
 
-/// Reads the slot's position and WAL retention from PostgreSQL for `/status` and metrics.
+/// How long one read of the slot's health may take before it counts as failed.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads the slot's position and WAL retention from PostgreSQL for `/status` and
+/// metrics. When PostgreSQL cannot be read, the figures are cleared and
+/// `slot_health` says `unknown` with the cause: a lag of 0 is never shown for a
+/// slot that could not be looked at.
 async fn monitor_slot(
     config: source::protocol::ConnectConfig,
     slot: String,
@@ -135,54 +141,22 @@ async fn monitor_slot(
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
     loop {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match config.connect_sql().await {
-                Ok((c, connection)) => {
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    Some(c)
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "slot monitor cannot connect");
-                    None
-                }
-            };
-        }
-        if let Some(c) = &client {
-            let query = "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.restart_lsn::text, \
-                         s.wal_status, s.safe_wal_size, s.active, \
-                         (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8 \
-                         FROM pg_replication_slots s WHERE s.slot_name = $1";
-            match c.query_opt(query, &[&slot]).await {
-                Ok(Some(row)) => {
-                    let lag: Option<i64> = row.get(6);
-                    let active: bool = row.get(5);
-                    status.update_source(|s| {
-                        s.current_wal_lsn = row.get(0);
-                        s.confirmed_lsn = row.get(1);
-                        s.restart_lsn = row.get(2);
-                        s.wal_status = row.get(3);
-                        s.safe_wal_size = row.get(4);
-                        s.lag_bytes = lag.map(|l| l.max(0) as u64);
-                        s.state = if active {
-                            "streaming".into()
-                        } else {
-                            "connecting".into()
-                        };
-                    });
-                    if active {
-                        status.set_ready(true);
-                    }
-                    if let Some(lag) = lag {
-                        status
-                            .metrics
-                            .set(status::LAG_BYTES, &[], lag.max(0) as f64);
-                    }
-                }
-                Ok(None) => status.update_source(|s| s.state = "slot missing".into()),
-                Err(e) => tracing::debug!(error = %e, "slot monitor query failed"),
-            }
+        let read = read_slot(&config, &slot, &mut client, &status).await;
+        if let Err(cause) = &read {
+            tracing::debug!(error = %cause, "slot monitor cannot read the slot");
+            status.update_source(|s| {
+                s.current_wal_lsn = None;
+                s.restart_lsn = None;
+                s.wal_status = None;
+                s.safe_wal_size = None;
+                s.lag_bytes = None;
+                s.lag_seconds = None;
+                s.slot_active = None;
+                s.slot_health = Some("unknown".into());
+                s.slot_health_error = Some(cause.clone());
+            });
+            status.metrics.remove(status::LAG_BYTES, &[]);
+            status.metrics.remove(status::LAG_SECONDS, &[]);
         }
         let durable_now = *durable.borrow();
         let now_us = SystemTime::now()
@@ -192,19 +166,135 @@ async fn monitor_slot(
         let lag_seconds = in_flight
             .oldest_after(durable_now)
             .map_or(0.0, |ts| ((now_us - ts) as f64 / 1e6).max(0.0));
+        let known = read.is_ok();
         status.update_source(|s| {
-            s.lag_seconds = Some(lag_seconds);
+            if known {
+                s.lag_seconds = Some(lag_seconds);
+            }
             if let Some(text) = lsn_text(durable_now) {
                 s.confirmed_lsn.get_or_insert(text);
             }
         });
-        status.metrics.set(status::LAG_SECONDS, &[], lag_seconds);
+        if known {
+            status.metrics.set(status::LAG_SECONDS, &[], lag_seconds);
+        }
         status
             .metrics
             .set(status::CONFIRMED_LSN, &[], durable_now.0 as f64);
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One read of the slot's health into `status`; the error says why it failed.
+async fn read_slot(
+    config: &source::protocol::ConnectConfig,
+    slot: &str,
+    client: &mut Option<tokio_postgres::Client>,
+    status: &Status,
+) -> Result<(), String> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = None;
+        let (c, connection) = tokio::time::timeout(HEALTH_TIMEOUT, config.connect_sql())
+            .await
+            .map_err(|_| {
+                format!(
+                    "connecting to PostgreSQL at {} timed out after {HEALTH_TIMEOUT:?}",
+                    config.addr()
+                )
+            })?
+            .map_err(|e| format!("cannot connect to PostgreSQL at {}: {e}", config.addr()))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *client = Some(c);
+    }
+    let c = client.as_ref().expect("connected above");
+    let query = "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.restart_lsn::text, \
+                 s.wal_status, s.safe_wal_size, s.active, \
+                 (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8 \
+                 FROM pg_replication_slots s WHERE s.slot_name = $1";
+    let row = match tokio::time::timeout(HEALTH_TIMEOUT, c.query_opt(query, &[&slot])).await {
+        Ok(Ok(row)) => row,
+        Ok(Err(e)) => {
+            *client = None;
+            return Err(format!(
+                "reading pg_replication_slots at {} failed: {e}",
+                config.addr()
+            ));
+        }
+        Err(_) => {
+            *client = None;
+            return Err(format!(
+                "reading pg_replication_slots at {} timed out after {HEALTH_TIMEOUT:?}",
+                config.addr()
+            ));
+        }
+    };
+    let Some(row) = row else {
+        status.update_source(|s| {
+            s.current_wal_lsn = None;
+            s.restart_lsn = None;
+            s.wal_status = None;
+            s.safe_wal_size = None;
+            s.lag_bytes = None;
+            s.slot_active = None;
+            s.slot_health = Some("missing".into());
+            s.slot_health_error = Some(format!(
+                "no replication slot `{slot}` in pg_replication_slots"
+            ));
+        });
+        status.metrics.remove(status::LAG_BYTES, &[]);
+        return Ok(());
+    };
+    let lag: Option<i64> = row.get(6);
+    let active: bool = row.get(5);
+    status.update_source(|s| {
+        s.current_wal_lsn = row.get(0);
+        s.confirmed_lsn = row.get(1);
+        s.restart_lsn = row.get(2);
+        s.wal_status = row.get(3);
+        s.safe_wal_size = row.get(4);
+        s.lag_bytes = lag.map(|l| l.max(0) as u64);
+        s.slot_active = Some(active);
+        s.slot_health = Some("ok".into());
+        s.slot_health_error = None;
+    });
+    if active {
+        status.set_ready(true);
+    }
+    match lag {
+        Some(lag) => status
+            .metrics
+            .set(status::LAG_BYTES, &[], lag.max(0) as f64),
+        None => status.metrics.remove(status::LAG_BYTES, &[]),
+    }
+    Ok(())
+}
+
+/// Shows what the source does in `/status`: a retry sets `state = "retrying"` and
+/// `last_error` (component `source`) with its cause; streaming again clears it.
+fn source_state(status: &Status, state: source::SourceState) {
+    use source::SourceState;
+    match state {
+        SourceState::Connecting => status.update_source(|s| s.state = "connecting".into()),
+        SourceState::Snapshotting => {
+            status.update_source(|s| s.state = "snapshotting".into());
+            status.set_ready(true);
+        }
+        SourceState::Streaming => {
+            status.update_source(|s| s.state = "streaming".into());
+            status.clear_error("source");
+            status.set_ready(true);
+        }
+        SourceState::Retrying { error, retry_in } => {
+            status.update_source(|s| s.state = "retrying".into());
+            status.error(
+                "source",
+                &format!("{error} (retrying in {} ms)", retry_in.as_millis()),
+            );
         }
     }
 }
@@ -395,6 +485,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             source::snapshot::SnapshotObserver(Arc::new(move |progress| {
                 status.set_snapshot(progress)
             }))
+        }),
+        on_state: Some({
+            let status = status.clone(); // the source's state and retries in `/status`
+            source::StateObserver(Arc::new(move |state| source_state(&status, state)))
         }),
     };
     let source_status = status.clone();

@@ -38,7 +38,8 @@ pub struct SourceView {
     pub database: String,
     pub slot: String,
     pub publication: String,
-    /// Connection state: `connecting`, `streaming`, `snapshotting`, `retrying`, `stopped`.
+    /// What the source does: `starting`, `connecting`, `snapshotting`, `streaming`,
+    /// `retrying` (the cause in `last_error`), `stopped`.
     pub state: String,
     pub received_lsn: Option<String>,
     pub confirmed_lsn: Option<String>,
@@ -48,6 +49,13 @@ pub struct SourceView {
     pub lag_seconds: Option<f64>,
     pub wal_status: Option<String>,
     pub safe_wal_size: Option<i64>,
+    /// Whether a walsender streams from the slot, as PostgreSQL last said.
+    pub slot_active: Option<bool>,
+    /// How fresh the slot's figures above are: `ok` (read within the last few
+    /// seconds), `missing` (no such slot), `unknown` (PostgreSQL cannot be read:
+    /// the figures are cleared, never shown stale; the cause in `slot_health_error`).
+    pub slot_health: Option<String>,
+    pub slot_health_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -328,6 +336,14 @@ impl Metrics {
         *series
             .entry((name, format!("_count{labels}")))
             .or_insert(0.0) += 1.0;
+    }
+
+    /// Removes a series: a gauge whose value is not known now is absent, not stale.
+    pub fn remove(&self, name: &'static str, labels: &[(&str, &str)]) {
+        self.series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(name, label_text(labels)));
     }
 
     /// Prometheus text exposition format.

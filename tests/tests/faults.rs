@@ -172,7 +172,6 @@ async fn a_cut_network_path_mid_stream_loses_and_repeats_nothing() -> Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "loses a transaction: after network cuts and a PostgreSQL crash, the replayed stream misses a committed transaction that PostgreSQL's own decoding (a witness slot) holds, or stops with `Begin inside a transaction`; see docs/guarantees.md, known gaps"]
 async fn network_cuts_then_a_postgres_crash_lose_and_repeat_nothing() -> Result<()> {
     network_faults("faults-net-crash", true).await
 }
@@ -299,7 +298,6 @@ async fn network_faults(name: &str, restart: bool) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the source's retries never reach /status: state stays `streaming` and last_error empty while PostgreSQL is unreachable (source/mod.rs `run` and app.rs `monitor_slot` only log)"]
 async fn an_unreachable_postgres_shows_in_status_while_it_lasts() -> Result<()> {
     let dir = temp_dir("faults-net-status");
     let pg = cluster();
@@ -318,20 +316,42 @@ async fn an_unreachable_postgres_shows_in_status_while_it_lasts() -> Result<()> 
     proxy.set_up(false);
     insert(&db, 1, 10).await?;
     let s = wait_status(&admin, Duration::from_secs(30), "the source outage", |s| {
-        s["source"]["state"] != "streaming" && s["last_error"]["component"] == "source"
+        s["source"]["state"] == "retrying"
+            && s["last_error"]["component"] == "source"
+            && s["source"]["slot_health"] == "unknown"
     })
     .await?;
+    // The cause, with where: the address the host cannot reach.
+    let message = s["last_error"]["message"].as_str().unwrap_or_default();
     assert!(
-        s["last_error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
+        message.contains(&format!("127.0.0.1:{}", proxy.port)) && message.contains("retrying in"),
         "{s:#}"
     );
+    // No figures read before the outage pass for current ones.
+    assert!(s["source"]["lag_bytes"].is_null(), "{s:#}");
+    assert!(s["source"]["current_wal_lsn"].is_null(), "{s:#}");
+    assert!(
+        s["source"]["slot_health_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("127.0.0.1:{}", proxy.port))),
+        "{s:#}"
+    );
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        !metrics.contains("\nairlock_source_lag_bytes "),
+        "no lag metric while unknown: {metrics}"
+    );
     proxy.set_up(true);
-    wait_status(&admin, Duration::from_secs(60), "the recovery", |s| {
-        s["source"]["state"] == "streaming" && s["last_error"].is_null()
+    let s = wait_status(&admin, Duration::from_secs(60), "the recovery", |s| {
+        s["source"]["state"] == "streaming"
+            && s["last_error"].is_null()
+            && s["source"]["slot_health"] == "ok"
     })
     .await?;
+    assert!(s["source"]["lag_bytes"].is_u64(), "{s:#}");
     host.stop().await?;
     Ok(())
 }
@@ -717,7 +737,6 @@ async fn a_full_disk_under_the_lake_shows_in_status_and_loses_nothing_once_space
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug in host/src/sink/mod.rs `drive_observed`: queued_batches is only updated when a batch is accepted, so it stays 0 while `flush_with_retry` loops, however many batches wait"]
 async fn the_backlog_in_front_of_a_retrying_sink_shows_in_status() -> Result<()> {
     let dir = temp_dir("faults-backlog");
     let pg = cluster();
@@ -753,6 +772,8 @@ async fn the_backlog_in_front_of_a_retrying_sink_shows_in_status() -> Result<()>
                 .is_some_and(|n| n > 0)
     })
     .await;
-    host.stop().await?;
+    // A graceful stop would wait for the spine to take what it holds, and nothing
+    // listens there: end the host as if killed (the slot keeps the rest).
+    host.abort();
     s.map(|_| ())
 }

@@ -131,26 +131,29 @@ pub async fn drive_observed<S: Sink>(
                 }
                 // Due also inside a large transaction: the flush stages its rows.
                 if holding && sink.due() {
-                    flush_with_retry(&mut sink, &durable, &mut pending, status).await?;
+                    flush_with_retry(&mut sink, &rx, &durable, &mut pending, status).await?;
                     holding = sink.holds_open();
                 }
             }
             Some(None) => {
                 if holding || pending.is_some() {
-                    flush_with_retry(&mut sink, &durable, &mut pending, status).await?;
+                    flush_with_retry(&mut sink, &rx, &durable, &mut pending, status).await?;
                 }
                 return Ok(());
             }
             None => {
-                flush_with_retry(&mut sink, &durable, &mut pending, status).await?;
+                flush_with_retry(&mut sink, &rx, &durable, &mut pending, status).await?;
                 holding = sink.holds_open();
             }
         }
     }
 }
 
+/// Flushes `sink` until it succeeds or fails definitely. While it retries, the
+/// batches waiting on `rx` are the sink's backlog in `/status`.
 async fn flush_with_retry<S: Sink>(
     sink: &mut S,
+    rx: &mpsc::Receiver<Arc<Batch>>,
     durable: &watch::Sender<Lsn>,
     pending: &mut Option<Lsn>,
     status: Option<&Status>,
@@ -167,9 +170,11 @@ async fn flush_with_retry<S: Sink>(
                         &[("sink", &name)],
                         started.elapsed().as_secs_f64(),
                     );
+                    let queued = rx.len();
                     status.update_sink(&name, |v| {
                         v.last_error = None;
                         v.retrying = false;
+                        v.queued_batches = queued;
                     });
                 }
                 if let Some(lsn) = flushed.or(*pending) {
@@ -185,12 +190,25 @@ async fn flush_with_retry<S: Sink>(
                     status
                         .metrics
                         .add(status::SINK_RETRIES, &[("sink", &name)], 1.0);
+                    let queued = rx.len();
                     status.update_sink(&name, |v| {
                         v.last_error = Some(error.to_string());
                         v.retrying = true;
+                        v.queued_batches = queued;
                     });
                 }
-                tokio::time::sleep(backoff).await;
+                // Wait, keeping the backlog in `/status` current meanwhile.
+                let until = tokio::time::Instant::now() + backoff;
+                while tokio::time::Instant::now() < until {
+                    tokio::time::sleep_until(
+                        until.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+                    )
+                    .await;
+                    if let Some(status) = status {
+                        let queued = rx.len();
+                        status.update_sink(sink.name(), |v| v.queued_batches = queued);
+                    }
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(error) => return Err(error),

@@ -127,6 +127,12 @@ pub enum SourceError {
     )]
     SlotMissing { slot: String },
 
+    /// The slot this run streamed from no longer exists: definite, never recreated.
+    #[error(
+        "replication slot `{slot}` was dropped while airlock was streaming from it (its last confirmed position was {confirmed}): the changes committed since then may be gone, so airlock stops instead of creating the slot again at the current WAL position and silently skipping them. To go on: recreate the slot (`SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')`) and take a new snapshot into an empty lake (snapshot = \"initial\"), or restore the lake and the database to a matching point; recreating the slot and restarting as is leaves the changes of the gap out of the lake for good (see docs/source.md, \"A dropped slot\")"
+    )]
+    SlotDropped { slot: String, confirmed: Lsn },
+
     #[error(
         "replication slot `{slot}` is in use by another consumer (pid {}): stop that consumer or end it with `SELECT pg_terminate_backend(pid)`; retrying",
         .pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())

@@ -38,6 +38,11 @@
 //!   source stops with [`SourceError::SlotBusy`].
 //! - With `snapshot`, a missing slot is created by [`snapshot`] after the initial copy
 //!   is durable; streaming starts at its consistent point.
+//! - Once a `run` has streamed from the slot, a missing slot is never created again:
+//!   it was dropped under airlock, changes since its confirmed position may be gone,
+//!   and the source stops with [`SourceError::SlotDropped`].
+//! - What the source is doing (connecting, snapshotting, streaming, retrying and why)
+//!   is told to [`SourceSettings::on_state`], for `/status`.
 
 pub mod error;
 pub mod pgoutput;
@@ -96,6 +101,39 @@ pub struct SourceSettings {
     pub snapshot: bool,
     /// Told the snapshot's progress, for `/status`.
     pub on_snapshot: Option<snapshot::SnapshotObserver>,
+    /// Told what the source is doing (and why it retries), for `/status`.
+    pub on_state: Option<StateObserver>,
+}
+
+/// What the source is doing, as told to [`SourceSettings::on_state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceState {
+    /// Connecting to PostgreSQL and checking the catalog.
+    Connecting,
+    /// Copying the tables' existing rows (the initial snapshot).
+    Snapshotting,
+    /// Replication started: changes flow from the slot.
+    Streaming,
+    /// The last attempt failed with a transient error; the next is in `retry_in`.
+    Retrying { error: String, retry_in: Duration },
+}
+
+/// Receives the source's [`SourceState`] whenever it changes.
+#[derive(Clone)]
+pub struct StateObserver(pub Arc<dyn Fn(SourceState) + Send + Sync>);
+
+impl std::fmt::Debug for StateObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateObserver")
+    }
+}
+
+impl SourceSettings {
+    fn tell(&self, state: SourceState) {
+        if let Some(observer) = &self.on_state {
+            (observer.0)(state);
+        }
+    }
 }
 
 impl SourceSettings {
@@ -112,6 +150,7 @@ impl SourceSettings {
             shutdown_drain: DEFAULT_SHUTDOWN_DRAIN,
             snapshot: false,
             on_snapshot: None,
+            on_state: None,
         }
     }
 
@@ -175,6 +214,14 @@ pub async fn run(
         let err = match result {
             Ok(()) => return Ok(()),
             Err(err) if err.is_transient() => err,
+            // The slot existed when this run streamed from it: it was dropped since
+            // (between the catalog check and START_REPLICATION).
+            Err(SourceError::SlotMissing { slot }) if progress.slot_used => {
+                return Err(SourceError::SlotDropped {
+                    slot,
+                    confirmed: progress.flushed,
+                });
+            }
             Err(err) => return Err(err),
         };
         if streamed {
@@ -202,6 +249,10 @@ pub async fn run(
             retry_in_ms = backoff.as_millis() as u64,
             "source connection failed, reconnecting"
         );
+        settings.tell(SourceState::Retrying {
+            error: err.to_string(),
+            retry_in: backoff,
+        });
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = shutdown_requested(&mut shutdown) => return Ok(()),
@@ -232,6 +283,8 @@ struct Progress {
     open: Option<(Lsn, u64)>,
     /// The highest flush LSN reported to the server.
     flushed: Lsn,
+    /// Whether this run has streamed from the slot: from then on the slot must exist.
+    slot_used: bool,
 }
 
 /// One connection's lifetime: connect, check, stream.
@@ -243,6 +296,7 @@ async fn session(
     progress: &mut Progress,
     streamed: &mut bool,
 ) -> Result<(), SourceError> {
+    settings.tell(SourceState::Connecting);
     let mut conn = ReplicationConnection::connect(&settings.connect).await?;
     let system = conn.identify_system().await?;
     info!(
@@ -253,9 +307,12 @@ async fn session(
         server_version = conn.server_version().unwrap_or("unknown"),
         "connected to postgresql"
     );
-    let confirmed = match check_catalog(settings, &mut conn).await? {
+    let confirmed = match check_catalog(settings, &mut conn, progress).await? {
         Some(confirmed) => confirmed,
-        None => match snapshot::take(settings, &mut conn, tx, durable, shutdown).await? {
+        None => match {
+            settings.tell(SourceState::Snapshotting);
+            snapshot::take(settings, &mut conn, tx, durable, shutdown).await?
+        } {
             Some((consistent_point, last_chunk)) => {
                 if let Some(last) = last_chunk {
                     progress.dispatched = progress.dispatched.max(last);
@@ -275,6 +332,8 @@ async fn session(
         .await?;
     info!(slot = %settings.slot, publication = %settings.publication, lsn = %confirmed, "streaming started");
     *streamed = true;
+    progress.slot_used = true;
+    settings.tell(SourceState::Streaming);
     let resume = progress.open;
     Streamer {
         stream,
@@ -299,10 +358,12 @@ async fn session(
 /// Checks `wal_level`, the publication and the slot over an ordinary SQL connection,
 /// creating the publication from `tables` and the slot when allowed. Returns the
 /// slot's confirmed flush LSN, or `None` when the slot is missing and the initial
-/// snapshot is to create it.
+/// snapshot is to create it. A slot missing after this run streamed from it was
+/// dropped under airlock: [`SourceError::SlotDropped`], never created again.
 async fn check_catalog(
     settings: &SourceSettings,
     conn: &mut ReplicationConnection,
+    progress: &Progress,
 ) -> Result<Option<Lsn>, SourceError> {
     let addr = settings.connect.addr();
     let user = settings.connect.user.as_str();
@@ -401,6 +462,10 @@ async fn check_catalog(
 
     match checks? {
         Some(confirmed) => Ok(Some(confirmed)),
+        None if progress.slot_used => Err(SourceError::SlotDropped {
+            slot: settings.slot.clone(),
+            confirmed: progress.flushed,
+        }),
         // The snapshot creates the slot once it is complete.
         None if settings.create_slot && settings.snapshot => Ok(None),
         None if settings.create_slot => {
@@ -1446,6 +1511,7 @@ mod tests {
             dispatched: Lsn(0x1_0000_0130),
             flushed: Lsn::ZERO,
             open: None,
+            slot_used: true,
         };
         let mut h = harness(4, progress).await;
         h.transaction(0x1_0000_0000).await;
