@@ -10,7 +10,8 @@
 //!   (`airlock spine serve`, read through its `/stream`). The lake sink runs with the
 //!   default flush interval.
 //! - **memory**: airlock's peak RSS (`VmHWM`) while it streams one transaction of
-//!   `--memory-rows` rows, pass-through (no guests).
+//!   `--memory-rows` rows, through the four example guests (`--memory-guests none`:
+//!   pass-through).
 //! - **primary cost**: pgbench TPS with no slot, with `pg_recvlogical` consuming a
 //!   publication on the pgbench tables, and with airlock streaming them (pass-through),
 //!   as ratios to the no-slot TPS.
@@ -41,7 +42,8 @@ const LAKE_P99_SLACK: Duration = Duration::from_secs(1);
 
 const USAGE: &str = "usage: bench_e2e [--rows N] [--txn-rows N] [--rate ROWS_PER_S] [--latency-secs S]
                  [--memory-rows N] [--pgbench-secs S] [--pgbench-scale N] [--pgbench-clients N]
-                 [--rounds N] [--drain-guests examples|none] [--only drain,latency,memory,primary] [--json PATH]
+                 [--rounds N] [--drain-guests examples|none] [--memory-guests examples|none]
+                 [--only drain,latency,memory,primary] [--json PATH]
 defaults: --rows 1000000 (or $AIRLOCK_BENCH_ROWS) --txn-rows 1000 --rate 5000 --latency-secs 30
           --memory-rows 2000000 --pgbench-secs 20 --pgbench-scale 10 --pgbench-clients 4 --rounds 2";
 
@@ -56,6 +58,7 @@ struct Options {
     pgbench_clients: u64,
     rounds: u64,
     drain_guests: bool,
+    memory_guests: bool,
     only: Vec<String>,
     json: Option<PathBuf>,
 }
@@ -76,6 +79,7 @@ impl Options {
             pgbench_clients: 4,
             rounds: 2,
             drain_guests: true,
+            memory_guests: true,
             only: vec![],
             json: None,
         };
@@ -110,6 +114,13 @@ impl Options {
                         "examples" => true,
                         "none" => false,
                         _ => bail!("--drain-guests takes `examples` or `none`"),
+                    }
+                }
+                "--memory-guests" => {
+                    o.memory_guests = match value.as_str() {
+                        "examples" => true,
+                        "none" => false,
+                        _ => bail!("--memory-guests takes `examples` or `none`"),
                     }
                 }
                 "--only" => o.only = value.split(',').map(|s| s.trim().to_owned()).collect(),
@@ -241,6 +252,31 @@ fn airlock_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// User plus system CPU seconds of process `pid` so far (from `/proc/PID/stat`, in
+/// clock ticks of 1/100 s, Linux's `USER_HZ`).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is the 3rd field, utime
+    // and stime the 14th and 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// The walsender process serving `slot`, while one does.
+async fn slot_pid(client: &tokio_postgres::Client, slot: &str) -> Result<Option<u32>> {
+    let row = client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<i32>>(0))
+        .map(|pid| pid as u32))
 }
 
 /// `airlock spine serve` on a free port.
@@ -594,9 +630,10 @@ impl Bench {
             mib(wal_bytes)
         );
 
-        // pg_recvlogical: pgoutput v1 into /dev/null until the end LSN.
+        // pg_recvlogical: pgoutput v1 into /dev/null until the end LSN. The CPU time
+        // of it and of its walsender is sampled while it runs.
         let start = Instant::now();
-        let status = tool(&self.bindir, "pg_recvlogical")
+        let mut recv = tool(&self.bindir, "pg_recvlogical")
             .args(conn_args(&self.cluster, "postgres"))
             .args(["--slot", "drain_recvlogical", "--start", "--no-loop"])
             .args(["--endpos", &end_lsn])
@@ -607,15 +644,26 @@ impl Bench {
                 "publication_names=bench_drain",
             ])
             .args(["-f", "/dev/null"])
-            .status()
-            .await?;
+            .spawn()?;
+        let recv_pid = recv.id().unwrap_or(0);
+        let (mut recv_cpu, mut recv_sender_cpu) = (0.0f64, 0.0f64);
+        let status = loop {
+            if let Some(status) = recv.try_wait()? {
+                break status;
+            }
+            recv_cpu = cpu_secs(recv_pid).unwrap_or(recv_cpu);
+            if let Some(pid) = slot_pid(&client, "drain_recvlogical").await? {
+                recv_sender_cpu = cpu_secs(pid).unwrap_or(recv_sender_cpu);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         let recv_secs = start.elapsed().as_secs_f64();
         if !status.success() {
             bail!("pg_recvlogical failed with {status}");
         }
         let recv_rate = o.rows as f64 / recv_secs;
         println!(
-            "  pg_recvlogical: {recv_secs:.2} s, {} rows/s",
+            "  pg_recvlogical: {recv_secs:.2} s, {} rows/s; CPU: walsender {recv_sender_cpu:.2} s, pg_recvlogical {recv_cpu:.2} s",
             thousands(recv_rate)
         );
 
@@ -641,10 +689,15 @@ impl Bench {
         let mut airlock = Airlock::start_wrapped(&text, &dir, wrapper.as_deref()).await?;
         let deadline = Duration::from_secs(3600);
         let mut checked = Instant::now();
+        let (mut airlock_cpu, mut sender_cpu) = (0.0f64, 0.0f64);
         // Done when the lake holds every row, or when the slot is acknowledged past the
         // end (everything is durable: a shortfall then is rows lost, reported below).
         while lake.poll() < expected as u64 {
             airlock.check_alive()?;
+            airlock_cpu = cpu_secs(airlock.pid()).unwrap_or(airlock_cpu);
+            if let Some(pid) = slot_pid(&client, "bench_drain").await? {
+                sender_cpu = cpu_secs(pid).unwrap_or(sender_cpu);
+            }
             if start.elapsed() > deadline {
                 bail!("airlock did not drain the backlog within {deadline:?}");
             }
@@ -658,6 +711,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let airlock_secs = start.elapsed().as_secs_f64();
+        airlock_cpu = cpu_secs(airlock.pid()).unwrap_or(airlock_cpu);
         let (hwm, _) = airlock.memory().unwrap_or((0, 0));
         // The slot follows once the durable position is acknowledged.
         let mut confirmed = String::new();
@@ -683,7 +737,8 @@ impl Bench {
         let ratio = airlock_rate / recv_rate;
         println!(
             "  airlock: {airlock_secs:.2} s to {} rows in the lake ({} filtered out), {} rows/s; \
-             slot confirmed {confirmed} after {confirmed_secs:.2} s; peak RSS {:.0} MiB",
+             slot confirmed {confirmed} after {confirmed_secs:.2} s; peak RSS {:.0} MiB; \
+             CPU: walsender {sender_cpu:.2} s, airlock {airlock_cpu:.2} s",
             thousands(expected as f64),
             thousands((o.rows as i64 - expected) as f64),
             thousands(airlock_rate),
@@ -713,6 +768,8 @@ impl Bench {
                 "pg_recvlogical_secs": recv_secs, "pg_recvlogical_rows_per_s": recv_rate,
                 "airlock_secs": airlock_secs, "airlock_rows_per_s": airlock_rate,
                 "airlock_slot_confirmed_secs": confirmed_secs,
+                "pg_recvlogical_cpu_secs": recv_cpu, "pg_recvlogical_walsender_cpu_secs": recv_sender_cpu,
+                "airlock_cpu_secs": airlock_cpu, "airlock_walsender_cpu_secs": sender_cpu,
                 "airlock_peak_rss_bytes": hwm, "lake_flush_interval": "1s", "guests": if o.drain_guests { "filter, tag, mask, route" } else { "none" },
                 "ratio": ratio, "budget_min_ratio": DRAIN_RATIO_MIN, "rows_lost": lost,
                 "pass": ratio >= DRAIN_RATIO_MIN && lost == 0,
@@ -980,14 +1037,24 @@ impl Bench {
             .batch_execute("SELECT pg_create_logical_replication_slot('bench_big', 'pgoutput')")
             .await?;
         let dir = self.dir("memory")?;
-        std::fs::create_dir_all(dir.join("plugins"))?;
+        // Every row is `active`, so the filter keeps them all.
+        if self.opts.memory_guests {
+            example_plugins(&dir, &[])?;
+        } else {
+            std::fs::create_dir_all(dir.join("plugins"))?;
+        }
+        let guests = if self.opts.memory_guests {
+            "the example guests"
+        } else {
+            "pass-through"
+        };
         let text = config(&self.cluster, "postgres", "bench_big", &dir, None, "");
         let mut airlock = Airlock::start(&text, &dir).await?;
         self.wait_slot_active(&client, "bench_big").await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (_, idle) = airlock.memory().unwrap_or((0, 0));
         println!(
-            "memory: one transaction of {} rows, airlock pass-through ...",
+            "memory: one transaction of {} rows, airlock with {guests} ...",
             thousands(rows as f64)
         );
         let writer_client = self.cluster.connect("postgres").await?;
@@ -1055,7 +1122,15 @@ impl Bench {
             Err(e) => println!("  airlock did not stream it: {e}"),
         }
         report.push(Line {
-            figure: format!("peak RSS, one {}-row transaction", thousands(rows as f64)),
+            figure: format!(
+                "peak RSS, one {}-row transaction ({})",
+                thousands(rows as f64),
+                if self.opts.memory_guests {
+                    "guests"
+                } else {
+                    "no guests"
+                }
+            ),
             airlock: match &outcome {
                 Ok(()) if lake.poll() < rows => format!(
                     "{:.0} MiB ({} rows lost)",
@@ -1075,6 +1150,7 @@ impl Bench {
                 "rows": rows, "rows_lost": rows - lake.poll().min(rows), "peak_rss_bytes": hwm, "idle_rss_bytes": idle, "secs": secs,
                 "error": outcome.as_ref().err().map(|e| e.to_string()),
                 "budget_bytes": (RSS_BUDGET_MIB * 1024.0 * 1024.0) as u64, "pass": ok,
+                "guests": guests,
             }),
         );
         discard(&dir);

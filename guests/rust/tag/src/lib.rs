@@ -9,11 +9,13 @@
 //! only the first `sample` values of such a column are matched against the other
 //! classifiers. Any other column of a string type is matched value by value.
 //! Both images are read (the old one for replica-identity columns only), one
-//! `read-column` per column and image.
+//! `read-text-column` per column and image: one packed buffer per column, no
+//! allocation per value. Only values of the text-like variants (`text` and `other`,
+//! i.e. every type the host does not map to a typed variant) are matched.
 
 use std::cell::RefCell;
 
-use airlock_guest::{Batch, Guest, Image, PluginInfo, Settings, Value};
+use airlock_guest::{Batch, Guest, Image, PluginInfo, Settings};
 
 const KINDS: [&str; 4] = ["email", "phone", "card", "national_id"];
 const EMAIL: u8 = 1;
@@ -43,6 +45,31 @@ const NON_TEXT_TYPES: &[&str] = &[
     "json",
     "jsonb",
 ];
+
+/// PostgreSQL types the host maps to a variant other than `text` or `other` (see
+/// `value` in wit/transform.wit): their packed text is a canonical form (digits,
+/// dates, ...) that is never matched, as a `read-column` value would not be.
+const TYPED_VARIANT_TYPES: &[&str] = &[
+    "bool",
+    "int2",
+    "int4",
+    "int8",
+    "oid",
+    "float4",
+    "float8",
+    "numeric",
+    "bytea",
+    "date",
+    "time",
+    "timestamp",
+    "timestamptz",
+    "uuid",
+    "json",
+    "jsonb",
+];
+
+/// `read-text-column`'s kind of a row that holds a value (0 null, 1 unchanged-toast).
+const KIND_VALUE: u8 = 2;
 
 struct Config {
     /// Bitmask of the enabled classifiers.
@@ -146,15 +173,17 @@ impl Config {
                     continue;
                 }
                 let mut column_kinds = by_name;
-                let mut images = vec![batch.read_column(ti, ci, Image::New)];
+                let mut images = vec![batch.read_text_column(ti, ci, Image::New)];
                 if column.key {
-                    images.push(batch.read_column(ti, ci, Image::Old));
+                    images.push(batch.read_text_column(ti, ci, Image::Old));
                 }
                 let others = self.enabled & !by_name;
+                let textual = !TYPED_VARIANT_TYPES.contains(&column.type_name.as_str());
                 let mut sampled = 0;
                 for values in &images {
-                    for (kinds, value) in row_kinds.iter_mut().zip(values) {
-                        if matches!(value, Value::Null | Value::UnchangedToast) {
+                    for (i, (kinds, &kind)) in row_kinds.iter_mut().zip(&values.kinds).enumerate()
+                    {
+                        if kind != KIND_VALUE {
                             continue;
                         }
                         *kinds |= by_name;
@@ -164,10 +193,15 @@ impl Config {
                             }
                             sampled += 1;
                         }
-                        if let Value::Text(s) | Value::Other(s) = value {
-                            let found = classify(s) & others;
-                            *kinds |= found;
-                            column_kinds |= found;
+                        if textual {
+                            let bytes = &values.data
+                                [values.offsets[i] as usize..values.offsets[i + 1] as usize];
+                            // Text-like values are UTF-8 (the host checked them).
+                            if let Ok(s) = std::str::from_utf8(bytes) {
+                                let found = classify(s) & others;
+                                *kinds |= found;
+                                column_kinds |= found;
+                            }
                         }
                     }
                 }

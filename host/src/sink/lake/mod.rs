@@ -77,6 +77,9 @@ use deltalake::kernel::{Action, MetadataExt as _, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use self::arrow::{Segment, plan_schema, record_batch, struct_type};
 use crate::change::Lsn;
@@ -322,17 +325,76 @@ fn row_bytes(row: &BatchRow) -> usize {
         + row.tags.iter().map(|t| t.len() + 8).sum::<usize>()
 }
 
+/// How many leading values of a column decide whether it is dictionary-encoded.
+const DICTIONARY_SAMPLE: usize = 1024;
+
+/// Parquet writer properties for `batch`: Snappy, as delta-rs writes by default, and
+/// dictionary encoding only for the columns whose values repeat. A dictionary of
+/// mostly distinct values (keys, timestamps, hashed e-mails) costs a hash-table
+/// insert per value and makes the file no smaller.
+fn writer_properties(batch: &::arrow::array::RecordBatch) -> WriterProperties {
+    let mut builder = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        if repeats(column.as_ref()) == Some(false) {
+            builder = builder
+                .set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
+        }
+    }
+    builder.build()
+}
+
+/// Whether at most half of the first non-null values of `column` are distinct; `None`
+/// for columns the writer's default is left to (nested and boolean columns).
+fn repeats(column: &dyn ::arrow::array::Array) -> Option<bool> {
+    use ::arrow::datatypes::DataType as T;
+    let data = column.to_data();
+    let n = data.len().min(DICTIONARY_SAMPLE);
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut present = 0usize;
+    match data.data_type() {
+        T::Utf8 | T::Binary => {
+            let offsets = data.buffer::<i32>(0);
+            let values = data.buffers().get(1)?.as_slice();
+            for i in (0..n).filter(|&i| data.is_valid(i)) {
+                present += 1;
+                seen.insert(&values[offsets[i] as usize..offsets[i + 1] as usize]);
+            }
+        }
+        T::LargeUtf8 | T::LargeBinary => {
+            let offsets = data.buffer::<i64>(0);
+            let values = data.buffers().get(1)?.as_slice();
+            for i in (0..n).filter(|&i| data.is_valid(i)) {
+                present += 1;
+                seen.insert(&values[offsets[i] as usize..offsets[i + 1] as usize]);
+            }
+        }
+        t => {
+            let width = t.primitive_width()?;
+            let values = data.buffers().first()?.as_slice();
+            let start = data.offset();
+            for i in (0..n).filter(|&i| data.is_valid(i)) {
+                present += 1;
+                seen.insert(&values[(start + i) * width..(start + i + 1) * width]);
+            }
+        }
+    }
+    Some(seen.len() * 2 <= present)
+}
+
 /// Converts the rows of `segments` and writes them as Parquet files (not committed);
 /// returns the files and how many rows they hold.
 async fn write_files(
     settings: &LakeSettings,
     name: &str,
     warned: &mut BTreeSet<String>,
-    writer: &mut RecordBatchWriter,
+    table: &DeltaTable,
     segments: &[Segment],
 ) -> Result<(Vec<deltalake::kernel::Add>, usize), LakeError> {
+    let writer = RecordBatchWriter::for_table(table)
+        .map_err(LakeError::delta(name, "preparing the writer"))?;
     let converted =
         record_batch(&writer.arrow_schema(), segments).map_err(LakeError::convert(name))?;
+    let mut writer = writer.with_writer_properties(writer_properties(&converted.batch));
     for column in &converted.special_columns {
         if warned.insert(column.clone()) {
             tracing::warn!(
@@ -613,8 +675,6 @@ impl LakeTable {
                 .schema();
             plan = plan_schema(Some(schema.as_ref()), &shapes).map_err(LakeError::convert(name))?;
         }
-        let mut writer = RecordBatchWriter::for_table(&table)
-            .map_err(LakeError::delta(name, "preparing the writer"))?;
 
         // Rows of the open transaction: staged, not committed. (On an error the
         // caller drops the loaded table, so the next attempt reloads it.)
@@ -622,7 +682,7 @@ impl LakeTable {
             let (staged, rest) = split_segments(&self.pending, open);
             if !staged.is_empty() {
                 let (adds, rows) =
-                    write_files(settings, name, &mut self.warned, &mut writer, &staged).await?;
+                    write_files(settings, name, &mut self.warned, &table, &staged).await?;
                 tracing::debug!(
                     sink = %settings.name,
                     table = %name,
@@ -675,7 +735,7 @@ impl LakeTable {
         let (adds, rows) = if self.pending.is_empty() {
             (Vec::new(), 0)
         } else {
-            write_files(settings, name, &mut self.warned, &mut writer, &self.pending).await?
+            write_files(settings, name, &mut self.warned, &table, &self.pending).await?
         };
         let staged_rows: usize = completed.iter().map(|s| s.rows).sum();
         actions.extend(adds.into_iter().map(Action::Add));
