@@ -48,8 +48,11 @@ pub enum RunError {
     Internal(String),
 }
 
-/// Channel depth between the source and the pipeline, in transactions.
-const SOURCE_CHANNEL: usize = 256;
+/// Channel depth between the source and the pipeline, in transactions (or parts of
+/// large ones, up to 1,024 changes each): bounds what waits for the guests.
+const SOURCE_CHANNEL: usize = 64;
+/// Depth of the tap in front of it, which only records commit times for the lag.
+const TAP_CHANNEL: usize = 4;
 /// Channel depth between the pipeline and each sink, in batches.
 const SINK_CHANNEL: usize = 8;
 /// How often the slot's health is read from PostgreSQL.
@@ -433,7 +436,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
 
     // The pipeline thread, fed through a tap that remembers commit times for the lag.
     let in_flight = InFlight::default();
-    let (txn_tx, mut tap_rx) = mpsc::channel::<crate::change::Transaction>(SOURCE_CHANNEL);
+    let (txn_tx, mut tap_rx) = mpsc::channel::<crate::change::Transaction>(TAP_CHANNEL);
     let (worker_tx, worker_rx) = mpsc::channel(SOURCE_CHANNEL);
     let tap_in_flight = in_flight.clone();
     let tap_task = tokio::spawn(async move {
