@@ -130,6 +130,21 @@ impl InFlight {
 /// How long one read of the slot's health may take before it counts as failed.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Clears the figures read from the slot, which are not known now, and says why.
+fn clear_slot_figures(status: &Status, health: &str, error: String) {
+    status.update_source(|s| {
+        s.current_wal_lsn = None;
+        s.restart_lsn = None;
+        s.wal_status = None;
+        s.safe_wal_size = None;
+        s.lag_bytes = None;
+        s.slot_active = None;
+        s.slot_health = Some(health.to_owned());
+        s.slot_health_error = Some(error);
+    });
+    status.metrics.remove(status::LAG_BYTES, &[]);
+}
+
 /// Reads the slot's position and WAL retention from PostgreSQL for `/status` and
 /// metrics. When PostgreSQL cannot be read, the figures are cleared and
 /// `slot_health` says `unknown` with the cause: a lag of 0 is never shown for a
@@ -147,18 +162,9 @@ async fn monitor_slot(
         let read = read_slot(&config, &slot, &mut client, &status).await;
         if let Err(cause) = &read {
             tracing::debug!(error = %cause, "slot monitor cannot read the slot");
-            status.update_source(|s| {
-                s.current_wal_lsn = None;
-                s.restart_lsn = None;
-                s.wal_status = None;
-                s.safe_wal_size = None;
-                s.lag_bytes = None;
-                s.lag_seconds = None;
-                s.slot_active = None;
-                s.slot_health = Some("unknown".into());
-                s.slot_health_error = Some(cause.clone());
-            });
-            status.metrics.remove(status::LAG_BYTES, &[]);
+            clear_slot_figures(&status, "unknown", cause.clone());
+            // Without the slot's view, the in-flight lag is not shown either.
+            status.update_source(|s| s.lag_seconds = None);
             status.metrics.remove(status::LAG_SECONDS, &[]);
         }
         let durable_now = *durable.borrow();
@@ -237,19 +243,11 @@ async fn read_slot(
         }
     };
     let Some(row) = row else {
-        status.update_source(|s| {
-            s.current_wal_lsn = None;
-            s.restart_lsn = None;
-            s.wal_status = None;
-            s.safe_wal_size = None;
-            s.lag_bytes = None;
-            s.slot_active = None;
-            s.slot_health = Some("missing".into());
-            s.slot_health_error = Some(format!(
-                "no replication slot `{slot}` in pg_replication_slots"
-            ));
-        });
-        status.metrics.remove(status::LAG_BYTES, &[]);
+        clear_slot_figures(
+            status,
+            "missing",
+            format!("no replication slot `{slot}` in pg_replication_slots"),
+        );
         return Ok(());
     };
     let lag: Option<i64> = row.get(6);

@@ -617,8 +617,7 @@ impl LakeTable {
                 "skipping rows the lake already holds"
             );
         }
-        let completed_staged = self.staged.iter().any(|s| Some(s.commit_lsn) != open);
-        if self.pending.is_empty() && !completed_staged {
+        if !self.has_work(open) {
             self.clear();
             return Ok(0);
         }
@@ -811,6 +810,12 @@ impl LakeTable {
         Ok(commits + 1)
     }
 
+    /// Whether a flush has anything to do: rows pending, or staged files of a
+    /// transaction that is no longer `open` (its last part arrived).
+    fn has_work(&self, open: Option<Lsn>) -> bool {
+        !self.pending.is_empty() || self.staged.iter().any(|s| Some(s.commit_lsn) != open)
+    }
+
     fn clear(&mut self) {
         self.pending.clear();
         self.rows = 0;
@@ -985,8 +990,7 @@ impl Writer {
         let mut committed = Vec::new();
         let mut failed = None;
         for table in self.tables.values_mut() {
-            let completes = table.staged.iter().any(|s| Some(s.commit_lsn) != open);
-            if table.pending.is_empty() && !completes {
+            if !table.has_work(open) {
                 continue;
             }
             let result = table
