@@ -121,11 +121,22 @@ impl Host {
 /// Rows of a lake table read by an independent reader (`duckdb` or `deltalake`),
 /// in change order.
 pub fn read_lake(reader: &str, table: &Path) -> Result<Vec<Json>> {
+    run_read_lake(reader, table, None)
+}
+
+/// The rows of `query` over a lake table, read by DuckDB's delta extension; the query
+/// names the table `lake` (e.g. `SELECT count(*) AS n FROM lake`).
+pub fn query_lake(table: &Path, query: &str) -> Result<Vec<Json>> {
+    run_read_lake("duckdb-query", table, Some(query))
+}
+
+fn run_read_lake(reader: &str, table: &Path, query: Option<&str>) -> Result<Vec<Json>> {
     let script = root().join("tests/tools/read_lake.py");
     let out = Command::new("python3")
         .arg(&script)
         .arg(reader)
         .arg(table)
+        .args(query)
         .output()
         .context("cannot run python3: install Python 3 (the README's test command sets it up)")?;
     if !out.status.success() {
@@ -217,6 +228,13 @@ impl HostProcess {
         assert!(ok, "kill {sig} failed");
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit.
+    pub fn stop(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.signal("-TERM");
+        self.wait_exit(timeout)
+            .with_context(|| format!("the process did not stop within {timeout:?} of SIGTERM"))
+    }
+
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let start = Instant::now();
@@ -241,4 +259,86 @@ pub fn spawn_host(config: &Path, log: &Path) -> HostProcess {
             .spawn()
             .expect("spawn airlock run"),
     )
+}
+
+/// A value of `/proc/PID/status` in KiB, e.g. `VmHWM` (peak resident set) or `VmRSS`.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// `/status` of the host whose admin API listens on `admin`; `None` while it does not answer.
+pub async fn admin_status(admin: &str) -> Option<Json> {
+    reqwest::get(format!("http://{admin}/status"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// Polls `/status` until `seen` holds; returns that document. The error names `what`
+/// and shows the last document seen.
+pub async fn wait_status(
+    admin: &str,
+    timeout: Duration,
+    what: &str,
+    seen: impl Fn(&Json) -> bool,
+) -> Result<Json> {
+    let start = Instant::now();
+    let mut last = Json::Null;
+    while start.elapsed() < timeout {
+        if let Some(s) = admin_status(admin).await {
+            if seen(&s) {
+                return Ok(s);
+            }
+            last = s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("/status never showed {what} within {timeout:?}; last: {last:#}")
+}
+
+/// What `airlock guest test` did: whether it succeeded, its JSON lines, its stderr.
+pub struct GuestTestOutcome {
+    pub ok: bool,
+    pub lines: Vec<Json>,
+    pub stderr: String,
+}
+
+/// `airlock guest test PLUGIN --setting k=v... < input`.
+pub fn guest_test(plugin: &Path, settings: &[&str], input: &[u8]) -> GuestTestOutcome {
+    use std::io::Write;
+    let mut cmd = Command::new(airlock_bin());
+    cmd.args(["guest", "test"]).arg(plugin);
+    for s in settings {
+        cmd.args(["--setting", s]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn airlock guest test");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    let out = child
+        .wait_with_output()
+        .expect("wait for airlock guest test");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad output line {l}: {e}")))
+        .collect();
+    GuestTestOutcome {
+        ok: out.status.success(),
+        lines,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }

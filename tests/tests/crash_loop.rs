@@ -10,7 +10,6 @@
 //! replays a run.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use airlock_tests::pgoutput_fuzz::Rng;
@@ -265,10 +264,7 @@ async fn kill_9_at_random_moments_under_writes_loses_and_repeats_nothing() -> Re
     }
     // Let a duplicate, if any were coming, arrive before the final reads.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Command::new("kill")
-        .args(["-TERM", &host.0.id().to_string()])
-        .status()?;
-    let _ = host.0.wait();
+    host.stop(Duration::from_secs(60))?;
     let rows = if read_lake("duckdb", &table)?.len() != rows.len() {
         read_lake("duckdb", &table)?
     } else {

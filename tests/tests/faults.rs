@@ -91,37 +91,6 @@ impl Drop for Proxy {
     }
 }
 
-/// `/status` of the host whose admin API listens on `admin`; `None` while it does not answer.
-async fn status(admin: &str) -> Option<Json> {
-    reqwest::get(format!("http://{admin}/status"))
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
-}
-
-/// Polls `/status` until `seen` holds; returns that document.
-async fn wait_status(
-    admin: &str,
-    timeout: Duration,
-    what: &str,
-    seen: impl Fn(&Json) -> bool,
-) -> Result<Json> {
-    let start = Instant::now();
-    let mut last = Json::Null;
-    while start.elapsed() < timeout {
-        if let Some(s) = status(admin).await {
-            if seen(&s) {
-                return Ok(s);
-            }
-            last = s;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("/status never showed {what} within {timeout:?}; last: {last:#}")
-}
-
 fn free_admin() -> String {
     format!("127.0.0.1:{}", airlock::demo::cluster::free_port())
 }
@@ -440,7 +409,7 @@ async fn a_spine_down_for_minutes_shows_its_backlog_and_gets_every_event_when_ba
         tokio::time::sleep(left).await;
     }
     // Still retrying, nothing acknowledged past what the spine has.
-    let s = status(&admin).await.context("/status")?;
+    let s = admin_status(&admin).await.context("/status")?;
     assert_eq!(s["sinks"]["spine"]["retrying"], true, "{s:#}");
     assert_eq!(s["sinks"]["spine"]["durable_lsn"], durable_during, "{s:#}");
 
@@ -458,7 +427,7 @@ async fn a_spine_down_for_minutes_shows_its_backlog_and_gets_every_event_when_ba
         Err(e) => bail!(
             "{} of {last} rows; /status: {:#}",
             e.to_string().lines().next().unwrap_or(""),
-            status(&admin).await.unwrap_or_default()
+            admin_status(&admin).await.unwrap_or_default()
         ),
     };
     let start = Instant::now();
@@ -682,7 +651,7 @@ async fn a_full_disk_under_the_lake_shows_in_status_and_loses_nothing_once_space
         db.execute(fill, &[&next, &(next + 199)]).await?;
         next += 200;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if let Some(s) = status(&admin).await {
+        if let Some(s) = admin_status(&admin).await {
             let lake = &s["sinks"]["lake"];
             if lake["retrying"] == true {
                 break s;

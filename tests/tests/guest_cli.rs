@@ -1,41 +1,14 @@
 //! `airlock guest test`: the guest author's harness, through the real binary, on the
 //! documented example input (`examples/changes.jsonl`).
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use airlock_tests::*;
 use serde_json::{Value as Json, json};
 
 fn guest_test(plugin: &Path, settings: &[&str], input: &[u8]) -> (bool, Vec<Json>, String) {
-    let mut cmd = Command::new(airlock_bin());
-    cmd.args(["guest", "test"]).arg(plugin);
-    for s in settings {
-        cmd.args(["--setting", s]);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input)
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    (
-        out.status.success(),
-        lines,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = airlock_tests::guest_test(plugin, settings, input);
+    (out.ok, out.lines, out.stderr)
 }
 
 #[test]

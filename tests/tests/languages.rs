@@ -8,9 +8,7 @@
 //! tables, and every settings error. Outputs are compared line by line, exactly,
 //! except for `pipeline` (a hash of the stages' bytes, which differ by language).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use airlock_tests::*;
@@ -55,49 +53,32 @@ struct Outcome {
     error: String,
 }
 
-/// `airlock guest test PLUGIN --setting k=v... < input`.
+/// `airlock guest test`, with each line's `pipeline` checked (a 12-hex version) and
+/// removed, and only the error line of stderr kept.
 fn guest_test(plugin: &Path, settings: &[&str], input: &str) -> Outcome {
-    let mut cmd = Command::new(airlock_bin());
-    cmd.args(["guest", "test"]).arg(plugin);
-    for s in settings {
-        cmd.args(["--setting", s]);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn airlock");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait for airlock");
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let mut line: Json =
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+    let out = airlock_tests::guest_test(plugin, settings, input.as_bytes());
+    let lines = out
+        .lines
+        .into_iter()
+        .map(|mut line| {
             let pipeline = line
                 .as_object_mut()
                 .and_then(|o| o.remove("pipeline"))
-                .unwrap_or_else(|| panic!("no `pipeline` in {l}"));
-            assert_eq!(pipeline.as_str().map(str::len), Some(12), "{l}");
+                .unwrap_or_else(|| panic!("no `pipeline` in {line}"));
+            assert_eq!(pipeline.as_str().map(str::len), Some(12), "{line}");
             line
         })
         .collect();
-    let stderr = String::from_utf8_lossy(&out.stderr);
     // The error is the last line; guest log lines come before it.
-    let error = stderr
+    let error = out
+        .stderr
         .lines()
         .rev()
         .find(|l| l.starts_with("error:"))
         .unwrap_or("")
         .to_owned();
     Outcome {
-        ok: out.status.success(),
+        ok: out.ok,
         lines,
         error,
     }

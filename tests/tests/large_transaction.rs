@@ -4,22 +4,12 @@
 //! rows. Read back with DuckDB and compared with the database.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use airlock_tests::*;
 use anyhow::{Context, bail};
 
 const ROWS: i64 = 2_000_000;
-
-/// Peak resident set size of a process, in KiB (`VmHWM`).
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
 
 /// The data commits of a Delta table, in version order: `(rows, files added)` as the
 /// commit's `airlock.rows` and its `add` actions.
@@ -59,27 +49,22 @@ fn data_commits(table: &Path) -> Vec<(u64, usize)> {
 /// `count(*)`, `count(DISTINCT id)`, `sum(id)`, `sum(a)`, `sum(length(b))` and
 /// `sum(c)` as text, read by DuckDB's delta extension.
 fn lake_summary(table: &Path) -> anyhow::Result<Vec<String>> {
-    let script = r#"
-import os, sys, duckdb, duckdb_extension_delta
-ext = os.path.join(os.path.dirname(duckdb_extension_delta.__file__), "extensions",
-                   "v" + duckdb.__version__, "delta.duckdb_extension")
-con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
-con.execute(f"LOAD '{ext}'")
-row = con.execute(f"SELECT count(*), count(DISTINCT id), sum(id), sum(a), sum(length(b)), sum(c)::VARCHAR FROM delta_scan('{sys.argv[1]}')").fetchone()
-print("\n".join(str(v) for v in row))
-"#;
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(table)
-        .output()
-        .context("cannot run python3")?;
-    if !out.status.success() {
-        bail!("DuckDB failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect())
+    let rows = query_lake(
+        table,
+        "SELECT count(*)::VARCHAR AS n, count(DISTINCT id)::VARCHAR AS ids, \
+         sum(id)::VARCHAR AS id, sum(a)::VARCHAR AS a, sum(length(b))::VARCHAR AS b, \
+         sum(c)::VARCHAR AS c FROM lake",
+    )?;
+    let row = rows.first().context("no summary row")?;
+    ["n", "ids", "id", "a", "b", "c"]
+        .iter()
+        .map(|k| {
+            row[k]
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("`{k}` missing in {row}"))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +113,7 @@ async fn a_two_million_row_transaction_flows_in_bounded_memory_and_lands_at_its_
     let mut peak_kib = 0;
     let mut seen = Vec::new();
     loop {
-        if let Some(kib) = peak_rss_kib(pid) {
+        if let Some(kib) = proc_status_kib(pid, "VmHWM") {
             peak_kib = peak_kib.max(kib);
         }
         let visible: u64 = data_commits(&table).iter().map(|c| c.0).sum();
@@ -157,7 +142,7 @@ async fn a_two_million_row_transaction_flows_in_bounded_memory_and_lands_at_its_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed();
-    if let Some(kib) = peak_rss_kib(pid) {
+    if let Some(kib) = proc_status_kib(pid, "VmHWM") {
         peak_kib = peak_kib.max(kib);
     }
     drop(host);

@@ -192,15 +192,22 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fixed()
--> anyhow::Result<()> {
-    let dir = temp_dir("halt");
+/// A cluster with table `t` published and slot `slot`, and a plugin folder whose one
+/// stage (`10-check`) traps on a row whose value is `poison`.
+async fn poisoned(
+    slot: &str,
+) -> anyhow::Result<(PathBuf, Cluster, tokio_postgres::Client, PathBuf)> {
+    let dir = temp_dir(slot);
     let pg = cluster();
     let db = pg.connect("postgres").await?;
-    db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, name text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
-    db.batch_execute("SELECT pg_create_logical_replication_slot('halt', 'pgoutput')")
-        .await?;
+    db.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, name text); CREATE PUBLICATION airlock FOR TABLE t;",
+    )
+    .await?;
+    db.batch_execute(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    ))
+    .await?;
     let plugins = plugin_dir(
         &dir,
         &[(
@@ -209,6 +216,22 @@ async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fi
             "trap = \"row-value\"\nvalue = \"poison\"\n",
         )],
     );
+    Ok((dir, pg, db, plugins))
+}
+
+/// Three transactions; the second poisons the guest.
+async fn insert_fine_poison_after(db: &tokio_postgres::Client) -> anyhow::Result<()> {
+    for (id, name) in [(1i64, "fine"), (2, "poison"), (3, "after")] {
+        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name])
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fixed()
+-> anyhow::Result<()> {
+    let (dir, pg, db, plugins) = poisoned("halt").await?;
     let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
     let config = format!(
         "[source]\nurl = \"{}\"\nslot = \"halt\"\nstatus_interval = \"1s\"\n[plugins]\ndir = \"{}\"\n\
@@ -218,32 +241,16 @@ async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fi
         dir.display()
     );
     let host = Host::start(&config, &dir);
-    // Three transactions; the second poisons the guest.
-    for (id, name) in [(1i64, "fine"), (2, "poison"), (3, "after")] {
-        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name])
-            .await?;
-    }
+    insert_fine_poison_after(&db).await?;
     let table = dir.join("lake/public.t");
     wait_for_lake(&table, Duration::from_secs(30), |rows| rows.len() >= 1).await?;
     // The poisoned transaction halts the stream: its error shows in /status.
-    let start = Instant::now();
-    let status = loop {
-        let s: serde_json::Value = reqwest::get(format!("http://{admin}/status"))
-            .await?
-            .json()
-            .await?;
-        if s["last_error"]["message"]
+    let status = wait_status(&admin, Duration::from_secs(30), "the halt error", |s| {
+        s["last_error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("10-check"))
-        {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no halt error in /status: {s:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await?;
     assert!(
         status["last_error"]["message"]
             .as_str()
@@ -295,20 +302,7 @@ async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on()
 -> anyhow::Result<()> {
-    let dir = temp_dir("deadletter");
-    let pg = cluster();
-    let db = pg.connect("postgres").await?;
-    db.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, name text); CREATE PUBLICATION airlock FOR TABLE t;").await?;
-    db.batch_execute("SELECT pg_create_logical_replication_slot('dl', 'pgoutput')")
-        .await?;
-    let plugins = plugin_dir(
-        &dir,
-        &[(
-            "10-check",
-            "test_trap",
-            "trap = \"row-value\"\nvalue = \"poison\"\n",
-        )],
-    );
+    let (dir, pg, db, plugins) = poisoned("dl").await?;
     let quarantine = dir.join("quarantine");
     let config = format!(
         "[source]\nurl = \"{}\"\nslot = \"dl\"\nstatus_interval = \"1s\"\n\
@@ -322,10 +316,7 @@ async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on(
     let host = Host::start(&config, &dir);
     // Three transactions, committed back to back (they may share a batch): only the
     // poisoned one is quarantined.
-    for (id, name) in [(1i64, "fine"), (2, "poison"), (3, "after")] {
-        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &name])
-            .await?;
-    }
+    insert_fine_poison_after(&db).await?;
     let table = dir.join("lake/public.t");
     let rows = wait_for_lake(&table, Duration::from_secs(60), |rows| {
         rows.iter().any(|r| r["id"] == 3)

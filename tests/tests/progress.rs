@@ -5,10 +5,10 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use airlock_tests::*;
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 /// The log lines with `message`.
 fn lines_with<'a>(log: &'a str, message: &str) -> Vec<&'a str> {
@@ -77,16 +77,7 @@ async fn snapshot_and_compaction_log_progress_lines_with_rate_and_eta_off_a_term
     .await;
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     streamed.with_context(|| format!("host log:\n{log}"))?;
-    Command::new("kill")
-        .args(["-TERM", &host.0.id().to_string()])
-        .status()?;
-    let start = Instant::now();
-    while host.0.try_wait()?.is_none() {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("the host did not stop on SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    host.stop(Duration::from_secs(30))?;
     let log = std::fs::read_to_string(&log_path)?;
     assert_no_bar(&log);
 

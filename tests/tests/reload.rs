@@ -11,36 +11,6 @@ use serde_json::Value as Json;
 
 const TXN_ROWS: i64 = 5;
 
-async fn status(admin: &str) -> anyhow::Result<Json> {
-    Ok(reqwest::get(format!("http://{admin}/status"))
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
-}
-
-async fn wait_status(
-    admin: &str,
-    timeout: Duration,
-    done: impl Fn(&Json) -> bool,
-) -> anyhow::Result<Json> {
-    let start = Instant::now();
-    loop {
-        if let Ok(s) = status(admin).await
-            && done(&s)
-        {
-            return Ok(s);
-        }
-        if start.elapsed() > timeout {
-            anyhow::bail!(
-                "status did not reach the expected state within {timeout:?}: {:#}",
-                status(admin).await?
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn version(s: &Json) -> String {
     s["pipeline"]["version"].as_str().unwrap_or("").to_owned()
 }
@@ -84,7 +54,10 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
         lake.display()
     );
     let host = Host::start(&config, &dir);
-    let first = wait_status(&admin, Duration::from_secs(30), |s| !version(s).is_empty()).await?;
+    let first = wait_status(&admin, Duration::from_secs(30), "the first pipeline", |s| {
+        !version(s).is_empty()
+    })
+    .await?;
     let v1 = version(&first);
     assert_eq!(first["pipeline"]["stages"][0]["name"], "10-mask");
 
@@ -113,7 +86,10 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
     // 1. A new stage, copied in while rows flow: live without a restart.
     let copied = Instant::now();
     std::fs::copy(guest("test_passthrough"), plugins.join("20-pass.wasm"))?;
-    let second = wait_status(&admin, Duration::from_secs(20), |s| version(s) != v1).await?;
+    let second = wait_status(&admin, Duration::from_secs(20), "the new stage live", |s| {
+        version(s) != v1
+    })
+    .await?;
     let v2 = version(&second);
     eprintln!("new stage live {:?} after the copy", copied.elapsed());
     let stages: Vec<&str> = second["pipeline"]["stages"]
@@ -137,7 +113,7 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
         plugins.join("30-broken.wasm"),
         b"\0asm\x0d\x00\x01\x00truncated",
     )?;
-    let broken = wait_status(&admin, Duration::from_secs(20), |s| {
+    let broken = wait_status(&admin, Duration::from_secs(20), "a failed reload", |s| {
         s["pipeline"]["last_reload"]["ok"] == Json::Bool(false)
     })
     .await?;
@@ -178,14 +154,17 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     std::fs::remove_file(plugins.join("30-broken.wasm"))?;
-    wait_status(&admin, Duration::from_secs(20), |s| {
-        s["pipeline"]["last_reload"]["ok"] == Json::Bool(true)
-    })
+    wait_status(
+        &admin,
+        Duration::from_secs(20),
+        "a successful reload",
+        |s| s["pipeline"]["last_reload"]["ok"] == Json::Bool(true),
+    )
     .await?;
 
     // 3. Removing the required masking stage: refused (fail closed).
     std::fs::rename(plugins.join("10-mask.wasm"), dir.join("10-mask.wasm.away"))?;
-    let refused = wait_status(&admin, Duration::from_secs(20), |s| {
+    let refused = wait_status(&admin, Duration::from_secs(20), "a refused reload", |s| {
         s["pipeline"]["last_reload"]["ok"] == Json::Bool(false)
     })
     .await?;

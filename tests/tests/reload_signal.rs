@@ -4,15 +4,9 @@
 use std::time::{Duration, Instant};
 
 use airlock_tests::*;
-use serde_json::Value as Json;
 
 async fn stages(admin: &str) -> Option<Vec<String>> {
-    let status: Json = reqwest::get(format!("http://{admin}/status"))
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+    let status = admin_status(admin).await?;
     let stages = status["pipeline"]["stages"].as_array()?;
     Some(
         stages

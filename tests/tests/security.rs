@@ -342,10 +342,7 @@ async fn tokens_guard_the_admin_api_and_the_spine_and_no_credential_leaks_anywhe
         "the guest's clock is frozen: {probe}"
     );
 
-    Command::new("kill")
-        .args(["-TERM", &host.0.id().to_string()])
-        .status()?;
-    let _ = host.0.wait();
+    host.stop(Duration::from_secs(60))?;
 
     // A wrong password: the error says so and shows neither password.
     let wrong = "pg-Wrong-0b5e11";

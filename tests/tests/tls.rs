@@ -10,12 +10,12 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use airlock::source::error::SourceError;
 use airlock::source::protocol::{ConnectConfig, ReplicationConnection, SslMode};
 use airlock_tests::*;
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 const PASSWORD: &str = "Tr0ub4dor-and-3-airlock";
 
@@ -365,15 +365,6 @@ async fn a_server_without_tls_is_plain_for_prefer_and_an_error_for_require() -> 
     Ok(())
 }
 
-async fn get_status(admin: &str) -> Option<String> {
-    reqwest::get(format!("http://{admin}/status"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_snapshots_and_streams_over_tls_and_never_shows_the_password() -> Result<()> {
     let dir = temp_dir("tls-host");
@@ -453,7 +444,7 @@ async fn a_host_snapshots_and_streams_over_tls_and_never_shows_the_password() ->
             .get(0);
         assert_eq!(plain, 0, "no connection of app in plain text");
 
-        let status = get_status(&admin).await.context("no /status")?;
+        let status = admin_status(&admin).await.context("no /status")?.to_string();
         assert!(status.contains("sslmode=require"), "{status}");
         assert!(status.contains("postgres://app:***@127.0.0.1"), "{status}");
         assert!(!status.contains(PASSWORD), "{status}");
@@ -462,16 +453,7 @@ async fn a_host_snapshots_and_streams_over_tls_and_never_shows_the_password() ->
     .await;
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     result.with_context(|| format!("host log:\n{log}"))?;
-    Command::new("kill")
-        .args(["-TERM", &host.0.id().to_string()])
-        .status()?;
-    let start = Instant::now();
-    while host.0.try_wait()?.is_none() {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("the host did not stop on SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    host.stop(Duration::from_secs(30))?;
     let log = std::fs::read_to_string(&log_path)?;
     assert!(log.contains("tls established"), "{log}");
     assert!(log.contains("connected to postgresql"), "{log}");

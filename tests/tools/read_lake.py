@@ -2,6 +2,7 @@
 its rows as JSON lines, in change order (_commit_lsn, _lsn).
 
 usage: python3 read_lake.py duckdb|deltalake TABLE_DIR
+       python3 read_lake.py duckdb-query TABLE_DIR "SELECT ... FROM lake"
 
 duckdb: DuckDB's delta extension (delta_scan), loaded by file path from the
 duckdb-extension-delta wheel. deltalake: the deltalake Python package.
@@ -37,7 +38,7 @@ def plain(value):
     return value
 
 
-def read_duckdb(table):
+def read_duckdb(table, query=None):
     try:
         import duckdb
         import duckdb_extension_delta
@@ -48,7 +49,10 @@ def read_duckdb(table):
     con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
     con.execute(f"LOAD '{ext}'")
     quoted = table.replace("'", "''")
-    cur = con.execute(f"SELECT * FROM delta_scan('{quoted}') ORDER BY _commit_lsn, _lsn")
+    scan = f"delta_scan('{quoted}')"
+    if query is None:
+        query = "SELECT * FROM lake ORDER BY _commit_lsn, _lsn"
+    cur = con.execute(f"WITH lake AS (SELECT * FROM {scan}) {query}")
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row)) for row in cur.fetchall()]
 
@@ -64,7 +68,12 @@ def read_deltalake(table):
 
 def main():
     reader, table = sys.argv[1], sys.argv[2]
-    rows = read_duckdb(table) if reader == "duckdb" else read_deltalake(table)
+    if reader == "duckdb-query":
+        rows = read_duckdb(table, sys.argv[3])
+    elif reader == "duckdb":
+        rows = read_duckdb(table)
+    else:
+        rows = read_deltalake(table)
     for row in rows:
         print(json.dumps({k: plain(v) for k, v in row.items()}, sort_keys=True))
 

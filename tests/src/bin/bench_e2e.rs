@@ -365,18 +365,8 @@ impl Airlock {
 
     /// `VmHWM` (peak resident set) and `VmRSS` of the process, in bytes.
     fn memory(&self) -> Option<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-                .map(|kib| kib * 1024)
-        };
-        Some((field("VmHWM:")?, field("VmRSS:")?))
+        let kib = |field| airlock_tests::proc_status_kib(self.pid(), field);
+        Some((kib("VmHWM")? * 1024, kib("VmRSS")? * 1024))
     }
 
     /// SIGTERM (graceful: drain, flush, acknowledge), then wait.
