@@ -48,9 +48,9 @@ pub enum RunError {
     Internal(String),
 }
 
-/// Channel depth between the source and the pipeline, in transactions (or parts of
-/// large ones, up to 1,024 changes each): bounds what waits for the guests.
-const SOURCE_CHANNEL: usize = 64;
+/// Bytes of transactions (or parts of large ones) that may wait for the guests
+/// between the source and the pipeline (see [`pipeline::inflow`]).
+const SOURCE_QUEUE_BYTES: usize = 16 << 20;
 /// Depth of the tap in front of it, which only records commit times for the lag.
 const TAP_CHANNEL: usize = 4;
 /// Channel depth between the pipeline and each sink, in batches.
@@ -435,7 +435,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     // The pipeline thread, fed through a tap that remembers commit times for the lag.
     let in_flight = InFlight::default();
     let (txn_tx, mut tap_rx) = mpsc::channel::<crate::change::Transaction>(TAP_CHANNEL);
-    let (worker_tx, worker_rx) = mpsc::channel(SOURCE_CHANNEL);
+    let (worker_tx, worker_rx) = pipeline::inflow::channel(SOURCE_QUEUE_BYTES);
     let tap_in_flight = in_flight.clone();
     let tap_task = tokio::spawn(async move {
         while let Some(txn) = tap_rx.recv().await {

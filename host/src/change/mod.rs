@@ -239,6 +239,33 @@ pub struct Change {
     pub old: Option<Vec<Value>>,
 }
 
+impl Change {
+    /// About how many bytes the change holds in memory: the struct, its images and
+    /// what their values own, each allocation with the allocator's header. What the
+    /// source's parts, the pipeline queue and the lake buffer are bounded by.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Change>() + image_bytes(&self.new) + image_bytes(&self.old)
+    }
+}
+
+/// What an allocation costs beyond its contents: the allocator's header and rounding.
+pub const ALLOCATION_OVERHEAD: usize = 16;
+
+/// Bytes of an image in memory: its vector of values and each value's own allocation.
+pub fn image_bytes(image: &Option<Vec<Value>>) -> usize {
+    image.as_ref().map_or(0, |values| {
+        ALLOCATION_OVERHEAD
+            + values.capacity() * std::mem::size_of::<Value>()
+            + values
+                .iter()
+                .map(|v| match v.heap_size() {
+                    0 => 0,
+                    n => n + ALLOCATION_OVERHEAD,
+                })
+                .sum::<usize>()
+    })
+}
+
 /// Commit metadata shared by every change of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnMeta {
@@ -296,6 +323,14 @@ impl Part {
 pub struct Transaction {
     pub meta: TxnMeta,
     pub changes: Vec<Change>,
+}
+
+impl Transaction {
+    /// About how many bytes the transaction holds in memory (see [`Change::approx_bytes`]).
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Transaction>()
+            + self.changes.iter().map(Change::approx_bytes).sum::<usize>()
+    }
 }
 
 #[cfg(test)]

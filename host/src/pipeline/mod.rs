@@ -23,6 +23,7 @@
 pub mod batch;
 pub mod guest;
 pub mod harness;
+pub mod inflow;
 pub mod output;
 pub mod registry;
 pub mod runtime;
@@ -36,6 +37,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use self::batch::Batch;
+use self::inflow::InflowReceiver;
 use self::registry::SwapSlot;
 use self::runtime::{Runtime, RuntimeError, Stage};
 use crate::change::Transaction;
@@ -290,7 +292,7 @@ impl Worker {
 
     /// Waits for the next transaction; while none comes, swaps in an offered pipeline
     /// (outside a transaction) every [`IDLE_SWAP_CHECK`]. `None` once the channel closed.
-    fn next_transaction(&mut self, rx: &mut mpsc::Receiver<Transaction>) -> Option<Transaction> {
+    fn next_transaction(&mut self, rx: &mut InflowReceiver) -> Option<Transaction> {
         let Some(runtime) = self.runtime.clone() else {
             return rx.blocking_recv();
         };
@@ -552,7 +554,7 @@ pub const IDLE_SWAP_CHECK: Duration = Duration::from_millis(100);
 /// everything) or a batch fails for good.
 pub fn run_worker(
     mut worker: Worker,
-    mut rx: mpsc::Receiver<Transaction>,
+    mut rx: InflowReceiver,
     sinks: Vec<mpsc::Sender<Arc<Batch>>>,
 ) -> Result<(), RuntimeError> {
     worker
@@ -565,12 +567,12 @@ pub fn run_worker(
         // A part that more parts follow ends its batch.
         while rows < BATCH_ROWS && !open {
             match rx.try_recv() {
-                Ok(txn) => {
+                Some(txn) => {
                     rows += txn.changes.len();
                     open = !txn.meta.completes();
                     txns.push(txn);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         let batch = Batch::from_transactions(txns);

@@ -1034,19 +1034,15 @@ impl Assembler {
             self.skip -= 1;
             return Ok(());
         }
-        let image_bytes = |image: &Option<Vec<Value>>| {
-            image.as_ref().map_or(0, |values| {
-                values.iter().map(|v| v.heap_size() + 32).sum::<usize>()
-            })
-        };
-        self.current_bytes += image_bytes(&new) + image_bytes(&old);
-        txn.changes.push(Change {
+        let change = Change {
             relation,
             op,
             lsn,
             new,
             old,
-        });
+        };
+        self.current_bytes += change.approx_bytes();
+        txn.changes.push(change);
         Ok(())
     }
 }

@@ -313,17 +313,26 @@ fn encode_segment(name: &str) -> String {
     out
 }
 
-/// Rough in-memory size of a kept row, for `max_bytes`.
+/// About how many bytes a kept row holds in memory, for `max_bytes`: the row, its
+/// change and what the guests gave it.
 fn row_bytes(row: &BatchRow) -> usize {
-    let image = |values: &Option<Vec<crate::change::Value>>| {
-        values
-            .as_ref()
-            .map_or(0, |vs| vs.iter().map(|v| v.heap_size() + 8).sum::<usize>())
-    };
-    64 + image(&row.change.new)
-        + image(&row.change.old)
-        + row.tags.iter().map(|t| t.len() + 8).sum::<usize>()
+    use crate::change::ALLOCATION_OVERHEAD;
+    let text = |s: &String| std::mem::size_of::<String>() + s.capacity() + ALLOCATION_OVERHEAD;
+    std::mem::size_of::<BatchRow>() - std::mem::size_of::<crate::change::Change>()
+        + row.change.approx_bytes()
+        + row.routes.iter().map(text).sum::<usize>()
+        + row.tags.iter().map(text).sum::<usize>()
+        + row
+            .annotations
+            .iter()
+            .map(|(k, v)| text(k) + text(v))
+            .sum::<usize>()
 }
+
+/// Rows converted to Arrow at a time when a flush writes its files: the Parquet
+/// writer encodes each chunk as it comes, so a flush holds one chunk's arrays, not
+/// the whole buffer's.
+const WRITE_CHUNK_ROWS: usize = 8192;
 
 /// How many leading values of a column decide whether it is dictionary-encoded.
 const DICTIONARY_SAMPLE: usize = 1024;
@@ -390,31 +399,64 @@ async fn write_files(
     table: &DeltaTable,
     segments: &[Segment],
 ) -> Result<(Vec<deltalake::kernel::Add>, usize), LakeError> {
-    let writer = RecordBatchWriter::for_table(table)
+    let fresh = RecordBatchWriter::for_table(table)
         .map_err(LakeError::delta(name, "preparing the writer"))?;
-    let converted =
-        record_batch(&writer.arrow_schema(), segments).map_err(LakeError::convert(name))?;
-    let mut writer = writer.with_writer_properties(writer_properties(&converted.batch));
-    for column in &converted.special_columns {
-        if warned.insert(column.clone()) {
-            tracing::warn!(
-                sink = %settings.name,
-                table = %name,
-                column = %column,
-                "values that the column's Delta type cannot hold are written as null and kept in `_special`"
-            );
+    let schema = fresh.arrow_schema();
+    let mut fresh = Some(fresh);
+    let mut writer = None;
+    let mut rows = 0;
+    for chunk in chunks(segments, WRITE_CHUNK_ROWS) {
+        let converted = record_batch(&schema, chunk).map_err(LakeError::convert(name))?;
+        for column in &converted.special_columns {
+            if warned.insert(column.clone()) {
+                tracing::warn!(
+                    sink = %settings.name,
+                    table = %name,
+                    column = %column,
+                    "values that the column's Delta type cannot hold are written as null and kept in `_special`"
+                );
+            }
         }
+        // The first chunk decides the encodings (see `writer_properties`).
+        if let Some(fresh) = fresh.take() {
+            writer = Some(fresh.with_writer_properties(writer_properties(&converted.batch)));
+        }
+        rows += converted.batch.num_rows();
+        writer
+            .as_mut()
+            .expect("made at the first chunk")
+            .write(converted.batch)
+            .await
+            .map_err(LakeError::delta(name, "writing Parquet"))?;
     }
-    let rows = converted.batch.num_rows();
-    writer
-        .write(converted.batch)
-        .await
-        .map_err(LakeError::delta(name, "writing Parquet"))?;
+    let Some(mut writer) = writer else {
+        return Ok((Vec::new(), 0));
+    };
     let adds = writer
         .flush()
         .await
         .map_err(LakeError::delta(name, "writing Parquet"))?;
     Ok((adds, rows))
+}
+
+/// Consecutive runs of whole segments of at least `rows` rows each (the last may hold
+/// fewer), in order.
+fn chunks(segments: &[Segment], rows: usize) -> impl Iterator<Item = &[Segment]> {
+    let mut rest = segments;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut taken = 0;
+        let mut end = 0;
+        while end < rest.len() && taken < rows {
+            taken += rest[end].rows.len();
+            end += 1;
+        }
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
+    })
 }
 
 /// Splits segments into the rows of the transaction committed at `open` and the rest,

@@ -701,6 +701,104 @@ async fn size_bounds_make_the_sink_due() {
 }
 
 #[tokio::test]
+async fn the_byte_bound_counts_what_rows_hold_in_memory() {
+    let dir = temp_dir("due-bytes");
+    let rel = events();
+    let body = "x".repeat(1000);
+    let row = |n: u64| {
+        txn(
+            n as u32,
+            0x1000 * n + 0x800,
+            vec![insert(
+                &rel,
+                0x1000 * n,
+                vec![Value::Int(n as i64), Value::Text(body.clone())],
+            )],
+        )
+    };
+    // What one such row holds: the row, two values and the text's allocation.
+    let one = row_bytes(&batch(vec![row(1)]).rows[0]);
+    let floor = std::mem::size_of::<BatchRow>() + 2 * std::mem::size_of::<Value>() + 1000;
+    assert!(one >= floor, "{one} < {floor}");
+    assert!(
+        one < floor + 200,
+        "{one} counts far more than the row holds"
+    );
+
+    let mut settings = settings(&dir);
+    settings.max_bytes = 4 * one;
+    let mut sink = LakeSink::open(settings).await.unwrap();
+    for n in 1..=3 {
+        sink.accept(Arc::new(batch(vec![row(n)]))).await.unwrap();
+        assert!(!sink.due(), "due after {n} rows");
+    }
+    sink.accept(Arc::new(batch(vec![row(4)]))).await.unwrap();
+    assert!(sink.due());
+    sink.flush().await.unwrap();
+    assert!(!sink.due());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn chunks_are_runs_of_whole_segments_in_order() {
+    let rel = events();
+    let segments: Vec<Segment> = (1..=5u64)
+        .map(|n| Segment {
+            batch: Arc::new(batch(vec![two_rows(&rel, n)])),
+            table: 0,
+            rows: (0..n as u32 % 2 + 1).collect(),
+        })
+        .collect();
+    // Segment sizes 2, 1, 2, 1, 2.
+    let sizes: Vec<Vec<usize>> = chunks(&segments, 3)
+        .map(|c| c.iter().map(|s| s.rows.len()).collect())
+        .collect();
+    assert_eq!(sizes, vec![vec![2, 1], vec![2, 1], vec![2]]);
+    assert_eq!(chunks(&segments, 100).count(), 1);
+    assert_eq!(chunks(&[], 3).count(), 0);
+}
+
+#[tokio::test]
+async fn a_flush_past_one_write_chunk_writes_every_row_once_in_order() {
+    let dir = temp_dir("chunks");
+    let rel = events();
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    let per_txn = 1000u64;
+    let txns = 3 * WRITE_CHUNK_ROWS as u64 / per_txn + 1;
+    for n in 0..txns {
+        let changes = (0..per_txn)
+            .map(|i| {
+                let id = (n * per_txn + i) as i64;
+                insert(
+                    &rel,
+                    0x100_000 * (n + 1) + i,
+                    vec![Value::Int(id), Value::Text(format!("row {id}"))],
+                )
+            })
+            .collect();
+        sink.accept(Arc::new(batch(vec![txn(
+            n as u32 + 1,
+            0x100_000 * (n + 1) + 0xF_FFFF,
+            changes,
+        )])))
+        .await
+        .unwrap();
+    }
+    sink.flush().await.unwrap();
+    let table = load(&table_url(&dir, "public.events")).await;
+    let rows = read_rows(&table).await;
+    let total = (txns * per_txn) as usize;
+    assert!(total > 3 * WRITE_CHUNK_ROWS);
+    assert_eq!(ids_of(&rows), (0..total as i64).collect::<Vec<_>>());
+    for i in [0, WRITE_CHUNK_ROWS, total - 1] {
+        let id = col(&rows, "id").as_primitive::<Int64Type>().value(i);
+        assert_eq!(text(&rows, "body", i), Some(format!("row {id}")));
+    }
+    assert_eq!(last_commit_info(&table).await["airlock.rows"], total);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
 async fn unsupported_urls_are_definite_errors() {
     let error = LakeSink::open(LakeSettings::new("lake", "ftp://host/x", "a"))
         .await
