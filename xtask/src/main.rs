@@ -24,8 +24,14 @@ const PYTHON_PACKAGES: &[&str] = &[
     "moto[server]",
 ];
 
+/// The workspace `cargo xtask` was run in. `cargo run` names it at run time; the path
+/// compiled in is only a fallback, since clones sharing one `CARGO_TARGET_DIR` may
+/// run a binary another clone built.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
