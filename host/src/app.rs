@@ -28,7 +28,7 @@ use crate::pipeline::{self, Worker};
 use crate::sink::lake::{Compactors, LakeSettings, LakeSink};
 use crate::sink::spine::{SpineSettings, SpineSink};
 use crate::sink::{self, SinkError};
-use crate::source::{self, SourceError, SourceSettings};
+use crate::source::{self, Held, SourceError, SourceSettings};
 use crate::status::{self, Status, lsn_text};
 
 /// Why the main job stopped.
@@ -67,17 +67,23 @@ async fn open_sink(
     durable: watch::Sender<Lsn>,
     compactors: &Compactors,
     status: &Arc<Status>,
-) -> Result<SinkTask, SinkError> {
+) -> Result<(SinkTask, Option<Held>), SinkError> {
     match sink.kind {
         SinkKind::Delta => {
             let lake = LakeSink::open(LakeSettings::from_config(config, sink)).await?;
+            let held = lake.held_through().await?.map(|(table, through)| Held {
+                sink: sink.name.clone(),
+                table,
+                through,
+            });
             compactors.register(lake.handle()); // lake: `POST /compact`
-            Ok(tokio::spawn(sink::drive_observed(
+            let task = tokio::spawn(sink::drive_observed(
                 lake,
                 rx,
                 durable,
                 Some(status.clone()),
-            )))
+            ));
+            Ok((task, held))
         }
         SinkKind::Http => {
             let mut settings = SpineSettings::new(sink.name.clone(), sink.url.clone());
@@ -94,12 +100,13 @@ async fn open_sink(
             settings.request_timeout = sink.spine.request_timeout;
             settings.dead_letter_dir = sink.spine.dead_letter_dir.clone();
             let spine = SpineSink::open(settings).await?;
-            Ok(tokio::spawn(sink::drive_observed(
+            let task = tokio::spawn(sink::drive_observed(
                 spine,
                 rx,
                 durable,
                 Some(status.clone()),
-            )))
+            ));
+            Ok((task, None))
         }
     }
 }
@@ -406,6 +413,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let (mut tracker, durable_rx) = Tracker::new();
     let mut sink_txs = Vec::new();
     let mut sink_tasks = Vec::new();
+    // The latest changes any sink holds from an earlier run (see `Held`).
+    let mut held: Option<Held> = None;
     for sink in &config.sinks {
         let (tx, rx) = mpsc::channel(SINK_CHANNEL);
         sink_txs.push(tx);
@@ -425,10 +434,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
                     .set(status::SINK_DURABLE_LSN, &[("sink", &name)], lsn.0 as f64);
             }
         });
-        sink_tasks.push((
-            sink.name.clone(),
-            open_sink(&config, sink, rx, durable, &compactors, &status).await?,
-        ));
+        let (task, held_here) = open_sink(&config, sink, rx, durable, &compactors, &status).await?;
+        sink_tasks.push((sink.name.clone(), task));
+        if held_here.as_ref().map(|h| h.through) > held.as_ref().map(|h| h.through) {
+            held = held_here;
+        }
     }
     let tracker_task = tokio::spawn(tracker.run());
 
@@ -491,6 +501,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             let status = status.clone(); // the source's state and retries in `/status`
             source::StateObserver(Arc::new(move |state| source_state(&status, state)))
         }),
+        held,
     };
     let source_status = status.clone();
     let source_task = tokio::spawn(source::run(settings, txn_tx, durable_rx, shutdown));

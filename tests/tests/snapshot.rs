@@ -248,3 +248,72 @@ async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() 
     assert_eq!(slots, vec!["retry".to_owned()], "the snapshot slot is gone");
     Ok(())
 }
+
+/// At startup, a missing slot while the lake holds the slot's commits is a snapshot
+/// stopped before it completed (its own slot is there: it is taken again) or a dropped
+/// slot (refused: a new snapshot would add every row again beside a gap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_takes_a_stopped_snapshot_again_but_refuses_a_dropped_slot() -> anyhow::Result<()>
+{
+    let dir = temp_dir("snapshot-restart");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    let rows = 1_000;
+    db.batch_execute(&format!(
+        "CREATE TABLE items (id integer PRIMARY KEY, v text);
+         INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, {rows}) i;
+         CREATE PUBLICATION airlock FOR TABLE items;"
+    ))
+    .await?;
+    let config = support::config(&pg.url("postgres"), &dir, "again", "snapshot = \"initial\"");
+    let table = dir.join("lake/public.items");
+    let host = Host::start(&config, &dir);
+    support::wait_for_slot(&db, "again").await?;
+    wait_for_lake(&table, Duration::from_secs(60), |r| r.len() == rows).await?;
+    host.stop().await?;
+
+    // As a stop in the middle of a later attempt leaves it: the attempt's slot, not
+    // the slot itself.
+    db.batch_execute(
+        "SELECT pg_drop_replication_slot('again');
+         SELECT pg_create_logical_replication_slot('again_snapshot', 'pgoutput');",
+    )
+    .await?;
+    let host = Host::start(&config, &dir);
+    support::wait_for_slot(&db, "again").await?;
+    let lake = wait_for_lake(&table, Duration::from_secs(60), |r| r.len() == 2 * rows).await?;
+    host.stop().await?;
+    let xids: HashSet<i64> = lake.iter().map(|r| r["_xid"].as_i64().unwrap()).collect();
+    assert_eq!(xids.len(), 2, "two attempts, each whole");
+    let slots: Vec<String> = db
+        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, vec!["again".to_owned()]);
+
+    // The slot dropped while airlock was stopped: refused, nothing created or copied.
+    db.batch_execute("SELECT pg_drop_replication_slot('again')")
+        .await?;
+    let host = Host::start(&config, &dir);
+    let start = std::time::Instant::now();
+    while !host.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the host still runs 60 s after starting without its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let error = format!("{:#}", host.stop().await.unwrap_err());
+    assert!(
+        error.contains("replication slot `again` does not exist, but sink `lake` already holds changes read from it"),
+        "{error}"
+    );
+    let slots = db
+        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+        .await?;
+    assert!(slots.is_empty(), "no slot was created");
+    assert_eq!(read_lake("duckdb", &table)?.len(), 2 * rows);
+    Ok(())
+}

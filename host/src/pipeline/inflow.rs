@@ -13,6 +13,7 @@
 //! - A transaction's room is taken before it is queued and given back when the worker
 //!   takes it; a transaction larger than the whole bound still passes, alone.
 //! - Order is kept: one sender, one FIFO channel.
+//! - Once the receiver is gone, `send` fails at once, also while it waits for room.
 
 use std::sync::Arc;
 
@@ -70,6 +71,13 @@ impl InflowSender {
 pub struct InflowReceiver {
     rx: mpsc::Receiver<(Transaction, u32)>,
     room: Arc<Semaphore>,
+}
+
+impl Drop for InflowReceiver {
+    /// A sender waiting for room gets its transaction back instead of waiting forever.
+    fn drop(&mut self) {
+        self.room.close();
+    }
 }
 
 impl InflowReceiver {
@@ -168,6 +176,21 @@ mod tests {
             assert_eq!(rx.try_recv().unwrap().meta.xid, xid);
         }
         assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_sender_waiting_for_room_fails_when_the_receiver_goes() {
+        let (tx, rx) = channel(4 << 10);
+        tx.send(txn(1, 100, 1000)).await.unwrap();
+        let waiting = tokio::spawn(async move { tx.send(txn(2, 1, 1)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the queue is full: the send waits");
+        drop(rx);
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the send returns once the receiver is gone")
+            .unwrap();
+        assert_eq!(result.unwrap_err().meta.xid, 2);
     }
 
     #[tokio::test]

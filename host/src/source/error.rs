@@ -127,6 +127,18 @@ pub enum SourceError {
     )]
     SlotMissing { slot: String },
 
+    /// The slot is missing at startup, but a sink holds changes read from it: it was
+    /// dropped, and a new one would skip what was committed since. Definite.
+    #[error(
+        "replication slot `{slot}` does not exist, but sink `{sink}` already holds changes read from it (table {table}, through commit LSN {through}): the slot was dropped, and a new one would start at the current WAL position and leave out whatever was committed since, without a trace, so airlock does not create it. To go on: take a new snapshot into an empty lake (point sink `{sink}` at a new location, snapshot = \"initial\"), or restore the lake and the database to a matching point; to accept the gap, create the slot yourself (`SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')`) and start again (see docs/source.md, \"A dropped slot\")"
+    )]
+    SlotDroppedBefore {
+        slot: String,
+        sink: String,
+        table: String,
+        through: Lsn,
+    },
+
     /// The slot this run streamed from no longer exists: definite, never recreated.
     #[error(
         "replication slot `{slot}` was dropped while airlock was streaming from it (its last confirmed position was {confirmed}): the changes committed since then may be gone, so airlock stops instead of creating the slot again at the current WAL position and silently skipping them. To go on: recreate the slot (`SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')`) and take a new snapshot into an empty lake (snapshot = \"initial\"), or restore the lake and the database to a matching point; recreating the slot and restarting as is leaves the changes of the gap out of the lake for good (see docs/source.md, \"A dropped slot\")"

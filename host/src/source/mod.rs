@@ -103,6 +103,17 @@ pub struct SourceSettings {
     pub on_snapshot: Option<snapshot::SnapshotObserver>,
     /// Told what the source is doing (and why it retries), for `/status`.
     pub on_state: Option<StateObserver>,
+    /// What a sink already held at startup (read from the sink, e.g. the lake's
+    /// commits): a missing slot is then one that was dropped, never created anew.
+    pub held: Option<Held>,
+}
+
+/// Changes a sink holds from an earlier run: where, and through which commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub sink: String,
+    pub table: String,
+    pub through: Lsn,
 }
 
 /// What the source is doing, as told to [`SourceSettings::on_state`].
@@ -151,6 +162,7 @@ impl SourceSettings {
             snapshot: false,
             on_snapshot: None,
             on_state: None,
+            held: None,
         }
     }
 
@@ -382,6 +394,7 @@ async fn check_catalog(
         }
     });
 
+    let mut snapshot_interrupted = false;
     let checks = async {
         let row = client
             .query_one("SELECT current_setting('wal_level')", &[])
@@ -425,6 +438,18 @@ async fn check_catalog(
             .await
             .map_err(fail("checking the replication slot"))?;
         let Some(slot) = slot else {
+            if settings.snapshot && settings.held.is_some() {
+                // A snapshot interrupted after some chunks were durable: no slot yet
+                // (it marks the snapshot complete), only the attempt's own.
+                snapshot_interrupted = client
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&snapshot::snapshot_slot(&settings.slot)],
+                    )
+                    .await
+                    .map_err(fail("checking the replication slot"))?
+                    .is_some();
+            }
             return Ok(None);
         };
         let plugin: Option<String> = slot.get(0);
@@ -466,6 +491,15 @@ async fn check_catalog(
             slot: settings.slot.clone(),
             confirmed: progress.flushed,
         }),
+        // What the sinks hold came from this slot, unless from an unfinished snapshot.
+        None if let Some(held) = settings.held.as_ref().filter(|_| !snapshot_interrupted) => {
+            Err(SourceError::SlotDroppedBefore {
+                slot: settings.slot.clone(),
+                sink: held.sink.clone(),
+                table: held.table.clone(),
+                through: held.through,
+            })
+        }
         // The snapshot creates the slot once it is complete.
         None if settings.create_slot && settings.snapshot => Ok(None),
         None if settings.create_slot => {

@@ -64,7 +64,7 @@ impl std::fmt::Debug for SnapshotObserver {
 }
 
 /// The name of the slot that exports the snapshot and marks an attempt in progress.
-fn snapshot_slot(slot: &str) -> String {
+pub(super) fn snapshot_slot(slot: &str) -> String {
     let keep = slot.len().min(63 - "_snapshot".len());
     format!("{}_snapshot", &slot[..keep])
 }

@@ -1069,6 +1069,33 @@ impl Writer {
         Ok(self.accepted_end.take())
     }
 
+    /// The table holding the latest commit this sink made for its application id
+    /// (in any earlier run), and that commit's LSN; `None` for a lake without one.
+    async fn held_through(&mut self) -> Result<Option<(String, Lsn)>, SinkError> {
+        let sink = self.settings.name.clone();
+        let names = catalog::list_tables(&self.settings)
+            .await
+            .map_err(|e| e.into_sink_error(&sink))?;
+        let mut held: Option<(String, Lsn)> = None;
+        for name in names {
+            self.table(&name);
+            let table = self.tables.get_mut(&name).expect("inserted above");
+            if table.delta.is_none() {
+                table
+                    .open(&self.settings)
+                    .await
+                    .map_err(|e| e.into_sink_error(&sink))?;
+            }
+            if let Some(version) = table.committed {
+                let lsn = Lsn(version as u64);
+                if held.as_ref().is_none_or(|(_, through)| lsn > *through) {
+                    held = Some((name, lsn));
+                }
+            }
+        }
+        Ok(held)
+    }
+
     /// Compacts every table of the sink, those on storage included, now.
     async fn compact_all(&mut self) -> Result<Vec<CompactReport>, SinkError> {
         let sink = self.settings.name.clone();
@@ -1200,6 +1227,13 @@ impl LakeSink {
             name: self.name.clone(),
             writer: self.writer.clone(),
         }
+    }
+
+    /// The table holding the latest commit this sink made for its application id in
+    /// an earlier run, and that commit's LSN; `None` for a lake without one. Read at
+    /// startup: a slot that is missing while the lake holds its changes was dropped.
+    pub async fn held_through(&self) -> Result<Option<(String, Lsn)>, SinkError> {
+        self.writer.lock().await.held_through().await
     }
 
     #[cfg(test)]

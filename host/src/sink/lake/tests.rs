@@ -799,6 +799,45 @@ async fn a_flush_past_one_write_chunk_writes_every_row_once_in_order() {
 }
 
 #[tokio::test]
+async fn a_reopened_sink_tells_the_latest_commit_it_holds_for_its_app_id() {
+    let dir = temp_dir("held");
+    let sink = LakeSink::open(settings(&dir)).await.unwrap();
+    assert_eq!(sink.held_through().await.unwrap(), None, "an empty lake");
+    drop(sink);
+    let rel = events();
+    let other = relation(
+        "public",
+        "other",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT8, -1, true)],
+    );
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    write_flushes(&mut sink, &rel, 1..=2).await;
+    sink.accept(Arc::new(batch(vec![txn(
+        9,
+        0x9000,
+        vec![insert(&other, 0x8ff0, vec![Value::Int(1)])],
+    )])))
+    .await
+    .unwrap();
+    sink.flush().await.unwrap();
+    write_flushes(&mut sink, &rel, 10..=10).await;
+    drop(sink);
+
+    let sink = LakeSink::open(settings(&dir)).await.unwrap();
+    assert_eq!(
+        sink.held_through().await.unwrap(),
+        Some(("public.events".to_owned(), Lsn(0x1000 * 10 + 0x800)))
+    );
+    // Another slot's application id holds nothing here.
+    let mut elsewhere = settings(&dir);
+    elsewhere.app_id = "airlock:another_slot".into();
+    let sink = LakeSink::open(elsewhere).await.unwrap();
+    assert_eq!(sink.held_through().await.unwrap(), None);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
 async fn unsupported_urls_are_definite_errors() {
     let error = LakeSink::open(LakeSettings::new("lake", "ftp://host/x", "a"))
         .await
