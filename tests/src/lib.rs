@@ -116,6 +116,22 @@ impl Host {
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
+
+    /// Waits up to 60 s for the host to stop by itself with an error; returns its text.
+    pub async fn failure(self) -> Result<String> {
+        let start = Instant::now();
+        while !self.is_finished() {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "the host did not stop with an error within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match self.stop().await {
+            Ok(()) => anyhow::bail!("the host stopped without an error"),
+            Err(e) => Ok(format!("{e:#}")),
+        }
+    }
 }
 
 /// Rows of a lake table read by an independent reader (`duckdb` or `deltalake`),

@@ -43,7 +43,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -53,7 +53,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
@@ -114,14 +114,14 @@ pub fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
             // A random byte.
             2 if len > 0 => {
                 let i = rng.below(len);
-                m[i] = rng.next() as u8;
+                m[i] = rng.next_u64() as u8;
             }
             // Truncate.
             3 => m.truncate(rng.below(len + 1)),
             // Extend with random bytes.
             4 => {
                 let n = 1 + rng.below(16);
-                m.extend((0..n).map(|_| rng.next() as u8));
+                m.extend((0..n).map(|_| rng.next_u64() as u8));
             }
             // Splice: a prefix of this message, a suffix of another.
             5 => {

@@ -206,7 +206,7 @@ async fn kill_9_at_random_moments_under_writes_loses_and_repeats_nothing() -> Re
 
     let mut writer_db = pg.connect("postgres").await?;
     let (stop_writes, stop_rx) = tokio::sync::watch::channel(false);
-    let writer_seed = rng.next();
+    let writer_seed = rng.next_u64();
     let writer =
         tokio::spawn(async move { write_until(&mut writer_db, stop_rx, writer_seed).await });
 

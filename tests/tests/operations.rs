@@ -243,7 +243,7 @@ async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fi
     let host = Host::start(&config, &dir);
     insert_fine_poison_after(&db).await?;
     let table = dir.join("lake/public.t");
-    wait_for_lake(&table, Duration::from_secs(30), |rows| rows.len() >= 1).await?;
+    wait_for_lake(&table, Duration::from_secs(30), |rows| !rows.is_empty()).await?;
     // The poisoned transaction halts the stream: its error shows in /status.
     let status = wait_status(&admin, Duration::from_secs(30), "the halt error", |s| {
         s["last_error"]["message"]

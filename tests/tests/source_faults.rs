@@ -13,22 +13,6 @@ use airlock_tests::*;
 use anyhow::Result;
 use serde_json::json;
 
-/// Waits for the host to stop by itself and returns its error text.
-async fn failure(host: Host) -> String {
-    let start = Instant::now();
-    while !host.is_finished() && start.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        host.is_finished(),
-        "the host did not stop with an error within 60 s"
-    );
-    match host.stop().await {
-        Ok(()) => panic!("the host stopped without an error"),
-        Err(e) => format!("{e:#}"),
-    }
-}
-
 async fn slot_lsns(db: &tokio_postgres::Client, slot: &str) -> Result<(u64, u64)> {
     let row = db
         .query_one(
@@ -100,11 +84,9 @@ async fn wal_level_replica_is_a_clear_error() -> Result<()> {
         "CREATE TABLE t (id integer PRIMARY KEY); CREATE PUBLICATION airlock FOR TABLE t;",
     )
     .await?;
-    let error = failure(Host::start(
-        &support::config(&pg.url("postgres"), &dir, "wal", ""),
-        &dir,
-    ))
-    .await;
+    let error = Host::start(&support::config(&pg.url("postgres"), &dir, "wal", ""), &dir)
+        .failure()
+        .await?;
     assert!(error.contains("wal_level is `replica`"), "{error}");
     assert!(
         error.contains("set wal_level = logical in postgresql.conf and restart PostgreSQL"),
@@ -124,7 +106,9 @@ async fn a_role_without_replication_is_a_clear_error() -> Result<()> {
     )
     .await?;
     let url = format!("postgres://reader@127.0.0.1:{}/postgres", pg.port);
-    let error = failure(Host::start(&support::config(&url, &dir, "role", ""), &dir)).await;
+    let error = Host::start(&support::config(&url, &dir, "role", ""), &dir)
+        .failure()
+        .await?;
     assert!(error.contains("user `reader` lacks a privilege"), "{error}");
     assert!(
         error.contains("ALTER ROLE reader WITH REPLICATION"),
@@ -141,11 +125,9 @@ async fn a_missing_publication_is_an_error_or_created_from_tables() -> Result<()
     db.batch_execute("CREATE SCHEMA sales; CREATE TABLE sales.\"Orders\" (id integer PRIMARY KEY); CREATE TABLE other (id integer);").await?;
 
     // Without `tables`: stop, naming the publication and the fix.
-    let error = failure(Host::start(
-        &support::config(&pg.url("postgres"), &dir, "pub", ""),
-        &dir,
-    ))
-    .await;
+    let error = Host::start(&support::config(&pg.url("postgres"), &dir, "pub", ""), &dir)
+        .failure()
+        .await?;
     assert!(
         error.contains("publication `airlock` does not exist"),
         "{error}"
@@ -228,7 +210,7 @@ async fn a_slot_held_by_another_consumer_is_retried_then_reported() -> Result<()
         "busy",
         "slot_busy_timeout = \"2s\"",
     );
-    let error = failure(Host::start(&config, &second_dir)).await;
+    let error = Host::start(&config, &second_dir).failure().await?;
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "retried for slot_busy_timeout first"
@@ -279,7 +261,7 @@ async fn an_invalidated_slot_is_a_clear_error() -> Result<()> {
         .get(0);
     assert_eq!(status.as_deref(), Some("lost"));
 
-    let error = failure(Host::start(&config, &dir)).await;
+    let error = Host::start(&config, &dir).failure().await?;
     assert!(
         error.contains("replication slot `lost` can no longer be used"),
         "{error}"

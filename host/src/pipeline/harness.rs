@@ -95,7 +95,7 @@ pub fn type_from_name(name: &str) -> (u32, i32) {
         .filter_map(|a| a.trim().parse().ok())
         .collect();
     let typmod = match (oid, numbers.as_slice()) {
-        (oid::NUMERIC, [p]) => ((p << 16) | 0) + 4,
+        (oid::NUMERIC, [p]) => (p << 16) + 4, // scale 0
         (oid::NUMERIC, [p, s]) => ((p << 16) | s) + 4,
         (oid::VARCHAR | oid::BPCHAR, [n]) => n + 4,
         _ => -1,
@@ -135,10 +135,13 @@ fn op_name(op: Op) -> &'static str {
     }
 }
 
+/// A relation as the input describes it: its name and its columns (name, type OID,
+/// type modifier, key).
+type RelationKey = (String, Vec<(String, u32, i32, bool)>);
+
 /// Reads JSON lines into transactions, one per line.
 pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessError> {
-    let mut relations: HashMap<(String, Vec<(String, u32, i32, bool)>), Arc<Relation>> =
-        HashMap::new();
+    let mut relations: HashMap<RelationKey, Arc<Relation>> = HashMap::new();
     let mut txns = Vec::new();
     for (index, line) in input.lines().enumerate() {
         let number = index + 1;

@@ -168,6 +168,7 @@ pub fn build(
 }
 
 /// Watches the folder and serves reload requests until `requests` closes.
+#[allow(clippy::too_many_arguments)] // each is a separate handle the app owns
 pub async fn run(
     runtime: Runtime,
     dir: PathBuf,

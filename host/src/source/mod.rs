@@ -321,18 +321,19 @@ async fn session(
     );
     let confirmed = match check_catalog(settings, &mut conn, progress).await? {
         Some(confirmed) => confirmed,
-        None => match {
+        None => {
             settings.tell(SourceState::Snapshotting);
-            snapshot::take(settings, &mut conn, tx, durable, shutdown).await?
-        } {
-            Some((consistent_point, last_chunk)) => {
-                if let Some(last) = last_chunk {
-                    progress.dispatched = progress.dispatched.max(last);
+            let taken = snapshot::take(settings, &mut conn, tx, durable, shutdown).await?;
+            match taken {
+                Some((consistent_point, last_chunk)) => {
+                    if let Some(last) = last_chunk {
+                        progress.dispatched = progress.dispatched.max(last);
+                    }
+                    consistent_point
                 }
-                consistent_point
+                None => return Ok(()),
             }
-            None => return Ok(()),
-        },
+        }
     };
     progress.flushed = progress.flushed.max(confirmed);
     let stream = conn
