@@ -67,15 +67,12 @@ async fn open_sink(
     durable: watch::Sender<Lsn>,
     compactors: &Compactors,
     status: &Arc<Status>,
+    shutdown: &watch::Receiver<bool>,
 ) -> Result<(SinkTask, Option<Held>), SinkError> {
     match sink.kind {
         SinkKind::Delta => {
             let lake = LakeSink::open(LakeSettings::from_config(config, sink)).await?;
-            let held = lake.held_through().await?.map(|(table, through)| Held {
-                sink: sink.name.clone(),
-                table,
-                through,
-            });
+            let held = held_by(&lake, &sink.name, status, shutdown.clone()).await?;
             compactors.register(lake.handle()); // lake: `POST /compact`
             let task = tokio::spawn(sink::drive_observed(
                 lake,
@@ -107,6 +104,46 @@ async fn open_sink(
                 Some(status.clone()),
             ));
             Ok((task, None))
+        }
+    }
+}
+
+/// What a lake sink holds from earlier runs (see [`Held`]). Streaming cannot start
+/// without the answer: an unreachable store is asked again, with backoff, and shown in
+/// `/status` meanwhile, until it answers or the host is asked to stop.
+async fn held_by(
+    lake: &LakeSink,
+    sink: &str,
+    status: &Status,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Option<Held>, SinkError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match lake.held_through().await {
+            Ok(held) => {
+                status.update_sink(sink, |v| {
+                    v.last_error = None;
+                    v.retrying = false;
+                });
+                return Ok(held.map(|(table, through)| Held {
+                    sink: sink.to_owned(),
+                    table,
+                    through,
+                }));
+            }
+            Err(error) if error.is_transient() => {
+                tracing::warn!(sink, %error, retry_in = ?backoff, "cannot read what the lake holds; streaming starts once it answers");
+                status.update_sink(sink, |v| {
+                    v.last_error = Some(error.to_string());
+                    v.retrying = true;
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return Err(error),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => return Err(error),
         }
     }
 }
@@ -434,7 +471,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
                     .set(status::SINK_DURABLE_LSN, &[("sink", &name)], lsn.0 as f64);
             }
         });
-        let (task, held_here) = open_sink(&config, sink, rx, durable, &compactors, &status).await?;
+        let (task, held_here) =
+            open_sink(&config, sink, rx, durable, &compactors, &status, &shutdown).await?;
         sink_tasks.push((sink.name.clone(), task));
         if held_here.as_ref().map(|h| h.through) > held.as_ref().map(|h| h.through) {
             held = held_here;

@@ -6,8 +6,9 @@
 //!   every connection, then refuses new ones for a while) and PostgreSQL restarted;
 //! - the built-in spine (`airlock spine serve`) killed with SIGKILL and kept down for
 //!   `AIRLOCK_SPINE_OUTAGE_SECS` (default 60), then started again;
-//! - the S3 object store (moto) unreachable (its network path refused) and frozen
-//!   (SIGSTOP: requests hang until timeouts), then back. moto keeps its objects in
+//! - the S3 object store (moto) unreachable (its network path refused), frozen
+//!   (SIGSTOP: requests hang until timeouts), then back, and unreachable while the
+//!   host starts (it waits for the lake before streaming). moto keeps its objects in
 //!   memory, so killing its process would wipe the lake itself: a freeze and a cut
 //!   path are the faults a store that keeps its data can have;
 //! - a full disk under a `file://` lake: a real 2 MiB tmpfs mounted for the test
@@ -583,6 +584,39 @@ async fn an_unreachable_or_frozen_object_store_shows_in_status_and_loses_nothing
     };
     host.stop().await?;
     assert_eq!(ids_once(&rows), (1..=last).collect::<Vec<_>>());
+
+    // A start while the store is unreachable: what the lake holds must be known
+    // before streaming, so the host waits, retrying and saying so, then streams.
+    proxy.set_up(false);
+    let host = Host::start(&config, &dir);
+    let s = wait_status(
+        &admin,
+        Duration::from_secs(60),
+        "the lake retrying at start, before streaming",
+        |s| {
+            let lake = &s["sinks"]["lake"];
+            lake["retrying"] == true && lake["last_error"].as_str().is_some_and(|e| !e.is_empty())
+        },
+    )
+    .await?;
+    eprintln!("object store unreachable at start, /status: {s:#}");
+    assert_ne!(
+        s["source"]["state"], "streaming",
+        "streaming waits for the lake"
+    );
+    ensure!(!host.is_finished(), "the host gave up instead of retrying");
+    proxy.set_up(true);
+    insert(&db, last + 1, last + 3).await?;
+    let start = Instant::now();
+    let rows = loop {
+        let rows = read_s3_table(url, &moto.storage_options())?;
+        if rows.len() >= last as usize + 3 || start.elapsed() > Duration::from_secs(120) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    host.stop().await?;
+    assert_eq!(ids_once(&rows), (1..=last + 3).collect::<Vec<_>>());
     Ok(())
 }
 
