@@ -236,6 +236,27 @@ async fn names_with_quotes_dots_spaces_and_unicode_arrive_as_named() -> Result<(
     Ok(())
 }
 
+/// Waits for `host` to stop with an error saying every one of `needles`, and checks
+/// that it left no slot `dropped` behind.
+async fn refused_without_a_slot(
+    db: &tokio_postgres::Client,
+    host: Host,
+    needles: &[&str],
+) -> Result<()> {
+    let error = host.failure().await?;
+    for needle in needles {
+        assert!(error.contains(needle), "the error says `{needle}`: {error}");
+    }
+    let created = db
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'dropped'",
+            &[],
+        )
+        .await?;
+    assert!(created.is_none(), "the slot was created again");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_slot_stops_the_running_host_and_its_restart_and_is_never_recreated() -> Result<()>
 {
@@ -278,22 +299,17 @@ async fn a_dropped_slot_stops_the_running_host_and_its_restart_and_is_never_recr
     }
     // The host (create_slot = true) reconnects, finds its slot gone and stops with an
     // error rather than creating the slot again past the rows above.
-    let error = host.failure().await?;
-    for needle in [
-        "replication slot `dropped` was dropped while airlock was streaming from it",
-        "changes committed since then may be gone",
-        "pg_create_logical_replication_slot('dropped', 'pgoutput')",
-        "take a new snapshot",
-    ] {
-        assert!(error.contains(needle), "the error says `{needle}`: {error}");
-    }
-    let recreated = db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'dropped'",
-            &[],
-        )
-        .await?;
-    assert!(recreated.is_none(), "the slot was created again");
+    refused_without_a_slot(
+        &db,
+        host,
+        &[
+            "replication slot `dropped` was dropped while airlock was streaming from it",
+            "changes committed since then may be gone",
+            "pg_create_logical_replication_slot('dropped', 'pgoutput')",
+            "take a new snapshot",
+        ],
+    )
+    .await?;
     // Nothing was written past the drop as if the stream had gone on.
     let rows = read_lake("duckdb", &table)?;
     let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
@@ -302,22 +318,17 @@ async fn a_dropped_slot_stops_the_running_host_and_its_restart_and_is_never_recr
     // A restart cannot tell from the slot alone that it was dropped, but the lake
     // holds its commits: it refuses to create the slot too.
     let config = support::config(&pg.url("postgres"), &dir, "dropped", "");
-    let error = Host::start(&config, &dir).failure().await?;
-    for needle in [
-        "replication slot `dropped` does not exist, but sink `lake` already holds changes read from it",
-        "table public.t, through commit LSN",
-        "take a new snapshot into an empty lake",
-        "pg_create_logical_replication_slot('dropped', 'pgoutput')",
-    ] {
-        assert!(error.contains(needle), "the error says `{needle}`: {error}");
-    }
-    let recreated = db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'dropped'",
-            &[],
-        )
-        .await?;
-    assert!(recreated.is_none(), "the restart created the slot");
+    refused_without_a_slot(
+        &db,
+        Host::start(&config, &dir),
+        &[
+            "replication slot `dropped` does not exist, but sink `lake` already holds changes read from it",
+            "table public.t, through commit LSN",
+            "take a new snapshot into an empty lake",
+            "pg_create_logical_replication_slot('dropped', 'pgoutput')",
+        ],
+    )
+    .await?;
 
     // Accepting the gap is the operator's explicit step: with the slot created by
     // hand, the host goes on from there.

@@ -159,23 +159,34 @@ async fn existing_rows_arrive_as_reads_then_streaming_continues_exactly_once() -
     Ok(())
 }
 
-/// An interrupted snapshot is taken again: the rows of the interrupted attempt stay in
-/// the lake, but every row of the last attempt arrives (none skipped by the lake's
-/// exactly-once check), and that attempt's rows share one `_xid`, above the other's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() -> anyhow::Result<()>
-{
-    let dir = temp_dir("snapshot-retry");
+/// A cluster with `rows` rows in `items` (published), and a configuration that
+/// snapshots them through `slot`.
+async fn items(
+    tag: &str,
+    slot: &str,
+    rows: usize,
+) -> anyhow::Result<(std::path::PathBuf, Cluster, tokio_postgres::Client, String)> {
+    let dir = temp_dir(tag);
     let pg = cluster();
     let db = pg.connect("postgres").await?;
-    let rows = 30_000;
     db.batch_execute(&format!(
         "CREATE TABLE items (id integer PRIMARY KEY, v text);
          INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, {rows}) i;
          CREATE PUBLICATION airlock FOR TABLE items;"
     ))
     .await?;
-    let config = support::config(&pg.url("postgres"), &dir, "retry", "snapshot = \"initial\"");
+    let config = support::config(&pg.url("postgres"), &dir, slot, "snapshot = \"initial\"");
+    Ok((dir, pg, db, config))
+}
+
+/// An interrupted snapshot is taken again: the rows of the interrupted attempt stay in
+/// the lake, but every row of the last attempt arrives (none skipped by the lake's
+/// exactly-once check), and that attempt's rows share one `_xid`, above the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() -> anyhow::Result<()>
+{
+    let rows = 30_000;
+    let (dir, _pg, db, config) = items("snapshot-retry", "retry", rows).await?;
     let host = Host::start(&config, &dir);
 
     // The copy is done and committed; the source waits for the lake before it creates
@@ -217,7 +228,7 @@ async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() 
     let reads: Vec<&Json> = lake.iter().filter(|r| r["_op"] == "r").collect();
     assert_eq!(
         reads.len(),
-        2 * rows as usize,
+        2 * rows,
         "both attempts are in the lake, whole"
     );
     let last_xid = &reads.last().unwrap()["_xid"];
@@ -225,7 +236,7 @@ async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() 
     let ids: HashSet<i64> = last.iter().map(|r| r["id"].as_i64().unwrap()).collect();
     assert_eq!(
         (last.len(), ids.len()),
-        (rows as usize, rows as usize),
+        (rows, rows),
         "the last attempt has every row once"
     );
     let first_of_last = last
@@ -255,17 +266,8 @@ async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_takes_a_stopped_snapshot_again_but_refuses_a_dropped_slot() -> anyhow::Result<()>
 {
-    let dir = temp_dir("snapshot-restart");
-    let pg = cluster();
-    let db = pg.connect("postgres").await?;
     let rows = 1_000;
-    db.batch_execute(&format!(
-        "CREATE TABLE items (id integer PRIMARY KEY, v text);
-         INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, {rows}) i;
-         CREATE PUBLICATION airlock FOR TABLE items;"
-    ))
-    .await?;
-    let config = support::config(&pg.url("postgres"), &dir, "again", "snapshot = \"initial\"");
+    let (dir, _pg, db, config) = items("snapshot-restart", "again", rows).await?;
     let table = dir.join("lake/public.items");
     let host = Host::start(&config, &dir);
     support::wait_for_slot(&db, "again").await?;
