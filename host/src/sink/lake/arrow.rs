@@ -225,7 +225,7 @@ pub(super) struct SchemaPlan {
 /// Plans the schema for `segments` on top of `existing` (`None`: the table is new).
 pub(super) fn plan_schema(
     existing: Option<&StructType>,
-    segments: &[Segment],
+    segments: &[&Segment],
 ) -> Result<SchemaPlan, ConvertError> {
     // Relation columns in order of first appearance, with the union of their tags.
     let mut order: Vec<(&Column, BTreeSet<String>)> = Vec::new();

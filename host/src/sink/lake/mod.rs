@@ -357,37 +357,34 @@ fn writer_properties(batch: &::arrow::array::RecordBatch) -> WriterProperties {
 fn repeats(column: &dyn ::arrow::array::Array) -> Option<bool> {
     use ::arrow::datatypes::DataType as T;
     let data = column.to_data();
-    let n = data.len().min(DICTIONARY_SAMPLE);
-    let mut seen = std::collections::HashSet::with_capacity(n);
-    let mut present = 0usize;
-    match data.data_type() {
+    let valid = (0..data.len().min(DICTIONARY_SAMPLE)).filter(|&i| data.is_valid(i));
+    // The bytes of each sampled value: slices of the values buffer.
+    let sample: Vec<&[u8]> = match data.data_type() {
         T::Utf8 | T::Binary => {
             let offsets = data.buffer::<i32>(0);
             let values = data.buffers().get(1)?.as_slice();
-            for i in (0..n).filter(|&i| data.is_valid(i)) {
-                present += 1;
-                seen.insert(&values[offsets[i] as usize..offsets[i + 1] as usize]);
-            }
+            valid
+                .map(|i| &values[offsets[i] as usize..offsets[i + 1] as usize])
+                .collect()
         }
         T::LargeUtf8 | T::LargeBinary => {
             let offsets = data.buffer::<i64>(0);
             let values = data.buffers().get(1)?.as_slice();
-            for i in (0..n).filter(|&i| data.is_valid(i)) {
-                present += 1;
-                seen.insert(&values[offsets[i] as usize..offsets[i + 1] as usize]);
-            }
+            valid
+                .map(|i| &values[offsets[i] as usize..offsets[i + 1] as usize])
+                .collect()
         }
         t => {
             let width = t.primitive_width()?;
             let values = data.buffers().first()?.as_slice();
             let start = data.offset();
-            for i in (0..n).filter(|&i| data.is_valid(i)) {
-                present += 1;
-                seen.insert(&values[(start + i) * width..(start + i + 1) * width]);
-            }
+            valid
+                .map(|i| &values[(start + i) * width..(start + i + 1) * width])
+                .collect()
         }
-    }
-    Some(seen.len() * 2 <= present)
+    };
+    let distinct: std::collections::HashSet<&[u8]> = sample.iter().copied().collect();
+    Some(distinct.len() * 2 <= sample.len())
 }
 
 /// Converts the rows of `segments` and writes them as Parquet files (not committed);
@@ -399,39 +396,41 @@ async fn write_files(
     table: &DeltaTable,
     segments: &[Segment],
 ) -> Result<(Vec<deltalake::kernel::Add>, usize), LakeError> {
-    let fresh = RecordBatchWriter::for_table(table)
+    let writer = RecordBatchWriter::for_table(table)
         .map_err(LakeError::delta(name, "preparing the writer"))?;
-    let schema = fresh.arrow_schema();
-    let mut fresh = Some(fresh);
-    let mut writer = None;
-    let mut rows = 0;
-    for chunk in chunks(segments, WRITE_CHUNK_ROWS) {
+    let schema = writer.arrow_schema();
+    let mut convert = |chunk: &[Segment]| {
         let converted = record_batch(&schema, chunk).map_err(LakeError::convert(name))?;
-        for column in &converted.special_columns {
-            if warned.insert(column.clone()) {
+        for column in converted.special_columns {
+            if !warned.contains(&column) {
                 tracing::warn!(
                     sink = %settings.name,
                     table = %name,
                     column = %column,
                     "values that the column's Delta type cannot hold are written as null and kept in `_special`"
                 );
+                warned.insert(column);
             }
         }
-        // The first chunk decides the encodings (see `writer_properties`).
-        if let Some(fresh) = fresh.take() {
-            writer = Some(fresh.with_writer_properties(writer_properties(&converted.batch)));
-        }
-        rows += converted.batch.num_rows();
-        writer
-            .as_mut()
-            .expect("made at the first chunk")
-            .write(converted.batch)
-            .await
-            .map_err(LakeError::delta(name, "writing Parquet"))?;
-    }
-    let Some(mut writer) = writer else {
+        Ok::<_, LakeError>(converted.batch)
+    };
+    let mut chunks = chunks(segments, WRITE_CHUNK_ROWS);
+    let Some(first) = chunks.next() else {
         return Ok((Vec::new(), 0));
     };
+    let first = convert(first)?;
+    // The first chunk decides the encodings (see `writer_properties`).
+    let mut writer = writer.with_writer_properties(writer_properties(&first));
+    let mut rows = 0;
+    let mut next = Some(first);
+    while let Some(batch) = next {
+        rows += batch.num_rows();
+        writer
+            .write(batch)
+            .await
+            .map_err(LakeError::delta(name, "writing Parquet"))?;
+        next = chunks.next().map(&mut convert).transpose()?;
+    }
     let adds = writer
         .flush()
         .await
@@ -670,11 +669,10 @@ impl LakeTable {
 
         // The schema: create the table, or add the columns it lacks. Staged rows count:
         // their column tags are committed with them.
-        let shapes: Vec<Segment> = self
+        let shapes: Vec<&Segment> = self
             .pending
             .iter()
-            .cloned()
-            .chain(self.staged.iter().flat_map(|s| s.shapes.iter().cloned()))
+            .chain(self.staged.iter().flat_map(|s| s.shapes.iter()))
             .collect();
         let existing = table.snapshot().ok().map(|s| s.schema());
         let mut plan =

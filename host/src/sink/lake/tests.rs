@@ -1571,3 +1571,26 @@ async fn a_kill_inside_a_large_transaction_leaves_only_orphans_and_the_resend_wr
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn dictionary_encoding_is_kept_only_for_columns_whose_values_repeat() {
+    use ::arrow::array::{BooleanArray, Int64Array, LargeStringArray, StringArray};
+    let repeating = StringArray::from_iter((0..2000).map(|i| Some(["a", "b", "c"][i % 3])));
+    assert_eq!(repeats(&repeating), Some(true));
+    let distinct = StringArray::from_iter((0..2000).map(|i| Some(format!("row {i}"))));
+    assert_eq!(repeats(&distinct), Some(false));
+    let large = LargeStringArray::from_iter((0..2000).map(|i| Some(format!("row {i}"))));
+    assert_eq!(repeats(&large), Some(false));
+    let keys = Int64Array::from_iter_values(0..2000);
+    assert_eq!(repeats(&keys), Some(false));
+    // Only the first sampled values count, nulls not at all, and a slice starts where
+    // it starts: here 600 distinct values, then only repeats.
+    let ids = Int64Array::from_iter((0..3000).map(|i| match i {
+        i if i % 2 == 1 => None,
+        i if i < 1200 => Some(i),
+        _ => Some(7),
+    }));
+    assert_eq!(repeats(&ids), Some(false), "600 distinct of 600 present");
+    assert_eq!(repeats(&ids.slice(1200, 1800)), Some(true));
+    assert_eq!(repeats(&BooleanArray::from(vec![true, false])), None);
+}
