@@ -4,8 +4,8 @@ The bindings themselves (`wit_world`, `wit_world.imports.types`) are generated b
 componentize-py from `wit/transform.wit` when the guest is built. This module adds
 what every guest wants, with the same behaviour and messages as the Rust SDK
 (`guests/rust/sdk`): `Settings` for the flattened `NAME.toml`, `glob_match` and
-`TablePatterns` for `schema.table` patterns, and `debug_str` to quote a value in
-an error message.
+`TablePatterns` for `schema.table` patterns, `debug_str` to quote a value in
+an error message, and `plugin` for the exports class every guest needs.
 """
 
 from typing import Iterable, List, Optional, Tuple
@@ -167,3 +167,33 @@ class TablePatterns:
         """Whether any pattern matches the table."""
         qualified = f"{schema}.{table}"
         return any(glob_match(p, qualified) for p in self.patterns)
+
+
+def plugin(name: str, description: str, make_config, version: str = "0.1.0"):
+    """The class componentize-py exports (a guest module binds it to `WitWorld`):
+    `info` names the plugin, `init` builds its configuration with
+    `make_config(Settings)` (a `ValueError` is the init error), and `process` hands
+    each batch to the configuration's `process`."""
+    import wit_world
+    from componentize_py_types import Err
+    from wit_world.imports.types import PluginInfo
+
+    config = None
+
+    class Plugin(wit_world.WitWorld):
+        def info(self):
+            return PluginInfo(name=name, version=version, description=description)
+
+        def init(self, settings) -> None:
+            nonlocal config
+            try:
+                config = make_config(Settings(settings))
+            except ValueError as e:
+                raise Err(str(e))
+
+        def process(self, batch) -> None:
+            if config is None:
+                raise Err(f"{name}: process called before init")
+            config.process(batch)
+
+    return Plugin

@@ -14,9 +14,7 @@ column is written back only when it holds a value.
 import re
 from typing import List, Optional
 
-import wit_world
-from wit_world.imports.types import Batch, Image, PluginInfo, TextColumn
-from componentize_py_types import Err
+from wit_world.imports.types import Batch, Image, TextColumn
 
 from airlock_guest import (
     KIND_NULL,
@@ -24,6 +22,7 @@ from airlock_guest import (
     Settings,
     TablePatterns,
     debug_str,
+    plugin,
     rust_trim,
 )
 
@@ -164,25 +163,8 @@ def star_all_but_last(text: str, n: int) -> str:
     return "*" * hidden + text[hidden:]
 
 
-_config: Optional[Config] = None
-
-
-class WitWorld(wit_world.WitWorld):
-    def info(self) -> PluginInfo:
-        return PluginInfo(
-            name="mask",
-            version="0.1.0",
-            description="masks configured columns (hash, redact, null, keep-last-N) in new and old images and tags them",
-        )
-
-    def init(self, settings) -> None:
-        global _config
-        try:
-            _config = Config(Settings(settings))
-        except ValueError as e:
-            raise Err(str(e))
-
-    def process(self, batch: Batch) -> None:
-        if _config is None:
-            raise Err("mask: process called before init")
-        _config.process(batch)
+WitWorld = plugin(
+    "mask",
+    "masks configured columns (hash, redact, null, keep-last-N) in new and old images and tags them",
+    Config,
+)

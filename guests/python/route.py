@@ -7,13 +7,9 @@ output. A row is restricted when one of its row tags is `tag` or a sub-tag of it
 table carries such a tag.
 """
 
-from typing import Optional
+from wit_world.imports.types import Batch
 
-import wit_world
-from wit_world.imports.types import Batch, PluginInfo
-from componentize_py_types import Err
-
-from airlock_guest import Settings, TablePatterns, debug_str, rust_trim
+from airlock_guest import Settings, TablePatterns, debug_str, plugin, rust_trim
 
 
 class Config:
@@ -75,25 +71,8 @@ class Config:
                     batch.annotate(row, "spine.source", self.spine_source)
 
 
-_config: Optional[Config] = None
-
-
-class WitWorld(wit_world.WitWorld):
-    def info(self) -> PluginInfo:
-        return PluginInfo(
-            name="route",
-            version="0.1.0",
-            description="routes tagged rows to the restricted route, others to the default route, spine tables to the spine",
-        )
-
-    def init(self, settings) -> None:
-        global _config
-        try:
-            _config = Config(Settings(settings))
-        except ValueError as e:
-            raise Err(str(e))
-
-    def process(self, batch: Batch) -> None:
-        if _config is None:
-            raise Err("route: process called before init")
-        _config.process(batch)
+WitWorld = plugin(
+    "route",
+    "routes tagged rows to the restricted route, others to the default route, spine tables to the spine",
+    Config,
+)

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{root, run};
+use crate::{root, run, target_dir};
 
 /// componentize-py from PyPI.
 const COMPONENTIZE_PY: &str = "0.25.1";
@@ -93,16 +93,7 @@ fn dist_dir() -> Result<PathBuf, String> {
 /// A scratch folder for generated bindings and core modules, in the cargo target
 /// directory.
 fn build_dir(lang: Lang) -> Result<PathBuf, String> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let dir = if target.is_absolute() {
-        target
-    } else {
-        root().join(target)
-    }
-    .join("guests-langs")
-    .join(lang.name());
+    let dir = target_dir().join("guests-langs").join(lang.name());
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)
 }

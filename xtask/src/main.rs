@@ -229,15 +229,20 @@ fn build_host() -> Result<PathBuf, String> {
         "--workspace",
         "--bins",
     ]))?;
+    Ok(target_dir().join("release/airlock"))
+}
+
+/// The workspace's cargo target directory: `CARGO_TARGET_DIR` (relative to the
+/// workspace when relative), or `target`.
+fn target_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    let target = if target.is_absolute() {
+    if target.is_absolute() {
         target
     } else {
         root().join(target)
-    };
-    Ok(target.join("release/airlock"))
+    }
 }
 
 fn setup() -> Result<(), String> {

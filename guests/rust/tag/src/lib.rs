@@ -24,27 +24,8 @@ const CARD: u8 = 4;
 const NATIONAL_ID: u8 = 8;
 
 /// PostgreSQL types whose values can never hold a matching string: not read unless
-/// the column is tagged by name.
-const NON_TEXT_TYPES: &[&str] = &[
-    "bool",
-    "int2",
-    "int4",
-    "int8",
-    "oid",
-    "float4",
-    "float8",
-    "numeric",
-    "bytea",
-    "date",
-    "time",
-    "timetz",
-    "timestamp",
-    "timestamptz",
-    "interval",
-    "uuid",
-    "json",
-    "jsonb",
-];
+/// the column is tagged by name. These, and every type of [`TYPED_VARIANT_TYPES`].
+const OTHER_NON_TEXT_TYPES: &[&str] = &["timetz", "interval"];
 
 /// PostgreSQL types the host maps to a variant other than `text` or `other` (see
 /// `value` in wit/transform.wit): their packed text is a canonical form (digits,
@@ -169,7 +150,10 @@ impl Config {
             for (ci, column) in table.columns.iter().enumerate() {
                 let ci = ci as u32;
                 let by_name = self.kinds_by_name(&column.name);
-                if by_name == 0 && NON_TEXT_TYPES.contains(&column.type_name.as_str()) {
+                let type_name = column.type_name.as_str();
+                let textual = !TYPED_VARIANT_TYPES.contains(&type_name);
+                let never_matches = !textual || OTHER_NON_TEXT_TYPES.contains(&type_name);
+                if by_name == 0 && never_matches {
                     continue;
                 }
                 let mut column_kinds = by_name;
@@ -178,7 +162,6 @@ impl Config {
                     images.push(batch.read_text_column(ti, ci, Image::Old));
                 }
                 let others = self.enabled & !by_name;
-                let textual = !TYPED_VARIANT_TYPES.contains(&column.type_name.as_str());
                 let mut sampled = 0;
                 for values in &images {
                     for (i, (kinds, &kind)) in row_kinds.iter_mut().zip(&values.kinds).enumerate()
