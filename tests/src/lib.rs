@@ -134,6 +134,42 @@ impl Host {
     }
 }
 
+/// Waits up to 60 s until a consumer streams from `slot` (its `active` is true).
+pub async fn wait_slot_active(db: &tokio_postgres::Client, slot: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let row = db
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        if row.is_some_and(|r| r.get::<_, bool>(0)) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("slot {slot} not in use within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Drops `slot`, retrying for up to 60 s while it is still active (a walsender ends a
+/// moment after its client went away).
+pub async fn drop_slot(db: &tokio_postgres::Client, slot: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match db
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(60) => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// Rows of a lake table read by an independent reader (`duckdb` or `deltalake`),
 /// in change order.
 pub fn read_lake(reader: &str, table: &Path) -> Result<Vec<Json>> {

@@ -115,22 +115,33 @@ async fn insert(db: &tokio_postgres::Client, from: i64, to: i64) -> Result<()> {
     Ok(())
 }
 
-/// Inserts from `first` until `stop`, pausing `pause` between rows; returns the last id.
-fn writer(
-    db: tokio_postgres::Client,
-    first: i64,
-    pause: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<Result<i64>> {
-    tokio::spawn(async move {
-        let mut id = first - 1;
-        while !*stop.borrow_and_update() {
-            id += 1;
-            insert(&db, id, id).await?;
-            tokio::time::sleep(pause).await;
-        }
-        Ok(id)
-    })
+/// Inserts ids from `first` on, one transaction each, pausing between rows, until
+/// [`Writer::finish`].
+struct Writer {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<i64>>,
+}
+
+impl Writer {
+    fn start(db: tokio_postgres::Client, first: i64, pause: Duration) -> Writer {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut id = first - 1;
+            while !*stopped.borrow_and_update() {
+                id += 1;
+                insert(&db, id, id).await?;
+                tokio::time::sleep(pause).await;
+            }
+            Ok(id)
+        });
+        Writer { stop, task }
+    }
+
+    /// Stops the writes; returns the last id written.
+    async fn finish(self) -> Result<i64> {
+        let _ = self.stop.send(true);
+        self.task.await?
+    }
 }
 
 const TABLE: &str = "CREATE TABLE t (id bigint PRIMARY KEY, email text, pad text);
@@ -177,13 +188,7 @@ async fn network_faults(name: &str, restart: bool) -> Result<()> {
 
     insert(&db, 1, 100).await?;
     // Cut mid-stream, over and over, while a writer commits.
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let writes = writer(
-        pg.connect("postgres").await?,
-        101,
-        Duration::from_millis(5),
-        stop_rx,
-    );
+    let writes = Writer::start(pg.connect("postgres").await?, 101, Duration::from_millis(5));
     for i in 0..8u64 {
         tokio::time::sleep(Duration::from_millis(300 + 150 * i)).await;
         proxy.cut();
@@ -193,8 +198,7 @@ async fn network_faults(name: &str, restart: bool) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     proxy.set_up(true);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let _ = stop.send(true);
-    let last = writes.await??;
+    let last = writes.finish().await?;
     let mut total = last;
     if restart {
         // PostgreSQL restarts, fast and then the hard way (crash recovery).
@@ -363,13 +367,7 @@ async fn a_spine_down_for_minutes_shows_its_backlog_and_gets_every_event_when_ba
         spine.url
     );
     let host = Host::start(&config, &dir);
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let writes = writer(
-        pg.connect("postgres").await?,
-        1,
-        Duration::from_millis(20),
-        stop_rx,
-    );
+    let writes = Writer::start(pg.connect("postgres").await?, 1, Duration::from_millis(20));
     wait_status(&admin, Duration::from_secs(30), "events delivered", |s| {
         s["sinks"]["spine"]["durable_lsn"].is_string()
     })
@@ -416,8 +414,7 @@ async fn a_spine_down_for_minutes_shows_its_backlog_and_gets_every_event_when_ba
 
     let spine = SpineProcess::start(&spine_dir, spine_port).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let _ = stop.send(true);
-    let last = writes.await??;
+    let last = writes.finish().await?;
     let table = dir.join("lake/public.t");
     let rows = match wait_for_lake(&table, Duration::from_secs(180), |r| {
         r.len() >= last as usize
@@ -520,13 +517,7 @@ async fn an_unreachable_or_frozen_object_store_shows_in_status_and_loses_nothing
         options_toml.join(", ")
     );
     let host = Host::start(&config, &dir);
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let writes = writer(
-        pg.connect("postgres").await?,
-        1,
-        Duration::from_millis(20),
-        stop_rx,
-    );
+    let writes = Writer::start(pg.connect("postgres").await?, 1, Duration::from_millis(20));
     wait_status(&admin, Duration::from_secs(60), "a first commit", |s| {
         s["sinks"]["lake"]["durable_lsn"].is_string()
     })
@@ -571,8 +562,7 @@ async fn an_unreachable_or_frozen_object_store_shows_in_status_and_loses_nothing
     eprintln!("object store frozen, /status: {:#}", s["sinks"]["lake"]);
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let _ = stop.send(true);
-    let last = writes.await??;
+    let last = writes.finish().await?;
     let url = "s3://lake/faults/public.t";
     let start = Instant::now();
     let rows = loop {

@@ -15,23 +15,6 @@ fn write_config(dir: &Path, body: &str) -> PathBuf {
     path
 }
 
-async fn wait_slot_active(db: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        let row = db
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?;
-        if row.is_some_and(|r| r.get::<_, bool>(0)) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("slot {slot} never became active")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_every_problem_at_once() -> anyhow::Result<()> {
     let dir = temp_dir("check");

@@ -70,14 +70,17 @@ async fn cluster_with_password() -> Result<Cluster> {
     Ok(pg)
 }
 
+/// Every credential the test hands airlock.
+const SECRETS: [&str; 5] = [
+    PG_PASSWORD,
+    SPINE_TOKEN,
+    ADMIN_TOKEN,
+    S3_SECRET_KEY,
+    S3_KEY_ID,
+];
+
 fn assert_no_secret(what: &str, text: &str) {
-    for secret in [
-        PG_PASSWORD,
-        SPINE_TOKEN,
-        ADMIN_TOKEN,
-        S3_SECRET_KEY,
-        S3_KEY_ID,
-    ] {
+    for secret in SECRETS {
         assert!(
             !text.contains(secret),
             "{what} contains the credential `{secret}`:\n{}",
@@ -89,13 +92,7 @@ fn assert_no_secret(what: &str, text: &str) {
 fn assert_no_secret_in_files(dir: &Path) {
     for file in files_under(dir) {
         let bytes = std::fs::read(&file).unwrap_or_default();
-        for secret in [
-            PG_PASSWORD,
-            SPINE_TOKEN,
-            ADMIN_TOKEN,
-            S3_SECRET_KEY,
-            S3_KEY_ID,
-        ] {
+        for secret in SECRETS {
             assert!(
                 !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
                 "{} contains the credential `{secret}`",

@@ -159,6 +159,14 @@ async fn existing_rows_arrive_as_reads_then_streaming_continues_exactly_once() -
     Ok(())
 }
 
+/// The names of the cluster's replication slots.
+async fn slot_names(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
+    let rows = db
+        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// A cluster with `rows` rows in `items` (published), and a configuration that
 /// snapshots them through `slot`.
 async fn items(
@@ -250,12 +258,7 @@ async fn an_interrupted_snapshot_is_taken_again_and_the_last_attempt_is_whole() 
             .filter(|r| &r["_xid"] != last_xid)
             .all(|r| r["_commit_lsn"].as_i64().unwrap() < first_of_last)
     );
-    let slots: Vec<String> = db
-        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let slots = slot_names(&db).await?;
     assert_eq!(slots, vec!["retry".to_owned()], "the snapshot slot is gone");
     Ok(())
 }
@@ -276,37 +279,26 @@ async fn a_restart_takes_a_stopped_snapshot_again_but_refuses_a_dropped_slot() -
 
     // As a stop in the middle of a later attempt leaves it: the attempt's slot, not
     // the slot itself.
-    db.batch_execute(
-        "SELECT pg_drop_replication_slot('again');
-         SELECT pg_create_logical_replication_slot('again_snapshot', 'pgoutput');",
-    )
-    .await?;
+    drop_slot(&db, "again").await?;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('again_snapshot', 'pgoutput')")
+        .await?;
     let host = Host::start(&config, &dir);
     support::wait_for_slot(&db, "again").await?;
     let lake = wait_for_lake(&table, Duration::from_secs(60), |r| r.len() == 2 * rows).await?;
     host.stop().await?;
     let xids: HashSet<i64> = lake.iter().map(|r| r["_xid"].as_i64().unwrap()).collect();
     assert_eq!(xids.len(), 2, "two attempts, each whole");
-    let slots: Vec<String> = db
-        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let slots = slot_names(&db).await?;
     assert_eq!(slots, vec!["again".to_owned()]);
 
     // The slot dropped while airlock was stopped: refused, nothing created or copied.
-    db.batch_execute("SELECT pg_drop_replication_slot('again')")
-        .await?;
+    drop_slot(&db, "again").await?;
     let error = Host::start(&config, &dir).failure().await?;
     assert!(
         error.contains("replication slot `again` does not exist, but sink `lake` already holds changes read from it"),
         "{error}"
     );
-    let slots = db
-        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
-        .await?;
-    assert!(slots.is_empty(), "no slot was created");
+    assert!(slot_names(&db).await?.is_empty(), "no slot was created");
     assert_eq!(read_lake("duckdb", &table)?.len(), 2 * rows);
     Ok(())
 }

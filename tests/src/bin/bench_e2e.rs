@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use airlock::demo::Cluster;
 use airlock_tests::spine_support::{free_port, wait_healthy};
+use airlock_tests::{drop_slot, wait_slot_active};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value as Json, json};
 use tokio::process::{Child, Command};
@@ -765,7 +766,7 @@ impl Bench {
                 "pass": ratio >= DRAIN_RATIO_MIN && lost == 0,
             }),
         );
-        self.drop_slot(&client, "bench_drain").await?;
+        drop_slot(&client, "bench_drain").await?;
         client
             .batch_execute(
                 "SELECT pg_drop_replication_slot('drain_recvlogical'); DROP TABLE bench_drain; CHECKPOINT",
@@ -1007,7 +1008,7 @@ impl Bench {
                 "rows_lost_lake": lost_lake, "rows_lost_spine": lost_spine,
             }),
         );
-        self.drop_slot(&client, "bench_ticks").await?;
+        drop_slot(&client, "bench_ticks").await?;
         client
             .batch_execute("DROP TABLE bench_ticks; CHECKPOINT")
             .await?;
@@ -1040,7 +1041,7 @@ impl Bench {
         };
         let text = config(&self.cluster, "postgres", "bench_big", &dir, None, "");
         let mut airlock = Airlock::start(&text, &dir).await?;
-        self.wait_slot_active(&client, "bench_big").await?;
+        wait_slot_active(&client, "bench_big").await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (_, idle) = airlock.memory().unwrap_or((0, 0));
         println!(
@@ -1180,39 +1181,6 @@ impl Bench {
             .with_context(|| format!("no tps in pgbench's output: {stdout}"))
     }
 
-    async fn wait_slot_active(&self, client: &tokio_postgres::Client, slot: &str) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            let row = client
-                .query_opt(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await?;
-            if row.is_some_and(|r| r.get::<_, bool>(0)) {
-                return Ok(());
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("slot {slot} not in use within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn drop_slot(&self, client: &tokio_postgres::Client, slot: &str) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            match client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(e) if start.elapsed() > Duration::from_secs(60) => return Err(e.into()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    }
-
     async fn primary(
         &self,
         report: &mut Vec<Line>,
@@ -1291,11 +1259,10 @@ impl Bench {
                             .args(["-f", "/dev/null"])
                             .stdin(Stdio::null())
                             .spawn()?;
-                        self.wait_slot_active(&client, "pgbench_recvlogical")
-                            .await?;
+                        wait_slot_active(&client, "pgbench_recvlogical").await?;
                         recv.push(self.pgbench().await?);
                         let _ = consumer.kill().await;
-                        self.drop_slot(&client, "pgbench_recvlogical").await?;
+                        drop_slot(&client, "pgbench_recvlogical").await?;
                     }
                     _ => {
                         client
@@ -1314,7 +1281,7 @@ impl Bench {
                             "",
                         );
                         let mut airlock = Airlock::start(&text, &dir).await?;
-                        self.wait_slot_active(&client, "bench_pgbench").await?;
+                        wait_slot_active(&client, "bench_pgbench").await?;
                         let tps = self.pgbench().await?;
                         if let Err(e) = airlock.check_alive() {
                             // A run during which airlock stopped does not measure its cost.
@@ -1322,7 +1289,7 @@ impl Bench {
                             let last = message.lines().last().unwrap_or_default().to_owned();
                             println!("  airlock stopped during the run: {last}");
                             air_errors.push(last);
-                            self.drop_slot(&client, "bench_pgbench").await?;
+                            drop_slot(&client, "bench_pgbench").await?;
                             discard(&dir);
                             continue;
                         }
@@ -1342,7 +1309,7 @@ impl Bench {
                         }
                         catch_up.push(ended.elapsed().as_secs_f64());
                         airlock.stop().await?;
-                        self.drop_slot(&client, "bench_pgbench").await?;
+                        drop_slot(&client, "bench_pgbench").await?;
                         discard(&dir);
                     }
                 }
