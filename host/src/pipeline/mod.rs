@@ -267,7 +267,7 @@ pub struct Worker {
     pub on_error: OnError,
     /// Inside a transaction handed on in parts: the pipeline is not swapped until its
     /// last part went through.
-    pub open: bool,
+    open: bool,
     /// The runtime the worker waits on while idle, so that a reloaded pipeline is
     /// swapped in without waiting for traffic. Without one, it is swapped at the next batch.
     runtime: Option<tokio::runtime::Handle>,
