@@ -15,8 +15,10 @@ pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+pub mod secrets;
 
 pub mod pipeline;
+pub mod private_files;
 pub mod progress;
 pub mod sink;
 pub mod source;

@@ -234,6 +234,80 @@ fn a_trapped_instance_is_discarded_and_the_batch_retried_on_a_fresh_one() {
     assert_eq!(out.rows[0].change.new, batch.rows[0].change.new);
 }
 
+/// Regression: when a later stage failed, the batch came back as the earlier stages
+/// had left it, and the retry ran those stages again on their own output (a masked
+/// value was hashed twice, and a dead-letter file held masked rows as "original").
+#[test]
+fn a_batch_failed_by_a_later_stage_comes_back_as_it_went_in_and_is_masked_once_on_retry() {
+    let rt = runtime(Limits::default());
+    let stage = |name: &str, guest_name: &str| PluginFile {
+        name: name.into(),
+        wasm: guest(guest_name),
+        settings: None,
+    };
+    let mut failing = Pipeline::load(
+        &rt,
+        &[stage("10-mask", "mask"), stage("20-error", "test_error")],
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let relation = Arc::new(Relation {
+        oid: 1,
+        schema: "public".into(),
+        name: "customers".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            Column {
+                name: "id".into(),
+                type_oid: oid::INT8,
+                type_modifier: -1,
+                key: true,
+            },
+            Column {
+                name: "email".into(),
+                type_oid: oid::TEXT,
+                type_modifier: -1,
+                key: false,
+            },
+        ],
+    });
+    let email = "ada@example.com";
+    let input = Batch::from_transactions(vec![txn(
+        1,
+        vec![Change {
+            relation,
+            op: Op::Insert,
+            lsn: Lsn(1),
+            new: Some(vec![Value::Int(1), Value::Text(email.into())]),
+            old: None,
+        }],
+    )]);
+    let (back, error) = failing
+        .process(input.clone())
+        .expect_err("the second stage fails every batch");
+    assert!(error.to_string().contains("20-error"), "{error}");
+    assert_eq!(
+        back.rows[0].change, input.rows[0].change,
+        "the stages' input, not stage 1's output"
+    );
+    assert!(back.rows[0].tags.is_empty() && back.tables[0].column_tags[1].is_empty());
+    assert_eq!(back.written_bytes, input.written_bytes);
+
+    // The retry (here on a reloaded pipeline without the failing stage) masks once.
+    let mut fixed =
+        Pipeline::load(&rt, &[stage("10-mask", "mask")], &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    let once = fixed.process(input).unwrap_or_else(|(_, e)| panic!("{e}"));
+    let retried = fixed.process(back).unwrap_or_else(|(_, e)| panic!("{e}"));
+    assert_eq!(
+        retried.rows[0].change, once.rows[0].change,
+        "hashed once, not twice"
+    );
+    assert_ne!(
+        retried.rows[0].change.new.as_ref().unwrap()[1],
+        Value::Text(email.into())
+    );
+}
+
 #[test]
 fn a_guest_that_always_traps_fails_the_batch_and_returns_it_unchanged() {
     let rt = runtime(Limits::default());
@@ -270,6 +344,61 @@ fn a_guest_that_loops_forever_hits_its_deadline() {
     let (back, error) = pipeline
         .process(zoo_batch(1))
         .expect_err("an endless loop must fail");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "two attempts of 200 ms each, not forever"
+    );
+    assert!(error.to_string().contains("deadline"), "{error}");
+    assert_eq!(back.rows.len(), 1);
+}
+
+/// Runs `pipeline` on `batch` on its own thread and waits at most `limit` for it: a
+/// guest that blocks the host would otherwise hold the test as long as it holds a
+/// real pipeline.
+fn process_within(
+    mut pipeline: Pipeline,
+    batch: Batch,
+    limit: Duration,
+) -> Result<Batch, (Batch, RuntimeError)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(pipeline.process(batch));
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| {
+        panic!("the guest held the batch for more than {limit:?}: a host call blocked past the deadline")
+    })
+}
+
+#[test]
+fn a_guest_that_sleeps_an_hour_does_not_hold_the_batch() {
+    let rt = runtime(Limits {
+        deadline: Duration::from_secs(2),
+        ..Limits::default()
+    });
+    let pipeline = load(&rt, "test_spin", &[("mode", "sleep")]).unwrap_or_else(|e| panic!("{e:?}"));
+    let start = Instant::now();
+    let done = process_within(pipeline, zoo_batch(3), Duration::from_secs(20))
+        .unwrap_or_else(|(_, e)| panic!("a sleep must return at once: {e}"));
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the sleep took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(done.rows.len(), 3);
+    assert_eq!(done.rows[0].change, zoo_batch(3).rows[0].change);
+}
+
+#[test]
+fn a_guest_that_sleeps_in_a_loop_hits_its_deadline() {
+    let rt = runtime(Limits {
+        deadline: Duration::from_millis(200),
+        ..Limits::default()
+    });
+    let pipeline =
+        load(&rt, "test_spin", &[("mode", "sleep-loop")]).unwrap_or_else(|e| panic!("{e:?}"));
+    let start = Instant::now();
+    let (back, error) = process_within(pipeline, zoo_batch(1), Duration::from_secs(20))
+        .expect_err("sleeping forever must fail");
     assert!(
         start.elapsed() < Duration::from_secs(10),
         "two attempts of 200 ms each, not forever"
@@ -391,4 +520,149 @@ fn the_sandbox_denies_files_environment_and_network() {
     assert_eq!(env, "0", "the guest saw environment variables");
     assert_ne!(net, "connected", "the guest opened a socket");
     assert_eq!(clock, "0", "the guest's wall clock is frozen at the epoch");
+}
+
+/// Regression: `require` named stages only, so any guest copied in under a required
+/// name passed. A pinned entry (`NAME@sha256:HEX`) accepts only those bytes.
+#[test]
+fn require_pins_a_stage_to_its_content() {
+    use airlock::config::RequiredStage;
+    use airlock::pipeline::registry;
+
+    let rt = runtime(Limits::default());
+    let dir = temp_dir("require-pin");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let mask = std::fs::read(guest("mask")).unwrap();
+    let mask_sha = sha256_hex_bytes(&mask);
+    let pinned = RequiredStage::parse(&format!("10-mask@sha256:{}", mask_sha.to_uppercase()))
+        .expect("a pinned entry parses, in either case");
+    assert_eq!(pinned.name, "10-mask");
+    assert_eq!(pinned.sha256.as_deref(), Some(mask_sha.as_str()));
+
+    // The genuine guest passes and reports its hash.
+    std::fs::write(plugins.join("10-mask.wasm"), &mask).unwrap();
+    let pipeline = registry::build(&rt, &plugins, std::slice::from_ref(&pinned))
+        .unwrap_or_else(|e| panic!("the pinned guest must load: {e}"));
+    assert_eq!(pipeline.stages[0].content_hash, mask_sha);
+
+    // Another guest under the same name is refused, naming both hashes.
+    let impostor = std::fs::read(guest("test_passthrough")).unwrap();
+    std::fs::write(plugins.join("10-mask.wasm"), &impostor).unwrap();
+    let error = match registry::build(&rt, &plugins, std::slice::from_ref(&pinned)) {
+        Ok(_) => panic!("a different guest under a pinned name must be refused"),
+        Err(e) => e,
+    };
+    assert!(error.contains("10-mask"), "{error}");
+    assert!(error.contains(&sha256_hex_bytes(&impostor)), "{error}");
+    assert!(error.contains(&mask_sha), "{error}");
+
+    // A name-only entry still accepts any content (the documented behaviour).
+    let by_name = RequiredStage::parse("10-mask").unwrap();
+    assert!(registry::build(&rt, &plugins, &[by_name]).is_ok());
+
+    // Malformed pins are refused with what is expected.
+    for bad in ["10-mask@sha256:abc", "10-mask@sha256:", "@sha256:00", ""] {
+        let message = RequiredStage::parse(bad).expect_err(bad);
+        assert!(
+            message.contains("64 hex digits") || message.contains("stage name"),
+            "{message}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sha256_hex_bytes(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Regression: native code was loaded from the compile cache as found, so whoever
+/// could write the folder (or swap an entry) ran code of their choosing in the host.
+/// An entry now counts only with this cache's MAC; a folder others may use is refused.
+#[test]
+fn the_compile_cache_runs_only_code_it_wrote_and_must_be_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = temp_dir("compile-cache");
+    let (ours, theirs) = (dir.join("ours"), dir.join("theirs"));
+    let cached = |cache: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect()
+    };
+    // Fill both caches: `mask` in ours, `test_passthrough` in the attacker's.
+    let rt = Runtime::new(Limits::default(), Some(ours.clone())).unwrap();
+    load(&rt, "mask", &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    let rt = Runtime::new(Limits::default(), Some(theirs.clone())).unwrap();
+    load(&rt, "test_passthrough", &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    let (mask_entry, other_entry) = (cached(&ours).remove(0), cached(&theirs).remove(0));
+    assert_eq!(
+        std::fs::metadata(&mask_entry).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Swap the other guest's compiled code in under mask's name: it must not run.
+    std::fs::copy(&other_entry, &mask_entry).unwrap();
+    let rt = Runtime::new(Limits::default(), Some(ours.clone())).unwrap();
+    let mut pipeline = load(&rt, "mask", &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(
+        pipeline.stages[0].info.name, "mask",
+        "the forged entry was not loaded"
+    );
+    let out = pipeline
+        .process(email_batch("ada@example.com"))
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
+    assert_eq!(
+        out.rows[0].change.new.as_ref().unwrap()[1],
+        Value::Text(sha256_hex("ada@example.com")),
+        "the real mask ran"
+    );
+
+    // A cache folder other users may write is refused, with the fix.
+    std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let error = match Runtime::new(Limits::default(), Some(ours.clone())) {
+        Ok(_) => panic!("a world-writable compile cache must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("0777") && error.contains("chmod 700"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A batch of one insert into `public.customers (id, email)`.
+fn email_batch(email: &str) -> Batch {
+    let relation = Arc::new(Relation {
+        oid: 1,
+        schema: "public".into(),
+        name: "customers".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            Column {
+                name: "id".into(),
+                type_oid: oid::INT8,
+                type_modifier: -1,
+                key: true,
+            },
+            Column {
+                name: "email".into(),
+                type_oid: oid::TEXT,
+                type_modifier: -1,
+                key: false,
+            },
+        ],
+    });
+    Batch::from_transactions(vec![txn(
+        1,
+        vec![Change {
+            relation,
+            op: Op::Insert,
+            lsn: Lsn(1),
+            new: Some(vec![Value::Int(1), Value::Text(email.into())]),
+            old: None,
+        }],
+    )])
 }

@@ -36,6 +36,10 @@ pub const CONTRACT_VERSION: &str = "0.1.0";
 /// The WIT package name guests import.
 pub const CONTRACT_PACKAGE: &str = "airlock:transform";
 
+/// What every edit costs against the output cap besides the bytes it writes: its
+/// entry in the undo log.
+const EDIT_BYTES: usize = std::mem::size_of::<Undo>();
+
 /// How to take back one guest write.
 #[derive(Debug)]
 enum Undo {
@@ -77,26 +81,21 @@ pub struct GuestBatch {
     cap: usize,
 }
 
-impl GuestBatch {
-    pub fn new(batch: host::Batch, cap: usize) -> GuestBatch {
-        GuestBatch {
-            batch,
-            undo: Vec::new(),
-            written: 0,
-            cap,
-        }
-    }
+/// What one committed guest call changed in a batch: enough to undo it.
+#[derive(Debug, Default)]
+pub struct Edits {
+    /// Oldest first.
+    undo: Vec<Undo>,
+    /// Bytes the call added to `written_bytes`.
+    written: usize,
+}
 
-    /// Keeps the guest's edits.
-    pub fn commit(mut self) -> host::Batch {
-        self.batch.written_bytes += self.written;
-        self.batch
-    }
-
-    /// Takes back every edit of the call, newest first.
-    pub fn rollback(mut self) -> host::Batch {
-        let batch = &mut self.batch;
-        while let Some(undo) = self.undo.pop() {
+impl Edits {
+    /// Takes the call's edits back out of `batch`, newest first. `batch` must be the
+    /// batch the call left, with every later call's edits already undone.
+    pub fn undo(self, batch: &mut host::Batch) {
+        batch.written_bytes -= self.written;
+        for undo in self.undo.into_iter().rev() {
             match undo {
                 Undo::Value {
                     row,
@@ -125,6 +124,37 @@ impl GuestBatch {
                 }
             }
         }
+    }
+}
+
+impl GuestBatch {
+    pub fn new(batch: host::Batch, cap: usize) -> GuestBatch {
+        GuestBatch {
+            batch,
+            undo: Vec::new(),
+            written: 0,
+            cap,
+        }
+    }
+
+    /// Keeps the guest's edits, and returns with them what undoes them: the
+    /// pipeline takes a whole batch back to its input when a later stage fails.
+    pub fn commit(mut self) -> (host::Batch, Edits) {
+        self.batch.written_bytes += self.written;
+        let edits = Edits {
+            undo: self.undo,
+            written: self.written,
+        };
+        (self.batch, edits)
+    }
+
+    /// Takes back every edit of the call, newest first.
+    pub fn rollback(mut self) -> host::Batch {
+        Edits {
+            undo: std::mem::take(&mut self.undo),
+            written: 0,
+        }
+        .undo(&mut self.batch);
         self.batch
     }
 
@@ -187,7 +217,7 @@ impl GuestBatch {
         image: wit::Image,
         value: change::Value,
     ) -> wasmtime::Result<()> {
-        self.charge(value.heap_size() + 8)?;
+        self.charge(value.heap_size() + EDIT_BYTES)?;
         let old_image = matches!(image, wit::Image::Old);
         let change = &mut self.batch.rows[row as usize].change;
         let values = if old_image {
@@ -212,8 +242,10 @@ impl GuestBatch {
 /// limits and the guest's log.
 pub struct GuestState {
     pub wasi: WasiCtx,
+    /// The guest's monotonic clock, shared with `wasi` (see [`super::clocks`]).
+    pub clock: super::clocks::SharedClock,
     pub table: ResourceTable,
-    pub limits: wasmtime::StoreLimits,
+    pub limits: super::limiter::GuestLimiter,
     pub log: Arc<RateLimitedLog>,
 }
 
@@ -605,6 +637,7 @@ impl wit::HostBatch for GuestState {
         if !r.dropped {
             r.dropped = true;
             gb.undo.push(Undo::Dropped { row });
+            gb.charge(EDIT_BYTES)?;
         }
         Ok(())
     }
@@ -624,7 +657,7 @@ impl wit::HostBatch for GuestState {
         if gb.batch.rows[row as usize].routes.contains(&route) {
             return Ok(());
         }
-        gb.charge(route.len())?;
+        gb.charge(route.len() + EDIT_BYTES)?;
         let routes = &mut gb.batch.rows[row as usize].routes;
         gb.undo.push(Undo::Routes {
             row,
@@ -644,7 +677,7 @@ impl wit::HostBatch for GuestState {
         if gb.batch.rows[row as usize].tags.contains(&tag) {
             return Ok(());
         }
-        gb.charge(tag.len())?;
+        gb.charge(tag.len() + EDIT_BYTES)?;
         let tags = &mut gb.batch.rows[row as usize].tags;
         gb.undo.push(Undo::RowTags {
             row,
@@ -671,7 +704,7 @@ impl wit::HostBatch for GuestState {
         if tags.contains(&tag) {
             return Ok(());
         }
-        gb.charge(tag.len())?;
+        gb.charge(tag.len() + EDIT_BYTES)?;
         let tags = &mut gb.batch.tables[table as usize].column_tags[column as usize];
         gb.undo.push(Undo::ColumnTags {
             table,
@@ -702,7 +735,14 @@ impl wit::HostBatch for GuestState {
     ) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
-        gb.charge(key.len() + value.len())?;
+        // The undo log keeps a copy of the row's annotations: it is charged too, so
+        // repeated (even empty) annotations cannot grow host memory past the cap.
+        let kept: usize = gb.batch.rows[row as usize]
+            .annotations
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 * std::mem::size_of::<String>())
+            .sum();
+        gb.charge(key.len() + value.len() + kept + EDIT_BYTES)?;
         let annotations = &mut gb.batch.rows[row as usize].annotations;
         gb.undo.push(Undo::Annotations {
             row,

@@ -21,9 +21,11 @@
 //!   pipeline halts on it.
 
 pub mod batch;
+pub mod clocks;
 pub mod guest;
 pub mod harness;
 pub mod inflow;
+pub mod limiter;
 pub mod output;
 pub mod registry;
 pub mod runtime;
@@ -205,8 +207,10 @@ impl Pipeline {
         Pipeline::load(runtime, &files, &[])
     }
 
-    /// Runs every stage on `batch`, in order. On failure returns the batch as it was
-    /// before the failing stage's call, and the error.
+    /// Runs every stage on `batch`, in order. On failure returns the batch exactly as
+    /// it came in (every earlier stage's edits undone), and the error: whoever runs it
+    /// again, on this pipeline or a reloaded one, starts from the stages' own input and
+    /// never from a later stage's output (a value is never masked twice).
     pub fn process(&mut self, batch: Batch) -> Result<Batch, (Batch, RuntimeError)> {
         self.process_observed(batch, None)
     }
@@ -217,6 +221,7 @@ impl Pipeline {
         mut batch: Batch,
         status: Option<&Status>,
     ) -> Result<Batch, (Batch, RuntimeError)> {
+        let mut done: Vec<guest::Edits> = Vec::with_capacity(self.stages.len());
         for stage in &mut self.stages {
             let started = Instant::now();
             let result = stage.process(batch);
@@ -231,7 +236,18 @@ impl Pipeline {
                     status.metrics.add(status::GUEST_FAILURES, &labels, 1.0);
                 }
             }
-            batch = result?;
+            match result {
+                Ok((next, edits)) => {
+                    batch = next;
+                    done.push(edits);
+                }
+                Err((mut back, error)) => {
+                    for edits in done.into_iter().rev() {
+                        edits.undo(&mut back);
+                    }
+                    return Err((back, error));
+                }
+            }
         }
         batch.pipeline = self.version.clone();
         batch.stages = self.lineage.clone();
@@ -527,11 +543,11 @@ impl Worker {
 /// directory must be as protected as the database.
 fn dead_letter(dir: &Path, batch: &Batch, error: &RuntimeError) -> std::io::Result<PathBuf> {
     use std::io::Write;
-    std::fs::create_dir_all(dir)?;
+    crate::private_files::create_dir_all(dir)?;
     let first = batch.txns.first().map(|t| t.commit_lsn.0).unwrap_or(0);
     let last = batch.txns.last().map(|t| t.commit_lsn.0).unwrap_or(0);
     let path = dir.join(format!("{first:016X}-{last:016X}.jsonl"));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    let mut out = std::io::BufWriter::new(crate::private_files::create(&path)?);
     for row in harness::row_lines(batch) {
         let mut row = row;
         row["error"] = serde_json::Value::from(error.to_string());

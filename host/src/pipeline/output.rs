@@ -1,6 +1,11 @@
 //! Guest output: the `log` import and the guest's stdout/stderr, line by line into
 //! `tracing`, attributed to the guest and rate-limited so a chatty or hostile guest
 //! cannot flood the host's logs.
+//!
+//! Invariants:
+//! - A guest line is at most [`MAX_LINE`] bytes when logged (the rest is cut, and the
+//!   cut is said), and its control characters (newlines included) are escaped: guest
+//!   text can never forge a log line of its own.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -13,8 +18,30 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 use super::guest::wit::Level;
 
-/// Longest line kept from guest stdout/stderr; the rest of a longer line is cut.
-const MAX_LINE: usize = 4096;
+/// Longest line kept from a guest (the `log` import, stdout, stderr); the rest of a
+/// longer line is cut.
+pub const MAX_LINE: usize = 4096;
+
+/// `message` as it may be logged: cut to [`MAX_LINE`] bytes at a character boundary
+/// and with every control character escaped (`\n`, `\u{1b}`, ...).
+pub fn sanitize(message: &str) -> String {
+    let mut end = message.len().min(MAX_LINE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + 16);
+    for c in message[..end].chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if end < message.len() {
+        out.push_str(&format!(" … ({} more bytes cut)", message.len() - end));
+    }
+    out
+}
 
 /// A token bucket over log lines for one guest.
 pub struct RateLimitedLog {
@@ -61,6 +88,7 @@ impl RateLimitedLog {
             tracing::warn!(guest = %self.guest, suppressed, "guest log lines suppressed by the rate limit");
         }
         let guest = &*self.guest;
+        let message = sanitize(message);
         match level {
             Level::Trace => tracing::trace!(guest, "{message}"),
             Level::Debug => tracing::debug!(guest, "{message}"),
@@ -158,5 +186,26 @@ impl tokio::io::AsyncWrite for GuestOutput {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_lines_are_cut_and_cannot_forge_log_lines() {
+        assert_eq!(
+            sanitize("ok\n2026-01-01T00:00:00Z  INFO airlock: forged\r\u{1b}[31m"),
+            "ok\\n2026-01-01T00:00:00Z  INFO airlock: forged\\r\\u{1b}[31m"
+        );
+        let long = "é".repeat(MAX_LINE);
+        let cut = sanitize(&long);
+        assert!(cut.starts_with(&"é".repeat(MAX_LINE / 2)));
+        assert!(
+            cut.ends_with(&format!("({} more bytes cut)", long.len() - MAX_LINE)),
+            "{cut}"
+        );
+        assert_eq!(sanitize("plain"), "plain");
     }
 }

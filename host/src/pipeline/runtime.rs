@@ -9,26 +9,30 @@
 //! Invariants:
 //! - Guests get no preopened directories, no environment, no arguments, no sockets,
 //!   a frozen wall clock and a deterministic monotonic clock.
-//! - Every call runs under an epoch deadline and the store's memory limit.
+//! - Every call runs under an epoch deadline and the store's memory limit, and no
+//!   import blocks: a sleep returns at once (see [`super::clocks`]), so the deadline,
+//!   which interrupts only guest code, bounds the whole call.
 //! - An instance whose call failed (trap or error) is never used again: it is
 //!   discarded and a fresh one is built from the pre-instantiated component.
 //! - A failed call leaves the batch exactly as it was before the call.
 
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::WasiCtx;
 
 use super::batch::Batch;
+use super::clocks::{FrozenClock, SharedClock};
 use super::guest::{
-    CONTRACT_PACKAGE, CONTRACT_VERSION, GuestBatch, GuestState, Transform, TransformPre, wit,
+    CONTRACT_PACKAGE, CONTRACT_VERSION, Edits, GuestBatch, GuestState, Transform, TransformPre, wit,
 };
-use super::output::{GuestOutput, RateLimitedLog};
+use super::limiter::GuestLimiter;
+use super::output::{GuestOutput, RateLimitedLog, sanitize};
 
 /// How often the epoch advances; deadlines are rounded up to it.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -83,8 +87,105 @@ pub enum RuntimeError {
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<GuestState>>,
-    cache_dir: Option<PathBuf>,
+    cache: Option<CompileCache>,
     pub limits: Limits,
+}
+
+/// The compile cache: native code of compiled components, by content hash and engine.
+///
+/// Loading native code runs it, so an entry is trusted only when it carries a MAC made
+/// with the cache's own key over the component's content hash, the engine's
+/// compatibility hash and the code itself; the folder must belong to the user airlock
+/// runs as and be closed to everyone else. Anything else is refused (the folder) or
+/// compiled again (an entry).
+#[derive(Clone, Debug)]
+struct CompileCache {
+    dir: PathBuf,
+    key: crate::secrets::Key,
+}
+
+/// What an entry's MAC covers first: the format and its version.
+const CACHE_MAC_DOMAIN: &[u8] = b"airlock-compile-cache-v1";
+
+impl CompileCache {
+    /// Opens (creating it, `0700`) the cache folder `dir` and its key.
+    fn open(dir: PathBuf) -> Result<CompileCache, RuntimeError> {
+        let refuse = |message: String| {
+            RuntimeError::Engine(format!("compile cache {}: {message}", dir.display()))
+        };
+        crate::private_files::create_dir_all(&dir)
+            .map_err(|e| refuse(format!("cannot create it: {e}")))?;
+        let meta = std::fs::metadata(&dir).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+        crate::secrets::check_private(&meta, 0o077).map_err(|problem| {
+            refuse(format!(
+                "{problem}: airlock runs native code from this folder, so it must be private \
+                 to its user; `chmod 700` it, or set [plugins] cache_dir to a private folder"
+            ))
+        })?;
+        let key = crate::secrets::Key::load_or_create(&dir.join("cache.key"))
+            .map_err(|e| refuse(e.to_string()))?;
+        Ok(CompileCache { dir, key })
+    }
+
+    fn entry(&self, content_hash: &str, engine_hash: u64) -> PathBuf {
+        self.dir
+            .join(format!("{content_hash}-{engine_hash:016x}.cwasm"))
+    }
+
+    fn mac(&self, content_hash: &str, engine_hash: u64, code: &[u8]) -> [u8; 32] {
+        self.key.mac(&[
+            CACHE_MAC_DOMAIN,
+            content_hash.as_bytes(),
+            &engine_hash.to_le_bytes(),
+            code,
+        ])
+    }
+
+    /// The cached component, when there is an entry and its MAC verifies.
+    fn load(&self, engine: &Engine, content_hash: &str, engine_hash: u64) -> Option<Component> {
+        let path = self.entry(content_hash, engine_hash);
+        let bytes = std::fs::read(&path).ok()?;
+        let Some((tag, code)) = bytes.split_first_chunk::<32>() else {
+            tracing::warn!(path = %path.display(), "ignoring a truncated compile cache entry");
+            return None;
+        };
+        if !crate::secrets::constant_time_eq(tag, &self.mac(content_hash, engine_hash, code)) {
+            tracing::warn!(
+                path = %path.display(),
+                "ignoring a compile cache entry that this cache did not write (its MAC does not verify)"
+            );
+            return None;
+        }
+        match deserialize_cached(engine, code) {
+            Ok(component) => Some(component),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), error = %error, "ignoring an unreadable compile cache entry");
+                None
+            }
+        }
+    }
+
+    /// Stores `component`'s native code with its MAC (atomically, `0600`).
+    fn store(&self, component: &Component, content_hash: &str, engine_hash: u64) {
+        let path = self.entry(content_hash, engine_hash);
+        let code = match component.serialize() {
+            Ok(code) => code,
+            Err(error) => {
+                return tracing::warn!(error = %error, "cannot serialize a compiled component");
+            }
+        };
+        let tag = self.mac(content_hash, engine_hash, &code);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let written = crate::private_files::create(&tmp).and_then(|mut file| {
+            use std::io::Write as _;
+            file.write_all(&tag)?;
+            file.write_all(&code)
+        });
+        if written.and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(path = %path.display(), "cannot write the compile cache entry");
+        }
+    }
 }
 
 impl Runtime {
@@ -98,6 +199,8 @@ impl Runtime {
         let mut linker = Linker::<GuestState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        super::clocks::replace_monotonic_clock(&mut linker)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         Transform::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker = engine.clone();
@@ -110,18 +213,11 @@ impl Runtime {
                 }
             })
             .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        if let Some(dir) = &cache_dir {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                RuntimeError::Engine(format!(
-                    "cannot create the compile cache {}: {e}",
-                    dir.display()
-                ))
-            })?;
-        }
+        let cache = cache_dir.map(|dir| CompileCache::open(dir)).transpose()?;
         Ok(Runtime {
             engine,
             linker: Arc::new(linker),
-            cache_dir,
+            cache,
             limits,
         })
     }
@@ -146,19 +242,13 @@ impl Runtime {
             path: path.to_owned(),
             message,
         };
-        let cached = self
-            .cache_dir
+        let engine_hash = self.engine_hash();
+        if let Some(component) = self
+            .cache
             .as_ref()
-            .map(|dir| dir.join(format!("{content_hash}-{:016x}.cwasm", self.engine_hash())));
-        if let Some(cached) = &cached
-            && cached.exists()
+            .and_then(|cache| cache.load(&self.engine, content_hash, engine_hash))
         {
-            match deserialize_cached(&self.engine, cached) {
-                Ok(component) => return Ok(component),
-                Err(error) => {
-                    tracing::warn!(path = %cached.display(), error = %error, "ignoring unreadable compile cache entry")
-                }
-            }
+            return Ok(component);
         }
         if !wasm.starts_with(b"\0asm") {
             return Err(load_err(
@@ -174,21 +264,8 @@ impl Runtime {
             };
             load_err(format!("cannot compile: {e:#}{hint}"))
         })?;
-        if let Some(cached) = cached {
-            match component.serialize() {
-                Ok(bytes) => {
-                    let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
-                    if std::fs::write(&tmp, bytes)
-                        .and_then(|()| std::fs::rename(&tmp, &cached))
-                        .is_err()
-                    {
-                        tracing::warn!(path = %cached.display(), "cannot write the compile cache entry");
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, "cannot serialize a compiled component")
-                }
-            }
+        if let Some(cache) = &self.cache {
+            cache.store(&component, content_hash, engine_hash);
         }
         Ok(component)
     }
@@ -253,11 +330,11 @@ impl Runtime {
 }
 
 #[allow(unsafe_code)]
-fn deserialize_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
-    // SAFETY: the cache directory is ours: entries are written only by `Runtime::compile`
-    // from components this engine compiled, named by the content hash of the source and
-    // the engine's compatibility hash, and replaced atomically by rename.
-    unsafe { Component::deserialize_file(engine, path) }
+fn deserialize_cached(engine: &Engine, code: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: `code` is what `Component::serialize` gave for this engine configuration
+    // (the entry's name and MAC cover the engine's compatibility hash): its MAC, made
+    // with the cache's private key over the code, verified before this call.
+    unsafe { Component::deserialize(engine, code) }
 }
 
 /// Refuses components built for another version of the contract, naming both.
@@ -310,21 +387,24 @@ impl Stage {
     /// A fresh, initialised instance in a new sandboxed store.
     fn instantiate(&self) -> Result<Live, RuntimeError> {
         let limits = &self.runtime.limits;
+        let clock = SharedClock::default();
         let mut wasi = WasiCtx::builder();
         wasi.stdout(GuestOutput::new(self.log.clone(), wit::Level::Info))
             .stderr(GuestOutput::new(self.log.clone(), wit::Level::Warn))
             .wall_clock(FrozenClock)
-            .monotonic_clock(StepClock::default())
+            .monotonic_clock(clock.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
         let state = GuestState {
             wasi: wasi.build(),
-            table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .trap_on_grow_failure(true)
-                .build(),
+            clock,
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(super::limiter::RESOURCES);
+                table
+            },
+            limits: GuestLimiter::new(limits.memory_bytes),
             log: self.log.clone(),
         };
         let mut store = Store::new(&self.runtime.engine, state);
@@ -343,7 +423,7 @@ impl Stage {
             Ok(Ok(())) => Ok(Live { store, bindings }),
             Ok(Err(message)) => Err(RuntimeError::Init {
                 guest: self.name.clone(),
-                message,
+                message: sanitize(&message),
             }),
             Err(e) => Err(RuntimeError::Init {
                 guest: self.name.clone(),
@@ -352,10 +432,11 @@ impl Stage {
         }
     }
 
-    /// Runs the guest on `batch`. On failure the instance is discarded and the batch
-    /// retried once on a fresh instance; a second failure returns the batch unchanged
+    /// Runs the guest on `batch`, returning it with the call's [`Edits`] (what undoes
+    /// them). On failure the instance is discarded and the batch retried once, as it
+    /// came in, on a fresh instance; a second failure returns the batch unchanged
     /// together with the error.
-    pub fn process(&mut self, mut batch: Batch) -> Result<Batch, (Batch, RuntimeError)> {
+    pub fn process(&mut self, mut batch: Batch) -> Result<(Batch, Edits), (Batch, RuntimeError)> {
         let mut last_error = String::new();
         for attempt in 0..2 {
             let mut live = match self.live.take() {
@@ -395,7 +476,7 @@ impl Stage {
                 }
                 Ok(Err(message)) => {
                     batch = lent.rollback();
-                    last_error = format!("returned an error: {message}");
+                    last_error = format!("returned an error: {}", sanitize(&message));
                 }
                 Err(trap) => {
                     batch = lent.rollback();
@@ -463,32 +544,4 @@ fn describe_trap(error: &wasmtime::Error, limits: &Limits) -> String {
         );
     }
     text
-}
-
-/// A wall clock stuck at the Unix epoch: guests get no real time (rows carry their
-/// commit time instead), which keeps transforms deterministic.
-struct FrozenClock;
-
-impl wasmtime_wasi::HostWallClock for FrozenClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn now(&self) -> Duration {
-        Duration::ZERO
-    }
-}
-
-/// A monotonic clock that advances one microsecond per reading: enough for language
-/// runtimes that measure elapsed time, deterministic for a given guest.
-#[derive(Default)]
-struct StepClock(std::sync::atomic::AtomicU64);
-
-impl wasmtime_wasi::HostMonotonicClock for StepClock {
-    fn resolution(&self) -> u64 {
-        1_000
-    }
-    fn now(&self) -> u64 {
-        self.0
-            .fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
-    }
 }
