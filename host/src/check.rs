@@ -206,10 +206,19 @@ fn plugin_checks(config: &Config, out: &mut Vec<Finding>) {
                 out.push(ok(
                     &format!("stage {}", stage.name),
                     format!(
-                        "{} {}: {}",
-                        stage.info.name, stage.info.version, stage.info.description
+                        "{} {}: {} (sha256 {}; pin it with `{}{}{}` in [plugins] require)",
+                        stage.info.name,
+                        stage.info.version,
+                        stage.info.description,
+                        stage.content_hash,
+                        stage.name,
+                        crate::config::RequiredStage::PIN,
+                        stage.content_hash
                     ),
                 ));
+            }
+            if let Err(e) = registry::check_pins(&pipeline, &config.plugins.require) {
+                out.push(fail("plugins.require", e));
             }
             out.push(ok(
                 "pipeline",

@@ -82,7 +82,9 @@ pub mod raw {
         pub dir: Option<String>,
         /// Reload when the folder changes. Default true.
         pub watch: Option<bool>,
-        /// Stages (file stems) that must always be present; a reload without them is refused.
+        /// Stages that must always be present; a reload without them is refused. Each
+        /// entry is a file stem (`30-mask`), or a stem pinned to its content
+        /// (`30-mask@sha256:` and the 64 hex digits `airlock check` prints).
         pub require: Option<Vec<String>>,
         /// `halt` (default) or `dead-letter`.
         pub on_error: Option<String>,
@@ -246,10 +248,59 @@ pub struct SourceConfig {
 pub struct PluginsConfig {
     pub dir: PathBuf,
     pub watch: bool,
-    pub require: Vec<String>,
+    pub require: Vec<RequiredStage>,
     pub on_error: OnError,
     pub cache_dir: Option<PathBuf>,
     pub limits: crate::pipeline::runtime::Limits,
+}
+
+/// A stage that must be in every pipeline (`[plugins] require`): by name, or by name
+/// and content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequiredStage {
+    /// The stage's file stem, e.g. `30-mask`.
+    pub name: String,
+    /// The SHA-256 of the stage's `.wasm`, lowercase hex, when the entry pins it.
+    pub sha256: Option<String>,
+}
+
+impl RequiredStage {
+    /// The separator between a stage's name and its pinned hash in `require`.
+    pub const PIN: &'static str = "@sha256:";
+
+    /// Parses `NAME` or `NAME@sha256:HEX` (64 hex digits, either case).
+    pub fn parse(entry: &str) -> Result<RequiredStage, String> {
+        let expected = "expected a stage name (a file stem such as `30-mask`), optionally pinned \
+                        to its content as `30-mask@sha256:` and the 64 hex digits of its SHA-256 \
+                        (`airlock check` prints them)";
+        let (name, sha256) = match entry.split_once(Self::PIN) {
+            None => (entry, None),
+            Some((name, hex)) => {
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "found `{entry}`: the pinned hash is not 64 hex digits; {expected}"
+                    ));
+                }
+                (name, Some(hex.to_ascii_lowercase()))
+            }
+        };
+        if name.is_empty() || name.contains(['/', '\\', '@']) {
+            return Err(format!("found `{entry}`, {expected}"));
+        }
+        Ok(RequiredStage {
+            name: name.to_owned(),
+            sha256,
+        })
+    }
+}
+
+impl std::fmt::Display for RequiredStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.sha256 {
+            None => f.write_str(&self.name),
+            Some(hex) => write!(f, "{}{}{hex}", self.name, Self::PIN),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -637,7 +688,17 @@ impl Config {
         let plugins = PluginsConfig {
             dir,
             watch: p.watch.unwrap_or(true),
-            require: p.require.unwrap_or_default(),
+            require: p
+                .require
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .filter_map(|(i, entry)| {
+                    RequiredStage::parse(entry)
+                        .map_err(|e| issues.add(format!("plugins.require[{i}]"), e))
+                        .ok()
+                })
+                .collect(),
             on_error,
             cache_dir: p.cache_dir.map(|d| resolve(&d)).or_else(default_cache_dir),
             limits,
@@ -834,7 +895,18 @@ impl Config {
             );
             SocketAddr::from(([127, 0, 0, 1], 8090))
         });
+        let token_env_set = a.token_env.is_some();
         let token = env_secret(&mut issues, env, "admin.token_env", a.token_env);
+        if !listen.ip().is_loopback() && !token_env_set {
+            issues.add(
+                "admin.listen",
+                format!(
+                    "found `{listen}`, which is not a loopback address, and no token: anyone who \
+                     reaches it could read the status and reload the pipeline; set \
+                     [admin] token_env, or listen on 127.0.0.1"
+                ),
+            );
+        }
 
         // A field with the wrong type was reported (and left out) while parsing: the
         // checks above found it missing, which says nothing more.
@@ -1241,5 +1313,177 @@ mod tests {
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("s"), None);
+    }
+}
+
+/// Property tests over hostile configuration text: the parser and the validation never
+/// panic, and every problem they report names a field path and says something.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Every field the configuration knows, by section, to build plausible files from.
+    const FIELDS: &[(&str, &[&str])] = &[
+        (
+            "source",
+            &[
+                "url",
+                "password_env",
+                "sslmode",
+                "sslrootcert",
+                "publication",
+                "slot",
+                "tables",
+                "snapshot",
+                "create_slot",
+                "status_interval",
+                "slot_busy_timeout",
+            ],
+        ),
+        (
+            "plugins",
+            &[
+                "dir",
+                "watch",
+                "require",
+                "on_error",
+                "dead_letter_dir",
+                "cache_dir",
+            ],
+        ),
+        (
+            "plugins.limits",
+            &[
+                "memory_mib",
+                "deadline_ms",
+                "output_bytes",
+                "log_lines_per_second",
+            ],
+        ),
+        (
+            "sinks.lake",
+            &[
+                "type",
+                "url",
+                "routes",
+                "flush_interval",
+                "max_rows",
+                "max_bytes",
+                "storage_options",
+                "compact_min_files",
+                "token_env",
+                "kinds",
+                "watch",
+                "default_kind",
+                "dead_letter_dir",
+            ],
+        ),
+        ("admin", &["listen", "token_env"]),
+    ];
+
+    /// A TOML value of any kind, with hostile text in it.
+    fn value() -> impl Strategy<Value = String> {
+        let text = prop_oneof![
+            Just(String::new()),
+            "[ -~]{0,40}",
+            "\\PC{0,20}",
+            Just("postgres://u:p@h:5432/db?sslmode=verify-full".to_owned()),
+            Just("file:///tmp/lake".to_owned()),
+            Just("s3://bucket/prefix".to_owned()),
+            Just("10-mask@sha256:".to_owned() + &"a".repeat(64)),
+            Just("0.0.0.0:8090".to_owned()),
+            Just("5s".to_owned()),
+            Just("-1ms".to_owned()),
+        ];
+        let scalar = prop_oneof![
+            text.clone()
+                .prop_map(|t| toml::Value::String(t).to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| format!("{f:?}")),
+        ];
+        prop_oneof![
+            3 => scalar.clone(),
+            1 => prop::collection::vec(scalar, 0..4).prop_map(|v| format!("[{}]", v.join(", "))),
+            1 => prop::collection::vec((text.clone(), text), 0..3).prop_map(|kv| {
+                let inner: Vec<String> = kv
+                    .into_iter()
+                    .map(|(k, v)| format!("{} = {}", toml::Value::String(k), toml::Value::String(v)))
+                    .collect();
+                format!("{{ {} }}", inner.join(", "))
+            }),
+        ]
+    }
+
+    /// A configuration file made of known sections and fields with random values.
+    fn file() -> impl Strategy<Value = String> {
+        let entry = (0..FIELDS.len(), any::<prop::sample::Index>(), value());
+        prop::collection::vec(entry, 0..24).prop_map(|entries| {
+            let mut by_section: BTreeMap<&str, BTreeMap<&str, String>> = BTreeMap::new();
+            for (section, field, value) in entries {
+                let (name, fields) = FIELDS[section];
+                by_section
+                    .entry(name)
+                    .or_default()
+                    .insert(*field.get(fields), value);
+            }
+            let mut text = String::new();
+            for (section, fields) in by_section {
+                text.push_str(&format!("[{section}]\n"));
+                for (field, value) in fields {
+                    text.push_str(&format!("{field} = {value}\n"));
+                }
+            }
+            text
+        })
+    }
+
+    fn check(text: &str) {
+        let env = |var: &str| (var.len() % 2 == 0).then(|| "secret".to_owned());
+        if let Err(error) =
+            Config::from_toml_with_env("fuzz.toml", text, Path::new("/etc/airlock"), &env)
+        {
+            for issue in &error.issues {
+                assert!(!issue.message.is_empty(), "an empty message in {error}");
+            }
+            assert!(!error.to_string().is_empty());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_file_of_known_fields_is_validated_without_panicking(text in file()) {
+            check(&text);
+        }
+
+        #[test]
+        fn any_bytes_are_refused_or_validated_without_panicking(
+            bytes in prop::collection::vec(any::<u8>(), 0..512),
+        ) {
+            check(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn mutations_of_a_valid_file_are_validated_without_panicking(
+            cut in 0usize..400,
+            insert in "\\PC{0,8}",
+        ) {
+            let valid = "[source]\nurl = \"postgres://u@h/db\"\nslot = \"s\"\n\
+                         [plugins]\nrequire = [\"10-mask\"]\n[plugins.limits]\nmemory_mib = 64\n\
+                         [sinks.lake]\ntype = \"delta\"\nurl = \"file:///tmp/lake\"\n\
+                         [sinks.spine]\ntype = \"http\"\nurl = \"http://127.0.0.1:8093/events\"\n\
+                         [admin]\nlisten = \"127.0.0.1:8090\"\n";
+            let mut at = cut.min(valid.len());
+            while !valid.is_char_boundary(at) {
+                at -= 1;
+            }
+            check(&format!("{}{insert}{}", &valid[..at], &valid[at..]));
+        }
     }
 }

@@ -110,17 +110,21 @@ struct AdminArgs {
 }
 
 impl AdminArgs {
+    /// The admin address and the token to send: the configured one, `--token`, or the
+    /// per-run token a host without one keeps for its own user.
     fn resolve(&self) -> anyhow::Result<(String, Option<String>)> {
-        match &self.config {
+        let (addr, token) = match &self.config {
             Some(path) => {
                 let config = airlock::config::Config::load(path)?;
-                Ok((
+                (
                     config.admin.listen.to_string(),
                     config.admin.token.or_else(|| self.token.clone()),
-                ))
+                )
             }
-            None => Ok((self.admin.clone(), self.token.clone())),
-        }
+            None => (self.admin.clone(), self.token.clone()),
+        };
+        let token = token.or_else(|| addr.parse().ok().and_then(airlock::admin::read_local_token));
+        Ok((addr, token))
     }
 
     fn request(
@@ -582,6 +586,7 @@ fn limit_malloc_arenas() {}
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    airlock::private_files::restrict_umask();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -15,7 +15,8 @@
 //! - A file is loaded only after its size and modification time held still for one
 //!   poll interval, so a half-copied `.wasm` is never picked up; if one slips through,
 //!   it fails to compile and the running pipeline stays.
-//! - A reload that would remove a stage named in `require` is refused (fail closed).
+//! - A reload that would remove a stage named in `require`, or replace a stage pinned
+//!   there (`NAME@sha256:HEX`) by other content, is refused (fail closed).
 //! - A failed reload changes nothing that runs.
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::runtime::{Runtime, RuntimeError};
 use super::{Pipeline, PluginFile, scan};
+use crate::config::RequiredStage;
 use crate::status::Status;
 
 /// How often the folder is looked at when `watch` is on.
@@ -53,8 +55,13 @@ pub struct ReloadRequest {
     pub reply: Option<oneshot::Sender<Result<String, String>>>,
 }
 
-/// A sender of reload requests (SIGHUP handler, admin API).
-pub type ReloadTrigger = mpsc::UnboundedSender<ReloadRequest>;
+/// A sender of reload requests (SIGHUP handler, admin API), bounded by
+/// [`RELOAD_QUEUE`]: a queued reload already picks up the folder's latest state, so a
+/// full queue loses nothing.
+pub type ReloadTrigger = mpsc::Sender<ReloadRequest>;
+
+/// Reload requests that may wait at once.
+pub const RELOAD_QUEUE: usize = 4;
 
 /// What the folder looked like: names, sizes and modification times.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,12 +138,13 @@ impl ReloadNotifier {
     }
 }
 
-/// Checks that every required stage is present among `files`.
-pub fn check_required(files: &[PluginFile], require: &[String]) -> Result<(), String> {
+/// Checks that every required stage is present among `files` (by name; the pinned
+/// hashes are checked on what was loaded, by [`check_pins`]).
+pub fn check_required(files: &[PluginFile], require: &[RequiredStage]) -> Result<(), String> {
     let missing: Vec<&str> = require
         .iter()
-        .filter(|r| !files.iter().any(|f| &f.name == *r))
-        .map(String::as_str)
+        .filter(|r| !files.iter().any(|f| f.name == r.name))
+        .map(|r| r.name.as_str())
         .collect();
     if missing.is_empty() {
         Ok(())
@@ -150,21 +158,49 @@ pub fn check_required(files: &[PluginFile], require: &[String]) -> Result<(), St
     }
 }
 
+/// Checks that every stage pinned in `require` has the pinned content: the SHA-256
+/// of the bytes that were compiled, not of a file read again later.
+pub fn check_pins(pipeline: &Pipeline, require: &[RequiredStage]) -> Result<(), String> {
+    let wrong: Vec<String> = require
+        .iter()
+        .filter_map(|r| {
+            let pinned = r.sha256.as_deref()?;
+            let stage = pipeline.stages.iter().find(|s| s.name == r.name)?;
+            (stage.content_hash != pinned).then(|| {
+                format!(
+                    "stage {} is not the pinned guest: its sha256 is {}, [plugins] require pins {}",
+                    r.name, stage.content_hash, pinned
+                )
+            })
+        })
+        .collect();
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: refusing to run it (put the pinned build back, or pin the new one in [plugins] require)",
+            wrong.join("; ")
+        ))
+    }
+}
+
 /// Builds a complete pipeline from the folder, or says why not.
 pub fn build(
     runtime: &Runtime,
     dir: &std::path::Path,
-    require: &[String],
+    require: &[RequiredStage],
 ) -> Result<Pipeline, String> {
     let files = scan(dir).map_err(|e| e.to_string())?;
     check_required(&files, require)?;
-    Pipeline::load(runtime, &files, &[]).map_err(|errors: Vec<RuntimeError>| {
+    let pipeline = Pipeline::load(runtime, &files, &[]).map_err(|errors: Vec<RuntimeError>| {
         errors
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ")
-    })
+    })?;
+    check_pins(&pipeline, require)?;
+    Ok(pipeline)
 }
 
 /// Watches the folder and serves reload requests until `requests` closes.
@@ -172,12 +208,12 @@ pub fn build(
 pub async fn run(
     runtime: Runtime,
     dir: PathBuf,
-    require: Vec<String>,
+    require: Vec<RequiredStage>,
     watch: bool,
     slot: SwapSlot,
     status: Arc<Status>,
     notifier: ReloadNotifier,
-    mut requests: mpsc::UnboundedReceiver<ReloadRequest>,
+    mut requests: mpsc::Receiver<ReloadRequest>,
 ) {
     let mut seen = fingerprint(&dir);
     let mut running = String::new();
