@@ -378,7 +378,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
 
     // Reload: folder watch, SIGHUP, admin API.
     let slot = SwapSlot::default();
-    let (reload_tx, reload_rx) = mpsc::unbounded_channel::<ReloadRequest>();
+    let (reload_tx, reload_rx) = mpsc::channel::<ReloadRequest>(registry::RELOAD_QUEUE);
     let mut notifier = registry::ReloadNotifier::default();
     for sink in config.sinks.iter().filter(|s| s.kind == SinkKind::Http) {
         let client = crate::sink::spine::SpineClient::new(
@@ -408,14 +408,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             return;
         };
         while hup.recv().await.is_some() {
-            if hup_tx
-                .send(ReloadRequest {
-                    reason: "SIGHUP",
-                    reply: None,
-                })
-                .is_err()
-            {
-                return;
+            match hup_tx.try_send(ReloadRequest {
+                reason: "SIGHUP",
+                reply: None,
+            }) {
+                // A full queue already holds reloads that will see the folder as it is.
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
     });
@@ -435,10 +434,32 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         error,
     })?;
     tracing::info!(addr = %admin_addr, "admin API listening");
+    // Without a configured token, the routes that act take a per-run token that only
+    // this user can read (see `admin::local_token_path`).
+    let (control_token, _local_token) = match &config.admin.token {
+        Some(token) => (Arc::from(token.as_str()), None),
+        None => {
+            let token = crate::admin::random_token().map_err(|error| RunError::Admin {
+                addr: admin_addr.to_string(),
+                error,
+            })?;
+            let file = match crate::admin::local_token_path(admin_addr) {
+                Some(path) => Some(crate::admin::write_local_token(&path, &token).map_err(
+                    |error| RunError::Admin {
+                        addr: format!("{admin_addr} (token file {})", path.display()),
+                        error,
+                    },
+                )?),
+                None => None,
+            };
+            (Arc::from(token.as_str()), file)
+        }
+    };
     let admin_state = crate::admin::AdminState {
         status: status.clone(),
         reload: reload_tx.clone(),
         token: config.admin.token.as_deref().map(Arc::from),
+        control_token,
         compactors: compactors.clone(),
     };
     let mut admin_shutdown = shutdown.clone();
@@ -460,7 +481,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         let (name, st) = (sink.name.clone(), status.clone());
         status.update_sink(&sink.name, |v| {
             v.kind = format!("{:?}", sink.kind).to_lowercase();
-            v.url = sink.url.clone();
+            v.url = crate::secrets::redact_url(&sink.url);
             v.routes = sink.routes.clone();
         });
         tokio::spawn(async move {
