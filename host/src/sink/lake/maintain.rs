@@ -68,7 +68,9 @@ impl Maintenance {
     pub const DEFAULT_VACUUM_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
     /// How often the writer vacuums a table it writes.
     pub const VACUUM_EVERY: Duration = Duration::from_secs(3600);
-    /// A lock older than this is taken to be left by a crashed compactor.
+    /// A lock older than this is taken to be left by a crashed compactor. A lock whose
+    /// holder ran on this machine in this boot is taken over as soon as that process
+    /// is gone.
     pub const LOCK_STALE_AFTER: Duration = Duration::from_secs(3600);
 }
 
@@ -121,6 +123,67 @@ struct LockBody {
     owner: String,
     pid: u32,
     since_ms: i64,
+    /// Which machine and boot the holder runs on, and when its process started: with
+    /// them a lock left by a dead process on this machine is recognised at once.
+    /// Absent in locks written before they were recorded.
+    #[serde(default)]
+    holder: Option<Holder>,
+}
+
+/// A process on one machine, in one boot, in one pid namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct Holder {
+    /// `/proc/sys/kernel/random/boot_id`: changes at every boot.
+    boot_id: String,
+    /// The pid namespace (`/proc/self/ns/pid`): a pid means the same process only
+    /// inside one (containers on one kernel share the boot id, not the namespace).
+    pid_namespace: String,
+    /// The process's start time in clock ticks since boot (`/proc/PID/stat`, field
+    /// 22): a pid reused by another process has another.
+    start_ticks: u64,
+}
+
+/// This machine's boot and this process's pid namespace (Linux only).
+fn here() -> Option<(String, String)> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some((
+        boot_id.trim().to_owned(),
+        namespace.to_string_lossy().into_owned(),
+    ))
+}
+
+impl Holder {
+    /// The process `pid` of this pid namespace, if it is running (Linux only).
+    fn of(pid: u32) -> Option<Holder> {
+        let (boot_id, pid_namespace) = here()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses: count from the
+        // last `)`. The start time is field 22, the 20th after it.
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        let start_ticks = after_name.split_whitespace().nth(19)?.parse().ok()?;
+        Some(Holder {
+            boot_id,
+            pid_namespace,
+            start_ticks,
+        })
+    }
+}
+
+impl LockBody {
+    /// Whether the lock was certainly left by a process that is gone: it was taken in
+    /// this boot and pid namespace, and its pid now runs another process or none.
+    /// Anything else (another machine, another container, an older lock) cannot be
+    /// told, and waits for [`Maintenance::LOCK_STALE_AFTER`].
+    fn holder_is_gone(&self) -> bool {
+        let Some(recorded) = &self.holder else {
+            return false;
+        };
+        let same_place = here().is_some_and(|(boot, namespace)| {
+            boot == recorded.boot_id && namespace == recorded.pid_namespace
+        });
+        same_place && Holder::of(self.pid).is_none_or(|now| now != *recorded)
+    }
 }
 
 fn now_ms() -> i64 {
@@ -155,6 +218,7 @@ impl CompactLock {
                 owner: owner.to_owned(),
                 pid: std::process::id(),
                 since_ms: now_ms(),
+                holder: Holder::of(std::process::id()),
             })
             .unwrap_or_default();
             let options = PutOptions {
@@ -176,12 +240,19 @@ impl CompactLock {
                 Err(object_store::Error::NotFound { .. }) => continue,
                 Err(e) => return Err(LakeError::lock(e)),
             };
-            let since = serde_json::from_slice::<LockBody>(&held).map_or(0, |b| b.since_ms);
+            let body = serde_json::from_slice::<LockBody>(&held).ok();
+            let since = body.as_ref().map_or(0, |b| b.since_ms);
             let age = Duration::from_millis((now_ms() - since).max(0) as u64);
-            if age < Maintenance::LOCK_STALE_AFTER {
+            let gone = body.as_ref().is_some_and(LockBody::holder_is_gone);
+            if !gone && age < Maintenance::LOCK_STALE_AFTER {
                 return Ok(false);
             }
-            tracing::warn!(lock = %self.path, age = ?age, "taking over a stale compaction lock");
+            tracing::warn!(
+                lock = %self.path,
+                age = ?age,
+                holder_gone = gone,
+                "taking over a stale compaction lock"
+            );
             self.release().await?;
         }
         Ok(false)
@@ -563,5 +634,103 @@ impl CompactProgress {
             eta_seconds = self.progress.eta_seconds(),
             "compaction progress"
         );
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    fn lock_at(dir: &std::path::Path) -> CompactLock {
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
+        CompactLock {
+            store: Arc::new(store),
+            path: Path::from("_airlock/compact.lock"),
+        }
+    }
+
+    async fn plant(lock: &CompactLock, body: &LockBody) {
+        lock.store
+            .put(
+                &lock.path,
+                PutPayload::from(serde_json::to_vec(body).unwrap()),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Regression: a lock left by a killed `airlock compact` blocked every compaction
+    /// for an hour, though its process was gone on this very machine.
+    #[tokio::test]
+    async fn a_lock_whose_process_is_gone_on_this_machine_is_taken_over_at_once() {
+        let dir = std::env::temp_dir().join(format!("airlock-lock-gone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = lock_at(&dir);
+        // A compactor that ran here and was killed: its identity recorded while it ran.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let holder = Holder::of(pid).expect("a running process has an identity in /proc");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        plant(
+            &lock,
+            &LockBody {
+                owner: "airlock compact (killed)".into(),
+                pid,
+                since_ms: now_ms(),
+                holder: Some(holder),
+            },
+        )
+        .await;
+        assert!(
+            lock.acquire("test").await.unwrap(),
+            "the dead holder's lock is taken over"
+        );
+        lock.release().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_lock_held_by_a_live_process_or_elsewhere_is_respected() {
+        let dir = std::env::temp_dir().join(format!("airlock-lock-live-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = lock_at(&dir);
+        // This very process holds it.
+        let me = std::process::id();
+        plant(
+            &lock,
+            &LockBody {
+                owner: "the running host".into(),
+                pid: me,
+                since_ms: now_ms(),
+                holder: Holder::of(me),
+            },
+        )
+        .await;
+        assert!(
+            !lock.acquire("test").await.unwrap(),
+            "a live holder keeps it"
+        );
+        // Another machine (another boot): cannot be told, so it waits out the hour.
+        let mut elsewhere = Holder::of(me).unwrap();
+        elsewhere.boot_id = "00000000-0000-0000-0000-000000000000".into();
+        plant(
+            &lock,
+            &LockBody {
+                owner: "another machine".into(),
+                pid: u32::MAX,
+                since_ms: now_ms(),
+                holder: Some(elsewhere),
+            },
+        )
+        .await;
+        assert!(
+            !lock.acquire("test").await.unwrap(),
+            "a holder elsewhere keeps it"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
