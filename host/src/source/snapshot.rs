@@ -1,5 +1,6 @@
-//! The initial snapshot (`[source] snapshot = "initial"`): every row of every published
-//! table as `Op::Read` changes, then streaming from the exact point the copy saw.
+//! The initial snapshot (`[source] snapshot = "initial"`): every published row of every
+//! published table as `Op::Read` changes, then streaming from the exact point the copy
+//! saw.
 //!
 //! ```text
 //!  SQL conn: {slot}_snapshot left by an interrupted attempt? drop it, and write 1 MiB of
@@ -7,7 +8,10 @@
 //!  replication conn: CREATE_REPLICATION_SLOT {slot}_snapshot LOGICAL pgoutput EXPORT_SNAPSHOT
 //!        │ (stays open and idle: the exported snapshot lives as long as it does)
 //!  SQL conn: BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '...'
-//!        │   per published table: COPY (SELECT columns FROM table) TO STDOUT ─▶ chunks ─▶ tx
+//!        │   pg_publication_tables: the tables, and (PostgreSQL 15+) per table its
+//!        │     published columns (attnames) and row filter (rowfilter)
+//!        │   per published table: COPY (SELECT published columns FROM [ONLY] table
+//!        │     WHERE (row filter)) TO STDOUT ─▶ chunks ─▶ tx
 //!        │   COMMIT; wait until the sinks made the last chunk durable
 //!  SQL conn: pg_copy_logical_replication_slot('{slot}_snapshot', '{slot}')   ◀── "snapshot complete"
 //!  SQL conn: pg_drop_replication_slot('{slot}_snapshot')
@@ -15,6 +19,16 @@
 //! ```
 //!
 //! Invariants:
+//! - The snapshot copies exactly what the publication publishes, as PostgreSQL's own
+//!   table sync does, so that a snapshot row has the columns of the stream's Relation
+//!   message and holds nothing the stream would not send: the columns of
+//!   `pg_publication_tables.attnames` in `attnum` order (generated ones only on
+//!   PostgreSQL 18+, where pgoutput may publish them), the rows that the row filter
+//!   (`rowfilter`, PostgreSQL's own deparsed expression) lets through, and of a plain
+//!   table only its own rows (`ONLY`: an inheritance child is published, if at all, as
+//!   a table of its own). `FOR ALL TABLES` and `TABLES IN SCHEMA` have neither list nor
+//!   filter: every column, every row. Before PostgreSQL 15 (no column lists, no row
+//!   filters): every column that is not generated, every row.
 //! - The slot `{slot}` exists only once the snapshot is durable in every sink: its
 //!   existence is the "snapshot complete" marker. A snapshot interrupted at any point
 //!   leaves only `{slot}_snapshot`, so the next attempt (a reconnect or the next start)
@@ -52,6 +66,10 @@ pub const CHUNK_BYTES: usize = 8 << 20;
 const SPAN: u64 = 1 << 20;
 /// How often progress is logged and published.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+/// The first server version (`server_version_num`) with column lists and row filters.
+const PG15: i32 = 150_000;
+/// The first server version that can publish generated columns.
+const PG18: i32 = 180_000;
 
 /// Called with the snapshot's progress as JSON (for `/status`).
 #[derive(Clone)]
@@ -221,17 +239,14 @@ pub(super) async fn take(
         ))
         .await
         .map_err(fail("importing the snapshot"))?;
-    let tables: Vec<(String, String)> = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
-             WHERE pubname = $1 ORDER BY 1, 2",
-            &[&settings.publication],
-        )
+    let server_version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
         .await
-        .map_err(fail("listing the published tables"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .map_err(fail("reading the server version"))?
+        .get(0);
+    let tables = published_tables(&client, &settings.publication, server_version)
+        .await
+        .map_err(fail("listing the published tables"))?;
 
     // The row estimate of every published table, for the ETA (-1: never analyzed).
     let rows_estimate: i64 = client
@@ -255,8 +270,8 @@ pub(super) async fn take(
     };
     let mut chunk_index = 0u64;
     let mut last_chunk = None;
-    for (schema, name) in &tables {
-        let relation = relation(&client, schema, name)
+    for table in &tables {
+        let (relation, plain) = relation(&client, table, server_version)
             .await
             .map_err(fail("describing a published table"))?;
         let qualified = relation.qualified_name();
@@ -268,21 +283,8 @@ pub(super) async fn take(
             .await
             .map_err(fail("estimating the table size"))?
             .get(0);
-        let columns: Vec<String> = relation
-            .columns
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect();
-        let sql = format!(
-            "COPY (SELECT {} FROM {}.{}) TO STDOUT",
-            if columns.is_empty() {
-                "".into()
-            } else {
-                columns.join(", ")
-            },
-            quote_ident(schema),
-            quote_ident(name)
-        );
+        let sql = copy_sql(&relation, plain, table.row_filters.as_deref());
+        debug!(table = %qualified, sql, "copying a published table");
         let relation = Arc::new(relation);
         let stream = client
             .copy_out(sql.as_str())
@@ -414,22 +416,129 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// A published table as pgoutput would describe it: its columns in order (without
-/// dropped and generated ones), key flags, replica identity, domains resolved.
+/// What a publication publishes of one table, from `pg_publication_tables`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Published {
+    schema: String,
+    name: String,
+    /// The published columns (`attnames`); `None` (no `attnames`, as before
+    /// PostgreSQL 15): every column pgoutput sends of a table without a column list.
+    columns: Option<Vec<String>>,
+    /// The row filters (`rowfilter`), any of which lets a row through; `None`: every
+    /// row (no filter, `FOR ALL TABLES`, `TABLES IN SCHEMA`, before PostgreSQL 15).
+    row_filters: Option<Vec<String>>,
+}
+
+/// The tables of `publication` in name order, each with the columns and the rows it
+/// publishes of it. Column lists and row filters exist from PostgreSQL 15 on.
+async fn published_tables(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    server_version: i32,
+) -> Result<Vec<Published>, tokio_postgres::Error> {
+    let sql = if server_version >= PG15 {
+        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter \
+         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
+    } else {
+        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text \
+         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
+    };
+    let rows = client.query(sql, &[&publication]).await?;
+    Ok(combine(rows.iter().map(|r| Published {
+        schema: r.get(0),
+        name: r.get(1),
+        columns: r.get(2),
+        row_filters: r.get::<_, Option<String>>(3).map(|f| vec![f]),
+    })))
+}
+
+/// One entry per table, from rows in table order. A table listed more than once (once
+/// per publication; one publication lists each table once) has its row filters merged
+/// as PostgreSQL's table sync merges them: no filter in one of them means every row,
+/// else the distinct filters are OR-ed. Its columns are the union of the lists, none
+/// meaning every column (pgoutput refuses a table whose publications list different
+/// columns).
+fn combine(rows: impl IntoIterator<Item = Published>) -> Vec<Published> {
+    let mut tables: Vec<Published> = Vec::new();
+    for row in rows {
+        let Some(last) = tables
+            .last_mut()
+            .filter(|t| t.schema == row.schema && t.name == row.name)
+        else {
+            tables.push(row);
+            continue;
+        };
+        last.columns = match (last.columns.take(), row.columns) {
+            (Some(mut columns), Some(more)) => {
+                for column in more {
+                    if !columns.contains(&column) {
+                        columns.push(column);
+                    }
+                }
+                Some(columns)
+            }
+            _ => None,
+        };
+        last.row_filters = match (last.row_filters.take(), row.row_filters) {
+            (Some(mut filters), Some(more)) => {
+                for filter in more {
+                    if !filters.contains(&filter) {
+                        filters.push(filter);
+                    }
+                }
+                Some(filters)
+            }
+            _ => None,
+        };
+    }
+    tables
+}
+
+/// The COPY that reads what the publication publishes of `relation`: its columns (the
+/// published ones), of its own rows if `only` (a plain table, whose inheritance
+/// children are tables of their own), those that any of `row_filters` lets through.
+/// Names are quoted; the filters are PostgreSQL's own deparsed expressions.
+fn copy_sql(relation: &Relation, only: bool, row_filters: Option<&[String]>) -> String {
+    let columns: Vec<String> = relation
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let mut sql = format!(
+        "COPY (SELECT {} FROM {}{}.{}",
+        columns.join(", "),
+        if only { "ONLY " } else { "" },
+        quote_ident(&relation.schema),
+        quote_ident(&relation.name)
+    );
+    if let Some(filters) = row_filters.filter(|f| !f.is_empty()) {
+        let filters: Vec<String> = filters.iter().map(|f| format!("({f})")).collect();
+        sql.push_str(" WHERE ");
+        sql.push_str(&filters.join(" OR "));
+    }
+    sql.push_str(") TO STDOUT");
+    sql
+}
+
+/// A published table as pgoutput describes it: its published columns in order (the
+/// column list's, else all but dropped and generated ones; generated ones only where
+/// PostgreSQL 18 publishes them), key flags, replica identity, domains resolved. With
+/// it, whether it is a plain table (`relkind = 'r'`, copied with `ONLY`).
 async fn relation(
     client: &tokio_postgres::Client,
-    schema: &str,
-    name: &str,
-) -> Result<Relation, tokio_postgres::Error> {
+    table: &Published,
+    server_version: i32,
+) -> Result<(Relation, bool), tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT c.oid, c.relreplident::text FROM pg_class c \
+            "SELECT c.oid, c.relreplident::text, c.relkind = 'r' FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
-            &[&schema, &name],
+            &[&table.schema, &table.name],
         )
         .await?;
     let oid: u32 = row.get(0);
     let identity: String = row.get(1);
+    let plain: bool = row.get(2);
     let replica_identity = match identity.as_str() {
         "n" => ReplicaIdentity::Nothing,
         "f" => ReplicaIdentity::Full,
@@ -443,9 +552,12 @@ async fn relation(
                      AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) \
              OR c.relreplident = 'f' \
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+             AND CASE WHEN $2::text[] IS NULL THEN a.attgenerated = '' \
+                 ELSE a.attname::text = ANY($2::text[]) AND (a.attgenerated = '' OR $3) END \
              ORDER BY a.attnum",
-            &[&oid],
+            // Before 18, attnames may list generated columns that pgoutput never sends.
+            &[&oid, &table.columns, &(server_version >= PG18)],
         )
         .await?;
     let mut columns = Vec::with_capacity(rows.len());
@@ -465,13 +577,14 @@ async fn relation(
         }
         columns.push(column);
     }
-    Ok(Relation {
+    let relation = Relation {
         oid,
-        schema: schema.to_owned(),
-        name: name.to_owned(),
+        schema: table.schema.clone(),
+        name: table.name.clone(),
         replica_identity,
         columns,
-    })
+    };
+    Ok((relation, plain))
 }
 
 /// One line of COPY text output as typed values.
@@ -576,5 +689,74 @@ mod tests {
         assert!(chunk_base(retry, Some(cp)) >= cp);
         assert!(chunk_base(retry, Some(cp)).0 + SPAN / 2 < retry.0);
         assert_eq!(snapshot_slot(&"x".repeat(63)).len(), 63);
+    }
+
+    fn published(name: &str, columns: Option<&[&str]>, filter: Option<&str>) -> Published {
+        Published {
+            schema: "public".into(),
+            name: name.into(),
+            columns: columns.map(|c| c.iter().map(|c| c.to_string()).collect()),
+            row_filters: filter.map(|f| vec![f.to_owned()]),
+        }
+    }
+
+    #[test]
+    fn a_table_in_several_publications_is_copied_as_any_of_them_publishes_it() {
+        let merged = combine([
+            published("a", Some(&["id", "x"]), Some("(x > 1)")),
+            published("a", Some(&["id", "y"]), Some("(y = 'eu'::text)")),
+            published("a", Some(&["id"]), Some("(x > 1)")),
+            published("b", Some(&["id"]), Some("(id > 1)")),
+            published("b", None, None),
+            published("c", Some(&["id"]), None),
+        ]);
+        assert_eq!(
+            merged,
+            [
+                Published {
+                    row_filters: Some(vec!["(x > 1)".into(), "(y = 'eu'::text)".into()]),
+                    ..published("a", Some(&["id", "x", "y"]), None)
+                },
+                published("b", None, None),
+                published("c", Some(&["id"]), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_copy_selects_the_published_columns_and_rows() {
+        let column = |name: &str| Column {
+            name: name.into(),
+            type_oid: 23,
+            type_modifier: -1,
+            key: false,
+        };
+        let relation = Relation {
+            oid: 1,
+            schema: "Sales".into(),
+            name: "odd\"name".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![column("id"), column("Region")],
+        };
+        assert_eq!(
+            copy_sql(&relation, true, None),
+            r#"COPY (SELECT "id", "Region" FROM ONLY "Sales"."odd""name") TO STDOUT"#
+        );
+        let filters = [
+            "(id > 10)".to_owned(),
+            "(\"Region\" = 'eu'::text)".to_owned(),
+        ];
+        assert_eq!(
+            copy_sql(&relation, false, Some(&filters)),
+            r#"COPY (SELECT "id", "Region" FROM "Sales"."odd""name" WHERE ((id > 10)) OR (("Region" = 'eu'::text))) TO STDOUT"#
+        );
+        let nothing = Relation {
+            columns: Vec::new(),
+            ..relation
+        };
+        assert_eq!(
+            copy_sql(&nothing, true, Some(&[])),
+            r#"COPY (SELECT  FROM ONLY "Sales"."odd""name") TO STDOUT"#
+        );
     }
 }
