@@ -581,7 +581,7 @@ fn sha256_hex_bytes(bytes: &[u8]) -> String {
 /// could write the folder (or swap an entry) ran code of their choosing in the host.
 /// An entry now counts only with this cache's MAC; a folder others may use is refused.
 #[test]
-fn the_compile_cache_runs_only_code_it_wrote_and_must_be_private() {
+fn the_compile_cache_runs_only_code_it_wrote_and_is_closed_to_others() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = temp_dir("compile-cache");
     let (ours, theirs) = (dir.join("ours"), dir.join("theirs"));
@@ -620,14 +620,34 @@ fn the_compile_cache_runs_only_code_it_wrote_and_must_be_private() {
         "the real mask ran"
     );
 
-    // A cache folder other users may write is refused, with the fix.
+    // A cache folder other users could write (an older airlock made it 0755, or
+    // worse) is closed and its key replaced: nothing written before counts.
     std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let error = match Runtime::new(Limits::default(), Some(ours.clone())) {
-        Ok(_) => panic!("a world-writable compile cache must be refused"),
+    let key_before = std::fs::read(ours.join("cache.key")).unwrap();
+    Runtime::new(Limits::default(), Some(ours.clone())).unwrap();
+    assert_eq!(
+        std::fs::metadata(&ours).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_ne!(
+        std::fs::read(ours.join("cache.key")).unwrap(),
+        key_before,
+        "a new key"
+    );
+
+    // Another user's folder is refused, with the fix.
+    let status = std::process::Command::new("chown")
+        .args(["nobody"])
+        .arg(&theirs)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the tests run as root, which may chown");
+    let error = match Runtime::new(Limits::default(), Some(theirs.clone())) {
+        Ok(_) => panic!("a compile cache of another user must be refused"),
         Err(e) => e.to_string(),
     };
     assert!(
-        error.contains("0777") && error.contains("chmod 700"),
+        error.contains("owned by uid") && error.contains("chmod 700"),
         "{error}"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -665,4 +685,65 @@ fn email_batch(email: &str) -> Batch {
             old: None,
         }],
     )])
+}
+
+/// Fuzzes every batch call from inside a real guest: `test_fuzz` calls each batch
+/// function with hostile arguments chosen by a seed mixed with the batch's commit LSN.
+/// Whatever it does, the host never panics; a batch the host refuses comes back as it
+/// went in; a batch it accepts stays within the output cap and renders as JSON lines.
+/// Bounded by `AIRLOCK_FUZZ_SECS` (default 10).
+#[test]
+fn hostile_batch_calls_never_panic_the_host_and_refused_batches_come_back_unchanged() {
+    let budget = Duration::from_secs(
+        std::env::var("AIRLOCK_FUZZ_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10),
+    );
+    let cap = 4 << 20;
+    let rt = runtime(Limits {
+        output_bytes: cap,
+        ..Limits::default()
+    });
+    let mut pipeline =
+        load(&rt, "test_fuzz", &[("calls", "40")]).unwrap_or_else(|e| panic!("{e:?}"));
+    let start = Instant::now();
+    let (mut accepted, mut refused, mut round) = (0u32, 0u32, 0u64);
+    while start.elapsed() < budget {
+        round += 1;
+        let mut input = zoo_batch(3);
+        for (i, t) in input.txns.iter_mut().enumerate() {
+            t.commit_lsn = Lsn(round * 1000 + i as u64);
+        }
+        match pipeline.process(input.clone()) {
+            Ok(out) => {
+                accepted += 1;
+                assert_eq!(out.rows.len(), input.rows.len(), "round {round}");
+                assert!(out.written_bytes <= cap, "round {round}: over the cap");
+                let lines = airlock::pipeline::harness::row_lines(&out);
+                assert_eq!(lines.len(), out.rows.len(), "round {round}");
+            }
+            Err((back, error)) => {
+                refused += 1;
+                assert!(!error.to_string().is_empty());
+                assert_eq!(back.written_bytes, input.written_bytes, "round {round}");
+                for (b, a) in back.rows.iter().zip(&input.rows) {
+                    assert_eq!(b.change, a.change, "round {round}: {error}");
+                    assert_eq!(
+                        (&b.routes, &b.tags, &b.annotations, b.dropped),
+                        (&a.routes, &a.tags, &a.annotations, a.dropped),
+                        "round {round}"
+                    );
+                }
+                for (b, a) in back.tables.iter().zip(&input.tables) {
+                    assert_eq!(b.column_tags, a.column_tags, "round {round}");
+                }
+            }
+        }
+    }
+    eprintln!("{round} rounds: {accepted} batches accepted, {refused} refused");
+    assert!(
+        accepted > 0 && refused > 0,
+        "both outcomes exercised: {accepted} / {refused}"
+    );
 }

@@ -108,22 +108,54 @@ struct CompileCache {
 const CACHE_MAC_DOMAIN: &[u8] = b"airlock-compile-cache-v1";
 
 impl CompileCache {
-    /// Opens (creating it, `0700`) the cache folder `dir` and its key.
+    /// Opens (creating it, `0700`) the cache folder `dir` and its key. A folder of
+    /// airlock's user that others could use (one made by an older airlock, 0755) is
+    /// closed to them and its key replaced, so that nothing put there before counts;
+    /// a folder of another user is refused.
     fn open(dir: PathBuf) -> Result<CompileCache, RuntimeError> {
         let refuse = |message: String| {
             RuntimeError::Engine(format!("compile cache {}: {message}", dir.display()))
         };
         crate::private_files::create_dir_all(&dir)
             .map_err(|e| refuse(format!("cannot create it: {e}")))?;
-        let meta = std::fs::metadata(&dir).map_err(|e| refuse(format!("cannot read it: {e}")))?;
-        crate::secrets::check_private(&meta, 0o077).map_err(|problem| {
-            refuse(format!(
-                "{problem}: airlock runs native code from this folder, so it must be private \
-                 to its user; `chmod 700` it, or set [plugins] cache_dir to a private folder"
-            ))
-        })?;
-        let key = crate::secrets::Key::load_or_create(&dir.join("cache.key"))
-            .map_err(|e| refuse(e.to_string()))?;
+        let meta =
+            std::fs::symlink_metadata(&dir).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+        if !meta.is_dir() {
+            return Err(refuse(
+                "is not a directory (a symbolic link?): set [plugins] cache_dir to a private folder"
+                    .into(),
+            ));
+        }
+        let key_path = dir.join("cache.key");
+        if let Err(problem) = crate::secrets::check_private(&meta, 0o077) {
+            let ours = crate::secrets::check_private(&meta, 0).is_ok();
+            let closed = ours
+                && std::fs::set_permissions(
+                    &dir,
+                    std::os::unix::fs::PermissionsExt::from_mode(crate::private_files::DIR_MODE),
+                )
+                .is_ok();
+            if !closed {
+                return Err(refuse(format!(
+                    "{problem}: airlock runs native code from this folder, so it must be \
+                     private to its user; `chmod 700` it, or set [plugins] cache_dir to a \
+                     private folder"
+                )));
+            }
+            // Whatever others put here (a key, entries) must not count.
+            match std::fs::remove_file(&key_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(refuse(format!("cannot replace its key: {e}"))),
+            }
+            tracing::warn!(
+                cache = %dir.display(),
+                problem = %problem,
+                "the compile cache was open to other users: closed it (0700) and replaced its key; its entries are compiled again"
+            );
+        }
+        let key =
+            crate::secrets::Key::load_or_create(&key_path).map_err(|e| refuse(e.to_string()))?;
         Ok(CompileCache { dir, key })
     }
 
