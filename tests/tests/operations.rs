@@ -179,7 +179,7 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
 /// stage (`10-check`) traps on a row whose value is `poison`.
 async fn poisoned(
     slot: &str,
-) -> anyhow::Result<(PathBuf, Cluster, tokio_postgres::Client, PathBuf)> {
+) -> anyhow::Result<(TempDir, Cluster, tokio_postgres::Client, PathBuf)> {
     let dir = temp_dir(slot);
     let pg = cluster();
     let db = pg.connect("postgres").await?;

@@ -173,7 +173,7 @@ async fn items(
     tag: &str,
     slot: &str,
     rows: usize,
-) -> anyhow::Result<(std::path::PathBuf, Cluster, tokio_postgres::Client, String)> {
+) -> anyhow::Result<(TempDir, Cluster, tokio_postgres::Client, String)> {
     let dir = temp_dir(tag);
     let pg = cluster();
     let db = pg.connect("postgres").await?;

@@ -129,7 +129,8 @@ async fn events_arrive_in_order_with_masked_values(url: &str) -> Result<()> {
 
 #[tokio::test]
 async fn builtin_events_arrive_in_order_with_masked_values() -> Result<()> {
-    let spine = BuiltinSpine::start(&temp_dir("spine-order")).await;
+    let spine_dir = temp_dir("spine-order");
+    let spine = BuiltinSpine::start(&spine_dir).await;
     events_arrive_in_order_with_masked_values(&spine.url).await?;
     spine.stop().await;
     Ok(())

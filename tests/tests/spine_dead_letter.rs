@@ -97,7 +97,7 @@ async fn a_refused_event_is_dead_lettered_and_the_others_are_delivered_in_order(
     let (url, store) = refusing_spine().await;
     let quarantine = temp_dir("spine-dead-letter");
     let mut settings = SpineSettings::new("spine", url);
-    settings.dead_letter_dir = Some(quarantine.clone());
+    settings.dead_letter_dir = Some(quarantine.path_buf());
     settings.flush_interval = Duration::from_millis(50);
     let batches = vec![
         accounts_batch(1, 3, "fine"),
