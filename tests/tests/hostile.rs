@@ -12,6 +12,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use airlock_tests::*;
@@ -225,15 +226,33 @@ async fn names_with_quotes_dots_spaces_and_unicode_arrive_as_named() -> Result<(
     };
     let rows = wait_for_lake(&table, Duration::from_secs(60), |r| r.len() >= 2).await?;
     host.stop().await?;
+    // The directory escapes every byte but ASCII letters, digits and `-`; the Delta
+    // metadata keeps the original name.
     assert_eq!(
         table.file_name().unwrap().to_string_lossy(),
-        "Sch \"é\" ma.Straße.表 'x'"
+        "Sch_20_22_C3_A9_22_20ma.Stra_C3_9Fe_2E_E8_A1_A8_20_27x_27.x"
+    );
+    assert_eq!(
+        delta_table_name(&table)?.as_deref(),
+        Some("\"Sch \"\"é\"\" ma\".\"Straße.表 'x'\"")
     );
     assert_eq!(rows[0]["naïve col"], "ä");
     assert_eq!(rows[0]["we\"ird"], "q\"uote");
     assert_eq!(rows[0]["列 😀"], 42);
     assert_eq!(rows[1]["列 😀"], 43);
     Ok(())
+}
+
+/// The name of the Delta table in `dir`, from the `metaData` of its first commit.
+fn delta_table_name(dir: &Path) -> Result<Option<String>> {
+    let log = std::fs::read_to_string(dir.join("_delta_log/00000000000000000000.json"))?;
+    for line in log.lines() {
+        let action: Json = serde_json::from_str(line)?;
+        if let Some(meta) = action.get("metaData") {
+            return Ok(meta["name"].as_str().map(str::to_owned));
+        }
+    }
+    Ok(None)
 }
 
 /// Waits for `host` to stop with an error saying every one of `needles`, and checks
