@@ -91,7 +91,7 @@ pub(super) async fn list_tables(settings: &LakeSettings) -> Result<Vec<String>, 
     ))?;
     let store = DeltaTableBuilder::from_url(root)
         .and_then(|b| {
-            b.with_storage_options(settings.storage_options.clone())
+            b.with_storage_options(settings.store_options())
                 .build_storage()
         })
         .map_err(LakeError::delta("(sink root)", "opening the lake location"))?

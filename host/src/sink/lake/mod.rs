@@ -113,7 +113,8 @@ pub struct LakeSettings {
     pub max_bytes: usize,
     /// The Delta application-transaction id, e.g. `airlock:<slot>`.
     pub app_id: String,
-    /// Options for the object store (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...).
+    /// Options for the object store (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...). For
+    /// `s3://`, [`LakeSettings::STORE_TIMEOUTS`] are added unless set here.
     pub storage_options: HashMap<String, String>,
     /// Static entries added to every commit's info (source database, slot, ...).
     pub commit_info: serde_json::Map<String, serde_json::Value>,
@@ -125,6 +126,10 @@ impl LakeSettings {
     pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
     pub const DEFAULT_MAX_ROWS: usize = 100_000;
     pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
+    /// Object store request timeouts for `s3://` lakes, unless `storage_options` sets
+    /// them: a request to a store that stopped answering fails (and is retried, then
+    /// the flush) instead of holding the flush, and every table behind it, forever.
+    pub const STORE_TIMEOUTS: [(&str, &str); 2] = [("timeout", "30s"), ("connect_timeout", "5s")];
 
     /// Settings with the defaults: route `default`, 5 s, 100 000 rows, 64 MiB.
     pub fn new(
@@ -144,6 +149,21 @@ impl LakeSettings {
             commit_info: serde_json::Map::new(),
             maintenance: Maintenance::default(),
         }
+    }
+
+    /// The object store options: `storage_options`, with [`Self::STORE_TIMEOUTS`] for
+    /// `s3://` where they are not set (keys compare without case, as the store does).
+    fn store_options(&self) -> HashMap<String, String> {
+        let mut options = self.storage_options.clone();
+        let url = self.url.trim_start();
+        if url.starts_with("s3://") || url.starts_with("s3a://") {
+            for (key, value) in Self::STORE_TIMEOUTS {
+                if !options.keys().any(|k| k.eq_ignore_ascii_case(key)) {
+                    options.insert(key.to_owned(), value.to_owned());
+                }
+            }
+        }
+        options
     }
 
     /// The settings of the `delta` sink `sink` of `config`: what `airlock run` writes with
@@ -1352,10 +1372,7 @@ fn table_handle(
     let url = deltalake::ensure_table_uri(location)
         .map_err(LakeError::delta(name, "resolving the table location"))?;
     DeltaTableBuilder::from_url(url)
-        .and_then(|b| {
-            b.with_storage_options(settings.storage_options.clone())
-                .build()
-        })
+        .and_then(|b| b.with_storage_options(settings.store_options()).build())
         .map_err(LakeError::delta(name, "opening the table"))
 }
 

@@ -862,6 +862,21 @@ fn table_directories_keep_plain_names_and_escape_the_rest() {
     );
 }
 
+#[test]
+fn s3_lakes_get_request_timeouts_unless_set() {
+    let mut settings = LakeSettings::new("lake", "s3://lake/prefix", "a");
+    let options = settings.store_options();
+    assert_eq!(options["timeout"], "30s");
+    assert_eq!(options["connect_timeout"], "5s");
+    settings.storage_options = [("TIMEOUT".to_owned(), "2m".to_owned())].into();
+    let options = settings.store_options();
+    assert_eq!(options["TIMEOUT"], "2m");
+    assert!(!options.contains_key("timeout"), "the user's value stands");
+    assert_eq!(options["connect_timeout"], "5s");
+    let file = LakeSettings::new("lake", "file:///lake", "a");
+    assert!(file.store_options().is_empty());
+}
+
 /// The source tables of the lake path-escape issue: `(schema, table)`.
 const HOSTILE_TABLES: [(&str, &str); 9] = [
     ("public", "ok"),
