@@ -7,11 +7,16 @@
 //! - a row holding a 100 MB text value arrives whole;
 //! - a table of 1,600 columns (PostgreSQL's limit) arrives whole;
 //! - schema, table and column names with quotes, dots, spaces and Unicode arrive as named;
+//! - hostile table names (`/../../outside`, `x/../public.ok`, a newline, `"a.b".c` beside
+//!   `a."b.c"`, `A` beside `a`, `%2F`, `..`, 63-byte multibyte names) each get their own
+//!   table inside the lake root, and the other tables keep streaming;
 //! - a slot dropped underneath the running host, and missing when it restarts: an
 //!   error naming the slot, never a silent gap; the slot is never created again.
 
 mod support;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use airlock_tests::*;
@@ -225,14 +230,220 @@ async fn names_with_quotes_dots_spaces_and_unicode_arrive_as_named() -> Result<(
     };
     let rows = wait_for_lake(&table, Duration::from_secs(60), |r| r.len() >= 2).await?;
     host.stop().await?;
+    // The directory escapes every byte but ASCII letters, digits and `-`; the Delta
+    // metadata keeps the original name.
     assert_eq!(
         table.file_name().unwrap().to_string_lossy(),
-        "Sch \"é\" ma.Straße.表 'x'"
+        "Sch_20_22_C3_A9_22_20ma.Stra_C3_9Fe_2E_E8_A1_A8_20_27x_27.x"
+    );
+    assert_eq!(
+        delta_table_name(&table)?.as_deref(),
+        Some("\"Sch \"\"é\"\" ma\".\"Straße.表 'x'\"")
     );
     assert_eq!(rows[0]["naïve col"], "ä");
     assert_eq!(rows[0]["we\"ird"], "q\"uote");
     assert_eq!(rows[0]["列 😀"], 42);
     assert_eq!(rows[1]["列 😀"], 43);
+    Ok(())
+}
+
+/// The name of the Delta table in `dir`, from the `metaData` of its first commit.
+fn delta_table_name(dir: &Path) -> Result<Option<String>> {
+    let log = std::fs::read_to_string(dir.join("_delta_log/00000000000000000000.json"))?;
+    for line in log.lines() {
+        let action: Json = serde_json::from_str(line)?;
+        if let Some(meta) = action.get("metaData") {
+            return Ok(meta["name"].as_str().map(str::to_owned));
+        }
+    }
+    Ok(None)
+}
+
+/// `name` as an SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The tables of the lake path-escape attack, `(schema, table)`, and the original
+/// name each shows in the lake: plain names as they are, others double-quoted.
+fn hostile_tables() -> Vec<(String, String, String)> {
+    let long = "€".repeat(21); // 63 bytes: PostgreSQL's longest name
+    let long_end = "€".repeat(20) + "₤";
+    let pairs = [
+        ("public", "ok"),
+        ("public", "line\nbreak"),
+        ("public", "/../../outside"),
+        ("public", "a/../b"),
+        ("public", "b"),
+        ("public", "x/../public.ok"),
+        ("a.b", "c"),
+        ("a", "b.c"),
+        ("public", "A"),
+        ("public", "a"),
+        ("public", "%2F"),
+        ("public", ".."),
+        (long.as_str(), long.as_str()),
+        (long.as_str(), long_end.as_str()),
+    ];
+    let shown = |name: &str| {
+        let plain = name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if plain { name.to_owned() } else { ident(name) }
+    };
+    pairs
+        .into_iter()
+        .map(|(s, t)| {
+            let display = format!("{}.{}", shown(s), shown(t));
+            (s.to_owned(), t.to_owned(), display)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_table_names_each_get_their_own_table_inside_the_lake_root() -> Result<()> {
+    let dir = temp_dir("hostile-lake-paths");
+    let lake = dir.join("lake");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    let tables = hostile_tables();
+    let schemas: BTreeSet<&str> = tables.iter().map(|(s, _, _)| s.as_str()).collect();
+    for schema in schemas {
+        db.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ident(schema)))
+            .await?;
+    }
+    for (schema, table, _) in &tables {
+        db.batch_execute(&format!(
+            "CREATE TABLE {}.{} (id int PRIMARY KEY, tbl int NOT NULL)",
+            ident(schema),
+            ident(table)
+        ))
+        .await?;
+    }
+    db.batch_execute("CREATE PUBLICATION airlock FOR ALL TABLES")
+        .await?;
+    let host = Host::start(
+        &support::config(&pg.url("postgres"), &dir, "paths", ""),
+        &dir,
+    );
+    support::wait_for_slot(&db, "paths").await?;
+    // Table k gets rows 100k + 1 and 100k + 2, tagged k; then `public.ok` (table 0)
+    // one more, after every hostile table's.
+    let mut expected: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for (k, (schema, table, _)) in tables.iter().enumerate() {
+        let k = k as i32;
+        db.batch_execute(&format!(
+            "INSERT INTO {}.{} VALUES ({a}, {k}), ({b}, {k})",
+            ident(schema),
+            ident(table),
+            a = 100 * k + 1,
+            b = 100 * k + 2,
+        ))
+        .await?;
+        expected.insert(k, vec![100 * k + 1, 100 * k + 2]);
+    }
+    db.batch_execute("INSERT INTO public.ok VALUES (99, 0)")
+        .await?;
+    expected.entry(0).or_default().push(99);
+
+    // Every failure is collected, so one run shows them all.
+    let mut problems: Vec<String> = Vec::new();
+    let streamed = wait_for_lake(&lake.join("public.ok"), Duration::from_secs(90), |rows| {
+        rows.iter().any(|r| r["id"] == 99)
+    })
+    .await;
+    if let Err(error) = &streamed {
+        problems.push(format!("public.ok stopped streaming: {error:#}"));
+        host.abort();
+    } else if host.is_finished() {
+        problems.push(format!("the host stopped: {:?}", host.stop().await));
+    } else if let Err(error) = host.stop().await {
+        problems.push(format!("the host did not stop cleanly: {error:#}"));
+    }
+
+    // Nothing beside the root but what this test made.
+    for entry in std::fs::read_dir(&dir)? {
+        let name = entry?.file_name();
+        if name != "lake" && name != "plugins" {
+            problems.push(format!(
+                "{} was written outside the lake root",
+                dir.join(&name).display()
+            ));
+        }
+    }
+    // In the root: one table per source table, holding its rows and only those.
+    let mut found: BTreeMap<i32, Vec<PathBuf>> = BTreeMap::new();
+    let table_dirs: Vec<PathBuf> = std::fs::read_dir(&lake)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|p| p.join("_delta_log").is_dir())
+        .collect();
+    for path in &table_dirs {
+        let rows = match read_lake("duckdb", path) {
+            Ok(rows) => rows,
+            Err(error) => {
+                problems.push(format!("cannot read {}: {error:#}", path.display()));
+                continue;
+            }
+        };
+        let mut by_table: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+        for row in &rows {
+            let (Some(k), Some(id)) = (row["tbl"].as_i64(), row["id"].as_i64()) else {
+                problems.push(format!(
+                    "{}: a row without id or tbl: {row}",
+                    path.display()
+                ));
+                continue;
+            };
+            by_table.entry(k as i32).or_default().push(id as i32);
+        }
+        if by_table.len() > 1 {
+            let names: Vec<&str> = by_table
+                .keys()
+                .map(|&k| tables[k as usize].2.as_str())
+                .collect();
+            problems.push(format!("{} mixes the rows of {names:?}", path.display()));
+        }
+        for (k, mut ids) in by_table {
+            ids.sort();
+            let (_, _, name) = &tables[k as usize];
+            if ids != expected[&k] {
+                problems.push(format!(
+                    "{name} in {}: rows {ids:?}, expected {:?}",
+                    path.display(),
+                    expected[&k]
+                ));
+            }
+            match delta_table_name(path) {
+                Ok(Some(stored)) if stored == *name => {}
+                other => problems.push(format!(
+                    "{name} in {}: the Delta table is named {other:?}",
+                    path.display()
+                )),
+            }
+            found.entry(k).or_default().push(path.clone());
+        }
+    }
+    for (k, (_, _, name)) in tables.iter().enumerate() {
+        match found.get(&(k as i32)).map(Vec::as_slice) {
+            Some([_]) => {}
+            None => problems.push(format!("{name}: no table in the lake holds its rows")),
+            Some(many) => problems.push(format!("{name}: its rows are in {many:?}")),
+        }
+    }
+    if table_dirs.len() != tables.len() {
+        problems.push(format!(
+            "{} tables in the lake for {} source tables: {table_dirs:?}",
+            table_dirs.len(),
+            tables.len()
+        ));
+    }
+    ensure!(
+        problems.is_empty(),
+        "hostile table names broke the lake:\n- {}",
+        problems.join("\n- ")
+    );
     Ok(())
 }
 

@@ -6,17 +6,19 @@
 //! ```
 //!
 //! Reads only the Delta log: row counts come from the files' statistics, never from
-//! the Parquet data.
+//! the Parquet data. A table is any directory directly under the root holding a
+//! `_delta_log`, except the lake's own `_airlock/`; its name is the original
+//! `schema.table` stored in its Delta metadata (see [`super::naming::display_name`]),
+//! or its directory when the metadata has none.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use deltalake::DeltaTableBuilder;
-use object_store::path::Path;
 use serde::Serialize;
 
 use super::arrow::field_tags;
-use super::{LakeError, LakeSettings, REGISTER_S3};
+use super::{LakeError, LakeSettings, REGISTER_S3, naming};
 use crate::config::{Config, SinkKind};
 
 /// Every table of every lake sink of a configuration.
@@ -35,8 +37,10 @@ pub struct CatalogSink {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct CatalogTable {
-    /// `schema.table`.
+    /// The original `schema.table`, names other than plain ones double-quoted
+    /// (`public."line⏎break"`); the directory when the Delta metadata names none.
     pub name: String,
+    /// The table's URL: `{sink url}/{directory}`.
     pub location: String,
     /// The latest Delta version.
     pub version: u64,
@@ -70,7 +74,7 @@ pub struct CatalogError {
     pub message: String,
 }
 
-/// The `schema.table` directories holding a Delta table under the sink's location.
+/// The directories holding a Delta table directly under the sink's location, sorted.
 pub(super) async fn list_tables(settings: &LakeSettings) -> Result<Vec<String>, LakeError> {
     let url = settings.url.trim_end_matches('/');
     if url.starts_with("s3://") || url.starts_with("s3a://") {
@@ -87,7 +91,7 @@ pub(super) async fn list_tables(settings: &LakeSettings) -> Result<Vec<String>, 
     ))?;
     let store = DeltaTableBuilder::from_url(root)
         .and_then(|b| {
-            b.with_storage_options(settings.storage_options.clone())
+            b.with_storage_options(settings.store_options())
                 .build_storage()
         })
         .map_err(LakeError::delta("(sink root)", "opening the lake location"))?
@@ -96,15 +100,15 @@ pub(super) async fn list_tables(settings: &LakeSettings) -> Result<Vec<String>, 
         .list_with_delimiter(None)
         .await
         .map_err(|e| LakeError::delta("(sink root)", "listing the lake")(e.into()))?;
-    let mut names = Vec::new();
-    for dir in listing.common_prefixes {
-        let Some(encoded) = dir.filename() else {
+    let mut dirs = Vec::new();
+    for prefix in listing.common_prefixes {
+        let Some(dir) = prefix.filename() else {
             continue;
         };
-        if encoded.starts_with('_') {
+        if !naming::may_hold_table(dir) {
             continue; // `_airlock/`: the compaction lock
         }
-        let log = Path::from_iter([encoded, "_delta_log"]);
+        let log = prefix.clone().join("_delta_log");
         let entries = store
             .list_with_delimiter(Some(&log))
             .await
@@ -112,46 +116,26 @@ pub(super) async fn list_tables(settings: &LakeSettings) -> Result<Vec<String>, 
         if entries.objects.is_empty() {
             continue;
         }
-        names.push(percent_decode(encoded));
+        dirs.push(dir.to_owned());
     }
-    names.sort();
-    Ok(names)
+    dirs.sort();
+    Ok(dirs)
 }
 
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn describe(settings: &LakeSettings, name: &str) -> Result<CatalogTable, LakeError> {
+/// The catalog entry of the table in directory `dir`.
+async fn describe(settings: &LakeSettings, dir: &str) -> Result<CatalogTable, LakeError> {
     use futures::TryStreamExt as _;
-    let location = format!(
-        "{}/{}",
-        settings.url.trim_end_matches('/'),
-        super::encode_segment(name)
-    );
-    let mut table = super::table_handle(&location, name, &settings.storage_options)?;
+    let location = super::table_url(&settings.url, dir);
+    let mut table = super::table_handle(&location, dir, settings)?;
     table
         .load()
         .await
-        .map_err(LakeError::delta(name, "loading the table"))?;
+        .map_err(LakeError::delta(dir, "loading the table"))?;
     let state = table
         .snapshot()
-        .map_err(LakeError::delta(name, "loading the table"))?;
+        .map_err(LakeError::delta(dir, "loading the table"))?;
+    let name = state.metadata().name().unwrap_or(dir).to_owned();
+    let name = name.as_str();
     let mut rows = Some(0u64);
     let (mut files, mut bytes) = (0, 0u64);
     for file in state.log_data().iter() {
@@ -225,10 +209,10 @@ pub async fn catalog(config: &Config) -> Result<Catalog, CatalogError> {
             sink: sink.name.clone(),
             message: e.to_string(),
         };
-        let names = list_tables(&settings).await.map_err(error)?;
+        let dirs = list_tables(&settings).await.map_err(error)?;
         let mut tables = Vec::new();
-        for name in names {
-            tables.push(describe(&settings, &name).await.map_err(error)?);
+        for dir in dirs {
+            tables.push(describe(&settings, &dir).await.map_err(error)?);
         }
         sinks.push(CatalogSink {
             name: sink.name.clone(),
@@ -265,7 +249,11 @@ impl Catalog {
                 let _ = writeln!(
                     out,
                     "\n  {}  version {}  rows {}  files {}  {} bytes",
-                    t.name, t.version, rows, t.files, t.bytes
+                    printable(&t.name),
+                    t.version,
+                    rows,
+                    t.files,
+                    t.bytes
                 );
                 if let Some(lsn) = t.last_commit_info.get("airlock.lsn_range") {
                     let _ = writeln!(out, "  last commit LSNs {lsn}");
@@ -273,7 +261,7 @@ impl Catalog {
                 let width = t
                     .columns
                     .iter()
-                    .map(|c| c.name.len())
+                    .map(|c| printable(&c.name).chars().count())
                     .max()
                     .unwrap_or(6)
                     .max(6);
@@ -293,7 +281,7 @@ impl Catalog {
                     let _ = writeln!(
                         out,
                         "    {:width$}  {:type_width$}  {:4}  {}",
-                        c.name,
+                        printable(&c.name),
                         c.data_type,
                         if c.nullable { "yes" } else { "no" },
                         c.tags.join(", ")
@@ -303,4 +291,21 @@ impl Catalog {
         }
         out
     }
+}
+
+/// `name` with control characters escaped (`\n`, `\u{1b}`), so a name cannot forge
+/// lines of the printed catalog.
+fn printable(name: &str) -> String {
+    if !name.chars().any(char::is_control) {
+        return name.to_owned();
+    }
+    name.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }

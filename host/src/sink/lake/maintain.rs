@@ -200,7 +200,7 @@ impl CompactLock {
         )?;
         let store = DeltaTableBuilder::from_url(url)
             .and_then(|b| {
-                b.with_storage_options(settings.storage_options.clone())
+                b.with_storage_options(settings.store_options())
                     .build_storage()
             })
             .map_err(LakeError::delta("(sink root)", "opening the lake location"))?

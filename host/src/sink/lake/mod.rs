@@ -3,8 +3,8 @@
 //! ```text
 //! accept(Arc<Batch>) ──kept rows, no I/O──▶ per table: [Segment{ batch, relation version, rows }]
 //!                                                │
-//! flush() ── per table with rows, in name order: ▼
-//!   open/reload: load `{url}/{schema}.{table}/`, read txn version V for `app_id`
+//! flush() ── per table with rows, in dir order:  ▼
+//!   open/reload: load `{url}/{table dir}/`, read txn version V for `app_id`
 //!   skip rows of transactions with commit_lsn <= V        (already committed)
 //!   create the table / add missing columns                (own metadata-only commit)
 //!   rows ──arrow::record_batch──▶ RecordBatchWriter ──▶ Parquet files (Add actions)
@@ -12,6 +12,10 @@
 //! ```
 //!
 //! Invariants:
+//! - Each source table has its own directory directly under the sink's root, from
+//!   [`naming::table_dir`]: no name PostgreSQL accepts reaches a path any other way, so a
+//!   table never writes into another's directory or outside the root. A directory whose
+//!   Delta table names another table (a case-insensitive store) is never written.
 //! - `accept` does no I/O and never fails: every failure surfaces in `flush`, which
 //!   [`drive`](crate::sink::drive) retries when it is transient.
 //! - A flush writes one data commit per table. A table's buffer is cleared only after its
@@ -65,6 +69,7 @@
 mod arrow;
 mod catalog;
 mod maintain;
+mod naming;
 #[cfg(test)]
 mod tests;
 
@@ -108,7 +113,8 @@ pub struct LakeSettings {
     pub max_bytes: usize,
     /// The Delta application-transaction id, e.g. `airlock:<slot>`.
     pub app_id: String,
-    /// Options for the object store (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...).
+    /// Options for the object store (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...). For
+    /// `s3://`, [`LakeSettings::STORE_TIMEOUTS`] are added unless set here.
     pub storage_options: HashMap<String, String>,
     /// Static entries added to every commit's info (source database, slot, ...).
     pub commit_info: serde_json::Map<String, serde_json::Value>,
@@ -120,6 +126,10 @@ impl LakeSettings {
     pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
     pub const DEFAULT_MAX_ROWS: usize = 100_000;
     pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
+    /// Object store request timeouts for `s3://` lakes, unless `storage_options` sets
+    /// them: a request to a store that stopped answering fails (and is retried, then
+    /// the flush) instead of holding the flush, and every table behind it, forever.
+    pub const STORE_TIMEOUTS: [(&str, &str); 2] = [("timeout", "30s"), ("connect_timeout", "5s")];
 
     /// Settings with the defaults: route `default`, 5 s, 100 000 rows, 64 MiB.
     pub fn new(
@@ -139,6 +149,21 @@ impl LakeSettings {
             commit_info: serde_json::Map::new(),
             maintenance: Maintenance::default(),
         }
+    }
+
+    /// The object store options: `storage_options`, with [`Self::STORE_TIMEOUTS`] for
+    /// `s3://` where they are not set (keys compare without case, as the store does).
+    fn store_options(&self) -> HashMap<String, String> {
+        let mut options = self.storage_options.clone();
+        let url = self.url.trim_start();
+        if url.starts_with("s3://") || url.starts_with("s3a://") {
+            for (key, value) in Self::STORE_TIMEOUTS {
+                if !options.keys().any(|k| k.eq_ignore_ascii_case(key)) {
+                    options.insert(key.to_owned(), value.to_owned());
+                }
+            }
+        }
+        options
     }
 
     /// The settings of the `delta` sink `sink` of `config`: what `airlock run` writes with
@@ -196,6 +221,14 @@ enum LakeError {
         "another compaction holds the lock {path} ({holder}); wait for it, or delete the lock object if no compactor is running"
     )]
     Locked { path: String, holder: String },
+    #[error(
+        "table {table}: its directory {dir} holds the Delta table {holds}; nothing is written there (does the store compare names without case?)"
+    )]
+    Occupied {
+        table: String,
+        dir: String,
+        holds: String,
+    },
     #[error("table {table}: compaction refused: {message}")]
     Compaction { table: String, message: String },
     #[cfg(test)]
@@ -231,7 +264,9 @@ impl LakeError {
             LakeError::Delta { source, .. } => is_transient(source),
             LakeError::Lock(source) => object_store_transient(source),
             LakeError::Locked { .. } => true,
-            LakeError::Convert { .. } | LakeError::Compaction { .. } => false,
+            LakeError::Convert { .. }
+            | LakeError::Compaction { .. }
+            | LakeError::Occupied { .. } => false,
             #[cfg(test)]
             LakeError::Crash(_) => true,
         };
@@ -300,17 +335,14 @@ fn object_store_transient(error: &object_store::Error) -> bool {
     )
 }
 
-/// Percent-encodes a table directory name for use in a URL path.
-fn encode_segment(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// The URL of the table in directory `dir` (from [`naming::table_dir`] or a listing of
+/// the root) under the lake at `root`.
+fn table_url(root: &str, dir: &str) -> String {
+    format!(
+        "{}/{}",
+        root.trim_end_matches('/'),
+        naming::dir_segment(dir)
+    )
 }
 
 /// About how many bytes a kept row holds in memory, for `max_bytes`: the row, its
@@ -524,8 +556,15 @@ struct Staged {
 
 /// One Delta table and the rows waiting for it.
 struct LakeTable {
-    /// `schema.table`.
+    /// The original `schema.table` ([`naming::display_name`]); for a table known only
+    /// from a listing of the root, the name in its Delta metadata, or its directory.
     name: String,
+    /// For a table named by a source relation, the unquoted `schema.table` older
+    /// versions stored as its Delta name; `None` for a table known only from a listing.
+    /// A table named by its relation never writes to a Delta table named otherwise.
+    legacy_name: Option<String>,
+    /// Its directory under the root.
+    dir: String,
     url: String,
     /// The loaded table; `None` until the first flush, and after a failed one.
     delta: Option<DeltaTable>,
@@ -554,9 +593,11 @@ pub(super) enum CrashPoint {
 }
 
 impl LakeTable {
-    fn new(name: String, url: String) -> LakeTable {
+    fn new(name: String, legacy_name: Option<String>, dir: String, url: String) -> LakeTable {
         LakeTable {
             name,
+            legacy_name,
+            dir,
             url,
             delta: None,
             committed: None,
@@ -573,7 +614,7 @@ impl LakeTable {
     /// Loads the table (or notes that it does not exist yet) and its committed version.
     async fn open(&mut self, settings: &LakeSettings) -> Result<(), LakeError> {
         let name = self.name.as_str();
-        let mut table = table_handle(&self.url, name, &settings.storage_options)?;
+        let mut table = table_handle(&self.url, name, settings)?;
         let exists = table
             .verify_deltatable_existence()
             .await
@@ -594,9 +635,41 @@ impl LakeTable {
                     name,
                     "reading the application transaction",
                 ))?;
+            if self.legacy_name.is_none()
+                && let Some(stored) = state.metadata().name()
+            {
+                self.name = stored.to_owned();
+            }
         }
         self.delta = Some(table);
         Ok(())
+    }
+
+    /// Fails when the loaded Delta table names another source table than this one: two
+    /// names the store does not tell apart (`A` and `a` on a case-insensitive
+    /// filesystem) must not mix their rows. Tables without a name pass, and so does the
+    /// unquoted `schema.table` older versions stored (a table moved from its old
+    /// directory).
+    fn check_owner(&self) -> Result<(), LakeError> {
+        let Some(legacy) = &self.legacy_name else {
+            return Ok(());
+        };
+        let Some(stored) = self
+            .delta
+            .as_ref()
+            .and_then(|t| t.snapshot().ok())
+            .and_then(|s| s.metadata().name().map(str::to_owned))
+        else {
+            return Ok(());
+        };
+        if stored == self.name || stored == *legacy {
+            return Ok(());
+        }
+        Err(LakeError::Occupied {
+            table: self.name.clone(),
+            dir: self.dir.clone(),
+            holds: stored,
+        })
     }
 
     /// Drops rows of transactions the table already holds; returns how many.
@@ -648,6 +721,7 @@ impl LakeTable {
         if self.delta.is_none() {
             self.open(settings).await?;
         }
+        self.check_owner()?;
         let skipped = self.skip_committed();
         if skipped > 0 {
             tracing::info!(
@@ -940,7 +1014,8 @@ impl LakeTable {
 /// one at a time (it lives behind the sink's mutex).
 struct Writer {
     settings: LakeSettings,
-    /// Tables by `schema.table`; flushed in name order.
+    /// Tables by directory ([`naming::table_dir`]), flushed in that order. Not by
+    /// `schema.table`: (`a.b`, `c`) and (`a`, `b.c`) are two tables.
     tables: BTreeMap<String, LakeTable>,
     rows: usize,
     bytes: usize,
@@ -954,21 +1029,26 @@ struct Writer {
 }
 
 impl Writer {
-    fn table_url(&self, name: &str) -> String {
-        format!(
-            "{}/{}",
-            self.settings.url.trim_end_matches('/'),
-            encode_segment(name)
-        )
-    }
-
-    fn table(&mut self, name: &str) -> &mut LakeTable {
-        if !self.tables.contains_key(name) {
-            let url = self.table_url(name);
-            self.tables
-                .insert(name.to_owned(), LakeTable::new(name.to_owned(), url));
+    /// The table in directory `dir`, added when new. `source` names the relation it is
+    /// for: its display name and its unquoted `schema.table`; `None` for a directory
+    /// found by listing the root.
+    fn table(&mut self, dir: &str, source: Option<(String, String)>) -> &mut LakeTable {
+        if !self.tables.contains_key(dir) {
+            let url = table_url(&self.settings.url, dir);
+            let name = dir.to_owned();
+            self.tables.insert(
+                dir.to_owned(),
+                LakeTable::new(name, None, dir.to_owned(), url),
+            );
         }
-        self.tables.get_mut(name).expect("inserted above")
+        let table = self.tables.get_mut(dir).expect("inserted above");
+        if let Some((name, legacy)) = source
+            && table.legacy_name.is_none()
+        {
+            table.name = name;
+            table.legacy_name = Some(legacy);
+        }
+        table
     }
 
     fn accept(&mut self, batch: Arc<Batch>) -> bool {
@@ -1000,10 +1080,19 @@ impl Writer {
                 continue;
             }
             kept = true;
-            let name = table.relation.qualified_name();
+            let relation = &table.relation;
+            let dir = naming::table_dir(&relation.schema, &relation.name);
             self.rows += rows.len();
             self.bytes += bytes;
-            let entry = self.table(&name);
+            let named = self
+                .tables
+                .get(&dir)
+                .is_some_and(|t| t.legacy_name.is_some());
+            let source = (!named).then(|| {
+                let name = naming::display_name(&relation.schema, &relation.name);
+                (name, relation.qualified_name())
+            });
+            let entry = self.table(&dir, source);
             entry.rows += rows.len();
             entry.bytes += bytes;
             entry.pending.push(Segment {
@@ -1042,7 +1131,7 @@ impl Writer {
                 )
                 .await;
             match result {
-                Ok(commits) => committed.push((table.name.clone(), commits)),
+                Ok(commits) => committed.push((table.dir.clone(), commits)),
                 Err(error) => {
                     // The commit may have landed anyway: reload before the next attempt.
                     table.delta = None;
@@ -1057,9 +1146,9 @@ impl Writer {
             return Err(error);
         }
         // The data is durable; maintenance never fails the flush.
-        for (name, commits) in committed {
+        for (dir, commits) in committed {
             if commits > 0
-                && let Some(table) = self.tables.get_mut(&name)
+                && let Some(table) = self.tables.get_mut(&dir)
             {
                 table.after_commit(settings, &self.lock, commits).await;
             }
@@ -1071,13 +1160,13 @@ impl Writer {
     /// (in any earlier run), and that commit's LSN; `None` for a lake without one.
     async fn held_through(&mut self) -> Result<Option<(String, Lsn)>, SinkError> {
         let sink = self.settings.name.clone();
-        let names = catalog::list_tables(&self.settings)
+        let dirs = catalog::list_tables(&self.settings)
             .await
             .map_err(|e| e.into_sink_error(&sink))?;
         let mut held: Option<(String, Lsn)> = None;
-        for name in names {
-            self.table(&name);
-            let table = self.tables.get_mut(&name).expect("inserted above");
+        for dir in dirs {
+            self.table(&dir, None);
+            let table = self.tables.get_mut(&dir).expect("inserted above");
             if table.delta.is_none() {
                 table
                     .open(&self.settings)
@@ -1087,7 +1176,7 @@ impl Writer {
             if let Some(version) = table.committed {
                 let lsn = Lsn(version as u64);
                 if held.as_ref().is_none_or(|(_, through)| lsn > *through) {
-                    held = Some((name, lsn));
+                    held = Some((table.name.clone(), lsn));
                 }
             }
         }
@@ -1097,11 +1186,11 @@ impl Writer {
     /// Compacts every table of the sink, those on storage included, now.
     async fn compact_all(&mut self) -> Result<Vec<CompactReport>, SinkError> {
         let sink = self.settings.name.clone();
-        let names = catalog::list_tables(&self.settings)
+        let dirs = catalog::list_tables(&self.settings)
             .await
             .map_err(|e| e.into_sink_error(&sink))?;
-        for name in &names {
-            self.table(name);
+        for dir in &dirs {
+            self.table(dir, None);
         }
         let mut reports = Vec::new();
         for table in self.tables.values_mut() {
@@ -1278,12 +1367,12 @@ impl LakeHandle {
 fn table_handle(
     location: &str,
     name: &str,
-    storage_options: &HashMap<String, String>,
+    settings: &LakeSettings,
 ) -> Result<DeltaTable, LakeError> {
     let url = deltalake::ensure_table_uri(location)
         .map_err(LakeError::delta(name, "resolving the table location"))?;
     DeltaTableBuilder::from_url(url)
-        .and_then(|b| b.with_storage_options(storage_options.clone()).build())
+        .and_then(|b| b.with_storage_options(settings.store_options()).build())
         .map_err(LakeError::delta(name, "opening the table"))
 }
 

@@ -851,9 +851,179 @@ async fn unsupported_urls_are_definite_errors() {
 }
 
 #[test]
-fn table_directories_are_percent_encoded() {
-    assert_eq!(encode_segment("public.orders"), "public.orders");
-    assert_eq!(encode_segment("my schema.t/x"), "my%20schema.t%2Fx");
+fn table_directories_keep_plain_names_and_escape_the_rest() {
+    use naming::table_dir;
+    assert_eq!(table_dir("public", "orders"), "public.orders");
+    // Escaped, never percent-encoded: nothing below decodes `_2F` back into `/`.
+    assert_eq!(table_dir("my schema", "t/x"), "my_20schema.t_2Fx.x");
+    assert_eq!(
+        super::table_url("file:///lake/", "public.orders"),
+        "file:///lake/public.orders"
+    );
+}
+
+#[test]
+fn s3_lakes_get_request_timeouts_unless_set() {
+    let mut settings = LakeSettings::new("lake", "s3://lake/prefix", "a");
+    let options = settings.store_options();
+    assert_eq!(options["timeout"], "30s");
+    assert_eq!(options["connect_timeout"], "5s");
+    settings.storage_options = [("TIMEOUT".to_owned(), "2m".to_owned())].into();
+    let options = settings.store_options();
+    assert_eq!(options["TIMEOUT"], "2m");
+    assert!(!options.contains_key("timeout"), "the user's value stands");
+    assert_eq!(options["connect_timeout"], "5s");
+    let file = LakeSettings::new("lake", "file:///lake", "a");
+    assert!(file.store_options().is_empty());
+}
+
+/// The source tables of the lake path-escape issue: `(schema, table)`.
+const HOSTILE_TABLES: [(&str, &str); 10] = [
+    ("public", "ok"),
+    // Plain, in a schema starting with `_`: listed like any other.
+    ("_x", "t"),
+    ("public", "line\nbreak"),
+    ("public", "/../../outside"),
+    ("public", "a/../b"),
+    ("public", "b"),
+    ("a.b", "c"),
+    ("a", "b.c"),
+    ("public", ".."),
+    ("public", "%2F"),
+];
+
+#[tokio::test]
+async fn hostile_table_names_get_their_own_directory_inside_the_root() {
+    let dir = temp_dir("hostile");
+    let root = dir.join("lake");
+    let mut sink = LakeSink::open(settings(&root)).await.unwrap();
+    let relations: Vec<Arc<Relation>> = HOSTILE_TABLES
+        .iter()
+        .map(|&(schema, name)| {
+            relation(
+                schema,
+                name,
+                ReplicaIdentity::Default,
+                &[("id", oid::INT8, -1, true)],
+            )
+        })
+        .collect();
+    let changes = relations
+        .iter()
+        .enumerate()
+        .map(|(i, rel)| insert(rel, 0x10 + i as u64, vec![Value::Int(i as i64)]))
+        .collect();
+    sink.accept(Arc::new(batch(vec![txn(1, 0x100, changes)])))
+        .await
+        .unwrap();
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x110)));
+
+    // Nothing beside the root; in it, one directory per table.
+    let beside: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(beside, ["lake"]);
+    let mut dirs: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    dirs.sort();
+    let mut expected: Vec<String> = HOSTILE_TABLES
+        .iter()
+        .map(|&(s, t)| naming::table_dir(s, t))
+        .collect();
+    expected.sort();
+    assert_eq!(dirs, expected);
+    for (i, &(schema, name)) in HOSTILE_TABLES.iter().enumerate() {
+        let table = load(&table_url(&root, &naming::table_dir(schema, name))).await;
+        assert_eq!(
+            ids_of(&read_rows(&table).await),
+            [i as i64],
+            "{schema}.{name}"
+        );
+        let stored = table
+            .snapshot()
+            .unwrap()
+            .metadata()
+            .name()
+            .map(str::to_owned);
+        assert_eq!(stored, Some(naming::display_name(schema, name)));
+    }
+
+    // The catalog and `held_through` show the original names.
+    let toml = format!(
+        "[source]\nurl = \"postgres://u@h/db\"\nslot = \"test_slot\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file://{}\"\n",
+        root.display()
+    );
+    let config = crate::config::Config::from_toml("t.toml", &toml, &dir).unwrap();
+    let catalog = catalog(&config).await.unwrap();
+    let mut names: Vec<&str> = catalog.sinks[0]
+        .tables
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = HOSTILE_TABLES
+        .iter()
+        .map(|&(s, t)| naming::display_name(s, t))
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert!(names.contains(&"\"a.b\".c") && names.contains(&"a.\"b.c\""));
+    let text = catalog.render_table();
+    assert!(text.contains("public.\"line\\nbreak\""), "{text}");
+    let sink = LakeSink::open(settings(&root)).await.unwrap();
+    let (_, through) = sink.held_through().await.unwrap().unwrap();
+    assert_eq!(through, Lsn(0x100));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn a_directory_holding_another_table_is_never_written() {
+    // As on a case-insensitive filesystem, where `public.a` opens `public.A`.
+    let dir = temp_dir("occupied");
+    let upper = relation(
+        "public",
+        "A",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT8, -1, true)],
+    );
+    let lower = relation(
+        "public",
+        "a",
+        ReplicaIdentity::Default,
+        &[("id", oid::INT8, -1, true)],
+    );
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    sink.accept(Arc::new(batch(vec![txn(
+        1,
+        0x100,
+        vec![insert(&upper, 0x10, vec![Value::Int(1)])],
+    )])))
+    .await
+    .unwrap();
+    sink.flush().await.unwrap();
+    drop(sink);
+    std::fs::rename(dir.join("public.A"), dir.join("public.a")).unwrap();
+
+    let mut sink = LakeSink::open(settings(&dir)).await.unwrap();
+    sink.accept(Arc::new(batch(vec![txn(
+        2,
+        0x200,
+        vec![insert(&lower, 0x110, vec![Value::Int(2)])],
+    )])))
+    .await
+    .unwrap();
+    let error = sink.flush().await.unwrap_err();
+    assert!(!error.is_transient(), "{error}");
+    assert!(
+        error.to_string().contains("holds the Delta table public.A"),
+        "{error}"
+    );
+    let table = load(&table_url(&dir, "public.a")).await;
+    assert_eq!(ids_of(&read_rows(&table).await), [1], "nothing mixed in");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[tokio::test]
