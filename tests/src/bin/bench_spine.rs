@@ -97,13 +97,15 @@ async fn main() -> Result<()> {
     );
 
     let mut results = Vec::new();
-    let spine = BuiltinSpine::start(&temp_dir("bench-spine-batch")).await;
+    let batch_dir = temp_dir("bench-spine-batch");
+    let spine = BuiltinSpine::start(&batch_dir).await;
     results.push((
         "built-in spine, POST /events/batch",
         run(&spine.url, 1000, &batches).await?,
     ));
     spine.stop().await;
-    let spine = BuiltinSpine::start(&temp_dir("bench-spine-single")).await;
+    let single_dir = temp_dir("bench-spine-single");
+    let spine = BuiltinSpine::start(&single_dir).await;
     results.push((
         "built-in spine, POST /events (1 per request)",
         run(&spine.url, 1, &batches).await?,
