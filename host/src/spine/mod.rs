@@ -151,6 +151,13 @@ pub enum SpineError {
     },
     #[error("spine server failed: {0}")]
     Serve(#[source] std::io::Error),
+    /// A listener that others can reach, without a token.
+    #[error(
+        "refusing to serve the spine on {addr} without a token: anyone who reaches that \
+         address could read every event and write forged ones; set AIRLOCK_SPINE_TOKEN \
+         (or --token), or listen on 127.0.0.1"
+    )]
+    OpenWithoutToken { addr: std::net::SocketAddr },
 }
 
 /// The outcome of walking a log's hash chain.

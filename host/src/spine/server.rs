@@ -543,7 +543,12 @@ fn json_array(items: impl IntoIterator<Item = Vec<u8>>) -> Vec<u8> {
     out
 }
 
-/// The spine's API over `state`. Request bodies have no size limit.
+/// The largest request body the spine reads: a batch of events, or one event with a
+/// large value (the sink sends batches of at most 8 MiB, and one event alone when it
+/// is larger).
+pub const MAX_BODY: usize = 256 << 20;
+
+/// The spine's API over `state`. Request bodies over [`MAX_BODY`] are refused (413).
 pub fn router(state: SpineState) -> Router {
     Router::new()
         .route("/", get(info))
@@ -554,18 +559,47 @@ pub fn router(state: SpineState) -> Router {
         .route("/stream", get(stream))
         .route("/verify", get(verify_chain))
         .route("/stats", get(stats))
-        .layer(DefaultBodyLimit::disable())
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(refuse_declared_oversize))
         .with_state(state)
 }
 
+/// Refuses a request whose declared length is over [`MAX_BODY`] before its body is
+/// read (a body without a declared length is cut at the limit as it streams in).
+async fn refuse_declared_oversize(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            JsonBody(json!({"detail": format!("request body over {MAX_BODY} bytes")})),
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
 /// Opens the spine in `dir` and serves it on `listener` until `shutdown` resolves;
-/// then ends `/stream` responses, finishes open requests and closes the log.
+/// then ends `/stream` responses, finishes open requests and closes the log. A
+/// listener on anything but a loopback address needs a token.
 pub async fn serve(
     dir: &Path,
     listener: tokio::net::TcpListener,
     token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SpineError> {
+    if let Ok(addr) = listener.local_addr()
+        && !addr.ip().is_loopback()
+        && token.is_none()
+    {
+        return Err(SpineError::OpenWithoutToken { addr });
+    }
     let owned = dir.to_path_buf();
     let state = tokio::task::spawn_blocking(move || SpineState::open(&owned, token))
         .await

@@ -496,3 +496,49 @@ async fn verify_names_the_first_edited_deleted_inserted_or_reordered_record() {
     );
     spine.stop().await;
 }
+
+/// Regression: request bodies had no size limit, so one request could make the
+/// spine buffer any amount of memory.
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_before_it_is_read() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let d = dir("body-limit");
+    let spine = Running::start(&d, None).await;
+    let addr = spine.url.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{{",
+        super::server::MAX_BODY + 1
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut answer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    spine.stop().await;
+}
+
+/// Regression: `airlock spine serve --listen 0.0.0.0:8093` served every event to
+/// anyone, and took forged ones, when no token was set.
+#[tokio::test]
+async fn a_listener_others_can_reach_needs_a_token() {
+    let d = dir("open-listener");
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let error = super::serve(&d, listener, None, std::future::ready(()))
+        .await
+        .expect_err("no token on 0.0.0.0 must be refused");
+    assert!(
+        matches!(error, SpineError::OpenWithoutToken { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("AIRLOCK_SPINE_TOKEN"), "{error}");
+    // With a token it serves (and stops at once here).
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    super::serve(&d, listener, Some("t".into()), std::future::ready(()))
+        .await
+        .unwrap();
+}
