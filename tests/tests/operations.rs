@@ -172,7 +172,31 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
         pending < 64 * 1024,
         "the slot still holds {pending} bytes after a clean stop"
     );
+    // Regression: the lake's files took the umask (0644): row data readable by anyone.
+    assert_private(&dir.join("lake"));
     Ok(())
+}
+
+/// Every file under `dir` is its owner's only (0600) and every directory 0700.
+fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut open = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        let expected = if meta.is_dir() { 0o700 } else { 0o600 };
+        if mode != expected {
+            open.push(format!("{} is {mode:o}", path.display()));
+        }
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(
+        open.is_empty(),
+        "files with row data open to others: {open:#?}"
+    );
 }
 
 /// A cluster with table `t` published and slot `slot`, and a plugin folder whose one
@@ -314,6 +338,8 @@ async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on(
     );
     let files = files_under(&quarantine);
     assert_eq!(files.len(), 1, "one dead-letter file: {files:?}");
+    // Regression: dead letters (unmasked rows) were written 0644.
+    assert_private(&quarantine);
     let text = std::fs::read_to_string(&files[0])?;
     let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap())?;
     assert_eq!(line["new"]["id"], 2);
