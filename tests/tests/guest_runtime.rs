@@ -251,37 +251,8 @@ fn a_batch_failed_by_a_later_stage_comes_back_as_it_went_in_and_is_masked_once_o
         &[],
     )
     .unwrap_or_else(|e| panic!("{e:?}"));
-    let relation = Arc::new(Relation {
-        oid: 1,
-        schema: "public".into(),
-        name: "customers".into(),
-        replica_identity: ReplicaIdentity::Default,
-        columns: vec![
-            Column {
-                name: "id".into(),
-                type_oid: oid::INT8,
-                type_modifier: -1,
-                key: true,
-            },
-            Column {
-                name: "email".into(),
-                type_oid: oid::TEXT,
-                type_modifier: -1,
-                key: false,
-            },
-        ],
-    });
     let email = "ada@example.com";
-    let input = Batch::from_transactions(vec![txn(
-        1,
-        vec![Change {
-            relation,
-            op: Op::Insert,
-            lsn: Lsn(1),
-            new: Some(vec![Value::Int(1), Value::Text(email.into())]),
-            old: None,
-        }],
-    )]);
+    let input = email_batch(email);
     let (back, error) = failing
         .process(input.clone())
         .expect_err("the second stage fails every batch");
