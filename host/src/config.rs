@@ -1443,7 +1443,7 @@ mod fuzz {
     }
 
     fn check(text: &str) {
-        let env = |var: &str| (var.len() % 2 == 0).then(|| "secret".to_owned());
+        let env = |var: &str| var.len().is_multiple_of(2).then(|| "secret".to_owned());
         if let Err(error) =
             Config::from_toml_with_env("fuzz.toml", text, Path::new("/etc/airlock"), &env)
         {

@@ -245,7 +245,7 @@ impl Runtime {
                 }
             })
             .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        let cache = cache_dir.map(|dir| CompileCache::open(dir)).transpose()?;
+        let cache = cache_dir.map(CompileCache::open).transpose()?;
         Ok(Runtime {
             engine,
             linker: Arc::new(linker),
