@@ -30,6 +30,7 @@
 //! - Kinds are checked at [`SpineSink::open`] (default and `watch` kinds) against the
 //!   spine's list; a guest's `spine.kind` annotation outside it is a definite error at
 //!   `accept`, naming the row, rather than an event refused later.
+//! - Dead-letter directories and files the sink creates are its owner's only (0700, 0600).
 //!
 //! # Events
 //!
@@ -645,6 +646,7 @@ impl SpineSink {
 impl SpineSink {
     /// Appends the front event and the spine's answer to `{dead_letter_dir}/{sink}.jsonl`,
     /// durably. The event holds masked data only: it already went through the guests.
+    /// A directory or file it creates is its owner's only (0700, 0600).
     async fn dead_letter(&self, error: &SinkError) -> Result<std::path::PathBuf, SinkError> {
         use tokio::io::AsyncWriteExt;
         let dir = self
@@ -660,10 +662,17 @@ impl SpineSink {
             sink: self.settings.name.clone(),
             message: format!("cannot write the dead-letter file {}: {e}", path.display()),
         };
-        tokio::fs::create_dir_all(dir).await.map_err(definite)?;
+        // Row data, if masked: readable by this user only.
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(crate::private_files::DIR_MODE)
+            .create(dir)
+            .await
+            .map_err(definite)?;
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(crate::private_files::FILE_MODE)
             .open(&path)
             .await
             .map_err(definite)?;

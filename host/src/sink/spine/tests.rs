@@ -499,3 +499,37 @@ async fn a_refused_request_is_definite_with_the_spines_answer() {
     sink.accept(batch(1, 1)).await.unwrap();
     sink.flush().await.unwrap();
 }
+
+#[tokio::test]
+async fn dead_letter_files_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let refusing = Router::new().route(
+        "/events",
+        post(|| async {
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                JsonBody(json!({"detail": "no"})),
+            )
+        })
+        .get(|| async { JsonBody(json!([])) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, refusing).await.unwrap() });
+    let base = std::env::temp_dir().join(format!(
+        "airlock-spine-sink-dead-letter-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&base);
+    let mut s = settings(&url);
+    s.dead_letter_dir = Some(base.join("quarantine/spine"));
+    let mut sink = SpineSink::open(s).await.unwrap();
+    sink.accept(batch(1, 1)).await.unwrap();
+    sink.flush().await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&base.join("quarantine")), 0o700);
+    assert_eq!(mode(&base.join("quarantine/spine")), 0o700);
+    let file = base.join("quarantine/spine/spine.jsonl");
+    assert_eq!(mode(&file), 0o600);
+    assert!(std::fs::read_to_string(&file).unwrap().contains("x@y"));
+}
