@@ -478,3 +478,64 @@ async fn the_spine_binary_survives_kill_9_without_losing_an_acknowledged_event()
     assert!(report.valid, "{report:?}");
     Ok(())
 }
+
+/// A server that answers every write with `301` to an address whose `GET` answers
+/// `200` with an empty list (`/events/batch`) or object (`/events`), as a spine that
+/// took the events would; `GET /events` (the resync) answers `[]`.
+async fn redirecting_spine() -> Result<String> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let moved = |to: &'static str| {
+        move || async move { (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, to)]) }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/events",
+            get(|| async { axum::Json(json!([])) }).post(moved("/moved/events")),
+        )
+        .route("/events/batch", axum::routing::post(moved("/moved/batch")))
+        .route(
+            "/moved/events",
+            get(|| async { axum::Json(json!({})) }).post(|| async { axum::Json(json!({})) }),
+        )
+        .route(
+            "/moved/batch",
+            get(|| async { axum::Json(json!([])) }).post(|| async { axum::Json(json!([])) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(format!("http://{addr}/events"))
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_a_delivery() -> Result<()> {
+    use airlock::sink::Sink;
+    let url = redirecting_spine().await?;
+    let mut sink = SpineSink::open(settings(&url)).await?;
+    sink.accept(accounts_batch(1, 2, "")).await?;
+    let error = match sink.flush().await {
+        Ok(lsn) => bail!("a 301 counted as delivered (durable {lsn:?})"),
+        Err(error) => error,
+    };
+    assert!(!error.is_transient(), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("redirect") && message.contains("/moved/batch"),
+        "{message}"
+    );
+    assert_eq!(sink.pending_events(), 2, "nothing is taken as delivered");
+
+    // One event at a time (audit-stream-py has no batch endpoint): the same.
+    let event = json!({"kind": "other", "source": "airlock", "payload": {}});
+    let error = client(&url)
+        .publish(serde_json::to_vec(&event)?)
+        .await
+        .expect_err("a 301 is not a stored event");
+    assert!(!error.is_transient(), "{error}");
+    assert!(
+        error.to_string().contains("redirect") && error.to_string().contains("/moved/events"),
+        "{error}"
+    );
+    Ok(())
+}

@@ -8,7 +8,8 @@
 //! flush() ─ resync? GET {url}?source=S&limit=n ─▶ last delivered position ─▶ drop pending ≤ it
 //!         ─ POST {url}/batch (chunks of max_events)      ─┐ one request at a time, over the
 //!           or POST {url} per event (no batch endpoint)  ─┘ client's persistent connections
-//!         ─ 2xx: pop what it carried · 5xx/408/429/timeout/refused: Transient · other 4xx: Definite
+//!         ─ 2xx: pop what it carried · 5xx/408/429/timeout/refused: Transient
+//!           · 3xx (never followed) and other 4xx: Definite
 //! ```
 //!
 //! Invariants:
@@ -16,6 +17,8 @@
 //!   sent in commit order and, within a transaction, in change order, one request at a
 //!   time. Nothing is dropped or reordered: a transient failure keeps everything and
 //!   [`drive`](crate::sink::drive) retries `flush` with backoff (plus jitter here).
+//! - Redirects are not followed, and a 3xx is a definite error naming where it points:
+//!   a redirected POST would come back as a GET whose 2xx says nothing of delivery.
 //! - Each event has a *position* `(commit_lsn, index)`, `index` being the change's
 //!   place in its transaction (counting every change, whatever guests dropped or
 //!   routed), and an `event_id` derived from it (see [`event_id`]). Positions of
@@ -208,7 +211,10 @@ impl SpineClient {
         } else {
             format!("{trimmed}/events")
         };
+        // A redirect is never followed: reqwest would turn a redirected POST into a GET
+        // whose 2xx then counted as delivered. Any 3xx is a definite error (`check`).
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -230,26 +236,26 @@ impl SpineClient {
 
     /// POSTs one event (a JSON object); returns the stored event.
     pub async fn publish(&self, event: impl Into<Bytes>) -> Result<Json, SinkError> {
-        let (status, body) = self
+        let answer = self
             .send(self.http.post(&self.events_url), Some(event.into()))
             .await?;
-        self.check(status, &body, "POST")?;
-        self.json(&body)
+        self.check(&answer, "POST")?;
+        self.json(&answer.body)
     }
 
     /// POSTs a JSON array of events to `{url}/batch`; `Ok(None)` when the spine has no
     /// batch endpoint (audit-stream-py answers 404 or 405).
     pub async fn publish_batch(&self, events: impl Into<Bytes>) -> Result<Option<Json>, SinkError> {
         let url = format!("{}/batch", self.events_url);
-        let (status, body) = self.send(self.http.post(&url), Some(events.into())).await?;
+        let answer = self.send(self.http.post(&url), Some(events.into())).await?;
         if matches!(
-            status,
+            answer.status,
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
         ) {
             return Ok(None);
         }
-        self.check(status, &body, "POST /batch")?;
-        self.json(&body).map(Some)
+        self.check(&answer, "POST /batch")?;
+        self.json(&answer.body).map(Some)
     }
 
     /// `GET {url}?kind=&source=&limit=`: the newest `limit` matching events, oldest first.
@@ -262,11 +268,11 @@ impl SpineClient {
         let mut query = vec![("limit", limit.to_string())];
         query.extend(kind.map(|k| ("kind", k.to_owned())));
         query.extend(source.map(|s| ("source", s.to_owned())));
-        let (status, body) = self
+        let answer = self
             .send(self.http.get(&self.events_url).query(&query), None)
             .await?;
-        self.check(status, &body, "GET")?;
-        match self.json(&body)? {
+        self.check(&answer, "GET")?;
+        match self.json(&answer.body)? {
             Json::Array(events) => Ok(events),
             other => Err(self.definite(format!(
                 "GET {} answered {other} instead of a list of events",
@@ -281,18 +287,18 @@ impl SpineClient {
             .events_url
             .strip_suffix("/events")
             .unwrap_or(&self.events_url);
-        let (status, body) = self
+        let answer = self
             .send(self.http.get(format!("{base}{path}")), None)
             .await?;
-        self.check(status, &body, "GET")?;
-        self.json(&body)
+        self.check(&answer, "GET")?;
+        self.json(&answer.body)
     }
 
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
         body: Option<Bytes>,
-    ) -> Result<(StatusCode, Bytes), SinkError> {
+    ) -> Result<Answer, SinkError> {
         let mut request = request;
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -316,15 +322,39 @@ impl SpineClient {
         };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
+        let location = status.is_redirection().then(|| {
+            let to = response.headers().get(reqwest::header::LOCATION)?;
+            let to = String::from_utf8_lossy(to.as_bytes());
+            // Relative to the address asked; shown escaped and cut short, as the
+            // server's text it is.
+            let to = response
+                .url()
+                .join(&to)
+                .map_or(to.into_owned(), String::from);
+            Some(to.chars().take(500).flat_map(char::escape_debug).collect())
+        });
         let body = response.bytes().await.map_err(unreachable)?;
-        Ok((status, body))
+        Ok(Answer {
+            status,
+            location: location.flatten(),
+            body,
+        })
     }
 
-    fn check(&self, status: StatusCode, body: &[u8], what: &str) -> Result<(), SinkError> {
+    fn check(&self, answer: &Answer, what: &str) -> Result<(), SinkError> {
+        let status = answer.status;
         if status.is_success() {
             return Ok(());
         }
-        let mut answer = String::from_utf8_lossy(body).into_owned();
+        if status.is_redirection() {
+            let to = answer.location.as_deref().unwrap_or("(no Location given)");
+            return Err(self.definite(format!(
+                "{what} {}: the spine answered a redirect ({status}) to {to}; airlock does not \
+                 follow redirects: set `url` to the final address",
+                self.events_url
+            )));
+        }
+        let mut answer = String::from_utf8_lossy(&answer.body).into_owned();
         if answer.len() > 2000 {
             let cut = (0..=2000)
                 .rev()
@@ -364,6 +394,14 @@ impl SpineClient {
             message,
         }
     }
+}
+
+/// What the spine answered to one request.
+struct Answer {
+    status: StatusCode,
+    /// Where a 3xx points (resolved against the request's address), for the error.
+    location: Option<String>,
+    body: Bytes,
 }
 
 /// A compiled `watch` entry.
