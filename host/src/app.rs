@@ -96,6 +96,18 @@ async fn open_sink(
             settings.max_events = sink.max_rows;
             settings.request_timeout = sink.spine.request_timeout;
             settings.dead_letter_dir = sink.spine.dead_letter_dir.clone();
+            settings.slot = config.source.slot.clone();
+            let key_file = sink.spine.key_file.clone();
+            let key = tokio::task::spawn_blocking(move || crate::sink::spine::load_key(&key_file))
+                .await
+                .map_err(|e| SinkError::Definite {
+                    sink: sink.name.clone(),
+                    message: format!("reading the spine key panicked: {e}"),
+                })?;
+            settings.key = Some(key.map_err(|e| SinkError::Definite {
+                sink: sink.name.clone(),
+                message: e.to_string(),
+            })?);
             let spine = SpineSink::open(settings).await?;
             let task = tokio::spawn(sink::drive_observed(
                 spine,

@@ -152,6 +152,9 @@ pub mod raw {
         pub request_timeout: Option<String>,
         /// Where events the spine refuses (4xx) go, so the stream goes on. Default: none, a 4xx stops the pipeline.
         pub dead_letter_dir: Option<String>,
+        /// File with the 32-byte secret that signs this sink's event ids, created (mode 0600) when absent.
+        /// Default `$XDG_STATE_HOME/airlock/spine-{slot}.key`, else `~/.local/state/airlock/spine-{slot}.key`.
+        pub key_file: Option<String>,
     }
 
     /// One `watch(table, kind, source)` entry of an `http` sink.
@@ -340,6 +343,8 @@ pub struct SpineConfig {
     pub watch: Vec<(String, String, String)>,
     pub request_timeout: Duration,
     pub dead_letter_dir: Option<PathBuf>,
+    /// The key file that signs the event ids (`key_file`, else the slot's default).
+    pub key_file: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -780,6 +785,21 @@ impl Config {
                     Duration::from_secs(30),
                 ),
                 dead_letter_dir: s.dead_letter_dir.as_deref().map(resolve),
+                key_file: match s.key_file.as_deref() {
+                    Some("") if http => {
+                        issues.add(at("key_file"), "found an empty path, expected the file that holds the spine key (created when absent): set it, or remove the field for the default");
+                        PathBuf::new()
+                    }
+                    Some(file) => resolve(file),
+                    None => {
+                        let slot = source.as_ref().map_or("airlock", |s| s.slot.as_str());
+                        let default = crate::sink::spine::default_key_file(slot);
+                        if http && default.is_none() {
+                            issues.add(at("key_file"), "missing: neither XDG_STATE_HOME nor HOME is set, so the spine key has no default place: set key_file to a path");
+                        }
+                        default.unwrap_or_default()
+                    }
+                },
             };
             if !http {
                 for (field, set) in [
@@ -790,6 +810,7 @@ impl Config {
                     ("watch", s.watch.is_some()),
                     ("request_timeout", s.request_timeout.is_some()),
                     ("dead_letter_dir", s.dead_letter_dir.is_some()),
+                    ("key_file", s.key_file.is_some()),
                 ] {
                     if set {
                         issues.add(
@@ -1247,6 +1268,39 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert!(
             found[0].starts_with("source.slots (line 3): unknown field `slots`"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn an_http_sinks_key_file_defaults_to_its_slots_and_only_http_sinks_take_one() {
+        let config = Config::from_toml(
+            "airlock.toml",
+            "[source]\nurl = \"postgres://u@h/db\"\nslot = \"s1\"\n\
+             [sinks.a]\ntype = \"http\"\nurl = \"http://h/events\"\n\
+             [sinks.b]\ntype = \"http\"\nurl = \"http://h/events\"\nkey_file = \"keys/b.key\"\n",
+            Path::new("/etc/airlock"),
+        )
+        .unwrap();
+        let default = crate::sink::spine::default_key_file("s1").expect("HOME is set");
+        assert!(default.ends_with("airlock/spine-s1.key"), "{default:?}");
+        assert_eq!(config.sinks[0].spine.key_file, default);
+        assert_eq!(
+            config.sinks[1].spine.key_file,
+            PathBuf::from("/etc/airlock/keys/b.key")
+        );
+        let found = issues(
+            "[source]\nurl = \"postgres://u@h/db\"\n\
+             [sinks.lake]\ntype = \"delta\"\nurl = \"file:///l\"\nkey_file = \"k\"\n\
+             [sinks.spine]\ntype = \"http\"\nurl = \"http://h/events\"\nkey_file = \"\"\n",
+        );
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("sinks.lake.key_file: only `http` sinks take this field"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("sinks.spine.key_file: found an empty path"),
             "{found:?}"
         );
     }

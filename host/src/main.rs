@@ -133,7 +133,11 @@ impl AdminArgs {
         path: &str,
     ) -> anyhow::Result<reqwest::RequestBuilder> {
         let (addr, token) = self.resolve()?;
-        let mut request = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
+        // Redirects are not followed: the answer must be the admin API's own.
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let mut request = client.request(method, format!("http://{addr}{path}"));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use airlock::change::Lsn;
 use airlock::pipeline::batch::Batch;
+use airlock::secrets::Key;
 use airlock::sink::spine::{SpineSettings, SpineSink};
 use airlock::sink::{SinkError, drive};
 use airlock::spine::log;
@@ -18,8 +19,22 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
+/// The key of the tests' slot, in a key file of this test process.
+fn key() -> Key {
+    static KEY: std::sync::OnceLock<Key> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        airlock::sink::spine::load_key(&temp_dir("spine-key").join("spine-airlock.key"))
+            .expect("spine key")
+    })
+    .clone()
+}
+
+/// The settings of the tests' sink: slot `airlock` with one key, as from its key file,
+/// so that a restarted sink finds what the earlier one delivered.
 fn settings(url: &str) -> SpineSettings {
     let mut s = SpineSettings::new("spine", url);
+    s.slot = "airlock".into();
+    s.key = Some(key());
     s.flush_interval = Duration::from_millis(50);
     s.max_events = 100;
     s.request_timeout = Duration::from_secs(5);
@@ -476,5 +491,164 @@ async fn the_spine_binary_survives_kill_9_without_losing_an_acknowledged_event()
     spine.kill_9().await;
     let report = airlock::spine::verify(&dir)?;
     assert!(report.valid, "{report:?}");
+    Ok(())
+}
+
+/// An id in the unsigned form of earlier airlock versions, which anyone could compute
+/// from the commit LSN, the change's index and the source.
+fn predictable_id(source: &str, commit_lsn: u64, index: u32) -> String {
+    format!(
+        "{commit_lsn:016X}-{index:06}-{}",
+        &airlock_tests::sha256_hex(source)[..8]
+    )
+}
+
+/// The two ways a peer with write access to the spine went about it: ids crafted at
+/// the highest position (in the unsigned form, and in the signed form with a guessed
+/// MAC), and the predictable (unsigned) ids of our next events, transactions 3 to 5.
+fn forged_ids() -> [(&'static str, Vec<String>); 2] {
+    let highest = predictable_id("airlock", u64::MAX, 999_999);
+    let predicted = (3..=5)
+        .flat_map(|n| (0..3).map(move |i| predictable_id("airlock", n * 1000 + 999, i)))
+        .collect();
+    [
+        (
+            "posting ids at the highest position",
+            vec![highest.clone(), format!("{highest}-{}", "0".repeat(32))],
+        ),
+        ("posting the predictable ids of our next events", predicted),
+    ]
+}
+
+/// Our sink delivers transactions 1 and 2; a peer posts events with the `forged` ids
+/// to our source; our pipeline restarts from an older checkpoint and sends 1 to 5.
+/// Returns the ids of our accounts in the spine, in spine order.
+async fn after_a_peer_posts(url: &str, forged: &[String]) -> Result<Vec<u64>> {
+    let mut sink = Driven::start(settings(url)).await?;
+    for n in 1..=2 {
+        sink.send(accounts_batch(n, 3, "")).await;
+    }
+    sink.wait(accounts_end(2), Duration::from_secs(30)).await?;
+    sink.finish().await?;
+
+    let peer = client(url);
+    for id in forged {
+        let event = json!({"kind": "other", "source": "airlock", "payload": {"event_id": id, "peer": true}});
+        peer.publish(serde_json::to_vec(&event)?).await?;
+    }
+
+    let mut sink = Driven::start(settings(url)).await?;
+    for n in 1..=5 {
+        sink.send(accounts_batch(n, 3, "")).await;
+    }
+    sink.wait(accounts_end(5), Duration::from_secs(30)).await?;
+    sink.finish().await?;
+    Ok(client(url)
+        .events(None, Some("airlock"), 100_000)
+        .await?
+        .iter()
+        .filter_map(|e| e["payload"]["new"]["id"].as_u64())
+        .collect())
+}
+
+/// Every one of our events must be in the spine exactly once — none skipped for the
+/// peer's ids, none sent twice — whatever the attack.
+fn assert_each_event_once(found: &[(&str, Vec<u64>)]) {
+    let wrong: Vec<String> = found
+        .iter()
+        .filter(|(_, ours)| *ours != ids_of(1..=5, 3))
+        .map(|(attack, ours)| format!("a peer {attack}: ours in the spine {ours:?}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "expected each of {:?} once; {}",
+        ids_of(1..=5, 3),
+        wrong.join("; ")
+    );
+}
+
+#[tokio::test]
+async fn builtin_a_peer_cannot_steer_the_resync() -> Result<()> {
+    let mut found = Vec::new();
+    for (attack, forged) in forged_ids() {
+        let spine_dir = temp_dir(&format!("spine-steer-{}", forged.len()));
+        let spine = BuiltinSpine::start(&spine_dir).await;
+        found.push((attack, after_a_peer_posts(&spine.url, &forged).await?));
+        spine.stop().await;
+    }
+    assert_each_event_once(&found);
+    Ok(())
+}
+
+#[tokio::test]
+async fn audit_stream_py_a_peer_cannot_steer_the_resync() -> Result<()> {
+    let mut found = Vec::new();
+    for (attack, forged) in forged_ids() {
+        let spine = AuditStreamPy::start().await;
+        found.push((attack, after_a_peer_posts(&spine.url, &forged).await?));
+        spine.stop().await;
+    }
+    assert_each_event_once(&found);
+    Ok(())
+}
+
+/// A server that answers every write with `301` to an address whose `GET` answers
+/// `200` with an empty list (`/events/batch`) or object (`/events`), as a spine that
+/// took the events would; `GET /events` (the resync) answers `[]`.
+async fn redirecting_spine() -> Result<String> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let moved = |to: &'static str| {
+        move || async move { (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, to)]) }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/events",
+            get(|| async { axum::Json(json!([])) }).post(moved("/moved/events")),
+        )
+        .route("/events/batch", axum::routing::post(moved("/moved/batch")))
+        .route(
+            "/moved/events",
+            get(|| async { axum::Json(json!({})) }).post(|| async { axum::Json(json!({})) }),
+        )
+        .route(
+            "/moved/batch",
+            get(|| async { axum::Json(json!([])) }).post(|| async { axum::Json(json!([])) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(format!("http://{addr}/events"))
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_a_delivery() -> Result<()> {
+    use airlock::sink::Sink;
+    let url = redirecting_spine().await?;
+    let mut sink = SpineSink::open(settings(&url)).await?;
+    sink.accept(accounts_batch(1, 2, "")).await?;
+    let error = match sink.flush().await {
+        Ok(lsn) => bail!("a 301 counted as delivered (durable {lsn:?})"),
+        Err(error) => error,
+    };
+    assert!(!error.is_transient(), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("redirect") && message.contains("/moved/batch"),
+        "{message}"
+    );
+    assert_eq!(sink.pending_events(), 2, "nothing is taken as delivered");
+
+    // One event at a time (audit-stream-py has no batch endpoint): the same.
+    let event = json!({"kind": "other", "source": "airlock", "payload": {}});
+    let error = client(&url)
+        .publish(serde_json::to_vec(&event)?)
+        .await
+        .expect_err("a 301 is not a stored event");
+    assert!(!error.is_transient(), "{error}");
+    assert!(
+        error.to_string().contains("redirect") && error.to_string().contains("/moved/events"),
+        "{error}"
+    );
     Ok(())
 }

@@ -5,10 +5,11 @@
 //! ```text
 //! accept(Arc<Batch>) ── kept rows ─▶ event JSON (no I/O) ─▶ pending: VecDeque, commit order
 //!                                                               │
-//! flush() ─ resync? GET {url}?source=S&limit=n ─▶ last delivered position ─▶ drop pending ≤ it
+//! flush() ─ resync? GET {url}?source=S&limit=n ─▶ newest id signed by our slot's key ─▶ drop pending ≤ it
 //!         ─ POST {url}/batch (chunks of max_events)      ─┐ one request at a time, over the
 //!           or POST {url} per event (no batch endpoint)  ─┘ client's persistent connections
-//!         ─ 2xx: pop what it carried · 5xx/408/429/timeout/refused: Transient · other 4xx: Definite
+//!         ─ 2xx: pop what it carried · 5xx/408/429/timeout/refused: Transient
+//!           · 3xx (never followed) and other 4xx: Definite
 //! ```
 //!
 //! Invariants:
@@ -16,20 +17,36 @@
 //!   sent in commit order and, within a transaction, in change order, one request at a
 //!   time. Nothing is dropped or reordered: a transient failure keeps everything and
 //!   [`drive`](crate::sink::drive) retries `flush` with backoff (plus jitter here).
+//! - Redirects are not followed, and a 3xx is a definite error naming where it points:
+//!   a redirected POST would come back as a GET whose 2xx says nothing of delivery.
 //! - Each event has a *position* `(commit_lsn, index)`, `index` being the change's
 //!   place in its transaction (counting every change, whatever guests dropped or
-//!   routed), and an `event_id` derived from it (see [`event_id`]). Positions of
-//!   delivered events strictly increase.
-//! - No duplicates after a restart: before its first delivery, and again after any
-//!   failed request (whose events may have landed anyway), the sink asks the spine for
-//!   the newest event of each of its sources (`GET {url}?source=S&limit=N`) and skips
-//!   every pending event at or before the newest position found. A spine that is idempotent on
-//!   `payload.event_id` (the built-in one) also drops any duplicate that gets through.
+//!   routed), and an `event_id` derived from it and signed (see [`event_id`]): an HMAC
+//!   under the slot's [`Key`] over the slot, the source and the position. Positions
+//!   of delivered events strictly increase.
+//! - No duplicates after a restart, and no event skipped because of what someone else
+//!   wrote: before its first delivery, and again after any failed request (whose events
+//!   may have landed anyway), the sink asks the spine for the newest events of each of
+//!   its sources (`GET {url}?source=S&limit=N`) and skips every pending event at or
+//!   before the newest position among the ids that verify under its slot and key
+//!   ([`parse_event_id`]). Another writer to the spine can neither forge nor predict
+//!   such an id, so it can make the sink send events once more (by hiding ours behind
+//!   4096 of its own, or replaying an old one of ours to audit-stream-py), never skip
+//!   one. A spine that is idempotent on `payload.event_id` (the built-in one) also drops
+//!   any duplicate that gets through, and nobody can take one of our future ids first.
 //!   The sources asked about are the default, the `watch` sources and every source seen
-//!   since start; each airlock pipeline must use its own source names on a shared spine.
+//!   since start. Two pipelines on one spine may share source names when their slots
+//!   or keys differ; with the same slot name and key file they must not.
+//! - The key lives in a key file per slot (`key_file`, default [`default_key_file`]),
+//!   created when absent and refused when others may read or replace it
+//!   ([`crate::secrets`]). Ids of the unsigned form earlier versions wrote (`C-I-S`)
+//!   are never trusted, so after an upgrade (or a lost key file) the events after the
+//!   slot's confirmed position may be sent once more, and the built-in spine's
+//!   idempotency does not catch those (their ids differ).
 //! - Kinds are checked at [`SpineSink::open`] (default and `watch` kinds) against the
 //!   spine's list; a guest's `spine.kind` annotation outside it is a definite error at
 //!   `accept`, naming the row, rather than an event refused later.
+//! - Dead-letter directories and files the sink creates are its owner's only (0700, 0600).
 //!
 //! # Events
 //!
@@ -59,6 +76,7 @@ use sha2::{Digest, Sha256};
 use crate::change::json::{format_timestamp, row_to_json};
 use crate::change::{Lsn, Op, Relation, ReplicaIdentity};
 use crate::pipeline::batch::{Batch, BatchRow};
+use crate::secrets::{Key, constant_time_eq};
 use crate::sink::{Sink, SinkError};
 use crate::spine::AUDIT_STREAM_KINDS;
 
@@ -99,6 +117,13 @@ pub struct SpineSettings {
     /// Where events the spine refuses with a 4xx go, one JSON line each with the
     /// spine's answer, so the stream goes on. `None`: a 4xx stops the pipeline.
     pub dead_letter_dir: Option<std::path::PathBuf>,
+    /// The replication slot whose changes this sink delivers. Event ids are bound to
+    /// it: a sink resumes only from ids made for its own slot.
+    pub slot: String,
+    /// The key that signs this slot's event ids, from its key file
+    /// ([`Key::load_or_create`]). `None`: the slot's default key file
+    /// ([`default_key_file`]), read or created at [`SpineSink::open`].
+    pub key: Option<Key>,
 }
 
 impl SpineSettings {
@@ -108,9 +133,11 @@ impl SpineSettings {
     pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
     pub const DEFAULT_MAX_EVENTS: usize = 1000;
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_SLOT: &'static str = "airlock";
 
     /// Settings with the defaults: route `spine`, audit-stream-py's kinds, kind
-    /// `other`, source `airlock`, no watch map, 1 s, 1000 events, 30 s per request.
+    /// `other`, source `airlock`, no watch map, 1 s, 1000 events, 30 s per request,
+    /// slot `airlock`, the slot's default key file.
     pub fn new(name: impl Into<String>, url: impl Into<String>) -> SpineSettings {
         SpineSettings {
             name: name.into(),
@@ -125,6 +152,8 @@ impl SpineSettings {
             max_events: Self::DEFAULT_MAX_EVENTS,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             dead_letter_dir: None,
+            slot: Self::DEFAULT_SLOT.to_owned(),
+            key: None,
         }
     }
 }
@@ -137,38 +166,88 @@ pub struct Position {
     pub index: u32,
 }
 
-/// The `event_id` of the change at `position` delivered under `source`:
-/// `CCCCCCCCCCCCCCCC-IIIIII-SSSSSSSS`, the commit LSN as 16 uppercase hex digits, the
-/// change's index in its transaction in (at least 6) decimal digits, and the first 8
-/// hex digits of SHA-256(`source`). Redelivery of the same change under the same source
-/// gives the same id; two pipelines with different sources never collide. (The change's
-/// own LSN adds nothing to `(commit_lsn, index)`, and one TRUNCATE of several tables
-/// gives several changes with one LSN, so it is not part of the id.)
-pub fn event_id(source: &str, position: Position) -> String {
+/// The `event_id` of the change at `position` of `slot`, delivered under `source`:
+/// `CCCCCCCCCCCCCCCC-IIIIII-SSSSSSSS-MMMM…` (32 `M`s), the commit LSN as 16 uppercase
+/// hex digits, the change's index in its transaction in (at least 6) decimal digits,
+/// the first 8 hex digits of SHA-256(`source`) and the MAC: the first 16 bytes, in
+/// lowercase hex, of
+///
+/// ```text
+/// HMAC-SHA256(key, "airlock-spine-event-v1" ‖ 0x00 ‖ u32be(len slot) ‖ slot
+///                  ‖ u32be(len source) ‖ source ‖ u64be(commit_lsn) ‖ u32be(index))
+/// ```
+///
+/// Redelivery of the same change under the same source, slot and key gives the same
+/// id (so a spine idempotent on `payload.event_id` drops the copy); without the key
+/// nobody can make or predict one. (The change's own LSN adds nothing to
+/// `(commit_lsn, index)`, and one TRUNCATE of several tables gives several changes
+/// with one LSN, so it is not part of the id.)
+pub fn event_id(key: &Key, slot: &str, source: &str, position: Position) -> String {
     format!(
-        "{:016X}-{:06}-{}",
+        "{:016X}-{:06}-{}-{}",
         position.commit_lsn.0,
         position.index,
-        source_tag(source)
+        source_tag(source),
+        hex::encode(event_mac(key, slot, source, position))
     )
+}
+
+/// Bytes of the MAC in an event id.
+const MAC_LEN: usize = 16;
+
+fn event_mac(key: &Key, slot: &str, source: &str, position: Position) -> [u8; MAC_LEN] {
+    let full = key.mac(&[
+        b"airlock-spine-event-v1\0",
+        &(slot.len() as u32).to_be_bytes(),
+        slot.as_bytes(),
+        &(source.len() as u32).to_be_bytes(),
+        source.as_bytes(),
+        &position.commit_lsn.0.to_be_bytes(),
+        &position.index.to_be_bytes(),
+    ]);
+    let mut mac = [0; MAC_LEN];
+    mac.copy_from_slice(&full[..MAC_LEN]);
+    mac
 }
 
 fn source_tag(source: &str) -> String {
     hex::encode(&Sha256::digest(source.as_bytes())[..4])
 }
 
-/// The position of an `event_id` made by [`event_id`] for `source`; `None` for any
-/// other id (another producer's event).
-pub fn parse_event_id(source: &str, id: &str) -> Option<Position> {
+/// The position of an `event_id` that [`event_id`] made for `source` with this `slot`
+/// and `key` (the MAC is checked in constant time); `None` for any other id: another
+/// producer's event, another slot's, one made with another key, or one of the
+/// unsigned form of earlier airlock versions.
+pub fn parse_event_id(key: &Key, slot: &str, source: &str, id: &str) -> Option<Position> {
     let mut parts = id.split('-');
-    let (lsn, index, tag) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || lsn.len() != 16 || tag != source_tag(source) {
+    let (lsn, index) = (parts.next()?, parts.next()?);
+    if lsn.len() != 16 || !lsn.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    Some(Position {
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let position = Position {
         commit_lsn: Lsn(u64::from_str_radix(lsn, 16).ok()?),
         index: index.parse().ok()?,
-    })
+    };
+    // The one id this key makes for the position, compared whole: no other spelling
+    // of it (case, leading zeros) is taken either.
+    let expected = event_id(key, slot, source, position);
+    constant_time_eq(expected.as_bytes(), id.as_bytes()).then_some(position)
+}
+
+/// The default key file of `slot`'s spine events:
+/// `$XDG_STATE_HOME/airlock/spine-{slot}.key`, else
+/// `~/.local/state/airlock/spine-{slot}.key` (a relative `XDG_STATE_HOME` is ignored,
+/// as the XDG base directory specification asks); `None` without either variable.
+pub fn default_key_file(slot: &str) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(base.join("airlock").join(format!("spine-{slot}.key")))
 }
 
 /// An HTTP client for an audit-stream-py compatible spine: one `reqwest::Client`, so
@@ -207,7 +286,10 @@ impl SpineClient {
         } else {
             format!("{trimmed}/events")
         };
+        // A redirect is never followed: reqwest would turn a redirected POST into a GET
+        // whose 2xx then counted as delivered. Any 3xx is a definite error (`check`).
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -229,26 +311,26 @@ impl SpineClient {
 
     /// POSTs one event (a JSON object); returns the stored event.
     pub async fn publish(&self, event: impl Into<Bytes>) -> Result<Json, SinkError> {
-        let (status, body) = self
+        let answer = self
             .send(self.http.post(&self.events_url), Some(event.into()))
             .await?;
-        self.check(status, &body, "POST")?;
-        self.json(&body)
+        self.check(&answer, "POST")?;
+        self.json(&answer.body)
     }
 
     /// POSTs a JSON array of events to `{url}/batch`; `Ok(None)` when the spine has no
     /// batch endpoint (audit-stream-py answers 404 or 405).
     pub async fn publish_batch(&self, events: impl Into<Bytes>) -> Result<Option<Json>, SinkError> {
         let url = format!("{}/batch", self.events_url);
-        let (status, body) = self.send(self.http.post(&url), Some(events.into())).await?;
+        let answer = self.send(self.http.post(&url), Some(events.into())).await?;
         if matches!(
-            status,
+            answer.status,
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
         ) {
             return Ok(None);
         }
-        self.check(status, &body, "POST /batch")?;
-        self.json(&body).map(Some)
+        self.check(&answer, "POST /batch")?;
+        self.json(&answer.body).map(Some)
     }
 
     /// `GET {url}?kind=&source=&limit=`: the newest `limit` matching events, oldest first.
@@ -261,11 +343,11 @@ impl SpineClient {
         let mut query = vec![("limit", limit.to_string())];
         query.extend(kind.map(|k| ("kind", k.to_owned())));
         query.extend(source.map(|s| ("source", s.to_owned())));
-        let (status, body) = self
+        let answer = self
             .send(self.http.get(&self.events_url).query(&query), None)
             .await?;
-        self.check(status, &body, "GET")?;
-        match self.json(&body)? {
+        self.check(&answer, "GET")?;
+        match self.json(&answer.body)? {
             Json::Array(events) => Ok(events),
             other => Err(self.definite(format!(
                 "GET {} answered {other} instead of a list of events",
@@ -280,18 +362,18 @@ impl SpineClient {
             .events_url
             .strip_suffix("/events")
             .unwrap_or(&self.events_url);
-        let (status, body) = self
+        let answer = self
             .send(self.http.get(format!("{base}{path}")), None)
             .await?;
-        self.check(status, &body, "GET")?;
-        self.json(&body)
+        self.check(&answer, "GET")?;
+        self.json(&answer.body)
     }
 
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
         body: Option<Bytes>,
-    ) -> Result<(StatusCode, Bytes), SinkError> {
+    ) -> Result<Answer, SinkError> {
         let mut request = request;
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -315,15 +397,39 @@ impl SpineClient {
         };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
+        let location = status.is_redirection().then(|| {
+            let to = response.headers().get(reqwest::header::LOCATION)?;
+            let to = String::from_utf8_lossy(to.as_bytes());
+            // Relative to the address asked; shown escaped and cut short, as the
+            // server's text it is.
+            let to = response
+                .url()
+                .join(&to)
+                .map_or(to.into_owned(), String::from);
+            Some(to.chars().take(500).flat_map(char::escape_debug).collect())
+        });
         let body = response.bytes().await.map_err(unreachable)?;
-        Ok((status, body))
+        Ok(Answer {
+            status,
+            location: location.flatten(),
+            body,
+        })
     }
 
-    fn check(&self, status: StatusCode, body: &[u8], what: &str) -> Result<(), SinkError> {
+    fn check(&self, answer: &Answer, what: &str) -> Result<(), SinkError> {
+        let status = answer.status;
         if status.is_success() {
             return Ok(());
         }
-        let mut answer = String::from_utf8_lossy(body).into_owned();
+        if status.is_redirection() {
+            let to = answer.location.as_deref().unwrap_or("(no Location given)");
+            return Err(self.definite(format!(
+                "{what} {}: the spine answered a redirect ({status}) to {to}; airlock does not \
+                 follow redirects: set `url` to the final address",
+                self.events_url
+            )));
+        }
+        let mut answer = String::from_utf8_lossy(&answer.body).into_owned();
         if answer.len() > 2000 {
             let cut = (0..=2000)
                 .rev()
@@ -363,6 +469,14 @@ impl SpineClient {
             message,
         }
     }
+}
+
+/// What the spine answered to one request.
+struct Answer {
+    status: StatusCode,
+    /// Where a 3xx points (resolved against the request's address), for the error.
+    location: Option<String>,
+    body: Bytes,
 }
 
 /// A compiled `watch` entry.
@@ -431,6 +545,8 @@ struct Pending {
 /// The spine sink. See the [module documentation](self).
 pub struct SpineSink {
     settings: SpineSettings,
+    /// `settings.key`, or the one in the slot's default key file.
+    key: Key,
     client: SpineClient,
     watch: Vec<Watch>,
     pending: VecDeque<Pending>,
@@ -459,6 +575,10 @@ impl SpineSink {
     /// definite answer (bad token, wrong URL) fails here.
     pub async fn open(settings: SpineSettings) -> Result<SpineSink, SinkError> {
         let watch = validate(&settings)?;
+        let key = match &settings.key {
+            Some(key) => key.clone(),
+            None => default_key(&settings).await?,
+        };
         let client = SpineClient::new(
             &settings.name,
             &settings.url,
@@ -473,6 +593,7 @@ impl SpineSink {
             | 1;
         let mut sink = SpineSink {
             settings,
+            key,
             client,
             watch,
             pending: VecDeque::new(),
@@ -526,17 +647,22 @@ impl SpineSink {
         }
     }
 
-    /// The newest position among the spine's events of this sink's sources.
+    /// The newest position among the spine's events of this sink's sources whose
+    /// `event_id` this sink's slot and key made. Nothing else counts: whatever another
+    /// producer posts can only make this older (events sent once more), never newer.
     async fn last_delivered(&self) -> Result<Option<Position>, SinkError> {
         let mut newest = None;
         for source in &self.sources {
             // Other producers may share the source: look further back until one of ours.
             for limit in [1, 16, 256, 4096] {
                 let events = self.client.events(None, Some(source), limit).await?;
-                let ours = events.iter().rev().find_map(|e| {
-                    let id = e.get("payload")?.get("event_id")?.as_str()?;
-                    parse_event_id(source, id)
-                });
+                let ours = events
+                    .iter()
+                    .filter_map(|e| {
+                        let id = e.get("payload")?.get("event_id")?.as_str()?;
+                        parse_event_id(&self.key, &self.settings.slot, source, id)
+                    })
+                    .max();
                 if let Some(p) = ours {
                     newest = newest.max(Some(p));
                     break;
@@ -645,6 +771,7 @@ impl SpineSink {
 impl SpineSink {
     /// Appends the front event and the spine's answer to `{dead_letter_dir}/{sink}.jsonl`,
     /// durably. The event holds masked data only: it already went through the guests.
+    /// A directory or file it creates is its owner's only (0700, 0600).
     async fn dead_letter(&self, error: &SinkError) -> Result<std::path::PathBuf, SinkError> {
         use tokio::io::AsyncWriteExt;
         let dir = self
@@ -660,10 +787,17 @@ impl SpineSink {
             sink: self.settings.name.clone(),
             message: format!("cannot write the dead-letter file {}: {e}", path.display()),
         };
-        tokio::fs::create_dir_all(dir).await.map_err(definite)?;
+        // Row data, if masked: readable by this user only.
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(crate::private_files::DIR_MODE)
+            .create(dir)
+            .await
+            .map_err(definite)?;
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(crate::private_files::FILE_MODE)
             .open(&path)
             .await
             .map_err(definite)?;
@@ -671,6 +805,35 @@ impl SpineSink {
         file.sync_all().await.map_err(definite)?;
         Ok(path)
     }
+}
+
+/// The key in the key file at `path`, read, or created when absent
+/// ([`Key::load_or_create`]), one caller of this process at a time: creation is safe
+/// between processes, but two threads of one process would race on the one temporary
+/// file name it uses (sinks of one slot share a key file; tests run as threads).
+pub fn load_key(path: &std::path::Path) -> Result<Key, crate::secrets::KeyError> {
+    static LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+    Key::load_or_create(path)
+}
+
+/// The key in the default key file of the settings' slot, read or created.
+async fn default_key(settings: &SpineSettings) -> Result<Key, SinkError> {
+    let definite = |message: String| SinkError::Definite {
+        sink: settings.name.clone(),
+        message,
+    };
+    let path = default_key_file(&settings.slot).ok_or_else(|| {
+        definite(
+            "no key for the event ids and no default key file (neither XDG_STATE_HOME nor \
+             HOME is set): set the sink's key_file"
+                .to_owned(),
+        )
+    })?;
+    tokio::task::spawn_blocking(move || load_key(&path))
+        .await
+        .map_err(|e| definite(format!("reading the key file failed: {e}")))?
+        .map_err(|e| definite(e.to_string()))
 }
 
 fn with_context(error: SinkError, context: &str) -> SinkError {
@@ -850,7 +1013,7 @@ impl Sink for SpineSink {
             if self.delivered.is_some_and(|d| position <= d) {
                 continue;
             }
-            let id = event_id(source, position);
+            let id = event_id(&self.key, &self.settings.slot, source, position);
             let body = serde_json::to_vec(&json!({
                 "kind": kind,
                 "source": source,

@@ -16,13 +16,15 @@
 //!   it, is a *torn tail* when it is incomplete or its last bytes are zeros (a write
 //!   cut short by a crash; it was never acknowledged). Recovery copies it to
 //!   `torn-OFFSET.bin` beside the log and truncates it.
+//! - Files the spine creates hold row data and are its owner's only (0600, in a 0700
+//!   directory when the spine made it; see [`crate::private_files`]).
 //! - Any other bad frame — one followed by a valid frame, or a complete frame at the
 //!   end whose bytes are not zeros — is *corruption*: recovery refuses the log and
 //!   names the record, rather than silently dropping what may be acknowledged data.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -333,6 +335,7 @@ impl Writer {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(crate::private_files::FILE_MODE)
             .open(&path)
             .map_err(|e| io("open", e))?;
         match file.try_lock() {
@@ -420,7 +423,7 @@ pub fn cut_torn_tail(dir: &Path, offset: u64, bytes: u64) -> Result<PathBuf, Log
     let mut tail = vec![0u8; bytes as usize];
     file.read_exact_at(&mut tail, offset)
         .map_err(|e| io("read", e))?;
-    let mut out = File::create(&aside).map_err(|e| io("save torn tail", e))?;
+    let mut out = crate::private_files::create(&aside).map_err(|e| io("save torn tail", e))?;
     out.write_all(&tail)
         .and_then(|()| out.sync_all())
         .map_err(|e| io("save torn tail", e))?;

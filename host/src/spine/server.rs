@@ -152,7 +152,8 @@ impl SpineState {
         token: Option<String>,
         kinds: Vec<String>,
     ) -> Result<SpineState, SpineError> {
-        std::fs::create_dir_all(dir).map_err(|source| log::LogError::Io {
+        // The events hold row data: the directory is its owner's only.
+        crate::private_files::create_dir_all(dir).map_err(|source| log::LogError::Io {
             path: dir.to_path_buf(),
             action: "create directory",
             source,

@@ -542,3 +542,29 @@ async fn a_listener_others_can_reach_needs_a_token() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_spines_files_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // A directory the spine creates, parents included.
+    let d = dir("modes").join("spine/data");
+    fill(&d, 2).await;
+    assert_eq!(mode(&d), 0o700);
+    assert_eq!(mode(d.parent().unwrap()), 0o700);
+    assert_eq!(mode(&d.join(LOG_FILE)), crate::private_files::FILE_MODE);
+    // A torn tail it saves aside.
+    let mut bytes = std::fs::read(d.join(LOG_FILE)).unwrap();
+    bytes.extend_from_slice(b"EVT1\x40");
+    std::fs::write(d.join(LOG_FILE), &bytes).unwrap();
+    let spine = Running::start(&d, None).await;
+    assert_eq!(spine.get("/stats").await.1["count"], 2);
+    spine.stop().await;
+    let torn: Vec<PathBuf> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+        .collect();
+    assert_eq!(torn.len(), 1, "{torn:?}");
+    assert_eq!(mode(&torn[0]), crate::private_files::FILE_MODE);
+}

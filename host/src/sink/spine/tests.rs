@@ -141,30 +141,89 @@ async fn fake(fake: Fake) -> String {
     url
 }
 
+/// A key of its own for each `name`, the same for every call (a restarted sink must
+/// find its events).
+fn key_named(name: &str) -> Key {
+    let path = std::env::temp_dir()
+        .join(format!("airlock-spine-sink-keys-{}", std::process::id()))
+        .join(format!("{name}.key"));
+    load_key(&path).unwrap()
+}
+
+/// The key of the tests' slot `airlock`.
+fn key() -> Key {
+    key_named("airlock")
+}
+
 fn settings(url: &str) -> SpineSettings {
     let mut s = SpineSettings::new("spine", url);
     s.request_timeout = Duration::from_secs(5);
+    s.key = Some(key());
     s
 }
 
+/// This sink's id of the change at `(commit_lsn, index)`.
+fn our_id(source: &str, commit_lsn: u64, index: u32) -> String {
+    event_id(
+        &key(),
+        "airlock",
+        source,
+        Position {
+            commit_lsn: Lsn(commit_lsn),
+            index,
+        },
+    )
+}
+
 #[test]
-fn event_ids_are_stable_and_scoped_to_their_source() {
+fn event_ids_are_stable_signed_and_bound_to_slot_source_and_key() {
     let p = Position {
         commit_lsn: Lsn(0x16B_3748),
         index: 3,
     };
-    let id = event_id("airlock", p);
-    assert_eq!(
-        id,
-        format!(
-            "00000000016B3748-000003-{}",
-            &hex::encode(Sha256::digest(b"airlock"))[..8]
-        )
+    let id = event_id(&key(), "airlock", "airlock", p);
+    let tag = &hex::encode(Sha256::digest(b"airlock"))[..8];
+    let prefix = format!("00000000016B3748-000003-{tag}-");
+    assert!(id.starts_with(&prefix), "{id}");
+    let mac = &id[prefix.len()..];
+    assert!(
+        mac.len() == 32 && mac.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
     );
-    assert_eq!(event_id("airlock", p), id);
-    assert_eq!(parse_event_id("airlock", &id), Some(p));
-    assert_eq!(parse_event_id("other-source", &id), None);
-    assert_eq!(parse_event_id("airlock", "42"), None);
+    assert_eq!(event_id(&key(), "airlock", "airlock", p), id, "stable");
+    assert_eq!(parse_event_id(&key(), "airlock", "airlock", &id), Some(p));
+
+    // Another slot, key or source does not verify, nor does any edit of the id.
+    let other_key = key_named("other");
+    assert_eq!(parse_event_id(&key(), "other_slot", "airlock", &id), None);
+    assert_eq!(parse_event_id(&other_key, "airlock", "airlock", &id), None);
+    assert_eq!(parse_event_id(&key(), "airlock", "other-source", &id), None);
+    assert_ne!(event_id(&key(), "other_slot", "airlock", p), id);
+    assert_ne!(event_id(&other_key, "airlock", "airlock", p), id);
+    let later = id.replacen("000003", "000004", 1);
+    assert_eq!(parse_event_id(&key(), "airlock", "airlock", &later), None);
+    let higher = id.replacen("00000000016B3748", "FFFFFFFFFFFFFFFF", 1);
+    assert_eq!(parse_event_id(&key(), "airlock", "airlock", &higher), None);
+    let upper = format!("{prefix}{}", mac.to_uppercase());
+    assert_eq!(parse_event_id(&key(), "airlock", "airlock", &upper), None);
+    // The unsigned ids of earlier versions, and anything else, are not ours.
+    assert_eq!(
+        parse_event_id(
+            &key(),
+            "airlock",
+            "airlock",
+            &format!("FFFFFFFFFFFFFFFF-999999-{tag}")
+        ),
+        None
+    );
+    assert_eq!(parse_event_id(&key(), "airlock", "airlock", "42"), None);
+    assert_eq!(parse_event_id(&key(), "airlock", "airlock", ""), None);
+    // The source is length-prefixed in the MAC: moving bytes between slot and source
+    // gives another id.
+    assert_ne!(
+        event_id(&key(), "ab", "c", p).rsplit('-').next(),
+        event_id(&key(), "a", "bc", p).rsplit('-').next()
+    );
     assert!(
         Position {
             commit_lsn: Lsn(5),
@@ -302,29 +361,11 @@ async fn events_carry_the_row_and_the_change_metadata() {
         (Some("abc123"), &json!(["restricted"]))
     );
     assert_eq!(p["column_tags"], json!({"email": ["pii"]}));
-    assert_eq!(
-        p["event_id"],
-        event_id(
-            "accounts-svc",
-            Position {
-                commit_lsn: Lsn(0x40),
-                index: 0
-            }
-        )
-    );
+    assert_eq!(p["event_id"], our_id("accounts-svc", 0x40, 0));
     assert_eq!(d["payload"]["operation"], "DELETE");
     assert_eq!(d["payload"]["old"], json!({"id": 2}));
     assert!(d["payload"].get("new").is_none());
-    assert_eq!(
-        d["payload"]["event_id"],
-        event_id(
-            "guest-src",
-            Position {
-                commit_lsn: Lsn(0x40),
-                index: 1
-            }
-        )
-    );
+    assert_eq!(d["payload"]["event_id"], our_id("guest-src", 0x40, 1));
 }
 
 #[tokio::test]
@@ -342,16 +383,7 @@ async fn unrouted_and_dropped_rows_are_not_sent_but_keep_their_index() {
         .await
         .unwrap();
     assert_eq!(events.len(), 1);
-    assert_eq!(
-        events[0]["payload"]["event_id"],
-        event_id(
-            "airlock",
-            Position {
-                commit_lsn: Lsn(1999),
-                index: 2
-            }
-        )
-    );
+    assert_eq!(events[0]["payload"]["event_id"], our_id("airlock", 1999, 2));
     // A batch with nothing for the spine keeps nothing.
     let mut b = (*batch(2, 1)).clone();
     b.rows[0].routes = vec!["default".into()];
@@ -498,4 +530,62 @@ async fn a_refused_request_is_definite_with_the_spines_answer() {
     let mut sink = SpineSink::open(s).await.unwrap();
     sink.accept(batch(1, 1)).await.unwrap();
     sink.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_sink_trusts_only_the_events_of_its_own_slot_and_key() {
+    let url = fake(Fake::default()).await;
+    let mut sink = SpineSink::open(settings(&url)).await.unwrap();
+    sink.accept(batch(1, 2)).await.unwrap();
+    sink.flush().await.unwrap();
+    let found = Some(Position {
+        commit_lsn: Lsn(1999),
+        index: 1,
+    });
+    assert_eq!(
+        SpineSink::open(settings(&url)).await.unwrap().delivered(),
+        found
+    );
+    // Another slot with the same key, or another key for the same slot: nothing of the
+    // first sink's counts (its events would be sent again, never skipped).
+    let mut other_slot = settings(&url);
+    other_slot.slot = "other_slot".into();
+    assert_eq!(SpineSink::open(other_slot).await.unwrap().delivered(), None);
+    let mut other_key = settings(&url);
+    other_key.key = Some(key_named("other"));
+    assert_eq!(SpineSink::open(other_key).await.unwrap().delivered(), None);
+}
+
+#[tokio::test]
+async fn dead_letter_files_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let refusing = Router::new().route(
+        "/events",
+        post(|| async {
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                JsonBody(json!({"detail": "no"})),
+            )
+        })
+        .get(|| async { JsonBody(json!([])) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, refusing).await.unwrap() });
+    let base = std::env::temp_dir().join(format!(
+        "airlock-spine-sink-dead-letter-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&base);
+    let mut s = settings(&url);
+    s.dead_letter_dir = Some(base.join("quarantine/spine"));
+    let mut sink = SpineSink::open(s).await.unwrap();
+    sink.accept(batch(1, 1)).await.unwrap();
+    sink.flush().await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&base.join("quarantine")), 0o700);
+    assert_eq!(mode(&base.join("quarantine/spine")), 0o700);
+    let file = base.join("quarantine/spine/spine.jsonl");
+    assert_eq!(mode(&file), 0o600);
+    assert!(std::fs::read_to_string(&file).unwrap().contains("x@y"));
 }
