@@ -66,3 +66,35 @@ pub fn restrict_umask() {
 /// Elsewhere there is no umask to set.
 #[cfg(not(unix))]
 pub fn restrict_umask() {}
+
+/// A test's temporary directory, removed with its contents when dropped.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct TestDir(std::path::PathBuf);
+
+#[cfg(test)]
+impl TestDir {
+    /// A fresh, empty `$TMPDIR/airlock-{name}-{pid}`.
+    pub(crate) fn new(name: &str) -> TestDir {
+        let dir = std::env::temp_dir().join(format!("airlock-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a test directory");
+        TestDir(dir)
+    }
+}
+
+#[cfg(test)]
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

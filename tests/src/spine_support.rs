@@ -136,6 +136,14 @@ pub struct AuditStreamPy {
     pub url: String,
     pub port: u16,
     child: Child,
+    /// Its stderr, removed when it is dropped.
+    log: PathBuf,
+}
+
+impl Drop for AuditStreamPy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 impl AuditStreamPy {
@@ -172,7 +180,12 @@ impl AuditStreamPy {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        AuditStreamPy { url, port, child }
+        AuditStreamPy {
+            url,
+            port,
+            child,
+            log,
+        }
     }
 
     /// Kills it (SIGKILL) and waits for it to exit.

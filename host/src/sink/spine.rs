@@ -256,6 +256,8 @@ pub fn default_key_file(slot: &str) -> Option<std::path::PathBuf> {
 pub struct SpineClient {
     http: reqwest::Client,
     events_url: String,
+    /// `events_url` as it may be shown: user information replaced by `***`.
+    shown_url: String,
     token: Option<String>,
     sink: String,
 }
@@ -298,6 +300,7 @@ impl SpineClient {
             .map_err(|e| definite(format!("cannot build the HTTP client: {e}")))?;
         Ok(SpineClient {
             http,
+            shown_url: crate::secrets::redact_url(&events_url),
             events_url,
             token,
             sink: sink.to_owned(),
@@ -305,8 +308,9 @@ impl SpineClient {
     }
 
     /// The events endpoint.
+    /// The events endpoint as it may be logged or shown (no user information).
     pub fn events_url(&self) -> &str {
-        &self.events_url
+        &self.shown_url
     }
 
     /// POSTs one event (a JSON object); returns the stored event.
@@ -351,7 +355,7 @@ impl SpineClient {
             Json::Array(events) => Ok(events),
             other => Err(self.definite(format!(
                 "GET {} answered {other} instead of a list of events",
-                self.events_url
+                self.shown_url
             ))),
         }
     }
@@ -384,15 +388,16 @@ impl SpineClient {
                 .body(body);
         }
         let unreachable = |e: reqwest::Error| {
-            let mut message = format!("spine at {} unreachable: {e}", self.events_url);
+            let mut message = format!("spine at {} unreachable: {e}", self.shown_url);
             let mut source = e.source();
             while let Some(cause) = source {
                 message.push_str(&format!(": {cause}"));
                 source = cause.source();
             }
+            // reqwest's own text names the URL it was given, credentials and all.
             SinkError::Transient {
                 sink: self.sink.clone(),
-                message,
+                message: crate::secrets::redact_url(&message),
             }
         };
         let response = request.send().await.map_err(unreachable)?;
@@ -426,7 +431,7 @@ impl SpineClient {
             return Err(self.definite(format!(
                 "{what} {}: the spine answered a redirect ({status}) to {to}; airlock does not \
                  follow redirects: set `url` to the final address",
-                self.events_url
+                self.shown_url
             )));
         }
         let mut answer = String::from_utf8_lossy(&answer.body).into_owned();
@@ -438,7 +443,7 @@ impl SpineClient {
             answer.truncate(cut);
             answer.push_str("...");
         }
-        let message = format!("{what} {} answered {status}: {answer}", self.events_url);
+        let message = format!("{what} {} answered {status}: {answer}", self.shown_url);
         let transient = status.is_server_error()
             || matches!(
                 status,
@@ -458,7 +463,7 @@ impl SpineClient {
         serde_json::from_slice(body).map_err(|e| {
             self.definite(format!(
                 "the spine at {} answered invalid JSON: {e}",
-                self.events_url
+                self.shown_url
             ))
         })
     }

@@ -9,11 +9,9 @@ use serde_json::{Value as Json, json};
 use super::log::{self, LOG_FILE};
 use super::*;
 
-fn dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("airlock-spine-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory for one test, removed when the test ends.
+fn dir(name: &str) -> crate::private_files::TestDir {
+    crate::private_files::TestDir::new(&format!("spine-{name}"))
 }
 
 struct Running {

@@ -70,8 +70,7 @@ fn batch(n: u64, rows: i64) -> Arc<Batch> {
 }
 
 async fn builtin(dir: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let dir = std::env::temp_dir().join(format!("airlock-spine-sink-{dir}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = crate::private_files::TestDir::new(&format!("spine-sink-{dir}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -81,6 +80,8 @@ async fn builtin(dir: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
         })
         .await
         .unwrap();
+        // The spine's directory goes when the spine stops.
+        drop(dir);
     });
     (url, stop)
 }
@@ -588,4 +589,28 @@ async fn dead_letter_files_are_readable_by_their_owner_only() {
     let file = base.join("quarantine/spine/spine.jsonl");
     assert_eq!(mode(&file), 0o600);
     assert!(std::fs::read_to_string(&file).unwrap().contains("x@y"));
+}
+
+/// Regression: the spine's URL was shown as configured in errors, logs and `/status`,
+/// so `http://user:password@host/events` printed the password.
+#[tokio::test]
+async fn credentials_in_the_spine_url_are_never_shown() {
+    let client = SpineClient::new(
+        "audit",
+        "http://ops:hunter2@127.0.0.1:1/events",
+        None,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(client.events_url(), "http://***@127.0.0.1:1/events");
+    let error = client
+        .publish(Bytes::from_static(b"{}"))
+        .await
+        .expect_err("nothing listens on port 1");
+    let text = error.to_string();
+    assert!(error.is_transient(), "{text}");
+    assert!(
+        !text.contains("hunter2") && text.contains("***@127.0.0.1:1"),
+        "{text}"
+    );
 }
