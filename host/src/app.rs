@@ -98,12 +98,13 @@ async fn open_sink(
             settings.dead_letter_dir = sink.spine.dead_letter_dir.clone();
             settings.slot = config.source.slot.clone();
             let key_file = sink.spine.key_file.clone();
-            let key = tokio::task::spawn_blocking(move || crate::sink::spine::load_key(&key_file))
-                .await
-                .map_err(|e| SinkError::Definite {
-                    sink: sink.name.clone(),
-                    message: format!("reading the spine key panicked: {e}"),
-                })?;
+            let key =
+                tokio::task::spawn_blocking(move || crate::secrets::Key::load_or_create(&key_file))
+                    .await
+                    .map_err(|e| SinkError::Definite {
+                        sink: sink.name.clone(),
+                        message: format!("reading the spine key panicked: {e}"),
+                    })?;
             settings.key = Some(key.map_err(|e| SinkError::Definite {
                 sink: sink.name.clone(),
                 message: e.to_string(),

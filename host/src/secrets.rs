@@ -60,7 +60,10 @@ impl Key {
         }
         let mut bytes = [0u8; KEY_LEN];
         random_bytes(&mut bytes).map_err(io)?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // A name of its own per call: threads of one process may create the same key.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{call}", std::process::id()));
         let written = crate::private_files::create(&tmp)
             .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()));
         // Link, never rename: a key another process created meanwhile is kept.
@@ -224,6 +227,23 @@ mod tests {
         );
         assert_eq!(redact_url("file:///tmp/lake"), "file:///tmp/lake");
         assert_eq!(redact_url("no url"), "no url");
+    }
+
+    /// Regression: the temporary file was named per process, so two threads creating
+    /// one key file raced on it ("No such file or directory").
+    #[test]
+    fn threads_creating_one_key_at_once_all_get_it() {
+        let dir = std::env::temp_dir().join(format!("airlock-keys-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("shared.key");
+        let keys: Vec<Key> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| Key::load_or_create(&path).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(keys.iter().all(|k| k.0 == keys[0].0), "one key for all");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 fn key() -> Key {
     static KEY: std::sync::OnceLock<Key> = std::sync::OnceLock::new();
     KEY.get_or_init(|| {
-        airlock::sink::spine::load_key(&temp_dir("spine-key").join("spine-airlock.key"))
+        airlock::secrets::Key::load_or_create(&temp_dir("spine-key").join("spine-airlock.key"))
             .expect("spine key")
     })
     .clone()

@@ -812,16 +812,6 @@ impl SpineSink {
     }
 }
 
-/// The key in the key file at `path`, read, or created when absent
-/// ([`Key::load_or_create`]), one caller of this process at a time: creation is safe
-/// between processes, but two threads of one process would race on the one temporary
-/// file name it uses (sinks of one slot share a key file; tests run as threads).
-pub fn load_key(path: &std::path::Path) -> Result<Key, crate::secrets::KeyError> {
-    static LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = LOADING.lock().unwrap_or_else(|e| e.into_inner());
-    Key::load_or_create(path)
-}
-
 /// The key in the default key file of the settings' slot, read or created.
 async fn default_key(settings: &SpineSettings) -> Result<Key, SinkError> {
     let definite = |message: String| SinkError::Definite {
@@ -835,7 +825,7 @@ async fn default_key(settings: &SpineSettings) -> Result<Key, SinkError> {
                 .to_owned(),
         )
     })?;
-    tokio::task::spawn_blocking(move || load_key(&path))
+    tokio::task::spawn_blocking(move || Key::load_or_create(&path))
         .await
         .map_err(|e| definite(format!("reading the key file failed: {e}")))?
         .map_err(|e| definite(e.to_string()))

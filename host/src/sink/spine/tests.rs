@@ -148,7 +148,7 @@ fn key_named(name: &str) -> Key {
     let path = std::env::temp_dir()
         .join(format!("airlock-spine-sink-keys-{}", std::process::id()))
         .join(format!("{name}.key"));
-    load_key(&path).unwrap()
+    Key::load_or_create(&path).unwrap()
 }
 
 /// The key of the tests' slot `airlock`.
