@@ -124,13 +124,13 @@ impl ReloadNotifier {
                             backoff = (backoff * 2).min(Duration::from_secs(60));
                         }
                         Err(e) => {
-                            tracing::error!(spine = client.events_url(), error = %e, "the spine refused the reload-failure event");
+                            tracing::error!(spine = client.shown_url(), error = %e, "the spine refused the reload-failure event");
                             return;
                         }
                     }
                 }
                 tracing::error!(
-                    spine = client.events_url(),
+                    spine = client.shown_url(),
                     "could not tell the spine about a failed reload"
                 );
             });

@@ -309,7 +309,7 @@ impl SpineClient {
 
     /// The events endpoint.
     /// The events endpoint as it may be logged or shown (no user information).
-    pub fn events_url(&self) -> &str {
+    pub fn shown_url(&self) -> &str {
         &self.shown_url
     }
 
@@ -617,7 +617,7 @@ impl SpineSink {
                 sink.resync = false;
                 if let Some(p) = found {
                     tracing::info!(
-                        sink = %sink.settings.name, url = sink.client.events_url(), commit_lsn = %p.commit_lsn, index = p.index,
+                        sink = %sink.settings.name, url = sink.client.shown_url(), commit_lsn = %p.commit_lsn, index = p.index,
                         "the spine has events up to this position; skipping them"
                     );
                 }
@@ -746,7 +746,7 @@ impl SpineSink {
                         }
                     }
                     None => {
-                        tracing::info!(sink = %self.settings.name, url = self.client.events_url(), "the spine has no batch endpoint; posting events one by one");
+                        tracing::info!(sink = %self.settings.name, url = self.client.shown_url(), "the spine has no batch endpoint; posting events one by one");
                         self.batch_endpoint = Some(false);
                     }
                 }

@@ -602,7 +602,7 @@ async fn credentials_in_the_spine_url_are_never_shown() {
         Duration::from_secs(2),
     )
     .unwrap();
-    assert_eq!(client.events_url(), "http://***@127.0.0.1:1/events");
+    assert_eq!(client.shown_url(), "http://***@127.0.0.1:1/events");
     let error = client
         .publish(Bytes::from_static(b"{}"))
         .await
