@@ -437,12 +437,9 @@ pub fn cut_torn_tail(dir: &Path, offset: u64, bytes: u64) -> Result<PathBuf, Log
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("airlock-spine-log-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh directory for one test, removed when the test ends.
+    fn dir(name: &str) -> crate::private_files::TestDir {
+        crate::private_files::TestDir::new(&format!("spine-log-{name}"))
     }
 
     fn write(dir: &Path, events: &[&str]) -> Vec<u64> {
