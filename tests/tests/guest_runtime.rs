@@ -149,26 +149,7 @@ fn every_value_type_round_trips_through_a_passthrough_guest() {
 fn mask_hashes_the_email_column_and_tags_it_pii() {
     let rt = runtime(Limits::default());
     let mut pipeline = load(&rt, "mask", &[]).unwrap_or_else(|e| panic!("{e:?}"));
-    let relation = Arc::new(Relation {
-        oid: 1,
-        schema: "public".into(),
-        name: "customers".into(),
-        replica_identity: ReplicaIdentity::Default,
-        columns: vec![
-            Column {
-                name: "id".into(),
-                type_oid: oid::INT8,
-                type_modifier: -1,
-                key: true,
-            },
-            Column {
-                name: "email".into(),
-                type_oid: oid::TEXT,
-                type_modifier: -1,
-                key: false,
-            },
-        ],
-    });
+    let relation = customers();
     let row = |id: i64, email: Value| Some(vec![Value::Int(id), email]);
     let batch = Batch::from_transactions(vec![txn(
         1,
@@ -624,9 +605,9 @@ fn the_compile_cache_runs_only_code_it_wrote_and_is_closed_to_others() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A batch of one insert into `public.customers (id, email)`.
-fn email_batch(email: &str) -> Batch {
-    let relation = Arc::new(Relation {
+/// `public.customers (id bigint key, email text)`.
+fn customers() -> Arc<Relation> {
+    Arc::new(Relation {
         oid: 1,
         schema: "public".into(),
         name: "customers".into(),
@@ -645,7 +626,12 @@ fn email_batch(email: &str) -> Batch {
                 key: false,
             },
         ],
-    });
+    })
+}
+
+/// A batch of one insert into `public.customers (id, email)`.
+fn email_batch(email: &str) -> Batch {
+    let relation = customers();
     Batch::from_transactions(vec![txn(
         1,
         vec![Change {

@@ -29,8 +29,6 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
 use wasmtime_wasi::p2::{DynPollable, Pollable};
 
-use super::guest::GuestState;
-
 /// A wall clock stuck at the Unix epoch.
 pub struct FrozenClock;
 
@@ -103,6 +101,16 @@ pub struct ClockView<'a> {
     table: &'a mut ResourceTable,
 }
 
+impl<'a> ClockView<'a> {
+    /// The view of a store whose clock is `clock` and whose WASI table is `table`.
+    pub fn new(clock: &'a SharedClock, table: &'a mut ResourceTable) -> ClockView<'a> {
+        ClockView {
+            clock: &clock.0,
+            table,
+        }
+    }
+}
+
 impl ClockView<'_> {
     fn elapsed(&mut self) -> wasmtime::Result<Resource<DynPollable>> {
         let pollable = self.table.push(Elapsed)?;
@@ -143,14 +151,13 @@ impl HasData for NonBlockingClock {
 }
 
 /// Replaces WASI's monotonic clock in `linker` (which already holds WASI) with the
-/// one above, whose waits never block.
-pub fn replace_monotonic_clock(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+/// one above, whose waits never block; `view` finds a store's clock and table.
+pub fn replace_monotonic_clock<T: 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> ClockView<'_>,
+) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let added =
-        monotonic_clock::add_to_linker::<GuestState, NonBlockingClock>(linker, |s| ClockView {
-            clock: &s.clock.0,
-            table: &mut s.table,
-        });
+    let added = monotonic_clock::add_to_linker::<T, NonBlockingClock>(linker, view);
     linker.allow_shadowing(false);
     added
 }

@@ -231,8 +231,10 @@ impl Runtime {
         let mut linker = Linker::<GuestState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        super::clocks::replace_monotonic_clock(&mut linker)
-            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        super::clocks::replace_monotonic_clock(&mut linker, |s: &mut GuestState| {
+            super::clocks::ClockView::new(&s.clock, &mut s.table)
+        })
+        .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         Transform::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker = engine.clone();
