@@ -7,22 +7,31 @@
 //! ```
 
 use std::fmt;
+use std::net::IpAddr;
 
 use crate::config::{Config, SinkKind};
 use crate::pipeline::registry;
 use crate::pipeline::runtime::Runtime;
+use crate::source::protocol::{ConnectConfig, SslMode};
 
 /// The outcome of one check.
 #[derive(Clone, Debug)]
 pub struct Finding {
     pub what: String,
+    /// False for a problem that stops airlock.
     pub ok: bool,
+    /// A risk that does not stop airlock (`ok` stays true).
+    pub warn: bool,
     pub detail: String,
 }
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mark = if self.ok { "ok  " } else { "FAIL" };
+        let mark = match (self.ok, self.warn) {
+            (false, _) => "FAIL",
+            (true, true) => "WARN",
+            (true, false) => "ok  ",
+        };
         write!(f, "{mark} {:<22} {}", self.what, self.detail)
     }
 }
@@ -31,6 +40,16 @@ fn ok(what: &str, detail: impl Into<String>) -> Finding {
     Finding {
         what: what.into(),
         ok: true,
+        warn: false,
+        detail: detail.into(),
+    }
+}
+
+fn warn(what: &str, detail: impl Into<String>) -> Finding {
+    Finding {
+        what: what.into(),
+        ok: true,
+        warn: true,
         detail: detail.into(),
     }
 }
@@ -39,8 +58,37 @@ fn fail(what: &str, detail: impl Into<String>) -> Finding {
     Finding {
         what: what.into(),
         ok: false,
+        warn: false,
         detail: detail.into(),
     }
+}
+
+/// The risk of the connection's TLS settings when the server is not on this
+/// machine: rows and credentials cross a network.
+fn transport_risk(connect: &ConnectConfig) -> Option<String> {
+    let host = connect.host.as_str();
+    let loopback = host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return None;
+    }
+    let risk = match connect.sslmode {
+        SslMode::Disable => {
+            "is not encrypted: anyone on the network path reads every row and the password"
+        }
+        SslMode::Prefer => {
+            "may fall back to plain text and does not verify the server: anyone on the network path can strip TLS and read every row"
+        }
+        SslMode::Require => {
+            "is encrypted but does not verify the server: anyone on the network path can pose as PostgreSQL and read every row"
+        }
+        SslMode::VerifyCa | SslMode::VerifyFull => return None,
+    };
+    Some(format!(
+        "the connection to `{host}` (sslmode={}) {risk}; set sslmode = \"verify-full\" and sslrootcert to the CA that signed the server's certificate",
+        connect.sslmode.as_str()
+    ))
 }
 
 async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
@@ -49,10 +97,14 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
         Err(e) => return out.push(fail("source.url", e.to_string())),
     };
     let target = connect.redacted_url();
-    if let Err(e) =
-        crate::source::tls::client_config(connect.sslmode, connect.sslrootcert.as_deref())
+    if let Err(e) = connect
+        .check_tls()
+        .and_then(|()| crate::source::tls::client_config(&connect))
     {
-        return out.push(fail("source.sslrootcert", e.to_string()));
+        return out.push(fail("source.tls", e.to_string()));
+    }
+    if let Some(risk) = transport_risk(&connect) {
+        out.push(warn("source.sslmode", risk));
     }
     let client = match connect.connect_sql().await {
         Ok((client, connection)) => {
@@ -267,4 +319,45 @@ pub async fn check(config: &Config) -> Vec<Finding> {
     out.extend(plugins);
     sink_checks(config, &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(host: &str, mode: SslMode) -> ConnectConfig {
+        let mut c = ConnectConfig::new(host, 5432, "airlock", None, "app");
+        c.sslmode = mode;
+        c
+    }
+
+    #[test]
+    fn remote_connections_without_verification_are_warned_about() {
+        for (mode, words) in [
+            (SslMode::Disable, "is not encrypted"),
+            (SslMode::Prefer, "may fall back to plain text"),
+            (SslMode::Require, "does not verify the server"),
+        ] {
+            for host in ["db.internal", "10.0.0.5", "2001:db8::1"] {
+                let risk = transport_risk(&connect(host, mode)).expect("a warning");
+                assert!(
+                    risk.contains(words) && risk.contains(host) && risk.contains("verify-full"),
+                    "{risk}"
+                );
+            }
+        }
+        for host in ["db.internal", "10.0.0.5"] {
+            assert_eq!(transport_risk(&connect(host, SslMode::VerifyFull)), None);
+            assert_eq!(transport_risk(&connect(host, SslMode::VerifyCa)), None);
+        }
+        for host in ["localhost", "127.0.0.1", "::1", "/var/run/postgresql"] {
+            assert_eq!(
+                transport_risk(&connect(host, SslMode::Disable)),
+                None,
+                "{host}"
+            );
+        }
+        let warning = warn("source.sslmode", "x").to_string();
+        assert!(warning.starts_with("WARN"), "{warning}");
+    }
 }

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::source::auth::{AuthPolicy, ChannelBinding};
 use crate::source::protocol::{ConnectConfig, SSL_MODES, SslMode};
 
 /// The file as written. Every field is documented in `docs/configuration.md`.
@@ -73,6 +74,16 @@ pub mod raw {
         /// little longer than PostgreSQL's default `wal_sender_timeout`, so that the
         /// walsender of an airlock that just died has time to go away.
         pub slot_busy_timeout: Option<String>,
+        /// Client certificate (PEM) for servers that authenticate clients by
+        /// certificate, with its private key (`sslkey`, mode 0600). Relative to the
+        /// configuration file. May be given in `url` instead, not in both.
+        pub sslcert: Option<String>,
+        pub sslkey: Option<String>,
+        /// The authentication methods accepted from the server, as libpq's
+        /// `require_auth` (`scram-sha-256`, or `!password,!md5`). Default: all.
+        pub require_auth: Option<String>,
+        /// SCRAM channel binding: `disable`, `prefer` (default) or `require`.
+        pub channel_binding: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -92,6 +103,9 @@ pub mod raw {
         pub dead_letter_dir: Option<String>,
         /// Where compiled components are cached. Default `$XDG_CACHE_HOME/airlock` or `~/.cache/airlock`.
         pub cache_dir: Option<String>,
+        /// Tags stages may write: names, or prefixes ending in `*` (`pii:*`).
+        /// Default: none.
+        pub tags: Option<Vec<String>>,
         pub limits: Option<Limits>,
     }
 
@@ -238,6 +252,11 @@ pub struct SourceConfig {
     pub sslmode: SslMode,
     /// The effective CA file for `verify-ca` / `verify-full`.
     pub sslrootcert: Option<PathBuf>,
+    /// The effective client certificate and key.
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+    /// The effective `require_auth` and `channel_binding`.
+    pub auth: AuthPolicy,
     pub publication: String,
     pub slot: String,
     pub tables: Vec<String>,
@@ -591,6 +610,57 @@ impl Config {
                     ),
                     _ => {}
                 }
+                // Set in the url or in the field, not differently in both.
+                let mut one_of = |key: &str, field: Option<&str>| -> Option<String> {
+                    let in_url =
+                        url_param(&url, key).and_then(crate::source::protocol::percent_decode);
+                    match (field, in_url) {
+                        (Some(field), Some(in_url)) if field != in_url => {
+                            issues.add(
+                                format!("source.{key}"),
+                                format!(
+                                    "found `{field}`, but source.url says {key}={in_url}: keep one of them"
+                                ),
+                            );
+                            None
+                        }
+                        (Some(field), _) => Some(field.to_owned()),
+                        (None, in_url) => in_url,
+                    }
+                };
+                let sslcert = one_of("sslcert", s.sslcert.as_deref()).map(|p| resolve(&p));
+                let sslkey = one_of("sslkey", s.sslkey.as_deref()).map(|p| resolve(&p));
+                let require_auth = one_of("require_auth", s.require_auth.as_deref());
+                let channel_binding = one_of("channel_binding", s.channel_binding.as_deref());
+                let mut auth = AuthPolicy::default();
+                if let Some(text) = require_auth {
+                    match text.parse() {
+                        Ok(r) => auth.require_auth = r,
+                        Err(e) => issues.add("source.require_auth", e),
+                    }
+                }
+                if let Some(text) = channel_binding {
+                    match text.parse() {
+                        Ok(c) => auth.channel_binding = c,
+                        Err(e) => issues.add("source.channel_binding", e),
+                    }
+                }
+                if sslcert.is_some() != sslkey.is_some() {
+                    issues.add(
+                        if sslcert.is_some() {
+                            "source.sslkey"
+                        } else {
+                            "source.sslcert"
+                        },
+                        "missing: a client certificate needs both sslcert and sslkey",
+                    );
+                }
+                if auth.channel_binding == ChannelBinding::Require && sslmode == SslMode::Disable {
+                    issues.add(
+                        "source.channel_binding",
+                        "`require` needs TLS, but sslmode is `disable`: set sslmode = \"verify-full\", or channel_binding = \"prefer\"",
+                    );
+                }
                 let snapshot = match s.snapshot.as_deref() {
                     None | Some("never") => Snapshot::Never,
                     Some("initial") => Snapshot::Initial,
@@ -616,6 +686,9 @@ impl Config {
                     password,
                     sslmode,
                     sslrootcert,
+                    sslcert,
+                    sslkey,
+                    auth,
                     publication: issues.name("source.publication", s.publication, "airlock"),
                     slot: issues.name("source.slot", s.slot, "airlock"),
                     tables,
@@ -637,6 +710,7 @@ impl Config {
 
         // [plugins]
         let p = raw.plugins.unwrap_or(raw::Plugins {
+            tags: None,
             dir: None,
             watch: None,
             require: None,
@@ -689,7 +763,15 @@ impl Config {
                 l.log_lines_per_second,
                 defaults.log_lines_per_second as usize,
             ) as u32,
+            // Set below, once the sinks (and so the routes) are known.
+            names: defaults.names.clone(),
         };
+        let tags = p.tags.unwrap_or_default();
+        for (i, tag) in tags.iter().enumerate() {
+            if let Err(e) = crate::pipeline::names::Names::check_pattern(tag) {
+                issues.add(format!("plugins.tags[{i}]"), e);
+            }
+        }
         let plugins = PluginsConfig {
             dir,
             watch: p.watch.unwrap_or(true),
@@ -938,6 +1020,13 @@ impl Config {
             !reported.iter().any(|r| related_fields(r, field))
         });
         let issues = Issues(shape_issues.iter().cloned().chain(issues.0).collect());
+        let mut plugins = plugins;
+        plugins.limits.names = std::sync::Arc::new(crate::pipeline::names::Names::new(
+            sinks
+                .iter()
+                .flat_map(|s: &SinkConfig| s.routes.iter().cloned()),
+            tags,
+        ));
         match source {
             Some(source) if issues.0.is_empty() => Ok(Config {
                 source,
@@ -970,6 +1059,9 @@ impl SourceConfig {
         }
         connect.sslmode = self.sslmode;
         connect.sslrootcert = self.sslrootcert.clone();
+        connect.sslcert = self.sslcert.clone();
+        connect.sslkey = self.sslkey.clone();
+        connect.auth = self.auth;
         Ok(connect)
     }
 }
@@ -1394,6 +1486,10 @@ mod fuzz {
                 "create_slot",
                 "status_interval",
                 "slot_busy_timeout",
+                "sslcert",
+                "sslkey",
+                "require_auth",
+                "channel_binding",
             ],
         ),
         (
@@ -1405,6 +1501,7 @@ mod fuzz {
                 "on_error",
                 "dead_letter_dir",
                 "cache_dir",
+                "tags",
             ],
         ),
         (

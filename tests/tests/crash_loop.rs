@@ -193,7 +193,7 @@ async fn kill_9_at_random_moments_under_writes_loses_and_repeats_nothing() -> Re
         &config,
         format!(
             "[source]\nurl = \"{}\"\nslot = \"crash\"\nstatus_interval = \"1s\"\n\
-             [plugins]\ndir = \"{}\"\nrequire = [\"10-mask\"]\n\
+             [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\nrequire = [\"10-mask\"]\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
              [sinks.spine]\ntype = \"http\"\nurl = \"{}\"\nflush_interval = \"200ms\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n",

@@ -9,12 +9,26 @@ use airlock::change::{
     Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
 };
 use airlock::pipeline::batch::Batch;
+use airlock::pipeline::names::Names;
 use airlock::pipeline::runtime::{Limits, Runtime, RuntimeError};
 use airlock::pipeline::{Pipeline, PluginFile};
 use airlock_tests::*;
 
-fn runtime(limits: Limits) -> Runtime {
+/// A runtime with `limits`; limits that declare no names get the routes and tags the
+/// example guests write (`spine`, `restricted`, `pii`, `pii:*`).
+fn runtime(mut limits: Limits) -> Runtime {
+    if *limits.names == Names::default() {
+        limits.names = declared().names;
+    }
     Runtime::new(limits, None).expect("runtime")
+}
+
+/// Default limits with the names the example guests write declared.
+fn declared() -> Limits {
+    Limits {
+        names: Arc::new(Names::new(["spine", "restricted"], ["pii", "pii:*"])),
+        ..Limits::default()
+    }
 }
 
 fn load(
@@ -194,6 +208,68 @@ fn mask_hashes_the_email_column_and_tags_it_pii() {
         Value::Int(1),
         "untouched columns stay as they were"
     );
+}
+
+/// A guest may write only the route and tag names the configuration declares: one
+/// that writes another (a value it read, say) fails its batch, named, and the batch
+/// comes back as it went in.
+#[test]
+fn routes_and_tags_a_configuration_does_not_declare_are_refused() {
+    let closed = Limits {
+        names: Arc::new(Names::new(["audit"], ["finance"])),
+        ..Limits::default()
+    };
+    let rt = runtime(closed);
+    let relation = customers();
+    let batch = || {
+        Batch::from_transactions(vec![txn(
+            1,
+            vec![Change {
+                relation: relation.clone(),
+                op: Op::Insert,
+                lsn: Lsn(1),
+                new: Some(vec![Value::Int(1), Value::Text("ada@example.com".into())]),
+                old: None,
+            }],
+        )])
+    };
+
+    let mut mask = load(&rt, "mask", &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    let (back, error) = mask
+        .process(batch())
+        .expect_err("the tag `pii` is not declared");
+    let text = error.to_string();
+    assert!(text.contains("10-mask"), "{text}");
+    assert!(
+        text.contains("the tag `pii` is not declared") && text.contains("[plugins] tags"),
+        "{text}"
+    );
+    assert_eq!(
+        back.rows[0].change.new.as_ref().unwrap()[1],
+        Value::Text("ada@example.com".into()),
+        "the batch comes back unchanged"
+    );
+
+    // A route carrying a value: refused, and the value is shown escaped and cut.
+    let mut route = load(&rt, "route", &[("default_route", "ada@example.com")])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let (_, error) = route
+        .process(batch())
+        .expect_err("the route is not taken by any sink");
+    let text = error.to_string();
+    assert!(text.contains("10-route"), "{text}");
+    assert!(
+        text.contains("`ada@example.com` is not taken by any sink"),
+        "{text}"
+    );
+
+    // Declared, the same stages run.
+    let rt = runtime(Limits {
+        names: Arc::new(Names::new(["audit"], ["finance", "pii"])),
+        ..Limits::default()
+    });
+    let mut mask = load(&rt, "mask", &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    mask.process(batch()).unwrap_or_else(|(_, e)| panic!("{e}"));
 }
 
 #[test]
@@ -545,9 +621,9 @@ fn the_compile_cache_runs_only_code_it_wrote_and_is_closed_to_others() {
             .collect()
     };
     // Fill both caches: `mask` in ours, `test_passthrough` in the attacker's.
-    let rt = Runtime::new(Limits::default(), Some(ours.clone())).unwrap();
+    let rt = Runtime::new(declared(), Some(ours.clone())).unwrap();
     load(&rt, "mask", &[]).unwrap_or_else(|e| panic!("{e:?}"));
-    let rt = Runtime::new(Limits::default(), Some(theirs.clone())).unwrap();
+    let rt = Runtime::new(declared(), Some(theirs.clone())).unwrap();
     load(&rt, "test_passthrough", &[]).unwrap_or_else(|e| panic!("{e:?}"));
     let (mask_entry, other_entry) = (cached(&ours).remove(0), cached(&theirs).remove(0));
     assert_eq!(
@@ -557,7 +633,7 @@ fn the_compile_cache_runs_only_code_it_wrote_and_is_closed_to_others() {
 
     // Swap the other guest's compiled code in under mask's name: it must not run.
     std::fs::copy(&other_entry, &mask_entry).unwrap();
-    let rt = Runtime::new(Limits::default(), Some(ours.clone())).unwrap();
+    let rt = Runtime::new(declared(), Some(ours.clone())).unwrap();
     let mut pipeline = load(&rt, "mask", &[]).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(
         pipeline.stages[0].info.name, "mask",
@@ -576,7 +652,7 @@ fn the_compile_cache_runs_only_code_it_wrote_and_is_closed_to_others() {
     // worse) is closed and its key replaced: nothing written before counts.
     std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o777)).unwrap();
     let key_before = std::fs::read(ours.join("cache.key")).unwrap();
-    Runtime::new(Limits::default(), Some(ours.clone())).unwrap();
+    Runtime::new(declared(), Some(ours.clone())).unwrap();
     assert_eq!(
         std::fs::metadata(&ours).unwrap().permissions().mode() & 0o777,
         0o700
@@ -594,7 +670,7 @@ fn the_compile_cache_runs_only_code_it_wrote_and_is_closed_to_others() {
         .status()
         .unwrap();
     assert!(status.success(), "the tests run as root, which may chown");
-    let error = match Runtime::new(Limits::default(), Some(theirs.clone())) {
+    let error = match Runtime::new(declared(), Some(theirs.clone())) {
         Ok(_) => panic!("a compile cache of another user must be refused"),
         Err(e) => e.to_string(),
     };

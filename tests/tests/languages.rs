@@ -586,7 +586,7 @@ async fn live_pipeline(language: &str) -> anyhow::Result<()> {
     let vault = dir.join("vault");
     let config = format!(
         "[source]\nurl = \"{url}\"\nslot = \"lang_{language}\"\nstatus_interval = \"1s\"\n\
-         [plugins]\ndir = \"{plugins}\"\n\
+         [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{plugins}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\"]\nflush_interval = \"200ms\"\n\
          [sinks.vault]\ntype = \"delta\"\nurl = \"file://{vault}\"\nroutes = [\"restricted\"]\nflush_interval = \"200ms\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n",

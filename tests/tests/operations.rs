@@ -25,7 +25,7 @@ async fn check_lists_every_problem_at_once() -> anyhow::Result<()> {
         &dir,
         &format!(
             "[source]\nurl = \"{}\"\npublication = \"nothere\"\nslot = \"nothere\"\ncreate_slot = false\n\
-             [plugins]\ndir = \"plugins\"\nrequire = [\"30-mask\"]\n\
+             [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\nrequire = [\"30-mask\"]\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\n",
             pg.url("postgres"),
             dir.display()
@@ -94,7 +94,7 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
     let config = write_config(
         &dir,
         &format!(
-            "[source]\nurl = \"{}\"\nslot = \"term\"\nstatus_interval = \"1s\"\n[plugins]\ndir = \"plugins\"\n\
+            "[source]\nurl = \"{}\"\nslot = \"term\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             pg.url("postgres"),
             dir.display()
@@ -241,7 +241,7 @@ async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fi
     let (dir, pg, db, plugins) = poisoned("halt").await?;
     let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"halt\"\nstatus_interval = \"1s\"\n[plugins]\ndir = \"{}\"\n\
+        "[source]\nurl = \"{}\"\nslot = \"halt\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"200ms\"\n[admin]\nlisten = \"{admin}\"\n",
         pg.url("postgres"),
         plugins.display(),
@@ -313,7 +313,7 @@ async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on(
     let quarantine = dir.join("quarantine");
     let config = format!(
         "[source]\nurl = \"{}\"\nslot = \"dl\"\nstatus_interval = \"1s\"\n\
-         [plugins]\ndir = \"{}\"\non_error = \"dead-letter\"\ndead_letter_dir = \"{}\"\n\
+         [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\non_error = \"dead-letter\"\ndead_letter_dir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"200ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         pg.url("postgres"),
         plugins.display(),
@@ -375,7 +375,7 @@ async fn a_spine_that_is_down_shows_in_status_and_metrics_and_gets_everything_wh
     let spine_port = airlock::demo::cluster::free_port();
     let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"down\"\nstatus_interval = \"1s\"\n[plugins]\ndir = \"{}\"\n\
+        "[source]\nurl = \"{}\"\nslot = \"down\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
          [sinks.spine]\ntype = \"http\"\nurl = \"http://127.0.0.1:{spine_port}/events\"\ndefault_source = \"ops\"\nflush_interval = \"200ms\"\n\
          [admin]\nlisten = \"{admin}\"\n",

@@ -46,7 +46,7 @@ async fn sighup_reloads_the_plugin_folder() -> anyhow::Result<()> {
         &config,
         format!(
             "[source]\nurl = \"{}\"\nslot = \"hup\"\ncreate_slot = true\n\
-             [plugins]\ndir = \"{}\"\nwatch = false\n\
+             [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\nwatch = false\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\n\
              [admin]\nlisten = \"{admin}\"\n",
             pg.url("postgres"),

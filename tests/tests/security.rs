@@ -142,7 +142,7 @@ async fn tokens_guard_the_admin_api_and_the_spine_and_no_credential_leaks_anywhe
         format!(
             "[source]\nurl = \"postgres://airlock@127.0.0.1:{port}/postgres\"\npassword_env = \"AIRLOCK_PG_PASSWORD\"\n\
              slot = \"sec\"\nstatus_interval = \"1s\"\n\
-             [plugins]\ndir = \"{plugins}\"\n\
+             [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{plugins}\"\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"s3://lake/secure\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
              storage_options = {{ AWS_ENDPOINT_URL = \"{endpoint}\", AWS_ALLOW_HTTP = \"true\", AWS_REGION = \"us-east-1\" }}\n\
              [sinks.spine]\ntype = \"http\"\nurl = \"{spine_url}/events\"\ntoken_env = \"AIRLOCK_SPINE_TOKEN\"\nflush_interval = \"200ms\"\n\

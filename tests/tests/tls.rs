@@ -4,7 +4,9 @@
 //! errors an operator sees (a wrong CA, a wrong host name, a server that wants TLS,
 //! a server without TLS, a wrong password), and a host that snapshots and streams
 //! over TLS with password authentication without ever showing the password in its
-//! logs, its errors or `/status`.
+//! logs, its errors or `/status`. Authentication under attack: `require_auth` against
+//! a server that downgrades the method, SCRAM channel binding against a relay that
+//! terminates TLS in the middle, and client certificates.
 
 mod support;
 
@@ -144,8 +146,17 @@ fn make_pki(dir: &Path) -> Result<Pki> {
 /// A cluster with `ssl = on`. Role `app` (REPLICATION, password [`PASSWORD`]) may
 /// connect only over TLS (`hostssl`, SCRAM); `postgres` connects plain, trusted.
 async fn tls_cluster(pki: &Pki) -> Result<(Cluster, tokio_postgres::Client)> {
+    tls_cluster_with(pki, "", "").await
+}
+
+/// [`tls_cluster`] with more settings, and pg_hba.conf lines before its own.
+async fn tls_cluster_with(
+    pki: &Pki,
+    settings: &str,
+    hba_first: &str,
+) -> Result<(Cluster, tokio_postgres::Client)> {
     let pg = Cluster::start(&format!(
-        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\npassword_encryption = 'scram-sha-256'\n",
+        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\npassword_encryption = 'scram-sha-256'\n{settings}",
         pki.server_cert.display(),
         pki.server_key.display()
     ))?;
@@ -160,7 +171,8 @@ async fn tls_cluster(pki: &Pki) -> Result<(Cluster, tokio_postgres::Client)> {
     let hba: String = db.query_one("SHOW hba_file", &[]).await?.get(0);
     std::fs::write(
         &hba,
-        "local all all trust\n\
+        hba_first.to_owned()
+            + "local all all trust\n\
          host all postgres 127.0.0.1/32 trust\n\
          host replication postgres 127.0.0.1/32 trust\n\
          hostssl all app 127.0.0.1/32 scram-sha-256\n\
@@ -480,6 +492,262 @@ async fn a_host_snapshots_and_streams_over_tls_and_never_shows_the_password() ->
     assert!(
         !out.contains("wrong-Tr0ub4dor") && !out.contains(PASSWORD),
         "{out}"
+    );
+    Ok(())
+}
+
+/// `c` with `require_auth` and `channel_binding` set as libpq spells them.
+fn with_auth(mut c: ConnectConfig, require_auth: &str, channel_binding: &str) -> ConnectConfig {
+    c.auth.require_auth = require_auth.parse().expect("require_auth");
+    c.auth.channel_binding = channel_binding.parse().expect("channel_binding");
+    c
+}
+
+/// Whether both kinds of connection with `c` connect; the errors otherwise.
+async fn both_connect(db: &tokio_postgres::Client, c: &ConnectConfig) -> Result<(), String> {
+    let replication = match ReplicationConnection::connect(c).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Err(e) => Err(format!("replication: {e}")),
+    };
+    let sql = match c.connect_sql().await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(format!("sql: {e}")),
+    };
+    let _ = db;
+    match (replication, sql) {
+        (Ok(()), Ok(())) => Ok(()),
+        (r, s) => Err(format!("{:?} / {:?}", r.err(), s.err())),
+    }
+}
+
+/// Both kinds of connection with `c` must be refused by airlock itself (an
+/// authentication error naming `needle`), not by the server.
+async fn both_refused(c: &ConnectConfig, needle: &str) {
+    let err = replication_error(c).await;
+    let text = err.to_string();
+    assert!(
+        matches!(err, SourceError::Auth { .. }),
+        "replication: {text}"
+    );
+    assert!(!err.is_transient(), "replication: {text}");
+    assert!(text.contains(needle), "replication: {text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    let text = sql_error(c).await;
+    assert!(text.contains(needle), "sql: {text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_auth_refuses_a_server_that_downgrades_the_method() -> Result<()> {
+    let dir = temp_dir("tls-require-auth");
+    let pki = make_pki(&dir)?;
+    // `clear` authenticates with a cleartext password: what a server (or anyone in
+    // the middle of an unverified connection) asks for to learn the password.
+    let (pg, db) = tls_cluster_with(
+        &pki,
+        "",
+        "hostssl all clear 127.0.0.1/32 password\nhostssl replication clear 127.0.0.1/32 password\n",
+    )
+    .await?;
+    db.batch_execute(&format!(
+        "CREATE ROLE clear WITH LOGIN REPLICATION PASSWORD '{PASSWORD}'"
+    ))
+    .await?;
+    let port = pg.port;
+    let ca = Some(pki.ca.as_path());
+    let mut clear = connect_config(port, "localhost", "app", SslMode::VerifyFull, ca);
+    clear.user = "clear".into();
+
+    // Without require_auth the password goes out in clear (inside TLS, to whoever
+    // answers); the control that the server really asks for it.
+    both_connect(&db, &clear)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    // With require_auth=scram-sha-256 airlock refuses before it sends anything.
+    let scram_only = with_auth(clear.clone(), "scram-sha-256", "prefer");
+    both_refused(&scram_only, "require_auth=scram-sha-256").await;
+    both_refused(&scram_only, "cleartext password").await;
+    let no_cleartext = with_auth(clear.clone(), "!password", "prefer");
+    both_refused(&no_cleartext, "cleartext password").await;
+
+    // trust (postgres): accepted without a password unless require_auth says no.
+    let trusted = connect_config(port, "127.0.0.1", "postgres", SslMode::Require, None);
+    both_connect(&db, &trusted)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    both_refused(&with_auth(trusted, "scram-sha-256", "prefer"), "trust").await;
+
+    // SCRAM with channel binding over verify-full: both stacks bind, and
+    // channel_binding=require is satisfied (it refuses anything but -PLUS).
+    let app = connect_config(port, "localhost", "app", SslMode::VerifyFull, ca);
+    both_connect(&db, &with_auth(app, "scram-sha-256", "require"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+/// A relay that terminates TLS with its own certificate and talks to PostgreSQL in
+/// plain text: the man in the middle that `sslmode=require` does not notice.
+async fn tls_terminating_relay(pki_dir: &Path, upstream: u16) -> Result<u16> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    make_ca(pki_dir, "relay")?;
+    let certs = vec![CertificateDer::from_pem_file(pki_dir.join("relay.crt"))?];
+    let key = PrivateKeyDer::from_pem_file(pki_dir.join("relay.key"))?;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                client.read_exact(&mut request).await?;
+                client.write_all(b"S").await?;
+                let mut client = acceptor.accept(client).await?;
+                let mut server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut server).await?;
+                anyhow::Ok(())
+            });
+        }
+    });
+    Ok(port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_require_stops_a_relay_that_terminates_tls() -> Result<()> {
+    let dir = temp_dir("tls-relay");
+    let pki = make_pki(&dir)?;
+    // `relayed` may connect in plain text with SCRAM, as the relay does.
+    let (pg, db) = tls_cluster_with(
+        &pki,
+        "",
+        "host all relayed 127.0.0.1/32 scram-sha-256\nhost replication relayed 127.0.0.1/32 scram-sha-256\n",
+    )
+    .await?;
+    db.batch_execute(&format!(
+        "CREATE ROLE relayed WITH LOGIN REPLICATION PASSWORD '{PASSWORD}'"
+    ))
+    .await?;
+    let relay = tls_terminating_relay(&dir.join("pki"), pg.port).await?;
+    let mut through_relay = connect_config(relay, "127.0.0.1", "app", SslMode::Require, None);
+    through_relay.user = "relayed".into();
+
+    // channel_binding=prefer: the relay gets through and reads everything.
+    both_connect(
+        &db,
+        &with_auth(through_relay.clone(), "scram-sha-256", "prefer"),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    // channel_binding=require: the relay cannot offer SCRAM-SHA-256-PLUS upstream of
+    // its own TLS, and airlock refuses.
+    both_refused(
+        &with_auth(through_relay, "scram-sha-256", "require"),
+        "channel_binding=require",
+    )
+    .await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_authenticates_both_kinds_of_connection() -> Result<()> {
+    let dir = temp_dir("tls-client-cert");
+    let pki = make_pki(&dir)?;
+    let pki_dir = dir.join("pki");
+    openssl(
+        &pki_dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=certuser",
+        ],
+    )?;
+    std::fs::write(
+        pki_dir.join("client.ext"),
+        "basicConstraints = CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = clientAuth\n",
+    )?;
+    openssl(
+        &pki_dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+        ],
+    )?;
+    let ca_for_server = pki_dir.join("server-ca.crt");
+    std::fs::copy(&pki.ca, &ca_for_server)?;
+    let (pg, db) = tls_cluster_with(
+        &pki,
+        &format!("ssl_ca_file = '{}'\n", ca_for_server.display()),
+        "hostssl all certuser 127.0.0.1/32 cert\nhostssl replication certuser 127.0.0.1/32 cert\n",
+    )
+    .await?;
+    db.batch_execute("CREATE ROLE certuser WITH LOGIN REPLICATION")
+        .await?;
+    let key = pki_dir.join("client.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let mut c = ConnectConfig::new("localhost", pg.port, "certuser", None, "postgres");
+    c.sslmode = SslMode::VerifyFull;
+    c.sslrootcert = Some(pki.ca.clone());
+
+    // Without the certificate the server refuses.
+    let text = sql_error(&c).await;
+    assert!(text.contains("certificate"), "{text}");
+
+    c.sslcert = Some(pki_dir.join("client.crt"));
+    c.sslkey = Some(key.clone());
+    both_connect(&db, &c).await.map_err(anyhow::Error::msg)?;
+    // And it is the certificate that did it: no password, require_auth=none holds.
+    both_connect(&db, &with_auth(c.clone(), "none", "prefer"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+
+    // A key file others can read is refused, as libpq does.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let err = replication_error(&c).await.to_string();
+    assert!(
+        err.contains("group or world access") && err.contains("chmod 600"),
+        "{err}"
     );
     Ok(())
 }

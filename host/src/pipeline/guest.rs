@@ -247,6 +247,8 @@ pub struct GuestState {
     pub table: ResourceTable,
     pub limits: super::limiter::GuestLimiter,
     pub log: Arc<RateLimitedLog>,
+    /// The route and tag names this guest may write.
+    pub names: Arc<super::names::Names>,
 }
 
 impl WasiView for GuestState {
@@ -652,6 +654,9 @@ impl wit::HostBatch for GuestState {
         row: u32,
         route: String,
     ) -> wasmtime::Result<()> {
+        self.names
+            .check_route(&route)
+            .map_err(|e| wasmtime::format_err!("{e}"))?;
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
         if gb.batch.rows[row as usize].routes.contains(&route) {
@@ -672,6 +677,9 @@ impl wit::HostBatch for GuestState {
     }
 
     fn tag_row(&mut self, b: Resource<GuestBatch>, row: u32, tag: String) -> wasmtime::Result<()> {
+        self.names
+            .check_tag(&tag)
+            .map_err(|e| wasmtime::format_err!("{e}"))?;
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
         if gb.batch.rows[row as usize].tags.contains(&tag) {
@@ -698,6 +706,9 @@ impl wit::HostBatch for GuestState {
         column: u32,
         tag: String,
     ) -> wasmtime::Result<()> {
+        self.names
+            .check_tag(&tag)
+            .map_err(|e| wasmtime::format_err!("{e}"))?;
         let gb = self.table.get_mut(&b)?;
         gb.check_table_column(table, column)?;
         let tags = &gb.batch.tables[table as usize].column_tags[column as usize];

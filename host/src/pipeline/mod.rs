@@ -26,6 +26,7 @@ pub mod guest;
 pub mod harness;
 pub mod inflow;
 pub mod limiter;
+pub mod names;
 pub mod output;
 pub mod registry;
 pub mod runtime;

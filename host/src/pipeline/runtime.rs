@@ -32,6 +32,7 @@ use super::guest::{
     CONTRACT_PACKAGE, CONTRACT_VERSION, Edits, GuestBatch, GuestState, Transform, TransformPre, wit,
 };
 use super::limiter::GuestLimiter;
+use super::names::Names;
 use super::output::{GuestOutput, RateLimitedLog, sanitize};
 
 /// How often the epoch advances; deadlines are rounded up to it.
@@ -48,6 +49,8 @@ pub struct Limits {
     pub output_bytes: usize,
     /// Guest log lines (log import, stdout, stderr) per second before lines are dropped.
     pub log_lines_per_second: u32,
+    /// The route and tag names a guest may write.
+    pub names: Arc<Names>,
 }
 
 impl Default for Limits {
@@ -57,6 +60,7 @@ impl Default for Limits {
             deadline: Duration::from_secs(2),
             output_bytes: 64 << 20,
             log_lines_per_second: 50,
+            names: Arc::new(Names::default()),
         }
     }
 }
@@ -440,6 +444,7 @@ impl Stage {
             },
             limits: GuestLimiter::new(limits.memory_bytes),
             log: self.log.clone(),
+            names: limits.names.clone(),
         };
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limits);

@@ -198,7 +198,7 @@ pub enum SourceError {
         reason: String,
     },
 
-    #[error("catalog query failed while {during}: {source}")]
+    #[error("catalog query failed while {during}: {}", chain(source))]
     Catalog {
         during: &'static str,
         #[source]
@@ -229,6 +229,18 @@ pub enum SourceError {
     PipelineClosed,
 }
 
+/// An error with its causes, `: `-separated (tokio-postgres shows only its own kind).
+fn chain(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = std::error::Error::source(error);
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
 impl SourceError {
     /// Whether reconnecting may succeed: network and I/O failures, server shutdown,
     /// a slot still held by a previous connection. Definite errors (authentication,
@@ -252,6 +264,51 @@ impl SourceError {
                 }
             },
             _ => false,
+        }
+    }
+
+    /// Maps an error of an ordinary (tokio-postgres) connection: a refusal by the
+    /// authentication policy becomes [`SourceError::Auth`], a server error the most
+    /// specific variant by its SQLSTATE, anything else [`SourceError::Catalog`].
+    pub(crate) fn from_sql(
+        addr: &str,
+        user: &str,
+        during: &'static str,
+        error: tokio_postgres::Error,
+    ) -> SourceError {
+        if let Some(reason) = super::auth::refusal(&error) {
+            return SourceError::Auth {
+                user: user.to_owned(),
+                addr: addr.to_owned(),
+                reason: reason.to_owned(),
+            };
+        }
+        let tls = std::error::Error::source(&error)
+            .and_then(|e| e.downcast_ref::<super::tls::TlsFailure>())
+            .filter(|failure| failure.definite);
+        if let Some(failure) = tls {
+            return SourceError::Tls {
+                addr: addr.to_owned(),
+                reason: failure.reason.clone(),
+            };
+        }
+        match error.as_db_error() {
+            Some(db) => SourceError::from_server(
+                addr,
+                user,
+                during,
+                PgError {
+                    severity: db.severity().to_owned(),
+                    code: db.code().code().to_owned(),
+                    message: db.message().to_owned(),
+                    detail: db.detail().map(str::to_owned),
+                    hint: db.hint().map(str::to_owned),
+                },
+            ),
+            None => SourceError::Catalog {
+                during,
+                source: error,
+            },
         }
     }
 

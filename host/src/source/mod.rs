@@ -44,6 +44,7 @@
 //! - What the source is doing (connecting, snapshotting, streaming, retrying and why)
 //!   is told to [`SourceSettings::on_state`], for `/status`.
 
+pub mod auth;
 pub mod error;
 pub mod pgoutput;
 pub mod protocol;
@@ -384,11 +385,7 @@ async fn check_catalog(
         let addr = addr.clone();
         move |e: tokio_postgres::Error| catalog_error(&addr, user, during, e)
     };
-    let (client, connection) = settings
-        .connect
-        .connect_sql()
-        .await
-        .map_err(fail("connecting for catalog checks"))?;
+    let (client, connection) = settings.connect.connect_sql().await?;
     let connection = tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(error = %error, "catalog connection ended");
@@ -542,24 +539,7 @@ fn catalog_error(
     during: &'static str,
     error: tokio_postgres::Error,
 ) -> SourceError {
-    match error.as_db_error() {
-        Some(db) => SourceError::from_server(
-            addr,
-            user,
-            during,
-            PgError {
-                severity: db.severity().to_owned(),
-                code: db.code().code().to_owned(),
-                message: db.message().to_owned(),
-                detail: db.detail().map(str::to_owned),
-                hint: db.hint().map(str::to_owned),
-            },
-        ),
-        None => SourceError::Catalog {
-            during,
-            source: error,
-        },
-    }
+    SourceError::from_sql(addr, user, during, error)
 }
 
 /// The streaming loop of one session.
@@ -767,8 +747,7 @@ impl Streamer<'_> {
             let user = self.settings.connect.user.clone();
             let fail = |e| catalog_error(&addr, &user, "resolving column types", e);
             if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, connection) =
-                    self.settings.connect.connect_sql().await.map_err(fail)?;
+                let (client, connection) = self.settings.connect.connect_sql().await?;
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
                         debug!(error = %error, "type catalog connection ended");

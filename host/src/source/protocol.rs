@@ -32,15 +32,18 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::{self, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
+use zeroize::Zeroize;
 
+use super::auth::{AuthCheck, AuthPolicy, AuthWatch, ChannelBinding};
 use super::error::{PgError, SourceError};
 use crate::change::{Lsn, PG_EPOCH_OFFSET_MICROS};
 
@@ -117,6 +120,21 @@ pub struct ConnectConfig {
     pub sslmode: SslMode,
     /// PEM file with the CA certificate(s) for `verify-ca` and `verify-full`.
     pub sslrootcert: Option<PathBuf>,
+    /// Client certificate (PEM) and its private key, sent when the server asks.
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+    /// What the client accepts while the server authenticates it (`require_auth`,
+    /// `channel_binding`).
+    pub auth: AuthPolicy,
+}
+
+impl Drop for ConnectConfig {
+    /// The password is zeroed when the configuration goes.
+    fn drop(&mut self) {
+        if let Some(password) = &mut self.password {
+            password.zeroize();
+        }
+    }
 }
 
 impl fmt::Debug for ConnectConfig {
@@ -129,6 +147,9 @@ impl fmt::Debug for ConnectConfig {
             .field("dbname", &self.dbname)
             .field("sslmode", &self.sslmode)
             .field("sslrootcert", &self.sslrootcert)
+            .field("sslcert", &self.sslcert)
+            .field("sslkey", &self.sslkey)
+            .field("auth", &self.auth)
             .finish()
     }
 }
@@ -143,7 +164,8 @@ impl std::str::FromStr for ConnectConfig {
 impl ConnectConfig {
     /// Parses `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`.
     ///
-    /// Parameters: `sslmode`, `sslrootcert`, `host` (e.g. a Unix socket directory),
+    /// Parameters: `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `require_auth`,
+    /// `channel_binding` (libpq's meanings), `host` (e.g. a Unix socket directory),
     /// `port`, `user`, `password`, `dbname`. Defaults: host `localhost`, port 5432,
     /// user `postgres`, dbname = user, sslmode `prefer`.
     pub fn from_url(url: &str) -> Result<Self, SourceError> {
@@ -216,6 +238,9 @@ impl ConnectConfig {
         };
         let mut sslmode = SslMode::default();
         let mut sslrootcert = None;
+        let mut sslcert = None;
+        let mut sslkey = None;
+        let mut auth = AuthPolicy::default();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let decoded = || {
@@ -234,6 +259,12 @@ impl ConnectConfig {
                     })?
                 }
                 "sslrootcert" => sslrootcert = Some(PathBuf::from(decoded()?)),
+                "sslcert" => sslcert = Some(PathBuf::from(decoded()?)),
+                "sslkey" => sslkey = Some(PathBuf::from(decoded()?)),
+                "require_auth" => auth.require_auth = decoded()?.parse().map_err(invalid)?,
+                "channel_binding" => {
+                    auth.channel_binding = decoded()?.parse().map_err(invalid)?
+                }
                 "host" => host = decoded()?,
                 "port" => port = Some(parse_port(value)?),
                 "user" => user = Some(decoded()?),
@@ -241,7 +272,7 @@ impl ConnectConfig {
                 "dbname" => dbname = Some(decoded()?),
                 other => {
                     return Err(invalid(format!(
-                        "unknown parameter `{other}`: supported are sslmode, sslrootcert, host, port, user, password, dbname"
+                        "unknown parameter `{other}`: supported are sslmode, sslrootcert, sslcert, sslkey, require_auth, channel_binding, host, port, user, password, dbname"
                     )));
                 }
             }
@@ -258,6 +289,9 @@ impl ConnectConfig {
             password,
             sslmode,
             sslrootcert,
+            sslcert,
+            sslkey,
+            auth,
         };
         Ok(config)
     }
@@ -272,6 +306,9 @@ impl ConnectConfig {
             dbname: dbname.to_owned(),
             sslmode: SslMode::Disable,
             sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            auth: AuthPolicy::default(),
         }
     }
 
@@ -279,8 +316,9 @@ impl ConnectConfig {
         self.password.is_some()
     }
 
-    /// Checks the TLS settings without I/O: the verifying modes need `sslrootcert`,
-    /// and only they use it.
+    /// Checks the TLS and authentication settings without I/O: the verifying modes
+    /// need `sslrootcert`, and only they use it; a client certificate needs both
+    /// files; `channel_binding=require` needs TLS.
     pub fn check_tls(&self) -> Result<(), SourceError> {
         let reason = match (self.sslmode.verifies(), &self.sslrootcert) {
             (true, None) => format!(
@@ -292,6 +330,17 @@ impl ConnectConfig {
                 path.display(),
                 self.sslmode.as_str()
             ),
+            _ if self.sslcert.is_some() != self.sslkey.is_some() => {
+                "a client certificate needs both sslcert and sslkey: set the other one too, or neither".into()
+            }
+            _ if self.sslcert.is_some() && self.sslmode == SslMode::Disable => {
+                "sslcert is set, but sslmode=disable never sends it: use sslmode=verify-full, or remove sslcert and sslkey".into()
+            }
+            _ if self.auth.channel_binding == ChannelBinding::Require
+                && (self.sslmode == SslMode::Disable || self.is_unix_socket()) =>
+            {
+                "channel_binding=require needs TLS, but this connection is never encrypted (sslmode=disable or a Unix socket): use sslmode=verify-full, or channel_binding=prefer".into()
+            }
             _ => return Ok(()),
         };
         Err(SourceError::TlsSetup { reason })
@@ -318,6 +367,15 @@ impl ConnectConfig {
             percent_encode(&self.dbname),
             self.sslmode.as_str()
         ));
+        if !self.auth.require_auth.is_default() {
+            url.push_str(&format!("&require_auth={}", self.auth.require_auth));
+        }
+        if self.auth.channel_binding != ChannelBinding::default() {
+            url.push_str(&format!(
+                "&channel_binding={}",
+                self.auth.channel_binding.as_str()
+            ));
+        }
         url
     }
 
@@ -332,18 +390,20 @@ impl ConnectConfig {
         }
     }
 
-    fn is_unix_socket(&self) -> bool {
+    pub(crate) fn is_unix_socket(&self) -> bool {
         self.host.starts_with('/')
     }
 
-    fn socket_path(&self) -> String {
+    pub(crate) fn socket_path(&self) -> String {
         format!("{}/.s.PGSQL.{}", self.host.trim_end_matches('/'), self.port)
     }
 
     /// A tokio-postgres config for ordinary (non-replication) SQL connections,
-    /// with the same session settings as the replication connection. Connect it with
-    /// [`ConnectConfig::tls_connector`], or use [`ConnectConfig::connect_sql`].
+    /// with the same session settings as the replication connection. Connect with
+    /// [`ConnectConfig::connect_sql`], which applies the TLS checks and the
+    /// authentication policy.
     pub fn tokio_postgres_config(&self) -> tokio_postgres::Config {
+        use tokio_postgres::config::ChannelBinding as Pg;
         let mut config = tokio_postgres::Config::new();
         config
             .host(&self.host)
@@ -353,6 +413,11 @@ impl ConnectConfig {
             .application_name("airlock")
             .options(SESSION_OPTIONS)
             .ssl_mode(self.tokio_postgres_ssl_mode())
+            .channel_binding(match self.auth.channel_binding {
+                ChannelBinding::Disable => Pg::Disable,
+                ChannelBinding::Prefer => Pg::Prefer,
+                ChannelBinding::Require => Pg::Require,
+            })
             .connect_timeout(CONNECT_TIMEOUT);
         if let Some(password) = &self.password {
             config.password(password);
@@ -361,7 +426,7 @@ impl ConnectConfig {
     }
 
     /// tokio-postgres decides whether to ask for TLS; what is checked is up to
-    /// [`super::tls::MakeRustlsConnect`]. Unix sockets never use TLS.
+    /// [`super::tls::RustlsConnect`]. Unix sockets never use TLS.
     fn tokio_postgres_ssl_mode(&self) -> tokio_postgres::config::SslMode {
         use tokio_postgres::config::SslMode as Pg;
         match self.sslmode {
@@ -372,25 +437,41 @@ impl ConnectConfig {
         }
     }
 
-    /// The TLS connector for [`ConnectConfig::tokio_postgres_config`].
-    pub fn tls_connector(&self) -> super::tls::MakeRustlsConnect {
-        super::tls::MakeRustlsConnect::new(self)
-    }
-
-    /// Opens an ordinary SQL connection with this config's sslmode; the caller
-    /// drives the returned connection (e.g. in a spawned task).
+    /// Opens an ordinary SQL connection (at most [`CONNECT_TIMEOUT`]): TLS as
+    /// `sslmode` says, and every authentication request checked against the
+    /// [`AuthPolicy`] before tokio-postgres answers it. The caller drives the
+    /// returned connection (e.g. in a spawned task).
     pub async fn connect_sql(
         &self,
     ) -> Result<
         (
             tokio_postgres::Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, super::tls::RustlsStream>,
+            tokio_postgres::Connection<super::tls::AuthWatchedSocket, super::tls::RustlsStream>,
         ),
-        tokio_postgres::Error,
+        SourceError,
     > {
-        self.tokio_postgres_config()
-            .connect(self.tls_connector())
+        self.check_tls()?;
+        let addr = self.addr();
+        let pg = self.tokio_postgres_config();
+        let watch = Arc::new(Mutex::new(AuthWatch::new(self.auth)));
+        let requests_tls = pg.get_ssl_mode() != tokio_postgres::config::SslMode::Disable;
+        let setup = async {
+            let socket = super::tls::AuthWatchedSocket::open(self, watch.clone(), requests_tls)
+                .await
+                .map_err(|source| SourceError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            pg.connect_raw(socket, super::tls::RustlsConnect::new(self))
+                .await
+                .map_err(|e| SourceError::from_sql(&addr, &self.user, "connecting", e))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, setup)
             .await
+            .map_err(|_| SourceError::ConnectTimeout {
+                addr: addr.clone(),
+                seconds: CONNECT_TIMEOUT.as_secs(),
+            })?
     }
 }
 
@@ -403,7 +484,7 @@ fn parse_port(text: &str) -> Result<u16, SourceError> {
         })
 }
 
-fn percent_decode(text: &str) -> Option<String> {
+pub(crate) fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -604,6 +685,14 @@ impl Wire {
         }
     }
 
+    /// Overwrites the whole write buffer with zeros (after it held a secret).
+    fn zero_write_buffer(&mut self) {
+        let capacity = self.wbuf.capacity();
+        self.wbuf.clear();
+        self.wbuf.resize(capacity, 0);
+        self.wbuf.clear();
+    }
+
     /// Writes out everything queued in `wbuf`. Not cancel-safe.
     async fn flush(&mut self, during: &'static str) -> Result<(), SourceError> {
         let result = async {
@@ -735,8 +824,8 @@ impl ReplicationConnection {
         config.check_tls()?;
         let addr = config.addr();
         let setup = async {
-            let (reader, writer) = open(config, &addr).await?;
-            Self::handshake(reader, writer, config).await
+            let (reader, writer, tls) = open(config, &addr).await?;
+            Self::handshake(reader, writer, tls, config).await
         };
         tokio::time::timeout(CONNECT_TIMEOUT, setup)
             .await
@@ -750,8 +839,10 @@ impl ReplicationConnection {
     async fn handshake(
         reader: Reader,
         writer: Writer,
+        tls: Option<TlsInfo>,
         config: &ConnectConfig,
     ) -> Result<Self, SourceError> {
+        let end_point = tls.as_ref().and_then(|t| t.end_point.clone());
         let mut wire = Wire::new(reader, writer, config.addr(), config.user.clone());
         const DURING: &str = "authenticating";
         frontend::startup_message(
@@ -783,6 +874,10 @@ impl ReplicationConnection {
                 )
             })
         };
+        let mut check = AuthCheck::new(config.auth);
+        if tls.is_some() {
+            check.set_tls(end_point.is_some());
+        }
         let mut scram: Option<ScramSha256> = None;
         loop {
             let frame = wire.read_frame(DURING).await?;
@@ -808,6 +903,10 @@ impl ReplicationConnection {
                 .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
                 .ok_or_else(|| wire.protocol(DURING, "short authentication message"))?;
             let data = &body[4..];
+            // Refused requests get no answer: nothing is sent, the connection ends.
+            check
+                .on_request(code, data)
+                .map_err(|reason| auth_error(&wire, reason))?;
             match code {
                 0 => break,
                 3 => {
@@ -821,34 +920,28 @@ impl ReplicationConnection {
                         .get(..4)
                         .and_then(|s| s.try_into().ok())
                         .ok_or_else(|| wire.protocol(DURING, "short md5 salt"))?;
-                    let hash = md5_hash(config.user.as_bytes(), password(&wire)?.as_bytes(), salt);
+                    let mut hash =
+                        md5_hash(config.user.as_bytes(), password(&wire)?.as_bytes(), salt);
                     frontend::password_message(hash.as_bytes(), &mut wire.wbuf)
                         .map_err(|e| wire.io(DURING, e))?;
+                    hash.zeroize();
                 }
                 10 => {
-                    let offers_scram = data
-                        .split(|&b| b == 0)
-                        .any(|m| m == SCRAM_SHA_256.as_bytes());
-                    if !offers_scram {
-                        let offered: Vec<_> = data
-                            .split(|&b| b == 0)
-                            .filter(|m| !m.is_empty())
-                            .map(String::from_utf8_lossy)
-                            .collect();
-                        return Err(auth_error(
-                            &wire,
-                            format!(
-                                "the server offers SASL mechanisms [{}] but airlock supports only SCRAM-SHA-256 without channel binding",
-                                offered.join(", ")
-                            ),
-                        ));
-                    }
-                    // No TLS, so no channel binding: gs2 header "n,,".
-                    let state = ScramSha256::new(
-                        password(&wire)?.as_bytes(),
-                        ChannelBinding::unsupported(),
-                    );
-                    frontend::sasl_initial_response(SCRAM_SHA_256, state.message(), &mut wire.wbuf)
+                    // Over TLS the client can bind; it says so (`y`) even when it
+                    // does not use -PLUS, so a server that offers -PLUS detects a
+                    // mechanism list stripped in the middle.
+                    let (binding, mechanism) = match &end_point {
+                        Some(hash) if check.use_plus() => (
+                            sasl::ChannelBinding::tls_server_end_point(hash.clone()),
+                            sasl::SCRAM_SHA_256_PLUS,
+                        ),
+                        Some(_) if config.auth.channel_binding != ChannelBinding::Disable => {
+                            (sasl::ChannelBinding::unrequested(), sasl::SCRAM_SHA_256)
+                        }
+                        _ => (sasl::ChannelBinding::unsupported(), sasl::SCRAM_SHA_256),
+                    };
+                    let state = ScramSha256::new(password(&wire)?.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, state.message(), &mut wire.wbuf)
                         .map_err(|e| wire.io(DURING, e))?;
                     scram = Some(state);
                 }
@@ -874,23 +967,11 @@ impl ReplicationConnection {
                     })?;
                     continue;
                 }
-                other => {
-                    let method = match other {
-                        2 => "Kerberos V5",
-                        6 => "SCM credentials",
-                        7 | 8 => "GSSAPI",
-                        9 => "SSPI",
-                        _ => "an unknown method",
-                    };
-                    return Err(auth_error(
-                        &wire,
-                        format!(
-                            "the server asks for {method} (code {other}); airlock supports trust, password, md5 and scram-sha-256"
-                        ),
-                    ));
-                }
+                _ => unreachable!("AuthCheck refuses every other request"),
             }
             wire.flush(DURING).await?;
+            // What was written held the password (or a proof from it): zero it.
+            wire.zero_write_buffer();
         }
 
         let mut server_version = None;
@@ -1093,9 +1174,17 @@ fn be_i32(bytes: &[u8]) -> Option<i32> {
     Some(i32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
 }
 
+/// What a TLS connection tells the authentication: the channel binding data.
+struct TlsInfo {
+    end_point: Option<Vec<u8>>,
+}
+
 /// Opens the TCP (or Unix socket) connection, with TLS as `sslmode` says (never on
 /// a Unix socket), split into boxed halves.
-async fn open(config: &ConnectConfig, addr: &str) -> Result<(Reader, Writer), SourceError> {
+async fn open(
+    config: &ConnectConfig,
+    addr: &str,
+) -> Result<(Reader, Writer, Option<TlsInfo>), SourceError> {
     let connect_error = |source| SourceError::Connect {
         addr: addr.to_owned(),
         source,
@@ -1106,21 +1195,21 @@ async fn open(config: &ConnectConfig, addr: &str) -> Result<(Reader, Writer), So
             .await
             .map_err(connect_error)?;
         let (r, w) = stream.into_split();
-        return Ok((Box::new(r), Box::new(w)));
+        return Ok((Box::new(r), Box::new(w), None));
     }
     let stream = tokio::net::TcpStream::connect((config.host.as_str(), config.port))
         .await
         .map_err(connect_error)?;
     stream.set_nodelay(true).map_err(connect_error)?;
     match super::tls::negotiate(stream, config, addr).await? {
-        Ok(tls) => {
-            debug!(addr = %addr, sslmode = config.sslmode.as_str(), "tls established");
+        Ok((tls, end_point)) => {
+            debug!(addr = %addr, sslmode = config.sslmode.as_str(), channel_binding = end_point.is_some(), "tls established");
             let (r, w) = tokio::io::split(tls);
-            Ok((Box::new(r), Box::new(w)))
+            Ok((Box::new(r), Box::new(w), Some(TlsInfo { end_point })))
         }
         Err(plain) => {
             let (r, w) = plain.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            Ok((Box::new(r), Box::new(w), None))
         }
     }
 }
@@ -1403,6 +1492,58 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn authentication_settings_are_parsed_shown_and_checked() {
+        let c = ConnectConfig::from_url(
+            "postgres://u:hunter2@h/d?sslmode=verify-full&sslrootcert=ca.pem&require_auth=scram-sha-256&channel_binding=require&sslcert=c.pem&sslkey=k.pem",
+        )
+        .unwrap();
+        assert_eq!(c.auth.require_auth.to_string(), "scram-sha-256");
+        assert_eq!(c.auth.channel_binding, ChannelBinding::Require);
+        assert_eq!(c.sslcert.as_deref(), Some(std::path::Path::new("c.pem")));
+        assert_eq!(c.sslkey.as_deref(), Some(std::path::Path::new("k.pem")));
+        c.check_tls().unwrap();
+        let shown = c.redacted_url();
+        assert!(
+            shown.ends_with("&require_auth=scram-sha-256&channel_binding=require"),
+            "{shown}"
+        );
+        for (url, words) in [
+            (
+                "postgres://u@h/d?require_auth=kerberos",
+                "`kerberos` is not one of",
+            ),
+            (
+                "postgres://u@h/d?channel_binding=always",
+                "channel_binding `always`",
+            ),
+        ] {
+            let msg = ConnectConfig::from_url(url).unwrap_err().to_string();
+            assert!(msg.contains(words), "{msg}");
+        }
+        for (url, words) in [
+            (
+                "postgres://u@h/d?sslmode=disable&channel_binding=require",
+                "channel_binding=require needs TLS",
+            ),
+            (
+                "postgres://u@h/d?sslmode=require&sslcert=c.pem",
+                "both sslcert and sslkey",
+            ),
+            (
+                "postgres://u@h/d?sslmode=disable&sslcert=c.pem&sslkey=k.pem",
+                "never sends it",
+            ),
+        ] {
+            let msg = ConnectConfig::from_url(url)
+                .unwrap()
+                .check_tls()
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(words), "{url}: {msg}");
+        }
+    }
+
+    #[test]
     fn a_hostssl_refusal_says_to_turn_tls_on() {
         let refusal = PgError {
             severity: "FATAL".into(),
@@ -1443,8 +1584,8 @@ pub(crate) mod tests {
         // The redacted url parses back to the same place.
         let back = ConnectConfig::from_url(&c.redacted_url()).unwrap();
         assert_eq!(
-            (back.host, back.user, back.dbname),
-            (c.host, c.user, c.dbname)
+            (back.host.clone(), back.user.clone(), back.dbname.clone()),
+            (c.host.clone(), c.user.clone(), c.dbname.clone())
         );
     }
 
@@ -1635,10 +1776,9 @@ pub(crate) mod tests {
     /// Drives a trust-auth startup and returns the connected client.
     pub(crate) async fn connected() -> (ReplicationConnection, FakeServer) {
         let (r, w, mut server) = pair();
-        let client =
-            tokio::spawn(
-                async move { ReplicationConnection::handshake(r, w, &config(None)).await },
-            );
+        let client = tokio::spawn(async move {
+            ReplicationConnection::handshake(r, w, None, &config(None)).await
+        });
         server.recv_startup().await;
         server.auth(0, &[]).await;
         server.ready().await;
@@ -1649,7 +1789,7 @@ pub(crate) mod tests {
     async fn startup_sends_replication_parameters_and_md5() {
         let (r, w, mut server) = pair();
         let client = tokio::spawn(async move {
-            ReplicationConnection::handshake(r, w, &config(Some("pw"))).await
+            ReplicationConnection::handshake(r, w, None, &config(Some("pw"))).await
         });
         let params = server.recv_startup().await;
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
@@ -1679,7 +1819,7 @@ pub(crate) mod tests {
     async fn cleartext_password_and_missing_password() {
         let (r, w, mut server) = pair();
         let client = tokio::spawn(async move {
-            ReplicationConnection::handshake(r, w, &config(Some("pw"))).await
+            ReplicationConnection::handshake(r, w, None, &config(Some("pw"))).await
         });
         server.recv_startup().await;
         server.auth(3, &[]).await;
@@ -1689,10 +1829,9 @@ pub(crate) mod tests {
         client.await.unwrap().unwrap();
 
         let (r, w, mut server) = pair();
-        let client =
-            tokio::spawn(
-                async move { ReplicationConnection::handshake(r, w, &config(None)).await },
-            );
+        let client = tokio::spawn(async move {
+            ReplicationConnection::handshake(r, w, None, &config(None)).await
+        });
         server.recv_startup().await;
         server.auth(3, &[]).await;
         let err = client.await.unwrap().unwrap_err();
@@ -1704,7 +1843,7 @@ pub(crate) mod tests {
     async fn scram_starts_with_a_no_channel_binding_initial_response() {
         let (r, w, mut server) = pair();
         let client = tokio::spawn(async move {
-            ReplicationConnection::handshake(r, w, &config(Some("pw"))).await
+            ReplicationConnection::handshake(r, w, None, &config(Some("pw"))).await
         });
         server.recv_startup().await;
         server.auth(10, b"SCRAM-SHA-256\0\0").await;
@@ -1725,11 +1864,189 @@ pub(crate) mod tests {
         assert!(!err.is_transient());
     }
 
+    /// The client nonce of a SCRAM initial response (`SCRAM-SHA-256\0` len `n,,n=,r=…`).
+    fn client_nonce(initial: &[u8]) -> String {
+        let text = String::from_utf8_lossy(initial);
+        text.split(",r=").nth(1).expect("a client nonce").to_owned()
+    }
+
+    /// Plays a hostile server up to the SCRAM server-first-message with `iterations`,
+    /// over any stream.
+    async fn scram_until_server_first<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut S,
+        iterations: u32,
+    ) {
+        async fn send<S: AsyncWrite + Unpin>(io: &mut S, code: i32, data: &[u8]) {
+            let mut m = vec![b'R'];
+            m.extend_from_slice(&((data.len() + 8) as i32).to_be_bytes());
+            m.extend_from_slice(&code.to_be_bytes());
+            m.extend_from_slice(data);
+            io.write_all(&m).await.unwrap();
+        }
+        send(io, 10, b"SCRAM-SHA-256\0\0").await;
+        assert_eq!(io.read_u8().await.unwrap(), b'p');
+        let len = io.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        io.read_exact(&mut body).await.unwrap();
+        let nonce = client_nonce(&body);
+        let first = format!("r={nonce}srv,s=c2FsdHNhbHQ=,i={iterations}");
+        send(io, 11, first.as_bytes()).await;
+    }
+
+    /// Reads the startup packet of a plain connection.
+    async fn read_startup<S: AsyncRead + Unpin>(io: &mut S) {
+        let len = io.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        io.read_exact(&mut body).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn authentication_ok_without_the_scram_server_signature_is_refused() {
+        // A server that does not know the password answers the client's proof with
+        // AuthenticationOk, skipping SASLFinal (the server signature).
+        let (r, w, mut server) = pair();
+        let client = tokio::spawn(async move {
+            ReplicationConnection::handshake(r, w, None, &config(Some("pw"))).await
+        });
+        server.recv_startup().await;
+        scram_until_server_first(&mut server.io, 4096).await;
+        let (tag, _) = server.recv().await;
+        assert_eq!(tag, b'p', "the client answers the server-first-message");
+        server.auth(0, &[]).await;
+        server.ready().await;
+        let err = client.await.unwrap().unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, SourceError::Auth { .. }), "{text}");
+        assert!(text.contains("no SCRAM server signature"), "{text}");
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_huge_scram_iteration_count_is_refused_before_any_work() {
+        let (r, w, mut server) = pair();
+        let client = tokio::spawn(async move {
+            ReplicationConnection::handshake(r, w, None, &config(Some("pw"))).await
+        });
+        server.recv_startup().await;
+        scram_until_server_first(&mut server.io, i32::MAX as u32).await;
+        // 2^31 PBKDF2 rounds would take the client about a quarter of an hour.
+        let err = tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .expect("the client must refuse at once, not compute the iterations")
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2147483647 SCRAM iterations"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn require_auth_refuses_a_downgrade_and_sends_no_password() {
+        for (code, data, method) in [
+            (3, &[][..], "cleartext password"),
+            (5, &[1, 2, 3, 4][..], "md5 password"),
+            (0, &[][..], "trust"),
+        ] {
+            let (r, w, mut server) = pair();
+            let client = tokio::spawn(async move {
+                let mut c = config(Some("s3cret-pw"));
+                c.auth.require_auth = "scram-sha-256".parse().unwrap();
+                ReplicationConnection::handshake(r, w, None, &c).await
+            });
+            server.recv_startup().await;
+            server.auth(code, data).await;
+            if code == 0 {
+                server.ready().await;
+            }
+            let err = client.await.unwrap().unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, SourceError::Auth { .. }), "{text}");
+            assert!(
+                text.contains(method) && text.contains("require_auth=scram-sha-256"),
+                "{text}"
+            );
+            // The client went away without a word: no PasswordMessage.
+            let mut rest = Vec::new();
+            server.io.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "the client sent {rest:?}");
+        }
+    }
+
+    /// A hostile server on 127.0.0.1 for the SQL (tokio-postgres) stack: plays
+    /// `script` on the first connection and returns what the client sent after it.
+    async fn hostile_sql_server<F, Fut>(script: F) -> (u16, tokio::task::JoinHandle<Vec<u8>>)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = tokio::net::TcpStream> + Send,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut io, _) = listener.accept().await.unwrap();
+            read_startup(&mut io).await;
+            let mut io = script(io).await;
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut rest)).await;
+            rest
+        });
+        (port, server)
+    }
+
+    fn sql_config(port: u16) -> ConnectConfig {
+        ConnectConfig::new("127.0.0.1", port, "app", Some("s3cret-pw"), "orders")
+    }
+
+    #[tokio::test]
+    async fn the_sql_connection_refuses_a_cleartext_downgrade_and_sends_no_password() {
+        let (port, server) = hostile_sql_server(|mut io| async move {
+            io.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]).await.unwrap();
+            io
+        })
+        .await;
+        let mut c = sql_config(port);
+        c.auth.require_auth = "scram-sha-256".parse().unwrap();
+        let err = match c.connect_sql().await {
+            Ok(_) => panic!("a cleartext request must be refused"),
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        assert!(matches!(err, SourceError::Auth { .. }), "{text}");
+        assert!(
+            text.contains("cleartext password") && text.contains("require_auth=scram-sha-256"),
+            "{text}"
+        );
+        let sent = server.await.unwrap();
+        assert!(
+            !sent.windows(9).any(|w| w == b"s3cret-pw"),
+            "the password went out: {:?}",
+            String::from_utf8_lossy(&sent)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sql_connection_refuses_a_huge_scram_iteration_count() {
+        let (port, _server) = hostile_sql_server(|mut io| async move {
+            scram_until_server_first(&mut io, i32::MAX as u32).await;
+            io
+        })
+        .await;
+        let c = sql_config(port);
+        let result = tokio::time::timeout(Duration::from_secs(10), c.connect_sql())
+            .await
+            .expect("the client must refuse at once, not compute the iterations");
+        let err = match result {
+            Ok(_) => panic!("a huge iteration count must be refused"),
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        assert!(matches!(err, SourceError::Auth { .. }), "{text}");
+        assert!(text.contains("2147483647 SCRAM iterations"), "{text}");
+    }
+
     #[tokio::test]
     async fn unsupported_auth_methods_are_named() {
         let (r, w, mut server) = pair();
         let client = tokio::spawn(async move {
-            ReplicationConnection::handshake(r, w, &config(Some("pw"))).await
+            ReplicationConnection::handshake(r, w, None, &config(Some("pw"))).await
         });
         server.recv_startup().await;
         server.auth(7, &[]).await;

@@ -183,11 +183,7 @@ pub(super) async fn take(
         let (addr, user) = (addr.clone(), user.clone());
         move |e: tokio_postgres::Error| catalog_error(&addr, &user, during, e)
     };
-    let (client, connection) = settings
-        .connect
-        .connect_sql()
-        .await
-        .map_err(fail("connecting for the snapshot"))?;
+    let (client, connection) = settings.connect.connect_sql().await?;
     let connection = tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(error = %error, "snapshot connection ended");

@@ -25,25 +25,33 @@
 //! - A certificate the verifier refuses is a definite error ([`SourceError::Tls`]),
 //!   never retried: an operator must change the certificate, the CA file or the
 //!   mode. I/O failures during the handshake stay transient.
-//! - No SCRAM channel binding: the client announces it does not support it (`n,,`).
+//! - SCRAM channel binding (`tls-server-end-point`, RFC 5929) is offered over TLS when
+//!   the server certificate's signature algorithm names its hash (RSA PKCS#1 and
+//!   ECDSA with SHA-1/2); [`super::auth`] decides whether it is required.
+//! - A client certificate (`sslcert`, `sslkey`) is sent when configured; the key file
+//!   must not be readable by group or others, as libpq requires.
+//! - The ordinary connections read through an [`AuthWatchedSocket`], so the
+//!   [`super::auth`] policy applies to tokio-postgres's authentication as it does to
+//!   the replication client's.
 
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::auth::{AuthRefused, AuthWatch};
 use super::error::SourceError;
 use super::protocol::{ConnectConfig, SslMode};
 
@@ -54,12 +62,13 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The rustls client configuration for `mode` (`None` for `disable`): reads and
-/// parses `sslrootcert` for the verifying modes.
+/// The rustls client configuration for `config`'s `sslmode` (`None` for `disable`):
+/// reads and parses `sslrootcert` for the verifying modes, and `sslcert` and
+/// `sslkey` when a client certificate is configured.
 pub fn client_config(
-    mode: SslMode,
-    root_cert: Option<&Path>,
+    config: &ConnectConfig,
 ) -> Result<Option<Arc<rustls::ClientConfig>>, SourceError> {
+    let mode = config.sslmode;
     let provider = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         SslMode::Disable => return Ok(None),
@@ -67,7 +76,7 @@ pub fn client_config(
             Arc::new(AcceptAnyServerCertificate(provider.clone()))
         }
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let path = root_cert.ok_or_else(|| SourceError::TlsSetup {
+            let path = config.sslrootcert.as_deref().ok_or_else(|| SourceError::TlsSetup {
                 reason: format!(
                     "sslmode={} verifies the server certificate, but no sslrootcert is set: set [source] sslrootcert to a PEM file with the CA certificate",
                     mode.as_str()
@@ -86,15 +95,159 @@ pub fn client_config(
             }
         }
     };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| SourceError::TlsSetup {
             reason: e.to_string(),
         })?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Ok(Some(Arc::new(config)))
+        .with_custom_certificate_verifier(verifier);
+    let client = match (&config.sslcert, &config.sslkey) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let (chain, key_der) = load_client_identity(cert, key)?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| SourceError::TlsSetup {
+                    reason: format!(
+                        "sslcert `{}` and sslkey `{}` do not make a client identity ({e}): give the certificate and the private key that belongs to it",
+                        cert.display(),
+                        key.display()
+                    ),
+                })?
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(SourceError::TlsSetup {
+                reason: "a client certificate needs both sslcert and sslkey: set the other one too, or neither".into(),
+            });
+        }
+    };
+    Ok(Some(Arc::new(client)))
+}
+
+/// The client certificate chain and its private key. The key file must be private
+/// (no group or other permissions), as libpq requires; its bytes are zeroed after
+/// parsing.
+fn load_client_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), SourceError> {
+    let fail = |path: &Path, what: &str, reason: String| SourceError::TlsSetup {
+        reason: format!("cannot use {what} `{}`: {reason}", path.display()),
+    };
+    let pem = std::fs::read(cert).map_err(|e| fail(cert, "sslcert", e.to_string()))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(cert, "sslcert", format!("not valid PEM ({e})")))?;
+    if chain.is_empty() {
+        return Err(fail(
+            cert,
+            "sslcert",
+            "it holds no `BEGIN CERTIFICATE` block".into(),
+        ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(key).map_err(|e| fail(key, "sslkey", e.to_string()))?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(fail(
+                key,
+                "sslkey",
+                format!(
+                    "the private key file has group or world access (mode {:o}): chmod 600 it",
+                    meta.mode() & 0o777
+                ),
+            ));
+        }
+    }
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read(key).map_err(|e| fail(key, "sslkey", e.to_string()))?,
+    );
+    let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        fail(
+            key,
+            "sslkey",
+            format!(
+                "no PEM private key in it ({e}); give an unencrypted PKCS#8, PKCS#1 or SEC1 key"
+            ),
+        )
+    })?;
+    Ok((chain, key_der))
+}
+
+/// The `tls-server-end-point` channel binding data (RFC 5929): the hash of the
+/// server's certificate with the hash of its signature algorithm (SHA-256 for MD5
+/// and SHA-1). `None` when the algorithm is not one PostgreSQL and airlock both know
+/// (RSA PKCS#1 and ECDSA with SHA-1/2): then there is no channel binding.
+pub fn tls_server_end_point(certificate: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature }
+    let (_, cert, _) = der_element(certificate)?;
+    let (_, _tbs, rest) = der_element(cert)?;
+    let (_, algorithm, _) = der_element(rest)?;
+    let (tag, oid, _) = der_element(algorithm)?;
+    if tag != 0x06 {
+        return None;
+    }
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    enum Hash {
+        Sha224,
+        Sha256,
+        Sha384,
+        Sha512,
+    }
+    let hash = match oid {
+        // md5WithRSA, sha1WithRSA: SHA-256, as the RFC says.
+        [prefix @ .., 4 | 5] if prefix == RSA => Hash::Sha256,
+        [prefix @ .., 11] if prefix == RSA => Hash::Sha256,
+        [prefix @ .., 12] if prefix == RSA => Hash::Sha384,
+        [prefix @ .., 13] if prefix == RSA => Hash::Sha512,
+        [prefix @ .., 14] if prefix == RSA => Hash::Sha224,
+        [prefix @ .., 1] if prefix == ECDSA => Hash::Sha256,
+        [prefix @ .., 3, n] if prefix == ECDSA => match n {
+            1 => Hash::Sha224,
+            2 => Hash::Sha256,
+            3 => Hash::Sha384,
+            4 => Hash::Sha512,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(match hash {
+        Hash::Sha224 => sha2::Sha224::digest(certificate).to_vec(),
+        Hash::Sha256 => sha2::Sha256::digest(certificate).to_vec(),
+        Hash::Sha384 => sha2::Sha384::digest(certificate).to_vec(),
+        Hash::Sha512 => sha2::Sha512::digest(certificate).to_vec(),
+    })
+}
+
+/// One DER element: (tag, contents, what follows).
+fn der_element(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The channel binding data of an established TLS connection, if any.
+pub fn end_point_of(connection: &rustls::ClientConnection) -> Option<Vec<u8>> {
+    connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| tls_server_end_point(cert))
 }
 
 /// Every certificate of a PEM file, as trust anchors.
@@ -268,15 +421,19 @@ fn describe_handshake_error(
     })
 }
 
-/// Sends SSLRequest on `stream` and, when the server accepts, runs the handshake.
+/// Sends SSLRequest on `stream` and, when the server accepts, runs the handshake and
+/// returns the TLS stream with its channel binding data.
 /// `Ok(None)`: the server refused TLS and `sslmode=prefer` goes on in plain text on
 /// the same stream.
 pub async fn negotiate(
     mut stream: TcpStream,
     config: &ConnectConfig,
     addr: &str,
-) -> Result<Result<tokio_rustls::client::TlsStream<TcpStream>, TcpStream>, SourceError> {
-    let Some(client) = client_config(config.sslmode, config.sslrootcert.as_deref())? else {
+) -> Result<
+    Result<(tokio_rustls::client::TlsStream<TcpStream>, Option<Vec<u8>>), TcpStream>,
+    SourceError,
+> {
+    let Some(client) = client_config(config)? else {
         return Ok(Err(stream));
     };
     let name = server_name(&config.host)?;
@@ -322,7 +479,10 @@ pub async fn negotiate(
     tokio_rustls::TlsConnector::from(client)
         .connect(name, stream)
         .await
-        .map(Ok)
+        .map(|tls| {
+            let end_point = end_point_of(tls.get_ref().1);
+            Ok((tls, end_point))
+        })
         .map_err(|e| {
             match describe_handshake_error(
                 &e,
@@ -339,55 +499,159 @@ pub async fn negotiate(
         })
 }
 
-/// A tokio-postgres TLS connector over rustls, for the ordinary SQL connections.
-/// A TLS setup error (an unreadable `sslrootcert`) surfaces as the connection's error.
-#[derive(Clone)]
-pub struct MakeRustlsConnect {
-    config: Result<Option<Arc<rustls::ClientConfig>>, Arc<str>>,
-    mode: SslMode,
-    root_cert: Option<PathBuf>,
+/// The socket of an ordinary (tokio-postgres) connection, TCP or Unix. Until TLS
+/// takes over (or for the whole connection without TLS) it feeds what it reads to
+/// the connection's [`AuthWatch`], and fails the read when the watch refuses.
+pub struct AuthWatchedSocket {
+    inner: PlainSocket,
+    watch: Arc<Mutex<AuthWatch>>,
+    /// The next byte read is the server's answer to SSLRequest (`S` or `N`).
+    ssl_answer_pending: bool,
+    /// False once TLS is on: the [`RustlsStream`] watches the decrypted bytes.
+    watching: bool,
 }
 
-impl MakeRustlsConnect {
-    pub fn new(config: &ConnectConfig) -> Self {
-        MakeRustlsConnect {
-            config: client_config(config.sslmode, config.sslrootcert.as_deref())
-                .map_err(|e| Arc::from(e.to_string())),
-            mode: config.sslmode,
-            root_cert: config.sslrootcert.clone(),
+enum PlainSocket {
+    Tcp(TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+}
+
+impl AuthWatchedSocket {
+    /// Opens the socket `config` names; `requests_tls` says whether tokio-postgres
+    /// will send SSLRequest first.
+    pub async fn open(
+        config: &ConnectConfig,
+        watch: Arc<Mutex<AuthWatch>>,
+        requests_tls: bool,
+    ) -> io::Result<Self> {
+        #[cfg(unix)]
+        if config.is_unix_socket() {
+            let stream = tokio::net::UnixStream::connect(config.socket_path()).await?;
+            return Ok(Self::new(PlainSocket::Unix(stream), watch, false));
+        }
+        let stream = TcpStream::connect((config.host.as_str(), config.port)).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self::new(PlainSocket::Tcp(stream), watch, requests_tls))
+    }
+
+    fn new(inner: PlainSocket, watch: Arc<Mutex<AuthWatch>>, requests_tls: bool) -> Self {
+        AuthWatchedSocket {
+            inner,
+            watch,
+            ssl_answer_pending: requests_tls,
+            watching: true,
+        }
+    }
+}
+
+/// Feeds the bytes a read just added to `buf` to `watch`; on a refusal the bytes are
+/// taken back out of `buf` and the read fails with [`AuthRefused`].
+fn watch_read(
+    watch: &Mutex<AuthWatch>,
+    buf: &mut ReadBuf<'_>,
+    before: usize,
+    skip: usize,
+) -> io::Result<()> {
+    let fresh = &buf.filled()[before..];
+    let verdict = watch
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .feed(&fresh[skip.min(fresh.len())..]);
+    verdict.map_err(|reason| {
+        buf.set_filled(before);
+        io::Error::new(io::ErrorKind::PermissionDenied, AuthRefused(reason))
+    })
+}
+
+impl AsyncRead for AuthWatchedSocket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let read = match &mut this.inner {
+            PlainSocket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(unix)]
+            PlainSocket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if !matches!(read, Poll::Ready(Ok(()))) || buf.filled().len() == before {
+            return read;
+        }
+        let mut skip = 0;
+        if this.ssl_answer_pending {
+            this.ssl_answer_pending = false;
+            skip = 1;
+            if buf.filled()[before] == b'S' {
+                this.watching = false;
+            }
+        }
+        if this.watching {
+            watch_read(&this.watch, buf, before, skip)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for AuthWatchedSocket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.inner {
+            PlainSocket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(unix)]
+            PlainSocket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            PlainSocket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(unix)]
+            PlainSocket::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            PlainSocket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(unix)]
+            PlainSocket::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
 
 /// A TLS failure of an ordinary connection, already in an operator's words.
 #[derive(Debug)]
-pub struct TlsFailure(String);
+pub struct TlsFailure {
+    pub reason: String,
+    /// A refused certificate or unusable settings (not I/O): retrying cannot help.
+    pub definite: bool,
+}
+
+impl TlsFailure {
+    fn definite(reason: String) -> Self {
+        TlsFailure {
+            reason,
+            definite: true,
+        }
+    }
+}
 
 impl fmt::Display for TlsFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.reason)
     }
 }
 
 impl std::error::Error for TlsFailure {}
 
-impl tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> for MakeRustlsConnect {
-    type Stream = RustlsStream;
-    type TlsConnect = RustlsConnect;
-    type Error = TlsFailure;
-
-    /// Called for every connection, also with `sslmode=disable` and on Unix sockets
-    /// (empty `domain`), where the connector is never used: failures wait for `connect`.
-    fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, TlsFailure> {
-        Ok(RustlsConnect {
-            config: self.config.clone(),
-            host: domain.to_owned(),
-            mode: self.mode,
-            root_cert: self.root_cert.clone(),
-        })
-    }
-}
-
+/// tokio-postgres's TLS connector over rustls, for one ordinary connection. A TLS
+/// setup error (an unreadable `sslrootcert`) surfaces as the connection's error.
 pub struct RustlsConnect {
     config: Result<Option<Arc<rustls::ClientConfig>>, Arc<str>>,
     host: String,
@@ -395,40 +659,75 @@ pub struct RustlsConnect {
     root_cert: Option<PathBuf>,
 }
 
-impl tokio_postgres::tls::TlsConnect<tokio_postgres::Socket> for RustlsConnect {
+impl RustlsConnect {
+    pub fn new(config: &ConnectConfig) -> Self {
+        RustlsConnect {
+            config: client_config(config).map_err(|e| Arc::from(e.to_string())),
+            host: config.host.clone(),
+            mode: config.sslmode,
+            root_cert: config.sslrootcert.clone(),
+        }
+    }
+}
+
+impl tokio_postgres::tls::TlsConnect<AuthWatchedSocket> for RustlsConnect {
     type Stream = RustlsStream;
     type Error = TlsFailure;
     type Future = Pin<Box<dyn Future<Output = Result<RustlsStream, TlsFailure>> + Send>>;
 
-    fn connect(self, stream: tokio_postgres::Socket) -> Self::Future {
+    fn connect(self, stream: AuthWatchedSocket) -> Self::Future {
         Box::pin(async move {
             let config = match self.config {
                 Ok(Some(config)) => config,
                 Ok(None) => {
-                    return Err(TlsFailure(
+                    return Err(TlsFailure::definite(
                         "TLS was asked for although sslmode=disable".into(),
                     ));
                 }
-                Err(reason) => return Err(TlsFailure(reason.to_string())),
+                Err(reason) => return Err(TlsFailure::definite(reason.to_string())),
             };
             let host = self.host;
-            let name = server_name(&host).map_err(|e| TlsFailure(e.to_string()))?;
-            tokio_rustls::TlsConnector::from(config)
+            let name = server_name(&host).map_err(|e| TlsFailure::definite(e.to_string()))?;
+            let watch = stream.watch.clone();
+            let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, stream)
                 .await
-                .map(|s| RustlsStream(Box::new(s)))
                 .map_err(|e| {
-                    TlsFailure(
-                        describe_handshake_error(&e, &host, self.mode, self.root_cert.as_deref())
-                            .unwrap_or_else(|| e.to_string()),
-                    )
-                })
+                    match describe_handshake_error(
+                        &e,
+                        &host,
+                        self.mode,
+                        self.root_cert.as_deref(),
+                    ) {
+                        Some(reason) => TlsFailure::definite(reason),
+                        None => TlsFailure {
+                            reason: e.to_string(),
+                            definite: false,
+                        },
+                    }
+                })?;
+            let end_point = end_point_of(tls.get_ref().1);
+            watch
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .check
+                .set_tls(end_point.is_some());
+            Ok(RustlsStream {
+                tls: Box::new(tls),
+                watch,
+                end_point,
+            })
         })
     }
 }
 
-/// A TLS stream of an ordinary connection.
-pub struct RustlsStream(Box<tokio_rustls::client::TlsStream<tokio_postgres::Socket>>);
+/// A TLS stream of an ordinary connection: feeds the decrypted bytes to the
+/// connection's [`AuthWatch`] and offers the channel binding data.
+pub struct RustlsStream {
+    tls: Box<tokio_rustls::client::TlsStream<AuthWatchedSocket>>,
+    watch: Arc<Mutex<AuthWatch>>,
+    end_point: Option<Vec<u8>>,
+}
 
 impl AsyncRead for RustlsStream {
     fn poll_read(
@@ -436,7 +735,13 @@ impl AsyncRead for RustlsStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let read = Pin::new(&mut *this.tls).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            watch_read(&this.watch, buf, before, 0)?;
+        }
+        read
     }
 }
 
@@ -446,21 +751,24 @@ impl AsyncWrite for RustlsStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0).poll_write(cx, buf)
+        Pin::new(&mut *self.tls).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_flush(cx)
+        Pin::new(&mut *self.tls).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_shutdown(cx)
+        Pin::new(&mut *self.tls).poll_shutdown(cx)
     }
 }
 
 impl tokio_postgres::tls::TlsStream for RustlsStream {
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        tokio_postgres::tls::ChannelBinding::none()
+        match &self.end_point {
+            Some(hash) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(hash.clone()),
+            None => tokio_postgres::tls::ChannelBinding::none(),
+        }
     }
 }
 
@@ -468,15 +776,25 @@ impl tokio_postgres::tls::TlsStream for RustlsStream {
 mod tests {
     use super::*;
 
+    fn tls_config(mode: SslMode, root: Option<&Path>) -> ConnectConfig {
+        let mut config = ConnectConfig::new("localhost", 5432, "app", None, "app");
+        config.sslmode = mode;
+        config.sslrootcert = root.map(Path::to_path_buf);
+        config
+    }
+
     #[test]
     fn verifying_modes_need_a_readable_pem_root_cert() {
-        let err = client_config(SslMode::VerifyFull, None)
+        let err = client_config(&tls_config(SslMode::VerifyFull, None))
             .unwrap_err()
             .to_string();
         assert!(err.contains("no sslrootcert is set"), "{err}");
-        let err = client_config(SslMode::VerifyCa, Some(Path::new("/nonexistent/ca.pem")))
-            .unwrap_err()
-            .to_string();
+        let err = client_config(&tls_config(
+            SslMode::VerifyCa,
+            Some(Path::new("/nonexistent/ca.pem")),
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("cannot use sslrootcert `/nonexistent/ca.pem`")
                 && err.contains("PEM file"),
@@ -486,7 +804,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        let err = client_config(SslMode::VerifyCa, Some(&empty))
+        let err = client_config(&tls_config(SslMode::VerifyCa, Some(&empty)))
             .unwrap_err()
             .to_string();
         assert!(err.contains("no `BEGIN CERTIFICATE` block"), "{err}");
@@ -495,9 +813,21 @@ mod tests {
 
     #[test]
     fn non_verifying_modes_build_without_a_root_cert() {
-        assert!(client_config(SslMode::Disable, None).unwrap().is_none());
-        assert!(client_config(SslMode::Prefer, None).unwrap().is_some());
-        assert!(client_config(SslMode::Require, None).unwrap().is_some());
+        assert!(
+            client_config(&tls_config(SslMode::Disable, None))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            client_config(&tls_config(SslMode::Prefer, None))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            client_config(&tls_config(SslMode::Require, None))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

@@ -229,7 +229,7 @@ fn config(
         .unwrap_or_default();
     format!(
         "[source]\nurl = \"{url}\"\npublication = \"{name}\"\nslot = \"{name}\"\nstatus_interval = \"1s\"\n\n\
-         [plugins]\ndir = \"plugins\"\nwatch = false\n\n\
+         [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\nwatch = false\n\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\", \"restricted\"]\n{flush}\n\
          {extra}\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n",
