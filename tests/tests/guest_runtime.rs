@@ -780,3 +780,96 @@ fn hostile_batch_calls_never_panic_the_host_and_refused_batches_come_back_unchan
         "both outcomes exercised: {accepted} / {refused}"
     );
 }
+
+/// The calls `test_hog` makes with one big string, in `mode = big-args`.
+const BIG_ARG_CALLS: &[&str] = &[
+    "log",
+    "column-index",
+    "add-route",
+    "tag-row",
+    "tag-column",
+    "annotate",
+    "set",
+    "write-column",
+    "write-text-column",
+    "hash-column",
+];
+
+/// Runs in a child process (see below): `test_hog` in `mode` (`hold`: a 24 MiB
+/// string and its copy in guest memory, no call; `big-args`: the same string passed
+/// to each call in turn), 64 MiB of guest memory, an output cap of 1 MiB. Prints the
+/// process's peak resident memory.
+fn big_args_child(mode: &str) {
+    let rt = runtime(Limits {
+        memory_bytes: 64 << 20,
+        output_bytes: 1 << 20,
+        ..declared()
+    });
+    let calls: &[&str] = if mode == "hold" {
+        &["log"]
+    } else {
+        BIG_ARG_CALLS
+    };
+    for call in calls {
+        let mut pipeline = load(
+            &rt,
+            "test_hog",
+            &[("mode", mode), ("call", call), ("mib", "24")],
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let _ = pipeline.process(email_batch("ada@example.com"));
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let peak = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .expect("VmHWM in /proc/self/status");
+    println!("peak_kib={}", peak.trim().trim_end_matches(" kB"));
+}
+
+/// Regression: the host lifted every string and list a guest passed into host memory
+/// before looking at it, so a guest could make the host hold a second copy of its
+/// memory (a 24 MiB `log` line, route, annotation, value …) past every limit. Now each
+/// call reads its arguments in place and copies only what it keeps: the peak of a
+/// process whose guest passes 24 MiB to every such call stays within 16 MiB of one
+/// whose guest only holds the string (each run in its own process, so the peaks are
+/// the guest's alone).
+#[test]
+fn guest_call_arguments_are_read_in_place_not_copied_whole() {
+    const NAME: &str = "guest_call_arguments_are_read_in_place_not_copied_whole";
+    if let Ok(mode) = std::env::var("AIRLOCK_BIG_ARGS_CHILD") {
+        big_args_child(&mode);
+        return;
+    }
+    let peak_kib = |mode: &str| -> u64 {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+            .env("AIRLOCK_BIG_ARGS_CHILD", mode)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The harness prints `test NAME ... ` on the same line.
+        let peak = text
+            .split("peak_kib=")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{mode}: no peak in {text}"));
+        peak.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    let hold = peak_kib("hold");
+    let big = peak_kib("big-args");
+    let extra_mib = big.saturating_sub(hold) as f64 / 1024.0;
+    println!("peak: hold {hold} KiB, big-args {big} KiB, extra {extra_mib:.1} MiB");
+    assert!(
+        extra_mib <= 16.0,
+        "passing a 24 MiB string to the host's calls raised its peak by {extra_mib:.1} MiB (hold {hold} KiB, big-args {big} KiB)"
+    );
+}

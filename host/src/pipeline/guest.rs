@@ -31,6 +31,8 @@ wasmtime::component::bindgen!({
 
 pub use self::airlock::transform::types as wit;
 
+pub mod borrowed;
+
 /// The contract version this host speaks (the WIT package version).
 pub const CONTRACT_VERSION: &str = "0.1.0";
 /// The WIT package name guests import.
@@ -160,7 +162,12 @@ impl GuestBatch {
 
     fn charge(&mut self, bytes: usize) -> wasmtime::Result<()> {
         self.written += bytes;
-        if self.written > self.cap {
+        self.ensure_room(0)
+    }
+
+    /// Fails as [`GuestBatch::charge`] would if `bytes` more were written now.
+    fn ensure_room(&self, bytes: usize) -> wasmtime::Result<()> {
+        if self.written.saturating_add(bytes) > self.cap {
             wasmtime::bail!(
                 "guest wrote more than its output cap of {} bytes into one batch \
                  (raise [plugins.limits] output_bytes if this is expected)",

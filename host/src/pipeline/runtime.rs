@@ -240,6 +240,7 @@ impl Runtime {
         })
         .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         Transform::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)
+            .and_then(|()| super::guest::borrowed::define(&mut linker))
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker = engine.clone();
         std::thread::Builder::new()

@@ -693,12 +693,8 @@ impl tokio_postgres::tls::TlsConnect<AuthWatchedSocket> for RustlsConnect {
                 .connect(name, stream)
                 .await
                 .map_err(|e| {
-                    match describe_handshake_error(
-                        &e,
-                        &host,
-                        self.mode,
-                        self.root_cert.as_deref(),
-                    ) {
+                    match describe_handshake_error(&e, &host, self.mode, self.root_cert.as_deref())
+                    {
                         Some(reason) => TlsFailure::definite(reason),
                         None => TlsFailure {
                             reason: e.to_string(),
