@@ -213,7 +213,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 }
 
 async fn status(State(state): State<AdminState>) -> Response {
-    axum::Json(state.status.to_json()).into_response()
+    axum::Json(state.status.report()).into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

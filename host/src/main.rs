@@ -167,123 +167,6 @@ async fn send(
     Ok((code, body))
 }
 
-fn render_status(s: &serde_json::Value) -> String {
-    use std::fmt::Write;
-    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| "-".into());
-    let mut out = String::new();
-    let up = s["uptime_seconds"].as_f64().unwrap_or(0.0) as u64;
-    let _ = writeln!(
-        out,
-        "airlock {} · up {}h{:02}m{:02}s · {}",
-        text(&s["version"]),
-        up / 3600,
-        up / 60 % 60,
-        up % 60,
-        if s["ready"].as_bool() == Some(true) {
-            "ready"
-        } else {
-            "not ready"
-        }
-    );
-    let src = &s["source"];
-    let _ = writeln!(
-        out,
-        "source    {}  slot {}  publication {}  [{}]",
-        text(&src["database"]),
-        text(&src["slot"]),
-        text(&src["publication"]),
-        text(&src["state"])
-    );
-    let lag_bytes = src["lag_bytes"]
-        .as_u64()
-        .map(|b| format!("{b} B"))
-        .unwrap_or_else(|| "-".into());
-    let lag_seconds = src["lag_seconds"]
-        .as_f64()
-        .map(|s| format!("{s:.1} s"))
-        .unwrap_or_else(|| "-".into());
-    let _ = writeln!(
-        out,
-        "  wal     current {}  confirmed {}  restart {}  lag {lag_bytes} / {lag_seconds}  wal_status {}",
-        text(&src["current_wal_lsn"]),
-        text(&src["confirmed_lsn"]),
-        text(&src["restart_lsn"]),
-        text(&src["wal_status"])
-    );
-    let p = &s["pipeline"];
-    let stages = p["stages"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "pipeline  {}  ({} stages)",
-        text(&p["version"]),
-        stages.len()
-    );
-    for st in &stages {
-        let hash = text(&st["content_hash"]);
-        let _ = writeln!(
-            out,
-            "  {:<14} {} {}  sha256 {}",
-            text(&st["name"]),
-            text(&st["plugin"]),
-            text(&st["version"]),
-            hash.get(..12).unwrap_or(&hash)
-        );
-    }
-    let reload = &p["last_reload"];
-    if !reload.is_null() {
-        let outcome = if reload["ok"].as_bool() == Some(true) {
-            format!("ok, version {}", text(&reload["version"]))
-        } else {
-            format!("FAILED: {}", text(&reload["error"]))
-        };
-        let _ = writeln!(
-            out,
-            "  last reload ({}): {outcome}",
-            text(&reload["reason"])
-        );
-    }
-    let _ = writeln!(out, "sinks");
-    if let Some(sinks) = s["sinks"].as_object() {
-        for (name, sink) in sinks {
-            let routes: Vec<String> = sink["routes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(text)
-                .collect();
-            let _ = writeln!(
-                out,
-                "  {name:<10} {:<6} {}  routes {}  durable {}  backlog {} batches",
-                text(&sink["kind"]),
-                text(&sink["url"]),
-                routes.join(","),
-                text(&sink["durable_lsn"]),
-                sink["queued_batches"].as_u64().unwrap_or(0)
-            );
-            if sink["retrying"].as_bool() == Some(true) {
-                let _ = writeln!(out, "             RETRYING: {}", text(&sink["last_error"]));
-            }
-        }
-    }
-    if !s["snapshot"].is_null() {
-        let _ = writeln!(out, "snapshot  {}", s["snapshot"]);
-    }
-    match s["last_error"].as_object() {
-        Some(e) => {
-            let _ = writeln!(
-                out,
-                "last error [{}] {}",
-                text(&e["component"]),
-                text(&e["message"])
-            );
-        }
-        None => {
-            let _ = writeln!(out, "last error none");
-        }
-    }
-    out
-}
-
 #[derive(Subcommand)]
 enum SpineCommand {
     /// Serve the built-in spine (audit-stream-py's API, durable, hash-chained).
@@ -474,7 +357,9 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&body)?);
             } else {
-                print!("{}", render_status(&body));
+                let report: airlock::status::StatusReport = serde_json::from_value(body)
+                    .context("the admin API's /status is not a status report")?;
+                print!("{}", report.render());
             }
         }
         Command::Reload { admin } => {

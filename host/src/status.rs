@@ -1,14 +1,15 @@
 //! What the running host knows about itself, for `/status`, `/metrics` and the logs.
 //!
-//! Every part writes its own section; readers get a consistent snapshot as JSON.
-//! Metrics are updated once per batch or per event, never per value.
+//! Every part writes its own section; readers get a consistent snapshot, a
+//! [`StatusReport`]: the admin API serialises it (`GET /status`) and `airlock status`
+//! reads it back and renders it, so both sides share one type. Metrics are updated
+//! once per batch or per event, never per value.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use crate::change::Lsn;
 
@@ -20,7 +21,8 @@ fn now_unix() -> f64 {
 }
 
 /// One stage as `/status` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StageView {
     /// File stem in the plugin folder.
     pub name: String,
@@ -33,7 +35,8 @@ pub struct StageView {
     pub loaded_at: f64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SourceView {
     pub database: String,
     pub slot: String,
@@ -58,7 +61,8 @@ pub struct SourceView {
     pub slot_health_error: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SinkView {
     pub kind: String,
     pub url: String,
@@ -71,7 +75,8 @@ pub struct SinkView {
     pub last_error: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReloadView {
     pub at: f64,
     pub reason: String,
@@ -80,15 +85,50 @@ pub struct ReloadView {
     pub error: Option<String>,
 }
 
-#[derive(Default, Serialize)]
+/// The latest error an operator should see.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ErrorView {
+    /// Unix seconds.
+    pub at: f64,
+    /// `source`, a sink's name, `pipeline`, …
+    pub component: String,
+    pub message: String,
+}
+
+/// The pipeline the worker runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PipelineView {
+    pub version: String,
+    /// Unix seconds since this pipeline runs.
+    pub since: f64,
+    pub stages: Vec<StageView>,
+    pub last_reload: Option<ReloadView>,
+}
+
+/// The `/status` document.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusReport {
+    /// airlock's version.
+    pub version: String,
+    pub uptime_seconds: f64,
+    pub ready: bool,
+    pub source: SourceView,
+    pub pipeline: PipelineView,
+    pub sinks: BTreeMap<String, SinkView>,
+    /// The initial snapshot's progress, as the snapshot reports it.
+    pub snapshot: Option<serde_json::Value>,
+    pub last_error: Option<ErrorView>,
+}
+
+#[derive(Default)]
 struct Inner {
     source: SourceView,
-    pipeline_version: String,
-    stages: Vec<StageView>,
-    pipeline_since: f64,
-    reload: Option<ReloadView>,
+    pipeline: PipelineView,
     sinks: BTreeMap<String, SinkView>,
-    last_error: Option<serde_json::Value>,
+    last_error: Option<ErrorView>,
     snapshot: Option<serde_json::Value>,
     ready: bool,
 }
@@ -133,20 +173,20 @@ impl Status {
 
     /// Records the pipeline the worker now runs.
     pub fn pipeline_running(&self, version: &str, stages: Vec<StageView>) {
-        let mut inner = self.write();
-        inner.pipeline_version = version.to_owned();
-        inner.stages = stages;
-        inner.pipeline_since = now_unix();
+        let pipeline = &mut self.write().pipeline;
+        pipeline.version = version.to_owned();
+        pipeline.stages = stages;
+        pipeline.since = now_unix();
     }
 
     /// The version of the pipeline the worker runs.
     pub fn pipeline_version(&self) -> String {
-        self.read().pipeline_version.clone()
+        self.read().pipeline.version.clone()
     }
 
     pub fn reload_succeeded(&self, reason: &str, version: &str) {
         self.metrics.add(RELOADS, &[("outcome", "ok")], 1.0);
-        self.write().reload = Some(ReloadView {
+        self.write().pipeline.last_reload = Some(ReloadView {
             at: now_unix(),
             reason: reason.into(),
             ok: true,
@@ -157,7 +197,7 @@ impl Status {
 
     pub fn reload_failed(&self, reason: &str, error: &str) {
         self.metrics.add(RELOADS, &[("outcome", "failed")], 1.0);
-        self.write().reload = Some(ReloadView {
+        self.write().pipeline.last_reload = Some(ReloadView {
             at: now_unix(),
             reason: reason.into(),
             ok: false,
@@ -172,8 +212,11 @@ impl Status {
 
     /// Records the latest error an operator should see.
     pub fn error(&self, component: &str, message: &str) {
-        self.write().last_error =
-            Some(json!({"at": now_unix(), "component": component, "message": message}));
+        self.write().last_error = Some(ErrorView {
+            at: now_unix(),
+            component: component.to_owned(),
+            message: message.to_owned(),
+        });
     }
 
     pub fn clear_error(&self, component: &str) {
@@ -181,8 +224,7 @@ impl Status {
         if inner
             .last_error
             .as_ref()
-            .and_then(|e| e["component"].as_str())
-            == Some(component)
+            .is_some_and(|e| e.component == component)
         {
             inner.last_error = None;
         }
@@ -192,24 +234,105 @@ impl Status {
         self.write().snapshot = Some(progress);
     }
 
-    /// The `/status` document.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The `/status` document, as of now.
+    pub fn report(&self) -> StatusReport {
         let inner = self.read();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": (now_unix() - self.started_at).max(0.0),
-            "ready": inner.ready,
-            "source": inner.source,
-            "pipeline": {
-                "version": inner.pipeline_version,
-                "since": inner.pipeline_since,
-                "stages": inner.stages,
-                "last_reload": inner.reload,
-            },
-            "sinks": inner.sinks,
-            "snapshot": inner.snapshot,
-            "last_error": inner.last_error,
-        })
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: (now_unix() - self.started_at).max(0.0),
+            ready: inner.ready,
+            source: inner.source.clone(),
+            pipeline: inner.pipeline.clone(),
+            sinks: inner.sinks.clone(),
+            snapshot: inner.snapshot.clone(),
+            last_error: inner.last_error.clone(),
+        }
+    }
+}
+
+impl StatusReport {
+    /// The report as `airlock status` prints it.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        let mut out = String::new();
+        let up = self.uptime_seconds as u64;
+        let _ = writeln!(
+            out,
+            "airlock {} · up {}h{:02}m{:02}s · {}",
+            self.version,
+            up / 3600,
+            up / 60 % 60,
+            up % 60,
+            if self.ready { "ready" } else { "not ready" }
+        );
+        let src = &self.source;
+        let _ = writeln!(
+            out,
+            "source    {}  slot {}  publication {}  [{}]",
+            src.database, src.slot, src.publication, src.state
+        );
+        let lag_bytes = src
+            .lag_bytes
+            .map_or_else(|| "-".into(), |b| format!("{b} B"));
+        let lag_seconds = src
+            .lag_seconds
+            .map_or_else(|| "-".into(), |s| format!("{s:.1} s"));
+        let _ = writeln!(
+            out,
+            "  wal     current {}  confirmed {}  restart {}  lag {lag_bytes} / {lag_seconds}  wal_status {}",
+            text(&src.current_wal_lsn),
+            text(&src.confirmed_lsn),
+            text(&src.restart_lsn),
+            text(&src.wal_status)
+        );
+        let p = &self.pipeline;
+        let _ = writeln!(out, "pipeline  {}  ({} stages)", p.version, p.stages.len());
+        for st in &p.stages {
+            let _ = writeln!(
+                out,
+                "  {:<14} {} {}  sha256 {}",
+                st.name,
+                st.plugin,
+                st.version,
+                st.content_hash.get(..12).unwrap_or(&st.content_hash)
+            );
+        }
+        if let Some(reload) = &p.last_reload {
+            let outcome = if reload.ok {
+                format!("ok, version {}", text(&reload.version))
+            } else {
+                format!("FAILED: {}", text(&reload.error))
+            };
+            let _ = writeln!(out, "  last reload ({}): {outcome}", reload.reason);
+        }
+        let _ = writeln!(out, "sinks");
+        for (name, sink) in &self.sinks {
+            let _ = writeln!(
+                out,
+                "  {name:<10} {:<6} {}  routes {}  durable {}  backlog {} batches",
+                sink.kind,
+                sink.url,
+                sink.routes.join(","),
+                text(&sink.durable_lsn),
+                sink.queued_batches
+            );
+            if sink.retrying {
+                let _ = writeln!(out, "             RETRYING: {}", text(&sink.last_error));
+            }
+        }
+        if let Some(snapshot) = &self.snapshot {
+            let _ = writeln!(out, "snapshot  {snapshot}");
+        }
+        match &self.last_error {
+            Some(e) => {
+                let _ = writeln!(out, "last error [{}] {}", e.component, e.message);
+            }
+            None => {
+                let _ = writeln!(out, "last error none");
+            }
+        }
+        out
     }
 }
 
@@ -367,6 +490,58 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_the_api_serves_is_the_report_the_cli_reads() {
+        let status = Status::default();
+        status.update_source(|s| {
+            s.database = "postgres://airlock:***@db:5432/app?sslmode=verify-full".into();
+            s.state = "streaming".into();
+            s.lag_bytes = Some(42);
+        });
+        status.pipeline_running(
+            "v7",
+            vec![StageView {
+                name: "30-mask".into(),
+                plugin: "mask".into(),
+                content_hash: "ab".repeat(32),
+                ..StageView::default()
+            }],
+        );
+        status.reload_failed("SIGHUP", "stage 30-mask is required");
+        status.update_sink("lake", |v| {
+            v.kind = "delta".into();
+            v.routes = vec!["default".into()];
+            v.retrying = true;
+            v.last_error = Some("s3 is down".into());
+        });
+        status.error("lake", "s3 is down");
+        let report = status.report();
+        let json = serde_json::to_value(&report).unwrap();
+        // The document keeps its shape: the same keys as before the type existed.
+        assert_eq!(json["source"]["state"], "streaming");
+        assert_eq!(json["pipeline"]["version"], "v7");
+        assert_eq!(json["pipeline"]["stages"][0]["name"], "30-mask");
+        assert_eq!(json["pipeline"]["last_reload"]["ok"], false);
+        assert_eq!(json["sinks"]["lake"]["retrying"], true);
+        assert_eq!(json["last_error"]["component"], "lake");
+        let back: StatusReport = serde_json::from_value(json).unwrap();
+        let text = back.render();
+        assert_eq!(text, report.render());
+        for line in [
+            "[streaming]",
+            "lag 42 B / -",
+            "pipeline  v7  (1 stages)",
+            "30-mask        mask   sha256 abababababab",
+            "last reload (SIGHUP): FAILED: stage 30-mask is required",
+            "RETRYING: s3 is down",
+            "last error [lake] s3 is down",
+        ] {
+            assert!(text.contains(line), "{line:?} in:\n{text}");
+        }
+        status.clear_error("lake");
+        assert!(status.report().last_error.is_none());
+    }
 
     #[test]
     fn metrics_render_as_prometheus_text() {
