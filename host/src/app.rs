@@ -11,6 +11,12 @@
 //!
 //! Shutdown: the source stops reading and drops its sender; the pipeline thread drains
 //! what it holds; each sink flushes and exits; the source sends the final flush LSN.
+//! A sink task or the pipeline thread that panics ends the run with an error naming
+//! it; what it had not made durable was never acknowledged.
+//!
+//! [`run`] reads as the diagram: open the source's settings, load the pipeline, start
+//! reloads, serve the admin API, open the sinks (with the checkpoint tracker), start
+//! the pipeline thread, watch the slot, stream, wind down.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -362,18 +368,64 @@ fn source_state(status: &Status, state: source::SourceState) {
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let status = Arc::new(Status::default());
     let connect = config.source.connect_config()?;
+    show_source(&status, &config, &connect);
+    // The pipeline: built completely before anything streams.
+    let runtime = Runtime::new(
+        config.plugins.limits.clone(),
+        config.plugins.cache_dir.clone(),
+    )?;
+    let pipeline = load_pipeline(&runtime, &config).await?;
+    let slot = SwapSlot::default();
+    let reloads = start_reloads(&config, &runtime, &slot, &status)?;
+    let compactors = Compactors::default(); // the lake sinks', for `POST /compact`
+    let admin = serve_admin(&config, &status, &reloads, &compactors, &shutdown).await?;
+    let sinks = open_sinks(&config, &status, &compactors, &shutdown).await?;
+    let flow = start_pipeline(pipeline, slot, &status, &config, sinks.inputs)?;
+    let monitor = tokio::spawn(monitor_slot(
+        connect.clone(),
+        config.source.slot.clone(),
+        status.clone(),
+        sinks.durable.clone(),
+        flow.in_flight.clone(),
+        shutdown.clone(),
+    ));
+    let settings = source_settings(&config, connect, &status, sinks.held);
+    let source = tokio::spawn(source::run(
+        settings,
+        flow.transactions,
+        sinks.durable,
+        shutdown,
+    ));
+    let result = wind_down(source, flow.tap, flow.worker, sinks.tasks, &status).await;
+    for task in [
+        sinks.tracker,
+        reloads.registry,
+        reloads.hup,
+        monitor.abort_handle(),
+        admin.task,
+    ] {
+        task.abort();
+    }
+    tracing::debug!("run: background tasks stopped");
+    drop(admin.local_token);
+    if result.is_ok() {
+        tracing::info!("stopped cleanly");
+    }
+    result
+}
+
+/// The source's settings in `/status` before it connects.
+fn show_source(status: &Status, config: &Config, connect: &source::protocol::ConnectConfig) {
     status.update_source(|s| {
         s.database = connect.redacted_url();
         s.slot = config.source.slot.clone();
         s.publication = config.source.publication.clone();
         s.state = "starting".into();
     });
+}
 
-    // The pipeline: built completely before anything streams.
-    let runtime = Runtime::new(
-        config.plugins.limits.clone(),
-        config.plugins.cache_dir.clone(),
-    )?;
+/// Compiles and initialises every stage of the plugin folder.
+async fn load_pipeline(runtime: &Runtime, config: &Config) -> Result<pipeline::Pipeline, RunError> {
     let (loader, dir, require) = (
         runtime.clone(),
         config.plugins.dir.clone(),
@@ -388,10 +440,23 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         stages = ?pipeline.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
         "pipeline loaded"
     );
+    Ok(pipeline)
+}
 
-    // Reload: folder watch, SIGHUP, admin API.
-    let slot = SwapSlot::default();
-    let (reload_tx, reload_rx) = mpsc::channel::<ReloadRequest>(registry::RELOAD_QUEUE);
+/// Reloads: the folder watch, SIGHUP and the admin API feed one queue.
+struct Reloads {
+    requests: mpsc::Sender<ReloadRequest>,
+    registry: tokio::task::AbortHandle,
+    hup: tokio::task::AbortHandle,
+}
+
+fn start_reloads(
+    config: &Config,
+    runtime: &Runtime,
+    slot: &SwapSlot,
+    status: &Arc<Status>,
+) -> Result<Reloads, RunError> {
+    let (requests, reload_rx) = mpsc::channel::<ReloadRequest>(registry::RELOAD_QUEUE);
     let mut notifier = registry::ReloadNotifier::default();
     for sink in config.sinks.iter().filter(|s| s.kind == SinkKind::Http) {
         let client = crate::sink::spine::SpineClient::new(
@@ -404,7 +469,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             .spines
             .push((Arc::new(client), sink.spine.default_source.clone()));
     }
-    let registry_task = tokio::spawn(registry::run(
+    let registry = tokio::spawn(registry::run(
         runtime.clone(),
         config.plugins.dir.clone(),
         config.plugins.require.clone(),
@@ -414,8 +479,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         notifier,
         reload_rx,
     ));
-    let hup_tx = reload_tx.clone();
-    let hup_task = tokio::spawn(async move {
+    let hup_tx = requests.clone();
+    let hup = tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             return;
@@ -431,66 +496,92 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             }
         }
     });
+    Ok(Reloads {
+        requests,
+        registry: registry.abort_handle(),
+        hup: hup.abort_handle(),
+    })
+}
 
-    // Lake sinks' compaction handles, for the admin API's `POST /compact`.
-    let compactors = Compactors::default();
+/// The admin API while it serves, and the per-run token file it removes when dropped.
+struct Admin {
+    task: tokio::task::AbortHandle,
+    local_token: Option<crate::admin::LocalTokenFile>,
+}
 
-    // Admin API.
+async fn serve_admin(
+    config: &Config,
+    status: &Arc<Status>,
+    reloads: &Reloads,
+    compactors: &Compactors,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Admin, RunError> {
+    let listen = config.admin.listen.to_string();
+    let admin_error = |addr: String| move |error| RunError::Admin { addr, error };
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
-        .map_err(|error| RunError::Admin {
-            addr: config.admin.listen.to_string(),
-            error,
-        })?;
-    let admin_addr = listener.local_addr().map_err(|error| RunError::Admin {
-        addr: config.admin.listen.to_string(),
-        error,
-    })?;
-    tracing::info!(addr = %admin_addr, "admin API listening");
+        .map_err(admin_error(listen.clone()))?;
+    let addr = listener.local_addr().map_err(admin_error(listen))?;
+    tracing::info!(addr = %addr, "admin API listening");
     // Without a configured token, the routes that act take a per-run token that only
     // this user can read (see `admin::local_token_path`).
-    let (control_token, _local_token) = match &config.admin.token {
+    let (control_token, local_token) = match &config.admin.token {
         Some(token) => (Arc::from(token.as_str()), None),
         None => {
-            let token = crate::admin::random_token().map_err(|error| RunError::Admin {
-                addr: admin_addr.to_string(),
-                error,
-            })?;
-            let file = match crate::admin::local_token_path(admin_addr) {
+            let token = crate::admin::random_token().map_err(admin_error(addr.to_string()))?;
+            let file = match crate::admin::local_token_path(addr) {
                 Some(path) => Some(crate::admin::write_local_token(&path, &token).map_err(
-                    |error| RunError::Admin {
-                        addr: format!("{admin_addr} (token file {})", path.display()),
-                        error,
-                    },
+                    admin_error(format!("{addr} (token file {})", path.display())),
                 )?),
                 None => None,
             };
             (Arc::from(token.as_str()), file)
         }
     };
-    let admin_state = crate::admin::AdminState {
+    let state = crate::admin::AdminState {
         status: status.clone(),
-        reload: reload_tx.clone(),
+        reload: reloads.requests.clone(),
         token: config.admin.token.as_deref().map(Arc::from),
         control_token,
         compactors: compactors.clone(),
     };
-    let mut admin_shutdown = shutdown.clone();
-    let admin_task = tokio::spawn(crate::admin::serve(listener, admin_state, async move {
-        let _ = admin_shutdown.wait_for(|s| *s).await;
+    let mut stop = shutdown.clone();
+    let task = tokio::spawn(crate::admin::serve(listener, state, async move {
+        let _ = stop.wait_for(|s| *s).await;
     }));
+    Ok(Admin {
+        task: task.abort_handle(),
+        local_token,
+    })
+}
 
-    // Sinks and the checkpoint tracker.
-    let (mut tracker, durable_rx) = Tracker::new();
-    let mut sink_txs = Vec::new();
-    let mut sink_tasks = Vec::new();
-    // The latest changes any sink holds from an earlier run (see `Held`).
+/// The sinks, open, with the checkpoint tracker over them.
+struct Sinks {
+    /// One input per sink, in configuration order.
+    inputs: Vec<mpsc::Sender<Arc<Batch>>>,
+    tasks: Vec<(String, SinkTask)>,
+    /// The LSN every sink has made durable.
+    durable: watch::Receiver<Lsn>,
+    tracker: tokio::task::AbortHandle,
+    /// The latest changes any sink holds from an earlier run (see [`Held`]).
+    held: Option<Held>,
+}
+
+async fn open_sinks(
+    config: &Config,
+    status: &Arc<Status>,
+    compactors: &Compactors,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Sinks, RunError> {
+    let (mut tracker, durable) = Tracker::new();
+    let mut inputs = Vec::new();
+    let mut tasks = Vec::new();
     let mut held: Option<Held> = None;
     for sink in &config.sinks {
         let (tx, rx) = mpsc::channel(SINK_CHANNEL);
-        sink_txs.push(tx);
-        let durable = tracker.register();
-        let mut watch_durable = durable.subscribe();
+        inputs.push(tx);
+        let sink_durable = tracker.register();
+        let mut watch_durable = sink_durable.subscribe();
         let (name, st) = (sink.name.clone(), status.clone());
         status.update_sink(&sink.name, |v| {
             v.kind = format!("{:?}", sink.kind).to_lowercase();
@@ -506,20 +597,44 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             }
         });
         let (task, held_here) =
-            open_sink(&config, sink, rx, durable, &compactors, &status, &shutdown).await?;
-        sink_tasks.push((sink.name.clone(), task));
+            open_sink(config, sink, rx, sink_durable, compactors, status, shutdown).await?;
+        tasks.push((sink.name.clone(), task));
         if held_here.as_ref().map(|h| h.through) > held.as_ref().map(|h| h.through) {
             held = held_here;
         }
     }
-    let tracker_task = tokio::spawn(tracker.run());
+    let tracker = tokio::spawn(tracker.run()).abort_handle();
+    Ok(Sinks {
+        inputs,
+        tasks,
+        durable,
+        tracker,
+        held,
+    })
+}
 
-    // The pipeline thread, fed through a tap that remembers commit times for the lag.
+/// The pipeline thread, fed through a tap that remembers commit times for the lag.
+struct Flow {
+    /// Where the source sends transactions.
+    transactions: mpsc::Sender<crate::change::Transaction>,
+    tap: tokio::task::JoinHandle<()>,
+    /// The pipeline thread's result, when it ends (dropped unsent if it panics).
+    worker: tokio::sync::oneshot::Receiver<Result<(), RuntimeError>>,
+    in_flight: InFlight,
+}
+
+fn start_pipeline(
+    pipeline: pipeline::Pipeline,
+    slot: SwapSlot,
+    status: &Arc<Status>,
+    config: &Config,
+    sinks: Vec<mpsc::Sender<Arc<Batch>>>,
+) -> Result<Flow, RunError> {
     let in_flight = InFlight::default();
-    let (txn_tx, mut tap_rx) = mpsc::channel::<crate::change::Transaction>(TAP_CHANNEL);
+    let (transactions, mut tap_rx) = mpsc::channel::<crate::change::Transaction>(TAP_CHANNEL);
     let (worker_tx, worker_rx) = pipeline::inflow::channel(SOURCE_QUEUE_BYTES);
     let tap_in_flight = in_flight.clone();
-    let tap_task = tokio::spawn(async move {
+    let tap = tokio::spawn(async move {
         while let Some(txn) = tap_rx.recv().await {
             if txn.meta.completes() {
                 tap_in_flight.push(txn.meta.end_lsn, txn.meta.commit_ts);
@@ -535,25 +650,29 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         status.clone(),
         config.plugins.on_error.clone(),
     );
-    let (worker_done_tx, worker_done) = tokio::sync::oneshot::channel();
+    let (done_tx, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("airlock-pipeline".into())
         .spawn(move || {
-            let result = pipeline::run_worker(worker, worker_rx, sink_txs);
-            let _ = worker_done_tx.send(result);
+            let result = pipeline::run_worker(worker, worker_rx, sinks);
+            let _ = done_tx.send(result);
         })
         .map_err(|e| RunError::Internal(format!("cannot start the pipeline thread: {e}")))?;
-
-    let monitor_task = tokio::spawn(monitor_slot(
-        connect.clone(),
-        config.source.slot.clone(),
-        status.clone(),
-        durable_rx.clone(),
+    Ok(Flow {
+        transactions,
+        tap,
+        worker: done,
         in_flight,
-        shutdown.clone(),
-    ));
+    })
+}
 
-    let settings = SourceSettings {
+fn source_settings(
+    config: &Config,
+    connect: source::protocol::ConnectConfig,
+    status: &Arc<Status>,
+    held: Option<Held>,
+) -> SourceSettings {
+    SourceSettings {
         connect,
         slot: config.source.slot.clone(),
         publication: config.source.publication.clone(),
@@ -574,45 +693,55 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             source::StateObserver(Arc::new(move |state| source_state(&status, state)))
         }),
         held,
-    };
-    let source_status = status.clone();
-    let source_task = tokio::spawn(source::run(settings, txn_tx, durable_rx, shutdown));
+    }
+}
 
-    // The source ends first (shutdown or error); then the pipeline drains, then sinks.
-    let source_result = source_task
+/// The source ends first (shutdown or error); then the pipeline drains, then the
+/// sinks flush. A part that panicked stops the run with an error naming it (nothing
+/// it had not made durable was acknowledged), before the others' errors.
+async fn wind_down(
+    source: tokio::task::JoinHandle<Result<(), SourceError>>,
+    tap: tokio::task::JoinHandle<()>,
+    worker: tokio::sync::oneshot::Receiver<Result<(), RuntimeError>>,
+    sinks: Vec<(String, SinkTask)>,
+    status: &Status,
+) -> Result<(), RunError> {
+    let source_result = source
         .await
         .map_err(|e| RunError::Internal(format!("source task panicked: {e}")))?;
     if let Err(e) = &source_result {
-        source_status.error("source", &e.to_string());
+        status.error("source", &e.to_string());
     }
-    source_status.update_source(|s| s.state = "stopped".into());
-    let _ = tap_task.await;
+    status.update_source(|s| s.state = "stopped".into());
+    let _ = tap.await;
     tracing::info!("source stopped; draining the pipeline");
-    let worker_result = worker_done.await.unwrap_or(Ok(()));
+    let worker_result = match worker.await {
+        Ok(result) => result.map_err(RunError::from),
+        Err(_) => Err(RunError::Internal(
+            "the pipeline thread panicked (see the log above)".into(),
+        )),
+    };
     tracing::info!("pipeline drained; flushing sinks");
     let mut sink_error = None;
-    for (name, task) in sink_tasks {
-        match task.await {
-            Ok(Ok(())) => {}
+    for (name, task) in sinks {
+        let error = match task.await {
+            Ok(Ok(())) => continue,
             Ok(Err(e)) => {
                 tracing::error!(sink = %name, error = %e, "sink stopped");
-                sink_error.get_or_insert(e);
+                RunError::from(e)
             }
-            Err(e) => tracing::error!(sink = %name, error = %e, "sink task panicked"),
-        }
+            Err(e) => {
+                tracing::error!(sink = %name, error = %e, "sink task panicked");
+                RunError::Internal(format!("sink `{name}` panicked: {e}"))
+            }
+        };
+        sink_error.get_or_insert(error);
     }
     tracing::info!("sinks flushed");
-    tracker_task.abort();
-    registry_task.abort();
-    hup_task.abort();
-    monitor_task.abort();
-    admin_task.abort();
-    tracing::debug!("run: background tasks stopped");
     if let Some(e) = sink_error {
-        return Err(e.into());
+        return Err(e);
     }
     worker_result?;
     source_result?;
-    tracing::info!("stopped cleanly");
     Ok(())
 }
