@@ -13,6 +13,7 @@ pub mod admin;
 pub mod change;
 pub mod check;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod secrets;

@@ -1,0 +1,235 @@
+//! The `airlock` command line: its arguments, logging, signals, and which part of
+//! the library each command runs. `main.rs` only parses and hands over.
+
+mod admin_client;
+mod commands;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+pub use admin_client::AdminArgs;
+
+/// The command line.
+#[derive(Parser)]
+#[command(
+    name = "airlock",
+    version,
+    about = "A one-way, governed pipeline out of PostgreSQL"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What to do.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the pipeline described by a configuration file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL with sample data and run the example pipeline on live traffic.
+    Demo {
+        /// Stop after this long (e.g. `30s`, `2m`); default: run until Ctrl-C.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Where the demo writes its configuration, plugins and lake.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Folder with the built example guests (`cargo xtask guests` builds them into guests/dist).
+        #[arg(long)]
+        guests: Option<PathBuf>,
+    },
+    /// Validate a configuration file and compile every plugin; lists every problem.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show what a running host is doing: source, lag, pipeline stages, sinks, errors.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the raw JSON of /status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running host to rebuild its pipeline from the plugin folder now.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the lake's tables: columns, types, tags, row counts, latest version.
+    Catalog {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compact the lake now: through the running host's admin API, or, with no host
+    /// running, directly under the lake's compaction lock.
+    Compact {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Bearer token for the admin API.
+        #[arg(long, env = "AIRLOCK_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// The built-in audit spine: serve it, or verify its hash chain.
+    Spine {
+        #[command(subcommand)]
+        command: SpineCommand,
+    },
+    /// Work with guests.
+    Guest {
+        #[command(subcommand)]
+        command: GuestCommand,
+    },
+}
+
+/// `airlock spine …`.
+#[derive(Subcommand)]
+pub enum SpineCommand {
+    /// Serve the built-in spine (audit-stream-py's API, durable, hash-chained).
+    Serve {
+        /// Where the spine keeps its log.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8093")]
+        listen: String,
+        /// Bearer token required for reads and writes.
+        #[arg(long, env = "AIRLOCK_SPINE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Verify a spine's log: finds any edited, deleted, inserted or reordered record.
+    Verify {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// `airlock guest …`.
+#[derive(Subcommand)]
+pub enum GuestCommand {
+    /// Run a guest (or a folder of guests, in file-name order) on changes given as JSON
+    /// lines on stdin; print the results as JSON lines. Guest logs go to stderr.
+    Test {
+        /// A `.wasm` component or a plugin folder.
+        plugin: PathBuf,
+        /// A setting for the guest(s), `key=value`; repeat for more.
+        #[arg(long = "setting", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(text)
+        .ok_or_else(|| format!("`{text}` is not a duration: use e.g. 30s, 2m, 500ms"))
+}
+
+/// Logging to stderr, filtered by `RUST_LOG` (default `warn,airlock=info`), with
+/// progress bars when stderr is a terminal.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,airlock=info"));
+    // Progress bars (snapshot, compaction) only for a person at a terminal; log
+    // lines are then written above the bars.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if matches!(format, LogFormat::Text) && terminal {
+        crate::progress::enable_bars();
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(terminal)
+        .with_writer(crate::progress::LogWriter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A shutdown signal: true after the first SIGINT/SIGTERM; a second one exits at once
+/// (safe: the slot keeps everything that was not acknowledged).
+pub fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!(
+                    "shutting down: draining in-flight batches (signal again to exit at once)"
+                );
+                let _ = tx.send(true);
+            } else {
+                tracing::warn!(
+                    "second signal: exiting now; unacknowledged changes stay in the slot"
+                );
+                std::process::exit(130);
+            }
+        }
+    });
+    rx
+}
+
+/// Runs the parsed command to its end.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = crate::config::Config::load(&config)?;
+            crate::run(config, shutdown_signal()).await?;
+        }
+        Command::Demo {
+            duration,
+            dir,
+            guests,
+        } => {
+            let options = crate::demo::DemoOptions {
+                duration,
+                dir,
+                guests,
+            };
+            crate::demo::run(options, shutdown_signal()).await?;
+        }
+        Command::Check { config } => commands::check(config).await?,
+        Command::Status { admin, json } => commands::status(admin, json).await?,
+        Command::Reload { admin } => commands::reload(admin).await?,
+        Command::Guest {
+            command: GuestCommand::Test { plugin, settings },
+        } => commands::guest_test(plugin, settings).await?,
+        Command::Catalog { config, json } => commands::catalog(config, json).await?,
+        Command::Compact { config, token } => commands::compact(config, token).await?,
+        Command::Spine {
+            command: SpineCommand::Serve { dir, listen, token },
+        } => commands::spine_serve(dir, listen, token, shutdown_signal()).await?,
+        Command::Spine {
+            command: SpineCommand::Verify { dir },
+        } => commands::spine_verify(dir)?,
+    }
+    Ok(())
+}
