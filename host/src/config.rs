@@ -104,7 +104,7 @@ pub mod raw {
         /// Where compiled components are cached. Default `$XDG_CACHE_HOME/airlock` or `~/.cache/airlock`.
         pub cache_dir: Option<String>,
         /// Tags stages may write: names, or prefixes ending in `*` (`pii:*`).
-        /// Default: none.
+        /// Default: the tags the example guests write (`pii`, `pii:email`, …).
         pub tags: Option<Vec<String>>,
         pub limits: Option<Limits>,
     }
@@ -613,7 +613,7 @@ impl Config {
                 // Set in the url or in the field, not differently in both.
                 let mut one_of = |key: &str, field: Option<&str>| -> Option<String> {
                     let in_url =
-                        url_param(&url, key).and_then(crate::source::protocol::percent_decode);
+                        url_param(&url, key).and_then(crate::source::connect::percent_decode);
                     match (field, in_url) {
                         (Some(field), Some(in_url)) if field != in_url => {
                             issues.add(
@@ -766,7 +766,12 @@ impl Config {
             // Set below, once the sinks (and so the routes) are known.
             names: defaults.names.clone(),
         };
-        let tags = p.tags.unwrap_or_default();
+        let tags = p.tags.unwrap_or_else(|| {
+            crate::pipeline::names::DEFAULT_TAGS
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect()
+        });
         for (i, tag) in tags.iter().enumerate() {
             if let Err(e) = crate::pipeline::names::Names::check_pattern(tag) {
                 issues.add(format!("plugins.tags[{i}]"), e);
@@ -898,6 +903,23 @@ impl Config {
                         issues.add(
                             at(field),
                             "only `http` sinks take this field: remove it, or set type = \"http\"",
+                        );
+                    }
+                }
+            } else {
+                // Accepted and ignored before: now named, so nobody believes they act.
+                for (field, set) in [
+                    ("storage_options", s.storage_options.is_some()),
+                    ("compact_min_files", s.compact_min_files.is_some()),
+                    ("small_file_bytes", s.small_file_bytes.is_some()),
+                    ("target_file_bytes", s.target_file_bytes.is_some()),
+                    ("checkpoint_interval", s.checkpoint_interval.is_some()),
+                    ("vacuum_retention", s.vacuum_retention.is_some()),
+                ] {
+                    if set {
+                        issues.add(
+                            at(field),
+                            "only `delta` sinks take this field (an `http` sink ignores it): remove it from this sink",
                         );
                     }
                 }
@@ -1317,6 +1339,47 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(e) => e.issues.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn stages_may_write_the_routes_sinks_take_and_the_declared_tags() {
+        let load = |extra: &str| {
+            Config::from_toml(
+                "airlock.toml",
+                &format!(
+                    "[source]\nurl = \"postgres://a@h/d\"\n[plugins]\n{extra}\n\
+                     [sinks.lake]\ntype = \"delta\"\nurl = \"file:///lake\"\nroutes = [\"default\", \"restricted\"]\n"
+                ),
+                Path::new("/etc/airlock"),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+            .plugins
+            .limits
+            .names
+        };
+        let names = load("");
+        names.check_route("restricted").unwrap();
+        names.check_route("default").unwrap();
+        assert!(names.check_route("spine").is_err());
+        for tag in crate::pipeline::names::DEFAULT_TAGS {
+            names.check_tag(tag).unwrap();
+        }
+        assert!(names.check_tag("pii:ada@example.com").is_err());
+        let none = load("tags = []");
+        assert!(none.check_tag("pii").is_err());
+        let declared = load("tags = [\"finance\", \"pii:*\"]");
+        declared.check_tag("finance").unwrap();
+        declared.check_tag("pii:anything").unwrap();
+        assert!(declared.check_tag("pii").is_err());
+        let bad = issues(
+            "[source]\nurl = \"postgres://a@h/d\"\n[plugins]\ntags = [\"*\", \"p*i\"]\n\
+             [sinks.lake]\ntype = \"delta\"\nurl = \"file:///lake\"\n",
+        );
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(
+            bad[0].contains("plugins.tags[0]") && bad[1].contains("plugins.tags[1]"),
+            "{bad:?}"
+        );
     }
 
     #[test]

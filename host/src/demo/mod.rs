@@ -252,7 +252,7 @@ pub async fn run(
     let config_path = dir.join("airlock.toml");
     let config_text = format!(
         "# written by `airlock demo`\n[source]\nurl = \"{url}\"\npublication = \"airlock\"\nslot = \"airlock\"\nstatus_interval = \"1s\"\n\n\
-         [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\nrequire = [\"30-mask\"]\n\n\
+         [plugins]\ndir = \"plugins\"\nrequire = [\"30-mask\"]\n\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"2s\"\n\n\
          [sinks.spine]\ntype = \"http\"\nurl = \"http://{spine_addr}/events\"\nroutes = [\"spine\"]\nkey_file = \"spine.key\"\n\n\
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n",

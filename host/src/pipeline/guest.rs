@@ -33,6 +33,17 @@ pub use self::airlock::transform::types as wit;
 
 pub mod borrowed;
 
+/// The log level of a guest's line.
+pub fn tracing_level(level: wit::Level) -> tracing::Level {
+    match level {
+        wit::Level::Trace => tracing::Level::TRACE,
+        wit::Level::Debug => tracing::Level::DEBUG,
+        wit::Level::Info => tracing::Level::INFO,
+        wit::Level::Warn => tracing::Level::WARN,
+        wit::Level::Error => tracing::Level::ERROR,
+    }
+}
+
 /// The contract version this host speaks (the WIT package version).
 pub const CONTRACT_VERSION: &str = "0.1.0";
 /// The WIT package name guests import.
@@ -269,7 +280,7 @@ impl WasiView for GuestState {
 
 impl TransformImports for GuestState {
     fn log(&mut self, level: wit::Level, message: String) -> wasmtime::Result<()> {
-        self.log.line(level, &message);
+        self.log.line(tracing_level(level), &message);
         Ok(())
     }
 }

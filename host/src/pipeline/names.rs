@@ -8,7 +8,9 @@
 //!
 //! - routes: `default` and every route a sink takes (`[sinks.NAME] routes`): a route
 //!   no sink takes would lead nowhere anyway;
-//! - tags: `[plugins] tags`, exact names or prefixes ending in `*` (`pii:*`).
+//! - tags: `[plugins] tags`, exact names or prefixes ending in `*` (`pii:*`); without
+//!   it, the example guests' tags ([`DEFAULT_TAGS`]). A prefix lets a guest choose the
+//!   rest of the name, so exact names are the tighter declaration.
 //!
 //! Anything else fails the stage's batch with an error naming the name and the
 //! setting that would declare it (the batch comes back unchanged, as on any failure).
@@ -28,6 +30,17 @@ pub struct Names {
 }
 
 pub const DEFAULT_ROUTE: &str = "default";
+
+/// The tags declared when `[plugins] tags` is not set: exactly those the example
+/// guests write (`tag`, `mask`), so they run as they come. No prefix: a prefix would
+/// let a guest choose the rest of the name.
+pub const DEFAULT_TAGS: &[&str] = &[
+    "pii",
+    "pii:email",
+    "pii:phone",
+    "pii:card",
+    "pii:national_id",
+];
 
 impl Default for Names {
     fn default() -> Self {

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-use super::guest::wit::Level;
+use tracing::Level;
 
 /// Longest line kept from a guest (the `log` import, stdout, stderr); the rest of a
 /// longer line is cut.
@@ -90,11 +90,11 @@ impl RateLimitedLog {
         let guest = &*self.guest;
         let message = sanitize(message);
         match level {
-            Level::Trace => tracing::trace!(guest, "{message}"),
-            Level::Debug => tracing::debug!(guest, "{message}"),
-            Level::Info => tracing::info!(guest, "{message}"),
-            Level::Warn => tracing::warn!(guest, "{message}"),
-            Level::Error => tracing::error!(guest, "{message}"),
+            l if l == Level::TRACE => tracing::trace!(guest, "{message}"),
+            l if l == Level::DEBUG => tracing::debug!(guest, "{message}"),
+            l if l == Level::INFO => tracing::info!(guest, "{message}"),
+            l if l == Level::WARN => tracing::warn!(guest, "{message}"),
+            _ => tracing::error!(guest, "{message}"),
         }
     }
 }

@@ -428,8 +428,8 @@ impl Stage {
         let limits = &self.runtime.limits;
         let clock = SharedClock::default();
         let mut wasi = WasiCtx::builder();
-        wasi.stdout(GuestOutput::new(self.log.clone(), wit::Level::Info))
-            .stderr(GuestOutput::new(self.log.clone(), wit::Level::Warn))
+        wasi.stdout(GuestOutput::new(self.log.clone(), tracing::Level::INFO))
+            .stderr(GuestOutput::new(self.log.clone(), tracing::Level::WARN))
             .wall_clock(FrozenClock)
             .monotonic_clock(clock.clone())
             .allow_tcp(false)

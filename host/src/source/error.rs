@@ -52,6 +52,31 @@ impl PgError {
     }
 }
 
+/// A TLS failure of an ordinary connection, already in an operator's words.
+#[derive(Debug)]
+pub struct TlsFailure {
+    pub reason: String,
+    /// A refused certificate or unusable settings (not I/O): retrying cannot help.
+    pub definite: bool,
+}
+
+impl TlsFailure {
+    pub(crate) fn definite(reason: String) -> Self {
+        TlsFailure {
+            reason,
+            definite: true,
+        }
+    }
+}
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for TlsFailure {}
+
 /// Everything that can stop the source.
 ///
 /// [`SourceError::is_transient`] tells the retry loop whether reconnecting may help.
@@ -284,7 +309,7 @@ impl SourceError {
             };
         }
         let tls = std::error::Error::source(&error)
-            .and_then(|e| e.downcast_ref::<super::tls::TlsFailure>())
+            .and_then(|e| e.downcast_ref::<TlsFailure>())
             .filter(|failure| failure.definite);
         if let Some(failure) = tls {
             return SourceError::Tls {

@@ -45,6 +45,7 @@
 //!   is told to [`SourceSettings::on_state`], for `/status`.
 
 pub mod auth;
+pub mod connect;
 pub mod error;
 pub mod pgoutput;
 pub mod protocol;

@@ -34,7 +34,6 @@
 //!   [`super::auth`] policy applies to tokio-postgres's authentication as it does to
 //!   the replication client's.
 
-use std::fmt;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -51,9 +50,10 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::auth::{AuthRefused, AuthWatch};
-use super::error::SourceError;
-use super::protocol::{ConnectConfig, SslMode};
+use super::auth::AuthRefused;
+use super::auth::AuthWatch;
+use super::connect::{CONNECT_TIMEOUT, ConnectConfig, SslMode};
+use super::error::{SourceError, TlsFailure};
 
 /// The SSLRequest code: 1234 in the high 16 bits, 5679 in the low.
 const SSL_REQUEST_CODE: i32 = 80877103;
@@ -625,31 +625,6 @@ impl AsyncWrite for AuthWatchedSocket {
     }
 }
 
-/// A TLS failure of an ordinary connection, already in an operator's words.
-#[derive(Debug)]
-pub struct TlsFailure {
-    pub reason: String,
-    /// A refused certificate or unusable settings (not I/O): retrying cannot help.
-    pub definite: bool,
-}
-
-impl TlsFailure {
-    fn definite(reason: String) -> Self {
-        TlsFailure {
-            reason,
-            definite: true,
-        }
-    }
-}
-
-impl fmt::Display for TlsFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
-
-impl std::error::Error for TlsFailure {}
-
 /// tokio-postgres's TLS connector over rustls, for one ordinary connection. A TLS
 /// setup error (an unreadable `sslrootcert`) surfaces as the connection's error.
 pub struct RustlsConnect {
@@ -765,6 +740,45 @@ impl tokio_postgres::tls::TlsStream for RustlsStream {
             Some(hash) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(hash.clone()),
             None => tokio_postgres::tls::ChannelBinding::none(),
         }
+    }
+}
+
+impl ConnectConfig {
+    /// Opens an ordinary SQL connection (at most [`CONNECT_TIMEOUT`]): TLS as
+    /// `sslmode` says, and every authentication request checked against the
+    /// [`super::auth::AuthPolicy`] before tokio-postgres answers it. The caller drives the
+    /// returned connection (e.g. in a spawned task).
+    pub async fn connect_sql(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<AuthWatchedSocket, RustlsStream>,
+        ),
+        SourceError,
+    > {
+        self.check_tls()?;
+        let addr = self.addr();
+        let pg = self.tokio_postgres_config();
+        let watch = Arc::new(Mutex::new(AuthWatch::new(self.auth)));
+        let requests_tls = pg.get_ssl_mode() != tokio_postgres::config::SslMode::Disable;
+        let setup = async {
+            let socket = AuthWatchedSocket::open(self, watch.clone(), requests_tls)
+                .await
+                .map_err(|source| SourceError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            pg.connect_raw(socket, RustlsConnect::new(self))
+                .await
+                .map_err(|e| SourceError::from_sql(&addr, &self.user, "connecting", e))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, setup)
+            .await
+            .map_err(|_| SourceError::ConnectTimeout {
+                addr: addr.clone(),
+                seconds: CONNECT_TIMEOUT.as_secs(),
+            })?
     }
 }
 

@@ -137,7 +137,7 @@ pub fn define(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
         |store: Store<'_>, (level, message): (wit::Level, WasmStr)| {
             let message = text(&store, &message)?;
             // The log keeps at most MAX_LINE bytes of it: nothing else is copied.
-            store.data().log.line(level, &message);
+            store.data().log.line(super::tracing_level(level), &message);
             Ok(())
         },
     )?;
