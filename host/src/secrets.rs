@@ -45,6 +45,12 @@ pub enum KeyError {
 }
 
 impl Key {
+    /// A key with these bytes, for tests that need one per name without a file.
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: [u8; KEY_LEN]) -> Key {
+        Key(bytes)
+    }
+
     /// Reads the key in `path`, creating it (and its directory, `0700`) when absent.
     pub fn load_or_create(path: &Path) -> Result<Key, KeyError> {
         let io = |source| KeyError::Io {

@@ -219,6 +219,16 @@ pub struct SpineProcess {
     /// The events endpoint.
     pub url: String,
     child: Child,
+    /// The server's stderr, beside its directory: removed with the process.
+    log: PathBuf,
+}
+
+impl Drop for SpineProcess {
+    fn drop(&mut self) {
+        if std::env::var_os("AIRLOCK_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
 }
 
 impl SpineProcess {
@@ -255,7 +265,7 @@ impl SpineProcess {
                 bail!("`airlock spine serve` did not become healthy within 30 s");
             }
         }
-        Ok(SpineProcess { url, child })
+        Ok(SpineProcess { url, child, log })
     }
 
     /// SIGKILL, no chance to flush or clean up.

@@ -546,7 +546,8 @@ async fn the_spines_files_are_readable_by_their_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     // A directory the spine creates, parents included.
-    let d = dir("modes").join("spine/data");
+    let root = dir("modes");
+    let d = root.join("spine/data");
     fill(&d, 2).await;
     assert_eq!(mode(&d), 0o700);
     assert_eq!(mode(d.parent().unwrap()), 0o700);

@@ -145,10 +145,8 @@ async fn fake(fake: Fake) -> String {
 /// A key of its own for each `name`, the same for every call (a restarted sink must
 /// find its events).
 fn key_named(name: &str) -> Key {
-    let path = std::env::temp_dir()
-        .join(format!("airlock-spine-sink-keys-{}", std::process::id()))
-        .join(format!("{name}.key"));
-    Key::load_or_create(&path).unwrap()
+    use sha2::Digest as _;
+    Key::from_bytes(sha2::Sha256::digest(format!("airlock test key {name}")).into())
 }
 
 /// The key of the tests' slot `airlock`.
@@ -509,8 +507,8 @@ async fn an_unreachable_spine_is_transient_and_keeps_everything() {
 
 #[tokio::test]
 async fn a_refused_request_is_definite_with_the_spines_answer() {
-    let dir = std::env::temp_dir().join(format!("airlock-spine-sink-token-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir_guard = crate::private_files::TestDir::new("spine-sink-token");
+    let dir = dir_guard.to_path_buf();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -573,11 +571,7 @@ async fn dead_letter_files_are_readable_by_their_owner_only() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, refusing).await.unwrap() });
-    let base = std::env::temp_dir().join(format!(
-        "airlock-spine-sink-dead-letter-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = crate::private_files::TestDir::new("spine-sink-dead-letter");
     let mut s = settings(&url);
     s.dead_letter_dir = Some(base.join("quarantine/spine"));
     let mut sink = SpineSink::open(s).await.unwrap();
