@@ -407,6 +407,11 @@ impl AuthWatch {
         }
     }
 
+    /// True once authentication is over: nothing more to watch.
+    pub fn passive(&self) -> bool {
+        self.passive
+    }
+
     /// The reason the connection was refused, if it was.
     pub fn refused(&self) -> Option<&str> {
         self.refused.as_deref()

@@ -546,22 +546,28 @@ impl AuthWatchedSocket {
 }
 
 /// Feeds the bytes a read just added to `buf` to `watch`; on a refusal the bytes are
-/// taken back out of `buf` and the read fails with [`AuthRefused`].
+/// taken back out of `buf` and the read fails with [`AuthRefused`]. `Ok(true)` once
+/// authentication is over: the caller stops watching (no lock per read after it).
 fn watch_read(
     watch: &Mutex<AuthWatch>,
     buf: &mut ReadBuf<'_>,
     before: usize,
     skip: usize,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let fresh = &buf.filled()[before..];
-    let verdict = watch
+    let mut watch = watch
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .feed(&fresh[skip.min(fresh.len())..]);
-    verdict.map_err(|reason| {
-        buf.set_filled(before);
-        io::Error::new(io::ErrorKind::PermissionDenied, AuthRefused(reason))
-    })
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match watch.feed(&fresh[skip.min(fresh.len())..]) {
+        Ok(()) => Ok(watch.passive()),
+        Err(reason) => {
+            buf.set_filled(before);
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                AuthRefused(reason),
+            ))
+        }
+    }
 }
 
 impl AsyncRead for AuthWatchedSocket {
@@ -588,8 +594,8 @@ impl AsyncRead for AuthWatchedSocket {
                 this.watching = false;
             }
         }
-        if this.watching {
-            watch_read(&this.watch, buf, before, skip)?;
+        if this.watching && watch_read(&this.watch, buf, before, skip)? {
+            this.watching = false;
         }
         Poll::Ready(Ok(()))
     }
@@ -687,6 +693,7 @@ impl tokio_postgres::tls::TlsConnect<AuthWatchedSocket> for RustlsConnect {
                 tls: Box::new(tls),
                 watch,
                 end_point,
+                watching: true,
             })
         })
     }
@@ -698,6 +705,8 @@ pub struct RustlsStream {
     tls: Box<tokio_rustls::client::TlsStream<AuthWatchedSocket>>,
     watch: Arc<Mutex<AuthWatch>>,
     end_point: Option<Vec<u8>>,
+    /// False once authentication is over.
+    watching: bool,
 }
 
 impl AsyncRead for RustlsStream {
@@ -709,8 +718,12 @@ impl AsyncRead for RustlsStream {
         let before = buf.filled().len();
         let this = &mut *self;
         let read = Pin::new(&mut *this.tls).poll_read(cx, buf);
-        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            watch_read(&this.watch, buf, before, 0)?;
+        if this.watching
+            && matches!(read, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && watch_read(&this.watch, buf, before, 0)?
+        {
+            this.watching = false;
         }
         read
     }
