@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use crate::config::{Config, SinkKind};
 use crate::pipeline::registry;
 use crate::pipeline::runtime::Runtime;
+use crate::source::catalog::{self, WalLevel};
 use crate::source::protocol::{ConnectConfig, SslMode};
 
 /// The outcome of one check.
@@ -136,46 +137,40 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
         }
     };
 
-    match client.query_one("SHOW wal_level", &[]).await {
-        Ok(row) if row.get::<_, String>(0) == "logical" => out.push(ok("wal_level", "logical")),
-        Ok(row) => out.push(fail(
+    match catalog::wal_level(&client).await {
+        Ok(WalLevel::Logical) => out.push(ok("wal_level", "logical")),
+        Ok(level) => out.push(fail(
             "wal_level",
-            format!("is `{}`: set wal_level = logical in postgresql.conf (or ALTER SYSTEM) and restart PostgreSQL", row.get::<_, String>(0)),
+            format!("is `{level}`: set wal_level = logical in postgresql.conf (or ALTER SYSTEM) and restart PostgreSQL"),
         )),
         Err(e) => out.push(fail("wal_level", e.to_string())),
     }
 
-    match client.query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[]).await {
-        Ok(row) if row.get::<_, bool>(1) => out.push(ok("privileges", format!("role {} may replicate", row.get::<_, String>(0)))),
-        Ok(row) => {
-            let role: String = row.get(0);
-            out.push(fail("privileges", format!("role {role} lacks REPLICATION: ALTER ROLE {role} WITH REPLICATION")))
-        }
+    match catalog::current_role(&client).await {
+        Ok(role) if role.may_replicate => out.push(ok(
+            "privileges",
+            format!("role {} may replicate", role.name),
+        )),
+        Ok(role) => out.push(fail(
+            "privileges",
+            format!(
+                "role {0} lacks REPLICATION: ALTER ROLE {0} WITH REPLICATION",
+                role.name
+            ),
+        )),
         Err(e) => out.push(fail("privileges", e.to_string())),
     }
 
     let publication = &config.source.publication;
-    match client.query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[publication]).await {
-        Ok(Some(_)) => {
-            let tables: Vec<String> = client
-                .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[publication])
-                .await
-                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-                .unwrap_or_default();
-            if tables.is_empty() {
+    match catalog::publication(&client, publication).await {
+        Ok(Some(found)) => {
+            if found.tables.is_empty() {
                 out.push(fail("publication", format!("`{publication}` publishes no table: ALTER PUBLICATION {publication} ADD TABLE ...")));
             } else {
+                let tables: Vec<String> = found.tables.iter().map(|t| format!("{}.{}", t.schema, t.name)).collect();
                 out.push(ok("publication", format!("`{publication}`: {}", tables.join(", "))));
             }
-            let unreadable: Vec<String> = client
-                .query(
-                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 \
-                     AND NOT has_table_privilege(quote_ident(schemaname) || '.' || quote_ident(tablename), 'SELECT') ORDER BY 1",
-                    &[publication],
-                )
-                .await
-                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-                .unwrap_or_default();
+            let unreadable = catalog::unreadable_tables(&client, publication).await.unwrap_or_default();
             if !unreadable.is_empty() {
                 out.push(fail(
                     "table privileges",
@@ -195,28 +190,19 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
     }
 
     let slot = &config.source.slot;
-    let query = "SELECT plugin, active, active_pid, wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1";
-    match client.query_opt(query, &[slot]).await {
-        Ok(Some(row)) => {
-            let plugin: Option<String> = row.get(0);
-            let active: bool = row.get(1);
-            let pid: Option<i32> = row.get(2);
-            let wal_status: Option<String> = row.get(3);
-            let confirmed: Option<String> = row.get(4);
-            if plugin.as_deref() != Some("pgoutput") {
-                out.push(fail("slot", format!("`{slot}` uses plugin {plugin:?}, not pgoutput: drop it or choose another [source] slot")));
-            } else if wal_status.as_deref() == Some("lost") {
+    match catalog::slot(&client, slot).await {
+        Ok(Some(found)) => {
+            if !found.is_pgoutput() {
+                out.push(fail("slot", format!("`{slot}` uses plugin {:?}, not pgoutput: drop it or choose another [source] slot", found.plugin)));
+            } else if found.is_lost() {
                 out.push(fail("slot", format!("`{slot}` is invalidated (wal_status = lost): its WAL is gone; drop it and start again with snapshot = \"initial\"")));
-            } else if active {
-                out.push(fail("slot", format!("`{slot}` is in use by another consumer (pid {}): stop it, or choose another slot", pid.unwrap_or(0))));
+            } else if found.active {
+                out.push(fail("slot", format!("`{slot}` is in use by another consumer (pid {}): stop it, or choose another slot", found.active_pid.unwrap_or(0))));
             } else {
-                out.push(ok(
-                    "slot",
-                    format!(
-                        "`{slot}` (pgoutput) at {}",
-                        confirmed.unwrap_or_else(|| "-".into())
-                    ),
-                ));
+                let confirmed = found
+                    .confirmed_flush
+                    .map_or_else(|| "-".into(), |l| l.to_string());
+                out.push(ok("slot", format!("`{slot}` (pgoutput) at {confirmed}")));
             }
         }
         Ok(None) if config.source.create_slot => out.push(ok(
@@ -287,7 +273,7 @@ fn plugin_checks(config: &Config, out: &mut Vec<Finding>) {
 fn sink_checks(config: &Config, out: &mut Vec<Finding>) {
     for sink in &config.sinks {
         let what = format!("sink {}", sink.name);
-        match (&sink.kind, sink.url.strip_prefix("file://")) {
+        match (sink.kind(), sink.url().strip_prefix("file://")) {
             (SinkKind::Delta, Some(path)) => {
                 let dir = std::path::Path::new(path);
                 let probe = dir.join(format!(".airlock-check-{}", std::process::id()));
@@ -295,11 +281,11 @@ fn sink_checks(config: &Config, out: &mut Vec<Finding>) {
                     .and_then(|()| std::fs::write(&probe, b""))
                     .and_then(|()| std::fs::remove_file(&probe));
                 match writable {
-                    Ok(()) => out.push(ok(&what, format!("{} is writable", sink.url))),
+                    Ok(()) => out.push(ok(&what, format!("{} is writable", sink.url()))),
                     Err(e) => out.push(fail(&what, format!("cannot write in {path}: {e}"))),
                 }
             }
-            _ => out.push(ok(&what, format!("{} (not probed)", sink.url))),
+            _ => out.push(ok(&what, format!("{} (not probed)", sink.url()))),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! invariants.
 
 pub mod admin;
+pub mod backoff;
 pub mod change;
 pub mod check;
 pub mod checkpoint;

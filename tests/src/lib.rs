@@ -296,7 +296,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+pub mod lake_support;
 pub mod pgoutput_fuzz;
+pub mod source_support;
 pub mod spine_support;
 
 /// A child process (an `airlock` host, a spine), killed and reaped when dropped, so a
@@ -367,14 +369,18 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// `/status` of the host whose admin API listens on `admin`; `None` while it does not answer.
+/// `/status` of the host whose admin API listens on `admin`, through the client
+/// `airlock status` uses; `None` while it does not answer.
 pub async fn admin_status(admin: &str) -> Option<Json> {
-    reqwest::get(format!("http://{admin}/status"))
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
+    let args = airlock::cli::AdminArgs {
+        config: None,
+        admin: admin.to_owned(),
+        token: None,
+    };
+    match airlock::cli::admin_request(&args, reqwest::Method::GET, "/status").await {
+        Ok((200, status)) => Some(status),
+        _ => None,
+    }
 }
 
 /// Polls `/status` until `seen` holds; returns that document. The error names `what`

@@ -13,7 +13,7 @@ use airlock::change::{
     Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
 };
 use airlock::pipeline::batch::Batch;
-use airlock::sink::spine::SpineClient;
+use airlock::spine::client::SpineClient;
 use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
 
@@ -31,7 +31,7 @@ pub fn free_port() -> u16 {
 
 /// A client for the spine whose events endpoint is `url`.
 pub fn client(url: &str) -> SpineClient {
-    SpineClient::new("test", url, None, Duration::from_secs(30)).expect("spine client")
+    SpineClient::new(url, None, Duration::from_secs(30)).expect("spine client")
 }
 
 /// Polls `GET /healthz` until it answers or `timeout` passes.
@@ -56,7 +56,7 @@ pub struct BuiltinSpine {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), airlock::spine::SpineError>>,
+    task: tokio::task::JoinHandle<Result<(), airlock::spine::server::SpineError>>,
 }
 
 impl BuiltinSpine {
@@ -83,7 +83,7 @@ impl BuiltinSpine {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let owned = dir.to_path_buf();
         let task = tokio::spawn(async move {
-            airlock::spine::serve(&owned, listener, None, async move {
+            airlock::spine::server::serve(&owned, listener, None, async move {
                 let _ = stopped.await;
             })
             .await

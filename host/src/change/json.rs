@@ -200,7 +200,7 @@ pub fn value_from_json(column: &super::Column, json: &Json) -> Result<Value, Str
     } else {
         text
     };
-    crate::source::text::parse_value(column, text.as_bytes()).map_err(|e| e.to_string())
+    super::text::parse_value(column, text.as_bytes()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

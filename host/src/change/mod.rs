@@ -14,6 +14,7 @@
 //!   resend a TOASTed value that the update left unchanged.
 
 pub mod json;
+pub mod text;
 
 use std::fmt;
 use std::str::FromStr;

@@ -114,7 +114,7 @@ pub async fn reload(admin: AdminArgs) -> anyhow::Result<()> {
 /// `airlock catalog`.
 pub async fn catalog(config: PathBuf, json: bool) -> anyhow::Result<()> {
     let config = crate::config::Config::load(&config)?;
-    let catalog = crate::sink::lake::catalog(&config).await?;
+    let catalog = crate::sink::lake::catalog(config.lakes()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&catalog.to_json())?);
     } else {
@@ -144,7 +144,7 @@ pub async fn compact(config: PathBuf, token: Option<String>) -> anyhow::Result<(
                 "no host answers at the admin address; compacting directly under the lake's lock"
             );
             let config = crate::config::Config::load(&config)?;
-            let reports = crate::sink::lake::compact_offline(&config).await?;
+            let reports = crate::sink::lake::compact_offline(config.lakes()).await?;
             println!("{}", serde_json::to_string_pretty(&reports)?);
         }
         Err(error) => return Err(error.into()),
@@ -169,7 +169,7 @@ pub async fn spine_serve(
         dir.display(),
         listener.local_addr()?
     );
-    crate::spine::serve(&dir, listener, token, async move {
+    crate::spine::server::serve(&dir, listener, token, async move {
         let _ = stop.wait_for(|s| *s).await;
     })
     .await?;
@@ -178,7 +178,7 @@ pub async fn spine_serve(
 
 /// `airlock spine verify`.
 pub fn spine_verify(dir: PathBuf) -> anyhow::Result<()> {
-    let report = crate::spine::verify(&dir)?;
+    let report = crate::spine::server::verify(&dir)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     if !report.valid {
         anyhow::bail!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
-pub use admin_client::AdminArgs;
+pub use admin_client::{AdminArgs, AdminError, send as admin_request};
 
 /// The command line.
 #[derive(Parser)]

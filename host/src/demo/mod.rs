@@ -243,7 +243,7 @@ pub async fn run(
     let (spine_stop_tx, mut spine_stop) = watch::channel(false);
     let spine_dir_for_task = spine_dir.clone();
     let spine = tokio::spawn(async move {
-        crate::spine::serve(&spine_dir_for_task, spine_listener, None, async move {
+        crate::spine::server::serve(&spine_dir_for_task, spine_listener, None, async move {
             let _ = spine_stop.wait_for(|s| *s).await;
         })
         .await
@@ -314,7 +314,7 @@ pub async fn run(
     let _ = spine_stop_tx.send(true);
     let _ = spine.await;
     result?;
-    let verified = crate::spine::verify(&spine_dir)
+    let verified = crate::spine::server::verify(&spine_dir)
         .map(|r| format!("{} events, chain valid: {}", r.checked, r.valid));
     println!(
         "\nstopped: {changes} changes made, {rows} customers in PostgreSQL.\nthe lake stays at {table}\nthe spine log stays at {spine} ({verified})\n\

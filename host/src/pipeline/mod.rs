@@ -43,9 +43,16 @@ use self::batch::Batch;
 use self::inflow::InflowReceiver;
 use self::registry::SwapSlot;
 use self::runtime::{Runtime, RuntimeError, Stage};
+use crate::backoff::Backoff;
 use crate::change::Transaction;
-use crate::config::OnError;
 use crate::status::{self, StageView, Status};
+
+/// What to do with a batch a guest fails twice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnError {
+    Halt,
+    DeadLetter(PathBuf),
+}
 
 /// A versioned, ordered set of loaded stages.
 pub struct Pipeline {
@@ -484,21 +491,21 @@ impl Worker {
         let dir = match policy {
             OnError::DeadLetter(dir) => dir,
             OnError::Halt => {
-                let mut backoff = Duration::from_millis(500);
+                let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
                 loop {
                     self.status.error("pipeline", &error.to_string());
                     if source_gone() {
                         tracing::error!(error = %error, "stopping while halted: the transaction stays unacknowledged in the slot");
                         return Ok(None);
                     }
+                    let retry_in = backoff.next_delay();
                     tracing::error!(
                         error = %error,
-                        retry_in = ?backoff,
+                        ?retry_in,
                         "pipeline halted: nothing past this transaction is acknowledged; \
                          retrying (fix or replace the guest: a reload is picked up here)"
                     );
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    std::thread::sleep(retry_in);
                     // A fixed guest is picked up here, even inside a transaction handed
                     // on in parts (its earlier parts ran on the version before): halted,
                     // nothing else could ever finish it. Each row's `_pipeline` says

@@ -27,8 +27,57 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::runtime::{Runtime, RuntimeError};
 use super::{Pipeline, PluginFile, scan};
-use crate::config::RequiredStage;
+use crate::backoff::Backoff;
 use crate::status::Status;
+
+/// A stage that must be in every pipeline (`[plugins] require`): by name, or by name
+/// and content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequiredStage {
+    /// The stage's file stem, e.g. `30-mask`.
+    pub name: String,
+    /// The SHA-256 of the stage's `.wasm`, lowercase hex, when the entry pins it.
+    pub sha256: Option<String>,
+}
+
+impl RequiredStage {
+    /// The separator between a stage's name and its pinned hash in `require`.
+    pub const PIN: &'static str = "@sha256:";
+
+    /// Parses `NAME` or `NAME@sha256:HEX` (64 hex digits, either case).
+    pub fn parse(entry: &str) -> Result<RequiredStage, String> {
+        let expected = "expected a stage name (a file stem such as `30-mask`), optionally pinned \
+                        to its content as `30-mask@sha256:` and the 64 hex digits of its SHA-256 \
+                        (`airlock check` prints them)";
+        let (name, sha256) = match entry.split_once(Self::PIN) {
+            None => (entry, None),
+            Some((name, hex)) => {
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "found `{entry}`: the pinned hash is not 64 hex digits; {expected}"
+                    ));
+                }
+                (name, Some(hex.to_ascii_lowercase()))
+            }
+        };
+        if name.is_empty() || name.contains(['/', '\\', '@']) {
+            return Err(format!("found `{entry}`, {expected}"));
+        }
+        Ok(RequiredStage {
+            name: name.to_owned(),
+            sha256,
+        })
+    }
+}
+
+impl std::fmt::Display for RequiredStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.sha256 {
+            None => f.write_str(&self.name),
+            Some(hex) => write!(f, "{}{}{hex}", self.name, Self::PIN),
+        }
+    }
+}
 
 /// How often the folder is looked at when `watch` is on.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -95,7 +144,7 @@ fn fingerprint(dir: &std::path::Path) -> Fingerprint {
 #[derive(Clone, Default)]
 pub struct ReloadNotifier {
     /// `(spine client, event source)` per `http` sink.
-    pub spines: Vec<(Arc<crate::sink::spine::SpineClient>, String)>,
+    pub spines: Vec<(Arc<crate::spine::client::SpineClient>, String)>,
 }
 
 impl ReloadNotifier {
@@ -115,13 +164,12 @@ impl ReloadNotifier {
             let client = client.clone();
             tokio::spawn(async move {
                 let body = event.to_string();
-                let mut backoff = Duration::from_millis(200);
+                let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(60));
                 for _ in 0..20 {
                     match client.publish(body.clone()).await {
                         Ok(_) => return,
                         Err(e) if e.is_transient() => {
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(60));
+                            tokio::time::sleep(backoff.next_delay()).await
                         }
                         Err(e) => {
                             tracing::error!(spine = client.shown_url(), error = %e, "the spine refused the reload-failure event");

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::backoff::Backoff;
 use crate::change::Lsn;
 use crate::pipeline::batch::Batch;
 use crate::status::{self, Status};
@@ -149,6 +150,11 @@ pub async fn drive_observed<S: Sink>(
     }
 }
 
+/// The first wait before a failed flush is tried again, doubling up to [`LAST_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// The longest wait between two flushes of a sink that keeps failing.
+const LAST_RETRY: Duration = Duration::from_secs(30);
+
 /// Flushes `sink` until it succeeds or fails definitely. While it retries, the
 /// batches waiting on `rx` are the sink's backlog in `/status`.
 async fn flush_with_retry<S: Sink>(
@@ -158,7 +164,7 @@ async fn flush_with_retry<S: Sink>(
     pending: &mut Option<Lsn>,
     status: Option<&Status>,
 ) -> Result<(), SinkError> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(FIRST_RETRY, LAST_RETRY);
     loop {
         let started = std::time::Instant::now();
         match sink.flush().await {
@@ -184,7 +190,8 @@ async fn flush_with_retry<S: Sink>(
                 return Ok(());
             }
             Err(error) if error.is_transient() => {
-                tracing::warn!(sink = sink.name(), error = %error, retry_in = ?backoff, "sink flush failed, retrying");
+                let retry_in = backoff.next_delay();
+                tracing::warn!(sink = sink.name(), error = %error, ?retry_in, "sink flush failed, retrying");
                 if let Some(status) = status {
                     let name = sink.name().to_owned();
                     status
@@ -198,7 +205,7 @@ async fn flush_with_retry<S: Sink>(
                     });
                 }
                 // Wait, keeping the backlog in `/status` current meanwhile.
-                let until = tokio::time::Instant::now() + backoff;
+                let until = tokio::time::Instant::now() + retry_in;
                 while tokio::time::Instant::now() < until {
                     tokio::time::sleep_until(
                         until.min(tokio::time::Instant::now() + Duration::from_secs(1)),
@@ -209,7 +216,6 @@ async fn flush_with_retry<S: Sink>(
                         status.update_sink(sink.name(), |v| v.queued_batches = queued);
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(error) => return Err(error),
         }

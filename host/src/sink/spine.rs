@@ -63,22 +63,21 @@
 //! first `watch` entry whose `schema.table` glob matches the table, else the defaults.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::error::Error as _;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::StatusCode;
 use serde_json::{Map, Value as Json, json};
 use sha2::{Digest, Sha256};
 
+use crate::backoff::Backoff;
 use crate::change::json::{format_timestamp, row_to_json};
 use crate::change::{Lsn, Op, Relation, ReplicaIdentity};
 use crate::pipeline::batch::{Batch, BatchRow};
 use crate::secrets::{Key, constant_time_eq};
 use crate::sink::{Sink, SinkError};
 use crate::spine::AUDIT_STREAM_KINDS;
+use crate::spine::client::{ClientError, SpineClient};
 
 /// The annotation a guest sets to choose a row's event kind.
 pub const KIND_ANNOTATION: &str = "spine.kind";
@@ -120,10 +119,12 @@ pub struct SpineSettings {
     /// The replication slot whose changes this sink delivers. Event ids are bound to
     /// it: a sink resumes only from ids made for its own slot.
     pub slot: String,
-    /// The key that signs this slot's event ids, from its key file
-    /// ([`Key::load_or_create`]). `None`: the slot's default key file
-    /// ([`default_key_file`]), read or created at [`SpineSink::open`].
+    /// The key that signs this slot's event ids. `None`: read from `key_file` (or
+    /// created there) at [`SpineSink::open`].
     pub key: Option<Key>,
+    /// Where the key is kept when `key` is `None` ([`Key::load_or_create`]); `None`:
+    /// the slot's default key file ([`default_key_file`]).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl SpineSettings {
@@ -154,6 +155,7 @@ impl SpineSettings {
             dead_letter_dir: None,
             slot: Self::DEFAULT_SLOT.to_owned(),
             key: None,
+            key_file: None,
         }
     }
 }
@@ -250,240 +252,6 @@ pub fn default_key_file(slot: &str) -> Option<std::path::PathBuf> {
     Some(base.join("airlock").join(format!("spine-{slot}.key")))
 }
 
-/// An HTTP client for an audit-stream-py compatible spine: one `reqwest::Client`, so
-/// connections persist. Errors are classified for the sink contract.
-#[derive(Clone, Debug)]
-pub struct SpineClient {
-    http: reqwest::Client,
-    events_url: String,
-    /// `events_url` as it may be shown: user information replaced by `***`.
-    shown_url: String,
-    token: Option<String>,
-    sink: String,
-}
-
-impl SpineClient {
-    /// A client for the spine whose events endpoint is `url` (`http://h:p/events`; a
-    /// URL without the `/events` path gets it added).
-    pub fn new(
-        sink: &str,
-        url: &str,
-        token: Option<String>,
-        timeout: Duration,
-    ) -> Result<SpineClient, SinkError> {
-        let definite = |message: String| SinkError::Definite {
-            sink: sink.to_owned(),
-            message,
-        };
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|e| definite(format!("url `{url}` is not a URL: {e}")))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(definite(format!(
-                "url `{url}`: expected http:// or https://"
-            )));
-        }
-        let trimmed = url.trim_end_matches('/');
-        let events_url = if parsed.path().trim_end_matches('/').ends_with("/events") {
-            trimmed.to_owned()
-        } else {
-            format!("{trimmed}/events")
-        };
-        // A redirect is never followed: reqwest would turn a redirected POST into a GET
-        // whose 2xx then counted as delivered. Any 3xx is a definite error (`check`).
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| definite(format!("cannot build the HTTP client: {e}")))?;
-        Ok(SpineClient {
-            http,
-            shown_url: crate::secrets::redact_url(&events_url),
-            events_url,
-            token,
-            sink: sink.to_owned(),
-        })
-    }
-
-    /// The events endpoint.
-    /// The events endpoint as it may be logged or shown (no user information).
-    pub fn shown_url(&self) -> &str {
-        &self.shown_url
-    }
-
-    /// POSTs one event (a JSON object); returns the stored event.
-    pub async fn publish(&self, event: impl Into<Bytes>) -> Result<Json, SinkError> {
-        let answer = self
-            .send(self.http.post(&self.events_url), Some(event.into()))
-            .await?;
-        self.check(&answer, "POST")?;
-        self.json(&answer.body)
-    }
-
-    /// POSTs a JSON array of events to `{url}/batch`; `Ok(None)` when the spine has no
-    /// batch endpoint (audit-stream-py answers 404 or 405).
-    pub async fn publish_batch(&self, events: impl Into<Bytes>) -> Result<Option<Json>, SinkError> {
-        let url = format!("{}/batch", self.events_url);
-        let answer = self.send(self.http.post(&url), Some(events.into())).await?;
-        if matches!(
-            answer.status,
-            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
-        ) {
-            return Ok(None);
-        }
-        self.check(&answer, "POST /batch")?;
-        self.json(&answer.body).map(Some)
-    }
-
-    /// `GET {url}?kind=&source=&limit=`: the newest `limit` matching events, oldest first.
-    pub async fn events(
-        &self,
-        kind: Option<&str>,
-        source: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Json>, SinkError> {
-        let mut query = vec![("limit", limit.to_string())];
-        query.extend(kind.map(|k| ("kind", k.to_owned())));
-        query.extend(source.map(|s| ("source", s.to_owned())));
-        let answer = self
-            .send(self.http.get(&self.events_url).query(&query), None)
-            .await?;
-        self.check(&answer, "GET")?;
-        match self.json(&answer.body)? {
-            Json::Array(events) => Ok(events),
-            other => Err(self.definite(format!(
-                "GET {} answered {other} instead of a list of events",
-                self.shown_url
-            ))),
-        }
-    }
-
-    /// `GET` a path of the spine beside `/events` (`/stats`, `/verify`, `/events/7`).
-    pub async fn get(&self, path: &str) -> Result<Json, SinkError> {
-        let base = self
-            .events_url
-            .strip_suffix("/events")
-            .unwrap_or(&self.events_url);
-        let answer = self
-            .send(self.http.get(format!("{base}{path}")), None)
-            .await?;
-        self.check(&answer, "GET")?;
-        self.json(&answer.body)
-    }
-
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-        body: Option<Bytes>,
-    ) -> Result<Answer, SinkError> {
-        let mut request = request;
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body);
-        }
-        let unreachable = |e: reqwest::Error| {
-            let mut message = format!("spine at {} unreachable: {e}", self.shown_url);
-            let mut source = e.source();
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            // reqwest's own text names the URL it was given, credentials and all.
-            SinkError::Transient {
-                sink: self.sink.clone(),
-                message: crate::secrets::redact_url(&message),
-            }
-        };
-        let response = request.send().await.map_err(unreachable)?;
-        let status = response.status();
-        let location = status.is_redirection().then(|| {
-            let to = response.headers().get(reqwest::header::LOCATION)?;
-            let to = String::from_utf8_lossy(to.as_bytes());
-            // Relative to the address asked; shown escaped and cut short, as the
-            // server's text it is.
-            let to = response
-                .url()
-                .join(&to)
-                .map_or(to.into_owned(), String::from);
-            Some(to.chars().take(500).flat_map(char::escape_debug).collect())
-        });
-        let body = response.bytes().await.map_err(unreachable)?;
-        Ok(Answer {
-            status,
-            location: location.flatten(),
-            body,
-        })
-    }
-
-    fn check(&self, answer: &Answer, what: &str) -> Result<(), SinkError> {
-        let status = answer.status;
-        if status.is_success() {
-            return Ok(());
-        }
-        if status.is_redirection() {
-            let to = answer.location.as_deref().unwrap_or("(no Location given)");
-            return Err(self.definite(format!(
-                "{what} {}: the spine answered a redirect ({status}) to {to}; airlock does not \
-                 follow redirects: set `url` to the final address",
-                self.shown_url
-            )));
-        }
-        let mut answer = String::from_utf8_lossy(&answer.body).into_owned();
-        if answer.len() > 2000 {
-            let cut = (0..=2000)
-                .rev()
-                .find(|&i| answer.is_char_boundary(i))
-                .unwrap_or(0);
-            answer.truncate(cut);
-            answer.push_str("...");
-        }
-        let message = format!("{what} {} answered {status}: {answer}", self.shown_url);
-        let transient = status.is_server_error()
-            || matches!(
-                status,
-                StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
-            );
-        Err(if transient {
-            SinkError::Transient {
-                sink: self.sink.clone(),
-                message,
-            }
-        } else {
-            self.definite(message)
-        })
-    }
-
-    fn json(&self, body: &[u8]) -> Result<Json, SinkError> {
-        serde_json::from_slice(body).map_err(|e| {
-            self.definite(format!(
-                "the spine at {} answered invalid JSON: {e}",
-                self.shown_url
-            ))
-        })
-    }
-
-    fn definite(&self, message: String) -> SinkError {
-        SinkError::Definite {
-            sink: self.sink.clone(),
-            message,
-        }
-    }
-}
-
-/// What the spine answered to one request.
-struct Answer {
-    status: StatusCode,
-    /// Where a 3xx points (resolved against the request's address), for the error.
-    location: Option<String>,
-    body: Bytes,
-}
-
 /// A compiled `watch` entry.
 #[derive(Clone, Debug)]
 struct Watch {
@@ -569,8 +337,9 @@ pub struct SpineSink {
     /// Events at the front of `pending` to send one at a time: a batch holding them
     /// was refused, and one-by-one delivery finds the event the spine refuses.
     isolate: usize,
-    failures: u32,
-    rng: u64,
+    /// Whether the last flush failed transiently (the next one waits a jittered delay).
+    failed: bool,
+    jitter: Backoff,
 }
 
 impl SpineSink {
@@ -582,20 +351,16 @@ impl SpineSink {
         let watch = validate(&settings)?;
         let key = match &settings.key {
             Some(key) => key.clone(),
-            None => default_key(&settings).await?,
+            None => load_key(&settings).await?,
         };
         let client = SpineClient::new(
-            &settings.name,
             &settings.url,
             settings.token.clone(),
             settings.request_timeout,
-        )?;
+        )
+        .map_err(|e| sink_error(&settings.name, e, None))?;
         let mut sources: BTreeSet<String> = watch.iter().map(|w| w.source.clone()).collect();
         sources.insert(settings.default_source.clone());
-        let seed = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-            | 1;
         let mut sink = SpineSink {
             settings,
             key,
@@ -608,8 +373,8 @@ impl SpineSink {
             sources,
             batch_endpoint: None,
             isolate: 0,
-            failures: 0,
-            rng: seed,
+            failed: false,
+            jitter: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).full_jitter(),
         };
         match sink.last_delivered().await {
             Ok(found) => {
@@ -660,7 +425,8 @@ impl SpineSink {
         for source in &self.sources {
             // Other producers may share the source: look further back until one of ours.
             for limit in [1, 16, 256, 4096] {
-                let events = self.client.events(None, Some(source), limit).await?;
+                let events = self.client.events(None, Some(source), limit).await;
+                let events = events.map_err(|e| sink_error(&self.settings.name, e, None))?;
                 let ours = events
                     .iter()
                     .filter_map(|e| {
@@ -678,16 +444,6 @@ impl SpineSink {
             }
         }
         Ok(newest)
-    }
-
-    /// Random delay before retrying after `failures` failed flushes (jitter on top of
-    /// the driver's exponential backoff).
-    fn jitter(&mut self) -> Duration {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let cap_ms = (100u64 << self.failures.min(6)).min(5_000);
-        Duration::from_millis(self.rng % cap_ms)
     }
 
     fn skip_delivered(&mut self) {
@@ -731,12 +487,14 @@ impl SpineSink {
                 let first = &self.pending[0];
                 let context = format!("{count} events from {} ({})", first.event_id, first.about);
                 let answer = match self.client.publish_batch(Bytes::from(body)).await {
-                    Err(SinkError::Definite { .. }) if self.settings.dead_letter_dir.is_some() => {
+                    Err(ClientError::Definite(_)) if self.settings.dead_letter_dir.is_some() => {
                         // Find the refused event by sending this batch's events singly.
                         self.isolate = count;
                         continue;
                     }
-                    other => other.map_err(|e| with_context(e, &context))?,
+                    other => {
+                        other.map_err(|e| sink_error(&self.settings.name, e, Some(&context)))?
+                    }
                 };
                 match answer {
                     Some(_) => {
@@ -753,16 +511,17 @@ impl SpineSink {
             } else {
                 let event = &self.pending[0];
                 let context = format!("event {} ({})", event.event_id, event.about);
+                let name = &self.settings.name;
                 match self.client.publish(event.body.clone()).await {
                     Ok(_) => {}
-                    Err(error @ SinkError::Definite { .. })
+                    Err(error @ ClientError::Definite(_))
                         if self.settings.dead_letter_dir.is_some() =>
                     {
-                        let error = with_context(error, &context);
+                        let error = sink_error(name, error, Some(&context));
                         let path = self.dead_letter(&error).await?;
                         tracing::warn!(sink = %self.settings.name, error = %error, file = %path.display(), "the spine refused an event; dead-lettered");
                     }
-                    Err(error) => return Err(with_context(error, &context)),
+                    Err(error) => return Err(sink_error(name, error, Some(&context))),
                 }
                 let event = self.pending.pop_front().expect("not empty");
                 self.delivered = Some(event.position);
@@ -812,35 +571,41 @@ impl SpineSink {
     }
 }
 
-/// The key in the default key file of the settings' slot, read or created.
-async fn default_key(settings: &SpineSettings) -> Result<Key, SinkError> {
+/// The key in `key_file`, else in the default key file of the settings' slot, read
+/// or created.
+async fn load_key(settings: &SpineSettings) -> Result<Key, SinkError> {
     let definite = |message: String| SinkError::Definite {
         sink: settings.name.clone(),
         message,
     };
-    let path = default_key_file(&settings.slot).ok_or_else(|| {
-        definite(
-            "no key for the event ids and no default key file (neither XDG_STATE_HOME nor \
+    let path = settings.key_file.clone();
+    let path = path
+        .or_else(|| default_key_file(&settings.slot))
+        .ok_or_else(|| {
+            definite(
+                "no key for the event ids and no default key file (neither XDG_STATE_HOME nor \
              HOME is set): set the sink's key_file"
-                .to_owned(),
-        )
-    })?;
+                    .to_owned(),
+            )
+        })?;
     tokio::task::spawn_blocking(move || Key::load_or_create(&path))
         .await
         .map_err(|e| definite(format!("reading the key file failed: {e}")))?
         .map_err(|e| definite(e.to_string()))
 }
 
-fn with_context(error: SinkError, context: &str) -> SinkError {
-    match error {
-        SinkError::Transient { sink, message } => SinkError::Transient {
-            sink,
-            message: format!("{context}: {message}"),
-        },
-        SinkError::Definite { sink, message } => SinkError::Definite {
-            sink,
-            message: format!("{context}: {message}"),
-        },
+/// A failed request to the spine as the sink's error, with what it carried.
+fn sink_error(sink: &str, error: ClientError, context: Option<&str>) -> SinkError {
+    let transient = error.is_transient();
+    let message = match context {
+        Some(context) => format!("{context}: {error}"),
+        None => error.to_string(),
+    };
+    let sink = sink.to_owned();
+    if transient {
+        SinkError::Transient { sink, message }
+    } else {
+        SinkError::Definite { sink, message }
     }
 }
 
@@ -1034,18 +799,20 @@ impl Sink for SpineSink {
     }
 
     async fn flush(&mut self) -> Result<Option<Lsn>, SinkError> {
-        if self.failures > 0 {
-            let delay = self.jitter();
-            tokio::time::sleep(delay).await;
+        if self.failed {
+            // Jitter on top of the driver's backoff: spines that failed together
+            // are not all tried again at once.
+            tokio::time::sleep(self.jitter.next_delay()).await;
         }
         match self.deliver().await {
             Ok(()) => {
-                self.failures = 0;
+                self.failed = false;
+                self.jitter.reset();
                 Ok(self.accepted_end.take())
             }
             Err(error) => {
                 if error.is_transient() {
-                    self.failures = self.failures.saturating_add(1);
+                    self.failed = true;
                     // The request may have landed: ask the spine before sending again.
                     self.resync = true;
                 }

@@ -7,7 +7,7 @@ use std::io;
 use crate::change::Lsn;
 
 use super::pgoutput::DecodeError;
-use super::text::ValueError;
+use crate::change::text::ValueError;
 
 /// An ErrorResponse (or NoticeResponse) from PostgreSQL.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -44,27 +44,29 @@
 //! - What the source is doing (connecting, snapshotting, streaming, retrying and why)
 //!   is told to [`SourceSettings::on_state`], for `/status`.
 
+mod assemble;
 pub mod auth;
+pub mod catalog;
 pub mod connect;
 pub mod error;
 pub mod pgoutput;
 pub mod protocol;
 pub mod snapshot;
-pub mod text;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use assemble::Assembler;
+pub use assemble::{PART_BYTES, PART_CHANGES};
 pub use error::{PgError, SourceError};
-use pgoutput::{Message, OldKind, TupleData, TupleValue};
 use protocol::{ReplicationConnection, ReplicationEvent, ReplicationStream, SnapshotAction};
 
-use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta, Value};
+use crate::backoff::Backoff;
+use crate::change::{Lsn, Transaction};
 
 /// How often a standby status update is sent when nothing else triggers one.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -208,7 +210,7 @@ pub async fn run(
 ) -> Result<(), SourceError> {
     settings.validate()?;
     let mut progress = Progress::default();
-    let mut backoff = INITIAL_BACKOFF;
+    let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
     // Since when the slot has been held by another consumer, without a session between.
     let mut busy_since: Option<std::time::Instant> = None;
     loop {
@@ -239,7 +241,7 @@ pub async fn run(
             Err(err) => return Err(err),
         };
         if streamed {
-            backoff = INITIAL_BACKOFF;
+            backoff.reset();
             busy_since = None;
         }
         // A slot held by someone else is retried (the walsender of a previous airlock
@@ -257,21 +259,21 @@ pub async fn run(
         } else {
             busy_since = None;
         }
+        let retry_in = backoff.next_delay();
         warn!(
             slot = %settings.slot,
             error = %err,
-            retry_in_ms = backoff.as_millis() as u64,
+            retry_in_ms = retry_in.as_millis() as u64,
             "source connection failed, reconnecting"
         );
         settings.tell(SourceState::Retrying {
             error: err.to_string(),
-            retry_in: backoff,
+            retry_in,
         });
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(retry_in) => {}
             () = shutdown_requested(&mut shutdown) => return Ok(()),
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -395,23 +397,17 @@ async fn check_catalog(
 
     let mut snapshot_interrupted = false;
     let checks = async {
-        let row = client
-            .query_one("SELECT current_setting('wal_level')", &[])
+        let wal_level = catalog::wal_level(&client)
             .await
             .map_err(fail("checking wal_level"))?;
-        let wal_level: String = row.get(0);
-        if wal_level != "logical" {
+        if wal_level != catalog::WalLevel::Logical {
             return Err(SourceError::WalLevel {
                 addr: addr.clone(),
                 reason: format!("wal_level is `{wal_level}`"),
             });
         }
 
-        let publication = client
-            .query_opt(
-                "SELECT 1 FROM pg_publication WHERE pubname = $1",
-                &[&settings.publication],
-            )
+        let publication = catalog::publication(&client, &settings.publication)
             .await
             .map_err(fail("checking the publication"))?;
         if publication.is_none() {
@@ -420,65 +416,49 @@ async fn check_catalog(
                     publication: settings.publication.clone(),
                 });
             }
-            let sql = create_publication_sql(&settings.publication, &settings.tables);
-            client
-                .batch_execute(&sql)
+            catalog::create_publication(&client, &settings.publication, &settings.tables)
                 .await
                 .map_err(fail("creating the publication from [source] tables"))?;
             info!(publication = %settings.publication, tables = ?settings.tables, "created publication");
         }
 
-        let slot = client
-            .query_opt(
-                "SELECT plugin::text, active, active_pid, confirmed_flush_lsn::text, wal_status \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&settings.slot],
-            )
+        let slot_error = |e| catalog_error(&addr, user, "checking the replication slot", e);
+        let Some(slot) = catalog::slot(&client, &settings.slot)
             .await
-            .map_err(fail("checking the replication slot"))?;
-        let Some(slot) = slot else {
+            .map_err(slot_error)?
+        else {
             if settings.snapshot && settings.held.is_some() {
                 // A snapshot interrupted after some chunks were durable: no slot yet
                 // (it marks the snapshot complete), only the attempt's own.
-                snapshot_interrupted = client
-                    .query_opt(
-                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&snapshot::snapshot_slot(&settings.slot)],
-                    )
+                let attempt = snapshot::snapshot_slot(&settings.slot);
+                snapshot_interrupted = catalog::slot(&client, &attempt)
                     .await
-                    .map_err(fail("checking the replication slot"))?
+                    .map_err(slot_error)?
                     .is_some();
             }
             return Ok(None);
         };
-        let plugin: Option<String> = slot.get(0);
-        let active: bool = slot.get(1);
-        let active_pid: Option<i32> = slot.get(2);
-        let confirmed: Option<String> = slot.get(3);
-        let wal_status: Option<String> = slot.get(4);
-        if plugin.as_deref() != Some("pgoutput") {
+        if !slot.is_pgoutput() {
             return Err(SourceError::SlotPlugin {
                 slot: settings.slot.clone(),
-                plugin: plugin.unwrap_or_else(|| "none (a physical slot)".into()),
+                plugin: slot
+                    .plugin
+                    .unwrap_or_else(|| "none (a physical slot)".into()),
             });
         }
-        if active {
+        if slot.active {
             return Err(SourceError::SlotInUse {
                 slot: settings.slot.clone(),
-                pid: active_pid,
+                pid: slot.active_pid,
             });
         }
-        if wal_status.as_deref() == Some("lost") {
+        if slot.is_lost() {
             return Err(SourceError::SlotInvalidated {
                 slot: settings.slot.clone(),
                 reason: "wal_status is `lost`".into(),
             });
         }
-        Ok(Some(
-            confirmed
-                .and_then(|c| c.parse::<Lsn>().ok())
-                .unwrap_or(Lsn::ZERO),
-        ))
+        Ok(Some(slot.confirmed_flush.unwrap_or(Lsn::ZERO)))
     }
     .await;
     drop(client);
@@ -514,33 +494,20 @@ async fn check_catalog(
     }
 }
 
-/// `CREATE PUBLICATION "pub" FOR TABLE "schema"."table", ...` for `[source] tables`.
-fn create_publication_sql(publication: &str, tables: &[String]) -> String {
-    let tables: Vec<String> = tables
-        .iter()
-        .map(|t| match t.split_once('.') {
-            Some((schema, table)) => format!(
-                "{}.{}",
-                protocol::quote_ident(schema),
-                protocol::quote_ident(table)
-            ),
-            None => protocol::quote_ident(t),
-        })
-        .collect();
-    format!(
-        "CREATE PUBLICATION {} FOR TABLE {}",
-        protocol::quote_ident(publication),
-        tables.join(", ")
-    )
-}
-
 fn catalog_error(
     addr: &str,
     user: &str,
     during: &'static str,
-    error: tokio_postgres::Error,
+    error: impl Into<catalog::CatalogError>,
 ) -> SourceError {
-    SourceError::from_sql(addr, user, during, error)
+    match error.into() {
+        catalog::CatalogError::Sql(error) => SourceError::from_sql(addr, user, during, error),
+        unexpected @ catalog::CatalogError::Unexpected { .. } => SourceError::Protocol {
+            addr: addr.to_owned(),
+            during,
+            reason: unexpected.to_string(),
+        },
+    }
 }
 
 /// The streaming loop of one session.
@@ -741,7 +708,7 @@ impl Streamer<'_> {
             .columns
             .iter()
             .map(|c| c.type_oid)
-            .filter(|t| *t >= FIRST_NORMAL_OID && !self.assembler.types.contains_key(t))
+            .filter(|t| *t >= catalog::FIRST_NORMAL_OID && !self.assembler.types.contains_key(t))
             .collect();
         if !missing.is_empty() {
             let addr = self.settings.connect.addr();
@@ -758,7 +725,9 @@ impl Streamer<'_> {
             }
             let client = self.catalog.as_ref().expect("connected above");
             for type_oid in missing {
-                let resolved = resolve_type(client, type_oid).await.map_err(fail)?;
+                let resolved = catalog::resolve_type(client, type_oid)
+                    .await
+                    .map_err(fail)?;
                 if resolved.0 != type_oid {
                     debug!(
                         type_oid,
@@ -797,553 +766,11 @@ impl Streamer<'_> {
     }
 }
 
-/// OIDs below this are built into PostgreSQL; types at or above it (domains, enums,
-/// composite and range types, their arrays) are looked up in the catalog.
-const FIRST_NORMAL_OID: u32 = 16_384;
-
-/// `(base type, type modifier)` of a type: for a domain, the base type of the
-/// (innermost) domain and the outermost type modifier; for an array of a domain, the
-/// array type of its base type; otherwise the type itself and -1.
-async fn resolve_type(
-    client: &tokio_postgres::Client,
-    type_oid: u32,
-) -> Result<(u32, i32), tokio_postgres::Error> {
-    const QUERY: &str = "SELECT typtype::text, typbasetype, typtypmod, typelem, typcategory::text, \
-                         (SELECT b.typarray FROM pg_type b WHERE b.oid = t.typelem) \
-                         FROM pg_type t WHERE oid = $1";
-    let mut current = type_oid;
-    let mut typmod = -1;
-    // Domains over domains: bounded, in case the catalog is odd.
-    for _ in 0..16 {
-        let Some(row) = client.query_opt(QUERY, &[&current]).await? else {
-            break;
-        };
-        let typtype: String = row.get(0);
-        if typtype == "d" {
-            let domain_typmod: i32 = row.get(2);
-            if typmod == -1 {
-                typmod = domain_typmod;
-            }
-            current = row.get(1);
-            continue;
-        }
-        let element: u32 = row.get(3);
-        let category: String = row.get(4);
-        if category == "A" && element >= FIRST_NORMAL_OID {
-            let (base, element_typmod) = Box::pin(resolve_type(client, element)).await?;
-            if base != element {
-                let array: Option<u32> = client
-                    .query_opt("SELECT typarray FROM pg_type WHERE oid = $1", &[&base])
-                    .await?
-                    .map(|r| r.get(0));
-                if let Some(array) = array.filter(|a| *a != 0) {
-                    current = array;
-                    if typmod == -1 {
-                        typmod = element_typmod;
-                    }
-                }
-            }
-        }
-        break;
-    }
-    Ok((current, typmod))
-}
-
-/// A transaction is handed on in parts of at most this many changes...
-pub const PART_CHANGES: usize = 1024;
-/// ... or about this many bytes of values, whichever comes first, so that memory stays
-/// bounded however large a transaction is (see [`crate::change::Part`]).
-pub const PART_BYTES: usize = 4 << 20;
-
-/// Turns decoded pgoutput messages into committed transactions, handed on whole, or
-/// in parts when they grow past [`PART_CHANGES`] or [`PART_BYTES`].
-#[derive(Debug, Default)]
-struct Assembler {
-    relations: HashMap<u32, Arc<Relation>>,
-    current: Option<Transaction>,
-    /// Bytes of the values in `current`'s changes.
-    current_bytes: usize,
-    /// Changes of the current transaction before `current`'s (in parts handed on, or
-    /// skipped after a reconnect).
-    offset: u64,
-    /// After a reconnect inside a transaction handed on in part: its commit LSN and
-    /// how many of its changes went on before. Its first changes are not repeated.
-    resume: Option<(Lsn, u64)>,
-    /// Changes of the current transaction still to skip (see `resume`).
-    skip: u64,
-    /// Resolved non-built-in column types: OID → (base type OID, type modifier).
-    types: HashMap<u32, (u32, i32)>,
-    /// A relation just described whose column types need a catalog lookup.
-    unresolved: Option<u32>,
-}
-
-impl Assembler {
-    /// Rewrites domain columns to their base type with the types resolved so far;
-    /// returns whether some non-built-in type is not resolved yet.
-    fn apply_types(&self, relation: &mut Relation) -> bool {
-        let mut missing = false;
-        for column in &mut relation.columns {
-            if column.type_oid < FIRST_NORMAL_OID {
-                continue;
-            }
-            match self.types.get(&column.type_oid) {
-                Some(&(base, typmod)) => {
-                    column.type_oid = base;
-                    if column.type_modifier == -1 {
-                        column.type_modifier = typmod;
-                    }
-                }
-                None => missing = true,
-            }
-        }
-        missing
-    }
-
-    fn in_transaction(&self) -> bool {
-        self.current.is_some()
-    }
-
-    /// Applies one XLogData payload; returns the transaction when it commits, or a
-    /// part of it when it has grown past the part bounds.
-    fn apply(&mut self, lsn: Lsn, data: &[u8]) -> Result<Option<Transaction>, SourceError> {
-        let message =
-            pgoutput::decode(data).map_err(|source| SourceError::Decode { lsn, source })?;
-        let out_of_order = |reason: &str| SourceError::Stream {
-            lsn,
-            reason: reason.to_owned(),
-        };
-        match message {
-            Message::Begin(begin) => {
-                if self.current.is_some() {
-                    return Err(out_of_order("Begin inside a transaction"));
-                }
-                self.current = Some(Transaction {
-                    meta: TxnMeta {
-                        xid: begin.xid,
-                        commit_lsn: begin.final_lsn,
-                        end_lsn: Lsn::ZERO,
-                        commit_ts: begin.commit_ts,
-                        part: crate::change::Part::WHOLE,
-                    },
-                    changes: Vec::new(),
-                });
-                self.current_bytes = 0;
-                (self.offset, self.skip) = match self.resume {
-                    Some((commit_lsn, sent)) if commit_lsn == begin.final_lsn => (sent, sent),
-                    _ => (0, 0),
-                };
-            }
-            Message::Commit(commit) => {
-                let mut txn = self
-                    .current
-                    .take()
-                    .ok_or_else(|| out_of_order("Commit outside a transaction"))?;
-                if self.skip > 0 {
-                    return Err(out_of_order(
-                        "the transaction resent after a reconnect is shorter than before",
-                    ));
-                }
-                txn.meta.commit_lsn = commit.commit_lsn;
-                txn.meta.end_lsn = commit.end_lsn;
-                txn.meta.commit_ts = commit.commit_ts;
-                txn.meta.part = crate::change::Part {
-                    offset: self.offset,
-                    last: true,
-                };
-                self.offset = 0;
-                self.resume = None;
-                return Ok(Some(txn));
-            }
-            Message::Relation(body) => {
-                let mut relation = body.to_relation();
-                if self.apply_types(&mut relation) {
-                    self.unresolved = Some(relation.oid);
-                }
-                debug!(oid = relation.oid, relation = %relation.qualified_name(), columns = relation.columns.len(), "relation described");
-                self.relations.insert(relation.oid, Arc::new(relation));
-            }
-            Message::Insert(insert) => {
-                let relation = self.relation(insert.relation_oid, lsn)?;
-                let new = image(&relation, insert.new, lsn)?;
-                self.push(lsn, relation, Op::Insert, Some(new), None)?;
-            }
-            Message::Update(update) => {
-                let relation = self.relation(update.relation_oid, lsn)?;
-                let old = match update.old {
-                    Some((kind, tuple)) => Some((kind, image(&relation, tuple, lsn)?)),
-                    None => None,
-                };
-                let mut new = image(&relation, update.new, lsn)?;
-                // REPLICA IDENTITY FULL sends the whole old row, TOASTed values
-                // included: an unchanged TOASTed value is filled from it.
-                if let Some((OldKind::Full, old)) = &old {
-                    for (value, before) in new.iter_mut().zip(old) {
-                        if *value == Value::UnchangedToast && *before != Value::UnchangedToast {
-                            *value = before.clone();
-                        }
-                    }
-                }
-                let old = old.map(|(_, image)| image);
-                self.push(lsn, relation, Op::Update, Some(new), old)?;
-            }
-            Message::Delete(delete) => {
-                let relation = self.relation(delete.relation_oid, lsn)?;
-                let old = image(&relation, delete.old, lsn)?;
-                self.push(lsn, relation, Op::Delete, None, Some(old))?;
-            }
-            Message::Truncate(truncate) => {
-                for oid in truncate.relation_oids {
-                    let relation = self.relation(oid, lsn)?;
-                    self.push(lsn, relation, Op::Truncate, None, None)?;
-                }
-            }
-            Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
-        }
-        Ok(self.take_part())
-    }
-
-    /// The changes gathered so far as a part, when they reached a part bound.
-    fn take_part(&mut self) -> Option<Transaction> {
-        let txn = self.current.as_mut()?;
-        if txn.changes.len() < PART_CHANGES && self.current_bytes < PART_BYTES {
-            return None;
-        }
-        let changes = std::mem::take(&mut txn.changes);
-        let mut meta = txn.meta.clone();
-        meta.part = crate::change::Part {
-            offset: self.offset,
-            last: false,
-        };
-        self.offset += changes.len() as u64;
-        self.current_bytes = 0;
-        Some(Transaction { meta, changes })
-    }
-
-    fn relation(&self, oid: u32, lsn: Lsn) -> Result<Arc<Relation>, SourceError> {
-        self.relations
-            .get(&oid)
-            .cloned()
-            .ok_or_else(|| SourceError::Stream {
-                lsn,
-                reason: format!("change for relation {oid} before its Relation message"),
-            })
-    }
-
-    fn push(
-        &mut self,
-        lsn: Lsn,
-        relation: Arc<Relation>,
-        op: Op,
-        new: Option<Vec<Value>>,
-        old: Option<Vec<Value>>,
-    ) -> Result<(), SourceError> {
-        let txn = self.current.as_mut().ok_or_else(|| SourceError::Stream {
-            lsn,
-            reason: format!(
-                "change to {} outside a transaction",
-                relation.qualified_name()
-            ),
-        })?;
-        if self.skip > 0 {
-            // Handed on before the reconnect.
-            self.skip -= 1;
-            return Ok(());
-        }
-        let change = Change {
-            relation,
-            op,
-            lsn,
-            new,
-            old,
-        };
-        self.current_bytes += change.approx_bytes();
-        txn.changes.push(change);
-        Ok(())
-    }
-}
-
-/// Typed values of a tuple, one per relation column.
-fn image(relation: &Relation, tuple: TupleData<'_>, lsn: Lsn) -> Result<Vec<Value>, SourceError> {
-    if tuple.len() != relation.columns.len() {
-        return Err(SourceError::Stream {
-            lsn,
-            reason: format!(
-                "a row of {} has {} columns but its Relation message described {}",
-                relation.qualified_name(),
-                tuple.len(),
-                relation.columns.len()
-            ),
-        });
-    }
-    let mut values = Vec::with_capacity(tuple.len());
-    for (column, value) in relation.columns.iter().zip(tuple) {
-        values.push(match value {
-            TupleValue::Null => Value::Null,
-            TupleValue::UnchangedToast => Value::UnchangedToast,
-            TupleValue::Text(text) => {
-                text::parse_value(column, text).map_err(|source| SourceError::Value {
-                    relation: relation.qualified_name(),
-                    lsn,
-                    source,
-                })?
-            }
-            TupleValue::Binary(_) => {
-                return Err(SourceError::Value {
-                    relation: relation.qualified_name(),
-                    lsn,
-                    source: text::ValueError {
-                        column: column.name.clone(),
-                        type_name: text::type_name(column.type_oid),
-                        reason: "the server sent binary format but airlock asked for text",
-                    },
-                });
-            }
-        });
-    }
-    Ok(values)
-}
-
 #[cfg(test)]
 mod tests {
     use super::pgoutput::tests::{self as fx, Msg};
     use super::protocol::tests::{FakeServer, connected};
     use super::*;
-    use crate::change::{PG_EPOCH_OFFSET_MICROS, ReplicaIdentity};
-
-    fn apply(a: &mut Assembler, lsn: u64, data: &[u8]) -> Option<Transaction> {
-        a.apply(Lsn(lsn), data).unwrap()
-    }
-
-    #[test]
-    fn assembles_a_transaction_with_typed_values() {
-        let mut a = Assembler::default();
-        assert!(apply(&mut a, 1, &fx::begin()).is_none());
-        assert!(a.in_transaction());
-        apply(&mut a, 2, &fx::relation());
-        apply(&mut a, 3, &fx::insert());
-        apply(&mut a, 4, &fx::update_with_key());
-        apply(&mut a, 5, &fx::delete());
-        let txn = apply(&mut a, 6, &fx::commit()).unwrap();
-        assert!(!a.in_transaction());
-
-        assert_eq!(
-            txn.meta,
-            TxnMeta {
-                xid: 731,
-                commit_lsn: Lsn(0x1_0000_0100),
-                end_lsn: Lsn(0x1_0000_0130),
-                commit_ts: fx::PG_TS + PG_EPOCH_OFFSET_MICROS,
-                part: crate::change::Part::WHOLE,
-            }
-        );
-        let ops: Vec<_> = txn.changes.iter().map(|c| (c.op, c.lsn.0)).collect();
-        assert_eq!(ops, vec![(Op::Insert, 3), (Op::Update, 4), (Op::Delete, 5)]);
-        let users = &txn.changes[0].relation;
-        assert_eq!(users.qualified_name(), "public.users");
-        assert_eq!(users.replica_identity, ReplicaIdentity::Default);
-        assert_eq!(
-            txn.changes[0].new,
-            Some(vec![
-                Value::Int(1),
-                Value::Text("a@example.com".into()),
-                Value::Null
-            ])
-        );
-        assert_eq!(txn.changes[0].old, None);
-        let update = &txn.changes[1];
-        assert_eq!(
-            update.old,
-            Some(vec![Value::Int(1), Value::Null, Value::Null])
-        );
-        assert_eq!(
-            update.new,
-            Some(vec![
-                Value::Int(2),
-                Value::UnchangedToast,
-                Value::Date(7425)
-            ])
-        );
-        assert_eq!(txn.changes[2].new, None);
-        assert!(txn.changes[2].old.is_some());
-    }
-
-    /// Feeds a transaction of `rows` inserts; returns what the assembler handed on.
-    fn large_transaction(a: &mut Assembler, rows: u64) -> Vec<Transaction> {
-        let mut out = Vec::new();
-        out.extend(apply(a, 1, &fx::begin()));
-        out.extend(apply(a, 2, &fx::relation()));
-        for i in 0..rows {
-            out.extend(apply(a, 3 + i, &fx::insert()));
-        }
-        out.extend(apply(a, 3 + rows, &fx::commit()));
-        out
-    }
-
-    #[test]
-    fn a_large_transaction_is_handed_on_in_bounded_parts() {
-        let mut a = Assembler::default();
-        let rows = 2 * PART_CHANGES as u64 + 452;
-        let parts = large_transaction(&mut a, rows);
-        let shape: Vec<_> = parts
-            .iter()
-            .map(|p| {
-                (
-                    p.meta.part.offset,
-                    p.meta.part.last,
-                    p.changes.len(),
-                    p.meta.end_lsn,
-                )
-            })
-            .collect();
-        assert_eq!(
-            shape,
-            vec![
-                (0, false, PART_CHANGES, Lsn::ZERO),
-                (PART_CHANGES as u64, false, PART_CHANGES, Lsn::ZERO),
-                (2 * PART_CHANGES as u64, true, 452, Lsn(0x1_0000_0130)),
-            ]
-        );
-        for part in &parts {
-            assert_eq!(part.meta.xid, 731);
-            assert_eq!(part.meta.commit_lsn, Lsn(0x1_0000_0100));
-        }
-        // Every change once, in order.
-        let lsns: Vec<u64> = parts
-            .iter()
-            .flat_map(|p| p.changes.iter().map(|c| c.lsn.0))
-            .collect();
-        assert_eq!(lsns, (3..3 + rows).collect::<Vec<_>>());
-        assert!(!a.in_transaction());
-
-        // A transaction that fills its last part exactly still ends with a last part,
-        // without changes, which carries the end.
-        let parts = large_transaction(&mut Assembler::default(), PART_CHANGES as u64);
-        assert_eq!(parts.len(), 2);
-        assert!(parts[1].changes.is_empty());
-        assert!(parts[1].meta.completes());
-        assert_eq!(parts[1].meta.part.offset, PART_CHANGES as u64);
-    }
-
-    #[test]
-    fn a_transaction_resent_after_a_reconnect_resumes_after_its_parts_handed_on() {
-        let rows = PART_CHANGES as u64 + 10;
-        let mut a = Assembler {
-            resume: Some((Lsn(0x1_0000_0100), PART_CHANGES as u64)),
-            ..Assembler::default()
-        };
-        let parts = large_transaction(&mut a, rows);
-        assert_eq!(parts.len(), 1);
-        assert_eq!(parts[0].meta.part.offset, PART_CHANGES as u64);
-        assert!(parts[0].meta.completes());
-        let lsns: Vec<u64> = parts[0].changes.iter().map(|c| c.lsn.0).collect();
-        assert_eq!(
-            lsns,
-            (3 + PART_CHANGES as u64..3 + rows).collect::<Vec<_>>()
-        );
-        // The next transaction starts from scratch.
-        let parts = large_transaction(&mut a, 3);
-        assert_eq!(parts[0].meta.part, crate::change::Part::WHOLE);
-        assert_eq!(parts[0].changes.len(), 3);
-    }
-
-    #[test]
-    fn truncate_yields_one_change_per_relation() {
-        let mut a = Assembler::default();
-        apply(&mut a, 1, &fx::begin());
-        apply(&mut a, 2, &fx::relation());
-        let other = Msg::new(b'R')
-            .u32(16_390)
-            .cstr("public")
-            .cstr("orders")
-            .u8(b'f')
-            .i16(0)
-            .0;
-        apply(&mut a, 3, &other);
-        apply(&mut a, 4, &fx::truncate());
-        let txn = apply(&mut a, 5, &fx::commit()).unwrap();
-        let names: Vec<_> = txn
-            .changes
-            .iter()
-            .map(|c| {
-                (
-                    c.op,
-                    c.relation.name.as_str(),
-                    c.new.is_none() && c.old.is_none(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            names,
-            vec![
-                (Op::Truncate, "users", true),
-                (Op::Truncate, "orders", true)
-            ]
-        );
-    }
-
-    #[test]
-    fn a_relation_message_does_not_alter_earlier_changes() {
-        let mut a = Assembler::default();
-        apply(&mut a, 1, &fx::begin());
-        apply(&mut a, 2, &fx::relation());
-        apply(&mut a, 3, &fx::insert());
-        let renamed = Msg::new(b'R')
-            .u32(16_384)
-            .cstr("public")
-            .cstr("people")
-            .u8(b'd')
-            .i16(1)
-            .u8(1)
-            .cstr("id")
-            .u32(23)
-            .i32(-1)
-            .0;
-        apply(&mut a, 4, &renamed);
-        let one_col = Msg::new(b'I')
-            .u32(16_384)
-            .u8(b'N')
-            .tuple(&[Some(Some("9"))])
-            .0;
-        apply(&mut a, 5, &one_col);
-        let txn = apply(&mut a, 6, &fx::commit()).unwrap();
-        assert_eq!(txn.changes[0].relation.name, "users");
-        assert_eq!(txn.changes[1].relation.name, "people");
-    }
-
-    #[test]
-    fn stream_errors_name_the_lsn() {
-        let mut a = Assembler::default();
-        let err = a.apply(Lsn(7), &fx::commit()).unwrap_err();
-        assert!(
-            err.to_string().contains("Commit outside a transaction"),
-            "{err}"
-        );
-        apply(&mut a, 8, &fx::begin());
-        let err = a.apply(Lsn(9), &fx::begin()).unwrap_err();
-        assert!(err.to_string().contains("0/9"), "{err}");
-        let err = a.apply(Lsn(10), &fx::insert()).unwrap_err();
-        assert!(
-            err.to_string().contains("before its Relation message"),
-            "{err}"
-        );
-        let err = a.apply(Lsn(11), b"S\0").unwrap_err();
-        assert!(matches!(err, SourceError::Decode { .. }));
-        assert!(!err.is_transient());
-
-        apply(&mut a, 12, &fx::relation());
-        let bad_date = Msg::new(b'I')
-            .u32(16_384)
-            .u8(b'N')
-            .tuple(&[Some(Some("1")), None, Some(Some("not a date"))])
-            .0;
-        let err = a.apply(Lsn(13), &bad_date).unwrap_err().to_string();
-        assert!(
-            err.contains("public.users") && err.contains("`born`"),
-            "{err}"
-        );
-        let short = Msg::new(b'I').u32(16_384).u8(b'N').tuple(&[None]).0;
-        assert!(a.apply(Lsn(14), &short).is_err());
-    }
 
     #[test]
     fn settings_are_validated() {

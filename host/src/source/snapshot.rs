@@ -53,9 +53,10 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use super::catalog;
 use super::protocol::{ReplicationConnection, SnapshotAction, quote_ident};
-use super::{SourceError, SourceSettings, catalog_error, resolve_type, shutdown_requested};
-use crate::change::{Change, Column, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta};
+use super::{SourceError, SourceSettings, catalog_error, shutdown_requested};
+use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta};
 use crate::progress::{Progress, Unit};
 
 /// Rows per snapshot chunk (one transaction downstream).
@@ -66,10 +67,6 @@ pub const CHUNK_BYTES: usize = 8 << 20;
 const SPAN: u64 = 1 << 20;
 /// How often progress is logged and published.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
-/// The first server version (`server_version_num`) with column lists and row filters.
-const PG15: i32 = 150_000;
-/// The first server version that can publish generated columns.
-const PG18: i32 = 180_000;
 
 /// Called with the snapshot's progress as JSON (for `/status`).
 #[derive(Clone)]
@@ -193,15 +190,10 @@ pub(super) async fn take(
     // An interrupted attempt left its slot: drop it, and put 1 MiB of WAL (more than
     // SPAN bytes) between its consistent point and the new one, so that the new chunks
     // all number above the old ones and the lake does not skip them.
-    let previous: Option<String> = client
-        .query_opt(
-            "SELECT COALESCE(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&exporting_slot],
-        )
+    let previous: Option<Lsn> = catalog::slot(&client, &exporting_slot)
         .await
-        .map_err(fail("looking for an interrupted snapshot"))?
-        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_else(|| "0/0".into()));
-    let previous: Option<Lsn> = previous.map(|p| p.parse().unwrap_or(Lsn::ZERO));
+        .map_err(|e| catalog_error(&addr, &user, "looking for an interrupted snapshot", e))?
+        .map(|s| s.confirmed_flush.or(s.restart_lsn).unwrap_or(Lsn::ZERO));
     if let Some(previous) = previous {
         warn!(slot = %exporting_slot, consistent_point = %previous, "an earlier initial snapshot was interrupted; taking it again (its rows already in the lake have a lower _commit_lsn and another _xid)");
         client
@@ -235,29 +227,20 @@ pub(super) async fn take(
         ))
         .await
         .map_err(fail("importing the snapshot"))?;
-    let server_version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+    let server_version = catalog::server_version(&client)
         .await
-        .map_err(fail("reading the server version"))?
-        .get(0);
-    let tables = published_tables(&client, &settings.publication, server_version)
+        .map_err(fail("reading the server version"))?;
+    let tables = catalog::published_tables(&client, &settings.publication, server_version)
         .await
         .map_err(fail("listing the published tables"))?;
 
-    // The row estimate of every published table, for the ETA (-1: never analyzed).
-    let rows_estimate: i64 = client
-        .query_one(
-            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 FROM pg_publication_tables p \
-             JOIN pg_class c ON c.oid = format('%I.%I', p.schemaname, p.tablename)::regclass \
-             WHERE p.pubname = $1",
-            &[&settings.publication],
-        )
+    // The row estimate of every published table, for the ETA.
+    let rows_estimate = catalog::published_rows_estimate(&client, &settings.publication)
         .await
-        .map_err(fail("estimating the table sizes"))?
-        .get(0);
+        .map_err(fail("estimating the table sizes"))?;
     let mut meter = Meter {
         observer: settings.on_snapshot.as_ref(),
-        progress: Progress::start("initial snapshot", Unit::Rows, rows_estimate.max(0) as u64),
+        progress: Progress::start("initial snapshot", Unit::Rows, rows_estimate),
         started: Instant::now(),
         last: Instant::now(),
         rows: 0,
@@ -267,18 +250,14 @@ pub(super) async fn take(
     let mut chunk_index = 0u64;
     let mut last_chunk = None;
     for table in &tables {
-        let (relation, plain) = relation(&client, table, server_version)
+        let (relation, plain) = catalog::describe(&client, table, server_version)
             .await
             .map_err(fail("describing a published table"))?;
         let qualified = relation.qualified_name();
-        let estimate: i64 = client
-            .query_one(
-                "SELECT reltuples::int8 FROM pg_class WHERE oid = $1",
-                &[&relation.oid],
-            )
+        let estimate = catalog::rows_estimate(&client, relation.oid)
             .await
             .map_err(fail("estimating the table size"))?
-            .get(0);
+            .map_or(-1, |rows| rows as i64);
         let sql = copy_sql(&relation, plain, table.row_filters.as_deref());
         debug!(table = %qualified, sql, "copying a published table");
         let relation = Arc::new(relation);
@@ -412,84 +391,6 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// What a publication publishes of one table, from `pg_publication_tables`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Published {
-    schema: String,
-    name: String,
-    /// The published columns (`attnames`); `None` (no `attnames`, as before
-    /// PostgreSQL 15): every column pgoutput sends of a table without a column list.
-    columns: Option<Vec<String>>,
-    /// The row filters (`rowfilter`), any of which lets a row through; `None`: every
-    /// row (no filter, `FOR ALL TABLES`, `TABLES IN SCHEMA`, before PostgreSQL 15).
-    row_filters: Option<Vec<String>>,
-}
-
-/// The tables of `publication` in name order, each with the columns and the rows it
-/// publishes of it. Column lists and row filters exist from PostgreSQL 15 on.
-async fn published_tables(
-    client: &tokio_postgres::Client,
-    publication: &str,
-    server_version: i32,
-) -> Result<Vec<Published>, tokio_postgres::Error> {
-    let sql = if server_version >= PG15 {
-        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter \
-         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
-    } else {
-        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text \
-         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
-    };
-    let rows = client.query(sql, &[&publication]).await?;
-    Ok(combine(rows.iter().map(|r| Published {
-        schema: r.get(0),
-        name: r.get(1),
-        columns: r.get(2),
-        row_filters: r.get::<_, Option<String>>(3).map(|f| vec![f]),
-    })))
-}
-
-/// One entry per table, from rows in table order. A table listed more than once (once
-/// per publication; one publication lists each table once) has its row filters merged
-/// as PostgreSQL's table sync merges them: no filter in one of them means every row,
-/// else the distinct filters are OR-ed. Its columns are the union of the lists, none
-/// meaning every column (pgoutput refuses a table whose publications list different
-/// columns).
-fn combine(rows: impl IntoIterator<Item = Published>) -> Vec<Published> {
-    let mut tables: Vec<Published> = Vec::new();
-    for row in rows {
-        let Some(last) = tables
-            .last_mut()
-            .filter(|t| t.schema == row.schema && t.name == row.name)
-        else {
-            tables.push(row);
-            continue;
-        };
-        last.columns = match (last.columns.take(), row.columns) {
-            (Some(mut columns), Some(more)) => {
-                for column in more {
-                    if !columns.contains(&column) {
-                        columns.push(column);
-                    }
-                }
-                Some(columns)
-            }
-            _ => None,
-        };
-        last.row_filters = match (last.row_filters.take(), row.row_filters) {
-            (Some(mut filters), Some(more)) => {
-                for filter in more {
-                    if !filters.contains(&filter) {
-                        filters.push(filter);
-                    }
-                }
-                Some(filters)
-            }
-            _ => None,
-        };
-    }
-    tables
-}
-
 /// The COPY that reads what the publication publishes of `relation`: its columns (the
 /// published ones), of its own rows if `only` (a plain table, whose inheritance
 /// children are tables of their own), those that any of `row_filters` lets through.
@@ -514,73 +415,6 @@ fn copy_sql(relation: &Relation, only: bool, row_filters: Option<&[String]>) -> 
     }
     sql.push_str(") TO STDOUT");
     sql
-}
-
-/// A published table as pgoutput describes it: its published columns in order (the
-/// column list's, else all but dropped and generated ones; generated ones only where
-/// PostgreSQL 18 publishes them), key flags, replica identity, domains resolved. With
-/// it, whether it is a plain table (`relkind = 'r'`, copied with `ONLY`).
-async fn relation(
-    client: &tokio_postgres::Client,
-    table: &Published,
-    server_version: i32,
-) -> Result<(Relation, bool), tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT c.oid, c.relreplident::text, c.relkind = 'r' FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
-            &[&table.schema, &table.name],
-        )
-        .await?;
-    let oid: u32 = row.get(0);
-    let identity: String = row.get(1);
-    let plain: bool = row.get(2);
-    let replica_identity = match identity.as_str() {
-        "n" => ReplicaIdentity::Nothing,
-        "f" => ReplicaIdentity::Full,
-        "i" => ReplicaIdentity::Index,
-        _ => ReplicaIdentity::Default,
-    };
-    let rows = client
-        .query(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod, \
-             EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND a.attnum = ANY(i.indkey) \
-                     AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) \
-             OR c.relreplident = 'f' \
-             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
-             AND CASE WHEN $2::text[] IS NULL THEN a.attgenerated = '' \
-                 ELSE a.attname::text = ANY($2::text[]) AND (a.attgenerated = '' OR $3) END \
-             ORDER BY a.attnum",
-            // Before 18, attnames may list generated columns that pgoutput never sends.
-            &[&oid, &table.columns, &(server_version >= PG18)],
-        )
-        .await?;
-    let mut columns = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut column = Column {
-            name: row.get(0),
-            type_oid: row.get(1),
-            type_modifier: row.get(2),
-            key: row.get(3),
-        };
-        if column.type_oid >= super::FIRST_NORMAL_OID {
-            let (base, typmod) = resolve_type(client, column.type_oid).await?;
-            column.type_oid = base;
-            if column.type_modifier == -1 {
-                column.type_modifier = typmod;
-            }
-        }
-        columns.push(column);
-    }
-    let relation = Relation {
-        oid,
-        schema: table.schema.clone(),
-        name: table.name.clone(),
-        replica_identity,
-        columns,
-    };
-    Ok((relation, plain))
 }
 
 /// One line of COPY text output as typed values.
@@ -612,13 +446,15 @@ fn parse_row(
             continue;
         }
         let text = unescape(field);
-        values.push(super::text::parse_value(column, &text).map_err(|source| {
-            SourceError::Value {
-                relation: relation.qualified_name(),
-                lsn,
-                source,
-            }
-        })?);
+        values.push(
+            crate::change::text::parse_value(column, &text).map_err(|source| {
+                SourceError::Value {
+                    relation: relation.qualified_name(),
+                    lsn,
+                    source,
+                }
+            })?,
+        );
     }
     Ok(values)
 }
@@ -668,6 +504,7 @@ fn unescape(field: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::{Column, ReplicaIdentity};
 
     #[test]
     fn copy_text_escapes_are_undone() {
@@ -685,38 +522,6 @@ mod tests {
         assert!(chunk_base(retry, Some(cp)) >= cp);
         assert!(chunk_base(retry, Some(cp)).0 + SPAN / 2 < retry.0);
         assert_eq!(snapshot_slot(&"x".repeat(63)).len(), 63);
-    }
-
-    fn published(name: &str, columns: Option<&[&str]>, filter: Option<&str>) -> Published {
-        Published {
-            schema: "public".into(),
-            name: name.into(),
-            columns: columns.map(|c| c.iter().map(|c| c.to_string()).collect()),
-            row_filters: filter.map(|f| vec![f.to_owned()]),
-        }
-    }
-
-    #[test]
-    fn a_table_in_several_publications_is_copied_as_any_of_them_publishes_it() {
-        let merged = combine([
-            published("a", Some(&["id", "x"]), Some("(x > 1)")),
-            published("a", Some(&["id", "y"]), Some("(y = 'eu'::text)")),
-            published("a", Some(&["id"]), Some("(x > 1)")),
-            published("b", Some(&["id"]), Some("(id > 1)")),
-            published("b", None, None),
-            published("c", Some(&["id"]), None),
-        ]);
-        assert_eq!(
-            merged,
-            [
-                Published {
-                    row_filters: Some(vec!["(x > 1)".into(), "(y = 'eu'::text)".into()]),
-                    ..published("a", Some(&["id", "x", "y"]), None)
-                },
-                published("b", None, None),
-                published("c", Some(&["id"]), None),
-            ]
-        );
     }
 
     #[test]

@@ -805,8 +805,7 @@ impl Bench {
         // The default flush interval, as airlock reads it from this configuration.
         let flush = airlock::config::Config::from_toml("bench.toml", &text, &dir)
             .map_err(|e| anyhow::anyhow!("{e}"))?
-            .sinks
-            .iter()
+            .lakes()
             .find(|s| s.name == "lake")
             .context("the lake sink")?
             .flush_interval;

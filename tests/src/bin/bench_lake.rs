@@ -11,8 +11,7 @@
 //!
 //! usage: cargo run --release -p airlock-tests --bin bench_lake [-- --rows N --commits N]
 
-#[path = "../../tests/lake_support.rs"]
-mod lake_support;
+use airlock_tests::lake_support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -747,13 +747,13 @@ fn list_column_of(
         let parsed = match value {
             None => None,
             Some(Value::Other(text) | Value::Text(text)) => {
-                let elements = crate::source::text::parse_array(text).and_then(|elements| {
+                let elements = crate::change::text::parse_array(text).and_then(|elements| {
                     elements
                         .into_iter()
                         .map(|e| match (e, &parse_as) {
                             (None, _) => Some(Value::Null),
                             (Some(text), Some(column)) => {
-                                crate::source::text::parse_value(column, text.as_bytes()).ok()
+                                crate::change::text::parse_value(column, text.as_bytes()).ok()
                             }
                             (Some(text), None) => Some(Value::Text(text)),
                         })

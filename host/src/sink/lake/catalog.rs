@@ -18,8 +18,8 @@ use deltalake::DeltaTableBuilder;
 use serde::Serialize;
 
 use super::arrow::field_tags;
-use super::{LakeError, LakeSettings, REGISTER_S3, naming};
-use crate::config::{Config, SinkKind};
+use super::error::LakeError;
+use super::{LakeSettings, REGISTER_S3, naming};
 
 /// Every table of every lake sink of a configuration.
 #[derive(Clone, Debug, Serialize)]
@@ -197,27 +197,25 @@ fn type_name(data_type: &deltalake::kernel::DataType) -> String {
     }
 }
 
-/// Reads the catalog of every `delta` sink of `config` (the Delta logs only).
-pub async fn catalog(config: &Config) -> Result<Catalog, CatalogError> {
+/// Reads the catalog of every lake in `lakes` (the Delta logs only).
+pub async fn catalog(
+    lakes: impl IntoIterator<Item = &LakeSettings>,
+) -> Result<Catalog, CatalogError> {
     let mut sinks = Vec::new();
-    for sink in &config.sinks {
-        if sink.kind != SinkKind::Delta {
-            continue;
-        }
-        let settings = LakeSettings::from_config(config, sink);
+    for settings in lakes {
         let error = |e: LakeError| CatalogError {
-            sink: sink.name.clone(),
+            sink: settings.name.clone(),
             message: e.to_string(),
         };
-        let dirs = list_tables(&settings).await.map_err(error)?;
+        let dirs = list_tables(settings).await.map_err(error)?;
         let mut tables = Vec::new();
         for dir in dirs {
-            tables.push(describe(&settings, &dir).await.map_err(error)?);
+            tables.push(describe(settings, &dir).await.map_err(error)?);
         }
         sinks.push(CatalogSink {
-            name: sink.name.clone(),
-            url: sink.url.clone(),
-            routes: sink.routes.clone(),
+            name: settings.name.clone(),
+            url: settings.url.clone(),
+            routes: settings.routes.clone(),
             tables,
         });
     }

@@ -42,7 +42,9 @@ use object_store::{ObjectStore, ObjectStoreExt as _, PutMode, PutOptions, PutPay
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
-use super::{LakeError, LakeSettings, LakeTable};
+use super::LakeSettings;
+use super::error::LakeError;
+use super::table::LakeTable;
 use crate::progress::{Progress, Unit};
 
 /// When and how a lake sink maintains its tables.

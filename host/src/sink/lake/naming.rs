@@ -156,15 +156,11 @@ pub(crate) fn may_hold_table(dir: &str) -> bool {
 /// root; a listed name is one existing segment, never `..` and without `/`. Never used
 /// on a source table's name.
 pub(crate) fn dir_segment(dir: &str) -> String {
-    let mut out = String::with_capacity(dir.len());
-    for b in dir.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    const KEPT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'-');
+    percent_encoding::utf8_percent_encode(dir, KEPT).to_string()
 }
 
 #[cfg(test)]

@@ -16,10 +16,13 @@ use futures::TryStreamExt as _;
 use object_store::ObjectStoreExt as _;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use super::arrow::Segment;
+use super::files::{WRITE_CHUNK_ROWS, chunks, repeats};
 use super::*;
 use crate::change::{
     Change, Column, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
 };
+use std::collections::BTreeSet;
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
@@ -957,7 +960,7 @@ async fn hostile_table_names_get_their_own_directory_inside_the_root() {
         root.display()
     );
     let config = crate::config::Config::from_toml("t.toml", &toml, &dir).unwrap();
-    let catalog = catalog(&config).await.unwrap();
+    let catalog = catalog(config.lakes()).await.unwrap();
     let mut names: Vec<&str> = catalog.sinks[0]
         .tables
         .iter()
@@ -1582,7 +1585,7 @@ async fn the_catalog_lists_tables_columns_tags_rows_and_versions() {
         dir.display()
     );
     let config = crate::config::Config::from_toml("t.toml", &toml, &dir).unwrap();
-    let catalog = catalog(&config).await.unwrap();
+    let catalog = catalog(config.lakes()).await.unwrap();
     let lake = catalog.sinks.iter().find(|s| s.name == "lake").unwrap();
     assert_eq!(lake.tables.len(), 1);
     let t = &lake.tables[0];

@@ -75,7 +75,7 @@ async fn builtin(dir: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        crate::spine::serve(&dir, listener, None, async move {
+        crate::spine::server::serve(&dir, listener, None, async move {
             let _ = stopped.await;
         })
         .await
@@ -326,7 +326,7 @@ async fn events_carry_the_row_and_the_change_metadata() {
     assert!(sink.accept(Arc::new(b)).await.unwrap());
     assert_eq!(sink.flush().await.unwrap(), Some(Lsn(0x48)));
 
-    let client = SpineClient::new("t", &url, None, Duration::from_secs(5)).unwrap();
+    let client = SpineClient::new(&url, None, Duration::from_secs(5)).unwrap();
     let events = client.events(None, None, 10).await.unwrap();
     assert_eq!(events.len(), 2);
     let (u, d) = (&events[0], &events[1]);
@@ -376,7 +376,7 @@ async fn unrouted_and_dropped_rows_are_not_sent_but_keep_their_index() {
     b.rows[1].dropped = true;
     assert!(sink.accept(Arc::new(b)).await.unwrap());
     sink.flush().await.unwrap();
-    let events = SpineClient::new("t", &url, None, Duration::from_secs(5))
+    let events = SpineClient::new(&url, None, Duration::from_secs(5))
         .unwrap()
         .events(None, None, 10)
         .await
@@ -438,7 +438,7 @@ async fn a_restarted_sink_skips_what_the_spine_already_has() {
         }
         assert_eq!(sink.pending_events(), 4, "{spine}");
         sink.flush().await.unwrap();
-        let events = SpineClient::new("t", &url, None, Duration::from_secs(5))
+        let events = SpineClient::new(&url, None, Duration::from_secs(5))
             .unwrap()
             .events(None, None, 100)
             .await
@@ -512,7 +512,8 @@ async fn a_refused_request_is_definite_with_the_spines_answer() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     tokio::spawn(async move {
-        crate::spine::serve(&dir, listener, Some("t0ken".into()), std::future::pending()).await
+        crate::spine::server::serve(&dir, listener, Some("t0ken".into()), std::future::pending())
+            .await
     });
     let error = SpineSink::open(settings(&url))
         .await
@@ -590,7 +591,6 @@ async fn dead_letter_files_are_readable_by_their_owner_only() {
 #[tokio::test]
 async fn credentials_in_the_spine_url_are_never_shown() {
     let client = SpineClient::new(
-        "audit",
         "http://ops:hunter2@127.0.0.1:1/events",
         None,
         Duration::from_secs(2),
