@@ -30,41 +30,23 @@ use crate::checkpoint::Tracker;
 use crate::config::{Config, SinkConfig, SinkSettings};
 use crate::pipeline::batch::Batch;
 use crate::pipeline::registry::{self, ReloadRequest, SwapSlot};
-use crate::pipeline::runtime::{Runtime, RuntimeError};
+use crate::pipeline::runtime::Runtime;
 use crate::pipeline::{self, Worker};
 use crate::sink::lake::{Compactors, LakeSink};
 use crate::sink::spine::SpineSink;
 use crate::sink::{self, SinkError};
-use crate::source::{self, Held, SourceError, SourceSettings};
+use crate::source::{self, Held, SourceSettings};
 use crate::spine::client::SpineClient;
 use crate::status::{self, Status, lsn_text};
 
+mod error;
 mod parts;
 mod slot_health;
 
+pub use error::RunError;
+
 use parts::{Parts, Role};
 use slot_health::InFlight;
-
-/// Why the main job stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("the plugin folder could not be loaded: {0}")]
-    Plugins(String),
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Sink(#[from] SinkError),
-    #[error("admin API: cannot listen on {addr}: {error} (set [admin] listen to a free address)")]
-    Admin { addr: String, error: std::io::Error },
-    #[error(
-        "{part} panicked: {message} (see the log above); nothing it had not made durable was acknowledged"
-    )]
-    Panicked { part: String, message: String },
-    #[error("{0}")]
-    Internal(String),
-}
 
 /// Bytes of transactions (or parts of large ones) that may wait for the guests
 /// between the source and the pipeline (see [`pipeline::inflow`]).
@@ -520,9 +502,7 @@ fn source_settings(
         snapshot: config.source.snapshot == crate::config::Snapshot::Initial,
         on_snapshot: Some({
             let status = status.clone(); // initial snapshot progress in `/status`
-            source::snapshot::SnapshotObserver(Arc::new(move |progress| {
-                status.set_snapshot(progress)
-            }))
+            source::SnapshotObserver(Arc::new(move |progress| status.set_snapshot(progress)))
         }),
         on_state: Some({
             let status = status.clone(); // the source's state and retries in `/status`

@@ -27,7 +27,7 @@ use std::future::Future;
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, Id, JoinSet};
 
-use super::RunError;
+use super::error::RunError;
 
 /// What a part does, in the order its errors take precedence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -179,5 +179,117 @@ impl Parts {
             )),
         };
         (name, role, failure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::checkpoint::Tracker;
+    use crate::sink::SinkError;
+
+    fn outside() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+        watch::channel(false)
+    }
+
+    /// A source-like part: streams until the stop, then ends with `result`.
+    fn until_stop(
+        parts: &Parts,
+        result: Result<(), RunError>,
+    ) -> impl Future<Output = Result<(), RunError>> + use<> {
+        let mut stop = parts.stop();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+            result
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_from_outside_ends_the_run_cleanly() {
+        let (tx, rx) = outside();
+        let mut parts = Parts::new(rx);
+        let source = until_stop(&parts, Ok(()));
+        parts.spawn("the source", Role::Source, source);
+        parts.spawn("slot health", Role::Background, std::future::pending());
+        tx.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), parts.wait())
+            .await
+            .expect("the run ends once the flow has")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_sink_stops_the_run_at_once_freezes_the_checkpoint_and_is_the_error() {
+        let (_tx, rx) = outside();
+        let mut parts = Parts::new(rx);
+        let (mut tracker, mut durable) = Tracker::new();
+        let _healthy_sink = tracker.register();
+        parts.spawn_checkpoint(tracker.run());
+        // The source: once stopped, the checkpoint it acknowledges from must be gone
+        // (frozen), and it ends with an error that follows from the sink's.
+        let mut stop = parts.stop();
+        parts.spawn("the source", Role::Source, async move {
+            let _ = stop.wait_for(|s| *s).await;
+            let frozen = tokio::time::timeout(Duration::from_secs(5), durable.changed()).await;
+            assert!(
+                matches!(frozen, Ok(Err(_))),
+                "the checkpoint still moves after a failure"
+            );
+            Err(RunError::Internal("the pipeline closed".into()))
+        });
+        parts.spawn("sink `lake`", Role::Sink, async {
+            Err(RunError::Sink(SinkError::Definite {
+                sink: "lake".into(),
+                message: "refused".into(),
+            }))
+        });
+        let error = tokio::time::timeout(Duration::from_secs(10), parts.wait())
+            .await
+            .expect("a failure ends the run without a stop from outside")
+            .unwrap_err();
+        assert!(
+            matches!(error, RunError::Sink(_)),
+            "the root cause: {error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_any_part_stops_the_run_and_names_the_part() {
+        let (_tx, rx) = outside();
+        let mut parts = Parts::new(rx);
+        let source = until_stop(&parts, Ok(()));
+        parts.spawn("the source", Role::Source, source);
+        parts.spawn("reloads", Role::Background, async {
+            panic!("a bug");
+        });
+        let error = tokio::time::timeout(Duration::from_secs(10), parts.wait())
+            .await
+            .expect("a panic ends the run")
+            .unwrap_err();
+        match error {
+            RunError::Panicked { part, message } => {
+                assert_eq!(part, "reloads");
+                assert!(message.contains("a bug"), "{message}");
+            }
+            other => panic!("expected the panic, got {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_comes_before_the_errors_it_causes() {
+        let (_tx, rx) = outside();
+        let mut parts = Parts::new(rx);
+        parts.spawn("sink `spine`", Role::Sink, async {
+            panic!("flush bug");
+        });
+        let source = until_stop(&parts, Err(RunError::Internal("closed".into())));
+        parts.spawn("the source", Role::Source, source);
+        let error = parts.wait().await.unwrap_err();
+        assert!(
+            matches!(&error, RunError::Panicked { part, .. } if part == "sink `spine`"),
+            "{error}"
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use super::RunError;
+use super::error::RunError;
 use crate::change::Lsn;
 use crate::source::catalog;
 use crate::source::protocol::ConnectConfig;

@@ -1,6 +1,7 @@
-//! What every section's validation shares: the problems found so far, the
-//! environment secrets come from, the folder relative paths start in, and the checks
-//! that recur (durations, positive numbers, PostgreSQL names).
+//! The problems a configuration file has ([`ConfigIssue`], [`ConfigError`]), and what
+//! every section's validation shares: the problems found so far, the environment
+//! secrets come from, the folder relative paths start in, and the checks that recur
+//! (durations, positive numbers, PostgreSQL names).
 //!
 //! Invariants:
 //! - A check that fails records a [`ConfigIssue`] with the field's path and returns a
@@ -8,10 +9,47 @@
 //! - Nothing here reads the process environment: secrets come through `env`, so
 //!   validation is a pure function of its inputs.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::ConfigIssue;
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted path of the field, e.g. `sinks.lake.url`.
+    pub path: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.issues.len();
+        writeln!(
+            f,
+            "{} has {n} problem{}:",
+            self.file,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for issue in &self.issues {
+            writeln!(f, "  - {issue}")?;
+        }
+        Ok(())
+    }
+}
 
 /// The state of one validation.
 pub(super) struct Check<'a> {

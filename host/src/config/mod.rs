@@ -25,7 +25,6 @@
 //! url = "file:///var/lib/airlock/lake"
 //! ```
 
-use std::fmt;
 use std::path::Path;
 
 pub mod admin;
@@ -37,50 +36,12 @@ pub mod sinks;
 pub mod source;
 
 pub use self::admin::AdminConfig;
-pub use self::check::parse_duration;
+pub use self::check::{ConfigError, ConfigIssue, parse_duration};
 pub use self::plugins::{OnError, PluginsConfig, RequiredStage, default_cache_dir};
 pub use self::sinks::{SinkConfig, SinkKind, SinkSettings};
 pub use self::source::{Snapshot, SourceConfig};
 use crate::sink::lake::LakeSettings;
 use crate::sink::spine::SpineSettings;
-
-/// One problem in a configuration file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigIssue {
-    /// Dotted path of the field, e.g. `sinks.lake.url`.
-    pub path: String,
-    /// What is wrong and what is expected.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigIssue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// Every problem found in a configuration file.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub file: String,
-    pub issues: Vec<ConfigIssue>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.issues.len();
-        writeln!(
-            f,
-            "{} has {n} problem{}:",
-            self.file,
-            if n == 1 { "" } else { "s" }
-        )?;
-        for issue in &self.issues {
-            writeln!(f, "  - {issue}")?;
-        }
-        Ok(())
-    }
-}
 
 /// The validated configuration airlock runs with.
 #[derive(Clone, Debug)]

@@ -3,7 +3,8 @@
 //! path and line, then left out, and the rest is read again (a plain serde parse stops
 //! at the first). A file that is not TOML at all is one issue: where the syntax breaks.
 
-use super::{ConfigIssue, raw};
+use super::check::ConfigIssue;
+use super::raw;
 
 /// The file as written, with every field of the wrong type (or unknown, or a table
 /// missing a required field) reported with its path and line, then left out so

@@ -15,6 +15,8 @@
 //!   [`drive`]; a definite error stops the pipeline (nothing past it is acknowledged).
 
 pub mod lake;
+pub mod memory;
+pub mod spine;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -232,4 +234,76 @@ fn publish(durable: &watch::Sender<Lsn>, lsn: Lsn) {
         }
     });
 }
-pub mod spine;
+
+#[cfg(test)]
+mod tests {
+    use super::memory::{FailPoint, MemorySink};
+    use super::*;
+    use crate::change::{Change, Op, Part, Relation, ReplicaIdentity, Transaction, TxnMeta};
+
+    /// A batch of one transaction with one row, ending at `end`.
+    fn batch(end: u64) -> Arc<Batch> {
+        let relation = Arc::new(Relation {
+            oid: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: Vec::new(),
+        });
+        let txn = Transaction {
+            meta: TxnMeta {
+                xid: end as u32,
+                commit_lsn: Lsn(end - 1),
+                end_lsn: Lsn(end),
+                commit_ts: 0,
+                part: Part::WHOLE,
+            },
+            changes: vec![Change {
+                relation,
+                op: Op::Insert,
+                lsn: Lsn(end - 1),
+                new: Some(Vec::new()),
+                old: None,
+            }],
+        };
+        Arc::new(Batch::from_transactions([txn]))
+    }
+
+    #[tokio::test]
+    async fn a_flush_that_fails_transiently_is_retried_and_nothing_is_lost_or_repeated() {
+        let (sink, handle) = MemorySink::new("memory", Duration::from_millis(10));
+        handle.arm(FailPoint::FlushTransient);
+        handle.arm(FailPoint::FlushTransient);
+        let (tx, rx) = mpsc::channel(8);
+        let (durable, mut seen) = watch::channel(Lsn::ZERO);
+        let driver = tokio::spawn(drive(sink, rx, durable));
+        for end in [10, 20, 30] {
+            tx.send(batch(end)).await.unwrap();
+        }
+        drop(tx);
+        driver.await.unwrap().unwrap();
+        let ends: Vec<Option<Lsn>> = handle.durable().iter().map(|b| b.end_lsn()).collect();
+        assert_eq!(ends, [Some(Lsn(10)), Some(Lsn(20)), Some(Lsn(30))]);
+        assert!(
+            handle.flushes() >= 3,
+            "two failed flushes, then one that took it all"
+        );
+        assert_eq!(*seen.borrow_and_update(), Lsn(30));
+    }
+
+    #[tokio::test]
+    async fn a_definite_failure_ends_the_driver_and_nothing_is_reported_durable() {
+        let (sink, handle) = MemorySink::new("memory", Duration::from_millis(10));
+        handle.arm(FailPoint::FlushDefinite);
+        let (tx, rx) = mpsc::channel(8);
+        let (durable, seen) = watch::channel(Lsn::ZERO);
+        let driver = tokio::spawn(drive(sink, rx, durable));
+        tx.send(batch(10)).await.unwrap();
+        let error = driver.await.unwrap().unwrap_err();
+        assert!(!error.is_transient(), "{error}");
+        assert!(handle.durable().is_empty());
+        assert_eq!(*seen.borrow(), Lsn::ZERO);
+        // The driver is gone: the pipeline's next send fails and it stops too.
+        assert!(tx.send(batch(20)).await.is_err());
+    }
+}

@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use tracing::debug;
 
+use super::catalog;
+use super::error::SourceError;
 use super::pgoutput::{self, Message, OldKind, TupleData, TupleValue};
-use super::{SourceError, catalog};
 use crate::change::text;
 use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta, Value};
 

@@ -18,6 +18,7 @@
 
 use tokio_postgres::Client;
 
+use super::error::SourceError;
 use super::protocol::quote_ident;
 use crate::change::{Column, Lsn, Relation, ReplicaIdentity};
 
@@ -184,6 +185,23 @@ pub enum CatalogError {
     Sql(#[from] tokio_postgres::Error),
     #[error("PostgreSQL gave `{value}` as the {what}, which is not an LSN")]
     Unexpected { what: String, value: String },
+}
+
+/// A failed catalog read as the source's error, saying what it was doing.
+pub(super) fn catalog_error(
+    addr: &str,
+    user: &str,
+    during: &'static str,
+    error: impl Into<CatalogError>,
+) -> SourceError {
+    match error.into() {
+        CatalogError::Sql(error) => SourceError::from_sql(addr, user, during, error),
+        unexpected @ CatalogError::Unexpected { .. } => SourceError::Protocol {
+            addr: addr.to_owned(),
+            during,
+            reason: unexpected.to_string(),
+        },
+    }
 }
 
 /// A publication and what it publishes.

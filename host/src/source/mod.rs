@@ -51,6 +51,7 @@ pub mod connect;
 pub mod error;
 pub mod pgoutput;
 pub mod protocol;
+mod settings;
 pub mod snapshot;
 pub mod tls;
 
@@ -62,138 +63,22 @@ use tracing::{debug, info, warn};
 
 use assemble::Assembler;
 pub use assemble::{PART_BYTES, PART_CHANGES};
+use catalog::catalog_error;
 pub use error::{PgError, SourceError};
 use protocol::{ReplicationConnection, ReplicationEvent, ReplicationStream, SnapshotAction};
+use settings::shutdown_requested;
+pub use settings::{
+    DEFAULT_SHUTDOWN_DRAIN, DEFAULT_SLOT_BUSY_TIMEOUT, DEFAULT_STATUS_INTERVAL, Held,
+    SnapshotObserver, SourceSettings, SourceState, StateObserver,
+};
 
 use crate::backoff::Backoff;
 use crate::change::{Lsn, Transaction};
 
-/// How often a standby status update is sent when nothing else triggers one.
-pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// Events handled per wake-up before status timers and shutdown are looked at again.
 const DRAIN_BUDGET: usize = 1024;
-/// How long a slot held by another consumer is retried before giving up.
-pub const DEFAULT_SLOT_BUSY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default of [`SourceSettings::shutdown_drain`].
-pub const DEFAULT_SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// What the source reads and how.
-#[derive(Clone, Debug)]
-pub struct SourceSettings {
-    pub connect: protocol::ConnectConfig,
-    /// The logical replication slot (lowercase letters, digits, underscores).
-    pub slot: String,
-    /// The publication that selects the tables.
-    pub publication: String,
-    /// Create the slot (pgoutput, permanent, no snapshot) if it does not exist.
-    pub create_slot: bool,
-    /// Interval of standby status updates; default [`DEFAULT_STATUS_INTERVAL`].
-    pub status_interval: Duration,
-    /// Tables (`schema.table`) for the publication when it does not exist: airlock
-    /// creates it `FOR TABLE` these. Empty: a missing publication is an error.
-    pub tables: Vec<String>,
-    /// How long the slot may be held by another consumer (retried meanwhile) before
-    /// [`SourceError::SlotBusy`] stops the source; default [`DEFAULT_SLOT_BUSY_TIMEOUT`].
-    pub slot_busy_timeout: Duration,
-    /// How long a stopping source waits for the sinks to make what it dispatched
-    /// durable, so its final standby status covers it. Past this, the slot keeps the
-    /// rest and a restart resends it, which the sinks skip.
-    pub shutdown_drain: Duration,
-    /// Take an initial snapshot when the slot does not exist yet (and create it then).
-    pub snapshot: bool,
-    /// Told the snapshot's progress, for `/status`.
-    pub on_snapshot: Option<snapshot::SnapshotObserver>,
-    /// Told what the source is doing (and why it retries), for `/status`.
-    pub on_state: Option<StateObserver>,
-    /// What a sink already held at startup (read from the sink, e.g. the lake's
-    /// commits): a missing slot is then one that was dropped, never created anew.
-    pub held: Option<Held>,
-}
-
-/// Changes a sink holds from an earlier run: where, and through which commit.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Held {
-    pub sink: String,
-    pub table: String,
-    pub through: Lsn,
-}
-
-/// What the source is doing, as told to [`SourceSettings::on_state`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceState {
-    /// Connecting to PostgreSQL and checking the catalog.
-    Connecting,
-    /// Copying the tables' existing rows (the initial snapshot).
-    Snapshotting,
-    /// Replication started: changes flow from the slot.
-    Streaming,
-    /// The last attempt failed with a transient error; the next is in `retry_in`.
-    Retrying { error: String, retry_in: Duration },
-}
-
-/// Receives the source's [`SourceState`] whenever it changes.
-#[derive(Clone)]
-pub struct StateObserver(pub Arc<dyn Fn(SourceState) + Send + Sync>);
-
-impl std::fmt::Debug for StateObserver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StateObserver")
-    }
-}
-
-impl SourceSettings {
-    fn tell(&self, state: SourceState) {
-        if let Some(observer) = &self.on_state {
-            (observer.0)(state);
-        }
-    }
-}
-
-impl SourceSettings {
-    /// Settings with the defaults: no slot creation, status every 10 s.
-    pub fn new(connect: protocol::ConnectConfig, slot: &str, publication: &str) -> Self {
-        SourceSettings {
-            connect,
-            slot: slot.to_owned(),
-            publication: publication.to_owned(),
-            create_slot: false,
-            status_interval: DEFAULT_STATUS_INTERVAL,
-            tables: Vec::new(),
-            slot_busy_timeout: DEFAULT_SLOT_BUSY_TIMEOUT,
-            shutdown_drain: DEFAULT_SHUTDOWN_DRAIN,
-            snapshot: false,
-            on_snapshot: None,
-            on_state: None,
-            held: None,
-        }
-    }
-
-    /// Checks what can be checked without a server.
-    pub fn validate(&self) -> Result<(), SourceError> {
-        let invalid = |reason: String| Err(SourceError::InvalidSettings { reason });
-        let slot_ok = !self.slot.is_empty()
-            && self.slot.len() <= 63
-            && self
-                .slot
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !slot_ok {
-            return invalid(format!(
-                "slot name `{}` is invalid: use 1 to 63 lowercase letters, digits and underscores",
-                self.slot
-            ));
-        }
-        if self.publication.is_empty() || self.publication.contains('\0') {
-            return invalid("the publication name must be non-empty and contain no NUL".into());
-        }
-        if self.status_interval.is_zero() {
-            return invalid("the status interval must be greater than zero".into());
-        }
-        self.connect.check_tls()
-    }
-}
 
 /// Streams committed transactions from the slot into `tx` until `shutdown` becomes
 /// true (or its sender is dropped).
@@ -273,18 +158,6 @@ pub async fn run(
         tokio::select! {
             () = tokio::time::sleep(retry_in) => {}
             () = shutdown_requested(&mut shutdown) => return Ok(()),
-        }
-    }
-}
-
-/// Completes when shutdown is requested or the shutdown sender is gone. Cancel-safe.
-async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        if shutdown.changed().await.is_err() {
-            return;
         }
     }
 }
@@ -491,22 +364,6 @@ async fn check_catalog(
         None => Err(SourceError::SlotMissing {
             slot: settings.slot.clone(),
         }),
-    }
-}
-
-fn catalog_error(
-    addr: &str,
-    user: &str,
-    during: &'static str,
-    error: impl Into<catalog::CatalogError>,
-) -> SourceError {
-    match error.into() {
-        catalog::CatalogError::Sql(error) => SourceError::from_sql(addr, user, during, error),
-        unexpected @ catalog::CatalogError::Unexpected { .. } => SourceError::Protocol {
-            addr: addr.to_owned(),
-            during,
-            reason: unexpected.to_string(),
-        },
     }
 }
 

@@ -54,8 +54,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::catalog;
+use super::catalog::catalog_error;
+use super::error::SourceError;
 use super::protocol::{ReplicationConnection, SnapshotAction, quote_ident};
-use super::{SourceError, SourceSettings, catalog_error, shutdown_requested};
+use super::settings::{SnapshotObserver, SourceSettings, shutdown_requested};
 use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta};
 use crate::progress::{Progress, Unit};
 
@@ -67,16 +69,6 @@ pub const CHUNK_BYTES: usize = 8 << 20;
 const SPAN: u64 = 1 << 20;
 /// How often progress is logged and published.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Called with the snapshot's progress as JSON (for `/status`).
-#[derive(Clone)]
-pub struct SnapshotObserver(pub Arc<dyn Fn(serde_json::Value) + Send + Sync>);
-
-impl std::fmt::Debug for SnapshotObserver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SnapshotObserver")
-    }
-}
 
 /// The name of the slot that exports the snapshot and marks an attempt in progress.
 pub(super) fn snapshot_slot(slot: &str) -> String {

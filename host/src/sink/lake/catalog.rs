@@ -19,7 +19,8 @@ use serde::Serialize;
 
 use super::arrow::field_tags;
 use super::error::LakeError;
-use super::{LakeSettings, REGISTER_S3, naming};
+use super::naming;
+use super::settings::{LakeSettings, register_s3, table_handle, table_url};
 
 /// Every table of every lake sink of a configuration.
 #[derive(Clone, Debug, Serialize)]
@@ -78,7 +79,7 @@ pub struct CatalogError {
 pub(super) async fn list_tables(settings: &LakeSettings) -> Result<Vec<String>, LakeError> {
     let url = settings.url.trim_end_matches('/');
     if url.starts_with("s3://") || url.starts_with("s3a://") {
-        REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
+        register_s3();
     }
     if let Some(path) = url.strip_prefix("file://")
         && !std::path::Path::new(path).is_dir()
@@ -125,8 +126,8 @@ pub(super) async fn list_tables(settings: &LakeSettings) -> Result<Vec<String>, 
 /// The catalog entry of the table in directory `dir`.
 async fn describe(settings: &LakeSettings, dir: &str) -> Result<CatalogTable, LakeError> {
     use futures::TryStreamExt as _;
-    let location = super::table_url(&settings.url, dir);
-    let mut table = super::table_handle(&location, dir, settings)?;
+    let location = table_url(&settings.url, dir);
+    let mut table = table_handle(&location, dir, settings)?;
     table
         .load()
         .await

@@ -11,9 +11,9 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
-use super::LakeSettings;
 use super::arrow::{Segment, record_batch};
 use super::error::LakeError;
+use super::settings::LakeSettings;
 use crate::change::Lsn;
 use crate::pipeline::batch::Batch;
 

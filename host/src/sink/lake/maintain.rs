@@ -42,51 +42,10 @@ use object_store::{ObjectStore, ObjectStoreExt as _, PutMode, PutOptions, PutPay
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
-use super::LakeSettings;
 use super::error::LakeError;
+use super::settings::{LakeSettings, Maintenance};
 use super::table::LakeTable;
 use crate::progress::{Progress, Unit};
-
-/// When and how a lake sink maintains its tables.
-#[derive(Clone, Debug)]
-pub struct Maintenance {
-    /// Compact a table when it has more than this many small files.
-    pub compact_min_files: usize,
-    /// A file smaller than this is small.
-    pub small_file_bytes: u64,
-    /// Compaction merges small files into files of about this size.
-    pub target_file_bytes: u64,
-    /// Write a Delta checkpoint every this many commits.
-    pub checkpoint_interval: u64,
-    /// Files removed by compaction are deleted this long after their removal.
-    pub vacuum_retention: Duration,
-}
-
-impl Maintenance {
-    pub const DEFAULT_COMPACT_MIN_FILES: usize = 32;
-    pub const DEFAULT_SMALL_FILE_BYTES: u64 = 16 << 20;
-    pub const DEFAULT_TARGET_FILE_BYTES: u64 = 128 << 20;
-    pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 10;
-    pub const DEFAULT_VACUUM_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-    /// How often the writer vacuums a table it writes.
-    pub const VACUUM_EVERY: Duration = Duration::from_secs(3600);
-    /// A lock older than this is taken to be left by a crashed compactor. A lock whose
-    /// holder ran on this machine in this boot is taken over as soon as that process
-    /// is gone.
-    pub const LOCK_STALE_AFTER: Duration = Duration::from_secs(3600);
-}
-
-impl Default for Maintenance {
-    fn default() -> Maintenance {
-        Maintenance {
-            compact_min_files: Self::DEFAULT_COMPACT_MIN_FILES,
-            small_file_bytes: Self::DEFAULT_SMALL_FILE_BYTES,
-            target_file_bytes: Self::DEFAULT_TARGET_FILE_BYTES,
-            checkpoint_interval: Self::DEFAULT_CHECKPOINT_INTERVAL,
-            vacuum_retention: Self::DEFAULT_VACUUM_RETENTION,
-        }
-    }
-}
 
 /// What one table's compaction did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

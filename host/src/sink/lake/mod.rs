@@ -72,126 +72,28 @@ mod error;
 mod files;
 mod maintain;
 mod naming;
+mod settings;
 mod table;
 #[cfg(test)]
 mod tests;
 mod writer;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Once};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use deltalake::{DeltaTable, DeltaTableBuilder};
-
-use self::error::LakeError;
 #[cfg(test)]
 use self::table::CrashPoint;
 use self::writer::Writer;
 use crate::change::Lsn;
-use crate::pipeline::batch::{Batch, BatchRow};
+use crate::pipeline::batch::Batch;
 use crate::sink::{Sink, SinkError};
 
 pub use self::arrow::TAGS_KEY;
 pub use self::catalog::{Catalog, CatalogColumn, CatalogError, CatalogSink, CatalogTable, catalog};
 use self::maintain::CompactLock;
-pub use self::maintain::{CompactReport, Maintenance};
-
-/// Settings of one lake sink, validated by the config layer.
-#[derive(Clone, Debug)]
-pub struct LakeSettings {
-    /// The sink's name in the configuration (`[sinks.NAME]`), used in logs and errors.
-    pub name: String,
-    /// Where the tables live: `file:///abs/path` or `s3://bucket/prefix`.
-    pub url: String,
-    /// Routes this sink takes; a row without routes takes `default`.
-    pub routes: Vec<String>,
-    /// How long accepted rows may wait before a flush.
-    pub flush_interval: Duration,
-    /// Flush when this many rows are buffered.
-    pub max_rows: usize,
-    /// Flush when about this many bytes of values are buffered.
-    pub max_bytes: usize,
-    /// The Delta application-transaction id, e.g. `airlock:<slot>`.
-    pub app_id: String,
-    /// Options for the object store (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...). For
-    /// `s3://`, [`LakeSettings::STORE_TIMEOUTS`] are added unless set here.
-    pub storage_options: HashMap<String, String>,
-    /// Static entries added to every commit's info (source database, slot, ...).
-    pub commit_info: serde_json::Map<String, serde_json::Value>,
-    /// Compaction, checkpoints and vacuum.
-    pub maintenance: Maintenance,
-}
-
-impl LakeSettings {
-    pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-    pub const DEFAULT_MAX_ROWS: usize = 100_000;
-    pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
-    /// Object store request timeouts for `s3://` lakes, unless `storage_options` sets
-    /// them: a request to a store that stopped answering fails (and is retried, then
-    /// the flush) instead of holding the flush, and every table behind it, forever.
-    pub const STORE_TIMEOUTS: [(&str, &str); 2] = [("timeout", "30s"), ("connect_timeout", "5s")];
-
-    /// Settings with the defaults: route `default`, 5 s, 100 000 rows, 64 MiB.
-    pub fn new(
-        name: impl Into<String>,
-        url: impl Into<String>,
-        app_id: impl Into<String>,
-    ) -> LakeSettings {
-        LakeSettings {
-            name: name.into(),
-            url: url.into(),
-            routes: vec![BatchRow::DEFAULT_ROUTE.to_owned()],
-            flush_interval: Self::DEFAULT_FLUSH_INTERVAL,
-            max_rows: Self::DEFAULT_MAX_ROWS,
-            max_bytes: Self::DEFAULT_MAX_BYTES,
-            app_id: app_id.into(),
-            storage_options: HashMap::new(),
-            commit_info: serde_json::Map::new(),
-            maintenance: Maintenance::default(),
-        }
-    }
-
-    /// The object store options: `storage_options`, with [`Self::STORE_TIMEOUTS`] for
-    /// `s3://` where they are not set (keys compare without case, as the store does).
-    fn store_options(&self) -> HashMap<String, String> {
-        let mut options = self.storage_options.clone();
-        let url = self.url.trim_start();
-        if url.starts_with("s3://") || url.starts_with("s3a://") {
-            for (key, value) in Self::STORE_TIMEOUTS {
-                if !options.keys().any(|k| k.eq_ignore_ascii_case(key)) {
-                    options.insert(key.to_owned(), value.to_owned());
-                }
-            }
-        }
-        options
-    }
-}
-
-/// The URL of the table in directory `dir` (from [`naming::table_dir`] or a listing of
-/// the root) under the lake at `root`.
-fn table_url(root: &str, dir: &str) -> String {
-    format!(
-        "{}/{}",
-        root.trim_end_matches('/'),
-        naming::dir_segment(dir)
-    )
-}
-
-/// About how many bytes a kept row holds in memory, for `max_bytes`: the row, its
-/// change and what the guests gave it.
-fn row_bytes(row: &BatchRow) -> usize {
-    use crate::change::ALLOCATION_OVERHEAD;
-    let text = |s: &String| std::mem::size_of::<String>() + s.capacity() + ALLOCATION_OVERHEAD;
-    std::mem::size_of::<BatchRow>() - std::mem::size_of::<crate::change::Change>()
-        + row.change.approx_bytes()
-        + row.routes.iter().map(text).sum::<usize>()
-        + row.tags.iter().map(text).sum::<usize>()
-        + row
-            .annotations
-            .iter()
-            .map(|(k, v)| text(k) + text(v))
-            .sum::<usize>()
-}
+pub use self::maintain::CompactReport;
+pub use self::settings::{LakeSettings, Maintenance};
 
 /// Writes routed rows to Delta tables under one location; see the module documentation.
 ///
@@ -216,8 +118,6 @@ impl std::fmt::Debug for LakeSink {
     }
 }
 
-static REGISTER_S3: Once = Once::new();
-
 impl LakeSink {
     /// Checks the settings and prepares the location. Tables are loaded lazily, at their
     /// first flush; a `file://` base directory is created here.
@@ -238,7 +138,7 @@ impl LakeSink {
                 .await
                 .map_err(|e| definite(format!("cannot create the lake directory {path}: {e}")))?;
         } else if url.starts_with("s3://") || url.starts_with("s3a://") {
-            REGISTER_S3.call_once(|| deltalake::aws::register_handlers(None));
+            settings::register_s3();
         } else {
             return Err(definite(format!(
                 "url `{}` is not supported: use `file:///abs/path` or `s3://bucket/prefix`",
@@ -335,19 +235,6 @@ impl LakeHandle {
     pub async fn compact(&self) -> Result<Vec<CompactReport>, SinkError> {
         self.writer.lock().await.compact_all().await
     }
-}
-
-/// A handle on the Delta table at `location` (not loaded yet), for table `name`.
-fn table_handle(
-    location: &str,
-    name: &str,
-    settings: &LakeSettings,
-) -> Result<DeltaTable, LakeError> {
-    let url = deltalake::ensure_table_uri(location)
-        .map_err(LakeError::delta(name, "resolving the table location"))?;
-    DeltaTableBuilder::from_url(url)
-        .and_then(|b| b.with_storage_options(settings.store_options()).build())
-        .map_err(LakeError::delta(name, "opening the table"))
 }
 
 /// The lake sinks of a running host, for `POST /compact`. Cloning shares the list.

@@ -13,9 +13,9 @@ use deltalake::{DeltaTable, DeltaTableError};
 use super::arrow::{Segment, plan_schema, struct_type};
 use super::error::LakeError;
 use super::files::{same_shape, shape, split_segments, write_files};
-use super::{LakeSettings, row_bytes, table_handle};
+use super::settings::{LakeSettings, table_handle};
 use crate::change::Lsn;
-use crate::pipeline::batch::Batch;
+use crate::pipeline::batch::{Batch, BatchRow};
 
 /// Parquet files written for rows of a transaction whose last part had not arrived:
 /// in the table's directory, but in no commit, so no reader sees them. They are
@@ -491,4 +491,20 @@ impl LakeTable {
         info.insert("airlock.table".into(), self.name.clone().into());
         info
     }
+}
+
+/// About how many bytes a kept row holds in memory, for `max_bytes`: the row, its
+/// change and what the guests gave it.
+pub(super) fn row_bytes(row: &BatchRow) -> usize {
+    use crate::change::ALLOCATION_OVERHEAD;
+    let text = |s: &String| std::mem::size_of::<String>() + s.capacity() + ALLOCATION_OVERHEAD;
+    std::mem::size_of::<BatchRow>() - std::mem::size_of::<crate::change::Change>()
+        + row.change.approx_bytes()
+        + row.routes.iter().map(text).sum::<usize>()
+        + row.tags.iter().map(text).sum::<usize>()
+        + row
+            .annotations
+            .iter()
+            .map(|(k, v)| text(k) + text(v))
+            .sum::<usize>()
 }

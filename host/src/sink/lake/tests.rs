@@ -18,11 +18,15 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::arrow::Segment;
 use super::files::{WRITE_CHUNK_ROWS, chunks, repeats};
+use super::table::row_bytes;
 use super::*;
 use crate::change::{
     Change, Column, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value, oid,
 };
+use crate::pipeline::batch::BatchRow;
+use deltalake::{DeltaTable, DeltaTableBuilder};
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
@@ -860,7 +864,7 @@ fn table_directories_keep_plain_names_and_escape_the_rest() {
     // Escaped, never percent-encoded: nothing below decodes `_2F` back into `/`.
     assert_eq!(table_dir("my schema", "t/x"), "my_20schema.t_2Fx.x");
     assert_eq!(
-        super::table_url("file:///lake/", "public.orders"),
+        super::settings::table_url("file:///lake/", "public.orders"),
         "file:///lake/public.orders"
     );
 }

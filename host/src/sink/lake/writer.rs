@@ -7,11 +7,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::arrow::Segment;
+use super::catalog;
 use super::maintain::{CompactLock, CompactReport, Trigger};
+use super::naming;
+use super::settings::{LakeSettings, table_url};
 #[cfg(test)]
 use super::table::CrashPoint;
 use super::table::LakeTable;
-use super::{LakeSettings, catalog, naming, row_bytes, table_url};
+use super::table::row_bytes;
 use crate::change::Lsn;
 use crate::pipeline::batch::Batch;
 use crate::sink::SinkError;
