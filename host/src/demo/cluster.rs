@@ -15,6 +15,11 @@ pub enum ClusterError {
          install them, e.g. `apt-get install postgresql`"
     )]
     NoBinaries,
+    #[error(
+        "AIRLOCK_PG_BINDIR is {0:?}, which holds no `initdb`: point it at the folder with PostgreSQL's \
+         server binaries, or unset it"
+    )]
+    NoBinariesIn(PathBuf),
     #[error("{step} failed: {message}")]
     Step { step: String, message: String },
 }
@@ -41,8 +46,21 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
-/// The directory with `initdb`, `pg_ctl` and `postgres`.
+/// The setting that names the PostgreSQL binaries' folder, for the tests and the
+/// demo (`cargo xtask test --pg 18` sets it).
+pub const BINDIR_ENV: &str = "AIRLOCK_PG_BINDIR";
+
+/// The directory with `initdb`, `pg_ctl` and `postgres`: [`BINDIR_ENV`] when set,
+/// else `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bindir() -> Result<PathBuf, ClusterError> {
+    if let Some(dir) = std::env::var_os(BINDIR_ENV) {
+        let dir = PathBuf::from(dir);
+        return if dir.join("initdb").exists() {
+            Ok(dir)
+        } else {
+            Err(ClusterError::NoBinariesIn(dir))
+        };
+    }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
         && out.status.success()
     {
