@@ -1,7 +1,9 @@
 //! Project tasks, so that a fresh clone needs only cargo:
 //!
 //! - `cargo xtask demo [ARGS]`  set up, build the guests, run `airlock demo ARGS`
-//! - `cargo xtask test [ARGS]`  set up, build the guests, run the whole test suite
+//! - `cargo xtask test [--pg 15|16|17|18] [ARGS]`  set up, build the guests, run the
+//!   whole test suite (against the PostgreSQL named, fetched and cached; default the
+//!   system's)
 //! - `cargo xtask guests [--lang python|js|c|rust|all]`  build the guests into
 //!   guests/dist (default: all languages), installing each language's toolchain
 //! - `cargo xtask setup`        install what the tests need (wasm target, PostgreSQL, Python readers)
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod langs;
+mod postgres;
 
 /// Python packages the tests read the lake with.
 const PYTHON_PACKAGES: &[&str] = &[
@@ -251,6 +254,28 @@ fn setup() -> Result<(), String> {
     ensure_python_packages()
 }
 
+/// `cargo xtask test [--pg N] [ARGS]`: the whole suite, against PostgreSQL `N` when
+/// named (its binaries' folder goes to the tests as `AIRLOCK_PG_BINDIR`).
+fn test(args: &[String]) -> Result<(), String> {
+    let (bindir, rest) = match args {
+        [flag, major, rest @ ..] if flag == "--pg" => (postgres::bindir(major)?, rest),
+        rest => (None, rest),
+    };
+    setup()?;
+    guests_for(&[])?;
+    build_host()?;
+    let mut command = cargo();
+    command
+        .current_dir(root())
+        .args(["test", "--release", "--workspace", "--locked"])
+        .args(rest);
+    if let Some(bindir) = bindir {
+        eprintln!("== PostgreSQL from {}", bindir.display());
+        command.env("AIRLOCK_PG_BINDIR", bindir);
+    }
+    run(&mut command)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (task, rest) = args
@@ -261,15 +286,7 @@ fn main() -> ExitCode {
         "guests" => guests_for(&rest),
         "setup" => setup(),
         "bench" => bench::bench(&rest),
-        "test" => setup()
-            .and_then(|()| guests_for(&[]))
-            .and_then(|()| build_host())
-            .and_then(|_| {
-                run(cargo()
-                    .current_dir(root())
-                    .args(["test", "--release", "--workspace", "--locked"])
-                    .args(&rest))
-            }),
+        "test" => test(&rest),
         "demo" => ensure_postgres()
             .and_then(|()| guests())
             .and_then(|()| build_host())
@@ -280,7 +297,7 @@ fn main() -> ExitCode {
                     .args(&rest))
             }),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|bench|guests|setup> [ARGS]");
+            eprintln!("usage: cargo xtask <demo|test [--pg N]|bench|guests|setup> [ARGS]");
             return ExitCode::from(2);
         }
     };
