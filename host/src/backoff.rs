@@ -8,7 +8,7 @@
 //! - With [`Backoff::full_jitter`], each delay is drawn uniformly below the
 //!   schedule's, so that many clients that failed together do not retry together.
 //! - A schedule holds no clock and sleeps nowhere: the loop decides how to wait (a
-//!   `select!` on shutdown, a thread sleep), and shows [`Backoff::peek`] as "retry in".
+//!   `select!` on shutdown, a thread sleep), and shows the delay it got as "retry in".
 
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
@@ -42,11 +42,6 @@ impl Backoff {
             .finish();
         self.jitter = Some(seed | 1);
         self
-    }
-
-    /// The delay [`Backoff::next_delay`] returns now (before jitter).
-    pub fn peek(&self) -> Duration {
-        self.current
     }
 
     /// The delay to wait before the next try; the one after is twice as long.
@@ -85,7 +80,7 @@ mod tests {
             delays,
             [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]
         );
-        assert_eq!(backoff.peek(), 1000 * MS);
+        assert_eq!(backoff.next_delay(), 1000 * MS);
         backoff.reset();
         assert_eq!(backoff.next_delay(), 100 * MS);
     }

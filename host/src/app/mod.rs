@@ -262,10 +262,7 @@ fn start_reloads(
     let mut notifier = registry::ReloadNotifier::default();
     for spine in config.spines() {
         let client = SpineClient::new(&spine.url, spine.token.clone(), spine.request_timeout)
-            .map_err(|e| SinkError::Definite {
-                sink: spine.name.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| crate::sink::spine::sink_error(&spine.name, e, None))?;
         notifier
             .spines
             .push((Arc::new(client), spine.default_source.clone()));

@@ -595,7 +595,7 @@ async fn load_key(settings: &SpineSettings) -> Result<Key, SinkError> {
 }
 
 /// A failed request to the spine as the sink's error, with what it carried.
-fn sink_error(sink: &str, error: ClientError, context: Option<&str>) -> SinkError {
+pub(crate) fn sink_error(sink: &str, error: ClientError, context: Option<&str>) -> SinkError {
     let transient = error.is_transient();
     let message = match context {
         Some(context) => format!("{context}: {error}"),
