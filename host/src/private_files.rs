@@ -40,6 +40,16 @@ pub fn create(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Creates `path`, which must not exist, for writing and reading back, with mode
+/// `0600`.
+pub fn create_scratch(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, FILE_MODE);
+    options.open(path)
+}
+
 /// Opens `path` for appending, creating it with mode `0600` when it is absent.
 pub fn append(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();

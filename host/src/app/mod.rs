@@ -506,5 +506,6 @@ fn source_settings(
             source::StateObserver(Arc::new(move |state| source_state(&status, state)))
         }),
         held,
+        spool_dir: config.source.spool_dir.clone(),
     }
 }

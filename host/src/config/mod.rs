@@ -365,6 +365,7 @@ mod fuzz {
                 "create_slot",
                 "status_interval",
                 "slot_busy_timeout",
+                "spool_dir",
                 "sslcert",
                 "sslkey",
                 "require_auth",

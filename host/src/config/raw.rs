@@ -48,6 +48,11 @@ pub struct Source {
     /// little longer than PostgreSQL's default `wal_sender_timeout`, so that the
     /// walsender of an airlock that just died has time to go away.
     pub slot_busy_timeout: Option<String>,
+    /// Where a transaction that PostgreSQL streams while it runs (larger than its
+    /// `logical_decoding_work_mem`) is kept until it commits, past the few MiB held
+    /// in memory: files `0600`, unlinked at once, as large as the transaction.
+    /// Relative to the configuration file. Default `$TMPDIR`, else `/var/tmp`.
+    pub spool_dir: Option<String>,
     /// Client certificate (PEM) for servers that authenticate clients by
     /// certificate, with its private key (`sslkey`, mode 0600). Relative to the
     /// configuration file. May be given in `url` instead, not in both.

@@ -48,6 +48,7 @@ pub struct SourceConfig {
     pub create_slot: bool,
     pub status_interval: Duration,
     pub slot_busy_timeout: Duration,
+    pub spool_dir: PathBuf,
 }
 
 /// Checks `[source]`; `None` when it is missing or unusable (the problems are in
@@ -237,6 +238,9 @@ pub(super) fn validate(raw: Option<raw::Source>, check: &mut Check) -> Option<So
             s.slot_busy_timeout.as_ref(),
             crate::source::DEFAULT_SLOT_BUSY_TIMEOUT,
         ),
+        spool_dir: s
+            .spool_dir
+            .map_or_else(crate::source::default_spool_dir, |d| resolve(&d)),
     })
 }
 

@@ -89,45 +89,12 @@ impl Assembler {
         };
         match message {
             Message::Begin(begin) => {
-                if self.current.is_some() {
-                    return Err(out_of_order("Begin inside a transaction"));
-                }
-                self.current = Some(Transaction {
-                    meta: TxnMeta {
-                        xid: begin.xid,
-                        commit_lsn: begin.final_lsn,
-                        end_lsn: Lsn::ZERO,
-                        commit_ts: begin.commit_ts,
-                        part: crate::change::Part::WHOLE,
-                    },
-                    changes: Vec::new(),
-                });
-                self.current_bytes = 0;
-                (self.offset, self.skip) = match self.resume {
-                    Some((commit_lsn, sent)) if commit_lsn == begin.final_lsn => (sent, sent),
-                    _ => (0, 0),
-                };
+                self.begin(lsn, begin.xid, begin.final_lsn, begin.commit_ts)?;
             }
             Message::Commit(commit) => {
-                let mut txn = self
-                    .current
-                    .take()
-                    .ok_or_else(|| out_of_order("Commit outside a transaction"))?;
-                if self.skip > 0 {
-                    return Err(out_of_order(
-                        "the transaction resent after a reconnect is shorter than before",
-                    ));
-                }
-                txn.meta.commit_lsn = commit.commit_lsn;
-                txn.meta.end_lsn = commit.end_lsn;
-                txn.meta.commit_ts = commit.commit_ts;
-                txn.meta.part = crate::change::Part {
-                    offset: self.offset,
-                    last: true,
-                };
-                self.offset = 0;
-                self.resume = None;
-                return Ok(Some(txn));
+                return self
+                    .commit(lsn, commit.commit_lsn, commit.end_lsn, commit.commit_ts)
+                    .map(Some);
             }
             Message::Relation(body) => {
                 let mut relation = body.to_relation();
@@ -173,8 +140,82 @@ impl Assembler {
                 }
             }
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_) => {
+                return Err(out_of_order(
+                    "a stream message where the stream's own messages go",
+                ));
+            }
         }
         Ok(self.take_part())
+    }
+
+    /// A transaction begins: pgoutput's Begin, or a streamed transaction that
+    /// committed and is replayed.
+    pub(super) fn begin(
+        &mut self,
+        lsn: Lsn,
+        xid: u32,
+        commit_lsn: Lsn,
+        commit_ts: i64,
+    ) -> Result<(), SourceError> {
+        if self.current.is_some() {
+            return Err(SourceError::Stream {
+                lsn,
+                reason: "Begin inside a transaction".into(),
+            });
+        }
+        self.current = Some(Transaction {
+            meta: TxnMeta {
+                xid,
+                commit_lsn,
+                end_lsn: Lsn::ZERO,
+                commit_ts,
+                part: crate::change::Part::WHOLE,
+            },
+            changes: Vec::new(),
+        });
+        self.current_bytes = 0;
+        (self.offset, self.skip) = match self.resume {
+            Some((resumed, sent)) if resumed == commit_lsn => (sent, sent),
+            _ => (0, 0),
+        };
+        Ok(())
+    }
+
+    /// The transaction commits: its last part (or the whole of it).
+    pub(super) fn commit(
+        &mut self,
+        lsn: Lsn,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: i64,
+    ) -> Result<Transaction, SourceError> {
+        let out_of_order = |reason: &str| SourceError::Stream {
+            lsn,
+            reason: reason.to_owned(),
+        };
+        let mut txn = self
+            .current
+            .take()
+            .ok_or_else(|| out_of_order("Commit outside a transaction"))?;
+        if self.skip > 0 {
+            return Err(out_of_order(
+                "the transaction resent after a reconnect is shorter than before",
+            ));
+        }
+        txn.meta.commit_lsn = commit_lsn;
+        txn.meta.end_lsn = end_lsn;
+        txn.meta.commit_ts = commit_ts;
+        txn.meta.part = crate::change::Part {
+            offset: self.offset,
+            last: true,
+        };
+        self.offset = 0;
+        self.resume = None;
+        Ok(txn)
     }
 
     /// The changes gathered so far as a part, when they reached a part bound.

@@ -250,6 +250,17 @@ pub enum SourceError {
     #[error("pgoutput stream out of order at {lsn}: {reason}")]
     Stream { lsn: Lsn, reason: String },
 
+    #[error(
+        "cannot keep streamed transaction {xid} in `{dir}`: {source}; set [source] spool_dir to a writable folder with room for the largest transaction (it is retried meanwhile)",
+        dir = dir.display()
+    )]
+    Spool {
+        xid: u32,
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("the pipeline stopped receiving transactions")]
     PipelineClosed,
 }
@@ -277,6 +288,7 @@ impl SourceError {
             | SourceError::Io { .. }
             | SourceError::Closed { .. }
             | SourceError::StreamEnded { .. }
+            | SourceError::Spool { .. }
             | SourceError::SlotInUse { .. } => true,
             SourceError::Server { error, .. } => error.is_transient(),
             SourceError::Catalog { source, .. } => match source.code() {

@@ -53,6 +53,7 @@ pub mod pgoutput;
 pub mod protocol;
 mod settings;
 pub mod snapshot;
+mod spool;
 pub mod tls;
 
 use std::sync::Arc;
@@ -62,6 +63,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use assemble::Assembler;
+use spool::{Spool, Spooler};
 pub use assemble::{PART_BYTES, PART_CHANGES};
 use catalog::catalog_error;
 pub use error::{PgError, SourceError};
@@ -69,7 +71,7 @@ use protocol::{ReplicationConnection, ReplicationEvent, ReplicationStream, Snaps
 use settings::shutdown_requested;
 pub use settings::{
     DEFAULT_SHUTDOWN_DRAIN, DEFAULT_SLOT_BUSY_TIMEOUT, DEFAULT_STATUS_INTERVAL, Held,
-    SnapshotObserver, SourceSettings, SourceState, StateObserver,
+    SnapshotObserver, SourceSettings, SourceState, StateObserver, default_spool_dir,
 };
 
 use crate::backoff::Backoff;
@@ -240,6 +242,8 @@ async fn session(
         received: Lsn::ZERO,
         idle: Lsn::ZERO,
         catalog: None,
+        spooler: Spooler::new(settings.spool_dir.clone()),
+        block: None,
     }
     .run()
     .await
@@ -384,6 +388,10 @@ struct Streamer<'a> {
     idle: Lsn,
     /// An ordinary connection for catalog lookups (column types), opened on demand.
     catalog: Option<tokio_postgres::Client>,
+    /// The transactions PostgreSQL is streaming while they run.
+    spooler: Spooler,
+    /// The streamed transaction whose block is open (between Stream Start and Stop).
+    block: Option<u32>,
 }
 
 impl Streamer<'_> {
@@ -469,13 +477,13 @@ impl Streamer<'_> {
                 wal_start, data, ..
             } => {
                 self.received = self.received.max(wal_start);
-                let txn = self.assembler.apply(wal_start, &data)?;
-                if let Some(oid) = self.assembler.unresolved.take() {
-                    self.resolve_types(oid).await?;
+                if matches!(data.first(), Some(b'S' | b'E' | b'c' | b'A')) {
+                    return self.stream_message(wal_start, &data, ticker).await;
                 }
-                if let Some(txn) = txn {
-                    return self.commit(txn, ticker).await;
+                if let Some(top) = self.block {
+                    return self.spool(top, wal_start, &data).map(|()| true);
                 }
+                return self.apply(wal_start, &data, ticker).await;
             }
             ReplicationEvent::Keepalive {
                 wal_end,
@@ -492,6 +500,165 @@ impl Streamer<'_> {
             }
         }
         Ok(true)
+    }
+
+    /// Applies one message outside stream blocks (or replayed from a spool), and
+    /// dispatches the transaction or part it completes. Returns false when shutdown
+    /// was requested meanwhile.
+    async fn apply(
+        &mut self,
+        lsn: Lsn,
+        data: &[u8],
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<bool, SourceError> {
+        let txn = self.assembler.apply(lsn, data)?;
+        if let Some(oid) = self.assembler.unresolved.take() {
+            self.resolve_types(oid).await?;
+        }
+        match txn {
+            Some(txn) => self.commit(txn, ticker).await,
+            None => Ok(true),
+        }
+    }
+
+    /// Keeps a message of the open stream block in its transaction's spool.
+    fn spool(&mut self, top: u32, lsn: Lsn, data: &[u8]) -> Result<(), SourceError> {
+        let (xid, tag, body) = match pgoutput::streamed_xid(data) {
+            Ok(Some(parts)) => parts,
+            // Origin: nothing airlock keeps.
+            Ok(None) if data.first() == Some(&b'O') => return Ok(()),
+            Ok(None) => {
+                return Err(SourceError::Stream {
+                    lsn,
+                    reason: format!(
+                        "message {:?} inside the stream block of transaction {top}",
+                        data.first().map(|b| char::from(*b))
+                    ),
+                });
+            }
+            Err(source) => return Err(SourceError::Decode { lsn, source }),
+        };
+        self.spooler
+            .append(top, lsn, xid, tag, body)
+            .map_err(|e| SourceError::Spool {
+                xid: top,
+                dir: e.dir,
+                source: e.source,
+            })
+    }
+
+    /// Stream Start, Stop, Commit and Abort. Returns false when shutdown was
+    /// requested while a committed transaction was dispatched.
+    async fn stream_message(
+        &mut self,
+        lsn: Lsn,
+        data: &[u8],
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<bool, SourceError> {
+        let message =
+            pgoutput::decode(data).map_err(|source| SourceError::Decode { lsn, source })?;
+        let out_of_order = |reason: String| SourceError::Stream { lsn, reason };
+        match message {
+            pgoutput::Message::StreamStart(start) => {
+                if let Some(open) = self.block {
+                    return Err(out_of_order(format!(
+                        "Stream Start of transaction {} inside the block of {open}",
+                        start.xid
+                    )));
+                }
+                if self.assembler.in_transaction() {
+                    return Err(out_of_order("Stream Start inside a transaction".into()));
+                }
+                self.spooler
+                    .start(start.xid, start.first_segment)
+                    .map_err(out_of_order)?;
+                self.block = Some(start.xid);
+            }
+            pgoutput::Message::StreamStop => {
+                if self.block.take().is_none() {
+                    return Err(out_of_order("Stream Stop outside a stream block".into()));
+                }
+            }
+            pgoutput::Message::StreamAbort(abort) => {
+                if self.block.is_some() {
+                    return Err(out_of_order("Stream Abort inside a stream block".into()));
+                }
+                // PostgreSQL may also abort a transaction it never streamed a change
+                // of: nothing was kept, nothing is to drop.
+                let known = self.spooler.abort(abort.xid, abort.subxid);
+                debug!(
+                    xid = abort.xid,
+                    subxid = abort.subxid,
+                    known,
+                    "streamed transaction rolled back"
+                );
+            }
+            pgoutput::Message::StreamCommit(commit) => {
+                if self.block.is_some() {
+                    return Err(out_of_order("Stream Commit inside a stream block".into()));
+                }
+                let Some(spool) = self.spooler.take(commit.xid) else {
+                    return Err(out_of_order(format!(
+                        "Stream Commit of transaction {}, which was not streaming",
+                        commit.xid
+                    )));
+                };
+                return self.replay(lsn, commit, spool, ticker).await;
+            }
+            _ => unreachable!("called for stream messages only"),
+        }
+        Ok(true)
+    }
+
+    /// Hands on a streamed transaction that committed: its kept messages, through
+    /// the same assembly as a transaction sent whole, in parts as large ones are.
+    async fn replay(
+        &mut self,
+        lsn: Lsn,
+        commit: pgoutput::StreamCommit,
+        spool: Spool,
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<bool, SourceError> {
+        debug!(
+            xid = commit.xid,
+            commit_lsn = %commit.commit_lsn,
+            messages = spool.records(),
+            bytes = spool.bytes(),
+            on_disk = spool.on_disk(),
+            "streamed transaction committed"
+        );
+        let spool_error = |source| SourceError::Spool {
+            xid: commit.xid,
+            dir: self.spooler.dir().to_owned(),
+            source,
+        };
+        let mut replay = spool.replay().map_err(spool_error)?;
+        self.assembler
+            .begin(lsn, commit.xid, commit.commit_lsn, commit.commit_ts)?;
+        let mut since_status = 0usize;
+        loop {
+            let next = replay.next().map_err(|source| SourceError::Spool {
+                xid: commit.xid,
+                dir: self.spooler.dir().to_owned(),
+                source,
+            })?;
+            let Some((at, message)) = next else { break };
+            if !self.apply(at, message, ticker).await? {
+                return Ok(false);
+            }
+            // A long replay keeps the server's timeout at bay.
+            since_status += 1;
+            if since_status >= DRAIN_BUDGET {
+                since_status = 0;
+                if futures::FutureExt::now_or_never(ticker.tick()).is_some() {
+                    self.send_status(false).await?;
+                }
+            }
+        }
+        let txn =
+            self.assembler
+                .commit(lsn, commit.commit_lsn, commit.end_lsn, commit.commit_ts)?;
+        self.commit(txn, ticker).await
     }
 
     /// Whether a transaction is under way: being assembled, or handed on in part.
@@ -628,6 +795,7 @@ mod tests {
     use super::pgoutput::tests::{self as fx, Msg};
     use super::protocol::tests::{FakeServer, connected};
     use super::*;
+    use crate::change::Op;
 
     #[test]
     fn settings_are_validated() {
@@ -691,6 +859,8 @@ mod tests {
                 received: Lsn::ZERO,
                 idle: Lsn::ZERO,
                 catalog: None,
+                spooler: Spooler::new(settings.spool_dir.clone()),
+                block: None,
             }
             .run()
             .await;
@@ -843,6 +1013,136 @@ mod tests {
         result.unwrap();
         assert_eq!(progress.dispatched, Lsn(0x1_0000_0130));
         assert_eq!(h.rx.recv().await.unwrap().meta.end_lsn, Lsn(0x1_0000_0130));
+    }
+
+    /// Two transactions streamed while they run, in interleaved blocks, around one
+    /// sent whole: the one that commits comes out whole at its commit, without its
+    /// rolled-back subtransaction; the one rolled back never comes out; an abort of a
+    /// transaction never streamed is harmless.
+    #[tokio::test]
+    async fn streamed_transactions_come_out_at_their_commit_without_what_rolled_back() {
+        let mut h = harness(8, Progress::default()).await;
+        let s = |xid, m: &[u8]| fx::streamed(xid, m);
+        let sub_insert = Msg::new(b'I')
+            .u32(16_384)
+            .u8(b'N')
+            .tuple(&[Some(Some("99")), None, None])
+            .0;
+        // Transaction 800 (kept) and 900 (rolled back), interleaved.
+        h.server.xlog(0x10, &fx::stream_start(800, true)).await;
+        h.server.xlog(0x11, &s(800, &fx::relation())).await;
+        h.server.xlog(0x12, &s(800, &fx::insert())).await;
+        h.server.xlog(0x13, &s(801, &sub_insert)).await;
+        h.server.xlog(0x14, &s(800, &fx::message())).await;
+        h.server.xlog(0x15, &fx::stream_stop()).await;
+        h.server.xlog(0x16, &fx::stream_start(900, true)).await;
+        h.server.xlog(0x17, &s(900, &fx::relation())).await;
+        h.server.xlog(0x18, &s(900, &fx::delete())).await;
+        h.server.xlog(0x19, &fx::stream_stop()).await;
+        // Savepoint 801 of 800 rolls back; 900 rolls back; 950 was never streamed.
+        h.server.xlog(0x1A, &fx::stream_abort(800, 801)).await;
+        h.server.xlog(0x1B, &fx::stream_abort(900, 900)).await;
+        h.server.xlog(0x1C, &fx::stream_abort(950, 950)).await;
+        // A small transaction sent whole commits first.
+        h.transaction(0x20).await;
+        h.server.xlog(0x30, &fx::stream_start(800, false)).await;
+        h.server.xlog(0x31, &s(800, &fx::update_with_key())).await;
+        h.server.xlog(0x32, &fx::stream_stop()).await;
+        h.server
+            .xlog(0x40, &fx::stream_commit(800, 0x2_0000_0000, 0x2_0000_0040))
+            .await;
+
+        let whole = h.rx.recv().await.unwrap();
+        assert_eq!(whole.meta.end_lsn, Lsn(0x1_0000_0130));
+        let streamed = h.rx.recv().await.unwrap();
+        assert!(streamed.meta.part.is_whole());
+        assert_eq!(streamed.meta.xid, 800);
+        assert_eq!(streamed.meta.commit_lsn, Lsn(0x2_0000_0000));
+        assert_eq!(streamed.meta.end_lsn, Lsn(0x2_0000_0040));
+        let shape: Vec<_> = streamed
+            .changes
+            .iter()
+            .map(|c| (c.op, c.lsn.0, c.relation.name.as_str()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![(Op::Insert, 0x12, "users"), (Op::Update, 0x31, "users")]
+        );
+        h.shutdown.send(true).unwrap();
+        h.status().await;
+        let (result, progress) = h.task.await.unwrap();
+        result.unwrap();
+        assert_eq!(progress.dispatched, Lsn(0x2_0000_0040));
+        assert!(h.rx.try_recv().is_err(), "nothing of 900 came out");
+    }
+
+    /// A streamed transaction larger than a part comes out in parts, all at its
+    /// commit, from its spool on disk.
+    #[tokio::test]
+    async fn a_large_streamed_transaction_comes_out_in_parts_from_disk() {
+        let mut h = harness(64, Progress::default()).await;
+        let rows = spool::STREAM_MEMORY as u64 / 8;
+        let mut burst = Vec::new();
+        let mut xlog = |lsn: u64, data: &[u8]| {
+            let mut body = vec![b'w'];
+            body.extend_from_slice(&lsn.to_be_bytes());
+            body.extend_from_slice(&(lsn + 100).to_be_bytes());
+            body.extend_from_slice(&7i64.to_be_bytes());
+            body.extend_from_slice(data);
+            burst.push(b'd');
+            burst.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            burst.extend_from_slice(&body);
+        };
+        xlog(1, &fx::stream_start(5, true));
+        xlog(2, &fx::streamed(5, &fx::relation()));
+        for i in 0..rows {
+            xlog(10 + i, &fx::streamed(5, &fx::insert()));
+        }
+        xlog(10 + rows, &fx::stream_stop());
+        h.server.send_raw(&burst).await;
+        // Nothing comes out before the commit.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(h.rx.try_recv().is_err());
+        h.server
+            .xlog(10 + rows + 1, &fx::stream_commit(5, 0x9_0000_0000, 0x9_0000_0010))
+            .await;
+        let mut lsns = Vec::new();
+        let mut parts = 0;
+        loop {
+            let part = h.rx.recv().await.unwrap();
+            parts += 1;
+            assert_eq!(part.meta.commit_lsn, Lsn(0x9_0000_0000));
+            lsns.extend(part.changes.iter().map(|c| c.lsn.0 - 10));
+            if part.meta.completes() {
+                assert_eq!(part.meta.end_lsn, Lsn(0x9_0000_0010));
+                break;
+            }
+        }
+        assert_eq!(lsns, (0..rows).collect::<Vec<_>>(), "every change once, in order");
+        assert!(parts > 1, "handed on in parts");
+    }
+
+    #[tokio::test]
+    async fn stream_messages_out_of_order_stop_the_session() {
+        for messages in [
+            vec![fx::stream_stop()],
+            vec![fx::stream_start(1, false)],
+            vec![fx::stream_commit(3, 0x10, 0x20)],
+            vec![fx::stream_start(1, true), fx::stream_start(2, true)],
+            vec![fx::stream_start(1, true), fx::begin()],
+            vec![fx::begin(), fx::stream_start(1, true)],
+        ] {
+            let mut h = harness(4, Progress::default()).await;
+            for (i, m) in messages.iter().enumerate() {
+                h.server.xlog(0x100 + i as u64, m).await;
+            }
+            let (result, _) = h.task.await.unwrap();
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, SourceError::Stream { .. }),
+                "{messages:?}: {err}"
+            );
+        }
     }
 
     /// Regression: at a fast shutdown the walsender sends CommandComplete without

@@ -1,4 +1,4 @@
-//! Decoder for pgoutput protocol version 1: the payload of each XLogData message.
+//! Decoder for pgoutput protocol version 2: the payload of each XLogData message.
 //!
 //! ```text
 //! XLogData.data: &[u8] ──decode()──▶ Message<'_> ──▶ source task (relation cache, txn assembly)
@@ -16,8 +16,13 @@
 //!   Relation's column list and a Truncate's OID list are collected into a `Vec`.
 //! - Timestamps are converted from PostgreSQL-epoch to Unix-epoch microseconds.
 //!
-//! Reference: PostgreSQL docs, "Logical Replication Message Formats" (protocol v1;
-//! the streaming and two-phase messages of v2+ are not requested and are rejected).
+//! - Inside a stream block (between Stream Start and Stream Stop) the messages that
+//!   belong to a transaction carry its xid after the type byte: [`streamed_xid`]
+//!   reads it, and the rest decodes as the same message outside a stream.
+//!
+//! Reference: PostgreSQL docs, "Logical Replication Message Formats" (protocol v2:
+//! v1 plus streaming; the two-phase messages of v3 and the parallel-apply fields of v4
+//! are not requested and are rejected).
 
 use crate::change::{Column, Lsn, PG_EPOCH_OFFSET_MICROS, Relation, ReplicaIdentity};
 
@@ -35,6 +40,75 @@ pub enum Message<'a> {
     Truncate(Truncate),
     /// A logical decoding message written with `pg_logical_emit_message`.
     Message(DecodingMessage<'a>),
+    /// A block of an in-progress transaction's changes begins ('S').
+    StreamStart(StreamStart),
+    /// The block ends ('E').
+    StreamStop,
+    /// A streamed transaction committed ('c').
+    StreamCommit(StreamCommit),
+    /// A streamed transaction, or one of its subtransactions, rolled back ('A').
+    StreamAbort(StreamAbort),
+}
+
+/// Start of a block of a streamed transaction's changes ('S').
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamStart {
+    pub xid: u32,
+    /// Whether this is the transaction's first block.
+    pub first_segment: bool,
+}
+
+/// Commit of a streamed transaction ('c').
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamCommit {
+    pub xid: u32,
+    /// Unused by PostgreSQL so far; kept for completeness.
+    pub flags: u8,
+    /// LSN of the commit record.
+    pub commit_lsn: Lsn,
+    /// LSN just past the commit record.
+    pub end_lsn: Lsn,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_ts: i64,
+}
+
+/// Rollback of a streamed transaction ('A'): of the whole transaction when `subxid`
+/// equals `xid`, else of that subtransaction only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamAbort {
+    pub xid: u32,
+    pub subxid: u32,
+}
+
+impl StreamAbort {
+    /// Whether the whole transaction rolled back.
+    pub fn is_whole(&self) -> bool {
+        self.xid == self.subxid
+    }
+}
+
+/// The xid that a message inside a stream block carries after its type byte, and the
+/// message without it (type byte, then the body it has outside a stream), or `None`
+/// for the messages that carry none (Stream Stop, Origin, ...).
+pub fn streamed_xid(buf: &[u8]) -> Result<Option<(u32, u8, &[u8])>, DecodeError> {
+    let (&tag, rest) = buf.split_first().ok_or(DecodeError::Empty)?;
+    let name = match tag {
+        b'R' => "Relation",
+        b'Y' => "Type",
+        b'I' => "Insert",
+        b'U' => "Update",
+        b'D' => "Delete",
+        b'T' => "Truncate",
+        b'M' => "Message",
+        _ => return Ok(None),
+    };
+    let (xid, body) = rest.split_at_checked(4).ok_or(DecodeError::Truncated {
+        message: name,
+        offset: 1,
+        expected: "a 32-bit integer",
+    })?;
+    let xid = u32::from_be_bytes([xid[0], xid[1], xid[2], xid[3]]);
+    Ok(Some((xid, tag, body)))
 }
 
 /// Start of a transaction ('B').
@@ -280,7 +354,7 @@ pub enum DecodeError {
     #[error("empty pgoutput message: expected a message type byte")]
     Empty,
     #[error(
-        "unknown pgoutput message type {} (0x{byte:02x}) at offset 0: airlock speaks pgoutput protocol version 1",
+        "unknown pgoutput message type {} (0x{byte:02x}) at offset 0: airlock speaks pgoutput protocol version 2",
         printable(*.byte)
     )]
     UnknownType { byte: u8 },
@@ -320,6 +394,10 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
         b'D' => "Delete",
         b'T' => "Truncate",
         b'M' => "Message",
+        b'S' => "Stream Start",
+        b'E' => "Stream Stop",
+        b'c' => "Stream Commit",
+        b'A' => "Stream Abort",
         byte => return Err(DecodeError::UnknownType { byte }),
     };
     let mut r = Reader {
@@ -424,6 +502,28 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
                 content,
             })
         }
+        b'S' => {
+            let xid = r.u32()?;
+            let at = r.pos;
+            let first_segment = match r.u8("first-segment flag")? {
+                0 => false,
+                1 => true,
+                other => return Err(r.invalid_tag(at, other, "0 or 1")),
+            };
+            Message::StreamStart(StreamStart { xid, first_segment })
+        }
+        b'E' => Message::StreamStop,
+        b'c' => Message::StreamCommit(StreamCommit {
+            xid: r.u32()?,
+            flags: r.u8("flags")?,
+            commit_lsn: r.lsn()?,
+            end_lsn: r.lsn()?,
+            commit_ts: r.timestamp()?,
+        }),
+        b'A' => Message::StreamAbort(StreamAbort {
+            xid: r.u32()?,
+            subxid: r.u32()?,
+        }),
         _ => return Err(DecodeError::UnknownType { byte: tag }),
     };
     r.finish()?;
@@ -757,7 +857,7 @@ pub(crate) mod tests {
     pub(crate) fn truncate() -> Vec<u8> {
         Msg::new(b'T').u32(2).u8(3).u32(16_384).u32(16_390).0
     }
-    fn message() -> Vec<u8> {
+    pub(crate) fn message() -> Vec<u8> {
         Msg::new(b'M')
             .u8(1)
             .u64(0x30)
@@ -765,6 +865,31 @@ pub(crate) mod tests {
             .u32(5)
             .raw(b"hello")
             .0
+    }
+    pub(crate) fn stream_start(xid: u32, first: bool) -> Vec<u8> {
+        Msg::new(b'S').u32(xid).u8(u8::from(first)).0
+    }
+    pub(crate) fn stream_stop() -> Vec<u8> {
+        Msg::new(b'E').0
+    }
+    pub(crate) fn stream_commit(xid: u32, commit_lsn: u64, end_lsn: u64) -> Vec<u8> {
+        Msg::new(b'c')
+            .u32(xid)
+            .u8(0)
+            .u64(commit_lsn)
+            .u64(end_lsn)
+            .i64(PG_TS)
+            .0
+    }
+    pub(crate) fn stream_abort(xid: u32, subxid: u32) -> Vec<u8> {
+        Msg::new(b'A').u32(xid).u32(subxid).0
+    }
+    /// `message` as it comes inside a stream block: its xid after the type byte.
+    pub(crate) fn streamed(xid: u32, message: &[u8]) -> Vec<u8> {
+        let mut out = vec![message[0]];
+        out.extend_from_slice(&xid.to_be_bytes());
+        out.extend_from_slice(&message[1..]);
+        out
     }
     fn binary_insert() -> Vec<u8> {
         Msg::new(b'I')
@@ -792,7 +917,66 @@ pub(crate) mod tests {
             ("truncate", truncate()),
             ("message", message()),
             ("binary_insert", binary_insert()),
+            ("stream_start", stream_start(9, true)),
+            ("stream_stop", stream_stop()),
+            ("stream_commit", stream_commit(9, 0x40, 0x48)),
+            ("stream_abort", stream_abort(9, 10)),
         ]
+    }
+
+    #[test]
+    fn stream_messages() {
+        assert_eq!(
+            decode(&stream_start(9, true)).unwrap(),
+            Message::StreamStart(StreamStart {
+                xid: 9,
+                first_segment: true
+            })
+        );
+        assert_eq!(decode(&stream_stop()).unwrap(), Message::StreamStop);
+        assert_eq!(
+            decode(&stream_commit(9, 0x40, 0x48)).unwrap(),
+            Message::StreamCommit(StreamCommit {
+                xid: 9,
+                flags: 0,
+                commit_lsn: Lsn(0x40),
+                end_lsn: Lsn(0x48),
+                commit_ts: UNIX_TS,
+            })
+        );
+        let Message::StreamAbort(abort) = decode(&stream_abort(9, 10)).unwrap() else {
+            panic!()
+        };
+        assert!(!abort.is_whole());
+        let Message::StreamAbort(abort) = decode(&stream_abort(9, 9)).unwrap() else {
+            panic!()
+        };
+        assert!(abort.is_whole());
+        let err = decode(&Msg::new(b'S').u32(1).u8(2).0).unwrap_err();
+        assert!(err.to_string().contains("expected 0 or 1"), "{err}");
+    }
+
+    #[test]
+    fn a_streamed_message_carries_its_xid_after_the_type_byte() {
+        for (name, plain) in [
+            ("relation", relation()),
+            ("type", type_()),
+            ("insert", insert()),
+            ("update", update_full()),
+            ("delete", delete()),
+            ("truncate", truncate()),
+            ("message", message()),
+        ] {
+            let inside = streamed(0xDEAD_BEEF, &plain);
+            let (xid, tag, body) = streamed_xid(&inside).unwrap().unwrap();
+            assert_eq!(xid, 0xDEAD_BEEF, "{name}");
+            assert_eq!((tag, body), (plain[0], &plain[1..]), "{name}");
+            let err = streamed_xid(&inside[..3]).unwrap_err();
+            assert!(matches!(err, DecodeError::Truncated { offset: 1, .. }), "{name}");
+        }
+        for plain in [origin(), stream_stop(), stream_commit(1, 2, 3), begin()] {
+            assert_eq!(streamed_xid(&plain).unwrap(), None);
+        }
     }
 
     fn values<'a>(t: &TupleData<'a>) -> Vec<TupleValue<'a>> {
@@ -1042,10 +1226,10 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_and_unsupported_types_name_the_byte() {
-        // 'S' is Stream Start (protocol v2): never silently misread.
-        let err = decode(b"S\0\0\0\x01\x01").unwrap_err();
-        assert_eq!(err, DecodeError::UnknownType { byte: b'S' });
-        assert!(err.to_string().contains("'S' (0x53)"), "{err}");
+        // 'P' is Prepare (protocol v3, two-phase): never silently misread.
+        let err = decode(b"P\0\0\0\x01\x01").unwrap_err();
+        assert_eq!(err, DecodeError::UnknownType { byte: b'P' });
+        assert!(err.to_string().contains("'P' (0x50)"), "{err}");
         assert!(decode(&[0xff]).unwrap_err().to_string().contains("0xff"));
         assert_eq!(decode(&[]).unwrap_err(), DecodeError::Empty);
     }

@@ -48,6 +48,16 @@ pub struct SourceSettings {
     /// What a sink already held at startup (read from the sink, e.g. the lake's
     /// commits): a missing slot is then one that was dropped, never created anew.
     pub held: Option<Held>,
+    /// Where a transaction PostgreSQL streams while it runs is kept, past what memory
+    /// holds, until it commits; default [`default_spool_dir`].
+    pub spool_dir: std::path::PathBuf,
+}
+
+/// `$TMPDIR`, else `/var/tmp` (on disk, where `/tmp` may be memory).
+pub fn default_spool_dir() -> std::path::PathBuf {
+    std::env::var_os("TMPDIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| "/var/tmp".into(), std::path::PathBuf::from)
 }
 
 /// Changes a sink holds from an earlier run: where, and through which commit.
@@ -105,6 +115,7 @@ impl SourceSettings {
             on_snapshot: None,
             on_state: None,
             held: None,
+            spool_dir: default_spool_dir(),
         }
     }
 

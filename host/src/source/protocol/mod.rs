@@ -7,7 +7,7 @@
 //!   │                                 md5, SCRAM-SHA-256) ── ParameterStatus* ── ReadyForQuery
 //!   ├─ identify_system()      IDENTIFY_SYSTEM
 //!   ├─ create_logical_slot()  CREATE_REPLICATION_SLOT "s" [TEMPORARY] LOGICAL pgoutput (SNAPSHOT ..)
-//!   └─ start_replication()    START_REPLICATION SLOT "s" LOGICAL X/Y (proto_version '1', ..)
+//!   └─ start_replication()    START_REPLICATION SLOT "s" LOGICAL X/Y (proto_version '2', ..)
 //!          │  CopyBothResponse
 //!          ▼
 //!      ReplicationStream ── next() ◀── CopyData('w' XLogData | 'k' keepalive) | CopyDone
@@ -333,6 +333,13 @@ impl ReplicationConnection {
         self.server_version.as_deref()
     }
 
+    /// The server's major version (`15` for `15.8 (Debian 15.8-1)`), if it said.
+    pub fn server_major(&self) -> Option<u32> {
+        let version = self.server_version.as_deref()?;
+        let digits = version.split(|c: char| !c.is_ascii_digit()).next()?;
+        digits.parse().ok()
+    }
+
     /// The process id of the walsender serving this connection.
     pub fn backend_pid(&self) -> Option<i32> {
         self.backend_pid
@@ -435,7 +442,8 @@ impl ReplicationConnection {
         })
     }
 
-    /// START_REPLICATION for pgoutput v1; waits for CopyBothResponse.
+    /// START_REPLICATION for pgoutput (see [`Pgoutput::for_server`]); waits for
+    /// CopyBothResponse.
     pub async fn start_replication(
         mut self,
         slot: &str,
@@ -443,7 +451,8 @@ impl ReplicationConnection {
         publications: &[String],
     ) -> Result<ReplicationStream, SourceError> {
         const DURING: &str = "starting replication";
-        let sql = start_replication_command(slot, start, publications);
+        let pgoutput = Pgoutput::for_server(self.server_major());
+        let sql = start_replication_command(slot, start, publications, pgoutput);
         self.wire.queue_query(&sql)?;
         self.wire.flush(DURING).await?;
         loop {
@@ -545,10 +554,41 @@ fn create_slot_command(name: &str, temporary: bool, snapshot: SnapshotAction) ->
     )
 }
 
-fn start_replication_command(slot: &str, start: Lsn, publications: &[String]) -> String {
+/// What airlock asks pgoutput for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pgoutput {
+    /// Protocol version 1: a transaction comes only once committed, whole.
+    V1,
+    /// Protocol version 2 with `streaming` on and logical decoding messages: a
+    /// transaction larger than `logical_decoding_work_mem` is streamed while it runs
+    /// instead of spilled to the server's disk (PostgreSQL 14 and later).
+    V2Streaming,
+}
+
+impl Pgoutput {
+    /// Streaming where the server has it (14+); version 1 when it is older or did not
+    /// say its version.
+    pub fn for_server(major: Option<u32>) -> Self {
+        match major {
+            Some(major) if major >= 14 => Pgoutput::V2Streaming,
+            _ => Pgoutput::V1,
+        }
+    }
+}
+
+fn start_replication_command(
+    slot: &str,
+    start: Lsn,
+    publications: &[String],
+    pgoutput: Pgoutput,
+) -> String {
     let names: Vec<String> = publications.iter().map(|p| quote_ident(p)).collect();
+    let options = match pgoutput {
+        Pgoutput::V1 => "proto_version '1'",
+        Pgoutput::V2Streaming => "proto_version '2', streaming 'on', messages 'true'",
+    };
     format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})",
+        "START_REPLICATION SLOT {} LOGICAL {} ({options}, publication_names {})",
         quote_ident(slot),
         start,
         quote_literal(&names.join(","))
@@ -594,10 +634,19 @@ pub(crate) mod tests {
             start_replication_command(
                 "lake",
                 Lsn((1 << 32) | 0x16B3748),
-                &["orders".into(), "we\"ird's".into()]
+                &["orders".into(), "we\"ird's".into()],
+                Pgoutput::V1,
             ),
             r#"START_REPLICATION SLOT "lake" LOGICAL 1/16B3748 (proto_version '1', publication_names '"orders","we""ird''s"')"#
         );
+        assert_eq!(
+            start_replication_command("lake", Lsn(0), &["p".into()], Pgoutput::V2Streaming),
+            r#"START_REPLICATION SLOT "lake" LOGICAL 0/0 (proto_version '2', streaming 'on', messages 'true', publication_names '"p"')"#
+        );
+        assert_eq!(Pgoutput::for_server(Some(18)), Pgoutput::V2Streaming);
+        assert_eq!(Pgoutput::for_server(Some(14)), Pgoutput::V2Streaming);
+        assert_eq!(Pgoutput::for_server(Some(13)), Pgoutput::V1);
+        assert_eq!(Pgoutput::for_server(None), Pgoutput::V1);
         assert_eq!(
             create_slot_command("lake", true, SnapshotAction::Export),
             r#"CREATE_REPLICATION_SLOT "lake" TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"#
@@ -798,6 +847,7 @@ pub(crate) mod tests {
         server.ready().await;
         let conn = client.await.unwrap().unwrap();
         assert_eq!(conn.server_version(), Some("15.8"));
+        assert_eq!(conn.server_major(), Some(15));
         assert_eq!(conn.backend_pid(), Some(0x1000));
     }
 
