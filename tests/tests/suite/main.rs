@@ -13,6 +13,7 @@ mod pgoutput_golden;
 mod schema;
 mod snapshot;
 mod source_faults;
+mod streaming;
 mod tls;
 mod toast;
 mod types;

@@ -1,8 +1,8 @@
 //! pgoutput, golden: real bytes from a real PostgreSQL, one fixture per message type
 //! and variant in `tests/golden/pgoutput/NAME.hex`, each with the decoder's exact
 //! answer in `NAME.expected`. The streaming messages of protocol version 2 are kept
-//! too: airlock asks for version 1, and any of them reaching the decoder must be a
-//! clear error, never a misread.
+//! too, and messages from inside a stream block (`streamed_*`), which carry their
+//! transaction's xid after the type byte.
 //!
 //! `real_postgresql_sends_every_fixture_kind_and_each_decodes` captures the messages
 //! afresh from a throwaway cluster on every run and checks that each decodes as its
@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use airlock::source::pgoutput::{Message, OldKind, TupleValue, decode};
+use airlock::source::pgoutput::{Message, OldKind, TupleValue, decode, streamed_xid};
 use airlock_tests::*;
 use anyhow::{Context, Result};
 
@@ -38,6 +38,9 @@ const KINDS: &[&str] = &[
     "stream_stop",
     "stream_commit",
     "stream_abort",
+    "streamed_relation",
+    "streamed_insert",
+    "streamed_message",
 ];
 
 fn golden_dir() -> PathBuf {
@@ -64,8 +67,20 @@ fn to_hex(bytes: &[u8], comment: &str) -> String {
 }
 
 /// The decoder's answer, as the `.expected` files hold it: the message with every
-/// tuple's values spelled out, or the error text.
-fn describe(bytes: &[u8]) -> String {
+/// tuple's values spelled out, or the error text. A `streamed_*` kind comes from
+/// inside a stream block: its xid first, then the message without it.
+fn describe(kind: &str, bytes: &[u8]) -> String {
+    if kind.starts_with("streamed_") {
+        return match streamed_xid(bytes) {
+            Ok(Some((xid, tag, body))) => {
+                let mut plain = vec![tag];
+                plain.extend_from_slice(body);
+                format!("xid {xid}\n{}", describe("", &plain))
+            }
+            Ok(None) => "error: no xid\n".to_owned(),
+            Err(e) => format!("error: {e}\n"),
+        };
+    }
     match decode(bytes) {
         Err(e) => format!("error: {e}\n"),
         Ok(message) => {
@@ -129,7 +144,7 @@ fn every_golden_fixture_decodes_to_its_expected_form() {
             )
         });
         let bytes = parse_hex(&text).unwrap_or_else(|e| panic!("{}: {e}", hex_path.display()));
-        let actual = describe(&bytes);
+        let actual = describe(kind, &bytes);
         let expected_path = hex_path.with_extension("expected");
         if bless {
             std::fs::write(&expected_path, &actual).expect("bless");
@@ -143,22 +158,14 @@ fn every_golden_fixture_decodes_to_its_expected_form() {
                 expected_path.display()
             ));
         }
-        // Version 1 messages decode; version 2's streaming messages are refused, naming the byte.
-        if kind.starts_with("stream_") {
-            assert!(
-                actual.starts_with("error: unknown pgoutput message type"),
-                "{kind}: {actual}"
-            );
-        } else {
-            assert!(!actual.starts_with("error"), "{kind}: {actual}");
-        }
+        assert!(!actual.starts_with("error"), "{kind}: {actual}");
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
 
 #[test]
 fn every_truncation_of_every_golden_fixture_is_an_error_naming_its_offset() {
-    for kind in KINDS.iter().filter(|k| !k.starts_with("stream_")) {
+    for kind in KINDS.iter().filter(|k| !k.starts_with("streamed_")) {
         let text = std::fs::read_to_string(golden_dir().join(format!("{kind}.hex")))
             .expect("fixture (see every_golden_fixture_decodes_to_its_expected_form)");
         let bytes = parse_hex(&text).unwrap();
@@ -215,18 +222,13 @@ fn kind_of(message: &Message<'_>) -> &'static str {
         Message::Truncate(_) => "truncate",
         Message::Message(m) if m.transactional => "message_transactional",
         Message::Message(_) => "message_plain",
+        Message::StreamStart(_) => "stream_start",
+        Message::StreamStop => "stream_stop",
+        Message::StreamCommit(_) => "stream_commit",
+        Message::StreamAbort(_) => "stream_abort",
     }
 }
 
-fn stream_kind(byte: u8) -> Option<&'static str> {
-    match byte {
-        b'S' => Some("stream_start"),
-        b'E' => Some("stream_stop"),
-        b'c' => Some("stream_commit"),
-        b'A' => Some("stream_abort"),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_postgresql_sends_every_fixture_kind_and_each_decodes() -> Result<()> {
@@ -285,7 +287,9 @@ async fn real_postgresql_sends_every_fixture_kind_and_each_decodes() -> Result<(
          INSERT INTO full_t SELECT g, repeat('p', 100) FROM generate_series(10, 3000) g;
          SAVEPOINT s;
          INSERT INTO full_t SELECT g, repeat('q', 100) FROM generate_series(10, 3000) g;
+         SELECT pg_logical_emit_message(true, 'airlock', 'inside a stream');
          ROLLBACK TO SAVEPOINT s;
+         SELECT pg_logical_emit_message(true, 'airlock', 'inside a stream');
          INSERT INTO full_t SELECT g, repeat('o', 100) FROM generate_series(10, 3000) g;
          COMMIT;",
     )
@@ -317,21 +321,39 @@ async fn real_postgresql_sends_every_fixture_kind_and_each_decodes() -> Result<(
     let v2 = db
         .query(
             "SELECT data FROM pg_logical_slot_peek_binary_changes('golden_v2', NULL, NULL,
-               'proto_version', '2', 'streaming', 'on', 'publication_names', 'golden')",
+               'proto_version', '2', 'streaming', 'on', 'messages', 'true',
+               'publication_names', 'golden')",
             &[],
         )
         .await?;
+    let mut in_block = false;
     for row in &v2 {
         let bytes: Vec<u8> = row.get(0);
-        if let Some(kind) = bytes.first().copied().and_then(stream_kind) {
-            let error =
-                decode(&bytes).expect_err("a streaming message must not decode as version 1");
-            assert!(
-                error.to_string().contains("protocol version 1"),
-                "{kind}: {error}"
-            );
-            found.entry(kind).or_insert_with(|| bytes.clone());
-        }
+        let kind = if in_block && let Some((_, tag, body)) = streamed_xid(&bytes)? {
+            let mut plain = vec![tag];
+            plain.extend_from_slice(body);
+            match kind_of(&decode(&plain)?) {
+                "relation" | "relation_full" => "streamed_relation",
+                "insert" => "streamed_insert",
+                "message_transactional" => "streamed_message",
+                _ => continue,
+            }
+        } else {
+            let message = decode(&bytes).unwrap_or_else(|e| {
+                panic!("a real message did not decode: {e}\n{}", hex::encode(&bytes))
+            });
+            match message {
+                Message::StreamStart(_) => in_block = true,
+                Message::StreamStop => in_block = false,
+                _ => {}
+            }
+            let kind = kind_of(&message);
+            if !kind.starts_with("stream_") {
+                continue;
+            }
+            kind
+        };
+        found.entry(kind).or_insert_with(|| bytes.clone());
     }
     let missing: Vec<&&str> = KINDS.iter().filter(|k| !found.contains_key(**k)).collect();
     assert!(missing.is_empty(), "PostgreSQL sent no {missing:?}");
@@ -354,7 +376,7 @@ async fn real_postgresql_sends_every_fixture_kind_and_each_decodes() -> Result<(
                 bytes.first(),
                 "{kind}: the fixture and the server disagree on the message type"
             );
-            if !kind.starts_with("stream_") {
+            if !kind.starts_with("streamed_") {
                 assert_eq!(
                     kind_of(&decode(&golden).unwrap()),
                     *kind,
