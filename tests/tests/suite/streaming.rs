@@ -114,10 +114,9 @@ async fn streamed_transactions_arrive_exactly_with_savepoints_and_rollbacks() ->
     let version = server_version(&db).await?;
     if version >= 160_000 {
         // Every transaction streams from its first change, the small ones too.
-        db.batch_execute(
-            "ALTER SYSTEM SET debug_logical_replication_streaming = immediate; SELECT pg_reload_conf();",
-        )
-        .await?;
+        db.batch_execute("ALTER SYSTEM SET debug_logical_replication_streaming = immediate")
+            .await?;
+        db.batch_execute("SELECT pg_reload_conf()").await?;
     }
     db.batch_execute(
         "CREATE TABLE t (id bigint PRIMARY KEY, v text, n bigint);
@@ -219,6 +218,7 @@ async fn a_host_killed_mid_stream_resumes_and_lands_every_row_once() -> Result<(
     let dir = temp_dir("streaming-crash");
     let pg = streaming_cluster();
     let db = pg.connect("postgres").await?;
+    let other = pg.connect("postgres").await?;
     db.batch_execute(
         "CREATE TABLE t (id bigint PRIMARY KEY, v text, n bigint);
          CREATE PUBLICATION airlock FOR TABLE t;",
@@ -243,6 +243,8 @@ async fn a_host_killed_mid_stream_resumes_and_lands_every_row_once() -> Result<(
         "BEGIN; INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 60000) g;",
     )
     .await?;
+    // A commit elsewhere flushes the WAL written so far, which the walsender streams.
+    other.batch_execute("SELECT txid_current()").await?;
     wait_streamed(&db, "crash", 1 << 20).await?;
     // The spool is on disk, and unlinked: airlock holds a deleted file in the folder.
     let pid = host.id();
