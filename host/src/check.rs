@@ -195,7 +195,7 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
             if !found.is_pgoutput() {
                 out.push(fail("slot", format!("`{slot}` uses plugin {:?}, not pgoutput: drop it or choose another [source] slot", found.plugin)));
             } else if found.is_lost() {
-                out.push(fail("slot", format!("`{slot}` is invalidated (wal_status = lost): its WAL is gone; drop it and start again with snapshot = \"initial\"")));
+                out.push(fail("slot", format!("`{slot}` is invalidated ({}): the changes it held are gone; drop it and start again with snapshot = \"initial\"", found.lost_reason())));
             } else if found.active {
                 out.push(fail("slot", format!("`{slot}` is in use by another consumer (pid {}): stop it, or choose another slot", found.active_pid.unwrap_or(0))));
             } else {

@@ -59,6 +59,26 @@ pub struct SourceView {
     /// the figures are cleared, never shown stale; the cause in `slot_health_error`).
     pub slot_health: Option<String>,
     pub slot_health_error: Option<String>,
+    /// Whether PostgreSQL (17+) keeps the slot on standbys for failover.
+    pub slot_failover: Option<bool>,
+    /// What decoding for the slot cost the primary (`pg_stat_replication_slots`):
+    /// transactions spilled to its disk or streamed while they ran.
+    pub slot_stats: Option<SlotStatsView>,
+}
+
+/// The primary's decoding statistics for the slot: counters since their last reset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SlotStatsView {
+    pub spill_txns: i64,
+    pub spill_count: i64,
+    pub spill_bytes: i64,
+    pub stream_txns: i64,
+    pub stream_count: i64,
+    pub stream_bytes: i64,
+    pub total_txns: i64,
+    pub total_bytes: i64,
+    pub stats_reset: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -356,6 +376,12 @@ pub const LAG_BYTES: &str = "airlock_source_lag_bytes";
 pub const LAG_SECONDS: &str = "airlock_source_lag_seconds";
 pub const CONFIRMED_LSN: &str = "airlock_source_confirmed_lsn";
 pub const RELOADS: &str = "airlock_reloads_total";
+pub const SLOT_SPILL_TXNS: &str = "airlock_slot_spilled_transactions_total";
+pub const SLOT_SPILL_BYTES: &str = "airlock_slot_spilled_bytes_total";
+pub const SLOT_SPILLS: &str = "airlock_slot_spills_total";
+pub const SLOT_STREAM_TXNS: &str = "airlock_slot_streamed_transactions_total";
+pub const SLOT_STREAM_BYTES: &str = "airlock_slot_streamed_bytes_total";
+pub const SLOT_STREAMS: &str = "airlock_slot_streams_total";
 
 const CATALOG: &[(&str, &str, &str)] = &[
     (ROWS_IN, "counter", "Rows entering the pipeline, by table."),
@@ -408,6 +434,36 @@ const CATALOG: &[(&str, &str, &str)] = &[
         "The flush LSN confirmed to PostgreSQL.",
     ),
     (RELOADS, "counter", "Pipeline reloads, by outcome."),
+    (
+        SLOT_SPILL_TXNS,
+        "counter",
+        "Transactions the primary spilled to its disk while decoding for the slot (pg_stat_replication_slots).",
+    ),
+    (
+        SLOT_SPILL_BYTES,
+        "counter",
+        "Bytes the primary spilled to its disk while decoding for the slot.",
+    ),
+    (
+        SLOT_SPILLS,
+        "counter",
+        "Times the primary spilled to its disk while decoding for the slot.",
+    ),
+    (
+        SLOT_STREAM_TXNS,
+        "counter",
+        "Transactions the primary streamed to airlock while they ran.",
+    ),
+    (
+        SLOT_STREAM_BYTES,
+        "counter",
+        "Bytes of transactions the primary streamed to airlock while they ran.",
+    ),
+    (
+        SLOT_STREAMS,
+        "counter",
+        "Times the primary streamed part of a running transaction to airlock.",
+    ),
 ];
 
 /// A small metrics registry rendered as Prometheus text.

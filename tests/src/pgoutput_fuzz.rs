@@ -32,6 +32,10 @@ fn message_name(tag: u8) -> Option<&'static str> {
         b'D' => "Delete",
         b'T' => "Truncate",
         b'M' => "Message",
+        b'S' => "Stream Start",
+        b'E' => "Stream Stop",
+        b'c' => "Stream Commit",
+        b'A' => "Stream Abort",
         _ => return None,
     })
 }

@@ -56,11 +56,25 @@ fn clear_slot_figures(status: &Status, health: &str, error: String) {
         s.safe_wal_size = None;
         s.lag_bytes = None;
         s.slot_active = None;
+        s.slot_failover = None;
+        s.slot_stats = None;
         s.slot_health = Some(health.to_owned());
         s.slot_health_error = Some(error);
     });
     status.metrics.remove(status::LAG_BYTES, &[]);
+    for name in SLOT_STAT_METRICS {
+        status.metrics.remove(name, &[]);
+    }
 }
+
+const SLOT_STAT_METRICS: [&str; 6] = [
+    status::SLOT_SPILL_TXNS,
+    status::SLOT_SPILL_BYTES,
+    status::SLOT_SPILLS,
+    status::SLOT_STREAM_TXNS,
+    status::SLOT_STREAM_BYTES,
+    status::SLOT_STREAMS,
+];
 
 /// Reads the slot's position and WAL retention from PostgreSQL for `/status` and
 /// metrics, every [`HEALTH_INTERVAL`] until `stop`. When PostgreSQL cannot be read,
@@ -163,6 +177,15 @@ async fn read_slot(
         );
         return Ok(());
     };
+    // The decoding statistics: a failure to read them clears them, nothing more.
+    let stats = match tokio::time::timeout(HEALTH_TIMEOUT, catalog::slot_stats(c, slot)).await {
+        Ok(Ok(stats)) => stats,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "cannot read pg_stat_replication_slots");
+            None
+        }
+        Err(_) => None,
+    };
     let lag = found.lag_bytes();
     let text = |lsn: Option<Lsn>| lsn.map(|l| l.to_string());
     status.update_source(|s| {
@@ -173,6 +196,18 @@ async fn read_slot(
         s.safe_wal_size = found.safe_wal_size;
         s.lag_bytes = lag;
         s.slot_active = Some(found.active);
+        s.slot_failover = found.failover;
+        s.slot_stats = stats.as_ref().map(|st| status::SlotStatsView {
+            spill_txns: st.spill_txns,
+            spill_count: st.spill_count,
+            spill_bytes: st.spill_bytes,
+            stream_txns: st.stream_txns,
+            stream_count: st.stream_count,
+            stream_bytes: st.stream_bytes,
+            total_txns: st.total_txns,
+            total_bytes: st.total_bytes,
+            stats_reset: st.stats_reset.clone(),
+        });
         s.slot_health = Some("ok".into());
         s.slot_health_error = None;
     });
@@ -182,6 +217,25 @@ async fn read_slot(
     match lag {
         Some(lag) => status.metrics.set(status::LAG_BYTES, &[], lag as f64),
         None => status.metrics.remove(status::LAG_BYTES, &[]),
+    }
+    match stats {
+        Some(st) => {
+            for (name, value) in SLOT_STAT_METRICS.into_iter().zip([
+                st.spill_txns,
+                st.spill_bytes,
+                st.spill_count,
+                st.stream_txns,
+                st.stream_bytes,
+                st.stream_count,
+            ]) {
+                status.metrics.set(name, &[], value as f64);
+            }
+        }
+        None => {
+            for name in SLOT_STAT_METRICS {
+                status.metrics.remove(name, &[]);
+            }
+        }
     }
     Ok(())
 }

@@ -121,12 +121,26 @@ pub struct SlotInfo {
     pub safe_wal_size: Option<i64>,
     /// The server's WAL position now (on a standby, the last WAL replayed).
     pub current_wal: Option<Lsn>,
+    /// Why PostgreSQL invalidated the slot (`wal_removed`, `rows_removed`,
+    /// `wal_level_insufficient`, `idle_timeout`); 17 and later say, `None` before.
+    pub invalidation_reason: Option<String>,
+    /// Whether the slot is synchronized to standbys for failover; `None` before 17.
+    pub failover: Option<bool>,
 }
 
 impl SlotInfo {
-    /// Whether the WAL the slot needs is gone (`wal_status = lost`).
+    /// Whether the slot can no longer be streamed from: the WAL it needs is gone
+    /// (`wal_status = lost`), or PostgreSQL 17+ invalidated it for another reason.
     pub fn is_lost(&self) -> bool {
-        self.wal_status.as_deref() == Some("lost")
+        self.wal_status.as_deref() == Some("lost") || self.invalidation_reason.is_some()
+    }
+
+    /// Why the slot is lost, in PostgreSQL's words.
+    pub fn lost_reason(&self) -> String {
+        match &self.invalidation_reason {
+            Some(reason) => format!("PostgreSQL invalidated it: `{reason}`"),
+            None => "wal_status is `lost`".into(),
+        }
     }
 
     /// Whether it is a slot airlock can stream from (logical, pgoutput).
@@ -145,11 +159,13 @@ impl SlotInfo {
 pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, CatalogError> {
     let row = client
         .query_opt(
+            // Columns of later versions through to_jsonb: NULL where they are absent.
             "SELECT plugin::text, active, active_pid, confirmed_flush_lsn::text, \
              restart_lsn::text, wal_status, safe_wal_size, \
              (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-              ELSE pg_current_wal_lsn() END)::text \
-             FROM pg_replication_slots WHERE slot_name = $1",
+              ELSE pg_current_wal_lsn() END)::text, \
+             to_jsonb(s) ->> 'invalidation_reason', (to_jsonb(s) ->> 'failover')::bool \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&name],
         )
         .await?;
@@ -175,7 +191,50 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, Catal
         wal_status: row.get(5),
         safe_wal_size: row.get(6),
         current_wal: lsn(7, "the current WAL position")?,
+        invalidation_reason: row.get(8),
+        failover: row.get(9),
     }))
+}
+
+/// What decoding for a slot cost the primary, from `pg_stat_replication_slots`:
+/// transactions spilled to its disk, or streamed while they ran. Counters since the
+/// statistics were last reset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct SlotStats {
+    /// Transactions spilled to the primary's disk, spills, and bytes spilled.
+    pub spill_txns: i64,
+    pub spill_count: i64,
+    pub spill_bytes: i64,
+    /// Transactions streamed while they ran, streams, and bytes streamed.
+    pub stream_txns: i64,
+    pub stream_count: i64,
+    pub stream_bytes: i64,
+    /// Transactions decoded, and their bytes.
+    pub total_txns: i64,
+    pub total_bytes: i64,
+    pub stats_reset: Option<String>,
+}
+
+/// The decoding statistics of slot `name`, or `None` when it has none (yet).
+pub async fn slot_stats(client: &Client, name: &str) -> Result<Option<SlotStats>, CatalogError> {
+    // to_jsonb: every version's columns, whatever it adds.
+    let row = client
+        .query_opt(
+            "SELECT to_jsonb(s)::text FROM pg_stat_replication_slots s WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let text: String = row.get(0);
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|_| CatalogError::Unexpected {
+            what: format!("pg_stat_replication_slots of slot `{name}`"),
+            value: text,
+        })
 }
 
 /// A catalog read that failed.

@@ -63,7 +63,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use assemble::Assembler;
-use spool::{Spool, Spooler};
 pub use assemble::{PART_BYTES, PART_CHANGES};
 use catalog::catalog_error;
 pub use error::{PgError, SourceError};
@@ -73,6 +72,7 @@ pub use settings::{
     DEFAULT_SHUTDOWN_DRAIN, DEFAULT_SLOT_BUSY_TIMEOUT, DEFAULT_STATUS_INTERVAL, Held,
     SnapshotObserver, SourceSettings, SourceState, StateObserver, default_spool_dir,
 };
+use spool::{Spool, Spooler};
 
 use crate::backoff::Backoff;
 use crate::change::{Lsn, Transaction};
@@ -332,7 +332,7 @@ async fn check_catalog(
         if slot.is_lost() {
             return Err(SourceError::SlotInvalidated {
                 slot: settings.slot.clone(),
-                reason: "wal_status is `lost`".into(),
+                reason: slot.lost_reason(),
             });
         }
         Ok(Some(slot.confirmed_flush.unwrap_or(Lsn::ZERO)))
@@ -523,8 +523,8 @@ impl Streamer<'_> {
 
     /// Keeps a message of the open stream block in its transaction's spool.
     fn spool(&mut self, top: u32, lsn: Lsn, data: &[u8]) -> Result<(), SourceError> {
-        let (xid, tag, body) = match pgoutput::streamed_xid(data) {
-            Ok(Some(parts)) => parts,
+        let pgoutput::Streamed { xid, tag, body } = match pgoutput::streamed_xid(data) {
+            Ok(Some(streamed)) => streamed,
             // Origin: nothing airlock keeps.
             Ok(None) if data.first() == Some(&b'O') => return Ok(()),
             Ok(None) => {
@@ -1104,7 +1104,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(h.rx.try_recv().is_err());
         h.server
-            .xlog(10 + rows + 1, &fx::stream_commit(5, 0x9_0000_0000, 0x9_0000_0010))
+            .xlog(
+                10 + rows + 1,
+                &fx::stream_commit(5, 0x9_0000_0000, 0x9_0000_0010),
+            )
             .await;
         let mut lsns = Vec::new();
         let mut parts = 0;
@@ -1118,7 +1121,11 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(lsns, (0..rows).collect::<Vec<_>>(), "every change once, in order");
+        assert_eq!(
+            lsns,
+            (0..rows).collect::<Vec<_>>(),
+            "every change once, in order"
+        );
         assert!(parts > 1, "handed on in parts");
     }
 

@@ -87,10 +87,20 @@ impl StreamAbort {
     }
 }
 
-/// The xid that a message inside a stream block carries after its type byte, and the
-/// message without it (type byte, then the body it has outside a stream), or `None`
-/// for the messages that carry none (Stream Stop, Origin, ...).
-pub fn streamed_xid(buf: &[u8]) -> Result<Option<(u32, u8, &[u8])>, DecodeError> {
+/// A message from inside a stream block, split: the xid it carries after its type
+/// byte, and the message without it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Streamed<'a> {
+    /// The (sub)transaction the message belongs to.
+    pub xid: u32,
+    pub tag: u8,
+    /// The body the message has outside a stream.
+    pub body: &'a [u8],
+}
+
+/// Splits a message from inside a stream block ([`Streamed`]), or `None` for the
+/// messages that carry no xid (Stream Stop, Origin, ...).
+pub fn streamed_xid(buf: &[u8]) -> Result<Option<Streamed<'_>>, DecodeError> {
     let (&tag, rest) = buf.split_first().ok_or(DecodeError::Empty)?;
     let name = match tag {
         b'R' => "Relation",
@@ -108,7 +118,7 @@ pub fn streamed_xid(buf: &[u8]) -> Result<Option<(u32, u8, &[u8])>, DecodeError>
         expected: "a 32-bit integer",
     })?;
     let xid = u32::from_be_bytes([xid[0], xid[1], xid[2], xid[3]]);
-    Ok(Some((xid, tag, body)))
+    Ok(Some(Streamed { xid, tag, body }))
 }
 
 /// Start of a transaction ('B').
@@ -968,11 +978,14 @@ pub(crate) mod tests {
             ("message", message()),
         ] {
             let inside = streamed(0xDEAD_BEEF, &plain);
-            let (xid, tag, body) = streamed_xid(&inside).unwrap().unwrap();
+            let Streamed { xid, tag, body } = streamed_xid(&inside).unwrap().unwrap();
             assert_eq!(xid, 0xDEAD_BEEF, "{name}");
             assert_eq!((tag, body), (plain[0], &plain[1..]), "{name}");
             let err = streamed_xid(&inside[..3]).unwrap_err();
-            assert!(matches!(err, DecodeError::Truncated { offset: 1, .. }), "{name}");
+            assert!(
+                matches!(err, DecodeError::Truncated { offset: 1, .. }),
+                "{name}"
+            );
         }
         for plain in [origin(), stream_stop(), stream_commit(1, 2, 3), begin()] {
             assert_eq!(streamed_xid(&plain).unwrap(), None);

@@ -126,7 +126,7 @@ impl Spooler {
             && (spool.memory.len() + len > STREAM_MEMORY || self.memory + len > TOTAL_MEMORY)
         {
             self.memory -= spool.memory.len();
-            spool.to_file(&self.dir).map_err(|source| SpoolError {
+            spool.move_to_file(&self.dir).map_err(|source| SpoolError {
                 dir: self.dir.clone(),
                 source,
             })?;
@@ -210,7 +210,7 @@ static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
 
 impl Spool {
     /// Moves the records to a new file in `dir`, private and already unlinked.
-    fn to_file(&mut self, dir: &Path) -> io::Result<()> {
+    fn move_to_file(&mut self, dir: &Path) -> io::Result<()> {
         private_files::create_dir_all(dir)?;
         let path = dir.join(format!(
             "airlock-stream-{}-{}-{}",
@@ -391,9 +391,11 @@ mod tests {
         assert!(s.memory() < STREAM_MEMORY);
         let out = drain(big);
         assert_eq!(out.len(), rows);
-        assert!(out.iter().enumerate().all(|(i, (lsn, m))| *lsn == i as u64
-            && m.len() == 1001
-            && m[0] == b'I'));
+        assert!(
+            out.iter()
+                .enumerate()
+                .all(|(i, (lsn, m))| *lsn == i as u64 && m.len() == 1001 && m[0] == b'I')
+        );
         let small = s.take(2).unwrap();
         assert!(!small.on_disk());
         assert_eq!(drain(small).len(), rows);

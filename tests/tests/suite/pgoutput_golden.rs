@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use airlock::source::pgoutput::{Message, OldKind, TupleValue, decode, streamed_xid};
+use airlock::source::pgoutput::{Message, OldKind, Streamed, TupleValue, decode, streamed_xid};
 use airlock_tests::*;
 use anyhow::{Context, Result};
 
@@ -72,7 +72,7 @@ fn to_hex(bytes: &[u8], comment: &str) -> String {
 fn describe(kind: &str, bytes: &[u8]) -> String {
     if kind.starts_with("streamed_") {
         return match streamed_xid(bytes) {
-            Ok(Some((xid, tag, body))) => {
+            Ok(Some(Streamed { xid, tag, body })) => {
                 let mut plain = vec![tag];
                 plain.extend_from_slice(body);
                 format!("xid {xid}\n{}", describe("", &plain))
@@ -229,7 +229,6 @@ fn kind_of(message: &Message<'_>) -> &'static str {
     }
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_postgresql_sends_every_fixture_kind_and_each_decodes() -> Result<()> {
     // A small decoding memory makes PostgreSQL stream the large transactions below.
@@ -329,7 +328,7 @@ async fn real_postgresql_sends_every_fixture_kind_and_each_decodes() -> Result<(
     let mut in_block = false;
     for row in &v2 {
         let bytes: Vec<u8> = row.get(0);
-        let kind = if in_block && let Some((_, tag, body)) = streamed_xid(&bytes)? {
+        let kind = if in_block && let Some(Streamed { tag, body, .. }) = streamed_xid(&bytes)? {
             let mut plain = vec![tag];
             plain.extend_from_slice(body);
             match kind_of(&decode(&plain)?) {
@@ -340,7 +339,10 @@ async fn real_postgresql_sends_every_fixture_kind_and_each_decodes() -> Result<(
             }
         } else {
             let message = decode(&bytes).unwrap_or_else(|e| {
-                panic!("a real message did not decode: {e}\n{}", hex::encode(&bytes))
+                panic!(
+                    "a real message did not decode: {e}\n{}",
+                    hex::encode(&bytes)
+                )
             });
             match message {
                 Message::StreamStart(_) => in_block = true,
