@@ -2,8 +2,8 @@
 //!
 //! - `cargo xtask demo [ARGS]`  set up, build the guests, run `airlock demo ARGS`
 //! - `cargo xtask test [--pg 15|16|17|18] [ARGS]`  set up, build the guests, run the
-//!   whole test suite (against the PostgreSQL named, fetched and cached; default the
-//!   system's)
+//!   whole test suite: on PostgreSQL 15 (the system's), then the integration suite
+//!   again on 18; with `--pg N` on that version only (fetched and cached)
 //! - `cargo xtask guests [--lang python|js|c|rust|all]`  build the guests into
 //!   guests/dist (default: all languages), installing each language's toolchain
 //! - `cargo xtask setup`        install what the tests need (wasm target, PostgreSQL, Python readers)
@@ -254,26 +254,54 @@ fn setup() -> Result<(), String> {
     ensure_python_packages()
 }
 
-/// `cargo xtask test [--pg N] [ARGS]`: the whole suite, against PostgreSQL `N` when
-/// named (its binaries' folder goes to the tests as `AIRLOCK_PG_BINDIR`).
+/// `cargo xtask test [--pg N] [ARGS]`: the whole suite on PostgreSQL 15, then the
+/// integration suite (everything that starts a cluster) on 18; with `--pg N`, the
+/// whole suite on `N` only. A version's binaries' folder goes to the tests as
+/// `AIRLOCK_PG_BINDIR`.
 fn test(args: &[String]) -> Result<(), String> {
-    let (bindir, rest) = match args {
-        [flag, major, rest @ ..] if flag == "--pg" => (postgres::bindir(major)?, rest),
-        rest => (None, rest),
+    let (versions, rest): (Vec<&str>, _) = match args {
+        [flag, major, rest @ ..] if flag == "--pg" => (vec![major.as_str()], rest),
+        rest => (vec!["15", "18"], rest),
     };
+    // Fetch first: a version that cannot be had fails before the long build.
+    let bindirs = versions
+        .iter()
+        .map(|major| postgres::bindir(major))
+        .collect::<Result<Vec<_>, _>>()?;
     setup()?;
     guests_for(&[])?;
     build_host()?;
-    let mut command = cargo();
-    command
-        .current_dir(root())
-        .args(["test", "--release", "--workspace", "--locked"])
-        .args(rest);
-    if let Some(bindir) = bindir {
-        eprintln!("== PostgreSQL from {}", bindir.display());
-        command.env("AIRLOCK_PG_BINDIR", bindir);
+    for (i, (major, bindir)) in versions.iter().zip(bindirs).enumerate() {
+        let mut command = cargo();
+        command.current_dir(root());
+        if i == 0 {
+            command.args(["test", "--release", "--workspace", "--locked"]);
+        } else {
+            // The unit tests start no cluster: once is enough.
+            command.args([
+                "test",
+                "--release",
+                "--locked",
+                "-p",
+                "airlock-tests",
+                "--test",
+                "suite",
+            ]);
+        }
+        command.args(rest);
+        match bindir {
+            Some(bindir) => {
+                eprintln!("== PostgreSQL {major} from {}", bindir.display());
+                command.env("AIRLOCK_PG_BINDIR", bindir);
+            }
+            None => {
+                eprintln!("== PostgreSQL {major} (the system's)");
+                command.env_remove("AIRLOCK_PG_BINDIR");
+            }
+        }
+        run(&mut command)?;
     }
-    run(&mut command)
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -50,6 +50,31 @@ fn running_as_root() -> bool {
 /// demo (`cargo xtask test --pg 18` sets it).
 pub const BINDIR_ENV: &str = "AIRLOCK_PG_BINDIR";
 
+/// What a PostgreSQL build was built with, from its `pg_config --configure`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Build {
+    /// OpenSSL: the server can serve TLS.
+    pub ssl: bool,
+    /// libxml: the `xml` type accepts values.
+    pub xml: bool,
+}
+
+impl Build {
+    /// The build of the binaries in `bindir`; `None` when it has no `pg_config` to say.
+    pub fn of(bindir: &Path) -> Option<Build> {
+        let out = Command::new(bindir.join("pg_config"))
+            .arg("--configure")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let configure = String::from_utf8_lossy(&out.stdout);
+        Some(Build {
+            ssl: configure.contains("--with-openssl") || configure.contains("--with-ssl=openssl"),
+            xml: configure.contains("--with-libxml"),
+        })
+    }
+}
+
 /// The directory with `initdb`, `pg_ctl` and `postgres`: [`BINDIR_ENV`] when set,
 /// else `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bindir() -> Result<PathBuf, ClusterError> {
@@ -61,6 +86,12 @@ pub fn find_bindir() -> Result<PathBuf, ClusterError> {
             Err(ClusterError::NoBinariesIn(dir))
         };
     }
+    system_bindir()
+}
+
+/// The system's PostgreSQL binaries, whatever [`BINDIR_ENV`] says: `pg_config --bindir`,
+/// else the newest `/usr/lib/postgresql/*/bin`.
+pub fn system_bindir() -> Result<PathBuf, ClusterError> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
         && out.status.success()
     {
@@ -97,7 +128,11 @@ pub fn free_port() -> u16 {
 impl Cluster {
     /// initdb + start, with `extra_conf` appended to postgresql.conf.
     pub fn start(extra_conf: &str) -> Result<Cluster, ClusterError> {
-        let bin = find_bindir()?;
+        Cluster::start_from(find_bindir()?, extra_conf)
+    }
+
+    /// [`Cluster::start`] with the binaries in `bin`.
+    pub fn start_from(bin: PathBuf, extra_conf: &str) -> Result<Cluster, ClusterError> {
         let as_postgres = running_as_root();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("airlock-pg-{}-{n}", std::process::id()));

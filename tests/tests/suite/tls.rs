@@ -143,6 +143,32 @@ fn make_pki(dir: &Path) -> Result<Pki> {
     })
 }
 
+/// The PostgreSQL the TLS tests start: the suite's, unless that build has no OpenSSL
+/// (the PostgreSQL 18 wheel), then the system's, and the test says so. What is tested
+/// is airlock's side of TLS, which a server that cannot serve it cannot show.
+fn tls_bindir() -> PathBuf {
+    use airlock::demo::cluster::{Build, find_bindir, system_bindir};
+    let bin = find_bindir().unwrap_or_else(|e| panic!("{e}"));
+    match Build::of(&bin) {
+        Some(build) if !build.ssl => {
+            let system = system_bindir().unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                Build::of(&system).is_some_and(|b| b.ssl),
+                "neither {} nor {} was built with OpenSSL: the TLS tests need a PostgreSQL that can serve TLS (Debian's `postgresql`)",
+                bin.display(),
+                system.display()
+            );
+            eprintln!(
+                "the PostgreSQL in {} was built without OpenSSL: this TLS test runs against {}",
+                bin.display(),
+                system.display()
+            );
+            system
+        }
+        _ => bin,
+    }
+}
+
 /// A cluster with `ssl = on`. Role `app` (REPLICATION, password [`PASSWORD`]) may
 /// connect only over TLS (`hostssl`, SCRAM); `postgres` connects plain, trusted.
 async fn tls_cluster(pki: &Pki) -> Result<(Cluster, tokio_postgres::Client)> {
@@ -155,11 +181,14 @@ async fn tls_cluster_with(
     settings: &str,
     hba_first: &str,
 ) -> Result<(Cluster, tokio_postgres::Client)> {
-    let pg = Cluster::start(&format!(
-        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\npassword_encryption = 'scram-sha-256'\n{settings}",
-        pki.server_cert.display(),
-        pki.server_key.display()
-    ))?;
+    let pg = Cluster::start_from(
+        tls_bindir(),
+        &format!(
+            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\npassword_encryption = 'scram-sha-256'\n{settings}",
+            pki.server_cert.display(),
+            pki.server_key.display()
+        ),
+    )?;
     let db = pg.connect("postgres").await?;
     db.batch_execute(&format!(
         "CREATE ROLE app WITH LOGIN REPLICATION PASSWORD '{PASSWORD}';

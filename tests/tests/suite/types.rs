@@ -435,7 +435,22 @@ async fn every_type_arrives_exact_and_null_stays_distinct() -> anyhow::Result<()
     let dir = temp_dir("types");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
-    let cases = cases();
+    let mut cases = cases();
+    // A build without libxml (the PostgreSQL 18 wheel) refuses every xml value: the
+    // type is left out there, after checking that the server does refuse it.
+    let bindir = airlock::demo::cluster::find_bindir()?;
+    if airlock::demo::cluster::Build::of(&bindir).is_some_and(|b| !b.xml) {
+        let refused = db.batch_execute("SELECT '<a/>'::xml").await.unwrap_err();
+        assert!(
+            format!("{refused:?}").contains("unsupported XML feature"),
+            "{refused:?}"
+        );
+        eprintln!(
+            "the PostgreSQL in {} was built without libxml: the xml type is left out",
+            bindir.display()
+        );
+        cases.retain(|c| c.ty != "xml");
+    }
     let columns: Vec<String> = cases
         .iter()
         .map(|c| format!("{} {}", c.name, c.ty))
