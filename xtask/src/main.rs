@@ -7,7 +7,8 @@
 //! - `cargo xtask guests [--lang python|js|c|rust|all]`  build the guests into
 //!   guests/dist (default: all languages), installing each language's toolchain
 //! - `cargo xtask setup`        install what the tests need (wasm target, PostgreSQL, Python readers)
-//! - `cargo xtask bench [ARGS]` build everything, run the end-to-end benchmark (`bench_e2e ARGS`)
+//! - `cargo xtask bench [--pg N] [ARGS]` build everything, run the end-to-end benchmark
+//!   (`bench_e2e ARGS`), on PostgreSQL `N` when named
 
 mod bench;
 
@@ -325,7 +326,7 @@ fn main() -> ExitCode {
                     .args(&rest))
             }),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test [--pg N]|bench|guests|setup> [ARGS]");
+            eprintln!("usage: cargo xtask <demo|test [--pg N]|bench [--pg N]|guests|setup> [ARGS]");
             return ExitCode::from(2);
         }
     };

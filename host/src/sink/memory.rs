@@ -141,4 +141,9 @@ impl Sink for MemorySink {
     fn flush_interval(&self) -> Duration {
         self.flush_interval
     }
+
+    /// Holds rows of a transaction whose last part has not come, as a lake stages them.
+    fn holds_open(&self) -> bool {
+        self.buffered.last().is_some_and(|b| b.ends_open())
+    }
 }

@@ -117,6 +117,8 @@ pub async fn drive_observed<S: Sink>(
         match received {
             Some(Some(batch)) => {
                 let end = batch.end_lsn();
+                // A transaction staged in parts: most of it is written already.
+                let staged = sink.holds_open();
                 let kept = sink.accept(batch).await?;
                 if kept && pending.is_none() {
                     deadline = tokio::time::Instant::now() + interval;
@@ -132,8 +134,10 @@ pub async fn drive_observed<S: Sink>(
                     let queued = rx.len();
                     status.update_sink(sink.name(), |v| v.queued_batches = queued);
                 }
-                // Due also inside a large transaction: the flush stages its rows.
-                if holding && sink.due() {
+                // Due also inside a large transaction: the flush stages its rows. And
+                // the last part of a staged transaction makes it visible at once:
+                // waiting the interval would only delay what is written already.
+                if holding && (sink.due() || (staged && end.is_some())) {
                     flush_with_retry(&mut sink, &rx, &durable, &mut pending, status).await?;
                     holding = sink.holds_open();
                 }
@@ -267,6 +271,46 @@ mod tests {
             }],
         };
         Arc::new(Batch::from_transactions([txn]))
+    }
+
+    /// A transaction in two parts, ending at `end`.
+    fn parts(end: u64) -> [Arc<Batch>; 2] {
+        let mut first = (*batch(end)).clone();
+        first.txns[0].part = Part {
+            offset: 0,
+            last: false,
+        };
+        first.txns[0].end_lsn = Lsn::ZERO;
+        let mut last = (*batch(end)).clone();
+        last.txns[0].part = Part {
+            offset: 1,
+            last: true,
+        };
+        [Arc::new(first), Arc::new(last)]
+    }
+
+    #[tokio::test]
+    async fn the_last_part_of_a_staged_transaction_is_flushed_at_once() {
+        // An interval far longer than the test: only the rule can flush.
+        let (sink, handle) = MemorySink::new("memory", Duration::from_secs(3600));
+        let (tx, rx) = mpsc::channel(8);
+        let (durable, mut seen) = watch::channel(Lsn::ZERO);
+        let driver = tokio::spawn(drive(sink, rx, durable));
+        let [first, last] = parts(40);
+        tx.send(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(handle.flushes(), 0, "a part alone waits");
+        tx.send(last).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), seen.wait_for(|l| *l == Lsn(40)))
+            .await
+            .expect("the completed transaction was made durable at once")
+            .unwrap();
+        // A small whole transaction still waits for the interval.
+        tx.send(batch(50)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*seen.borrow(), Lsn(40));
+        drop(tx);
+        driver.await.unwrap().unwrap();
     }
 
     #[tokio::test]
