@@ -596,6 +596,10 @@ impl Bench {
             "SELECT lsn::text FROM pg_create_logical_replication_slot('bench_drain', 'pgoutput')",
         )
         .await?;
+        // A third slot for pg_recvlogical again, with pgoutput's `binary = true`.
+        client
+            .batch_execute("SELECT pg_create_logical_replication_slot('drain_binary', 'pgoutput')")
+            .await?;
         let insert = client.prepare(&insert_range("bench_drain", false)).await?;
         let written = Instant::now();
         let mut first = 1i64;
@@ -623,41 +627,37 @@ impl Bench {
             mib(wal_bytes)
         );
 
-        // pg_recvlogical: pgoutput v1 into /dev/null until the end LSN. The CPU time
-        // of it and of its walsender is sampled while it runs.
-        let start = Instant::now();
-        let mut recv = tool(&self.bindir, "pg_recvlogical")
-            .args(conn_args(&self.cluster, "postgres"))
-            .args(["--slot", "drain_recvlogical", "--start", "--no-loop"])
-            .args(["--endpos", &end_lsn])
-            .args([
-                "-o",
-                "proto_version=1",
-                "-o",
-                "publication_names=bench_drain",
-            ])
-            .args(["-f", "/dev/null"])
-            .spawn()?;
-        let recv_pid = recv.id().unwrap_or(0);
-        let (mut recv_cpu, mut recv_sender_cpu) = (0.0f64, 0.0f64);
-        let status = loop {
-            if let Some(status) = recv.try_wait()? {
-                break status;
-            }
-            recv_cpu = cpu_secs(recv_pid).unwrap_or(recv_cpu);
-            if let Some(pid) = slot_pid(&client, "drain_recvlogical").await? {
-                recv_sender_cpu = cpu_secs(pid).unwrap_or(recv_sender_cpu);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let recv_secs = start.elapsed().as_secs_f64();
-        if !status.success() {
-            bail!("pg_recvlogical failed with {status}");
-        }
+        // pg_recvlogical: pgoutput v1 into /dev/null until the end LSN, as text (the
+        // reference) and with `binary = true` (what binary values cost the walsender).
+        let (recv_secs, recv_cpu, recv_sender_cpu) = self
+            .recvlogical(&client, "drain_recvlogical", &end_lsn, false)
+            .await?;
         let recv_rate = o.rows as f64 / recv_secs;
         println!(
             "  pg_recvlogical: {recv_secs:.2} s, {} rows/s; CPU: walsender {recv_sender_cpu:.2} s, pg_recvlogical {recv_cpu:.2} s",
             thousands(recv_rate)
+        );
+        let (binary_secs, binary_cpu, binary_sender_cpu) = self
+            .recvlogical(&client, "drain_binary", &end_lsn, true)
+            .await?;
+        println!(
+            "  pg_recvlogical, binary = true: {binary_secs:.2} s, {} rows/s; CPU: walsender {binary_sender_cpu:.2} s, pg_recvlogical {binary_cpu:.2} s",
+            thousands(o.rows as f64 / binary_secs)
+        );
+        report.push(Line {
+            figure: "drain: walsender CPU, pgoutput binary = true / text".into(),
+            airlock: format!("{binary_sender_cpu:.2} s"),
+            reference: format!("{recv_sender_cpu:.2} s"),
+            budget: "measured".into(),
+            result: "-",
+        });
+        out.insert(
+            "binary".into(),
+            json!({
+                "rows": o.rows,
+                "text": { "secs": recv_secs, "walsender_cpu_secs": recv_sender_cpu, "client_cpu_secs": recv_cpu },
+                "binary": { "secs": binary_secs, "walsender_cpu_secs": binary_sender_cpu, "client_cpu_secs": binary_cpu },
+            }),
         );
 
         // airlock: the example guests (or none) into the lake, flushed every second.
@@ -771,7 +771,7 @@ impl Bench {
         drop_slot(&client, "bench_drain").await?;
         client
             .batch_execute(
-                "SELECT pg_drop_replication_slot('drain_recvlogical'); DROP TABLE bench_drain; CHECKPOINT",
+                "SELECT pg_drop_replication_slot('drain_recvlogical'); SELECT pg_drop_replication_slot('drain_binary'); DROP TABLE bench_drain; CHECKPOINT",
             )
             .await?;
         discard(&dir);
@@ -1220,6 +1220,53 @@ impl Bench {
             )
             .await?;
         Ok(())
+    }
+
+    /// `pg_recvlogical` on `slot` (pgoutput v1, `binary` values or text) into
+    /// /dev/null until `end_lsn`: its seconds, and the CPU seconds of it and of its
+    /// walsender, sampled while it runs.
+    async fn recvlogical(
+        &self,
+        client: &tokio_postgres::Client,
+        slot: &str,
+        end_lsn: &str,
+        binary: bool,
+    ) -> Result<(f64, f64, f64)> {
+        let start = Instant::now();
+        let mut recv = tool(&self.bindir, "pg_recvlogical")
+            .args(conn_args(&self.cluster, "postgres"))
+            .args(["--slot", slot, "--start", "--no-loop"])
+            .args(["--endpos", end_lsn])
+            .args([
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=bench_drain",
+            ])
+            .args(if binary {
+                &["-o", "binary=true"][..]
+            } else {
+                &[][..]
+            })
+            .args(["-f", "/dev/null"])
+            .spawn()?;
+        let recv_pid = recv.id().unwrap_or(0);
+        let (mut recv_cpu, mut sender_cpu) = (0.0f64, 0.0f64);
+        let status = loop {
+            if let Some(status) = recv.try_wait()? {
+                break status;
+            }
+            recv_cpu = cpu_secs(recv_pid).unwrap_or(recv_cpu);
+            if let Some(pid) = slot_pid(client, slot).await? {
+                sender_cpu = cpu_secs(pid).unwrap_or(sender_cpu);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let secs = start.elapsed().as_secs_f64();
+        if !status.success() {
+            bail!("pg_recvlogical on {slot} failed with {status}");
+        }
+        Ok((secs, recv_cpu, sender_cpu))
     }
 
     /// One pgbench run; returns its TPS (without initial connection time).
