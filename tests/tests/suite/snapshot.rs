@@ -548,3 +548,58 @@ async fn the_snapshot_copies_only_the_published_columns_and_rows() -> anyhow::Re
     );
     Ok(())
 }
+
+/// PostgreSQL 18 publishes stored generated columns when the publication says
+/// `publish_generated_columns = stored`; before 18 no publication can. The snapshot
+/// copies what the stream sends, on every version: the generated column on 18 with
+/// the option (its values computed by PostgreSQL), nowhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_columns_are_copied_and_streamed_where_the_publication_publishes_them()
+-> anyhow::Result<()> {
+    let dir = temp_dir("snapshot-generated");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    let version: i32 = db
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?
+        .get(0);
+    let publishes = version >= 180_000;
+    let option = if publishes {
+        " WITH (publish_generated_columns = stored)"
+    } else {
+        ""
+    };
+    db.batch_execute(&format!(
+        "CREATE TABLE gen (id integer PRIMARY KEY, body text,
+           doubled integer GENERATED ALWAYS AS (id * 2) STORED);
+         INSERT INTO gen (id, body) SELECT i, 'row ' || i FROM generate_series(1, 10) i;
+         CREATE PUBLICATION airlock FOR TABLE gen{option};"
+    ))
+    .await?;
+    let host = Host::start(
+        &support::config(&pg.url("postgres"), &dir, "gen", "snapshot = \"initial\""),
+        &dir,
+    );
+    support::wait_for_slot(&db, "gen").await?;
+    db.batch_execute("INSERT INTO gen (id, body) VALUES (11, 'streamed')")
+        .await?;
+    let table = dir.join("lake/public.gen");
+    let rows = lake_until(&table, |r| r["id"] == json!(11)).await?;
+    host.stop().await?;
+
+    let mut expected: HashSet<String> = HashSet::from(["id".into(), "body".into()]);
+    if publishes {
+        expected.insert("doubled".into());
+    }
+    assert_eq!(delta_columns(&table)?, expected, "server version {version}");
+    assert_eq!(rows.len(), 11);
+    for row in &rows {
+        let id = row["id"].as_i64().unwrap();
+        if publishes {
+            assert_eq!(row["doubled"], json!(id * 2), "{row}");
+        } else {
+            assert!(row.get("doubled").is_none_or(Json::is_null), "{row}");
+        }
+    }
+    Ok(())
+}
