@@ -63,19 +63,23 @@ pub struct SourceView {
     pub slot_failover: Option<bool>,
     /// What decoding for the slot cost the primary (`pg_stat_replication_slots`):
     /// transactions spilled to its disk or streamed while they ran.
-    pub slot_stats: Option<SlotStatsView>,
+    pub slot_stats: Option<SlotStats>,
 }
 
-/// The primary's decoding statistics for the slot: counters since their last reset.
+/// What decoding for the slot cost the primary, as `pg_stat_replication_slots` says:
+/// counters since the statistics were last reset.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct SlotStatsView {
+pub struct SlotStats {
+    /// Transactions spilled to the primary's disk, spills, and bytes spilled.
     pub spill_txns: i64,
     pub spill_count: i64,
     pub spill_bytes: i64,
+    /// Transactions streamed while they ran, streams, and bytes streamed.
     pub stream_txns: i64,
     pub stream_count: i64,
     pub stream_bytes: i64,
+    /// Transactions decoded, and their bytes.
     pub total_txns: i64,
     pub total_bytes: i64,
     pub stats_reset: Option<String>,

@@ -197,17 +197,7 @@ async fn read_slot(
         s.lag_bytes = lag;
         s.slot_active = Some(found.active);
         s.slot_failover = found.failover;
-        s.slot_stats = stats.as_ref().map(|st| status::SlotStatsView {
-            spill_txns: st.spill_txns,
-            spill_count: st.spill_count,
-            spill_bytes: st.spill_bytes,
-            stream_txns: st.stream_txns,
-            stream_count: st.stream_count,
-            stream_bytes: st.stream_bytes,
-            total_txns: st.total_txns,
-            total_bytes: st.total_bytes,
-            stats_reset: st.stats_reset.clone(),
-        });
+        s.slot_stats = stats.clone();
         s.slot_health = Some("ok".into());
         s.slot_health_error = None;
     });

@@ -21,6 +21,7 @@ use tokio_postgres::Client;
 use super::error::SourceError;
 use super::protocol::quote_ident;
 use crate::change::{Column, Lsn, Relation, ReplicaIdentity};
+use crate::status::SlotStats;
 
 /// The first server version (`server_version_num`) with column lists and row filters.
 const PG15: i32 = 150_000;
@@ -194,26 +195,6 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, Catal
         invalidation_reason: row.get(8),
         failover: row.get(9),
     }))
-}
-
-/// What decoding for a slot cost the primary, from `pg_stat_replication_slots`:
-/// transactions spilled to its disk, or streamed while they ran. Counters since the
-/// statistics were last reset.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct SlotStats {
-    /// Transactions spilled to the primary's disk, spills, and bytes spilled.
-    pub spill_txns: i64,
-    pub spill_count: i64,
-    pub spill_bytes: i64,
-    /// Transactions streamed while they ran, streams, and bytes streamed.
-    pub stream_txns: i64,
-    pub stream_count: i64,
-    pub stream_bytes: i64,
-    /// Transactions decoded, and their bytes.
-    pub total_txns: i64,
-    pub total_bytes: i64,
-    pub stats_reset: Option<String>,
 }
 
 /// The decoding statistics of slot `name`, or `None` when it has none (yet).

@@ -895,6 +895,18 @@ mod tests {
         }
     }
 
+    /// Appends an XLogData CopyData frame to `burst`, to send many in one write.
+    fn xlog_frame(burst: &mut Vec<u8>, lsn: u64, data: &[u8]) {
+        let mut body = vec![b'w'];
+        body.extend_from_slice(&lsn.to_be_bytes());
+        body.extend_from_slice(&(lsn + 100).to_be_bytes());
+        body.extend_from_slice(&7i64.to_be_bytes());
+        body.extend_from_slice(data);
+        burst.push(b'd');
+        burst.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        burst.extend_from_slice(&body);
+    }
+
     #[tokio::test]
     async fn a_backlog_past_the_drain_budget_loses_no_message() {
         let mut h = harness(64, Progress::default()).await;
@@ -902,16 +914,7 @@ mod tests {
         let base = 0x1_0000_0000;
         // One burst, so that more messages than the budget are buffered at once.
         let mut burst = Vec::new();
-        let mut xlog = |lsn: u64, data: &[u8]| {
-            let mut body = vec![b'w'];
-            body.extend_from_slice(&lsn.to_be_bytes());
-            body.extend_from_slice(&(lsn + 100).to_be_bytes());
-            body.extend_from_slice(&7i64.to_be_bytes());
-            body.extend_from_slice(data);
-            burst.push(b'd');
-            burst.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-            burst.extend_from_slice(&body);
-        };
+        let mut xlog = |lsn: u64, data: &[u8]| xlog_frame(&mut burst, lsn, data);
         xlog(base, &fx::begin());
         xlog(base + 1, &fx::relation());
         for i in 0..rows {
@@ -1083,16 +1086,7 @@ mod tests {
         let mut h = harness(64, Progress::default()).await;
         let rows = spool::STREAM_MEMORY as u64 / 8;
         let mut burst = Vec::new();
-        let mut xlog = |lsn: u64, data: &[u8]| {
-            let mut body = vec![b'w'];
-            body.extend_from_slice(&lsn.to_be_bytes());
-            body.extend_from_slice(&(lsn + 100).to_be_bytes());
-            body.extend_from_slice(&7i64.to_be_bytes());
-            body.extend_from_slice(data);
-            burst.push(b'd');
-            burst.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-            burst.extend_from_slice(&body);
-        };
+        let mut xlog = |lsn: u64, data: &[u8]| xlog_frame(&mut burst, lsn, data);
         xlog(1, &fx::stream_start(5, true));
         xlog(2, &fx::streamed(5, &fx::relation()));
         for i in 0..rows {

@@ -102,15 +102,9 @@ pub struct Streamed<'a> {
 /// messages that carry no xid (Stream Stop, Origin, ...).
 pub fn streamed_xid(buf: &[u8]) -> Result<Option<Streamed<'_>>, DecodeError> {
     let (&tag, rest) = buf.split_first().ok_or(DecodeError::Empty)?;
-    let name = match tag {
-        b'R' => "Relation",
-        b'Y' => "Type",
-        b'I' => "Insert",
-        b'U' => "Update",
-        b'D' => "Delete",
-        b'T' => "Truncate",
-        b'M' => "Message",
-        _ => return Ok(None),
+    let carries_xid = matches!(tag, b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M');
+    let Some(name) = message_name(tag).filter(|_| carries_xid) else {
+        return Ok(None);
     };
     let (xid, body) = rest.split_at_checked(4).ok_or(DecodeError::Truncated {
         message: name,
@@ -390,10 +384,9 @@ fn printable(byte: u8) -> String {
     }
 }
 
-/// Decodes one pgoutput message.
-pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
-    let (&tag, _) = buf.split_first().ok_or(DecodeError::Empty)?;
-    let name = match tag {
+/// The name of the message with type byte `tag`, as errors say it.
+fn message_name(tag: u8) -> Option<&'static str> {
+    Some(match tag {
         b'B' => "Begin",
         b'C' => "Commit",
         b'O' => "Origin",
@@ -408,8 +401,14 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
         b'E' => "Stream Stop",
         b'c' => "Stream Commit",
         b'A' => "Stream Abort",
-        byte => return Err(DecodeError::UnknownType { byte }),
-    };
+        _ => return None,
+    })
+}
+
+/// Decodes one pgoutput message.
+pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
+    let (&tag, _) = buf.split_first().ok_or(DecodeError::Empty)?;
+    let name = message_name(tag).ok_or(DecodeError::UnknownType { byte: tag })?;
     let mut r = Reader {
         buf,
         pos: 1,
