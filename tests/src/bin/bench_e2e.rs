@@ -1066,6 +1066,9 @@ impl Bench {
         let mut committed: Option<Instant> = None;
         let mut visible_after = None;
         let mut sent_after: Option<Duration> = None;
+        // airlock's CPU seconds when the walsender had sent the commit, and when the
+        // lake had it: how busy it was while only it worked.
+        let (mut cpu_at_sent, mut cpu_at_visible) = (None, None);
         let outcome = loop {
             if let Some((_, rss)) = airlock.memory() {
                 peak_rss = peak_rss.max(rss);
@@ -1075,6 +1078,7 @@ impl Bench {
             }
             if lake.poll() >= rows {
                 visible_after = committed.map(|c| c.elapsed());
+                cpu_at_visible = cpu_secs(airlock.pid());
                 break Ok(());
             }
             if end_lsn.is_none() && writer.is_finished() {
@@ -1095,6 +1099,7 @@ impl Bench {
                     .and_then(|row| row.get::<_, Option<String>>(0));
                 if sent.is_some_and(|s| lsn_value(&s) >= end) {
                     sent_after = Some(at.elapsed());
+                    cpu_at_sent = cpu_secs(airlock.pid());
                 }
             }
             if let Some(end) = end_lsn
@@ -1144,6 +1149,18 @@ impl Bench {
             visible_after.map_or_else(|| "-".into(), |v| format!("{:.2} s", v.as_secs_f64()))
         );
         let visible_ok = visible_after.is_some_and(|v| v <= BIG_VISIBLE_BUDGET);
+        let after_sent = match (sent_after, visible_after, cpu_at_sent, cpu_at_visible) {
+            (Some(s), Some(v), Some(c0), Some(c1)) if v > s => {
+                let wall = (v - s).as_secs_f64();
+                println!(
+                    "  after the walsender sent the commit: {wall:.2} s to the lake, airlock busy {:.2} CPU s ({:.2} cores)",
+                    c1 - c0,
+                    (c1 - c0) / wall
+                );
+                Some((wall, c1 - c0))
+            }
+            _ => None,
+        };
         report.push(Line {
             figure: format!(
                 "one {}-row transaction: primary's spill_bytes",
@@ -1207,6 +1224,7 @@ impl Bench {
                 "spill_bytes": spill_bytes, "stream_bytes": stream_bytes,
                 "visible_after_commit_secs": visible_after.map(|v| v.as_secs_f64()),
                 "walsender_sent_after_commit_secs": sent_after.map(|v| v.as_secs_f64()),
+                "airlock_after_sent": after_sent.map(|(wall, cpu)| json!({ "secs": wall, "cpu_secs": cpu })),
                 "visible_budget_secs": BIG_VISIBLE_BUDGET.as_secs_f64(),
                 "error": outcome.as_ref().err().map(|e| e.to_string()),
                 "budget_bytes": (RSS_BUDGET_MIB * 1024.0 * 1024.0) as u64, "pass": ok,
