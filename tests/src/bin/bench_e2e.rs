@@ -46,6 +46,7 @@ const LAKE_P99_SLACK: Duration = Duration::from_secs(1);
 const USAGE: &str = "usage: bench_e2e [--rows N] [--txn-rows N] [--rate ROWS_PER_S] [--latency-secs S]
                  [--memory-rows N] [--pgbench-secs S] [--pgbench-scale N] [--pgbench-clients N]
                  [--rounds N] [--drain-guests examples|none] [--memory-guests examples|none]
+                 [--memory-table wide|narrow]
                  [--only drain,latency,memory,primary] [--json PATH]
 defaults: --rows 1000000 (or $AIRLOCK_BENCH_ROWS) --txn-rows 1000 --rate 5000 --latency-secs 30
           --memory-rows 2000000 --pgbench-secs 20 --pgbench-scale 10 --pgbench-clients 4 --rounds 2";
@@ -62,6 +63,8 @@ struct Options {
     rounds: u64,
     drain_guests: bool,
     memory_guests: bool,
+    /// The memory part's table: the drain's 10 columns, or `(id bigint, n integer)`.
+    memory_narrow: bool,
     only: Vec<String>,
     json: Option<PathBuf>,
 }
@@ -83,6 +86,7 @@ impl Options {
             rounds: 2,
             drain_guests: true,
             memory_guests: true,
+            memory_narrow: false,
             only: vec![],
             json: None,
         };
@@ -124,6 +128,13 @@ impl Options {
                         "examples" => true,
                         "none" => false,
                         _ => bail!("--memory-guests takes `examples` or `none`"),
+                    }
+                }
+                "--memory-table" => {
+                    o.memory_narrow = match value.as_str() {
+                        "wide" => false,
+                        "narrow" => true,
+                        _ => bail!("--memory-table takes `wide` or `narrow`"),
                     }
                 }
                 "--only" => o.only = value.split(',').map(|s| s.trim().to_owned()).collect(),
@@ -1024,7 +1035,16 @@ impl Bench {
     ) -> Result<()> {
         let rows = self.opts.memory_rows;
         let client = self.cluster.connect("postgres").await?;
-        client.batch_execute(&create_table("bench_big")).await?;
+        if self.opts.memory_narrow {
+            client
+                .batch_execute(
+                    "CREATE TABLE bench_big (id bigint PRIMARY KEY, n integer);
+                     CREATE PUBLICATION bench_big FOR TABLE bench_big;",
+                )
+                .await?;
+        } else {
+            client.batch_execute(&create_table("bench_big")).await?;
+        }
         client
             .batch_execute("SELECT pg_create_logical_replication_slot('bench_big', 'pgoutput')")
             .await?;
@@ -1050,7 +1070,12 @@ impl Bench {
             thousands(rows as f64)
         );
         let writer_client = self.cluster.connect("postgres").await?;
-        let insert = insert_range("bench_big", true);
+        let insert = if self.opts.memory_narrow {
+            "INSERT INTO bench_big SELECT g, g % 1000 FROM generate_series($1::bigint, $2::bigint) g"
+                .to_owned()
+        } else {
+            insert_range("bench_big", true)
+        };
         let start = Instant::now();
         let writer = tokio::spawn(async move {
             writer_client
@@ -1069,9 +1094,16 @@ impl Bench {
         // airlock's CPU seconds when the walsender had sent the commit, and when the
         // lake had it: how busy it was while only it worked.
         let (mut cpu_at_sent, mut cpu_at_visible) = (None, None);
+        // The walsender's CPU seconds, last seen: is it the one that sets the pace?
+        let mut sender_cpu = 0.0f64;
         let outcome = loop {
             if let Some((_, rss)) = airlock.memory() {
                 peak_rss = peak_rss.max(rss);
+            }
+            if sent_after.is_none()
+                && let Some(pid) = slot_pid(&client, "bench_big").await?
+            {
+                sender_cpu = cpu_secs(pid).unwrap_or(sender_cpu);
             }
             if committed.is_none() && writer.is_finished() {
                 committed = Some(Instant::now());
@@ -1141,6 +1173,12 @@ impl Bench {
             )
             .await?;
         let (spill_bytes, stream_bytes): (i64, i64) = (stats.get(0), stats.get(1));
+        println!(
+            "  the walsender used {sender_cpu:.2} CPU s until it sent the commit, {:.2} s after the first row",
+            committed
+                .zip(sent_after)
+                .map_or(0.0, |(c, s)| (c.duration_since(start) + s).as_secs_f64())
+        );
         println!(
             "  the primary spilled {} bytes and streamed {} bytes for the slot; the walsender sent the commit {} after it, the lake had it {} after it",
             thousands(spill_bytes as f64),
@@ -1224,6 +1262,7 @@ impl Bench {
                 "spill_bytes": spill_bytes, "stream_bytes": stream_bytes,
                 "visible_after_commit_secs": visible_after.map(|v| v.as_secs_f64()),
                 "walsender_sent_after_commit_secs": sent_after.map(|v| v.as_secs_f64()),
+                "walsender_cpu_secs": sender_cpu,
                 "airlock_after_sent": after_sent.map(|(wall, cpu)| json!({ "secs": wall, "cpu_secs": cpu })),
                 "visible_budget_secs": BIG_VISIBLE_BUDGET.as_secs_f64(),
                 "error": outcome.as_ref().err().map(|e| e.to_string()),
