@@ -261,8 +261,8 @@ async fn a_host_killed_mid_stream_resumes_and_lands_every_row_once() -> Result<(
     )
     .await?;
     // A commit elsewhere flushes the WAL written so far, which the walsender streams.
-    // (PostgreSQL 15 counts a stream in pg_stat_replication_slots only when it next
-    // decodes a commit: airlock's own spool is the witness.)
+    // (PostgreSQL counts a stream in pg_stat_replication_slots when it next decodes a
+    // commit, seen on 15 and 16: airlock's own spool is the witness.)
     other.batch_execute("SELECT txid_current()").await?;
     // The spool is on disk, and unlinked: airlock holds a deleted file in the folder.
     let pid = host.id();
