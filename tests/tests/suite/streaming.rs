@@ -3,7 +3,8 @@
 //! and on 16 and later also `debug_logical_replication_streaming = immediate`.
 //!
 //! What comes out is checked row by row against what the transactions did: a large
-//! transaction with a savepoint rolled back and one released, interleaved with a
+//! transaction with a savepoint rolled back, one released, and a savepoint released
+//! inside one rolled back (nested subtransactions), interleaved with a
 //! small one that commits first, and a large transaction rolled back. The primary's
 //! own statistics show that it streamed and spilled nothing.
 
@@ -135,6 +136,13 @@ async fn streamed_transactions_arrive_exactly_with_savepoints_and_rollbacks() ->
          SAVEPOINT s2;
          INSERT INTO t SELECT g, 's' || g, g FROM generate_series(30001, 35000) g;
          RELEASE SAVEPOINT s2;
+         SAVEPOINT outer_sp;
+         INSERT INTO t SELECT g, 'rolled back', g FROM generate_series(40001, 42000) g;
+         SAVEPOINT inner_sp;
+         INSERT INTO t SELECT g, 'rolled back', g FROM generate_series(42001, 44000) g;
+         RELEASE SAVEPOINT inner_sp;
+         INSERT INTO t SELECT g, 'rolled back', g FROM generate_series(44001, 45000) g;
+         ROLLBACK TO SAVEPOINT outer_sp;
          UPDATE t SET n = -n WHERE id <= 100;
          DELETE FROM t WHERE id > 34900 AND id <= 35000;
          SELECT pg_logical_emit_message(true, 'airlock-test', 'inside a streamed transaction');
