@@ -85,6 +85,20 @@ pub struct SlotStats {
     pub stats_reset: Option<String>,
 }
 
+impl SlotStats {
+    /// The counters published as metrics, by metric name.
+    pub fn metrics(&self) -> [(&'static str, i64); 6] {
+        [
+            (SLOT_SPILL_TXNS, self.spill_txns),
+            (SLOT_SPILL_BYTES, self.spill_bytes),
+            (SLOT_SPILLS, self.spill_count),
+            (SLOT_STREAM_TXNS, self.stream_txns),
+            (SLOT_STREAM_BYTES, self.stream_bytes),
+            (SLOT_STREAMS, self.stream_count),
+        ]
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SinkView {

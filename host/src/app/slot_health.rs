@@ -62,19 +62,24 @@ fn clear_slot_figures(status: &Status, health: &str, error: String) {
         s.slot_health_error = Some(error);
     });
     status.metrics.remove(status::LAG_BYTES, &[]);
-    for name in SLOT_STAT_METRICS {
-        status.metrics.remove(name, &[]);
-    }
+    publish_slot_stats(status, None);
 }
 
-const SLOT_STAT_METRICS: [&str; 6] = [
-    status::SLOT_SPILL_TXNS,
-    status::SLOT_SPILL_BYTES,
-    status::SLOT_SPILLS,
-    status::SLOT_STREAM_TXNS,
-    status::SLOT_STREAM_BYTES,
-    status::SLOT_STREAMS,
-];
+/// The slot's decoding statistics as metrics; `None` removes them.
+fn publish_slot_stats(status: &Status, stats: Option<&status::SlotStats>) {
+    match stats {
+        Some(stats) => {
+            for (name, value) in stats.metrics() {
+                status.metrics.set(name, &[], value as f64);
+            }
+        }
+        None => {
+            for (name, _) in status::SlotStats::default().metrics() {
+                status.metrics.remove(name, &[]);
+            }
+        }
+    }
+}
 
 /// Reads the slot's position and WAL retention from PostgreSQL for `/status` and
 /// metrics, every [`HEALTH_INTERVAL`] until `stop`. When PostgreSQL cannot be read,
@@ -197,7 +202,7 @@ async fn read_slot(
         s.lag_bytes = lag;
         s.slot_active = Some(found.active);
         s.slot_failover = found.failover;
-        s.slot_stats = stats.clone();
+        s.slot_stats.clone_from(&stats);
         s.slot_health = Some("ok".into());
         s.slot_health_error = None;
     });
@@ -208,24 +213,6 @@ async fn read_slot(
         Some(lag) => status.metrics.set(status::LAG_BYTES, &[], lag as f64),
         None => status.metrics.remove(status::LAG_BYTES, &[]),
     }
-    match stats {
-        Some(st) => {
-            for (name, value) in SLOT_STAT_METRICS.into_iter().zip([
-                st.spill_txns,
-                st.spill_bytes,
-                st.spill_count,
-                st.stream_txns,
-                st.stream_bytes,
-                st.stream_count,
-            ]) {
-                status.metrics.set(name, &[], value as f64);
-            }
-        }
-        None => {
-            for name in SLOT_STAT_METRICS {
-                status.metrics.remove(name, &[]);
-            }
-        }
-    }
+    publish_slot_stats(status, stats.as_ref());
     Ok(())
 }

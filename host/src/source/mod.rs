@@ -538,13 +538,7 @@ impl Streamer<'_> {
             }
             Err(source) => return Err(SourceError::Decode { lsn, source }),
         };
-        self.spooler
-            .append(top, lsn, xid, tag, body)
-            .map_err(|e| SourceError::Spool {
-                xid: top,
-                dir: e.dir,
-                source: e.source,
-            })
+        self.spooler.append(top, lsn, xid, tag, body)
     }
 
     /// Stream Start, Stop, Commit and Abort. Returns false when shutdown was
@@ -627,21 +621,16 @@ impl Streamer<'_> {
             on_disk = spool.on_disk(),
             "streamed transaction committed"
         );
-        let spool_error = |source| SourceError::Spool {
-            xid: commit.xid,
-            dir: self.spooler.dir().to_owned(),
-            source,
-        };
-        let mut replay = spool.replay().map_err(spool_error)?;
+        let mut replay = spool
+            .replay()
+            .map_err(|source| self.spooler.failed(commit.xid, source))?;
         self.assembler
             .begin(lsn, commit.xid, commit.commit_lsn, commit.commit_ts)?;
         let mut since_status = 0usize;
         loop {
-            let next = replay.next().map_err(|source| SourceError::Spool {
-                xid: commit.xid,
-                dir: self.spooler.dir().to_owned(),
-                source,
-            })?;
+            let next = replay
+                .next()
+                .map_err(|source| self.spooler.failed(commit.xid, source))?;
             let Some((at, message)) = next else { break };
             if !self.apply(at, message, ticker).await? {
                 return Ok(false);

@@ -28,6 +28,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::error::SourceError;
 use crate::change::Lsn;
 use crate::private_files;
 
@@ -61,13 +62,6 @@ pub(super) struct Spool {
     /// Records appended, and their bytes.
     records: u64,
     bytes: u64,
-}
-
-/// Why a spool failed: its folder, and what the system said.
-#[derive(Debug)]
-pub(super) struct SpoolError {
-    pub dir: PathBuf,
-    pub source: io::Error,
 }
 
 impl Spooler {
@@ -116,7 +110,12 @@ impl Spooler {
         xid: u32,
         tag: u8,
         body: &[u8],
-    ) -> Result<(), SpoolError> {
+    ) -> Result<(), SourceError> {
+        self.write(top, lsn, xid, tag, body)
+            .map_err(|source| self.failed(top, source))
+    }
+
+    fn write(&mut self, top: u32, lsn: Lsn, xid: u32, tag: u8, body: &[u8]) -> io::Result<()> {
         let spool = self
             .streams
             .get_mut(&top)
@@ -126,10 +125,7 @@ impl Spooler {
             && (spool.memory.len() + len > STREAM_MEMORY || self.memory + len > TOTAL_MEMORY)
         {
             self.memory -= spool.memory.len();
-            spool.move_to_file(&self.dir).map_err(|source| SpoolError {
-                dir: self.dir.clone(),
-                source,
-            })?;
+            spool.move_to_file(&self.dir)?;
         }
         let mut header = [0u8; HEADER + 1];
         header[..8].copy_from_slice(&lsn.0.to_le_bytes());
@@ -137,13 +133,10 @@ impl Spooler {
         header[12..16].copy_from_slice(&((1 + body.len()) as u32).to_le_bytes());
         header[16] = tag;
         match &mut spool.file {
-            Some(file) => file
-                .write_all(&header)
-                .and_then(|()| file.write_all(body))
-                .map_err(|source| SpoolError {
-                    dir: self.dir.clone(),
-                    source,
-                })?,
+            Some(file) => {
+                file.write_all(&header)?;
+                file.write_all(body)?;
+            }
             None => {
                 spool.memory.extend_from_slice(&header);
                 spool.memory.extend_from_slice(body);
@@ -160,15 +153,7 @@ impl Spooler {
     /// was kept, so nothing is to drop.
     pub(super) fn abort(&mut self, xid: u32, subxid: u32) -> bool {
         if xid == subxid {
-            match self.streams.remove(&xid) {
-                Some(spool) => {
-                    if spool.file.is_none() {
-                        self.memory -= spool.memory.len();
-                    }
-                    true
-                }
-                None => false,
-            }
+            self.take(xid).is_some()
         } else {
             match self.streams.get_mut(&xid) {
                 Some(spool) => {
@@ -200,8 +185,14 @@ impl Spooler {
         self.memory
     }
 
-    pub(super) fn dir(&self) -> &Path {
-        &self.dir
+    /// A spool of transaction `xid` that could not be written or read back, naming
+    /// the folder.
+    pub(super) fn failed(&self, xid: u32, source: io::Error) -> SourceError {
+        SourceError::Spool {
+            xid,
+            dir: self.dir.clone(),
+            source,
+        }
     }
 }
 
@@ -427,6 +418,9 @@ mod tests {
         s.start(1, true).unwrap();
         let body = vec![0u8; STREAM_MEMORY];
         let err = s.append(1, Lsn(1), 1, b'I', &body).unwrap_err();
-        assert_eq!(err.dir, PathBuf::from("/proc/airlock-no-such-folder"));
+        assert!(
+            err.to_string().contains("`/proc/airlock-no-such-folder`"),
+            "{err}"
+        );
     }
 }
