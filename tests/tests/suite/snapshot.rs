@@ -559,10 +559,7 @@ async fn generated_columns_are_copied_and_streamed_where_the_publication_publish
     let dir = temp_dir("snapshot-generated");
     let pg = cluster();
     let db = pg.connect("postgres").await?;
-    let version: i32 = db
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .await?
-        .get(0);
+    let version = airlock::source::catalog::server_version(&db).await?;
     let publishes = version >= 180_000;
     let option = if publishes {
         " WITH (publish_generated_columns = stored)"

@@ -22,13 +22,6 @@ fn streaming_cluster() -> Cluster {
         .unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"))
 }
 
-async fn server_version(db: &tokio_postgres::Client) -> Result<i32> {
-    Ok(db
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .await?
-        .get(0))
-}
-
 /// `(spill_bytes, stream_txns, stream_bytes)` of `slot`, from the primary.
 async fn slot_stats(db: &tokio_postgres::Client, slot: &str) -> Result<(i64, i64, i64)> {
     let row = db
@@ -92,7 +85,7 @@ async fn streamed_transactions_arrive_exactly_with_savepoints_and_rollbacks() ->
     let pg = streaming_cluster();
     let db = pg.connect("postgres").await?;
     let other = pg.connect("postgres").await?;
-    let version = server_version(&db).await?;
+    let version = airlock::source::catalog::server_version(&db).await?;
     if version >= 160_000 {
         // Every transaction streams from its first change, the small ones too.
         db.batch_execute("ALTER SYSTEM SET debug_logical_replication_streaming = immediate")
@@ -262,7 +255,7 @@ async fn a_host_killed_mid_stream_resumes_and_lands_every_row_once() -> Result<(
     )?;
     let log = dir.join("host.log");
     let mut host = spawn_host(&config_path, &log);
-    wait_for_slot_active(&db, "crash").await?;
+    wait_slot_active(&db, "crash").await?;
 
     db.batch_execute(
         "BEGIN; INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 60000) g;",
@@ -322,9 +315,4 @@ async fn a_host_killed_mid_stream_resumes_and_lands_every_row_once() -> Result<(
         .unwrap_or_default();
     ensure!(left.is_empty(), "spool files left behind: {left:?}");
     Ok(())
-}
-
-async fn wait_for_slot_active(db: &tokio_postgres::Client, slot: &str) -> Result<()> {
-    airlock_tests::source_support::wait_for_slot(db, slot).await?;
-    wait_slot_active(db, slot).await
 }
