@@ -170,6 +170,7 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
                 let tables: Vec<String> = found.tables.iter().map(|t| format!("{}.{}", t.schema, t.name)).collect();
                 out.push(ok("publication", format!("`{publication}`: {}", tables.join(", "))));
             }
+            policy_checks(config, &client, publication, out).await;
             let unreadable = catalog::unreadable_tables(&client, publication).await.unwrap_or_default();
             if !unreadable.is_empty() {
                 out.push(fail(
@@ -214,6 +215,84 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
             format!("`{slot}` does not exist and create_slot = false"),
         )),
         Err(e) => out.push(fail("slot", e.to_string())),
+    }
+}
+
+/// The proof: for every published column, its class, its action and the sinks it
+/// reaches, from the very plans the gate will run; a column the gate would stop on
+/// fails the check.
+async fn policy_checks(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    publication: &str,
+    out: &mut Vec<Finding>,
+) {
+    let policy = &config.policy;
+    out.push(ok(
+        "policy",
+        format!(
+            "version {}, unclassified columns {}, {}",
+            policy.version,
+            match policy.default {
+                crate::policy::Unclassified::Deny => "denied",
+                crate::policy::Unclassified::Allow => "allowed as they are",
+            },
+            match &policy.key {
+                Some(key) => format!("hmac key `{}`", key.id),
+                None => "no hmac key".to_owned(),
+            }
+        ),
+    ));
+    let version = match catalog::server_version(client).await {
+        Ok(v) => v,
+        Err(e) => return out.push(fail("policy", e.to_string())),
+    };
+    let tables = match catalog::published_tables(client, publication, version).await {
+        Ok(t) => t,
+        Err(e) => return out.push(fail("policy", e.to_string())),
+    };
+    let sinks: Vec<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
+    let sinks = sinks.join(", ");
+    for table in &tables {
+        let described = catalog::describe(client, table, version).await;
+        let relation = match described {
+            Ok((relation, _)) => std::sync::Arc::new(relation),
+            Err(e) => {
+                out.push(fail(
+                    "policy",
+                    format!("{}.{}: {e}", table.schema, table.name),
+                ));
+                continue;
+            }
+        };
+        match crate::policy::Plan::new(policy, &relation) {
+            Err(e) => out.push(fail("policy", e.to_string())),
+            Ok(plan) => {
+                for (column, r) in &plan.resolved {
+                    let what = format!("{}.{}.{}", relation.schema, relation.name, column.name);
+                    let class = r.class.as_deref().unwrap_or("unclassified");
+                    let by = match &r.by {
+                        crate::policy::By::Default => String::new(),
+                        by => format!(" (by {by})"),
+                    };
+                    if r.action == crate::policy::Action::Drop {
+                        let detail = format!("{class}{by}: dropped, it reaches no sink");
+                        if column.key {
+                            out.push(warn(&what, format!("{detail}; it is part of the replica identity, so deletes and key updates carry no value for it: classify it to let a token of it out")));
+                        } else if r.by == crate::policy::By::Default {
+                            out.push(warn(
+                                &what,
+                                format!("{detail}; classify it in [policy.columns] to let it out"),
+                            ));
+                        } else {
+                            out.push(ok(&what, detail));
+                        }
+                    } else {
+                        out.push(ok(&what, format!("{class}{by}: {} -> {sinks}", r.action)));
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod demo;
 pub mod secrets;
 
 pub mod pipeline;
+pub mod policy;
 pub mod private_files;
 pub mod progress;
 pub mod sink;

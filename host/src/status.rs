@@ -145,6 +145,20 @@ pub struct PipelineView {
     pub last_reload: Option<ReloadView>,
 }
 
+/// The policy the gate applies.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicyView {
+    /// The policy's version (what lake rows and spine events record).
+    pub version: String,
+    /// `deny` or `allow`: what happens to a column nothing classifies.
+    pub default: String,
+    /// The key id `hmac` tokens carry, if the policy has a key.
+    pub key_id: Option<String>,
+    /// Columns the default denied in this run, as `schema.table.column`.
+    pub denied: Vec<String>,
+}
+
 /// The `/status` document.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -158,11 +172,13 @@ pub struct StatusReport {
     pub sinks: BTreeMap<String, SinkView>,
     /// The initial snapshot's progress, as the snapshot reports it.
     pub snapshot: Option<serde_json::Value>,
+    pub policy: PolicyView,
     pub last_error: Option<ErrorView>,
 }
 
 #[derive(Default)]
 struct Inner {
+    policy: PolicyView,
     source: SourceView,
     pipeline: PipelineView,
     sinks: BTreeMap<String, SinkView>,
@@ -268,6 +284,23 @@ impl Status {
         }
     }
 
+    /// The policy the run applies.
+    pub fn set_policy(&self, policy: &crate::policy::Policy) {
+        let mut inner = self.write();
+        inner.policy.version = policy.version.clone();
+        inner.policy.default = match policy.default {
+            crate::policy::Unclassified::Deny => "deny",
+            crate::policy::Unclassified::Allow => "allow",
+        }
+        .to_owned();
+        inner.policy.key_id = policy.key.as_ref().map(|k| k.id.clone());
+    }
+
+    /// A column the policy's default denied.
+    pub fn policy_denied(&self, table: &str, column: &str) {
+        self.write().policy.denied.push(format!("{table}.{column}"));
+    }
+
     pub fn set_snapshot(&self, progress: serde_json::Value) {
         self.write().snapshot = Some(progress);
     }
@@ -283,6 +316,7 @@ impl Status {
             pipeline: inner.pipeline.clone(),
             sinks: inner.sinks.clone(),
             snapshot: inner.snapshot.clone(),
+            policy: inner.policy.clone(),
             last_error: inner.last_error.clone(),
         }
     }

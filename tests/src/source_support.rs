@@ -12,7 +12,7 @@ pub fn config(url: &str, dir: &Path, slot: &str, source_extra: &str) -> String {
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).expect("create plugin dir");
     format!(
-        "[source]\nurl = \"{url}\"\nslot = \"{slot}\"\nstatus_interval = \"1s\"\n{source_extra}\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{url}\"\nslot = \"{slot}\"\nstatus_interval = \"1s\"\n{source_extra}\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{plugins}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nflush_interval = \"200ms\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n",

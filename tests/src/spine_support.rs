@@ -283,6 +283,7 @@ pub fn accounts() -> Arc<Relation> {
         key,
     };
     Arc::new(Relation {
+        comment_classes: Default::default(),
         oid: 16_400,
         schema: "public".into(),
         name: "accounts".into(),

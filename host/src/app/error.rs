@@ -15,6 +15,8 @@ pub enum RunError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("the policy stopped the run: {0}; nothing of the transaction left airlock")]
+    Policy(#[from] crate::policy::GateError),
     #[error("admin API: cannot listen on {addr}: {error} (set [admin] listen to a free address)")]
     Admin { addr: String, error: std::io::Error },
     #[error(

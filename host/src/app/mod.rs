@@ -442,8 +442,15 @@ fn start_pipeline(
     let (transactions, mut tap_rx) = mpsc::channel::<crate::change::Transaction>(TAP_CHANNEL);
     let (worker_tx, worker_rx) = pipeline::inflow::channel(SOURCE_QUEUE_BYTES);
     let tap_in_flight = in_flight.clone();
+    status.set_policy(&config.policy);
+    let mut gate = crate::policy::Gate::new(config.policy.clone());
+    let gate_status = status.clone();
     parts.spawn("the tap", Role::Pipeline, async move {
-        while let Some(txn) = tap_rx.recv().await {
+        while let Some(mut txn) = tap_rx.recv().await {
+            // The policy, before any guest sees a value.
+            for notice in gate.apply(&mut txn)? {
+                policy_notice(&gate_status, notice);
+            }
             if txn.meta.completes() {
                 tap_in_flight.push(txn.meta.end_lsn, txn.meta.commit_ts);
             }
@@ -481,6 +488,20 @@ fn start_pipeline(
     })
 }
 
+/// Tells an operator what the gate did: a log line and `/status`, never a value.
+fn policy_notice(status: &Status, notice: crate::policy::gate::Notice) {
+    match notice {
+        crate::policy::gate::Notice::Denied { table, column, key } => {
+            if key {
+                tracing::warn!(%table, %column, "a column of the replica identity is denied by the policy's default: it leaves no trace, and deletes and key updates of the table carry no value for it; classify it in [policy.columns]");
+            } else {
+                tracing::warn!(%table, %column, "a column nothing classifies is denied by the policy's default: it leaves no trace; classify it in [policy.columns] to let it out");
+            }
+            status.policy_denied(&table, &column);
+        }
+    }
+}
+
 fn source_settings(
     config: &Config,
     connect: source::protocol::ConnectConfig,
@@ -507,5 +528,7 @@ fn source_settings(
         }),
         held,
         spool_dir: config.source.spool_dir.clone(),
+        // Comments name classes: with none, they can change nothing.
+        read_comments: !config.policy.classes.is_empty(),
     }
 }

@@ -192,6 +192,9 @@ pub struct Relation {
     pub name: String,
     pub replica_identity: ReplicaIdentity,
     pub columns: Vec<Column>,
+    /// The policy classes the columns' comments give (`airlock: CLASS`), by column
+    /// name, as the catalog said when this relation version was read.
+    pub comment_classes: std::collections::BTreeMap<String, String>,
 }
 
 impl Relation {

@@ -30,6 +30,7 @@ use std::path::Path;
 pub mod admin;
 mod check;
 pub mod plugins;
+pub mod policy;
 pub mod raw;
 mod shape;
 pub mod sinks;
@@ -51,6 +52,8 @@ pub struct Config {
     /// In name order.
     pub sinks: Vec<SinkConfig>,
     pub admin: AdminConfig,
+    /// The governance policy every row passes before any guest.
+    pub policy: std::sync::Arc<crate::policy::Policy>,
 }
 
 impl Config {
@@ -92,6 +95,7 @@ impl Config {
         let mut plugins = plugins::validate(raw.plugins, &mut check);
         let sinks = sinks::validate(raw.sinks, source.as_ref(), &mut check);
         let admin = admin::validate(raw.admin, &mut check);
+        let policy = policy::validate(raw.policy, &mut check);
         // Stages may write the routes the sinks take and the declared tags.
         let routes = sinks.iter().flat_map(|s| s.routes().iter().cloned());
         let names = crate::pipeline::names::Names::new(routes, plugins.tags.clone());
@@ -115,6 +119,7 @@ impl Config {
                 plugins,
                 sinks,
                 admin,
+                policy,
             }),
             _ => Err(error(issues)),
         }
@@ -158,7 +163,7 @@ mod tests {
             Config::from_toml(
                 "airlock.toml",
                 &format!(
-                    "[source]\nurl = \"postgres://a@h/d\"\n[plugins]\n{extra}\n\
+                    "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://a@h/d\"\n[plugins]\n{extra}\n\
                      [sinks.lake]\ntype = \"delta\"\nurl = \"file:///lake\"\nroutes = [\"default\", \"restricted\"]\n"
                 ),
                 Path::new("/etc/airlock"),
@@ -183,7 +188,7 @@ mod tests {
         declared.check_tag("pii:anything").unwrap();
         assert!(declared.check_tag("pii").is_err());
         let bad = issues(
-            "[source]\nurl = \"postgres://a@h/d\"\n[plugins]\ntags = [\"*\", \"p*i\"]\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://a@h/d\"\n[plugins]\ntags = [\"*\", \"p*i\"]\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file:///lake\"\n",
         );
         assert_eq!(bad.len(), 2, "{bad:?}");
@@ -197,7 +202,7 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let config = Config::from_toml(
             "airlock.toml",
-            "[source]\nurl = \"postgres://u@h/db\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file:///tmp/lake\"\n",
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file:///tmp/lake\"\n",
             Path::new("/etc/airlock"),
         )
         .unwrap();
@@ -213,7 +218,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once_with_its_path() {
         let found = issues(
-            "[source]\nurl = \"mysql://x\"\nslot = \"Bad-Slot\"\n[sinks.lake]\ntype = \"parquet\"\nflush_interval = \"soon\"\n",
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"mysql://x\"\nslot = \"Bad-Slot\"\n[sinks.lake]\ntype = \"parquet\"\nflush_interval = \"soon\"\n",
         );
         assert_eq!(
             found,
@@ -228,14 +233,69 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_is_required_and_its_key_never_comes_from_the_file() {
+        let base = "[source]\nurl = \"postgres://u@h/db\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file:///l\"\n";
+        let found = issues(base);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("policy: missing: airlock lets out only what a policy allows"),
+            "{found:?}"
+        );
+        let load = |policy: &str, env: &dyn Fn(&str) -> Option<String>| {
+            Config::from_toml_with_env(
+                "a.toml",
+                &format!("{base}{policy}"),
+                Path::new("/etc/airlock"),
+                env,
+            )
+        };
+        let hashing = "[policy]\nkey_env = \"K\"\n[policy.classes]\npii = { action = \"hmac\" }\n[policy.columns]\n\"public.*.email\" = \"pii\"\n";
+        let long = |_: &str| Some("x".repeat(32));
+        let config = load(hashing, &long).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.policy.default, crate::policy::Unclassified::Deny);
+        assert_eq!(
+            config.policy.key.as_ref().map(|k| k.id.as_str()),
+            Some("k1")
+        );
+        let short = load(hashing, &|_| Some("short".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            short.contains(
+                "policy.key_env: the environment variable `K` holds 5 bytes, expected at least 32"
+            ),
+            "{short}"
+        );
+        let unset = load(hashing, &|_| None).unwrap_err().to_string();
+        assert!(
+            unset.contains("policy.key_env: the environment variable `K` is not set"),
+            "{unset}"
+        );
+        let keyless = load(&hashing.replace("key_env = \"K\"\n", ""), &long)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            keyless.contains("class `pii` hashes with `hmac`, which needs a key"),
+            "{keyless}"
+        );
+        let inline = load(
+            &hashing.replace("key_env = \"K\"", "key = \"in the file\""),
+            &long,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(inline.contains("unknown field `key`"), "{inline}");
+    }
+
+    #[test]
     fn unknown_fields_are_refused_with_their_line() {
         let found = issues(
-            "[source]\nurl = \"postgres://u@h/db\"\nslots = \"x\"\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db\"\nslots = \"x\"\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file:///lake\"\n",
         );
         assert_eq!(found.len(), 1);
         assert!(
-            found[0].starts_with("source.slots (line 3): unknown field `slots`"),
+            found[0].starts_with("source.slots (line 5): unknown field `slots`"),
             "{found:?}"
         );
     }
@@ -244,7 +304,7 @@ mod tests {
     fn an_http_sinks_key_file_defaults_to_its_slots_and_only_http_sinks_take_one() {
         let config = Config::from_toml(
             "airlock.toml",
-            "[source]\nurl = \"postgres://u@h/db\"\nslot = \"s1\"\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db\"\nslot = \"s1\"\n\
              [sinks.a]\ntype = \"http\"\nurl = \"http://h/events\"\n\
              [sinks.b]\ntype = \"http\"\nurl = \"http://h/events\"\nkey_file = \"keys/b.key\"\n",
             Path::new("/etc/airlock"),
@@ -259,7 +319,7 @@ mod tests {
             Some(PathBuf::from("/etc/airlock/keys/b.key"))
         );
         let found = issues(
-            "[source]\nurl = \"postgres://u@h/db\"\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db\"\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file:///l\"\nkey_file = \"k\"\n\
              [sinks.spine]\ntype = \"http\"\nurl = \"http://h/events\"\nkey_file = \"\"\n",
         );
@@ -280,7 +340,7 @@ mod tests {
         let load = |source: &str| {
             Config::from_toml(
                 "airlock.toml",
-                &format!("[source]\n{source}\n{base}"),
+                &format!("[policy]\ndefault = \"allow\"\n[source]\n{source}\n{base}"),
                 Path::new("/etc/airlock"),
             )
         };
@@ -305,7 +365,7 @@ mod tests {
         assert_eq!(connect.password.as_deref(), Some("pw"));
 
         let found = issues(&format!(
-            "[source]\nurl = \"postgres://u@h/db?sslmode=disable\"\nsslmode = \"require\"\n{base}"
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db?sslmode=disable\"\nsslmode = \"require\"\n{base}"
         ));
         assert_eq!(
             found,
@@ -314,12 +374,12 @@ mod tests {
             ]
         );
         let found = issues(&format!(
-            "[source]\nurl = \"postgres://u@h/db\"\nsslmode = \"require\"\nsslrootcert = \"/ca.pem\"\n{base}"
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db\"\nsslmode = \"require\"\nsslrootcert = \"/ca.pem\"\n{base}"
         ));
         assert_eq!(found.len(), 1);
         assert!(found[0].starts_with("source.sslrootcert: found `/ca.pem`, but sslmode `require` does not check certificates"), "{found:?}");
         let found = issues(&format!(
-            "[source]\nurl = \"postgres://u:hunter2@h/db?sslmode=sometimes\"\n{base}"
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u:hunter2@h/db?sslmode=sometimes\"\n{base}"
         ));
         assert_eq!(
             found,
@@ -505,7 +565,7 @@ mod fuzz {
             cut in 0usize..400,
             insert in "\\PC{0,8}",
         ) {
-            let valid = "[source]\nurl = \"postgres://u@h/db\"\nslot = \"s\"\n\
+            let valid = "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db\"\nslot = \"s\"\n\
                          [plugins]\nrequire = [\"10-mask\"]\n[plugins.limits]\nmemory_mib = 64\n\
                          [sinks.lake]\ntype = \"delta\"\nurl = \"file:///tmp/lake\"\n\
                          [sinks.spine]\ntype = \"http\"\nurl = \"http://127.0.0.1:8093/events\"\n\

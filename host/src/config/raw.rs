@@ -15,6 +15,7 @@ pub struct File {
     #[serde(default)]
     pub sinks: BTreeMap<String, Sink>,
     pub admin: Option<Admin>,
+    pub policy: Option<Policy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,4 +170,43 @@ pub struct Admin {
     pub listen: Option<String>,
     /// Environment variable with the bearer token the admin API requires.
     pub token_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// What happens to a column nothing classifies: `deny` (default: it leaves no
+    /// trace) or `allow` (it leaves as it is).
+    pub default: Option<String>,
+    /// Environment variable holding the key `hmac` classes hash with (at least 32
+    /// bytes). Or `key_file`, not both.
+    pub key_env: Option<String>,
+    /// File holding the key, mode 0600. Relative to the configuration file.
+    pub key_file: Option<String>,
+    /// The key's id, written before every token (`k1:...`). Default `k1`.
+    pub key_id: Option<String>,
+    /// Class name to its action.
+    #[serde(default)]
+    pub classes: BTreeMap<String, Class>,
+    /// `schema.table.column` (globs with `*`) to a class name.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Class {
+    /// `keep`, `hmac`, `redact`, `null`, `keep-first`, `keep-last`, `truncate`,
+    /// `generalize` or `drop` (`keep-last:4`, `generalize:day` also work).
+    pub action: Option<String>,
+    /// Characters kept by `keep-first`, `keep-last`, `truncate`.
+    pub n: Option<i64>,
+    /// The text `redact` writes. Default `[redacted]`.
+    pub replacement: Option<String>,
+    /// For `hmac`: any of `trim`, `lower`, `digits`, applied in that order.
+    pub normalize: Option<Vec<String>>,
+    /// For `generalize` of timestamps and dates: `hour`, `day`, `month`, `year`.
+    pub unit: Option<String>,
+    /// For `generalize` of numbers: the bucket width, a positive integer.
+    pub width: Option<i64>,
 }

@@ -52,16 +52,48 @@ const STAGES: &[(&str, &str, &str)] = &[
         "# classify columns that look like personal data\n",
     ),
     (
-        "mask",
-        "30-mask",
-        "columns = [\"email\", \"phone\"]\n\n[mode]\nphone = \"keep-last-4\"\n",
-    ),
-    (
         "route",
         "40-route",
         "spine_tables = [\"public.customers\"]\n",
     ),
 ];
+
+/// The demo's policy: every column of `customers` classified, e-mail and name
+/// tokenised with the demo key at the gate, the phone number cut to its last digits,
+/// the sign-up time to its day; any column added later is denied until classified.
+const DEMO_POLICY: &str = r#"[policy]
+default = "deny"
+key_file = "policy.key"
+key_id = "demo1"
+
+[policy.classes]
+public = { action = "keep" }
+pii = { action = "hmac", normalize = ["trim", "lower"] }
+contact = { action = "keep-last", n = 4 }
+coarse-time = { action = "generalize", unit = "day" }
+
+[policy.columns]
+"public.customers.id" = "public"
+"public.customers.name" = "pii"
+"public.customers.email" = "pii"
+"public.customers.phone" = "contact"
+"public.customers.balance" = "public"
+"public.customers.active" = "public"
+"public.customers.visits" = "public"
+"public.customers.tier" = "public"
+"public.customers.score" = "public"
+"public.customers.signed_up" = "coarse-time"
+"#;
+
+/// Writes 32 random bytes, hex, to a new `0600` file.
+fn write_demo_key(path: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut bytes = [0u8; 32];
+    crate::secrets::random_bytes(&mut bytes)?;
+    let mut file = crate::private_files::create(path)?;
+    file.write_all(hex::encode(bytes).as_bytes())?;
+    Ok(())
+}
 
 /// Where the built example guests are: `--guests`, `$AIRLOCK_GUESTS`, or `guests/dist`
 /// in the current directory or the source tree.
@@ -249,13 +281,16 @@ pub async fn run(
         .await
     });
 
+    // The demo's own key for `hmac`: random, private, thrown away with the demo.
+    write_demo_key(&dir.join("policy.key"))?;
     let config_path = dir.join("airlock.toml");
     let config_text = format!(
         "# written by `airlock demo`\n[source]\nurl = \"{url}\"\npublication = \"airlock\"\nslot = \"airlock\"\nstatus_interval = \"1s\"\n\n\
-         [plugins]\ndir = \"plugins\"\nrequire = [\"30-mask\"]\n\n\
+         [plugins]\ndir = \"plugins\"\nrequire = [\"40-route\"]\n\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"2s\"\n\n\
          [sinks.spine]\ntype = \"http\"\nurl = \"http://{spine_addr}/events\"\nroutes = [\"spine\"]\nkey_file = \"spine.key\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{policy}",
+        policy = DEMO_POLICY,
         url = cluster.url("postgres"),
         lake = lake.display(),
         admin = cluster::free_port(),

@@ -192,6 +192,7 @@ pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessErro
             .entry((change.table.clone(), columns.clone()))
             .or_insert_with(|| {
                 Arc::new(Relation {
+                    comment_classes: Default::default(),
                     oid: 0,
                     schema: schema.to_owned(),
                     name: name.to_owned(),

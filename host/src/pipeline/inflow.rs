@@ -117,6 +117,7 @@ mod tests {
 
     fn txn(xid: u32, rows: usize, text: usize) -> Transaction {
         let relation = Arc::new(Relation {
+            comment_classes: Default::default(),
             oid: 1,
             schema: "public".into(),
             name: "t".into(),

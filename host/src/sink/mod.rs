@@ -248,6 +248,7 @@ mod tests {
     /// A batch of one transaction with one row, ending at `end`.
     fn batch(end: u64) -> Arc<Batch> {
         let relation = Arc::new(Relation {
+            comment_classes: Default::default(),
             oid: 1,
             schema: "public".into(),
             name: "t".into(),

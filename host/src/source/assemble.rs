@@ -46,6 +46,9 @@ pub(super) struct Assembler {
     pub(super) types: HashMap<u32, (u32, i32)>,
     /// A relation just described whose column types need a catalog lookup.
     pub(super) unresolved: Option<u32>,
+    /// The relation the last Relation message described, until the streamer reads
+    /// what the catalog adds to it.
+    pub(super) described: Option<u32>,
 }
 
 impl Assembler {
@@ -101,6 +104,7 @@ impl Assembler {
                 if self.apply_types(&mut relation) {
                     self.unresolved = Some(relation.oid);
                 }
+                self.described = Some(relation.oid);
                 debug!(oid = relation.oid, relation = %relation.qualified_name(), columns = relation.columns.len(), "relation described");
                 self.relations.insert(relation.oid, Arc::new(relation));
             }

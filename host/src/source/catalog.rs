@@ -470,6 +470,7 @@ pub async fn describe(
         columns.push(column);
     }
     let relation = Relation {
+        comment_classes: comment_classes(client, oid).await?,
         oid,
         schema: table.schema.clone(),
         name: table.name.clone(),
@@ -477,6 +478,31 @@ pub async fn describe(
         columns,
     };
     Ok((relation, plain))
+}
+
+/// The classes the comments of relation `oid`'s columns give (`airlock: CLASS` in
+/// `COMMENT ON COLUMN`), by column name.
+pub async fn comment_classes(
+    client: &tokio_postgres::Client,
+    oid: u32,
+) -> Result<std::collections::BTreeMap<String, String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, d.description FROM pg_description d \
+             JOIN pg_attribute a ON a.attrelid = d.objoid AND a.attnum = d.objsubid \
+             WHERE d.classoid = 'pg_class'::regclass AND d.objoid = $1 AND d.objsubid > 0 \
+             AND NOT a.attisdropped",
+            &[&oid],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let comment: String = row.get(1);
+            let class = crate::policy::comment_class(&comment)?.to_owned();
+            Some((row.get::<_, String>(0), class))
+        })
+        .collect())
 }
 
 /// OIDs below this are built into PostgreSQL; types at or above it (domains, enums,

@@ -515,6 +515,11 @@ impl Streamer<'_> {
         if let Some(oid) = self.assembler.unresolved.take() {
             self.resolve_types(oid).await?;
         }
+        if let Some(oid) = self.assembler.described.take()
+            && self.settings.read_comments
+        {
+            self.read_comments(oid).await?;
+        }
         match txn {
             Some(txn) => self.commit(txn, ticker).await,
             None => Ok(true),
@@ -727,16 +732,8 @@ impl Streamer<'_> {
             let addr = self.settings.connect.addr();
             let user = self.settings.connect.user.clone();
             let fail = |e| catalog_error(&addr, &user, "resolving column types", e);
-            if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, connection) = self.settings.connect.connect_sql().await?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        debug!(error = %error, "type catalog connection ended");
-                    }
-                });
-                self.catalog = Some(client);
-            }
-            let client = self.catalog.as_ref().expect("connected above");
+            self.open_catalog().await?;
+            let client = self.catalog.as_ref().expect("opened above");
             for type_oid in missing {
                 let resolved = catalog::resolve_type(client, type_oid)
                     .await
@@ -754,6 +751,41 @@ impl Streamer<'_> {
         let mut relation = (*relation).clone();
         self.assembler.apply_types(&mut relation);
         self.assembler.relations.insert(oid, Arc::new(relation));
+        Ok(())
+    }
+
+    /// Adds to relation `oid` the policy classes its columns' comments give, as the
+    /// catalog says now.
+    async fn read_comments(&mut self, oid: u32) -> Result<(), SourceError> {
+        let Some(relation) = self.assembler.relations.get(&oid).cloned() else {
+            return Ok(());
+        };
+        self.open_catalog().await?;
+        let client = self.catalog.as_ref().expect("opened above");
+        let addr = self.settings.connect.addr();
+        let user = self.settings.connect.user.clone();
+        let classes = catalog::comment_classes(client, oid)
+            .await
+            .map_err(|e| catalog_error(&addr, &user, "reading column comments", e))?;
+        if classes != relation.comment_classes {
+            let mut relation = (*relation).clone();
+            relation.comment_classes = classes;
+            self.assembler.relations.insert(oid, Arc::new(relation));
+        }
+        Ok(())
+    }
+
+    /// Opens the catalog connection when it is not open.
+    async fn open_catalog(&mut self) -> Result<(), SourceError> {
+        if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, connection) = self.settings.connect.connect_sql().await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    debug!(error = %error, "catalog connection ended");
+                }
+            });
+            self.catalog = Some(client);
+        }
         Ok(())
     }
 

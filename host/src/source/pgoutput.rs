@@ -176,6 +176,7 @@ impl RelationBody<'_> {
             self.namespace
         };
         Relation {
+            comment_classes: Default::default(),
             oid: self.oid,
             schema: schema.to_owned(),
             name: self.name.to_owned(),

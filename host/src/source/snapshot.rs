@@ -525,6 +525,7 @@ mod tests {
             key: false,
         };
         let relation = Relation {
+            comment_classes: Default::default(),
             oid: 1,
             schema: "Sales".into(),
             name: "odd\"name".into(),
@@ -544,6 +545,7 @@ mod tests {
             r#"COPY (SELECT "id", "Region" FROM "Sales"."odd""name" WHERE ((id > 10)) OR (("Region" = 'eu'::text))) TO STDOUT"#
         );
         let nothing = Relation {
+            comment_classes: Default::default(),
             columns: Vec::new(),
             ..relation
         };

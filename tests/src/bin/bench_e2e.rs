@@ -241,7 +241,7 @@ fn config(
         .map(|f| format!("flush_interval = \"{f}\"\n"))
         .unwrap_or_default();
     format!(
-        "[source]\nurl = \"{url}\"\npublication = \"{name}\"\nslot = \"{name}\"\nstatus_interval = \"1s\"\n\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{url}\"\npublication = \"{name}\"\nslot = \"{name}\"\nstatus_interval = \"1s\"\n\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\nwatch = false\n\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\", \"restricted\"]\n{flush}\n\
          {extra}\n\

@@ -37,6 +37,7 @@ fn relation() -> Arc<Relation> {
         ("note", oid::TEXT, -1),
     ];
     Arc::new(Relation {
+        comment_classes: Default::default(),
         oid: 1,
         schema: "public".into(),
         name: "customers".into(),

@@ -10,7 +10,8 @@ use airlock_tests::root;
 
 /// Secrets for the examples: every `*_env` variable they name resolves.
 fn example_env(var: &str) -> Option<String> {
-    var.starts_with("AIRLOCK_").then(|| "secret".to_owned())
+    var.starts_with("AIRLOCK_")
+        .then(|| "secret-of-the-example-0123456789abcdef".to_owned())
 }
 
 #[test]

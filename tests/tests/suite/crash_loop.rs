@@ -192,7 +192,7 @@ async fn kill_9_at_random_moments_under_writes_loses_and_repeats_nothing() -> Re
     std::fs::write(
         &config,
         format!(
-            "[source]\nurl = \"{}\"\nslot = \"crash\"\nstatus_interval = \"1s\"\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"crash\"\nstatus_interval = \"1s\"\n\
              [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\nrequire = [\"10-mask\"]\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
              [sinks.spine]\ntype = \"http\"\nurl = \"{}\"\nflush_interval = \"200ms\"\n\

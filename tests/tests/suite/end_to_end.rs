@@ -25,7 +25,7 @@ CREATE PUBLICATION airlock FOR TABLE customers;
 
 fn config(url: &str, plugins: &std::path::Path, lake: &std::path::Path) -> String {
     format!(
-        "[source]\nurl = \"{url}\"\nslot = \"e2e\"\nstatus_interval = \"1s\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{url}\"\nslot = \"e2e\"\nstatus_interval = \"1s\"\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{plugins}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nflush_interval = \"200ms\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n",

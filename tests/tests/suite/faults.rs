@@ -357,7 +357,7 @@ async fn a_spine_down_for_minutes_shows_its_backlog_and_gets_every_event_when_ba
     );
     let admin = free_admin();
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"spinedown\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"spinedown\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
          [sinks.spine]\ntype = \"http\"\nurl = \"{}\"\nflush_interval = \"200ms\"\nrequest_timeout = \"2s\"\n\
          [admin]\nlisten = \"{admin}\"\n",
@@ -509,7 +509,7 @@ async fn an_unreachable_or_frozen_object_store_shows_in_status_and_loses_nothing
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins)?;
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"s3faults\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"s3faults\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"s3://lake/faults\"\nflush_interval = \"200ms\"\ncompact_min_files = 1000\n\
          storage_options = {{ {} }}\n[admin]\nlisten = \"{admin}\"\n",
         pg.url("postgres"),
@@ -742,7 +742,7 @@ async fn the_backlog_in_front_of_a_retrying_sink_shows_in_status() -> Result<()>
     let admin = free_admin();
     // Nothing listens where the spine should be.
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"backlog\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"backlog\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
          [sinks.spine]\ntype = \"http\"\nurl = \"http://127.0.0.1:{}/events\"\nflush_interval = \"200ms\"\n\
          [admin]\nlisten = \"{admin}\"\n",
         pg.url("postgres"),
@@ -807,7 +807,7 @@ async fn a_sink_that_fails_for_good_stops_the_run_at_once() -> Result<()> {
     let spine = refusing_spine().await?;
     let admin = free_admin();
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"definite\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"definite\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
          [sinks.audit]\ntype = \"http\"\nurl = \"{spine}\"\nflush_interval = \"200ms\"\nkey_file = \"{}/spine.key\"\n\
          [admin]\nlisten = \"{admin}\"\n",

@@ -90,6 +90,7 @@ fn type_zoo() -> (Arc<Relation>, Vec<Value>) {
         ),
     ];
     let relation = Arc::new(Relation {
+        comment_classes: Default::default(),
         oid: 16384,
         schema: "public".into(),
         name: "zoo".into(),
@@ -684,6 +685,7 @@ fn the_compile_cache_runs_only_code_it_wrote_and_is_closed_to_others() {
 /// `public.customers (id bigint key, email text)`.
 fn customers() -> Arc<Relation> {
     Arc::new(Relation {
+        comment_classes: Default::default(),
         oid: 1,
         schema: "public".into(),
         name: "customers".into(),

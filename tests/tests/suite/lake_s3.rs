@@ -26,7 +26,7 @@ CREATE PUBLICATION airlock FOR TABLE accounts;
 
 fn config(pg_url: &str, plugins: &std::path::Path, moto: &Moto) -> String {
     format!(
-        "[source]\nurl = \"{pg_url}\"\nslot = \"s3lake\"\nstatus_interval = \"1s\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{pg_url}\"\nslot = \"s3lake\"\nstatus_interval = \"1s\"\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{plugins}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"s3://lake/zone-a\"\nflush_interval = \"200ms\"\n\
          compact_min_files = 1000\n\

@@ -585,7 +585,7 @@ async fn live_pipeline(language: &str) -> anyhow::Result<()> {
     let lake = dir.join("lake");
     let vault = dir.join("vault");
     let config = format!(
-        "[source]\nurl = \"{url}\"\nslot = \"lang_{language}\"\nstatus_interval = \"1s\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{url}\"\nslot = \"lang_{language}\"\nstatus_interval = \"1s\"\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{plugins}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\"]\nflush_interval = \"200ms\"\n\
          [sinks.vault]\ntype = \"delta\"\nurl = \"file://{vault}\"\nroutes = [\"restricted\"]\nflush_interval = \"200ms\"\n\

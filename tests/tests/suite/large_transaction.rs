@@ -95,7 +95,7 @@ async fn a_two_million_row_transaction_flows_in_bounded_memory_and_lands_at_its_
     std::fs::write(
         &config,
         format!(
-            "[source]\nurl = \"{}\"\nslot = \"big\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"big\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             pg.url("postgres"),
             dir.display()

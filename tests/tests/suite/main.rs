@@ -37,5 +37,6 @@ mod crash_loop;
 mod faults;
 mod hostile;
 mod operations;
+mod policy;
 mod progress;
 mod security;

@@ -24,7 +24,7 @@ async fn check_lists_every_problem_at_once() -> anyhow::Result<()> {
     let config = write_config(
         &dir,
         &format!(
-            "[source]\nurl = \"{}\"\npublication = \"nothere\"\nslot = \"nothere\"\ncreate_slot = false\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\npublication = \"nothere\"\nslot = \"nothere\"\ncreate_slot = false\n\
              [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\nrequire = [\"30-mask\"]\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\n",
             pg.url("postgres"),
@@ -58,7 +58,7 @@ async fn check_lists_every_problem_at_once() -> anyhow::Result<()> {
     // A bad configuration file lists every invalid field, with its path.
     let bad = write_config(
         &dir,
-        "[source]\nurl = \"mysql://x\"\nslot = \"Bad\"\n[sinks.lake]\ntype = \"parquet\"\n",
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"mysql://x\"\nslot = \"Bad\"\n[sinks.lake]\ntype = \"parquet\"\n",
     );
     let out = Command::new(airlock_bin())
         .args(["check", "--config"])
@@ -94,7 +94,7 @@ async fn sigterm_under_load_exits_zero_and_a_restart_loses_and_repeats_nothing()
     let config = write_config(
         &dir,
         &format!(
-            "[source]\nurl = \"{}\"\nslot = \"term\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"term\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             pg.url("postgres"),
             dir.display()
@@ -241,7 +241,7 @@ async fn a_halted_pipeline_acknowledges_nothing_and_resumes_when_the_guest_is_fi
     let (dir, pg, db, plugins) = poisoned("halt").await?;
     let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"halt\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"halt\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"200ms\"\n[admin]\nlisten = \"{admin}\"\n",
         pg.url("postgres"),
         plugins.display(),
@@ -312,7 +312,7 @@ async fn dead_letter_quarantines_the_failing_transaction_and_the_stream_goes_on(
     let (dir, pg, db, plugins) = poisoned("dl").await?;
     let quarantine = dir.join("quarantine");
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"dl\"\nstatus_interval = \"1s\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"dl\"\nstatus_interval = \"1s\"\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\non_error = \"dead-letter\"\ndead_letter_dir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nflush_interval = \"200ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         pg.url("postgres"),
@@ -375,7 +375,7 @@ async fn a_spine_that_is_down_shows_in_status_and_metrics_and_gets_everything_wh
     let spine_port = airlock::demo::cluster::free_port();
     let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"down\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"down\"\nstatus_interval = \"1s\"\n[plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
          [sinks.spine]\ntype = \"http\"\nurl = \"http://127.0.0.1:{spine_port}/events\"\ndefault_source = \"ops\"\nflush_interval = \"200ms\"\n\
          [admin]\nlisten = \"{admin}\"\n",

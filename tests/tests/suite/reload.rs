@@ -44,7 +44,7 @@ async fn guests_reload_live_without_loss_and_bad_reloads_are_refused() -> anyhow
         .await
     });
     let config = format!(
-        "[source]\nurl = \"{}\"\nslot = \"reload\"\nstatus_interval = \"1s\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"reload\"\nstatus_interval = \"1s\"\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\nrequire = [\"10-mask\"]\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}\"\nflush_interval = \"300ms\"\n\
          [sinks.spine]\ntype = \"http\"\nurl = \"http://{spine_addr}/events\"\ndefault_source = \"reload-test\"\n\

@@ -45,7 +45,7 @@ async fn sighup_reloads_the_plugin_folder() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[source]\nurl = \"{}\"\nslot = \"hup\"\ncreate_slot = true\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{}\"\nslot = \"hup\"\ncreate_slot = true\n\
              [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{}\"\nwatch = false\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"file://{}/lake\"\n\
              [admin]\nlisten = \"{admin}\"\n",

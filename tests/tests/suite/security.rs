@@ -140,7 +140,7 @@ async fn tokens_guard_the_admin_api_and_the_spine_and_no_credential_leaks_anywhe
     std::fs::write(
         &config,
         format!(
-            "[source]\nurl = \"postgres://airlock@127.0.0.1:{port}/postgres\"\npassword_env = \"AIRLOCK_PG_PASSWORD\"\n\
+            "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://airlock@127.0.0.1:{port}/postgres\"\npassword_env = \"AIRLOCK_PG_PASSWORD\"\n\
              slot = \"sec\"\nstatus_interval = \"1s\"\n\
              [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"{plugins}\"\n\
              [sinks.lake]\ntype = \"delta\"\nurl = \"s3://lake/secure\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\

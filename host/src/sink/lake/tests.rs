@@ -62,6 +62,7 @@ fn relation(
     columns: &[(&str, u32, i32, bool)],
 ) -> Arc<Relation> {
     Arc::new(Relation {
+        comment_classes: Default::default(),
         oid: 16_384,
         schema: schema.into(),
         name: name.into(),
@@ -960,7 +961,7 @@ async fn hostile_table_names_get_their_own_directory_inside_the_root() {
 
     // The catalog and `held_through` show the original names.
     let toml = format!(
-        "[source]\nurl = \"postgres://u@h/db\"\nslot = \"test_slot\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file://{}\"\n",
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db\"\nslot = \"test_slot\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file://{}\"\n",
         root.display()
     );
     let config = crate::config::Config::from_toml("t.toml", &toml, &dir).unwrap();
@@ -1583,7 +1584,7 @@ async fn the_catalog_lists_tables_columns_tags_rows_and_versions() {
     write_flushes(&mut sink, &rel, 2..=2).await;
 
     let toml = format!(
-        "[source]\nurl = \"postgres://u@h/db\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file://{}\"\n\
+        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"postgres://u@h/db\"\n[sinks.lake]\ntype = \"delta\"\nurl = \"file://{}\"\n\
          [sinks.empty]\ntype = \"delta\"\nurl = \"file://{}/nothing\"\n",
         dir.display(),
         dir.display()

@@ -23,6 +23,7 @@ fn relation() -> Arc<Relation> {
         key,
     };
     Arc::new(Relation {
+        comment_classes: Default::default(),
         oid: 1,
         schema: "public".into(),
         name: "accounts".into(),

@@ -1,0 +1,462 @@
+//! The gate at ingress: every transaction passes it between the source and the
+//! guests, and leaves with each column's action applied, denied columns removed and
+//! the relation rewritten to match.
+//!
+//! ```text
+//! source ──Transaction (raw)──▶ Gate::apply ──Transaction (policy applied)──▶ guests ──▶ sinks
+//!                                   │
+//!                      per relation: Plan (resolved once per Relation message)
+//! ```
+//!
+//! Invariants:
+//! - A value leaves the gate only with its column's action applied: new and old
+//!   images alike, key columns included, so the guests, the lake, the spine's `old`
+//!   payload and every log see only the result.
+//! - A removed column is removed from the relation too: no sink writes it, no guest
+//!   can name it, its name appears only in the notice that it was denied.
+//! - A column whose type its action cannot take stops the run with the table, the
+//!   column, the class and the fix; nothing of the transaction leaves.
+//! - A plan is made once per relation version; a transaction whose relations all
+//!   keep every column passes without a copy.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::{Action, By, Policy, Resolved};
+use crate::change::{Change, Column, Relation, Transaction, Value};
+
+/// Why a relation cannot pass the gate.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{table}.{column} ({type_name}) is class `{class}` by {by}, and {problem}: give the column a class whose action takes its type in [policy.columns], or change the class's action"
+)]
+pub struct GateError {
+    pub table: String,
+    pub column: String,
+    pub type_name: String,
+    pub class: String,
+    pub by: String,
+    pub problem: String,
+}
+
+/// Something the gate did that an operator must hear about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A column nothing classifies was removed (first time seen in this run).
+    Denied {
+        table: String,
+        column: String,
+        /// Part of the replica identity: updates and deletes carry no key for it.
+        key: bool,
+    },
+}
+
+/// What the gate does to one relation version.
+#[derive(Debug)]
+pub struct Plan {
+    /// The relation as PostgreSQL described it.
+    pub source: Arc<Relation>,
+    /// The relation that leaves the gate.
+    pub relation: Arc<Relation>,
+    /// Each source column's resolution, in source order.
+    pub resolved: Vec<(Column, Resolved)>,
+    /// For each output column: its source index and its action.
+    outputs: Vec<(usize, Action)>,
+    /// Every column kept as it is: the transaction passes untouched.
+    identity: bool,
+}
+
+impl Plan {
+    /// The plan for `relation` under `policy` (and its columns' comment classes).
+    pub fn new(policy: &Policy, relation: &Arc<Relation>) -> Result<Plan, GateError> {
+        let mut resolved = Vec::with_capacity(relation.columns.len());
+        let mut outputs = Vec::with_capacity(relation.columns.len());
+        let mut columns = Vec::with_capacity(relation.columns.len());
+        for (i, column) in relation.columns.iter().enumerate() {
+            let r = policy.resolve(
+                &relation.schema,
+                &relation.name,
+                &column.name,
+                relation
+                    .comment_classes
+                    .get(&column.name)
+                    .map(String::as_str),
+            );
+            if let Some(problem) = r.action.refuses(column.type_oid) {
+                return Err(GateError {
+                    table: relation.qualified_name(),
+                    column: column.name.clone(),
+                    type_name: type_name(column.type_oid),
+                    class: r.class.clone().unwrap_or_default(),
+                    by: r.by.to_string(),
+                    problem,
+                });
+            }
+            if let Some((type_oid, type_modifier)) =
+                r.action.output_type(column.type_oid, column.type_modifier)
+            {
+                columns.push(Column {
+                    name: column.name.clone(),
+                    type_oid,
+                    type_modifier,
+                    key: column.key,
+                });
+                outputs.push((i, r.action.clone()));
+            }
+            resolved.push((column.clone(), r));
+        }
+        let identity = outputs.len() == relation.columns.len()
+            && outputs.iter().all(|(_, a)| *a == Action::Keep);
+        let out = if identity {
+            relation.clone()
+        } else {
+            // Nothing of a removed column stays, its name included.
+            let comment_classes = relation
+                .comment_classes
+                .iter()
+                .filter(|(name, _)| columns.iter().any(|c| &c.name == *name))
+                .map(|(n, c)| (n.clone(), c.clone()))
+                .collect();
+            Arc::new(Relation {
+                columns,
+                comment_classes,
+                ..(**relation).clone()
+            })
+        };
+        Ok(Plan {
+            source: relation.clone(),
+            relation: out,
+            resolved,
+            outputs,
+            identity,
+        })
+    }
+
+    fn apply(&self, change: &mut Change, policy: &Policy, scratch: &mut Vec<u8>) {
+        if self.identity {
+            return;
+        }
+        change.relation = self.relation.clone();
+        for image in [&mut change.new, &mut change.old].into_iter().flatten() {
+            let mut out = Vec::with_capacity(self.outputs.len());
+            for (i, action) in &self.outputs {
+                let mut value = std::mem::replace(&mut image[*i], Value::Null);
+                action.apply(&mut value, policy.key.as_ref(), scratch);
+                out.push(value);
+            }
+            // The values of removed columns are dropped here, unseen.
+            *image = out;
+        }
+    }
+}
+
+/// The gate: the policy and a plan per relation seen.
+pub struct Gate {
+    policy: Arc<Policy>,
+    plans: HashMap<u32, Arc<Plan>>,
+    /// Denied columns already noticed, as `(schema.table, column)`.
+    noticed: HashSet<(String, String)>,
+    scratch: Vec<u8>,
+}
+
+impl Gate {
+    pub fn new(policy: Arc<Policy>) -> Gate {
+        Gate {
+            policy,
+            plans: HashMap::new(),
+            noticed: HashSet::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Applies the policy to every change of `txn`; returns what to tell.
+    pub fn apply(&mut self, txn: &mut Transaction) -> Result<Vec<Notice>, GateError> {
+        let mut notices = Vec::new();
+        for change in &mut txn.changes {
+            let plan = self.plan(&change.relation, &mut notices)?;
+            plan.apply(change, &self.policy, &mut self.scratch);
+        }
+        Ok(notices)
+    }
+
+    fn plan(
+        &mut self,
+        relation: &Arc<Relation>,
+        notices: &mut Vec<Notice>,
+    ) -> Result<Arc<Plan>, GateError> {
+        if let Some(plan) = self.plans.get(&relation.oid)
+            && (Arc::ptr_eq(&plan.source, relation) || *plan.source == **relation)
+        {
+            return Ok(plan.clone());
+        }
+        let plan = Arc::new(Plan::new(&self.policy, relation)?);
+        for (column, r) in &plan.resolved {
+            if r.by == By::Default
+                && r.action == Action::Drop
+                && self
+                    .noticed
+                    .insert((relation.qualified_name(), column.name.clone()))
+            {
+                notices.push(Notice::Denied {
+                    table: relation.qualified_name(),
+                    column: column.name.clone(),
+                    key: column.key,
+                });
+            }
+        }
+        self.plans.insert(relation.oid, plan.clone());
+        Ok(plan)
+    }
+}
+
+/// A short name of a built-in type for messages (`int8`, `text`), else its OID.
+pub fn type_name(type_oid: u32) -> String {
+    use crate::change::oid;
+    match type_oid {
+        oid::BOOL => "bool",
+        oid::BYTEA => "bytea",
+        oid::INT2 => "int2",
+        oid::INT4 => "int4",
+        oid::INT8 => "int8",
+        oid::TEXT => "text",
+        oid::VARCHAR => "varchar",
+        oid::BPCHAR => "char",
+        oid::FLOAT4 => "float4",
+        oid::FLOAT8 => "float8",
+        oid::NUMERIC => "numeric",
+        oid::DATE => "date",
+        oid::TIME => "time",
+        oid::TIMESTAMP => "timestamp",
+        oid::TIMESTAMPTZ => "timestamptz",
+        oid::UUID => "uuid",
+        oid::JSON => "json",
+        oid::JSONB => "jsonb",
+        other => return format!("type {other}"),
+    }
+    .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::change::{Lsn, Op, Part, ReplicaIdentity, TxnMeta, oid};
+    use crate::policy::{Keyed, Normalize, Rule, Unclassified};
+
+    fn relation(columns: &[(&str, u32, bool)]) -> Arc<Relation> {
+        Arc::new(Relation {
+            comment_classes: Default::default(),
+            oid: 16_400,
+            schema: "public".into(),
+            name: "customers".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: columns
+                .iter()
+                .map(|(name, type_oid, key)| Column {
+                    name: (*name).into(),
+                    type_oid: *type_oid,
+                    type_modifier: -1,
+                    key: *key,
+                })
+                .collect(),
+        })
+    }
+
+    fn policy(default: Unclassified, rules: &[(&str, &str)]) -> Arc<Policy> {
+        let classes = BTreeMap::from([
+            ("public".to_owned(), Action::Keep),
+            ("pii".to_owned(), Action::Hmac(Normalize::default())),
+            ("contact".to_owned(), Action::KeepLast(4)),
+        ]);
+        let rules = rules
+            .iter()
+            .map(|(p, c)| Rule {
+                pattern: (*p).into(),
+                class: (*c).into(),
+            })
+            .collect();
+        Arc::new(Policy::new(
+            default,
+            classes,
+            rules,
+            Some(Keyed::new("k1", b"0123456789abcdef0123456789abcdef")),
+        ))
+    }
+
+    fn txn(changes: Vec<Change>) -> Transaction {
+        Transaction {
+            meta: TxnMeta {
+                xid: 1,
+                commit_lsn: Lsn(10),
+                end_lsn: Lsn(11),
+                commit_ts: 0,
+                part: Part::WHOLE,
+            },
+            changes,
+        }
+    }
+
+    fn change(
+        relation: &Arc<Relation>,
+        op: Op,
+        new: Option<Vec<Value>>,
+        old: Option<Vec<Value>>,
+    ) -> Change {
+        Change {
+            relation: relation.clone(),
+            op,
+            lsn: Lsn(5),
+            new,
+            old,
+        }
+    }
+
+    #[test]
+    fn denied_columns_leave_no_trace_and_actions_cover_both_images_and_keys() {
+        let rel = relation(&[
+            ("id", oid::INT8, false),
+            ("email", oid::TEXT, true),
+            ("phone", oid::TEXT, false),
+            ("ssn", oid::TEXT, false),
+        ]);
+        let p = policy(
+            Unclassified::Deny,
+            &[
+                ("public.customers.id", "public"),
+                ("public.customers.email", "pii"),
+                ("public.customers.phone", "contact"),
+            ],
+        );
+        let mut gate = Gate::new(p.clone());
+        let row = || {
+            vec![
+                Value::Int(7),
+                Value::Text("ada@example.com".into()),
+                Value::Text("+44 7946 0958".into()),
+                Value::Text("078-05-1120".into()),
+            ]
+        };
+        let mut t = txn(vec![
+            change(&rel, Op::Insert, Some(row()), None),
+            change(&rel, Op::Update, Some(row()), Some(row())),
+        ]);
+        let notices = gate.apply(&mut t).unwrap();
+        assert_eq!(
+            notices,
+            vec![Notice::Denied {
+                table: "public.customers".into(),
+                column: "ssn".into(),
+                key: false
+            }]
+        );
+        let token = Value::Text(p.key.as_ref().unwrap().token(b"ada@example.com"));
+        for c in &t.changes {
+            let names: Vec<&str> = c.relation.columns.iter().map(|c| c.name.as_str()).collect();
+            assert_eq!(names, ["id", "email", "phone"]);
+            assert_eq!(c.relation.columns[1].type_oid, oid::TEXT);
+            assert!(c.relation.columns[1].key, "the key flag stays");
+            for image in [&c.new, &c.old].into_iter().flatten() {
+                assert_eq!(
+                    image,
+                    &vec![
+                        Value::Int(7),
+                        token.clone(),
+                        Value::Text("*********0958".into())
+                    ]
+                );
+            }
+            let text = format!("{c:?}");
+            assert!(
+                !text.contains("078-05-1120") && !text.contains("ada@"),
+                "{text}"
+            );
+        }
+        // Noticed once per run.
+        let mut again = txn(vec![change(&rel, Op::Insert, Some(row()), None)]);
+        assert!(gate.apply(&mut again).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_relation_that_keeps_everything_passes_untouched() {
+        let rel = relation(&[("id", oid::INT8, true), ("name", oid::TEXT, false)]);
+        let mut gate = Gate::new(policy(Unclassified::Allow, &[]));
+        let mut t = txn(vec![change(
+            &rel,
+            Op::Insert,
+            Some(vec![Value::Int(1), Value::Text("x".into())]),
+            None,
+        )]);
+        let before = t.clone();
+        assert!(gate.apply(&mut t).unwrap().is_empty());
+        assert_eq!(t, before);
+        assert!(Arc::ptr_eq(&t.changes[0].relation, &rel));
+    }
+
+    #[test]
+    fn a_type_the_action_cannot_take_stops_with_table_column_and_class() {
+        let rel = relation(&[("phone", oid::INT8, false)]);
+        let mut gate = Gate::new(policy(
+            Unclassified::Deny,
+            &[("public.customers.phone", "contact")],
+        ));
+        let mut t = txn(vec![change(
+            &rel,
+            Op::Insert,
+            Some(vec![Value::Int(1)]),
+            None,
+        )]);
+        let error = gate.apply(&mut t).unwrap_err().to_string();
+        assert!(
+            error.starts_with("public.customers.phone (int8) is class `contact` by [policy.columns] \"public.customers.phone\", and `keep-last:4` takes only text columns"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_new_relation_version_is_planned_again_and_its_new_column_denied() {
+        let v1 = relation(&[("id", oid::INT8, true)]);
+        let v2 = relation(&[("id", oid::INT8, true), ("ssn", oid::TEXT, false)]);
+        let mut gate = Gate::new(policy(Unclassified::Deny, &[("public.*.id", "public")]));
+        let mut t = txn(vec![
+            change(&v1, Op::Insert, Some(vec![Value::Int(1)]), None),
+            change(
+                &v2,
+                Op::Insert,
+                Some(vec![Value::Int(2), Value::Text("078-05-1120".into())]),
+                None,
+            ),
+        ]);
+        let notices = gate.apply(&mut t).unwrap();
+        assert_eq!(notices.len(), 1);
+        assert_eq!(t.changes[1].new, Some(vec![Value::Int(2)]));
+        assert_eq!(t.changes[1].relation.columns.len(), 1);
+    }
+
+    #[test]
+    fn comments_tighten_the_plan_of_their_relation() {
+        let mut rel = relation(&[("id", oid::INT8, true), ("note", oid::TEXT, false)]);
+        Arc::make_mut(&mut rel)
+            .comment_classes
+            .insert("note".to_owned(), "pii".to_owned());
+        let mut gate = Gate::new(policy(
+            Unclassified::Deny,
+            &[("public.customers.*", "public")],
+        ));
+        let mut t = txn(vec![change(
+            &rel,
+            Op::Insert,
+            Some(vec![Value::Int(1), Value::Text("secret".into())]),
+            None,
+        )]);
+        gate.apply(&mut t).unwrap();
+        let Some(Value::Text(token)) = &t.changes[0].new.as_ref().unwrap().get(1) else {
+            panic!()
+        };
+        assert!(token.starts_with("k1:"), "{token}");
+    }
+}

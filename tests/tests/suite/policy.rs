@@ -1,0 +1,322 @@
+//! The policy gate against a real cluster, a real lake, a real spine and the real
+//! binary's log: deny by default while the schema changes, keyed tokens that join
+//! across tables, comments that tighten, and `airlock check` as the proof.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use airlock_tests::*;
+use serde_json::Value as Json;
+
+const SCHEMA: &str = "
+CREATE TABLE customers (id bigint PRIMARY KEY, email text, phone text);
+CREATE TABLE orders (id bigint PRIMARY KEY, customer_email text, note text, amount numeric(10,2));
+COMMENT ON COLUMN orders.note IS 'Free text from the customer. airlock: pii';
+CREATE PUBLICATION airlock FOR TABLE customers, orders;
+";
+
+/// Values that must never leave airlock in any form but a token or a mask.
+const SECRETS: &[&str] = &[
+    "078-05-1120",
+    "219-09-9999",
+    "call me at 555-0199",
+    "ada@example.com",
+    "Ada@Example.com",
+    "grace@example.com",
+    "7946 0958",
+];
+
+const POLICY: &str = r#"[policy]
+default = "deny"
+key_file = "policy.key"
+key_id = "k1"
+
+[policy.classes]
+public = { action = "keep" }
+pii = { action = "hmac", normalize = ["trim", "lower"] }
+contact = { action = "keep-last", n = 4 }
+
+[policy.columns]
+"public.customers.id" = "public"
+"public.customers.email" = "pii"
+"public.customers.phone" = "contact"
+"public.orders.*" = "public"
+"public.orders.customer_email" = "pii"
+"#;
+
+fn config(url: &str, dir: &Path, spine_port: u16, admin: &str, policy: &str) -> String {
+    format!(
+        "[source]\nurl = \"{url}\"\nslot = \"policy\"\nstatus_interval = \"1s\"\n\
+         [plugins]\ndir = \"plugins\"\n\
+         [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\", \"restricted\"]\nflush_interval = \"200ms\"\n\
+         [sinks.spine]\ntype = \"http\"\nurl = \"http://127.0.0.1:{spine_port}/events\"\nroutes = [\"spine\"]\nflush_interval = \"200ms\"\n\
+         [admin]\nlisten = \"{admin}\"\n\n{policy}",
+        lake = dir.join("lake").display(),
+    )
+}
+
+fn write_key(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("policy.key");
+    std::fs::write(
+        &path,
+        "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0\n",
+    )
+    .expect("key");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn check(config: &Path) -> (bool, String) {
+    let out = Command::new(airlock_bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .expect("airlock check");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Every raw secret absent from every byte of `files`, and from `text`.
+fn assert_absent(what: &str, files: &[std::path::PathBuf], text: &str) {
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{what} holds `{secret}`:\n{text}");
+        for file in files {
+            let bytes = std::fs::read(file).unwrap_or_default();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{} holds `{secret}`",
+                file.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() -> anyhow::Result<()>
+{
+    let dir = temp_dir("policy");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute(SCHEMA).await?;
+    plugin_dir(
+        &dir,
+        &[(
+            "40-route",
+            "route",
+            "spine_tables = [\"public.customers\"]\n",
+        )],
+    );
+    write_key(&dir);
+    let spine_port = airlock::demo::cluster::free_port();
+    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
+    let config_path = dir.join("airlock.toml");
+    std::fs::write(
+        &config_path,
+        config(&pg.url("postgres"), &dir, spine_port, &admin, POLICY),
+    )?;
+
+    // The proof before the run: every published column with its class and action.
+    let (passed, shown) = check(&config_path);
+    assert!(passed, "{shown}");
+    for line in [
+        "public.customers.email",
+        "pii (by [policy.columns] \"public.customers.email\"): hmac (trim, lower) -> lake, spine",
+        "public.customers.phone",
+        "contact (by [policy.columns] \"public.customers.phone\"): keep-last:4",
+        "public.orders.note",
+        "pii (by its comment): hmac (trim, lower)",
+        "public.orders.amount",
+    ] {
+        assert!(shown.contains(line), "`{line}` missing from:\n{shown}");
+    }
+
+    let spine_dir = dir.join("spine");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", spine_port)).await?;
+    let serve_dir = spine_dir.clone();
+    tokio::spawn(async move {
+        airlock::spine::server::serve(&serve_dir, listener, None, std::future::pending::<()>())
+            .await
+    });
+    let log = dir.join("airlock.log");
+    let mut host = spawn_host(&config_path, &log);
+    wait_slot_active(&db, "policy").await?;
+
+    db.batch_execute(
+        "INSERT INTO customers VALUES (1, ' Ada@Example.com ', '+44 7946 0958');
+         INSERT INTO orders VALUES (1, 'ada@example.com', 'call me at 555-0199', 12.50);
+         ALTER TABLE customers ADD COLUMN ssn text;
+         INSERT INTO customers VALUES (2, 'grace@example.com', '555-0100', '078-05-1120');
+         UPDATE customers SET ssn = '219-09-9999' WHERE id = 1;
+         DELETE FROM orders WHERE id = 1;",
+    )
+    .await?;
+
+    let lake = dir.join("lake");
+    let customers = wait_for_lake(
+        &lake.join("public.customers"),
+        Duration::from_secs(60),
+        |r| r.len() >= 3,
+    )
+    .await?;
+    let orders = wait_for_lake(&lake.join("public.orders"), Duration::from_secs(60), |r| {
+        r.len() >= 2
+    })
+    .await?;
+    let status = wait_status(&admin, Duration::from_secs(10), "the denied column", |s| {
+        s["policy"]["denied"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|c| c == "public.customers.ssn"))
+    })
+    .await?;
+    assert_eq!(status["policy"]["default"], "deny");
+    assert_eq!(status["policy"]["key_id"], "k1");
+
+    // The same e-mail, spelled differently in two tables: one token, keyed, not its
+    // plain digest.
+    let token = customers[0]["email"].as_str().expect("a token").to_owned();
+    assert!(token.starts_with("k1:") && token.len() == 67, "{token}");
+    assert_eq!(orders[0]["customer_email"], token.as_str());
+    assert!(!token.contains(&sha256_hex("ada@example.com")));
+    assert!(!token.contains(&sha256_hex(" Ada@Example.com ")));
+    assert_ne!(customers[1]["email"], token.as_str());
+    assert_eq!(customers[0]["phone"], "*********0958");
+    // Classified by its comment: a token from the first row on.
+    let note = orders[0]["note"].as_str().expect("a token");
+    assert!(note.starts_with("k1:"), "{note}");
+    assert_eq!(orders[0]["amount"], "12.50");
+    // The delete's key is kept; its e-mail is the token, in the old image too.
+    assert_eq!(orders[1]["_op"], "d");
+    assert_eq!(orders[1]["id"], 1);
+    // The column added under the running pipeline never reached the lake.
+    for row in &customers {
+        assert!(row.get("ssn").is_none(), "{row}");
+    }
+
+    // Nothing raw anywhere: the lake's files, the spine's log, airlock's log, and
+    // what the lake and the spine give back decoded.
+    let events: Json = reqwest::get(format!("http://127.0.0.1:{spine_port}/events?limit=100"))
+        .await?
+        .json()
+        .await?;
+    let events = events.as_array().cloned().unwrap_or_default();
+    assert!(events.len() >= 3, "{events:#?}");
+    for event in &events {
+        let new = &event["payload"]["new"];
+        if new.is_object() {
+            assert!(new.get("ssn").is_none(), "{event}");
+            assert!(
+                new["email"].as_str().is_some_and(|e| e.starts_with("k1:")),
+                "{event}"
+            );
+        }
+    }
+    host.stop(Duration::from_secs(30))?;
+    let logged = std::fs::read_to_string(&log)?;
+    assert!(
+        logged.contains("ssn") && logged.contains("denied by the policy's default"),
+        "{logged}"
+    );
+    let decoded = format!("{customers:?}{orders:?}{events:?}");
+    let mut files = files_under(&lake);
+    files.extend(files_under(&spine_dir));
+    assert_absent(
+        "the lake, the spine and the log",
+        &files,
+        &format!("{decoded}{logged}"),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_run_refuse_what_the_policy_cannot_cover() -> anyhow::Result<()> {
+    let dir = temp_dir("policy_refused");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute(SCHEMA).await?;
+    plugin_dir(&dir, &[]);
+    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
+    let spine_port = airlock::demo::cluster::free_port();
+    let path = dir.join("airlock.toml");
+
+    // A class that hashes, and its key file is not there.
+    std::fs::write(
+        &path,
+        config(&pg.url("postgres"), &dir, spine_port, &admin, POLICY),
+    )?;
+    let (passed, shown) = check(&path);
+    assert!(!passed, "{shown}");
+    assert!(
+        shown.contains("policy.key_file") && shown.contains("policy.key"),
+        "{shown}"
+    );
+
+    // An action that cannot take the column's type.
+    write_key(&dir);
+    let numeric_masked = POLICY.replace(
+        "\"public.orders.*\" = \"public\"",
+        "\"public.orders.*\" = \"public\"\n\"public.orders.amount\" = \"contact\"",
+    );
+    std::fs::write(
+        &path,
+        config(
+            &pg.url("postgres"),
+            &dir,
+            spine_port,
+            &admin,
+            &numeric_masked,
+        ),
+    )?;
+    let (passed, shown) = check(&path);
+    assert!(!passed, "{shown}");
+    assert!(
+        shown.contains("public.orders.amount (numeric) is class `contact`")
+            && shown.contains("`keep-last:4` takes only text columns"),
+        "{shown}"
+    );
+    // `run` stops on it before anything of the table leaves.
+    let log = dir.join("airlock.log");
+    let mut host = spawn_host(&path, &log);
+    wait_slot_active(&db, "policy").await?;
+    db.batch_execute("INSERT INTO orders VALUES (1, 'ada@example.com', 'x', 1)")
+        .await?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = host.wait_exit(Duration::from_millis(200)) {
+            break status;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "airlock kept running with an uncoverable column"
+        );
+    };
+    assert!(!status.success());
+    let logged = std::fs::read_to_string(&log)?;
+    assert!(
+        logged.contains("public.orders.amount (numeric) is class `contact`"),
+        "{logged}"
+    );
+    assert!(
+        !dir.join("lake/public.orders/_delta_log").exists()
+            || read_lake("duckdb", &dir.join("lake/public.orders"))?.is_empty()
+    );
+
+    // No [policy] at all: refused, with the lines to add.
+    std::fs::write(
+        &path,
+        config(&pg.url("postgres"), &dir, spine_port, &admin, ""),
+    )?;
+    let (passed, shown) = check(&path);
+    assert!(!passed, "{shown}");
+    assert!(
+        shown.contains("policy: missing") && shown.contains("default = \"deny\""),
+        "{shown}"
+    );
+    Ok(())
+}
