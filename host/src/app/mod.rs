@@ -465,6 +465,7 @@ fn start_pipeline(
         slot,
         status.clone(),
         config.plugins.on_error.clone(),
+        config.policy.version.as_str().into(),
     );
     let (done_tx, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()

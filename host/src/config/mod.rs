@@ -96,6 +96,16 @@ impl Config {
         let sinks = sinks::validate(raw.sinks, source.as_ref(), &mut check);
         let admin = admin::validate(raw.admin, &mut check);
         let policy = policy::validate(raw.policy, &mut check);
+        let mut sinks = sinks;
+        // Every lake commit records the policy its rows passed.
+        for sink in &mut sinks {
+            if let SinkSettings::Delta(lake) = &mut sink.settings {
+                lake.commit_info
+                    .insert("airlock.policy".into(), policy.version.clone().into());
+                lake.commit_info
+                    .insert("airlock.policy_bundle".into(), policy.describe());
+            }
+        }
         // Stages may write the routes the sinks take and the declared tags.
         let routes = sinks.iter().flat_map(|s| s.routes().iter().cloned());
         let names = crate::pipeline::names::Names::new(routes, plugins.tags.clone());

@@ -77,6 +77,8 @@ pub struct Batch {
     pub written_bytes: usize,
     /// The pipeline version that processed the batch (`_pipeline`); empty before.
     pub pipeline: Arc<str>,
+    /// The version of the policy its rows passed (`_policy`); empty where no gate ran.
+    pub policy: Arc<str>,
     /// The stages of that pipeline, in order, for lineage (the lake's commit info).
     pub stages: Arc<[StageId]>,
 }

@@ -285,6 +285,8 @@ impl Pipeline {
 /// What the pipeline thread works with.
 pub struct Worker {
     pub pipeline: Pipeline,
+    /// The version of the policy the gate in front of the worker applies.
+    policy: Arc<str>,
     /// Where the registry offers the next pipeline.
     pub slot: SwapSlot,
     pub status: Arc<Status>,
@@ -303,8 +305,10 @@ impl Worker {
         slot: SwapSlot,
         status: Arc<Status>,
         on_error: OnError,
+        policy: Arc<str>,
     ) -> Worker {
         Worker {
+            policy,
             pipeline,
             slot,
             status,
@@ -599,7 +603,8 @@ pub fn run_worker(
                 None => break,
             }
         }
-        let batch = Batch::from_transactions(txns);
+        let mut batch = Batch::from_transactions(txns);
+        batch.policy = worker.policy.clone();
         worker.count_in(&batch);
         let emit = |worker: &Worker, batch: Batch| {
             worker.count_out(&batch);

@@ -123,6 +123,21 @@ impl Policy {
         }
     }
 
+    /// The effective policy as JSON, for lineage: the default, each class's action,
+    /// the column entries and the key id (never the key).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": self.version,
+            "default": match self.default {
+                Unclassified::Deny => "deny",
+                Unclassified::Allow => "allow",
+            },
+            "classes": self.classes.iter().map(|(name, action)| (name.clone(), serde_json::Value::from(action.to_string()))).collect::<serde_json::Map<_, _>>(),
+            "columns": self.rules.iter().map(|r| (r.pattern.clone(), serde_json::Value::from(r.class.clone()))).collect::<serde_json::Map<_, _>>(),
+            "key_id": self.key.as_ref().map(|k| k.id.clone()),
+        })
+    }
+
     /// A policy that keeps every column: what tests of other parts run with.
     pub fn allow_all() -> Policy {
         Policy::new(Unclassified::Allow, BTreeMap::new(), Vec::new(), None)

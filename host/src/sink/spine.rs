@@ -842,6 +842,7 @@ fn payload(batch: &Batch, row: &BatchRow, relation: &Relation, event_id: &str) -
     payload.insert("commit_lsn".into(), txn.commit_lsn.to_string().into());
     payload.insert("xid".into(), txn.xid.into());
     payload.insert("pipeline".into(), (*batch.pipeline).into());
+    payload.insert("policy".into(), (*batch.policy).into());
     payload.insert("tags".into(), row.tags.clone().into());
     let table = &batch.tables[row.table as usize];
     if table.column_tags.iter().any(|t| !t.is_empty()) {

@@ -177,6 +177,15 @@ async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() 
     .await?;
     assert_eq!(status["policy"]["default"], "deny");
     assert_eq!(status["policy"]["key_id"], "k1");
+    // Lineage: every row and every event names the policy it passed.
+    let version = status["policy"]["version"]
+        .as_str()
+        .expect("a version")
+        .to_owned();
+    assert_eq!(version.len(), 12);
+    for row in customers.iter().chain(&orders) {
+        assert_eq!(row["_policy"], version.as_str(), "{row}");
+    }
 
     // The same e-mail, spelled differently in two tables: one token, keyed, not its
     // plain digest.
@@ -208,6 +217,7 @@ async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() 
     let events = events.as_array().cloned().unwrap_or_default();
     assert!(events.len() >= 3, "{events:#?}");
     for event in &events {
+        assert_eq!(event["payload"]["policy"], version.as_str(), "{event}");
         let new = &event["payload"]["new"];
         if new.is_object() {
             assert!(new.get("ssn").is_none(), "{event}");
@@ -218,6 +228,30 @@ async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() 
         }
     }
     host.stop(Duration::from_secs(30))?;
+    // The lake's commits record the effective policy: its version, classes and key id.
+    let log_dir = lake.join("public.customers/_delta_log");
+    let commits: Vec<String> = files_under(&log_dir)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    let info = commits
+        .iter()
+        .flat_map(|c| c.lines())
+        .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+        .find_map(|l| {
+            l.get("commitInfo")
+                .filter(|i| i.get("airlock.policy").is_some())
+                .cloned()
+        })
+        .expect("a commit with the policy");
+    assert_eq!(info["airlock.policy"], version.as_str());
+    assert_eq!(
+        info["airlock.policy_bundle"]["classes"]["pii"],
+        "hmac (trim, lower)"
+    );
+    assert_eq!(info["airlock.policy_bundle"]["key_id"], "k1");
+    assert_eq!(info["airlock.policy_bundle"]["default"], "deny");
     let logged = std::fs::read_to_string(&log)?;
     assert!(
         logged.contains("ssn") && logged.contains("denied by the policy's default"),

@@ -73,19 +73,21 @@ pub(super) enum Meta {
     CommitTs,
     Xid,
     Pipeline,
+    Policy,
     Tags,
     Unchanged,
     Special,
 }
 
 impl Meta {
-    pub const ALL: [Meta; 9] = [
+    pub const ALL: [Meta; 10] = [
         Meta::Op,
         Meta::Lsn,
         Meta::CommitLsn,
         Meta::CommitTs,
         Meta::Xid,
         Meta::Pipeline,
+        Meta::Policy,
         Meta::Tags,
         Meta::Unchanged,
         Meta::Special,
@@ -99,6 +101,7 @@ impl Meta {
             Meta::CommitTs => "_commit_ts",
             Meta::Xid => "_xid",
             Meta::Pipeline => "_pipeline",
+            Meta::Policy => "_policy",
             Meta::Tags => "_tags",
             Meta::Unchanged => "_unchanged",
             Meta::Special => "_special",
@@ -111,7 +114,7 @@ impl Meta {
 
     fn delta_type(self) -> DataType {
         match self {
-            Meta::Op | Meta::Pipeline => DataType::STRING,
+            Meta::Op | Meta::Pipeline | Meta::Policy => DataType::STRING,
             Meta::Lsn | Meta::CommitLsn | Meta::Xid => DataType::LONG,
             Meta::CommitTs => DataType::TIMESTAMP,
             Meta::Tags | Meta::Unchanged | Meta::Special => {
@@ -544,14 +547,21 @@ fn meta_column(meta: Meta, field: &Field, segments: &[Segment], rows: &[RowView<
                 .for_each(|r| b.append_value(r.row.change.op.code()));
             Arc::new(b.finish())
         }
-        Meta::Pipeline => {
+        Meta::Pipeline | Meta::Policy => {
+            let of = |batch: &Batch| -> Arc<str> {
+                match meta {
+                    Meta::Pipeline => batch.pipeline.clone(),
+                    _ => batch.policy.clone(),
+                }
+            };
             let bytes = segments
                 .iter()
-                .map(|s| s.batch.pipeline.len() * s.rows.len())
+                .map(|s| of(&s.batch).len() * s.rows.len())
                 .sum();
             let mut b = StringBuilder::with_capacity(n, bytes);
+            let values: Vec<Arc<str>> = segments.iter().map(|s| of(&s.batch)).collect();
             rows.iter()
-                .for_each(|r| b.append_value(&*segments[r.segment].batch.pipeline));
+                .for_each(|r| b.append_value(&*values[r.segment]));
             Arc::new(b.finish())
         }
         Meta::Lsn | Meta::CommitLsn | Meta::Xid => {

@@ -181,6 +181,7 @@ pub(super) fn shape(segment: &Segment) -> Segment {
                 rows: Vec::new(),
             }],
             pipeline: segment.batch.pipeline.clone(),
+            policy: segment.batch.policy.clone(),
             stages: segment.batch.stages.clone(),
             ..Batch::default()
         }),
@@ -196,4 +197,5 @@ pub(super) fn same_shape(shape: &Segment, segment: &Segment) -> bool {
     Arc::ptr_eq(&a.relation, &b.relation)
         && a.column_tags == b.column_tags
         && shape.batch.pipeline == segment.batch.pipeline
+        && shape.batch.policy == segment.batch.policy
 }

@@ -36,7 +36,7 @@
 //!
 //! Each kept row (not dropped, routed to this sink) becomes one Delta row: the relation's
 //! columns, then `_op` (`c`/`u`/`d`/`r`/`t`), `_lsn`, `_commit_lsn`, `_commit_ts` (UTC
-//! µs), `_xid`, `_pipeline`, `_tags` (row tags), `_unchanged` (columns whose TOASTed value
+//! µs), `_xid`, `_pipeline`, `_policy`, `_tags` (row tags), `_unchanged` (columns whose TOASTed value
 //! PostgreSQL did not resend; written as null) and `_special` (see below). Inserts,
 //! updates and snapshot reads write the new image, deletes the old one (key columns, or
 //! all with `REPLICA IDENTITY FULL`), a truncate one row of nulls.
