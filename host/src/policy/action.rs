@@ -8,7 +8,8 @@
 //! - An action meets only values of the types it accepts: the gate checks the
 //!   column's type when it plans a relation, so a value of another kind here is a bug
 //!   in the gate, and it fails closed (the value becomes `null`).
-//! - `hmac` tokens are `KEY_ID:` and the 64 hex digits of HMAC-SHA-256 over the
+//! - `hmac` tokens are `KEY_ID:` and the 32 hex digits of HMAC-SHA-256-128 (the MAC's
+//!   first 128 bits, as RFC 4868: collisions stay out of reach for any table) over the
 //!   value's canonical bytes ([`crate::change::json::value_bytes`]), after the
 //!   class's normalisation: the same value gives the same token in every table.
 
@@ -25,7 +26,7 @@ use crate::change::{Value, oid};
 pub enum Action {
     /// Unchanged.
     Keep,
-    /// A keyed token: `KEY_ID:` and 64 hex digits. Deterministic, so tokens join.
+    /// A keyed token: `KEY_ID:` and 32 hex digits. Deterministic, so tokens join.
     Hmac(Normalize),
     /// A fixed text in place of every value.
     Redact(String),
@@ -57,11 +58,10 @@ impl Normalize {
         self == Normalize::default()
     }
 
-    /// Writes `raw` normalised into `out` (cleared first).
-    fn write(self, raw: &[u8], out: &mut Vec<u8>) {
+    /// Writes `text` normalised into `out` (cleared first).
+    fn write(self, text: &str, out: &mut Vec<u8>) {
         out.clear();
-        let text = String::from_utf8_lossy(raw);
-        let text = if self.trim { text.trim() } else { &text };
+        let text = if self.trim { text.trim() } else { text };
         if !self.lower {
             out.extend_from_slice(text.as_bytes());
         } else if text.is_ascii() {
@@ -112,6 +112,9 @@ impl Kind {
         }
     }
 }
+
+/// Bytes of the MAC a token keeps (128 bits).
+pub const TOKEN_BYTES: usize = 16;
 
 /// Hasher state with the key already absorbed: one HMAC costs two SHA-256 blocks
 /// for a short value, no key schedule.
@@ -164,10 +167,11 @@ impl Keyed {
         outer.finalize().into()
     }
 
-    /// `ID:` and the hex digits of the MAC of `data`.
+    /// `ID:` and the hex digits of the first [`TOKEN_BYTES`] of the MAC of `data`.
     pub fn token(&self, data: &[u8]) -> String {
-        let mut digits = [0u8; 64];
-        hex::encode_to_slice(self.mac(data), &mut digits).expect("32 bytes are 64 hex digits");
+        let mut digits = [0u8; 2 * TOKEN_BYTES];
+        hex::encode_to_slice(&self.mac(data)[..TOKEN_BYTES], &mut digits)
+            .expect("two hex digits a byte");
         let mut out = String::with_capacity(self.id.len() + 1 + digits.len());
         out.push_str(&self.id);
         out.push(':');
@@ -269,7 +273,11 @@ impl Action {
                 let token = if normalize.is_none() {
                     key.token(raw)
                 } else {
-                    normalize.write(raw, scratch);
+                    let text = match std::str::from_utf8(raw) {
+                        Ok(text) => std::borrow::Cow::Borrowed(text),
+                        Err(_) => String::from_utf8_lossy(raw),
+                    };
+                    normalize.write(&text, scratch);
                     key.token(scratch)
                 };
                 Value::Text(token)
@@ -463,7 +471,7 @@ mod tests {
             Value::Text("ada@example.com".into()),
         );
         let Value::Text(token) = token else { panic!() };
-        assert!(token.starts_with("k1:") && token.len() == 67, "{token}");
+        assert!(token.starts_with("k1:") && token.len() == 35, "{token}");
         let plain = hex::encode(Sha256::digest(b"ada@example.com"));
         assert!(!token.contains(&plain));
         // Deterministic, and the same for the same value of another type.

@@ -62,6 +62,8 @@ pub struct Plan {
     pub resolved: Vec<(Column, Resolved)>,
     /// For each output column: its source index and its action.
     outputs: Vec<(usize, Action)>,
+    /// No column is removed: the actions other than `keep` apply in place.
+    in_place: Option<Vec<(usize, Action)>>,
     /// Every column kept as it is: the transaction passes untouched.
     identity: bool,
 }
@@ -123,7 +125,15 @@ impl Plan {
                 ..(**relation).clone()
             })
         };
+        let in_place = (outputs.len() == relation.columns.len()).then(|| {
+            outputs
+                .iter()
+                .filter(|(_, a)| *a != Action::Keep)
+                .cloned()
+                .collect()
+        });
         Ok(Plan {
+            in_place,
             source: relation.clone(),
             relation: out,
             resolved,
@@ -137,6 +147,14 @@ impl Plan {
             return;
         }
         change.relation = self.relation.clone();
+        if let Some(actions) = &self.in_place {
+            for image in [&mut change.new, &mut change.old].into_iter().flatten() {
+                for (i, action) in actions {
+                    action.apply(&mut image[*i], policy.key.as_ref(), scratch);
+                }
+            }
+            return;
+        }
         for image in [&mut change.new, &mut change.old].into_iter().flatten() {
             let mut out = Vec::with_capacity(self.outputs.len());
             for (i, action) in &self.outputs {

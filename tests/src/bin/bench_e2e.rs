@@ -40,6 +40,37 @@ const RSS_BUDGET_MIB: f64 = 300.0;
 /// A large transaction is in the lake at most this long after its commit.
 const BIG_VISIBLE_BUDGET: Duration = Duration::from_secs(5);
 const PRIMARY_RATIO_SLACK: f64 = 0.03;
+/// The drain with a policy classifying every column, against the same drain without.
+const POLICY_RATIO_MIN: f64 = 0.9;
+
+/// The drain's policy: every column of the table classified, two hashed, one masked,
+/// one generalised.
+const DRAIN_POLICY: &str = r#"[policy]
+default = "deny"
+key_file = "policy.key"
+[policy.classes]
+public = { action = "keep" }
+pii = { action = "hmac", normalize = ["trim", "lower"] }
+contact = { action = "keep-last", n = 4 }
+day = { action = "generalize", unit = "day" }
+[policy.columns]
+"public.bench_drain.*" = "public"
+"public.bench_drain.name" = "pii"
+"public.bench_drain.email" = "pii"
+"public.bench_drain.phone" = "contact"
+"public.bench_drain.signed_up" = "day"
+"#;
+
+/// One airlock drain of the backlog.
+struct DrainRun {
+    secs: f64,
+    rate: f64,
+    confirmed_secs: f64,
+    cpu: f64,
+    sender_cpu: f64,
+    hwm: u64,
+    lost: u64,
+}
 /// The lake's p99 budget is the flush interval plus this.
 const LAKE_P99_SLACK: Duration = Duration::from_secs(1);
 
@@ -240,8 +271,14 @@ fn config(
     let flush = lake_flush
         .map(|f| format!("flush_interval = \"{f}\"\n"))
         .unwrap_or_default();
+    // Without a policy of its own, every column passes as it is.
+    let policy = if extra.contains("[policy]") {
+        ""
+    } else {
+        "[policy]\ndefault = \"allow\"\n"
+    };
     format!(
-        "[policy]\ndefault = \"allow\"\n[source]\nurl = \"{url}\"\npublication = \"{name}\"\nslot = \"{name}\"\nstatus_interval = \"1s\"\n\n\
+        "{policy}[source]\nurl = \"{url}\"\npublication = \"{name}\"\nslot = \"{name}\"\nstatus_interval = \"1s\"\n\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\nwatch = false\n\n\
          [sinks.lake]\ntype = \"delta\"\nurl = \"file://{lake}\"\nroutes = [\"default\", \"restricted\"]\n{flush}\n\
          {extra}\n\
@@ -607,7 +644,14 @@ impl Bench {
             "SELECT lsn::text FROM pg_create_logical_replication_slot('bench_drain', 'pgoutput')",
         )
         .await?;
-        // A third slot for pg_recvlogical again, with pgoutput's `binary = true`.
+        // airlock again, with the policy.
+        client
+            .batch_execute("CREATE PUBLICATION drain_policy FOR TABLE bench_drain")
+            .await?;
+        client
+            .batch_execute("SELECT pg_create_logical_replication_slot('drain_policy', 'pgoutput')")
+            .await?;
+        // A slot for pg_recvlogical again, with pgoutput's `binary = true`.
         client
             .batch_execute("SELECT pg_create_logical_replication_slot('drain_binary', 'pgoutput')")
             .await?;
@@ -671,21 +715,95 @@ impl Bench {
             }),
         );
 
-        // airlock: the example guests (or none) into the lake, flushed every second.
-        let dir = self.dir("drain")?;
+        // airlock: the example guests (or none) into the lake, flushed every second;
+        // then again on its own slot with a policy classifying every column.
+        let plain = self
+            .drain_airlock(&client, "bench_drain", &end_lsn, expected, "")
+            .await?;
+        let policed = self
+            .drain_airlock(&client, "drain_policy", &end_lsn, expected, DRAIN_POLICY)
+            .await?;
+        let recv = (recv_secs, recv_rate, recv_cpu, recv_sender_cpu);
+        for (run, name) in [(&plain, "drain"), (&policed, "drain_policy")] {
+            let ratio = run.rate / recv_rate;
+            out.insert(
+                name.into(),
+                json!({
+                    "rows": o.rows, "txn_rows": o.txn_rows, "wal_bytes": wal_bytes,
+                    "rows_in_lake": expected, "end_lsn": end_lsn,
+                    "pg_recvlogical_secs": recv.0, "pg_recvlogical_rows_per_s": recv.1,
+                    "airlock_secs": run.secs, "airlock_rows_per_s": run.rate,
+                    "airlock_slot_confirmed_secs": run.confirmed_secs,
+                    "pg_recvlogical_cpu_secs": recv.2, "pg_recvlogical_walsender_cpu_secs": recv.3,
+                    "airlock_cpu_secs": run.cpu, "airlock_walsender_cpu_secs": run.sender_cpu,
+                    "airlock_peak_rss_bytes": run.hwm, "lake_flush_interval": "1s", "guests": if o.drain_guests { "filter, tag, mask, route" } else { "none" },
+                    "policy": name == "drain_policy",
+                    "ratio": ratio, "budget_min_ratio": DRAIN_RATIO_MIN, "rows_lost": run.lost,
+                    "pass": ratio >= DRAIN_RATIO_MIN && run.lost == 0,
+                }),
+            );
+        }
+        let ratio = plain.rate / recv_rate;
+        report.push(Line {
+            figure: format!("drain, {} rows: rows/s", thousands(o.rows as f64)),
+            airlock: thousands(plain.rate),
+            reference: format!("{} (pg_recvlogical)", thousands(recv_rate)),
+            budget: format!("ratio {ratio:.2} >= {DRAIN_RATIO_MIN}"),
+            result: pass(ratio >= DRAIN_RATIO_MIN && plain.lost == 0),
+        });
+        let policy_ratio = policed.rate / plain.rate;
+        report.push(Line {
+            figure: format!(
+                "drain, {} rows: with the policy / without",
+                thousands(o.rows as f64)
+            ),
+            airlock: thousands(policed.rate),
+            reference: format!("{} (no policy)", thousands(plain.rate)),
+            budget: format!("ratio {policy_ratio:.2} >= {POLICY_RATIO_MIN}"),
+            result: pass(policy_ratio >= POLICY_RATIO_MIN && policed.lost == 0),
+        });
+        for run in [&plain, &policed] {
+            if run.lost > 0 {
+                report.push(Line {
+                    figure: "drain: rows lost".into(),
+                    airlock: thousands(run.lost as f64),
+                    reference: "0".into(),
+                    budget: "0".into(),
+                    result: "FAIL",
+                });
+            }
+        }
+        client
+            .batch_execute(
+                "SELECT pg_drop_replication_slot('drain_recvlogical'); SELECT pg_drop_replication_slot('drain_binary'); DROP PUBLICATION drain_policy; DROP TABLE bench_drain; CHECKPOINT",
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// airlock draining the backlog from `slot` into a lake of its own, with `policy`
+    /// (`""`: every column as it is).
+    async fn drain_airlock(
+        &self,
+        client: &tokio_postgres::Client,
+        slot: &str,
+        end_lsn: &str,
+        expected: i64,
+        policy: &str,
+    ) -> Result<DrainRun> {
+        let o = &self.opts;
+        let dir = self.dir(slot)?;
         if o.drain_guests {
             example_plugins(&dir, &[])?;
         } else {
             std::fs::create_dir_all(dir.join("plugins"))?;
         }
-        let text = config(
-            &self.cluster,
-            "postgres",
-            "bench_drain",
-            &dir,
-            Some("1s"),
-            "",
-        );
+        let text = config(&self.cluster, "postgres", slot, &dir, Some("1s"), policy);
+        if !policy.is_empty() {
+            let key = dir.join("policy.key");
+            std::fs::write(&key, "bench-policy-key-0123456789abcdef0123456789")?;
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
         let mut lake = LakeWatch::new(&dir.join("lake/public.bench_drain"));
         let start = Instant::now();
         // `AIRLOCK_BENCH_WRAP` runs the drain's airlock under a profiler.
@@ -699,7 +817,7 @@ impl Bench {
         while lake.poll() < expected as u64 {
             airlock.check_alive()?;
             airlock_cpu = cpu_secs(airlock.pid()).unwrap_or(airlock_cpu);
-            if let Some(pid) = slot_pid(&client, "bench_drain").await? {
+            if let Some(pid) = slot_pid(client, slot).await? {
                 sender_cpu = cpu_secs(pid).unwrap_or(sender_cpu);
             }
             if start.elapsed() > deadline {
@@ -707,8 +825,8 @@ impl Bench {
             }
             if checked.elapsed() > Duration::from_millis(100) {
                 checked = Instant::now();
-                let confirmed = confirmed_flush(&client, "bench_drain").await?;
-                if lsn_value(&confirmed) >= lsn_value(&end_lsn) {
+                let confirmed = confirmed_flush(client, slot).await?;
+                if lsn_value(&confirmed) >= lsn_value(end_lsn) {
                     break;
                 }
             }
@@ -721,8 +839,8 @@ impl Bench {
         let mut confirmed = String::new();
         let acked = Instant::now();
         while acked.elapsed() < Duration::from_secs(30) {
-            confirmed = confirmed_flush(&client, "bench_drain").await?;
-            if lsn_value(&confirmed) >= lsn_value(&end_lsn) {
+            confirmed = confirmed_flush(client, slot).await?;
+            if lsn_value(&confirmed) >= lsn_value(end_lsn) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -738,55 +856,31 @@ impl Bench {
             );
         }
         let airlock_rate = o.rows as f64 / airlock_secs;
-        let ratio = airlock_rate / recv_rate;
         println!(
-            "  airlock: {airlock_secs:.2} s to {} rows in the lake ({} filtered out), {} rows/s; \
+            "  airlock{}: {airlock_secs:.2} s to {} rows in the lake ({} filtered out), {} rows/s; \
              slot confirmed {confirmed} after {confirmed_secs:.2} s; peak RSS {:.0} MiB; \
              CPU: walsender {sender_cpu:.2} s, airlock {airlock_cpu:.2} s",
+            if policy.is_empty() {
+                ""
+            } else {
+                " with the policy"
+            },
             thousands(expected as f64),
             thousands((o.rows as i64 - expected) as f64),
             thousands(airlock_rate),
             mib(hwm)
         );
-        report.push(Line {
-            figure: format!("drain, {} rows: rows/s", thousands(o.rows as f64)),
-            airlock: thousands(airlock_rate),
-            reference: format!("{} (pg_recvlogical)", thousands(recv_rate)),
-            budget: format!("ratio {ratio:.2} >= {DRAIN_RATIO_MIN}"),
-            result: pass(ratio >= DRAIN_RATIO_MIN && lost == 0),
-        });
-        if lost > 0 {
-            report.push(Line {
-                figure: "drain: rows lost".into(),
-                airlock: thousands(lost as f64),
-                reference: "0".into(),
-                budget: "0".into(),
-                result: "FAIL",
-            });
-        }
-        out.insert(
-            "drain".into(),
-            json!({
-                "rows": o.rows, "txn_rows": o.txn_rows, "wal_bytes": wal_bytes,
-                "rows_in_lake": expected, "end_lsn": end_lsn,
-                "pg_recvlogical_secs": recv_secs, "pg_recvlogical_rows_per_s": recv_rate,
-                "airlock_secs": airlock_secs, "airlock_rows_per_s": airlock_rate,
-                "airlock_slot_confirmed_secs": confirmed_secs,
-                "pg_recvlogical_cpu_secs": recv_cpu, "pg_recvlogical_walsender_cpu_secs": recv_sender_cpu,
-                "airlock_cpu_secs": airlock_cpu, "airlock_walsender_cpu_secs": sender_cpu,
-                "airlock_peak_rss_bytes": hwm, "lake_flush_interval": "1s", "guests": if o.drain_guests { "filter, tag, mask, route" } else { "none" },
-                "ratio": ratio, "budget_min_ratio": DRAIN_RATIO_MIN, "rows_lost": lost,
-                "pass": ratio >= DRAIN_RATIO_MIN && lost == 0,
-            }),
-        );
-        drop_slot(&client, "bench_drain").await?;
-        client
-            .batch_execute(
-                "SELECT pg_drop_replication_slot('drain_recvlogical'); SELECT pg_drop_replication_slot('drain_binary'); DROP TABLE bench_drain; CHECKPOINT",
-            )
-            .await?;
+        drop_slot(client, slot).await?;
         discard(&dir);
-        Ok(())
+        Ok(DrainRun {
+            secs: airlock_secs,
+            rate: airlock_rate,
+            confirmed_secs,
+            cpu: airlock_cpu,
+            sender_cpu,
+            hwm,
+            lost,
+        })
     }
 
     async fn latency(
