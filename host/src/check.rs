@@ -253,6 +253,18 @@ async fn policy_checks(
     };
     let sinks: Vec<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
     let sinks = sinks.join(", ");
+    // What the lakes hold already: a column must keep its type, and one they hold
+    // cannot be dropped without saying what happens to what was written.
+    let lakes = match crate::sink::lake::catalog(config.lakes()).await {
+        Ok(catalog) => catalog.sinks,
+        Err(e) => {
+            out.push(warn(
+                "policy",
+                format!("cannot read the lake to compare column types: {e}"),
+            ));
+            Vec::new()
+        }
+    };
     for table in &tables {
         let described = catalog::describe(client, table, version).await;
         let relation = match described {
@@ -268,6 +280,36 @@ async fn policy_checks(
         match crate::policy::Plan::new(policy, &relation) {
             Err(e) => out.push(fail("policy", e.to_string())),
             Ok(plan) => {
+                let held = crate::sink::lake::lake_table_name(&relation.schema, &relation.name);
+                for sink in &lakes {
+                    let Some(table) = sink.tables.iter().find(|t| t.name == held) else {
+                        continue;
+                    };
+                    for (column, r) in &plan.resolved {
+                        let what = format!("{}.{}.{}", relation.schema, relation.name, column.name);
+                        let Some(existing) = table.columns.iter().find(|c| c.name == column.name)
+                        else {
+                            continue;
+                        };
+                        match r.action.output_type(column.type_oid, column.type_modifier) {
+                            None => out.push(fail(&what, format!(
+                                "{} drops it, but the lake table {} of sink {} holds it with the values written so far: they would stay there and new rows would hold null; to keep the column with nothing new in it, give it a class with `null`; to remove what was written, recreate the table",
+                                r.class.as_deref().map_or("the default (deny)".to_owned(), |c| format!("class `{c}`")),
+                                table.name,
+                                sink.name
+                            ))),
+                            Some((oid, typmod)) => {
+                                let now = crate::sink::lake::lake_type(oid, typmod);
+                                if now != existing.data_type {
+                                    out.push(fail(&what, format!(
+                                        "is `{}` in the lake table {} of sink {}, and `{}` would write `{now}`: choose an action that keeps its type (`keep`, `null`, `generalize`), or recreate the table",
+                                        existing.data_type, table.name, sink.name, r.action
+                                    )));
+                                }
+                            }
+                        }
+                    }
+                }
                 for (column, r) in &plan.resolved {
                     let what = format!("{}.{}.{}", relation.schema, relation.name, column.name);
                     let class = r.class.as_deref().unwrap_or("unclassified");

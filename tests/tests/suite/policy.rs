@@ -265,6 +265,31 @@ async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() 
         &files,
         &format!("{decoded}{logged}"),
     );
+
+    // What the lake holds now binds the policy: a class whose action would change a
+    // column's type, or drop a column the lake holds, is refused before a run.
+    let changed = POLICY
+        .replace(
+            "\"public.customers.id\" = \"public\"",
+            "\"public.customers.id\" = \"pii\"",
+        )
+        .replace("\"public.customers.phone\" = \"contact\"\n", "");
+    std::fs::write(
+        &config_path,
+        config(&pg.url("postgres"), &dir, spine_port, &admin, &changed),
+    )?;
+    let (passed, shown) = check(&config_path);
+    assert!(!passed, "{shown}");
+    assert!(
+        shown.contains("public.customers.id") && shown.contains("is `long` in the lake table public.customers of sink lake, and `hmac (trim, lower)` would write `string`"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "the default (deny) drops it, but the lake table public.customers of sink lake holds it"
+        ),
+        "{shown}"
+    );
     Ok(())
 }
 

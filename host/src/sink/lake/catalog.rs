@@ -180,7 +180,7 @@ async fn describe(settings: &LakeSettings, dir: &str) -> Result<CatalogTable, La
 }
 
 /// Delta's name for a type: `long`, `decimal(12,2)`, `array<string>`, ...
-fn type_name(data_type: &deltalake::kernel::DataType) -> String {
+pub(super) fn type_name(data_type: &deltalake::kernel::DataType) -> String {
     use deltalake::kernel::DataType;
     match data_type {
         DataType::Primitive(p) => serde_json::to_value(p)

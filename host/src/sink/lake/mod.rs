@@ -95,6 +95,22 @@ use self::maintain::CompactLock;
 pub use self::maintain::CompactReport;
 pub use self::settings::{LakeSettings, Maintenance};
 
+/// The Delta type (as the catalog names it: `long`, `string`, `decimal(12,2)`) a
+/// column of this PostgreSQL type is written as.
+pub fn lake_type(type_oid: u32, type_modifier: i32) -> String {
+    catalog::type_name(&arrow::delta_type(&crate::change::Column {
+        name: String::new(),
+        type_oid,
+        type_modifier,
+        key: false,
+    }))
+}
+
+/// The name the catalog gives the table of `schema.table` ([`CatalogTable::name`]).
+pub fn lake_table_name(schema: &str, table: &str) -> String {
+    naming::display_name(schema, table)
+}
+
 /// Writes routed rows to Delta tables under one location; see the module documentation.
 ///
 /// The sink and its [`LakeHandle`]s share one writer behind a mutex: a compaction asked
