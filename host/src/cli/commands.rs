@@ -82,6 +82,44 @@ pub async fn check(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `airlock policy install|uninstall`: prints `sql`, or runs it against the
+/// configuration's database.
+pub async fn policy_sql(
+    config: Option<PathBuf>,
+    print: bool,
+    sql: &str,
+    done: &str,
+) -> anyhow::Result<()> {
+    if print {
+        print!("{sql}");
+        return Ok(());
+    }
+    let Some(path) = config else {
+        anyhow::bail!(
+            "give --config FILE to run it against that database, or --print to see the SQL"
+        );
+    };
+    let config = crate::config::Config::load(&path)?;
+    let connect = config.source.connect_config()?;
+    let target = connect.redacted_url();
+    let (client, connection) = connect.connect_sql().await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client.batch_execute(sql).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{target}: {e}{}",
+            if e.to_string().contains("permission denied") || e.to_string().contains("must be superuser") {
+                " (creating an event trigger needs a superuser: run `airlock policy install --print` and apply it as one)"
+            } else {
+                ""
+            }
+        )
+    })?;
+    println!("{done} the policy's comment trigger in {target}");
+    Ok(())
+}
+
 /// `airlock status`: the report, rendered (or its JSON).
 pub async fn status(admin: AdminArgs, json: bool) -> anyhow::Result<()> {
     let (_, body) = send(&admin, reqwest::Method::GET, "/status").await?;

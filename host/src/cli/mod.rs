@@ -99,6 +99,33 @@ pub enum Command {
         #[command(subcommand)]
         command: GuestCommand,
     },
+    /// The policy's helpers in PostgreSQL.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+/// `airlock policy …`.
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Add the event trigger that reports column comment changes to airlock in stream
+    /// order (needs a superuser; safe to run again).
+    Install {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the SQL instead of running it (to review, or to apply by hand).
+        #[arg(long)]
+        print: bool,
+    },
+    /// Remove that event trigger.
+    Uninstall {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 /// `airlock spine …`.
@@ -230,6 +257,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spine {
             command: SpineCommand::Verify { dir },
         } => commands::spine_verify(dir)?,
+        Command::Policy {
+            command: PolicyCommand::Install { config, print },
+        } => {
+            commands::policy_sql(config, print, crate::policy::install::INSTALL, "installed")
+                .await?
+        }
+        Command::Policy {
+            command: PolicyCommand::Uninstall { config, print },
+        } => {
+            commands::policy_sql(
+                config,
+                print,
+                crate::policy::install::UNINSTALL,
+                "uninstalled",
+            )
+            .await?
+        }
     }
     Ok(())
 }

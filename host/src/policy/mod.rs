@@ -21,6 +21,7 @@
 
 pub mod action;
 pub mod gate;
+pub mod install;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -199,6 +200,11 @@ impl Policy {
         best
     }
 }
+
+/// The prefix of the transactional logical message that says a relation's column
+/// comments changed (its content: the relation's OID), emitted by the event trigger
+/// [`install::INSTALL`] adds.
+pub const COMMENT_MESSAGE_PREFIX: &str = "airlock.policy";
 
 /// The class a comment gives: the word after `airlock:` in it, if any
 /// (`'Customer e-mail. airlock: pii'`).

@@ -19,6 +19,7 @@ use super::error::SourceError;
 use super::pgoutput::{self, Message, OldKind, TupleData, TupleValue};
 use crate::change::text;
 use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta, Value};
+use crate::policy::COMMENT_MESSAGE_PREFIX;
 
 /// A transaction is handed on in parts of at most this many changes...
 pub const PART_CHANGES: usize = 1024;
@@ -49,6 +50,9 @@ pub(super) struct Assembler {
     /// The relation the last Relation message described, until the streamer reads
     /// what the catalog adds to it.
     pub(super) described: Option<u32>,
+    /// A relation whose column comments changed (an `airlock.policy` message, in
+    /// stream order), until the streamer reads them again.
+    pub(super) comments_changed: Option<u32>,
 }
 
 impl Assembler {
@@ -141,6 +145,17 @@ impl Assembler {
                 for oid in truncate.relation_oids {
                     let relation = self.relation(oid, lsn)?;
                     self.push(lsn, relation, Op::Truncate, None, None)?;
+                }
+            }
+            Message::Message(message)
+                if message.transactional && message.prefix == COMMENT_MESSAGE_PREFIX =>
+            {
+                // Anyone may emit one; all it can do is make the comments be read again.
+                if let Some(oid) = std::str::from_utf8(message.content)
+                    .ok()
+                    .and_then(|text| text.trim().parse().ok())
+                {
+                    self.comments_changed = Some(oid);
                 }
             }
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}

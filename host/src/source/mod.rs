@@ -515,10 +515,12 @@ impl Streamer<'_> {
         if let Some(oid) = self.assembler.unresolved.take() {
             self.resolve_types(oid).await?;
         }
-        if let Some(oid) = self.assembler.described.take()
-            && self.settings.read_comments
-        {
-            self.read_comments(oid).await?;
+        let described = self.assembler.described.take();
+        let commented = self.assembler.comments_changed.take();
+        for oid in [described, commented].into_iter().flatten() {
+            if self.settings.read_comments {
+                self.read_comments(oid).await?;
+            }
         }
         match txn {
             Some(txn) => self.commit(txn, ticker).await,

@@ -121,7 +121,8 @@ impl Options {
             only: vec![],
             json: None,
         };
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        // `cargo xtask bench -- --only drain` passes the `--` on: it separates nothing.
+        let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--").collect();
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             if flag == "--help" || flag == "-h" {

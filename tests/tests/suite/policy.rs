@@ -379,3 +379,75 @@ async fn check_and_run_refuse_what_the_policy_cannot_cover() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_made_while_running_tightens_from_the_next_change_once_installed()
+-> anyhow::Result<()> {
+    let dir = temp_dir("policy_comment");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute(SCHEMA).await?;
+    plugin_dir(&dir, &[]);
+    write_key(&dir);
+    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
+    let spine_port = airlock::demo::cluster::free_port();
+    let path = dir.join("airlock.toml");
+    std::fs::write(
+        &path,
+        config(&pg.url("postgres"), &dir, spine_port, &admin, POLICY),
+    )?;
+    let policy = |args: &[&str]| {
+        let out = Command::new(airlock_bin())
+            .arg("policy")
+            .args(args)
+            .output()
+            .expect("airlock policy");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let sql = policy(&["install", "--print"]);
+    assert!(
+        sql.contains("CREATE EVENT TRIGGER airlock_policy_comments"),
+        "{sql}"
+    );
+    let config_arg = path.display().to_string();
+    // Twice: installing again is the same as once.
+    policy(&["install", "--config", &config_arg]);
+    policy(&["install", "--config", &config_arg]);
+
+    let log = dir.join("airlock.log");
+    let mut host = spawn_host(&path, &log);
+    wait_slot_active(&db, "policy").await?;
+    db.batch_execute("INSERT INTO customers VALUES (1, 'ada@example.com', '+44 7946 0958')")
+        .await?;
+    let table = dir.join("lake/public.customers");
+    wait_for_lake(&table, Duration::from_secs(60), |r| !r.is_empty()).await?;
+    // The configuration masks the phone; a comment now makes it a token, from the
+    // very next change, though PostgreSQL sends no new description of the table.
+    db.batch_execute(
+        "COMMENT ON COLUMN customers.phone IS 'airlock: pii';
+         INSERT INTO customers VALUES (2, 'grace@example.com', '+1 555 0100');",
+    )
+    .await?;
+    let rows = wait_for_lake(&table, Duration::from_secs(60), |r| r.len() >= 2).await?;
+    host.stop(Duration::from_secs(30))?;
+    assert_eq!(rows[0]["phone"], "*********0958");
+    let phone = rows[1]["phone"].as_str().expect("a token");
+    assert!(phone.starts_with("k1:") && phone.len() == 35, "{phone}");
+
+    // Uninstalled: the trigger is gone.
+    policy(&["uninstall", "--config", &config_arg]);
+    let gone: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname = 'airlock_policy_comments'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(gone, 0);
+    Ok(())
+}
