@@ -14,8 +14,11 @@
 //!   `deny` removes it (as `drop`), `allow` keeps it.
 //! - A column comment `airlock: CLASS` only tightens: it applies when its class's
 //!   action is at least as strict ([`Action::rank`]) as what the configuration gives
-//!   the column, so a table owner cannot declassify what the configuration classifies
-//!   nor let out a column the default denies.
+//!   the column, so a table owner cannot declassify what the configuration classifies.
+//!   A column the default denies may be classified by a comment only into a class
+//!   whose action lets nothing of the value itself out ([`COMMENT_FLOOR_UNDER_DENY`]:
+//!   `hmac`, `redact`, `null`, `drop`): a comment can have it masked, never raw nor
+//!   in part.
 //! - The policy's version is a hash of everything that decides an output (default,
 //!   classes, column entries, key id), never of the key itself.
 
@@ -169,8 +172,12 @@ impl Policy {
                 by: By::Default,
             },
         };
+        let floor = match (&from_config.by, self.default) {
+            (By::Default, Unclassified::Deny) => COMMENT_FLOOR_UNDER_DENY,
+            _ => from_config.action.rank(),
+        };
         match comment.and_then(|class| Some((class, self.classes.get(class)?))) {
-            Some((class, action)) if action.rank() >= from_config.action.rank() => Resolved {
+            Some((class, action)) if action.rank() >= floor => Resolved {
                 class: Some(class.to_owned()),
                 action: action.clone(),
                 by: By::Comment,
@@ -200,6 +207,10 @@ impl Policy {
         best
     }
 }
+
+/// The least strict action ([`Action::rank`]) a comment may give a column the default
+/// denies: `hmac` and stricter let nothing of the value itself out.
+pub const COMMENT_FLOOR_UNDER_DENY: u8 = 2;
 
 /// The prefix of the transactional logical message that says a relation's column
 /// comments changed (its content: the relation's OID), emitted by the event trigger
@@ -336,9 +347,15 @@ mod tests {
         // The configuration hashes the e-mail; `public` in a comment cannot undo it.
         let r = p.resolve("public", "customers", "email", Some("public"));
         assert_eq!(r.class.as_deref(), Some("pii"));
-        // Denied by default: a comment may not let it out, only keep it denied.
+        // Denied by default: a comment may have it masked, never let it out raw or in
+        // part.
         let r = p.resolve("other", "t", "ssn", Some("pii"));
-        assert_eq!(r.action, Action::Drop);
+        assert_eq!((r.class.as_deref(), r.by), (Some("pii"), By::Comment));
+        assert_eq!(r.action, Action::Hmac(Normalize::default()));
+        for loose in ["public", "contact"] {
+            let r = p.resolve("other", "t", "ssn", Some(loose));
+            assert_eq!((r.action, r.by), (Action::Drop, By::Default), "{loose}");
+        }
         let r = p.resolve("other", "t", "ssn", Some("secret"));
         assert_eq!((r.action, r.by), (Action::Drop, By::Comment));
         // An unknown class in a comment changes nothing.

@@ -433,11 +433,26 @@ async fn a_comment_made_while_running_tightens_from_the_next_change_once_install
          INSERT INTO customers VALUES (2, 'grace@example.com', '+1 555 0100');",
     )
     .await?;
-    let rows = wait_for_lake(&table, Duration::from_secs(60), |r| r.len() >= 2).await?;
+    // A column added under the running pipeline and classified by its comment leaves
+    // as a token from its first row; one commented into a class that would let part
+    // of it out stays denied.
+    db.batch_execute(
+        "ALTER TABLE customers ADD COLUMN ssn text, ADD COLUMN pin text;
+         COMMENT ON COLUMN customers.ssn IS 'airlock: pii';
+         COMMENT ON COLUMN customers.pin IS 'airlock: contact';
+         INSERT INTO customers VALUES (3, 'alan@example.com', NULL, '078-05-1120', '4711');",
+    )
+    .await?;
+    let rows = wait_for_lake(&table, Duration::from_secs(60), |r| r.len() >= 3).await?;
     host.stop(Duration::from_secs(30))?;
     assert_eq!(rows[0]["phone"], "*********0958");
     let phone = rows[1]["phone"].as_str().expect("a token");
     assert!(phone.starts_with("k1:") && phone.len() == 35, "{phone}");
+    let ssn = rows[2]["ssn"].as_str().expect("a token");
+    assert!(ssn.starts_with("k1:") && ssn.len() == 35, "{ssn}");
+    assert!(rows[2].get("pin").is_none(), "{}", rows[2]);
+    let files = files_under(&dir.join("lake"));
+    assert_absent("the lake", &files, &format!("{rows:?}"));
 
     // Uninstalled: the trigger is gone.
     policy(&["uninstall", "--config", &config_arg]);
