@@ -466,3 +466,60 @@ async fn a_comment_made_while_running_tightens_from_the_next_change_once_install
     assert_eq!(gone, 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_snapshot_passes_the_gate_too() -> anyhow::Result<()> {
+    let dir = temp_dir("policy_snapshot");
+    let pg = cluster();
+    let db = pg.connect("postgres").await?;
+    db.batch_execute(SCHEMA).await?;
+    // Rows that exist before airlock starts, with a column nothing classifies.
+    db.batch_execute(
+        "ALTER TABLE customers ADD COLUMN ssn text;
+         INSERT INTO customers VALUES (1, 'ada@example.com', '+44 7946 0958', '078-05-1120');
+         INSERT INTO orders VALUES (1, 'Ada@Example.com', 'call me at 555-0199', 3.00);",
+    )
+    .await?;
+    plugin_dir(&dir, &[]);
+    write_key(&dir);
+    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
+    let spine_port = airlock::demo::cluster::free_port();
+    let path = dir.join("airlock.toml");
+    let text = config(&pg.url("postgres"), &dir, spine_port, &admin, POLICY).replace(
+        "status_interval = \"1s\"\n",
+        "status_interval = \"1s\"\nsnapshot = \"initial\"\n",
+    );
+    std::fs::write(&path, text)?;
+    let log = dir.join("airlock.log");
+    let mut host = spawn_host(&path, &log);
+    let lake = dir.join("lake");
+    let customers = wait_for_lake(
+        &lake.join("public.customers"),
+        Duration::from_secs(60),
+        |r| !r.is_empty(),
+    )
+    .await?;
+    let orders = wait_for_lake(&lake.join("public.orders"), Duration::from_secs(60), |r| {
+        !r.is_empty()
+    })
+    .await?;
+    host.stop(Duration::from_secs(30))?;
+    assert_eq!(customers[0]["_op"], "r");
+    assert!(customers[0].get("ssn").is_none(), "{}", customers[0]);
+    assert_eq!(customers[0]["phone"], "*********0958");
+    let token = customers[0]["email"].as_str().expect("a token");
+    assert!(token.starts_with("k1:"), "{token}");
+    assert_eq!(orders[0]["customer_email"], token);
+    assert!(
+        orders[0]["note"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("k1:"))
+    );
+    let logged = std::fs::read_to_string(&log)?;
+    assert_absent(
+        "the lake and the log",
+        &files_under(&lake),
+        &format!("{customers:?}{orders:?}{logged}"),
+    );
+    Ok(())
+}
