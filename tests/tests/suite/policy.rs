@@ -56,6 +56,36 @@ fn config(url: &str, dir: &Path, spine_port: u16, admin: &str, policy: &str) -> 
     )
 }
 
+/// A cluster with [`SCHEMA`], a folder with the plugin `stages`, the ports the host and
+/// a spine will take, and where the configuration goes.
+struct Setup {
+    dir: TempDir,
+    pg: airlock::demo::Cluster,
+    db: tokio_postgres::Client,
+    admin: String,
+    spine_port: u16,
+    path: std::path::PathBuf,
+}
+
+impl Setup {
+    async fn new(name: &str, stages: &[(&str, &str, &str)]) -> anyhow::Result<Setup> {
+        let dir = temp_dir(name);
+        let pg = cluster();
+        let db = pg.connect("postgres").await?;
+        db.batch_execute(SCHEMA).await?;
+        plugin_dir(&dir, stages);
+        let path = dir.join("airlock.toml");
+        Ok(Setup {
+            dir,
+            pg,
+            db,
+            admin: format!("127.0.0.1:{}", airlock::demo::cluster::free_port()),
+            spine_port: airlock::demo::cluster::free_port(),
+            path,
+        })
+    }
+}
+
 fn write_key(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join("policy.key");
@@ -101,22 +131,23 @@ fn assert_absent(what: &str, files: &[std::path::PathBuf], text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() -> anyhow::Result<()>
 {
-    let dir = temp_dir("policy");
-    let pg = cluster();
-    let db = pg.connect("postgres").await?;
-    db.batch_execute(SCHEMA).await?;
-    plugin_dir(
-        &dir,
+    let Setup {
+        dir,
+        pg,
+        db,
+        admin,
+        spine_port,
+        path: config_path,
+    } = Setup::new(
+        "policy",
         &[(
             "40-route",
             "route",
             "spine_tables = [\"public.customers\"]\n",
         )],
-    );
+    )
+    .await?;
     write_key(&dir);
-    let spine_port = airlock::demo::cluster::free_port();
-    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
-    let config_path = dir.join("airlock.toml");
     std::fs::write(
         &config_path,
         config(&pg.url("postgres"), &dir, spine_port, &admin, POLICY),
@@ -295,14 +326,14 @@ async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_and_run_refuse_what_the_policy_cannot_cover() -> anyhow::Result<()> {
-    let dir = temp_dir("policy_refused");
-    let pg = cluster();
-    let db = pg.connect("postgres").await?;
-    db.batch_execute(SCHEMA).await?;
-    plugin_dir(&dir, &[]);
-    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
-    let spine_port = airlock::demo::cluster::free_port();
-    let path = dir.join("airlock.toml");
+    let Setup {
+        dir,
+        pg,
+        db,
+        admin,
+        spine_port,
+        path,
+    } = Setup::new("policy_refused", &[]).await?;
 
     // A class that hashes, and its key file is not there.
     std::fs::write(
@@ -383,15 +414,15 @@ async fn check_and_run_refuse_what_the_policy_cannot_cover() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_comment_made_while_running_tightens_from_the_next_change_once_installed()
 -> anyhow::Result<()> {
-    let dir = temp_dir("policy_comment");
-    let pg = cluster();
-    let db = pg.connect("postgres").await?;
-    db.batch_execute(SCHEMA).await?;
-    plugin_dir(&dir, &[]);
+    let Setup {
+        dir,
+        pg,
+        db,
+        admin,
+        spine_port,
+        path,
+    } = Setup::new("policy_comment", &[]).await?;
     write_key(&dir);
-    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
-    let spine_port = airlock::demo::cluster::free_port();
-    let path = dir.join("airlock.toml");
     std::fs::write(
         &path,
         config(&pg.url("postgres"), &dir, spine_port, &admin, POLICY),
@@ -469,10 +500,14 @@ async fn a_comment_made_while_running_tightens_from_the_next_change_once_install
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_initial_snapshot_passes_the_gate_too() -> anyhow::Result<()> {
-    let dir = temp_dir("policy_snapshot");
-    let pg = cluster();
-    let db = pg.connect("postgres").await?;
-    db.batch_execute(SCHEMA).await?;
+    let Setup {
+        dir,
+        pg,
+        db,
+        admin,
+        spine_port,
+        path,
+    } = Setup::new("policy_snapshot", &[]).await?;
     // Rows that exist before airlock starts, with a column nothing classifies.
     db.batch_execute(
         "ALTER TABLE customers ADD COLUMN ssn text;
@@ -480,11 +515,7 @@ async fn the_initial_snapshot_passes_the_gate_too() -> anyhow::Result<()> {
          INSERT INTO orders VALUES (1, 'Ada@Example.com', 'call me at 555-0199', 3.00);",
     )
     .await?;
-    plugin_dir(&dir, &[]);
     write_key(&dir);
-    let admin = format!("127.0.0.1:{}", airlock::demo::cluster::free_port());
-    let spine_port = airlock::demo::cluster::free_port();
-    let path = dir.join("airlock.toml");
     let text = config(&pg.url("postgres"), &dir, spine_port, &admin, POLICY).replace(
         "status_interval = \"1s\"\n",
         "status_interval = \"1s\"\nsnapshot = \"initial\"\n",
