@@ -5,9 +5,11 @@
 //! description of the table; without this trigger a comment that tightens a class
 //! applies only from the table's next `ALTER TABLE` or airlock's next start. With it,
 //! every `COMMENT` on a table or its columns emits a transactional logical message
-//! (prefix [`super::COMMENT_MESSAGE_PREFIX`], content the table's OID) that reaches
-//! airlock before any change the same or a later transaction makes, and airlock
-//! reads the table's comments again there.
+//! (prefix [`super::COMMENT_MESSAGE_PREFIX`], content `{"oid", "comments"}`: the
+//! table's OID and every column comment as the commenting transaction sees them) that
+//! reaches airlock before any change the same or a later transaction makes. airlock
+//! takes the comments from the message, not the catalog: a catalog read right after a
+//! commit is decoded may not see it yet.
 //!
 //! Invariants:
 //! - The function is `SECURITY DEFINER` with a fixed `search_path`, so it emits even
@@ -25,7 +27,14 @@ DECLARE
 BEGIN
     FOR command IN SELECT classid, objid FROM pg_event_trigger_ddl_commands() LOOP
         IF command.classid = 'pg_class'::regclass THEN
-            PERFORM pg_logical_emit_message(true, 'airlock.policy', command.objid::text);
+            PERFORM pg_logical_emit_message(true, 'airlock.policy', json_build_object(
+                'oid', command.objid,
+                'comments', (
+                    SELECT coalesce(json_object_agg(a.attname, d.description), '{}'::json)
+                    FROM pg_description d
+                    JOIN pg_attribute a ON a.attrelid = d.objoid AND a.attnum = d.objsubid
+                    WHERE d.classoid = 'pg_class'::regclass AND d.objoid = command.objid
+                    AND d.objsubid > 0 AND NOT a.attisdropped))::text);
         END IF;
     END LOOP;
 END

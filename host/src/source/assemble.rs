@@ -9,7 +9,7 @@
 //!   before are skipped, so no change is handed on twice.
 //! - An error names the LSN of the message it is about.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tracing::debug;
@@ -51,8 +51,9 @@ pub(super) struct Assembler {
     /// what the catalog adds to it.
     pub(super) described: Option<u32>,
     /// A relation whose column comments changed (an `airlock.policy` message, in
-    /// stream order), until the streamer reads them again.
-    pub(super) comments_changed: Option<u32>,
+    /// stream order), with the classes its comments give as the message says them
+    /// (`None`: a message without them, so the streamer reads the catalog).
+    pub(super) comments_changed: Option<(u32, Option<BTreeMap<String, String>>)>,
 }
 
 impl Assembler {
@@ -108,6 +109,12 @@ impl Assembler {
                 if self.apply_types(&mut relation) {
                     self.unresolved = Some(relation.oid);
                 }
+                // The classes comments gave the previous version stay until the catalog
+                // or a comment message says more: reading the catalog right after a
+                // commit may not see it yet, and a comment must not be lost to that.
+                if let Some(previous) = self.relations.get(&relation.oid) {
+                    relation.comment_classes = previous.comment_classes.clone();
+                }
                 self.described = Some(relation.oid);
                 debug!(oid = relation.oid, relation = %relation.qualified_name(), columns = relation.columns.len(), "relation described");
                 self.relations.insert(relation.oid, Arc::new(relation));
@@ -150,12 +157,10 @@ impl Assembler {
             Message::Message(message)
                 if message.transactional && message.prefix == COMMENT_MESSAGE_PREFIX =>
             {
-                // Anyone may emit one; all it can do is make the comments be read again.
-                if let Some(oid) = std::str::from_utf8(message.content)
-                    .ok()
-                    .and_then(|text| text.trim().parse().ok())
-                {
-                    self.comments_changed = Some(oid);
+                // Anyone may emit one; comments only tighten what the configuration says,
+                // so a forged one can do no more than a comment could.
+                if let Some(changed) = comment_message(message.content) {
+                    self.comments_changed = Some(changed);
                 }
             }
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
@@ -298,6 +303,31 @@ impl Assembler {
 }
 
 /// Typed values of a tuple, one per relation column.
+/// What an `airlock.policy` message says: `{"oid": N, "comments": {column: text}}`
+/// as the event trigger writes it (the classes those comments give), or a bare OID.
+fn comment_message(content: &[u8]) -> Option<(u32, Option<BTreeMap<String, String>>)> {
+    let text = std::str::from_utf8(content).ok()?.trim();
+    if let Ok(oid) = text.parse() {
+        return Some((oid, None));
+    }
+    let json: serde_json::Value = serde_json::from_str(text).ok()?;
+    // PostgreSQL writes an `oid` as a JSON number or, in some versions, a string.
+    let oid = match json.get("oid")? {
+        serde_json::Value::String(text) => text.parse().ok()?,
+        number => u32::try_from(number.as_u64()?).ok()?,
+    };
+    let classes = json
+        .get("comments")?
+        .as_object()?
+        .iter()
+        .filter_map(|(column, comment)| {
+            let class = crate::policy::comment_class(comment.as_str()?)?;
+            Some((column.clone(), class.to_owned()))
+        })
+        .collect();
+    Some((oid, Some(classes)))
+}
+
 fn image(relation: &Relation, tuple: TupleData<'_>, lsn: Lsn) -> Result<Vec<Value>, SourceError> {
     if tuple.len() != relation.columns.len() {
         return Err(SourceError::Stream {
@@ -542,6 +572,23 @@ mod tests {
         let txn = apply(&mut a, 6, &fx::commit()).unwrap();
         assert_eq!(txn.changes[0].relation.name, "users");
         assert_eq!(txn.changes[1].relation.name, "people");
+    }
+
+    #[test]
+    fn comment_messages_give_their_classes_or_ask_for_the_catalog() {
+        assert_eq!(comment_message(b"16400"), Some((16400, None)));
+        let (oid, classes) = comment_message(
+            // As PostgreSQL's json_build_object writes an oid: a string.
+            br#"{"oid" : "16400", "comments" : {"phone" : "Phone. airlock: pii", "note" : "no class"}}"#,
+        )
+        .unwrap();
+        assert_eq!(oid, 16400);
+        assert_eq!(
+            classes,
+            Some(BTreeMap::from([("phone".to_owned(), "pii".to_owned())]))
+        );
+        assert_eq!(comment_message(b"{\"oid\": -1}"), None);
+        assert_eq!(comment_message(b"\xff"), None);
     }
 
     #[test]

@@ -515,12 +515,15 @@ impl Streamer<'_> {
         if let Some(oid) = self.assembler.unresolved.take() {
             self.resolve_types(oid).await?;
         }
-        let described = self.assembler.described.take();
-        let commented = self.assembler.comments_changed.take();
-        for oid in [described, commented].into_iter().flatten() {
-            if self.settings.read_comments {
-                self.read_comments(oid).await?;
-            }
+        if let Some(oid) = self.assembler.described.take()
+            && self.settings.read_comments
+        {
+            self.read_comments(oid, None).await?;
+        }
+        if let Some((oid, classes)) = self.assembler.comments_changed.take()
+            && self.settings.read_comments
+        {
+            self.read_comments(oid, classes).await?;
         }
         match txn {
             Some(txn) => self.commit(txn, ticker).await,
@@ -758,17 +761,33 @@ impl Streamer<'_> {
 
     /// Adds to relation `oid` the policy classes its columns' comments give, as the
     /// catalog says now.
-    async fn read_comments(&mut self, oid: u32) -> Result<(), SourceError> {
+    async fn read_comments(
+        &mut self,
+        oid: u32,
+        given: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Result<(), SourceError> {
         let Some(relation) = self.assembler.relations.get(&oid).cloned() else {
             return Ok(());
         };
-        self.open_catalog().await?;
-        let client = self.catalog.as_ref().expect("opened above");
-        let addr = self.settings.connect.addr();
-        let user = self.settings.connect.user.clone();
-        let classes = catalog::comment_classes(client, oid)
-            .await
-            .map_err(|e| catalog_error(&addr, &user, "reading column comments", e))?;
+        let classes = match given {
+            // What the comment trigger wrote, inside the commenting transaction.
+            Some(classes) => classes,
+            // The catalog, over what earlier versions had: it may not see a commit
+            // that was just decoded, so it adds and never removes.
+            None => {
+                self.open_catalog().await?;
+                let client = self.catalog.as_ref().expect("opened above");
+                let addr = self.settings.connect.addr();
+                let user = self.settings.connect.user.clone();
+                let mut classes = relation.comment_classes.clone();
+                classes.extend(
+                    catalog::comment_classes(client, oid)
+                        .await
+                        .map_err(|e| catalog_error(&addr, &user, "reading column comments", e))?,
+                );
+                classes
+            }
+        };
         if classes != relation.comment_classes {
             let mut relation = (*relation).clone();
             relation.comment_classes = classes;
