@@ -117,22 +117,7 @@ impl Key {
 
     /// HMAC-SHA256 over the concatenation of `parts`.
     pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        const BLOCK: usize = 64;
-        let mut inner_pad = [0x36u8; BLOCK];
-        let mut outer_pad = [0x5cu8; BLOCK];
-        for (i, b) in self.0.iter().enumerate() {
-            inner_pad[i] ^= b;
-            outer_pad[i] ^= b;
-        }
-        let mut inner = Sha256::new();
-        inner.update(inner_pad);
-        for part in parts {
-            inner.update(part);
-        }
-        let mut outer = Sha256::new();
-        outer.update(outer_pad);
-        outer.update(inner.finalize());
-        outer.finalize().into()
+        Hmac::new(&self.0).mac(parts)
     }
 
     /// Whether `tag` is the MAC of `parts` (or its first `tag.len()` bytes, at least
@@ -140,6 +125,55 @@ impl Key {
     pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
         let mac = self.mac(parts);
         tag.len() >= 16 && tag.len() <= mac.len() && constant_time_eq(&mac[..tag.len()], tag)
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104) with the key's inner and outer hash states computed once:
+/// each MAC then costs the message's blocks and one more, no key schedule.
+#[derive(Clone)]
+pub struct Hmac {
+    inner: Sha256,
+    outer: Sha256,
+}
+
+impl std::fmt::Debug for Hmac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hmac(***)")
+    }
+}
+
+impl Hmac {
+    /// The states for `key` (hashed first when longer than a block).
+    pub fn new(key: &[u8]) -> Hmac {
+        const BLOCK: usize = 64;
+        let mut padded = [0u8; BLOCK];
+        if key.len() > BLOCK {
+            padded[..32].copy_from_slice(&Sha256::digest(key));
+        } else {
+            padded[..key.len()].copy_from_slice(key);
+        }
+        let mut inner_pad = [0x36u8; BLOCK];
+        let mut outer_pad = [0x5cu8; BLOCK];
+        for (i, b) in padded.iter().enumerate() {
+            inner_pad[i] ^= b;
+            outer_pad[i] ^= b;
+        }
+        let mut inner = Sha256::new();
+        inner.update(inner_pad);
+        let mut outer = Sha256::new();
+        outer.update(outer_pad);
+        Hmac { inner, outer }
+    }
+
+    /// The MAC of the concatenation of `parts`.
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut inner = self.inner.clone();
+        for part in parts {
+            inner.update(part);
+        }
+        let mut outer = self.outer.clone();
+        outer.update(inner.finalize());
+        outer.finalize().into()
     }
 }
 

@@ -288,11 +288,7 @@ impl Status {
     pub fn set_policy(&self, policy: &crate::policy::Policy) {
         let mut inner = self.write();
         inner.policy.version = policy.version.clone();
-        inner.policy.default = match policy.default {
-            crate::policy::Unclassified::Deny => "deny",
-            crate::policy::Unclassified::Allow => "allow",
-        }
-        .to_owned();
+        inner.policy.default = policy.default.as_str().to_owned();
         inner.policy.key_id = policy.key.as_ref().map(|k| k.id.clone());
     }
 

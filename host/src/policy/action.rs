@@ -15,11 +15,10 @@
 
 use std::fmt;
 
-use sha2::{Digest, Sha256};
-
 use crate::change::json::{civil_from_days, value_bytes};
 use crate::change::text::days_from_civil;
 use crate::change::{Value, oid};
+use crate::secrets::Hmac;
 
 /// What the gate does to the values of one class.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,55 +115,24 @@ impl Kind {
 /// Bytes of the MAC a token keeps (128 bits).
 pub const TOKEN_BYTES: usize = 16;
 
-/// Hasher state with the key already absorbed: one HMAC costs two SHA-256 blocks
-/// for a short value, no key schedule.
-#[derive(Clone)]
+/// The policy key and its id: one HMAC costs two SHA-256 blocks for a short value.
+#[derive(Clone, Debug)]
 pub struct Keyed {
     pub id: String,
-    inner: Sha256,
-    outer: Sha256,
-}
-
-impl fmt::Debug for Keyed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Keyed({}, ***)", self.id)
-    }
+    hmac: Hmac,
 }
 
 impl Keyed {
-    /// The states for `secret` (hashed first when longer than a block, as RFC 2104).
     pub fn new(id: &str, secret: &[u8]) -> Keyed {
-        const BLOCK: usize = 64;
-        let mut key = [0u8; BLOCK];
-        if secret.len() > BLOCK {
-            key[..32].copy_from_slice(&Sha256::digest(secret));
-        } else {
-            key[..secret.len()].copy_from_slice(secret);
-        }
-        let mut inner_pad = [0x36u8; BLOCK];
-        let mut outer_pad = [0x5cu8; BLOCK];
-        for (i, b) in key.iter().enumerate() {
-            inner_pad[i] ^= b;
-            outer_pad[i] ^= b;
-        }
-        let mut inner = Sha256::new();
-        inner.update(inner_pad);
-        let mut outer = Sha256::new();
-        outer.update(outer_pad);
         Keyed {
             id: id.to_owned(),
-            inner,
-            outer,
+            hmac: Hmac::new(secret),
         }
     }
 
     /// HMAC-SHA-256 of `data`.
     pub fn mac(&self, data: &[u8]) -> [u8; 32] {
-        let mut inner = self.inner.clone();
-        inner.update(data);
-        let mut outer = self.outer.clone();
-        outer.update(inner.finalize());
-        outer.finalize().into()
+        self.hmac.mac(&[data])
     }
 
     /// `ID:` and the hex digits of the first [`TOKEN_BYTES`] of the MAC of `data`.
@@ -441,6 +409,8 @@ impl fmt::Display for Action {
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     fn key() -> Keyed {

@@ -16,8 +16,8 @@
 //!   can name it, its name appears only in the notice that it was denied.
 //! - A column whose type its action cannot take stops the run with the table, the
 //!   column, the class and the fix; nothing of the transaction leaves.
-//! - A plan is made once per relation version; a transaction whose relations all
-//!   keep every column passes without a copy.
+//! - A plan is made once per relation version (one `Arc<Relation>`); a transaction
+//!   whose relations all keep every column passes without a copy.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -62,10 +62,9 @@ pub struct Plan {
     pub resolved: Vec<(Column, Resolved)>,
     /// For each output column: its source index and its action.
     outputs: Vec<(usize, Action)>,
-    /// No column is removed: the actions other than `keep` apply in place.
+    /// No column is removed: the actions other than `keep` apply in place (none:
+    /// every column is kept as it is, and the transaction passes untouched).
     in_place: Option<Vec<(usize, Action)>>,
-    /// Every column kept as it is: the transaction passes untouched.
-    identity: bool,
 }
 
 impl Plan {
@@ -88,7 +87,7 @@ impl Plan {
                 return Err(GateError {
                     table: relation.qualified_name(),
                     column: column.name.clone(),
-                    type_name: type_name(column.type_oid),
+                    type_name: crate::change::text::type_name(column.type_oid).to_owned(),
                     class: r.class.clone().unwrap_or_default(),
                     by: r.by.to_string(),
                     problem,
@@ -107,8 +106,15 @@ impl Plan {
             }
             resolved.push((column.clone(), r));
         }
-        let identity = outputs.len() == relation.columns.len()
-            && outputs.iter().all(|(_, a)| *a == Action::Keep);
+        let in_place: Option<Vec<(usize, Action)>> = (outputs.len() == relation.columns.len())
+            .then(|| {
+                outputs
+                    .iter()
+                    .filter(|(_, a)| *a != Action::Keep)
+                    .cloned()
+                    .collect()
+            });
+        let identity = in_place.as_ref().is_some_and(Vec::is_empty);
         let out = if identity {
             relation.clone()
         } else {
@@ -125,29 +131,21 @@ impl Plan {
                 ..(**relation).clone()
             })
         };
-        let in_place = (outputs.len() == relation.columns.len()).then(|| {
-            outputs
-                .iter()
-                .filter(|(_, a)| *a != Action::Keep)
-                .cloned()
-                .collect()
-        });
         Ok(Plan {
             in_place,
             source: relation.clone(),
             relation: out,
             resolved,
             outputs,
-            identity,
         })
     }
 
     fn apply(&self, change: &mut Change, policy: &Policy, scratch: &mut Vec<u8>) {
-        if self.identity {
-            return;
-        }
-        change.relation = self.relation.clone();
         if let Some(actions) = &self.in_place {
+            if actions.is_empty() {
+                return; // every column kept as it is
+            }
+            change.relation = self.relation.clone();
             for image in [&mut change.new, &mut change.old].into_iter().flatten() {
                 for (i, action) in actions {
                     action.apply(&mut image[*i], policy.key.as_ref(), scratch);
@@ -155,6 +153,7 @@ impl Plan {
             }
             return;
         }
+        change.relation = self.relation.clone();
         for image in [&mut change.new, &mut change.old].into_iter().flatten() {
             let mut out = Vec::with_capacity(self.outputs.len());
             for (i, action) in &self.outputs {
@@ -206,8 +205,10 @@ impl Gate {
         relation: &Arc<Relation>,
         notices: &mut Vec<Notice>,
     ) -> Result<Arc<Plan>, GateError> {
+        // One relation version is one `Arc`: a new one (a Relation message, the
+        // snapshot's description) is planned once, and its rows find it by pointer.
         if let Some(plan) = self.plans.get(&relation.oid)
-            && (Arc::ptr_eq(&plan.source, relation) || *plan.source == **relation)
+            && Arc::ptr_eq(&plan.source, relation)
         {
             return Ok(plan.clone());
         }
@@ -229,33 +230,6 @@ impl Gate {
         self.plans.insert(relation.oid, plan.clone());
         Ok(plan)
     }
-}
-
-/// A short name of a built-in type for messages (`int8`, `text`), else its OID.
-pub fn type_name(type_oid: u32) -> String {
-    use crate::change::oid;
-    match type_oid {
-        oid::BOOL => "bool",
-        oid::BYTEA => "bytea",
-        oid::INT2 => "int2",
-        oid::INT4 => "int4",
-        oid::INT8 => "int8",
-        oid::TEXT => "text",
-        oid::VARCHAR => "varchar",
-        oid::BPCHAR => "char",
-        oid::FLOAT4 => "float4",
-        oid::FLOAT8 => "float8",
-        oid::NUMERIC => "numeric",
-        oid::DATE => "date",
-        oid::TIME => "time",
-        oid::TIMESTAMP => "timestamp",
-        oid::TIMESTAMPTZ => "timestamptz",
-        oid::UUID => "uuid",
-        oid::JSON => "json",
-        oid::JSONB => "jsonb",
-        other => return format!("type {other}"),
-    }
-    .to_owned()
 }
 
 #[cfg(test)]

@@ -43,6 +43,16 @@ pub enum Unclassified {
     Allow,
 }
 
+impl Unclassified {
+    /// As written in `[policy] default`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unclassified::Deny => "deny",
+            Unclassified::Allow => "allow",
+        }
+    }
+}
+
 /// A `[policy.columns]` entry: a `schema.table.column` pattern and its class.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -132,10 +142,7 @@ impl Policy {
     pub fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "version": self.version,
-            "default": match self.default {
-                Unclassified::Deny => "deny",
-                Unclassified::Allow => "allow",
-            },
+            "default": self.default.as_str(),
             "classes": self.classes.iter().map(|(name, action)| (name.clone(), serde_json::Value::from(action.to_string()))).collect::<serde_json::Map<_, _>>(),
             "columns": self.rules.iter().map(|r| (r.pattern.clone(), serde_json::Value::from(r.class.clone()))).collect::<serde_json::Map<_, _>>(),
             "key_id": self.key.as_ref().map(|k| k.id.clone()),

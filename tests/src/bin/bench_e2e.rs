@@ -259,6 +259,9 @@ fn example_plugins(dir: &Path, spine_tables: &[&str]) -> Result<PathBuf> {
     Ok(plugins)
 }
 
+/// The policy of every run but the drain's second: every column as it is.
+const ALLOW_ALL: &str = "[policy]\ndefault = \"allow\"\n";
+
 /// An `airlock.toml`: the lake takes the default and restricted routes; `extra` adds
 /// sinks or settings; `lake_flush` sets the lake's flush interval (None: the default).
 fn config(
@@ -268,16 +271,11 @@ fn config(
     dir: &Path,
     lake_flush: Option<&str>,
     extra: &str,
+    policy: &str,
 ) -> String {
     let flush = lake_flush
         .map(|f| format!("flush_interval = \"{f}\"\n"))
         .unwrap_or_default();
-    // Without a policy of its own, every column passes as it is.
-    let policy = if extra.contains("[policy]") {
-        ""
-    } else {
-        "[policy]\ndefault = \"allow\"\n"
-    };
     format!(
         "{policy}[source]\nurl = \"{url}\"\npublication = \"{name}\"\nslot = \"{name}\"\nstatus_interval = \"1s\"\n\n\
          [plugins]\ntags = [\"pii\", \"pii:*\"]\ndir = \"plugins\"\nwatch = false\n\n\
@@ -609,7 +607,7 @@ impl Bench {
         example_plugins(&dir, &[])?;
         std::fs::write(
             dir.join("airlock.toml"),
-            config(&self.cluster, "postgres", "warm", &dir, None, ""),
+            config(&self.cluster, "postgres", "warm", &dir, None, "", ALLOW_ALL),
         )?;
         // `check` compiles every plugin; its other findings (no publication) do not matter here.
         let _ = Command::new(airlock_binary())
@@ -719,7 +717,7 @@ impl Bench {
         // airlock: the example guests (or none) into the lake, flushed every second;
         // then again on its own slot with a policy classifying every column.
         let plain = self
-            .drain_airlock(&client, "bench_drain", &end_lsn, expected, "")
+            .drain_airlock(&client, "bench_drain", &end_lsn, expected, ALLOW_ALL)
             .await?;
         let policed = self
             .drain_airlock(&client, "drain_policy", &end_lsn, expected, DRAIN_POLICY)
@@ -783,7 +781,7 @@ impl Bench {
     }
 
     /// airlock draining the backlog from `slot` into a lake of its own, with `policy`
-    /// (`""`: every column as it is).
+    /// ([`ALLOW_ALL`]: every column as it is).
     async fn drain_airlock(
         &self,
         client: &tokio_postgres::Client,
@@ -799,8 +797,16 @@ impl Bench {
         } else {
             std::fs::create_dir_all(dir.join("plugins"))?;
         }
-        let text = config(&self.cluster, "postgres", slot, &dir, Some("1s"), policy);
-        if !policy.is_empty() {
+        let text = config(
+            &self.cluster,
+            "postgres",
+            slot,
+            &dir,
+            Some("1s"),
+            "",
+            policy,
+        );
+        if policy != ALLOW_ALL {
             let key = dir.join("policy.key");
             std::fs::write(&key, "bench-policy-key-0123456789abcdef0123456789")?;
             std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -861,7 +867,7 @@ impl Bench {
             "  airlock{}: {airlock_secs:.2} s to {} rows in the lake ({} filtered out), {} rows/s; \
              slot confirmed {confirmed} after {confirmed_secs:.2} s; peak RSS {:.0} MiB; \
              CPU: walsender {sender_cpu:.2} s, airlock {airlock_cpu:.2} s",
-            if policy.is_empty() {
+            if policy == ALLOW_ALL {
                 ""
             } else {
                 " with the policy"
@@ -909,6 +915,7 @@ impl Bench {
                 "[sinks.spine]\ntype = \"http\"\nurl = \"{}\"\nroutes = [\"spine\"]\n",
                 spine.url
             ),
+            ALLOW_ALL,
         );
         // The default flush interval, as airlock reads it from this configuration.
         let flush = airlock::config::Config::from_toml("bench.toml", &text, &dir)
@@ -1155,7 +1162,15 @@ impl Bench {
         } else {
             "pass-through"
         };
-        let text = config(&self.cluster, "postgres", "bench_big", &dir, None, "");
+        let text = config(
+            &self.cluster,
+            "postgres",
+            "bench_big",
+            &dir,
+            None,
+            "",
+            ALLOW_ALL,
+        );
         let mut airlock = Airlock::start(&text, &dir).await?;
         wait_slot_active(&client, "bench_big").await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1547,6 +1562,7 @@ impl Bench {
                             &dir,
                             None,
                             "",
+                            ALLOW_ALL,
                         );
                         let mut airlock = Airlock::start(&text, &dir).await?;
                         wait_slot_active(&client, "bench_pgbench").await?;
