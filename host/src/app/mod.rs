@@ -445,11 +445,14 @@ fn start_pipeline(
     status.set_policy(&config.policy);
     let mut gate = crate::policy::Gate::new(config.policy.clone());
     let gate_status = status.clone();
+    let denials = crate::policy::DenialQueue::default();
+    let gate_denials = denials.clone();
     parts.spawn("the tap", Role::Pipeline, async move {
         while let Some(mut txn) = tap_rx.recv().await {
             // The policy, before any guest sees a value.
-            for notice in gate.apply(&mut txn)? {
-                policy_notice(&gate_status, notice);
+            for denial in gate.apply(&mut txn)? {
+                policy_notice(&gate_status, &denial);
+                gate_denials.push(txn.meta.commit_lsn, denial);
             }
             if txn.meta.completes() {
                 tap_in_flight.push(txn.meta.end_lsn, txn.meta.commit_ts);
@@ -465,7 +468,8 @@ fn start_pipeline(
         slot,
         status.clone(),
         config.plugins.on_error.clone(),
-        config.policy.version.as_str().into(),
+        &config.policy,
+        denials,
     );
     let (done_tx, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -490,15 +494,16 @@ fn start_pipeline(
 }
 
 /// Tells an operator what the gate did: a log line and `/status`, never a value.
-fn policy_notice(status: &Status, notice: crate::policy::gate::Notice) {
-    match notice {
-        crate::policy::gate::Notice::Denied { table, column, key } => {
-            if key {
+fn policy_notice(status: &Status, denial: &crate::policy::Denial) {
+    match denial {
+        crate::policy::Denial::Unwritten(_) => {}
+        crate::policy::Denial::Column { table, column, key } => {
+            if *key {
                 tracing::warn!(%table, %column, "a column of the replica identity is denied by the policy's default: it leaves no trace, and deletes and key updates of the table carry no value for it; classify it in [policy.columns]");
             } else {
                 tracing::warn!(%table, %column, "a column nothing classifies is denied by the policy's default: it leaves no trace; classify it in [policy.columns] to let it out");
             }
-            status.policy_denied(&table, &column);
+            status.policy_denied(table, column);
         }
     }
 }

@@ -97,13 +97,41 @@ impl Config {
         let admin = admin::validate(raw.admin, &mut check);
         let policy = policy::validate(raw.policy, &mut check);
         let mut sinks = sinks;
-        // Every lake commit records the policy its rows passed.
+        // Every lake commit records the policy its rows passed; every spine, the
+        // policy in force and what it denies.
         for sink in &mut sinks {
-            if let SinkSettings::Delta(lake) = &mut sink.settings {
-                lake.commit_info
-                    .insert("airlock.policy".into(), policy.version.clone().into());
-                lake.commit_info
-                    .insert("airlock.policy_bundle".into(), policy.describe());
+            match &mut sink.settings {
+                SinkSettings::Delta(lake) => {
+                    lake.commit_info
+                        .insert("airlock.policy".into(), policy.version.clone().into());
+                    lake.commit_info
+                        .insert("airlock.policy_bundle".into(), policy.describe());
+                }
+                SinkSettings::Http(spine) => {
+                    spine.policy = Some(crate::sink::spine::PolicyRecord {
+                        version: policy.version.clone(),
+                        bundle: policy.describe(),
+                    });
+                }
+            }
+        }
+        // A responsible stage is one the registry keeps exactly as pinned.
+        if let Some((stage, classes)) = policy.custodian() {
+            let mut pinned = false;
+            for r in plugins.require.iter_mut().filter(|r| r.name == stage) {
+                r.first = true;
+                pinned |= r.sha256.is_some();
+            }
+            if !pinned {
+                check.add(
+                    "plugins.require",
+                    format!(
+                        "class{} {} name{} stage `{stage}` as responsible ([policy.classes]), and only a pinned stage may see raw values: add `{stage}@sha256:` and the SHA-256 of its .wasm (`sha256sum {stage}.wasm` in the plugin folder) to [plugins] require",
+                        if classes.len() == 1 { "" } else { "es" },
+                        classes.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "),
+                        if classes.len() == 1 { "s" } else { "" },
+                    ),
+                );
             }
         }
         // Stages may write the routes the sinks take and the declared tags.

@@ -59,6 +59,20 @@ pub(super) fn validate(raw: Option<raw::Policy>, check: &mut Check) -> Arc<Polic
             classes.insert(name, action);
         }
     }
+    // Only one stage may see raw values: it runs first, so a second one would run
+    // after it and see the values the first is not responsible for.
+    let stages: std::collections::BTreeSet<&str> =
+        classes.values().filter_map(Action::stage).collect();
+    if stages.len() > 1 {
+        let listed: Vec<String> = stages.iter().map(|s| format!("`{s}`")).collect();
+        check.add(
+            "policy.classes",
+            format!(
+                "classes name {} as responsible stages, and only one stage can see raw values (it runs before every other): give those classes one stage, or a built-in action",
+                listed.join(" and ")
+            ),
+        );
+    }
     let mut rules = Vec::new();
     for (pattern, class) in p.columns {
         let path = format!("policy.columns.\"{pattern}\"");
@@ -175,7 +189,7 @@ fn action(path: &str, class: raw::Class, check: &mut Check) -> Option<Action> {
     let Some(text) = class.action else {
         check.add(
             format!("{path}.action"),
-            "missing: expected one of keep, hmac, redact, null, keep-first, keep-last, truncate, generalize, drop",
+            "missing: expected one of keep, hmac, redact, null, keep-first, keep-last, truncate, generalize, drop, guest:STAGE",
         );
         return None;
     };
@@ -202,6 +216,18 @@ fn action(path: &str, class: raw::Class, check: &mut Check) -> Option<Action> {
     };
     let action = match name {
         "keep" => Action::Keep,
+        "guest" => match inline {
+            Some(stage) if !stage.is_empty() && !stage.contains(['/', '\\', '@']) => {
+                Action::Guest(stage.to_owned())
+            }
+            _ => {
+                check.add(
+                    format!("{path}.action"),
+                    format!("found `{text}`, expected `guest:` and the file stem of the stage responsible for the class (`guest:10-mask`)"),
+                );
+                return None;
+            }
+        },
         "null" => Action::Null,
         "drop" => Action::Drop,
         "redact" => Action::Redact(
@@ -251,7 +277,7 @@ fn action(path: &str, class: raw::Class, check: &mut Check) -> Option<Action> {
         other => {
             check.add(
                 format!("{path}.action"),
-                format!("found `{other}`, expected one of keep, hmac, redact, null, keep-first, keep-last, truncate, generalize, drop"),
+                format!("found `{other}`, expected one of keep, hmac, redact, null, keep-first, keep-last, truncate, generalize, drop, guest:STAGE"),
             );
             return None;
         }

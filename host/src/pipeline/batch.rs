@@ -81,6 +81,9 @@ pub struct Batch {
     pub policy: Arc<str>,
     /// The stages of that pipeline, in order, for lineage (the lake's commit info).
     pub stages: Arc<[StageId]>,
+    /// What the policy kept out of these transactions (or, in a batch without
+    /// transactions, out of one it stopped): the spine records each as an event.
+    pub denials: Vec<crate::policy::Denial>,
 }
 
 /// A stage as lineage records it: its name in the plugin folder and the SHA-256 of

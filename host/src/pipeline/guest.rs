@@ -104,6 +104,36 @@ pub struct Edits {
 }
 
 impl Edits {
+    /// Every value the call wrote, as `(row, column, old image)`.
+    pub fn values(&self) -> impl Iterator<Item = (u32, u32, bool)> + '_ {
+        self.undo.iter().filter_map(|u| match u {
+            Undo::Value {
+                row,
+                column,
+                old_image,
+                ..
+            } => Some((*row, *column, *old_image)),
+            _ => None,
+        })
+    }
+
+    /// Edits that wrote these values (their undo is a no-op), for tests.
+    #[cfg(test)]
+    pub fn written(values: impl IntoIterator<Item = (u32, u32, bool)>) -> Edits {
+        Edits {
+            undo: values
+                .into_iter()
+                .map(|(row, column, old_image)| Undo::Value {
+                    row,
+                    column,
+                    old_image,
+                    value: change::Value::Null,
+                })
+                .collect(),
+            written: 0,
+        }
+    }
+
     /// Takes the call's edits back out of `batch`, newest first. `batch` must be the
     /// batch the call left, with every later call's edits already undone.
     pub fn undo(self, batch: &mut host::Batch) {

@@ -19,6 +19,9 @@
 //!   the pipeline halts (nothing past it is acknowledged) or dead-letters it. A part
 //!   of a large transaction is never dead-lettered (its other parts went on): the
 //!   pipeline halts on it.
+//! - Under a policy with a responsible stage ([`crate::policy::Custody`]), a batch in
+//!   which that stage left a value of its classes unwritten is never sent on, retried
+//!   or dead-lettered: the sinks get the denial alone, and the worker stops.
 
 pub mod batch;
 pub mod clocks;
@@ -61,6 +64,9 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     /// The stages' names and content hashes, as every batch it processes carries them.
     pub lineage: Arc<[batch::StageId]>,
+    /// The policy's hold on its responsible stage, checked on every batch (set by the
+    /// worker, handed from version to version).
+    pub custody: Option<crate::policy::Custody>,
 }
 
 /// A plugin found in the folder, before loading.
@@ -206,6 +212,7 @@ impl Pipeline {
             version: Arc::from(version),
             stages,
             lineage,
+            custody: None,
         })
     }
 
@@ -218,7 +225,10 @@ impl Pipeline {
     /// Runs every stage on `batch`, in order. On failure returns the batch exactly as
     /// it came in (every earlier stage's edits undone), and the error: whoever runs it
     /// again, on this pipeline or a reloaded one, starts from the stages' own input and
-    /// never from a later stage's output (a value is never masked twice).
+    /// never from a later stage's output (a value is never masked twice). With
+    /// custody, the responsible stage's work is checked right after it ran (or at the
+    /// end, when the pipeline has no such stage): a value it left unwritten fails the
+    /// batch with [`RuntimeError::Denied`].
     pub fn process(&mut self, batch: Batch) -> Result<Batch, (Batch, RuntimeError)> {
         self.process_observed(batch, None)
     }
@@ -230,6 +240,7 @@ impl Pipeline {
         status: Option<&Status>,
     ) -> Result<Batch, (Batch, RuntimeError)> {
         let mut done: Vec<guest::Edits> = Vec::with_capacity(self.stages.len());
+        let mut checked = false;
         for stage in &mut self.stages {
             let started = Instant::now();
             let result = stage.process(batch);
@@ -247,15 +258,25 @@ impl Pipeline {
             match result {
                 Ok((next, edits)) => {
                     batch = next;
+                    let custody = self.custody.as_mut().filter(|c| c.stage() == stage.name);
+                    let denied = custody.and_then(|c| c.check(&batch, Some(&edits)).err());
+                    checked |= self
+                        .custody
+                        .as_ref()
+                        .is_some_and(|c| c.stage() == stage.name);
                     done.push(edits);
-                }
-                Err((mut back, error)) => {
-                    for edits in done.into_iter().rev() {
-                        edits.undo(&mut back);
+                    if let Some(violation) = denied {
+                        return Err(undo(batch, done, RuntimeError::Denied(Box::new(violation))));
                     }
-                    return Err((back, error));
                 }
+                Err((back, error)) => return Err(undo(back, done, error)),
             }
+        }
+        if !checked
+            && let Some(custody) = &mut self.custody
+            && let Err(violation) = custody.check(&batch, None)
+        {
+            return Err(undo(batch, done, RuntimeError::Denied(Box::new(violation))));
         }
         batch.pipeline = self.version.clone();
         batch.stages = self.lineage.clone();
@@ -287,6 +308,8 @@ pub struct Worker {
     pub pipeline: Pipeline,
     /// The version of the policy the gate in front of the worker applies.
     policy: Arc<str>,
+    /// What the gate denied, handed on with the batches of its transactions.
+    denials: crate::policy::DenialQueue,
     /// Where the registry offers the next pipeline.
     pub slot: SwapSlot,
     pub status: Arc<Status>,
@@ -300,15 +323,19 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A worker behind the gate of `policy`, whose denials come through `denials`.
     pub fn new(
-        pipeline: Pipeline,
+        mut pipeline: Pipeline,
         slot: SwapSlot,
         status: Arc<Status>,
         on_error: OnError,
-        policy: Arc<str>,
+        policy: &Arc<crate::policy::Policy>,
+        denials: crate::policy::DenialQueue,
     ) -> Worker {
+        pipeline.custody = crate::policy::Custody::new(policy.clone());
         Worker {
-            policy,
+            policy: policy.version.as_str().into(),
+            denials,
             pipeline,
             slot,
             status,
@@ -342,7 +369,8 @@ impl Worker {
     }
 
     fn swap_offered(&mut self) {
-        if let Some(next) = self.slot.take() {
+        if let Some(mut next) = self.slot.take() {
+            next.custody = self.pipeline.custody.take();
             self.pipeline = next;
             self.status
                 .pipeline_running(&self.pipeline.version, self.pipeline.stage_views());
@@ -427,6 +455,7 @@ impl Worker {
                 self.status.clear_error("pipeline");
                 Ok(emit(self, done))
             }
+            Err((back, RuntimeError::Denied(violation))) => Err(self.deny(back, *violation, emit)),
             Err((back, error)) if back.txns.len() > 1 => {
                 tracing::warn!(
                     error = %error,
@@ -434,9 +463,8 @@ impl Worker {
                     "a batch failed; running its transactions one by one to isolate the failing one"
                 );
                 for txn in back.into_transactions() {
-                    let Some(batch) =
-                        self.process_one(Batch::from_transactions([txn]), &source_gone)?
-                    else {
+                    let one = Batch::from_transactions([txn]);
+                    let Some(batch) = self.process_one(one, &source_gone, emit)? else {
                         return Ok(false);
                     };
                     if !emit(self, batch) {
@@ -445,11 +473,38 @@ impl Worker {
                 }
                 Ok(true)
             }
-            Err((back, error)) => match self.on_failure(back, error, &source_gone)? {
+            Err((back, error)) => match self.on_failure(back, error, &source_gone, emit)? {
                 Some(batch) => Ok(emit(self, batch)),
                 None => Ok(false),
             },
         }
+    }
+
+    /// Stops on a batch its responsible stage did not fully write: the batch is not
+    /// delivered; the sinks get the denial alone (the spine records it), then the
+    /// run stops, nothing of the transaction acknowledged.
+    fn deny(
+        &self,
+        batch: Batch,
+        violation: crate::policy::Violation,
+        emit: &mut impl FnMut(&Self, Batch) -> bool,
+    ) -> RuntimeError {
+        tracing::error!(
+            table = %violation.table, column = %violation.column, class = %violation.class,
+            stage = %violation.stage, unwritten = violation.unwritten,
+            "the responsible stage left values of its class unwritten; the batch is not delivered"
+        );
+        drop(batch);
+        emit(
+            self,
+            Batch {
+                pipeline: self.pipeline.version.clone(),
+                stages: self.pipeline.lineage.clone(),
+                denials: vec![crate::policy::Denial::Unwritten(violation.clone())],
+                ..Batch::default()
+            },
+        );
+        RuntimeError::Denied(Box::new(violation))
     }
 
     /// Runs one transaction's batch until it passes, or the policy disposes of it.
@@ -457,6 +512,7 @@ impl Worker {
         &mut self,
         batch: Batch,
         source_gone: &impl Fn() -> bool,
+        emit: &mut impl FnMut(&Self, Batch) -> bool,
     ) -> Result<Option<Batch>, RuntimeError> {
         self.swap_if_offered();
         match self.pipeline.process_observed(batch, Some(&self.status)) {
@@ -464,7 +520,8 @@ impl Worker {
                 self.status.clear_error("pipeline");
                 Ok(Some(done))
             }
-            Err((back, error)) => self.on_failure(back, error, source_gone),
+            Err((back, RuntimeError::Denied(violation))) => Err(self.deny(back, *violation, emit)),
+            Err((back, error)) => self.on_failure(back, error, source_gone, emit),
         }
     }
 
@@ -479,6 +536,7 @@ impl Worker {
         mut batch: Batch,
         mut error: RuntimeError,
         source_gone: &impl Fn() -> bool,
+        emit: &mut impl FnMut(&Self, Batch) -> bool,
     ) -> Result<Option<Batch>, RuntimeError> {
         let in_parts = batch.txns.iter().any(|t| !t.part.is_whole());
         let policy = match &self.on_error {
@@ -520,6 +578,9 @@ impl Worker {
                             self.status.clear_error("pipeline");
                             return Ok(Some(done));
                         }
+                        Err((back, RuntimeError::Denied(violation))) => {
+                            return Err(self.deny(back, *violation, emit));
+                        }
                         Err((back, again)) => {
                             batch = back;
                             error = again;
@@ -548,6 +609,14 @@ impl Worker {
             ..Batch::default()
         }))
     }
+}
+
+/// `batch` taken back to the pipeline's input: every stage's edits undone, newest first.
+fn undo(mut batch: Batch, done: Vec<guest::Edits>, error: RuntimeError) -> (Batch, RuntimeError) {
+    for edits in done.into_iter().rev() {
+        edits.undo(&mut batch);
+    }
+    (batch, error)
 }
 
 /// Writes a failed batch's original transactions as JSON lines, durably.
@@ -603,11 +672,18 @@ pub fn run_worker(
                 None => break,
             }
         }
-        let mut batch = Batch::from_transactions(txns);
-        batch.policy = worker.policy.clone();
+        let batch = Batch::from_transactions(txns);
         worker.count_in(&batch);
-        let emit = |worker: &Worker, batch: Batch| {
+        let emit = |worker: &Worker, mut batch: Batch| {
             worker.count_out(&batch);
+            // Every batch, however it got here (whole, one by one, dead-lettered):
+            // the policy its rows passed, and what the gate denied up to its end.
+            batch.policy = worker.policy.clone();
+            if let Some(last) = batch.txns.last() {
+                batch
+                    .denials
+                    .extend(worker.denials.take_through(last.commit_lsn));
+            }
             let batch = Arc::new(batch);
             // A failed send means a sink stopped; its task reports why.
             sinks

@@ -38,6 +38,9 @@ pub struct RequiredStage {
     pub name: String,
     /// The SHA-256 of the stage's `.wasm`, lowercase hex, when the entry pins it.
     pub sha256: Option<String>,
+    /// The stage must run before every other: `[policy]` makes it responsible for
+    /// classes whose raw values no other stage may see.
+    pub first: bool,
 }
 
 impl RequiredStage {
@@ -66,6 +69,7 @@ impl RequiredStage {
         Ok(RequiredStage {
             name: name.to_owned(),
             sha256,
+            first: false,
         })
     }
 }
@@ -194,16 +198,36 @@ pub fn check_required(files: &[PluginFile], require: &[RequiredStage]) -> Result
         .filter(|r| !files.iter().any(|f| f.name == r.name))
         .map(|r| r.name.as_str())
         .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
+    if !missing.is_empty() {
+        return Err(format!(
             "required stage{} {} missing from the plugin folder ([plugins] require): refusing to run without {}",
             if missing.len() == 1 { "" } else { "s" },
             missing.join(", "),
             if missing.len() == 1 { "it" } else { "them" }
-        ))
+        ));
     }
+    for r in require.iter().filter(|r| r.first) {
+        let before: Vec<&str> = files
+            .iter()
+            .take_while(|f| f.name != r.name)
+            .map(|f| f.name.as_str())
+            .collect();
+        if !before.is_empty() {
+            return Err(format!(
+                "stage{} {} would run before `{}`, which [policy] makes responsible for raw values no other stage may see: \
+                 refusing to run (rename the files so that `{}` sorts first in the plugin folder)",
+                if before.len() == 1 { "" } else { "s" },
+                before
+                    .iter()
+                    .map(|b| format!("`{b}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.name,
+                r.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that every stage pinned in `require` has the pinned content: the SHA-256

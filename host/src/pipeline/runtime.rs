@@ -84,6 +84,10 @@ pub enum RuntimeError {
     },
     #[error("wasm runtime: {0}")]
     Engine(String),
+    /// The responsible stage left a value of its class unwritten: never retried,
+    /// never dead-lettered (that would let the raw value out).
+    #[error("policy: {0}")]
+    Denied(Box<crate::policy::Violation>),
 }
 
 /// The process-wide engine and linker.

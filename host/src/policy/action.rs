@@ -42,6 +42,11 @@ pub enum Action {
     Generalize(Generalize),
     /// The column is removed: no sink, guest or log sees that it exists.
     Drop,
+    /// The named guest stage (a file stem of the plugin folder) is responsible: the
+    /// gate passes the values to it, no stage runs before it, and the pipeline checks
+    /// per batch that it wrote every value that is not `null`
+    /// ([`crate::policy::Custody`]).
+    Guest(String),
 }
 
 /// Normalisation before hashing, in this order: trim, lower-case, digits only.
@@ -157,10 +162,25 @@ impl Action {
             | Action::Truncate(_)
             | Action::KeepFirst(_)
             | Action::KeepLast(_) => 1,
-            Action::Hmac(_) => 2,
+            // A pinned stage the host holds to writing every value: as strict as a
+            // keyed token, which is what a masking stage is trusted to produce.
+            Action::Hmac(_) | Action::Guest(_) => 2,
             Action::Redact(_) => 3,
             Action::Null => 4,
             Action::Drop => 5,
+        }
+    }
+
+    /// Whether the gate lets the value through as it is: `keep`, or a stage's to write.
+    pub fn passes_raw(&self) -> bool {
+        matches!(self, Action::Keep | Action::Guest(_))
+    }
+
+    /// The stage responsible for the values, for `guest:STAGE`.
+    pub fn stage(&self) -> Option<&str> {
+        match self {
+            Action::Guest(stage) => Some(stage),
+            _ => None,
         }
     }
 
@@ -173,9 +193,12 @@ impl Action {
     pub fn refuses(&self, type_oid: u32) -> Option<String> {
         let kind = Kind::of(type_oid);
         let ok = match self {
-            Action::Keep | Action::Hmac(_) | Action::Redact(_) | Action::Null | Action::Drop => {
-                true
-            }
+            Action::Keep
+            | Action::Hmac(_)
+            | Action::Redact(_)
+            | Action::Null
+            | Action::Drop
+            | Action::Guest(_) => true,
             Action::KeepFirst(_) | Action::KeepLast(_) | Action::Truncate(_) => kind == Kind::Text,
             Action::Generalize(Generalize::Width(_)) => {
                 matches!(kind, Kind::Integer | Kind::Float | Kind::Numeric)
@@ -203,7 +226,9 @@ impl Action {
     pub fn output_type(&self, type_oid: u32, type_modifier: i32) -> Option<(u32, i32)> {
         match self {
             Action::Drop => None,
-            Action::Keep | Action::Null | Action::Generalize(_) => Some((type_oid, type_modifier)),
+            Action::Keep | Action::Null | Action::Generalize(_) | Action::Guest(_) => {
+                Some((type_oid, type_modifier))
+            }
             Action::Hmac(_)
             | Action::Redact(_)
             | Action::KeepFirst(_)
@@ -219,7 +244,8 @@ impl Action {
             return;
         }
         let out = match self {
-            Action::Keep => return,
+            // The responsible stage writes it; the pipeline checks that it did.
+            Action::Keep | Action::Guest(_) => return,
             Action::Null | Action::Drop => Value::Null,
             Action::Redact(text) => Value::Text(text.clone()),
             Action::Hmac(normalize) => {
@@ -374,6 +400,7 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::Keep => f.write_str("keep"),
+            Action::Guest(stage) => write!(f, "guest:{stage}"),
             Action::Hmac(n) => {
                 f.write_str("hmac")?;
                 let steps: Vec<&str> = [(n.trim, "trim"), (n.lower, "lower"), (n.digits, "digits")]

@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::{Action, By, Policy, Resolved};
+use super::{Action, By, Denial, Policy, Resolved};
 use crate::change::{Change, Column, Relation, Transaction, Value};
 
 /// Why a relation cannot pass the gate.
@@ -37,18 +37,6 @@ pub struct GateError {
     pub class: String,
     pub by: String,
     pub problem: String,
-}
-
-/// Something the gate did that an operator must hear about.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Notice {
-    /// A column nothing classifies was removed (first time seen in this run).
-    Denied {
-        table: String,
-        column: String,
-        /// Part of the replica identity: updates and deletes carry no key for it.
-        key: bool,
-    },
 }
 
 /// What the gate does to one relation version.
@@ -110,7 +98,7 @@ impl Plan {
             .then(|| {
                 outputs
                     .iter()
-                    .filter(|(_, a)| *a != Action::Keep)
+                    .filter(|(_, a)| !a.passes_raw())
                     .cloned()
                     .collect()
             });
@@ -191,7 +179,7 @@ impl Gate {
     }
 
     /// Applies the policy to every change of `txn`; returns what to tell.
-    pub fn apply(&mut self, txn: &mut Transaction) -> Result<Vec<Notice>, GateError> {
+    pub fn apply(&mut self, txn: &mut Transaction) -> Result<Vec<Denial>, GateError> {
         let mut notices = Vec::new();
         for change in &mut txn.changes {
             let plan = self.plan(&change.relation, &mut notices)?;
@@ -203,7 +191,7 @@ impl Gate {
     fn plan(
         &mut self,
         relation: &Arc<Relation>,
-        notices: &mut Vec<Notice>,
+        notices: &mut Vec<Denial>,
     ) -> Result<Arc<Plan>, GateError> {
         // One relation version is one `Arc`: a new one (a Relation message, the
         // snapshot's description) is planned once, and its rows find it by pointer.
@@ -220,7 +208,7 @@ impl Gate {
                     .noticed
                     .insert((relation.qualified_name(), column.name.clone()))
             {
-                notices.push(Notice::Denied {
+                notices.push(Denial::Column {
                     table: relation.qualified_name(),
                     column: column.name.clone(),
                     key: column.key,
@@ -340,7 +328,7 @@ mod tests {
         let notices = gate.apply(&mut t).unwrap();
         assert_eq!(
             notices,
-            vec![Notice::Denied {
+            vec![Denial::Column {
                 table: "public.customers".into(),
                 column: "ssn".into(),
                 key: false

@@ -23,16 +23,58 @@
 //!   classes, column entries, key id), never of the key itself.
 
 pub mod action;
+pub mod custody;
 pub mod gate;
 pub mod install;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use crate::change::Lsn;
+
 pub use self::action::{Action, Generalize, Keyed, Normalize};
+pub use self::custody::{Custody, Violation};
 pub use self::gate::{Gate, GateError, Plan};
+
+/// What the policy kept out, for the log, `/status` and the spine's
+/// `request_denied` events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// A column nothing classifies, removed by the default (first seen in this run).
+    Column {
+        table: String,
+        column: String,
+        /// Part of the replica identity: updates and deletes carry no key for it.
+        key: bool,
+    },
+    /// A batch its responsible stage did not fully write: not delivered.
+    Unwritten(Violation),
+}
+
+/// Denials on their way from the gate to the batches that carry them to the sinks,
+/// each with the commit LSN of the transaction that revealed it (in stream order).
+#[derive(Clone, Debug, Default)]
+pub struct DenialQueue(Arc<Mutex<VecDeque<(Lsn, Denial)>>>);
+
+impl DenialQueue {
+    pub fn push(&self, commit_lsn: Lsn, denial: Denial) {
+        self.lock().push_back((commit_lsn, denial));
+    }
+
+    /// The denials of transactions that commit at or before `commit_lsn`.
+    pub fn take_through(&self, commit_lsn: Lsn) -> Vec<Denial> {
+        let mut queue = self.lock();
+        let n = queue.iter().take_while(|(l, _)| *l <= commit_lsn).count();
+        queue.drain(..n).map(|(_, d)| d).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Lsn, Denial)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// What happens to a column nothing classifies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +189,19 @@ impl Policy {
             "columns": self.rules.iter().map(|r| (r.pattern.clone(), serde_json::Value::from(r.class.clone()))).collect::<serde_json::Map<_, _>>(),
             "key_id": self.key.as_ref().map(|k| k.id.clone()),
         })
+    }
+
+    /// The stage responsible for the classes whose action is `guest:STAGE`, and
+    /// those classes (the configuration allows one such stage).
+    pub fn custodian(&self) -> Option<(&str, Vec<&str>)> {
+        let mut classes = self
+            .classes
+            .iter()
+            .filter_map(|(name, action)| Some((action.stage()?, name.as_str())));
+        let (stage, first) = classes.next()?;
+        let mut names = vec![first];
+        names.extend(classes.filter(|(s, _)| *s == stage).map(|(_, n)| n));
+        Some((stage, names))
     }
 
     /// A policy that keeps every column: what tests of other parts run with.

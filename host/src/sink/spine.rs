@@ -61,6 +61,18 @@
 //!
 //! `kind` and `source`: the row's `spine.kind` / `spine.source` annotation, else the
 //! first `watch` entry whose `schema.table` glob matches the table, else the defaults.
+//!
+//! # Policy events
+//!
+//! Under the source [`POLICY_SOURCE`], with ids of their own ([`policy_event_id`]:
+//! about what, never when, so each is recorded once across restarts) and no row
+//! position (they never move the resume point):
+//! - [`BUNDLE_KIND`] at open, when the spine's latest registration of this slot and
+//!   key is another policy version (or there is none), before any row;
+//! - [`DENIED_KIND`] for each [`Denial`] a batch carries, before the batch's rows.
+//!
+//! The sink reads the latest [`POLICY_LOOKBACK`] events of the source at open and at
+//! every resync, and skips those it finds.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -74,6 +86,7 @@ use crate::backoff::Backoff;
 use crate::change::json::{format_timestamp, row_to_json};
 use crate::change::{Lsn, Op, Relation, ReplicaIdentity};
 use crate::pipeline::batch::{Batch, BatchRow};
+use crate::policy::Denial;
 use crate::secrets::{Key, constant_time_eq};
 use crate::sink::{Sink, SinkError};
 use crate::spine::AUDIT_STREAM_KINDS;
@@ -125,7 +138,31 @@ pub struct SpineSettings {
     /// Where the key is kept when `key` is `None` ([`Key::load_or_create`]); `None`:
     /// the slot's default key file ([`default_key_file`]).
     pub key_file: Option<std::path::PathBuf>,
+    /// The policy the rows passed: registered at start when the spine does not hold
+    /// it as the latest, and the source of the denials recorded. `None`: no policy
+    /// events (tests of other parts).
+    pub policy: Option<PolicyRecord>,
 }
+
+/// The policy as the spine records it.
+#[derive(Clone, Debug)]
+pub struct PolicyRecord {
+    /// [`crate::policy::Policy::version`].
+    pub version: String,
+    /// [`crate::policy::Policy::describe`].
+    pub bundle: Json,
+}
+
+/// The source of the policy's own events (`policy_bundle_registered`,
+/// `request_denied`).
+pub const POLICY_SOURCE: &str = "airlock.policy";
+/// The kind of the event that registers the policy in force.
+pub const BUNDLE_KIND: &str = "policy_bundle_registered";
+/// The kind of the events that record what the policy kept out.
+pub const DENIED_KIND: &str = "request_denied";
+/// How many of [`POLICY_SOURCE`]'s latest events the sink reads to know which it
+/// delivered already.
+const POLICY_LOOKBACK: usize = 4096;
 
 impl SpineSettings {
     pub const DEFAULT_ROUTE: &'static str = "spine";
@@ -156,6 +193,7 @@ impl SpineSettings {
             slot: Self::DEFAULT_SLOT.to_owned(),
             key: None,
             key_file: None,
+            policy: None,
         }
     }
 }
@@ -239,6 +277,37 @@ pub fn parse_event_id(key: &Key, slot: &str, source: &str, id: &str) -> Option<P
     constant_time_eq(expected.as_bytes(), id.as_bytes()).then_some(position)
 }
 
+/// The `event_id` of a policy event: `policy-` and 32 hex digits, the first 16
+/// bytes of
+///
+/// ```text
+/// HMAC-SHA256(key, "airlock-spine-policy-v1" ‖ 0x00 ‖ for slot, source and each part:
+///                  u32be(len) ‖ bytes)
+/// ```
+///
+/// The parts say what the event is about (e.g. `column`, the policy version, the
+/// table and the column), never when: the same denial gives the same id after a
+/// restart, so it is recorded once. Row-event ids never take this form.
+pub fn policy_event_id(key: &Key, slot: &str, parts: &[&str]) -> String {
+    let mut fields: Vec<&[u8]> = vec![b"airlock-spine-policy-v1\0"];
+    let lengths: Vec<[u8; 4]> = [slot, POLICY_SOURCE]
+        .iter()
+        .chain(parts)
+        .map(|p| (p.len() as u32).to_be_bytes())
+        .collect();
+    for (part, len) in [slot, POLICY_SOURCE].iter().chain(parts).zip(&lengths) {
+        fields.push(len);
+        fields.push(part.as_bytes());
+    }
+    format!("policy-{}", hex::encode(&key.mac(&fields)[..MAC_LEN]))
+}
+
+/// The id of the registration of policy `version` after `previous` (empty: none):
+/// registering the same change again gives the same id.
+fn bundle_id(key: &Key, slot: &str, version: &str, previous: &str) -> String {
+    policy_event_id(key, slot, &["bundle", version, previous])
+}
+
 /// The default key file of `slot`'s spine events:
 /// `$XDG_STATE_HOME/airlock/spine-{slot}.key`, else
 /// `~/.local/state/airlock/spine-{slot}.key` (a relative `XDG_STATE_HOME` is ignored,
@@ -308,7 +377,9 @@ fn glob(pattern: &str, text: &str) -> bool {
 
 /// One event waiting for delivery.
 struct Pending {
-    position: Position,
+    /// A row event's place in the stream; `None` for a policy event, which its
+    /// `event_id` identifies instead.
+    position: Option<Position>,
     event_id: String,
     /// `table T, kind K, source S`, for error messages.
     about: String,
@@ -340,6 +411,11 @@ pub struct SpineSink {
     /// Whether the last flush failed transiently (the next one waits a jittered delay).
     failed: bool,
     jitter: Backoff,
+    /// The ids of [`POLICY_SOURCE`] events the spine holds (of its latest
+    /// [`POLICY_LOOKBACK`]) or that this sink delivered.
+    policy_known: std::collections::HashSet<String>,
+    /// Whether the policy in force has been compared with the spine's latest.
+    policy_synced: bool,
 }
 
 impl SpineSink {
@@ -375,8 +451,15 @@ impl SpineSink {
             isolate: 0,
             failed: false,
             jitter: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).full_jitter(),
+            policy_known: Default::default(),
+            policy_synced: false,
         };
-        match sink.last_delivered().await {
+        let asked = async {
+            let found = sink.last_delivered().await?;
+            sink.sync_policy().await?;
+            Ok::<_, SinkError>(found)
+        };
+        match asked.await {
             Ok(found) => {
                 sink.delivered = found;
                 sink.resync = false;
@@ -392,7 +475,144 @@ impl SpineSink {
             }
             Err(error) => return Err(error),
         }
+        // The policy in force is on record before any row.
+        if !sink.pending.is_empty()
+            && let Err(error) = sink.deliver().await
+        {
+            if !error.is_transient() {
+                return Err(error);
+            }
+            tracing::warn!(sink = %sink.settings.name, %error, "cannot register the policy with the spine yet; it goes before the first row");
+            sink.resync = true;
+        }
         Ok(sink)
+    }
+
+    /// Learns which policy events the spine holds, and queues the registration of
+    /// the policy in force when the spine's latest registration (of this slot and
+    /// key) is another version, or there is none.
+    async fn sync_policy(&mut self) -> Result<(), SinkError> {
+        let Some(policy) = self.settings.policy.clone() else {
+            return Ok(());
+        };
+        let events = self
+            .client
+            .events(None, Some(POLICY_SOURCE), POLICY_LOOKBACK)
+            .await
+            .map_err(|e| sink_error(&self.settings.name, e, None))?;
+        let mut latest: Option<String> = None;
+        for event in &events {
+            let payload = event.get("payload");
+            let Some(id) = payload.and_then(|p| p.get("event_id")?.as_str()) else {
+                continue;
+            };
+            self.policy_known.insert(id.to_owned());
+            if event.get("kind").and_then(Json::as_str) != Some(BUNDLE_KIND) {
+                continue;
+            }
+            let field = |name: &str| payload.and_then(|p| p.get(name)?.as_str()).unwrap_or("");
+            let (version, previous) = (field("policy"), field("previous"));
+            let expected = bundle_id(&self.key, &self.settings.slot, version, previous);
+            // Oldest first: the last one that verifies is the latest.
+            if constant_time_eq(expected.as_bytes(), id.as_bytes()) {
+                latest = Some(version.to_owned());
+            }
+        }
+        if self.policy_synced {
+            return Ok(());
+        }
+        self.policy_synced = true;
+        if latest.as_deref() == Some(policy.version.as_str()) {
+            return Ok(());
+        }
+        let previous = latest.unwrap_or_default();
+        let id = bundle_id(&self.key, &self.settings.slot, &policy.version, &previous);
+        let mut payload = Map::new();
+        payload.insert("policy".into(), policy.version.clone().into());
+        payload.insert(
+            "previous".into(),
+            if previous.is_empty() {
+                Json::Null
+            } else {
+                previous.into()
+            },
+        );
+        payload.insert("bundle".into(), policy.bundle.clone());
+        payload.insert("slot".into(), self.settings.slot.clone().into());
+        self.pending.push_front(self.policy_event(
+            BUNDLE_KIND,
+            id,
+            payload,
+            "the policy in force",
+        )?);
+        Ok(())
+    }
+
+    /// A policy event, ready to send.
+    fn policy_event(
+        &self,
+        kind: &str,
+        id: String,
+        mut payload: Map<String, Json>,
+        about: &str,
+    ) -> Result<Pending, SinkError> {
+        payload.insert("event_id".into(), id.clone().into());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        let body = serde_json::to_vec(&json!({
+            "kind": kind,
+            "source": POLICY_SOURCE,
+            "payload": Json::Object(payload),
+            "timestamp": format_timestamp(now, true),
+        }))
+        .map_err(|e| self.definite(format!("cannot encode event {id}: {e}")))?;
+        Ok(Pending {
+            position: None,
+            about: format!("{about}, kind {kind}, source {POLICY_SOURCE}"),
+            event_id: id,
+            body: Bytes::from(body),
+        })
+    }
+
+    /// The `request_denied` event of a denial, unless the spine holds it already.
+    fn denial_event(&self, denial: &Denial, policy: &str) -> Result<Option<Pending>, SinkError> {
+        let slot = &self.settings.slot;
+        let mut payload = Map::new();
+        payload.insert("policy".into(), policy.into());
+        let (id, about) = match denial {
+            Denial::Column { table, column, key } => {
+                payload.insert("reason".into(), "unclassified column".into());
+                payload.insert("table".into(), table.clone().into());
+                payload.insert("column".into(), column.clone().into());
+                payload.insert("action".into(), "drop".into());
+                payload.insert("replica_identity".into(), (*key).into());
+                let id = policy_event_id(&self.key, slot, &["column", policy, table, column]);
+                (id, format!("denied column {table}.{column}"))
+            }
+            Denial::Unwritten(v) => {
+                payload.insert(
+                    "reason".into(),
+                    "responsible stage left values unwritten".into(),
+                );
+                payload.insert("table".into(), v.table.clone().into());
+                payload.insert("column".into(), v.column.clone().into());
+                payload.insert("class".into(), v.class.clone().into());
+                payload.insert("stage".into(), v.stage.clone().into());
+                payload.insert("unwritten".into(), v.unwritten.into());
+                payload.insert("xid".into(), v.xid.into());
+                payload.insert("commit_lsn".into(), v.commit_lsn.to_string().into());
+                let lsn = v.commit_lsn.to_string();
+                let parts = ["unwritten", policy, &v.table, &v.column, &v.stage, &lsn];
+                let id = policy_event_id(&self.key, slot, &parts);
+                (id, format!("undelivered batch of {}.{}", v.table, v.column))
+            }
+        };
+        if self.policy_known.contains(&id) || self.pending.iter().any(|p| p.event_id == id) {
+            return Ok(None);
+        }
+        self.policy_event(DENIED_KIND, id, payload, &about)
+            .map(Some)
     }
 
     /// The settings the sink runs with.
@@ -446,12 +666,22 @@ impl SpineSink {
         Ok(newest)
     }
 
+    /// Drops the pending events the spine holds: row events at or before the newest
+    /// delivered position, policy events it has by id.
     fn skip_delivered(&mut self) {
-        while let Some(front) = self.pending.front() {
-            if self.delivered.is_some_and(|d| front.position <= d) {
-                self.pending.pop_front();
-            } else {
-                break;
+        let (delivered, known) = (self.delivered, &self.policy_known);
+        self.pending.retain(|e| match e.position {
+            Some(p) => !delivered.is_some_and(|d| p <= d),
+            None => !known.contains(&e.event_id),
+        });
+    }
+
+    /// Notes a delivered event.
+    fn delivered_one(&mut self, event: Pending) {
+        match event.position {
+            Some(p) => self.delivered = Some(p),
+            None => {
+                self.policy_known.insert(event.event_id);
             }
         }
     }
@@ -459,6 +689,7 @@ impl SpineSink {
     async fn deliver(&mut self) -> Result<(), SinkError> {
         if self.resync {
             let found = self.last_delivered().await?;
+            self.sync_policy().await?;
             self.delivered = self.delivered.max(found);
             self.resync = false;
             self.skip_delivered();
@@ -499,8 +730,9 @@ impl SpineSink {
                 match answer {
                     Some(_) => {
                         self.batch_endpoint = Some(true);
-                        for event in self.pending.drain(..count) {
-                            self.delivered = Some(event.position);
+                        let sent: Vec<Pending> = self.pending.drain(..count).collect();
+                        for event in sent {
+                            self.delivered_one(event);
                         }
                     }
                     None => {
@@ -524,7 +756,7 @@ impl SpineSink {
                     Err(error) => return Err(sink_error(name, error, Some(&context))),
                 }
                 let event = self.pending.pop_front().expect("not empty");
-                self.delivered = Some(event.position);
+                self.delivered_one(event);
                 self.isolate = self.isolate.saturating_sub(1);
             }
         }
@@ -636,6 +868,15 @@ fn validate(settings: &SpineSettings) -> Result<Vec<Watch>, SinkError> {
     if settings.default_source.is_empty() {
         problems.push("default_source: must not be empty".to_owned());
     }
+    if settings.policy.is_some() && !kinds.is_empty() {
+        for kind in [BUNDLE_KIND, DENIED_KIND] {
+            if !kinds.iter().any(|k| k == kind) {
+                problems.push(format!(
+                    "kinds: `{kind}` is missing, and airlock records the policy with it: add it to the sink's kinds"
+                ));
+            }
+        }
+    }
     let mut watch = Vec::with_capacity(settings.watch.len());
     for (i, (pattern, kind, source)) in settings.watch.iter().enumerate() {
         let what = format!("watch[{i}] (`{pattern}`)");
@@ -727,8 +968,17 @@ impl Sink for SpineSink {
             .iter()
             .map(|t| self.watch.iter().position(|w| w.matches(&t.relation)))
             .collect();
-        let mut index_in_txn = vec![0u32; batch.txns.len()];
         let mut kept = false;
+        if let Some(policy) = self.settings.policy.as_ref().map(|p| p.version.clone()) {
+            // What the policy kept out, before the rows it let through.
+            for denial in &batch.denials {
+                if let Some(event) = self.denial_event(denial, &policy)? {
+                    self.pending.push_back(event);
+                    kept = true;
+                }
+            }
+        }
+        let mut index_in_txn = vec![0u32; batch.txns.len()];
         for row in &batch.rows {
             // The row's place in its whole transaction, across the parts of a large one.
             let index =
@@ -785,7 +1035,7 @@ impl Sink for SpineSink {
                 self.sources.insert(source.to_owned());
             }
             self.pending.push_back(Pending {
-                position,
+                position: Some(position),
                 about: format!("table {table}, kind {kind}, source {source}"),
                 event_id: id,
                 body: Bytes::from(body),

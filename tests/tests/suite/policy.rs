@@ -56,8 +56,9 @@ fn config(url: &str, dir: &Path, spine_port: u16, admin: &str, policy: &str) -> 
     )
 }
 
-/// A cluster with [`SCHEMA`], a folder with the plugin `stages`, the ports the host and
-/// a spine will take, and where the configuration goes.
+/// A cluster with [`SCHEMA`], a folder with the plugin `stages`, a built-in spine
+/// (its files in `spine/`), the port the host's admin API will take, and where the
+/// configuration goes.
 struct Setup {
     dir: TempDir,
     pg: airlock::demo::Cluster,
@@ -75,12 +76,20 @@ impl Setup {
         db.batch_execute(SCHEMA).await?;
         plugin_dir(&dir, stages);
         let path = dir.join("airlock.toml");
+        // Every run records the policy in its spine: one is always there.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let spine_port = listener.local_addr()?.port();
+        let spine_dir = dir.join("spine");
+        tokio::spawn(async move {
+            airlock::spine::server::serve(&spine_dir, listener, None, std::future::pending::<()>())
+                .await
+        });
         Ok(Setup {
             dir,
             pg,
             db,
             admin: format!("127.0.0.1:{}", airlock::demo::cluster::free_port()),
-            spine_port: airlock::demo::cluster::free_port(),
+            spine_port,
             path,
         })
     }
@@ -169,12 +178,6 @@ async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() 
     }
 
     let spine_dir = dir.join("spine");
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", spine_port)).await?;
-    let serve_dir = spine_dir.clone();
-    tokio::spawn(async move {
-        airlock::spine::server::serve(&serve_dir, listener, None, std::future::pending::<()>())
-            .await
-    });
     let log = dir.join("airlock.log");
     let mut host = spawn_host(&config_path, &log);
     wait_slot_active(&db, "policy").await?;
@@ -258,7 +261,49 @@ async fn deny_by_default_keeps_a_new_column_out_and_tokens_join_across_tables() 
             );
         }
     }
+    // The spine holds the policy in force and one denial for the new column.
+    let of_kind = |events: &[Json], kind: &str| -> Vec<Json> {
+        events
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .cloned()
+            .collect()
+    };
+    let bundles = of_kind(&events, "policy_bundle_registered");
+    assert_eq!(bundles.len(), 1, "{events:#?}");
+    assert_eq!(bundles[0]["source"], "airlock.policy");
+    assert_eq!(
+        bundles[0]["payload"]["bundle"]["classes"]["pii"],
+        "hmac (trim, lower)"
+    );
+    let denied = of_kind(&events, "request_denied");
+    assert_eq!(denied.len(), 1, "{events:#?}");
+    assert_eq!(denied[0]["payload"]["table"], "public.customers");
+    assert_eq!(denied[0]["payload"]["column"], "ssn");
+    assert_eq!(denied[0]["payload"]["reason"], "unclassified column");
     host.stop(Duration::from_secs(30))?;
+    // A restart sees the column again and the policy again: neither is recorded twice.
+    let mut host = spawn_host(&config_path, &dir.join("airlock-2.log"));
+    wait_slot_active(&db, "policy").await?;
+    db.batch_execute(
+        "INSERT INTO customers VALUES (3, 'alan@example.com', '555-0101', '219-09-9999')",
+    )
+    .await?;
+    wait_for_lake(
+        &lake.join("public.customers"),
+        Duration::from_secs(60),
+        |r| r.len() >= 4,
+    )
+    .await?;
+    host.stop(Duration::from_secs(30))?;
+    let after: Json = reqwest::get(format!(
+        "http://127.0.0.1:{spine_port}/events?source=airlock.policy&limit=100"
+    ))
+    .await?
+    .json()
+    .await?;
+    let after = after.as_array().cloned().unwrap_or_default();
+    assert_eq!(after.len(), 2, "{after:#?}");
     // The lake's commits record the effective policy: its version, classes and key id.
     let log_dir = lake.join("public.customers/_delta_log");
     let commits: Vec<String> = files_under(&log_dir)
@@ -552,5 +597,167 @@ async fn the_initial_snapshot_passes_the_gate_too() -> anyhow::Result<()> {
         &files_under(&lake),
         &format!("{customers:?}{orders:?}{logged}"),
     );
+    Ok(())
+}
+
+/// A class whose action is `guest:10-mask`: the e-mail reaches that stage raw and no
+/// other, and the host holds the stage to writing every value of it.
+const CUSTODY: &str = r#"[policy]
+default = "deny"
+
+[policy.classes]
+public = { action = "keep" }
+secret = { action = "guest:10-mask" }
+
+[policy.columns]
+"public.customers.id" = "public"
+"public.customers.email" = "secret"
+"public.customers.phone" = "public"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responsible_stage_that_leaves_a_value_unwritten_stops_the_run_and_the_spine_records_it()
+-> anyhow::Result<()> {
+    let Setup {
+        dir,
+        pg,
+        db,
+        admin,
+        spine_port,
+        path,
+    } = Setup::new(
+        "policy_custody",
+        &[(
+            "10-mask",
+            "mask",
+            "columns = [\"public.customers.email\"]\nsalt = \"s1\"\n",
+        )],
+    )
+    .await?;
+    let plugins = dir.join("plugins");
+    let wasm = std::fs::read(plugins.join("10-mask.wasm"))?;
+    let pin = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&wasm))
+    };
+    let write = |require: &str| {
+        let with_require = config(&pg.url("postgres"), &dir, spine_port, &admin, CUSTODY)
+            .replace("[plugins]\n", &format!("[plugins]\n{require}"));
+        std::fs::write(&path, with_require).expect("config");
+    };
+
+    // The stage must be pinned, and must run first.
+    write("");
+    let (passed, shown) = check(&path);
+    assert!(!passed, "{shown}");
+    assert!(
+        shown.contains("stage `10-mask` as responsible") && shown.contains("add `10-mask@sha256:`"),
+        "{shown}"
+    );
+    let pinned = format!("require = [\"10-mask@sha256:{pin}\"]\n");
+    write(&pinned);
+    std::fs::copy(guest("tag"), plugins.join("05-tag.wasm"))?;
+    let (passed, shown) = check(&path);
+    assert!(!passed, "{shown}");
+    assert!(
+        shown.contains("stage `05-tag` would run before `10-mask`"),
+        "{shown}"
+    );
+    std::fs::remove_file(plugins.join("05-tag.wasm"))?;
+    let (passed, shown) = check(&path);
+    assert!(passed, "{shown}");
+    assert!(
+        shown.contains("secret (by [policy.columns] \"public.customers.email\"): guest:10-mask"),
+        "{shown}"
+    );
+
+    let spine_dir = dir.join("spine");
+    let log = dir.join("airlock.log");
+    let mut host = spawn_host(&path, &log);
+    wait_slot_active(&db, "policy").await?;
+    db.batch_execute("INSERT INTO customers VALUES (1, 'ada@example.com', '555-0100')")
+        .await?;
+    let table = dir.join("lake/public.customers");
+    let rows = wait_for_lake(&table, Duration::from_secs(60), |r| !r.is_empty()).await?;
+    assert_eq!(rows[0]["email"], sha256_hex("s1ada@example.com").as_str());
+    host.stop(Duration::from_secs(30))?;
+
+    // The pinned stage, with settings that no longer mask the e-mail: its .wasm is the
+    // pinned one, so only the check on every batch can catch it.
+    std::fs::write(
+        plugins.join("10-mask.toml"),
+        "columns = [\"public.customers.phone\"]\n",
+    )?;
+    let mut host = spawn_host(&path, &log);
+    wait_slot_active(&db, "policy").await?;
+    db.batch_execute(
+        "INSERT INTO customers VALUES (2, 'grace@example.com', '555-0101');
+         UPDATE customers SET phone = '555-0102' WHERE id = 1;",
+    )
+    .await?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = host.wait_exit(Duration::from_millis(200)) {
+            break status;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "airlock kept running past a stage that left the e-mail unwritten"
+        );
+    };
+    assert!(!status.success());
+    let logged = std::fs::read_to_string(&log)?;
+    assert!(
+        logged.contains(
+            "public.customers.email is class `secret`, which [policy] gives to stage `10-mask`"
+        ),
+        "{logged}"
+    );
+    // Nothing of the transaction reached the lake.
+    let rows = read_lake("duckdb", &table)?;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    // The spine recorded the denial, and the policy in force before it.
+    let events: Json = reqwest::get(format!(
+        "http://127.0.0.1:{spine_port}/events?source=airlock.policy&limit=100"
+    ))
+    .await?
+    .json()
+    .await?;
+    let events = events.as_array().cloned().unwrap_or_default();
+    let denied: Vec<&Json> = events
+        .iter()
+        .filter(|e| e["kind"] == "request_denied")
+        .collect();
+    assert_eq!(denied.len(), 1, "{events:#?}");
+    let payload = &denied[0]["payload"];
+    assert_eq!(payload["table"], "public.customers");
+    assert_eq!(payload["column"], "email");
+    assert_eq!(payload["stage"], "10-mask");
+    assert_eq!(payload["class"], "secret");
+    // The insert's e-mail and the update's new image: both left raw.
+    assert_eq!(payload["unwritten"], 2);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "policy_bundle_registered")
+            .count(),
+        1,
+        "one registration for one policy, across two runs: {events:#?}"
+    );
+    // The raw e-mail is nowhere.
+    let mut files = files_under(&dir.join("lake"));
+    files.extend(files_under(&spine_dir));
+    for secret in ["grace@example.com", "ada@example.com"] {
+        assert!(!logged.contains(secret), "the log holds {secret}");
+        assert!(!format!("{events:?}").contains(secret));
+        for file in &files {
+            let bytes = std::fs::read(file).unwrap_or_default();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{} holds {secret}",
+                file.display()
+            );
+        }
+    }
     Ok(())
 }

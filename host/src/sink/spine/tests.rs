@@ -609,3 +609,99 @@ async fn credentials_in_the_spine_url_are_never_shown() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_policy_is_registered_once_per_change_and_each_denial_once_across_restarts() {
+    // audit-stream-py's behaviour: no idempotency, so the sink alone keeps them single.
+    let store = Fake::default();
+    let url = fake(store.clone()).await;
+    let with_policy = |version: &str| {
+        let mut s = settings(&url);
+        s.policy = Some(PolicyRecord {
+            version: version.into(),
+            bundle: json!({"version": version, "default": "deny"}),
+        });
+        s
+    };
+    let of_kind = |kind: &str| -> Vec<Json> {
+        let events = store.events.lock().unwrap();
+        events
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .cloned()
+            .collect()
+    };
+    let denial = || crate::policy::Denial::Column {
+        table: "public.accounts".into(),
+        column: "ssn".into(),
+        key: false,
+    };
+    let with_denial = |n: u64| {
+        let mut b = (*batch(n, 1)).clone();
+        b.denials.push(denial());
+        Arc::new(b)
+    };
+
+    // At open, before any row: the policy in force.
+    let mut sink = SpineSink::open(with_policy("aaaaaaaaaaaa")).await.unwrap();
+    let bundles = of_kind(BUNDLE_KIND);
+    assert_eq!(bundles.len(), 1);
+    assert_eq!(bundles[0]["source"], POLICY_SOURCE);
+    assert_eq!(bundles[0]["payload"]["policy"], "aaaaaaaaaaaa");
+    assert_eq!(bundles[0]["payload"]["previous"], Json::Null);
+    assert_eq!(bundles[0]["payload"]["bundle"]["default"], "deny");
+    // A denial goes before the rows of its batch, once.
+    assert!(sink.accept(with_denial(1)).await.unwrap());
+    assert!(sink.accept(with_denial(2)).await.unwrap());
+    assert_eq!(sink.flush().await.unwrap(), Some(Lsn(3000)));
+    let events = store.events.lock().unwrap().clone();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, [BUNDLE_KIND, DENIED_KIND, "other", "other"]);
+    let denied = &events[1]["payload"];
+    assert_eq!(
+        (&denied["table"], &denied["column"], &denied["action"]),
+        (&json!("public.accounts"), &json!("ssn"), &json!("drop"))
+    );
+    assert!(
+        denied["event_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("policy-") && id.len() == 39),
+        "{denied}"
+    );
+
+    // A restart under the same policy: no second registration, the denial (seen
+    // again by a fresh gate) not sent again, the rows after it delivered.
+    let mut again = SpineSink::open(with_policy("aaaaaaaaaaaa")).await.unwrap();
+    assert!(again.accept(with_denial(3)).await.unwrap());
+    assert_eq!(again.flush().await.unwrap(), Some(Lsn(4000)));
+    assert_eq!(of_kind(BUNDLE_KIND).len(), 1);
+    assert_eq!(of_kind(DENIED_KIND).len(), 1);
+    assert_eq!(of_kind("other").len(), 3);
+
+    // Another policy: registered, naming the one before; its denials are its own.
+    let mut changed = SpineSink::open(with_policy("bbbbbbbbbbbb")).await.unwrap();
+    assert!(changed.accept(with_denial(4)).await.unwrap());
+    changed.flush().await.unwrap();
+    let bundles = of_kind(BUNDLE_KIND);
+    assert_eq!(bundles.len(), 2);
+    assert_eq!(bundles[1]["payload"]["previous"], "aaaaaaaaaaaa");
+    assert_eq!(of_kind(DENIED_KIND).len(), 2);
+    // And back: the change back is a change too.
+    SpineSink::open(with_policy("aaaaaaaaaaaa")).await.unwrap();
+    let bundles = of_kind(BUNDLE_KIND);
+    assert_eq!(bundles.len(), 3);
+    assert_eq!(bundles[2]["payload"]["previous"], "bbbbbbbbbbbb");
+
+    // A spine whose kinds lack the policy's is refused at open.
+    let mut s = with_policy("aaaaaaaaaaaa");
+    s.kinds = vec!["other".into()];
+    let Err(error) = SpineSink::open(s).await else {
+        panic!("opened")
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("kinds: `policy_bundle_registered` is missing"),
+        "{error}"
+    );
+}
