@@ -128,6 +128,15 @@ fn check_lake(rows: &[Json], expected: &[Committed]) -> Result<()> {
 }
 
 fn check_spine(events: &[Json], expected: &[Committed]) -> Result<()> {
+    // The policy is registered once, across every restart; the rest are the changes.
+    let (policy, events): (Vec<Json>, Vec<Json>) = events
+        .iter()
+        .cloned()
+        .partition(|e| e["source"] == "airlock.policy");
+    ensure!(
+        policy.len() == 1 && policy[0]["kind"] == "policy_bundle_registered",
+        "the policy is registered once across restarts: {policy:#?}"
+    );
     ensure!(
         events.len() == expected.len(),
         "the spine holds {} events, {} changes were committed",

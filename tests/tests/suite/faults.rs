@@ -430,7 +430,7 @@ async fn a_spine_down_for_minutes_shows_its_backlog_and_gets_every_event_when_ba
     };
     let start = Instant::now();
     let events = loop {
-        let events: Json = reqwest::get(format!("{}?limit=100000", spine.url))
+        let events: Json = reqwest::get(format!("{}?source=airlock&limit=100000", spine.url))
             .await?
             .json()
             .await?;
@@ -776,7 +776,21 @@ async fn the_backlog_in_front_of_a_retrying_sink_shows_in_status() -> Result<()>
 async fn refusing_spine() -> Result<String> {
     use axum::http::StatusCode;
     use axum::routing::{get, post};
-    let refuse = || async { (StatusCode::BAD_REQUEST, "refused by this spine") };
+    // The policy's own events are taken (airlock registers its policy at start);
+    // every change is refused.
+    let refuse = |body: axum::body::Bytes| async move {
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let events = body
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| vec![body.clone()]);
+        if events.iter().all(|e| e["source"] == "airlock.policy") {
+            (StatusCode::CREATED, axum::Json(body))
+        } else {
+            let refused = serde_json::json!({"detail": "refused by this spine"});
+            (StatusCode::BAD_REQUEST, axum::Json(refused))
+        }
+    };
     let app = axum::Router::new()
         .route(
             "/events",

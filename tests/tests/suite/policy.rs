@@ -122,6 +122,20 @@ fn check(config: &Path) -> (bool, String) {
     )
 }
 
+/// Waits up to a minute for `host` to stop, which it must do with a failure (else
+/// `why`); returns its log.
+fn failed(host: &mut HostProcess, log: &Path, why: &str) -> anyhow::Result<String> {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = host.wait_exit(Duration::from_millis(200)) {
+            break status;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "{why}");
+    };
+    anyhow::ensure!(!status.success(), "airlock exited 0: {why}");
+    Ok(std::fs::read_to_string(log)?)
+}
+
 /// Every raw secret absent from every byte of `files`, and from `text`.
 fn assert_absent(what: &str, files: &[std::path::PathBuf], text: &str) {
     for secret in SECRETS {
@@ -421,18 +435,11 @@ async fn check_and_run_refuse_what_the_policy_cannot_cover() -> anyhow::Result<(
     wait_slot_active(&db, "policy").await?;
     db.batch_execute("INSERT INTO orders VALUES (1, 'ada@example.com', 'x', 1)")
         .await?;
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = host.wait_exit(Duration::from_millis(200)) {
-            break status;
-        }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(60),
-            "airlock kept running with an uncoverable column"
-        );
-    };
-    assert!(!status.success());
-    let logged = std::fs::read_to_string(&log)?;
+    let logged = failed(
+        &mut host,
+        &log,
+        "airlock kept running with an uncoverable column",
+    )?;
     assert!(
         logged.contains("public.orders.amount (numeric) is class `contact`"),
         "{logged}"
@@ -695,18 +702,11 @@ async fn a_responsible_stage_that_leaves_a_value_unwritten_stops_the_run_and_the
          UPDATE customers SET phone = '555-0102' WHERE id = 1;",
     )
     .await?;
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = host.wait_exit(Duration::from_millis(200)) {
-            break status;
-        }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(60),
-            "airlock kept running past a stage that left the e-mail unwritten"
-        );
-    };
-    assert!(!status.success());
-    let logged = std::fs::read_to_string(&log)?;
+    let logged = failed(
+        &mut host,
+        &log,
+        "airlock kept running past a stage that left the e-mail unwritten",
+    )?;
     assert!(
         logged.contains(
             "public.customers.email is class `secret`, which [policy] gives to stage `10-mask`"
