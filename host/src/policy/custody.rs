@@ -42,6 +42,9 @@ pub struct Violation {
     pub commit_lsn: Lsn,
 }
 
+/// Of one relation version: the columns in a stage's custody, as (index, class).
+type Columns = Arc<[(u32, String)]>;
+
 /// The responsible stage and, per relation version, the columns it must write.
 #[derive(Debug)]
 pub struct Custody {
@@ -49,7 +52,7 @@ pub struct Custody {
     stage: String,
     /// Per relation OID: the version planned and its columns in the stage's custody
     /// (index, class).
-    columns: HashMap<u32, (Arc<Relation>, Arc<[(u32, String)]>)>,
+    columns: HashMap<u32, (Arc<Relation>, Columns)>,
 }
 
 impl Custody {
@@ -68,13 +71,13 @@ impl Custody {
         &self.stage
     }
 
-    fn columns_of(&mut self, relation: &Arc<Relation>) -> Arc<[(u32, String)]> {
+    fn columns_of(&mut self, relation: &Arc<Relation>) -> Columns {
         if let Some((planned, columns)) = self.columns.get(&relation.oid)
             && Arc::ptr_eq(planned, relation)
         {
             return columns.clone();
         }
-        let columns: Arc<[(u32, String)]> = relation
+        let columns: Columns = relation
             .columns
             .iter()
             .enumerate()

@@ -671,7 +671,7 @@ impl SpineSink {
     fn skip_delivered(&mut self) {
         let (delivered, known) = (self.delivered, &self.policy_known);
         self.pending.retain(|e| match e.position {
-            Some(p) => !delivered.is_some_and(|d| p <= d),
+            Some(p) => delivered.is_none_or(|d| p > d),
             None => !known.contains(&e.event_id),
         });
     }
