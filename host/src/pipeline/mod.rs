@@ -19,12 +19,13 @@
 //!   the pipeline halts (nothing past it is acknowledged) or dead-letters it. A part
 //!   of a large transaction is never dead-lettered (its other parts went on): the
 //!   pipeline halts on it.
-//! - Under a policy with a responsible stage ([`crate::policy::Custody`]), a batch in
+//! - Under a policy with a responsible stage ([`custody::Custody`]), a batch in
 //!   which that stage left a value of its classes unwritten is never sent on, retried
 //!   or dead-lettered: the sinks get the denial alone, and the worker stops.
 
 pub mod batch;
 pub mod clocks;
+pub mod custody;
 pub mod guest;
 pub mod harness;
 pub mod inflow;
@@ -66,7 +67,7 @@ pub struct Pipeline {
     pub lineage: Arc<[batch::StageId]>,
     /// The policy's hold on its responsible stage, checked on every batch (set by the
     /// worker, handed from version to version).
-    pub custody: Option<crate::policy::Custody>,
+    pub custody: Option<custody::Custody>,
 }
 
 /// A plugin found in the folder, before loading.
@@ -332,7 +333,7 @@ impl Worker {
         policy: &Arc<crate::policy::Policy>,
         denials: crate::policy::DenialQueue,
     ) -> Worker {
-        pipeline.custody = crate::policy::Custody::new(policy.clone());
+        pipeline.custody = custody::Custody::new(policy.clone());
         Worker {
             policy: policy.version.as_str().into(),
             denials,

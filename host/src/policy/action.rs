@@ -45,7 +45,7 @@ pub enum Action {
     /// The named guest stage (a file stem of the plugin folder) is responsible: the
     /// gate passes the values to it, no stage runs before it, and the pipeline checks
     /// per batch that it wrote every value that is not `null`
-    /// ([`crate::policy::Custody`]).
+    /// ([`crate::pipeline::custody::Custody`]).
     Guest(String),
 }
 

@@ -23,7 +23,6 @@
 //!   classes, column entries, key id), never of the key itself.
 
 pub mod action;
-pub mod custody;
 pub mod gate;
 pub mod install;
 
@@ -36,8 +35,24 @@ use sha2::{Digest, Sha256};
 use crate::change::Lsn;
 
 pub use self::action::{Action, Generalize, Keyed, Normalize};
-pub use self::custody::{Custody, Violation};
 pub use self::gate::{Gate, GateError, Plan};
+
+/// A value of a stage's class that left the stage as it came in.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{table}.{column} is class `{class}`, which [policy] gives to stage `{stage}`, and {unwritten} of its values in transaction {xid} (commit {commit_lsn}) left the stage unwritten: the batch is not delivered and airlock stops; fix the stage or its settings so that it writes every value of the class (or give the class a built-in action)"
+)]
+pub struct Violation {
+    pub table: String,
+    pub column: String,
+    pub class: String,
+    pub stage: String,
+    /// Values of the batch the stage did not write (in every column of the stage's
+    /// classes).
+    pub unwritten: usize,
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+}
 
 /// What the policy kept out, for the log, `/status` and the spine's
 /// `request_denied` events.

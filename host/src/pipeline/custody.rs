@@ -20,27 +20,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::Policy;
-use crate::change::{Lsn, Relation, Value};
-use crate::pipeline::batch::Batch;
-use crate::pipeline::guest::Edits;
-
-/// A value of a stage's class that left the stage as it came in.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{table}.{column} is class `{class}`, which [policy] gives to stage `{stage}`, and {unwritten} of its values in transaction {xid} (commit {commit_lsn}) left the stage unwritten: the batch is not delivered and airlock stops; fix the stage or its settings so that it writes every value of the class (or give the class a built-in action)"
-)]
-pub struct Violation {
-    pub table: String,
-    pub column: String,
-    pub class: String,
-    pub stage: String,
-    /// Values of the batch the stage did not write (in every column of the stage's
-    /// classes).
-    pub unwritten: usize,
-    pub xid: u32,
-    pub commit_lsn: Lsn,
-}
+use super::batch::Batch;
+use super::guest::Edits;
+use crate::change::{Relation, Value};
+use crate::policy::{Policy, Violation};
 
 /// Of one relation version: the columns in a stage's custody, as (index, class).
 type Columns = Arc<[(u32, String)]>;
