@@ -171,6 +171,7 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
                 out.push(ok("publication", format!("`{publication}`: {}", tables.join(", "))));
             }
             policy_checks(config, &client, publication, out).await;
+            identity_checks(config, &client, publication, out).await;
             let unreadable = catalog::unreadable_tables(&client, publication).await.unwrap_or_default();
             if !unreadable.is_empty() {
                 out.push(fail(
@@ -215,6 +216,62 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
             format!("`{slot}` does not exist and create_slot = false"),
         )),
         Err(e) => out.push(fail("slot", e.to_string())),
+    }
+}
+
+/// Identity: whether its messages can be trusted, and which published tables lack
+/// the trigger. Reported whenever the function is installed or identity is on; a
+/// problem fails the check only when identity is on.
+async fn identity_checks(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    publication: &str,
+    out: &mut Vec<Finding>,
+) {
+    let mode = config.source.identity;
+    let role = match catalog::current_role(client).await {
+        Ok(role) => role.name,
+        Err(e) => return out.push(fail("identity", e.to_string())),
+    };
+    let trust = match crate::identity::trust(client, &role).await {
+        Ok(trust) => trust,
+        Err(e) => return out.push(fail("identity", e.to_string())),
+    };
+    if !mode.enabled() && trust.owner.is_none() {
+        return;
+    }
+    let report = |detail: String| {
+        if mode.enabled() {
+            fail("identity", detail)
+        } else {
+            warn("identity", detail)
+        }
+    };
+    let problems = trust.problems();
+    if problems.is_empty() {
+        out.push(ok(
+            "identity",
+            format!(
+                "identity = \"{}\": messages can be trusted (only {} and airlock's role may emit them)",
+                mode.name(),
+                crate::identity::OWNER_ROLE
+            ),
+        ));
+    } else {
+        for problem in problems {
+            out.push(report(problem));
+        }
+    }
+    match crate::identity::uncovered(client, publication).await {
+        Ok(tables) if tables.is_empty() => out.push(ok(
+            "identity triggers",
+            "every published table has the identity trigger",
+        )),
+        Ok(tables) => out.push(report(format!(
+            "published tables without an enabled identity trigger: {} (their changes carry no identity): run `airlock identity install` again, or ALTER TABLE ... ENABLE TRIGGER airlock_identity",
+            tables.join(", ")
+        ))),
+        Err(e) => out.push(fail("identity triggers", e.to_string())),
     }
 }
 
@@ -277,7 +334,7 @@ async fn policy_checks(
                 continue;
             }
         };
-        match crate::policy::Plan::new(policy, &relation) {
+        match crate::policy::Plan::new(policy, &relation, config.source.identity.enabled()) {
             Err(e) => out.push(fail("policy", e.to_string())),
             Ok(plan) => {
                 let held = crate::sink::lake::lake_table_name(&relation.schema, &relation.name);
@@ -310,7 +367,7 @@ async fn policy_checks(
                         }
                     }
                 }
-                for (column, r) in &plan.resolved {
+                for (column, r) in plan.resolved.iter().chain(&plan.resolved_identity) {
                     let what = format!("{}.{}.{}", relation.schema, relation.name, column.name);
                     let class = r.class.as_deref().unwrap_or("unclassified");
                     let by = match &r.by {

@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod identity;
 pub mod secrets;
 
 pub mod pipeline;

@@ -430,8 +430,14 @@ pub const SLOT_SPILLS: &str = "airlock_slot_spills_total";
 pub const SLOT_STREAM_TXNS: &str = "airlock_slot_streamed_transactions_total";
 pub const SLOT_STREAM_BYTES: &str = "airlock_slot_streamed_bytes_total";
 pub const SLOT_STREAMS: &str = "airlock_slot_streams_total";
+pub const UNATTRIBUTED: &str = "airlock_source_unattributed_changes_total";
 
 const CATALOG: &[(&str, &str, &str)] = &[
+    (
+        UNATTRIBUTED,
+        "counter",
+        "Changes written without an identity ([source] identity = \"record\"), by table.",
+    ),
     (ROWS_IN, "counter", "Rows entering the pipeline, by table."),
     (
         ROWS_OUT,

@@ -310,6 +310,7 @@ pub fn accounts_batch(n: u64, rows: u64, note: &str) -> Arc<Batch> {
         .map(|i| {
             let id = n * 1000 + i;
             Change {
+                identity: None,
                 relation: relation.clone(),
                 op: Op::Insert,
                 lsn: Lsn(n * 1000 + i),

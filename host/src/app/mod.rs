@@ -443,7 +443,8 @@ fn start_pipeline(
     let (worker_tx, worker_rx) = pipeline::inflow::channel(SOURCE_QUEUE_BYTES);
     let tap_in_flight = in_flight.clone();
     status.set_policy(&config.policy);
-    let mut gate = crate::policy::Gate::new(config.policy.clone());
+    let mut gate =
+        crate::policy::Gate::new(config.policy.clone(), config.source.identity.enabled());
     let gate_status = status.clone();
     let denials = crate::policy::DenialQueue::default();
     let gate_denials = denials.clone();
@@ -536,5 +537,25 @@ fn source_settings(
         spool_dir: config.source.spool_dir.clone(),
         // Comments name classes: with none, they can change nothing.
         read_comments: !config.policy.classes.is_empty(),
+        identity: config.source.identity,
+        on_unattributed: Some({
+            let status = status.clone(); // changes without an identity in `/metrics`
+            let warned = std::sync::Mutex::new(std::collections::BTreeSet::new());
+            source::TableObserver(Arc::new(move |table| {
+                status
+                    .metrics
+                    .add(status::UNATTRIBUTED, &[("table", table)], 1.0);
+                let first = warned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(table.to_owned());
+                if first {
+                    tracing::warn!(
+                        table,
+                        "changes without an identity are written with none ([source] identity = \"record\"; counted in airlock_source_unattributed_changes_total)"
+                    );
+                }
+            }))
+        }),
     }
 }

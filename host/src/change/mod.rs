@@ -13,6 +13,7 @@
 //! - [`Value::UnchangedToast`] is distinct from [`Value::Null`]: PostgreSQL did not
 //!   resend a TOASTed value that the update left unchanged.
 
+pub mod identity;
 pub mod json;
 pub mod text;
 
@@ -241,6 +242,9 @@ pub struct Change {
     /// The old image (update and delete): the key columns, or every column with
     /// REPLICA IDENTITY FULL; columns outside the key are `Null`.
     pub old: Option<Vec<Value>>,
+    /// Who made the change: the last identity message before it in its transaction
+    /// (see `crate::identity`); `None` without one, and for snapshot reads.
+    pub identity: Option<Arc<identity::Identity>>,
 }
 
 impl Change {

@@ -82,41 +82,63 @@ pub async fn check(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `airlock policy install|uninstall`: prints `sql`, or runs it against the
-/// configuration's database.
-pub async fn policy_sql(
+/// Runs SQL that installs or removes airlock's helpers in the configuration's database
+/// (`airlock policy …`, `airlock identity …`), or prints it with `--print`. `sql` is
+/// given the configuration when there is one; `command` names the command in hints.
+pub async fn apply_sql(
     config: Option<PathBuf>,
     print: bool,
-    sql: &str,
+    command: &str,
     done: &str,
+    sql: impl FnOnce(Option<&crate::config::Config>) -> String,
 ) -> anyhow::Result<()> {
+    let loaded = config
+        .as_deref()
+        .map(crate::config::Config::load)
+        .transpose()?;
+    let sql = sql(loaded.as_ref());
     if print {
         print!("{sql}");
         return Ok(());
     }
-    let Some(path) = config else {
+    let Some(config) = loaded else {
         anyhow::bail!(
             "give --config FILE to run it against that database, or --print to see the SQL"
         );
     };
-    let config = crate::config::Config::load(&path)?;
     let connect = config.source.connect_config()?;
     let target = connect.redacted_url();
     let (client, connection) = connect.connect_sql().await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    client.batch_execute(sql).await.map_err(|e| {
+    client.batch_execute(&sql).await.map_err(|e| {
+        let text = e.to_string();
+        let source = std::error::Error::source(&e)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let denied = [&text, &source].iter().any(|t| {
+            t.contains("permission denied")
+                || t.contains("must be superuser")
+                || t.contains("must be owner")
+        });
         anyhow::anyhow!(
-            "{target}: {e}{}",
-            if e.to_string().contains("permission denied") || e.to_string().contains("must be superuser") {
-                " (creating an event trigger needs a superuser: run `airlock policy install --print` and apply it as one)"
+            "{target}: {text}{}{}",
+            if source.is_empty() {
+                String::new()
             } else {
-                ""
+                format!(": {source}")
+            },
+            if denied {
+                format!(
+                    " (this needs a superuser: run `airlock {command} --print` and apply it as one)"
+                )
+            } else {
+                String::new()
             }
         )
     })?;
-    println!("{done} the policy's comment trigger in {target}");
+    println!("{done} in {target}");
     Ok(())
 }
 

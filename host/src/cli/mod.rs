@@ -104,6 +104,35 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Who changed each row: the function and triggers that tell airlock.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+}
+
+/// `airlock identity …`.
+#[derive(Subcommand)]
+pub enum IdentityCommand {
+    /// Create the identity function (owned by the role airlock_identity), add its
+    /// trigger to every published table, and revoke pg_logical_emit_message from
+    /// PUBLIC so no one else can forge an identity (needs a superuser; safe to run
+    /// again).
+    Install {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the SQL instead of running it (to review, or to apply by hand).
+        #[arg(long)]
+        print: bool,
+    },
+    /// Remove all of it, and give PUBLIC back pg_logical_emit_message.
+    Uninstall {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 /// `airlock policy …`.
@@ -260,17 +289,53 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy {
             command: PolicyCommand::Install { config, print },
         } => {
-            commands::policy_sql(config, print, crate::policy::install::INSTALL, "installed")
-                .await?
+            commands::apply_sql(
+                config,
+                print,
+                "policy install",
+                "installed the policy's comment trigger",
+                |_| crate::policy::install::INSTALL.to_owned(),
+            )
+            .await?
         }
         Command::Policy {
             command: PolicyCommand::Uninstall { config, print },
         } => {
-            commands::policy_sql(
+            commands::apply_sql(
                 config,
                 print,
-                crate::policy::install::UNINSTALL,
-                "uninstalled",
+                "policy uninstall",
+                "uninstalled the policy's comment trigger",
+                |_| crate::policy::install::UNINSTALL.to_owned(),
+            )
+            .await?
+        }
+        Command::Identity {
+            command: IdentityCommand::Install { config, print },
+        } => {
+            commands::apply_sql(
+                config,
+                print,
+                "identity install",
+                "installed identity (function, triggers on every published table, emit privileges)",
+                |config| {
+                    let user = config
+                        .and_then(|c| c.source.connect_config().ok())
+                        .map(|c| c.user.clone());
+                    crate::identity::install::install_sql(user.as_deref())
+                },
+            )
+            .await?
+        }
+        Command::Identity {
+            command: IdentityCommand::Uninstall { config, print },
+        } => {
+            commands::apply_sql(
+                config,
+                print,
+                "identity uninstall",
+                "uninstalled identity",
+                |_| crate::identity::install::UNINSTALL.to_owned(),
             )
             .await?
         }

@@ -64,6 +64,10 @@ pub struct Source {
     pub require_auth: Option<String>,
     /// SCRAM channel binding: `disable`, `prefer` (default) or `require`.
     pub channel_binding: Option<String>,
+    /// Who changed each row: `off` (default), `required` (a change without an
+    /// identity stops the run) or `record` (written with none, counted). Needs
+    /// `airlock identity install`.
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

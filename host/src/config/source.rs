@@ -49,6 +49,7 @@ pub struct SourceConfig {
     pub status_interval: Duration,
     pub slot_busy_timeout: Duration,
     pub spool_dir: PathBuf,
+    pub identity: crate::identity::Mode,
 }
 
 /// Checks `[source]`; `None` when it is missing or unusable (the problems are in
@@ -206,6 +207,16 @@ pub(super) fn validate(raw: Option<raw::Source>, check: &mut Check) -> Option<So
             Snapshot::Never
         }
     };
+    let identity = match s.identity.as_deref() {
+        None => crate::identity::Mode::Off,
+        Some(text) => crate::identity::Mode::parse(text).unwrap_or_else(|| {
+            check.add(
+                "source.identity",
+                format!("found `{text}`, expected `off`, `required` or `record`"),
+            );
+            crate::identity::Mode::Off
+        }),
+    };
     let tables = s.tables.unwrap_or_default();
     for (i, t) in tables.iter().enumerate() {
         if t.split('.').count() != 2 {
@@ -241,6 +252,7 @@ pub(super) fn validate(raw: Option<raw::Source>, check: &mut Check) -> Option<So
         spool_dir: s
             .spool_dir
             .map_or_else(crate::source::default_spool_dir, |d| resolve(&d)),
+        identity,
     })
 }
 

@@ -197,6 +197,7 @@ mod tests {
         let changes = rows
             .iter()
             .map(|(new, old)| Change {
+                identity: None,
                 relation: relation.clone(),
                 op: Op::Update,
                 lsn: Lsn(5),

@@ -479,6 +479,22 @@ impl wit::HostBatch for GuestState {
         })
     }
 
+    fn identity(
+        &mut self,
+        b: Resource<GuestBatch>,
+        row: u32,
+    ) -> wasmtime::Result<Option<wit::Identity>> {
+        let gb = self.table.get(&b)?;
+        let r = gb.row(row)?;
+        Ok(r.change.identity.as_deref().map(|who| wit::Identity {
+            session_user: who.session_user.clone(),
+            role: who.role.clone(),
+            client_addr: who.client_addr.clone(),
+            application_name: who.application_name.clone(),
+            actor: who.actor.as_ref().map(|(actor, _)| actor.clone()),
+        }))
+    }
+
     fn get(
         &mut self,
         b: Resource<GuestBatch>,

@@ -247,6 +247,7 @@ pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessErro
                 part: crate::change::Part::WHOLE,
             },
             changes: vec![Change {
+                identity: None,
                 relation,
                 op,
                 lsn,

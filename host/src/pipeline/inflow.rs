@@ -134,6 +134,7 @@ mod tests {
             },
             changes: (0..rows)
                 .map(|i| Change {
+                    identity: None,
                     relation: relation.clone(),
                     op: Op::Insert,
                     lsn: Lsn(i as u64),

@@ -23,7 +23,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{Action, By, Denial, Policy, Resolved};
+use crate::change::identity::Identity;
 use crate::change::{Change, Column, Relation, Transaction, Value};
+
+/// An identity column as a column, for resolutions and notices.
+fn identity_column(name: &str) -> Column {
+    Column {
+        name: name.to_owned(),
+        type_oid: crate::change::oid::TEXT,
+        type_modifier: -1,
+        key: false,
+    }
+}
 
 /// Why a relation cannot pass the gate.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -48,17 +59,39 @@ pub struct Plan {
     pub relation: Arc<Relation>,
     /// Each source column's resolution, in source order.
     pub resolved: Vec<(Column, Resolved)>,
+    /// The identity columns' resolutions ([`IDENTITY_COLUMNS`]).
+    pub resolved_identity: Vec<(Column, Resolved)>,
     /// For each output column: its source index and its action.
     outputs: Vec<(usize, Action)>,
     /// No column is removed: the actions other than `keep` apply in place (none:
     /// every column is kept as it is, and the transaction passes untouched).
     in_place: Option<Vec<(usize, Action)>>,
+    /// The actions on the identity columns ([`IDENTITY_COLUMNS`], in that order);
+    /// `None` when every one keeps its value.
+    identity: Option<[Action; 5]>,
 }
 
+/// The lake's identity columns, which the policy classifies like any column of the
+/// table (`"public.orders._client_addr" = "pii"`). No guest stage can be responsible
+/// for them: guests cannot write an identity.
+pub const IDENTITY_COLUMNS: [&str; 5] = [
+    "_session_user",
+    "_role",
+    "_actor",
+    "_application_name",
+    "_client_addr",
+];
+
 impl Plan {
-    /// The plan for `relation` under `policy` (and its columns' comment classes).
-    pub fn new(policy: &Policy, relation: &Arc<Relation>) -> Result<Plan, GateError> {
+    /// The plan for `relation` under `policy` (and its columns' comment classes);
+    /// with `identity`, the identity columns are classified too.
+    pub fn new(
+        policy: &Policy,
+        relation: &Arc<Relation>,
+        identity: bool,
+    ) -> Result<Plan, GateError> {
         let mut resolved = Vec::with_capacity(relation.columns.len());
+        let mut resolved_identity = Vec::with_capacity(IDENTITY_COLUMNS.len());
         let mut outputs = Vec::with_capacity(relation.columns.len());
         let mut columns = Vec::with_capacity(relation.columns.len());
         for (i, column) in relation.columns.iter().enumerate() {
@@ -94,6 +127,33 @@ impl Plan {
             }
             resolved.push((column.clone(), r));
         }
+        let mut identity_actions = Vec::with_capacity(IDENTITY_COLUMNS.len());
+        for name in IDENTITY_COLUMNS.into_iter().filter(|_| identity) {
+            let r = policy.resolve(&relation.schema, &relation.name, name, None);
+            let problem = match &r.action {
+                Action::Guest(_) => Some(
+                    "identity columns cannot be given to a guest stage (no guest can write them)"
+                        .to_owned(),
+                ),
+                action => action.refuses(crate::change::oid::TEXT),
+            };
+            if let Some(problem) = problem {
+                return Err(GateError {
+                    table: relation.qualified_name(),
+                    column: name.to_owned(),
+                    type_name: "text".to_owned(),
+                    class: r.class.clone().unwrap_or_default(),
+                    by: r.by.to_string(),
+                    problem,
+                });
+            }
+            identity_actions.push(r.action.clone());
+            resolved_identity.push((identity_column(name), r));
+        }
+        let identity_plan: Option<[Action; 5]> = identity_actions
+            .iter()
+            .any(|a| *a != Action::Keep)
+            .then(|| identity_actions.try_into().expect("five identity columns"));
         let in_place: Option<Vec<(usize, Action)>> = (outputs.len() == relation.columns.len())
             .then(|| {
                 outputs
@@ -124,8 +184,41 @@ impl Plan {
             source: relation.clone(),
             relation: out,
             resolved,
+            resolved_identity,
             outputs,
+            identity: identity_plan,
         })
+    }
+
+    /// `identity` with this plan's actions applied to its fields.
+    fn apply_identity(
+        actions: &[Action; 5],
+        identity: &Identity,
+        policy: &Policy,
+        scratch: &mut Vec<u8>,
+    ) -> Identity {
+        let mut apply = |action: &Action, field: Option<String>| -> Option<String> {
+            let mut value = field.map_or(Value::Null, Value::Text);
+            action.apply(&mut value, policy.key.as_ref(), scratch);
+            match value {
+                Value::Text(text) => Some(text),
+                _ => None,
+            }
+        };
+        let [session_user, role, actor, application_name, client_addr] = actions;
+        let (actor_text, claim) = match &identity.actor {
+            Some((text, claim)) => (Some(text.clone()), Some(*claim)),
+            None => (None, None),
+        };
+        Identity {
+            role: apply(role, identity.role.clone()),
+            session_user: apply(session_user, Some(identity.session_user.clone()))
+                .unwrap_or_default(),
+            actor: apply(actor, actor_text).zip(claim),
+            application_name: apply(application_name, identity.application_name.clone()),
+            client_addr: apply(client_addr, identity.client_addr.clone()),
+            pid: identity.pid,
+        }
     }
 
     fn apply(&self, change: &mut Change, policy: &Policy, scratch: &mut Vec<u8>) {
@@ -158,6 +251,8 @@ impl Plan {
 /// The gate: the policy and a plan per relation seen.
 pub struct Gate {
     policy: Arc<Policy>,
+    /// Whether changes carry identities, whose columns the policy classifies.
+    identity: bool,
     plans: HashMap<u32, Arc<Plan>>,
     /// Denied columns already noticed, as `(schema.table, column)`.
     noticed: HashSet<(String, String)>,
@@ -165,9 +260,10 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(policy: Arc<Policy>) -> Gate {
+    pub fn new(policy: Arc<Policy>, identity: bool) -> Gate {
         Gate {
             policy,
+            identity,
             plans: HashMap::new(),
             noticed: HashSet::new(),
             scratch: Vec::new(),
@@ -181,9 +277,32 @@ impl Gate {
     /// Applies the policy to every change of `txn`; returns what to tell.
     pub fn apply(&mut self, txn: &mut Transaction) -> Result<Vec<Denial>, GateError> {
         let mut notices = Vec::new();
+        // Changes share their transaction's identity: each one is rewritten once per
+        // plan, not once per change.
+        let mut rewritten: Option<(Arc<Identity>, *const Plan, Arc<Identity>)> = None;
         for change in &mut txn.changes {
             let plan = self.plan(&change.relation, &mut notices)?;
             plan.apply(change, &self.policy, &mut self.scratch);
+            if let (Some(actions), Some(identity)) = (&plan.identity, &change.identity) {
+                let out = match &rewritten {
+                    Some((from, p, out))
+                        if Arc::ptr_eq(from, identity) && *p == Arc::as_ptr(&plan) =>
+                    {
+                        out.clone()
+                    }
+                    _ => {
+                        let out = Arc::new(Plan::apply_identity(
+                            actions,
+                            identity,
+                            &self.policy,
+                            &mut self.scratch,
+                        ));
+                        rewritten = Some((identity.clone(), Arc::as_ptr(&plan), out.clone()));
+                        out
+                    }
+                };
+                change.identity = Some(out);
+            }
         }
         Ok(notices)
     }
@@ -200,8 +319,8 @@ impl Gate {
         {
             return Ok(plan.clone());
         }
-        let plan = Arc::new(Plan::new(&self.policy, relation)?);
-        for (column, r) in &plan.resolved {
+        let plan = Arc::new(Plan::new(&self.policy, relation, self.identity)?);
+        for (column, r) in plan.resolved.iter().chain(&plan.resolved_identity) {
             if r.by == By::Default
                 && r.action == Action::Drop
                 && self
@@ -288,6 +407,7 @@ mod tests {
         old: Option<Vec<Value>>,
     ) -> Change {
         Change {
+            identity: None,
             relation: relation.clone(),
             op,
             lsn: Lsn(5),
@@ -312,7 +432,7 @@ mod tests {
                 ("public.customers.phone", "contact"),
             ],
         );
-        let mut gate = Gate::new(p.clone());
+        let mut gate = Gate::new(p.clone(), false);
         let row = || {
             vec![
                 Value::Int(7),
@@ -364,7 +484,7 @@ mod tests {
     #[test]
     fn a_relation_that_keeps_everything_passes_untouched() {
         let rel = relation(&[("id", oid::INT8, true), ("name", oid::TEXT, false)]);
-        let mut gate = Gate::new(policy(Unclassified::Allow, &[]));
+        let mut gate = Gate::new(policy(Unclassified::Allow, &[]), false);
         let mut t = txn(vec![change(
             &rel,
             Op::Insert,
@@ -378,12 +498,98 @@ mod tests {
     }
 
     #[test]
+    fn identity_columns_are_classified_like_any_column_and_denied_by_default() {
+        let rel = relation(&[("id", oid::INT8, true)]);
+        let policy = policy(
+            Unclassified::Deny,
+            &[
+                ("public.customers.id", "public"),
+                ("public.customers._session_user", "public"),
+                ("public.customers._role", "public"),
+                ("public.customers._actor", "pii"),
+                ("public.customers._client_addr", "contact"),
+            ],
+        );
+        let who = Arc::new(Identity {
+            session_user: "web".into(),
+            role: Some("authenticated".into()),
+            client_addr: Some("10.0.0.7".into()),
+            pid: Some(7),
+            application_name: Some("postgrest".into()),
+            actor: Some((
+                "user-17".into(),
+                crate::change::identity::ActorClaim::JwtSub,
+            )),
+        });
+        let mut changes = vec![
+            change(&rel, Op::Insert, Some(vec![Value::Int(1)]), None),
+            change(&rel, Op::Insert, Some(vec![Value::Int(2)]), None),
+        ];
+        for c in &mut changes {
+            c.identity = Some(who.clone());
+        }
+        let mut gate = Gate::new(policy.clone(), true);
+        let mut t = txn(changes);
+        let notices = gate.apply(&mut t).unwrap();
+        let out = t.changes[0].identity.clone().unwrap();
+        assert_eq!(out.session_user, "web");
+        assert_eq!(out.role.as_deref(), Some("authenticated"));
+        let (actor, claim) = out.actor.clone().unwrap();
+        assert!(
+            actor.starts_with("k1:") && !actor.contains("user-17"),
+            "{actor}"
+        );
+        assert_eq!(claim, crate::change::identity::ActorClaim::JwtSub);
+        assert_eq!(out.client_addr.as_deref(), Some("****.0.7"));
+        // Unclassified under deny: withheld, and told once.
+        assert_eq!(out.application_name, None);
+        assert_eq!(
+            notices,
+            vec![Denial::Column {
+                table: "public.customers".into(),
+                column: "_application_name".into(),
+                key: false,
+            }]
+        );
+        // One rewrite for the transaction's changes that share it.
+        assert!(Arc::ptr_eq(&out, t.changes[1].identity.as_ref().unwrap()));
+
+        // Without identity, the same policy says nothing of identity columns.
+        let mut gate = Gate::new(policy.clone(), false);
+        let mut t = txn(vec![change(
+            &rel,
+            Op::Insert,
+            Some(vec![Value::Int(1)]),
+            None,
+        )]);
+        assert!(gate.apply(&mut t).unwrap().is_empty());
+
+        // No guest can be responsible for them.
+        let mut classes = BTreeMap::from([("public".to_owned(), Action::Keep)]);
+        classes.insert("stage".to_owned(), Action::Guest("10-mask".into()));
+        let guest = Arc::new(Policy::new(
+            Unclassified::Allow,
+            classes,
+            vec![Rule {
+                pattern: "public.customers._actor".into(),
+                class: "stage".into(),
+            }],
+            None,
+        ));
+        let error = Plan::new(&guest, &rel, true).unwrap_err().to_string();
+        assert!(
+            error.contains("_actor") && error.contains("guest stage"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_type_the_action_cannot_take_stops_with_table_column_and_class() {
         let rel = relation(&[("phone", oid::INT8, false)]);
-        let mut gate = Gate::new(policy(
-            Unclassified::Deny,
-            &[("public.customers.phone", "contact")],
-        ));
+        let mut gate = Gate::new(
+            policy(Unclassified::Deny, &[("public.customers.phone", "contact")]),
+            false,
+        );
         let mut t = txn(vec![change(
             &rel,
             Op::Insert,
@@ -401,7 +607,10 @@ mod tests {
     fn a_new_relation_version_is_planned_again_and_its_new_column_denied() {
         let v1 = relation(&[("id", oid::INT8, true)]);
         let v2 = relation(&[("id", oid::INT8, true), ("ssn", oid::TEXT, false)]);
-        let mut gate = Gate::new(policy(Unclassified::Deny, &[("public.*.id", "public")]));
+        let mut gate = Gate::new(
+            policy(Unclassified::Deny, &[("public.*.id", "public")]),
+            false,
+        );
         let mut t = txn(vec![
             change(&v1, Op::Insert, Some(vec![Value::Int(1)]), None),
             change(
@@ -423,10 +632,10 @@ mod tests {
         Arc::make_mut(&mut rel)
             .comment_classes
             .insert("note".to_owned(), "pii".to_owned());
-        let mut gate = Gate::new(policy(
-            Unclassified::Deny,
-            &[("public.customers.*", "public")],
-        ));
+        let mut gate = Gate::new(
+            policy(Unclassified::Deny, &[("public.customers.*", "public")]),
+            false,
+        );
         let mut t = txn(vec![change(
             &rel,
             Op::Insert,

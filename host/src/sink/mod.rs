@@ -264,6 +264,7 @@ mod tests {
                 part: Part::WHOLE,
             },
             changes: vec![Change {
+                identity: None,
                 relation,
                 op: Op::Insert,
                 lsn: Lsn(end - 1),

@@ -55,8 +55,10 @@
 //! `table` (`schema.table`), `operation` (`INSERT`, `UPDATE`, `DELETE`, `TRUNCATE`,
 //! `SNAPSHOT`), `new` (new image, when there is one), `old` (old image: key columns, or
 //! every column with `REPLICA IDENTITY FULL`), `lsn`, `commit_lsn` (PostgreSQL's
-//! `X/Y` text), `xid`, `pipeline`, `tags` (row tags), `column_tags` (only when a column
-//! has tags) and `event_id`. Values are [`row_to_json`]'s: the row as the guests left
+//! `X/Y` text), `xid`, `pipeline`, `tags` (row tags), `actor` (who made the change,
+//! when identity is on: [`Identity::to_json`](crate::change::identity::Identity::to_json),
+//! or `null` with `unattributed: true` for a change recorded without one),
+//! `column_tags` (only when a column has tags) and `event_id`. Values are [`row_to_json`]'s: the row as the guests left
 //! it (masked), exact, untouched.
 //!
 //! `kind` and `source`: the row's `spine.kind` / `spine.source` annotation, else the
@@ -142,6 +144,9 @@ pub struct SpineSettings {
     /// it as the latest, and the source of the denials recorded. `None`: no policy
     /// events (tests of other parts).
     pub policy: Option<PolicyRecord>,
+    /// Changes carry who made them (`[source] identity` is on): every event has
+    /// `actor`, and a change recorded without one is marked `unattributed`.
+    pub identity: bool,
 }
 
 /// The policy as the spine records it.
@@ -194,6 +199,7 @@ impl SpineSettings {
             key: None,
             key_file: None,
             policy: None,
+            identity: false,
         }
     }
 }
@@ -1027,7 +1033,7 @@ impl Sink for SpineSink {
             let body = serde_json::to_vec(&json!({
                 "kind": kind,
                 "source": source,
-                "payload": payload(&batch, row, relation, &id),
+                "payload": payload(&batch, row, relation, &id, self.settings.identity),
                 "timestamp": format_timestamp(txn.commit_ts, true),
             }))
             .map_err(|e| self.definite(format!("cannot encode event {id}: {e}")))?;
@@ -1077,7 +1083,13 @@ impl Sink for SpineSink {
 }
 
 /// The event payload of one row.
-fn payload(batch: &Batch, row: &BatchRow, relation: &Relation, event_id: &str) -> Json {
+fn payload(
+    batch: &Batch,
+    row: &BatchRow,
+    relation: &Relation,
+    event_id: &str,
+    identity: bool,
+) -> Json {
     let txn = &batch.txns[row.txn as usize];
     let mut payload = Map::new();
     payload.insert("table".into(), relation.qualified_name().into());
@@ -1094,6 +1106,19 @@ fn payload(batch: &Batch, row: &BatchRow, relation: &Relation, event_id: &str) -
     payload.insert("pipeline".into(), (*batch.pipeline).into());
     payload.insert("policy".into(), (*batch.policy).into());
     payload.insert("tags".into(), row.tags.clone().into());
+    match &row.change.identity {
+        Some(who) => {
+            payload.insert("actor".into(), who.to_json());
+        }
+        None if identity => {
+            payload.insert("actor".into(), Json::Null);
+            // A snapshot read is the table as it was, not a change anyone made.
+            if row.change.op != Op::Read {
+                payload.insert("unattributed".into(), true.into());
+            }
+        }
+        None => {}
+    }
     let table = &batch.tables[row.table as usize];
     if table.column_tags.iter().any(|t| !t.is_empty()) {
         let tags: Map<String, Json> = relation

@@ -19,6 +19,7 @@ use super::error::SourceError;
 use super::pgoutput::{self, Message, OldKind, TupleData, TupleValue};
 use crate::change::text;
 use crate::change::{Change, Lsn, Op, Relation, Transaction, TxnMeta, Value};
+use crate::identity::{self, Identity};
 use crate::policy::COMMENT_MESSAGE_PREFIX;
 
 /// A transaction is handed on in parts of at most this many changes...
@@ -54,6 +55,13 @@ pub(super) struct Assembler {
     /// stream order), with the classes its comments give as the message says them
     /// (`None`: a message without them, so the streamer reads the catalog).
     pub(super) comments_changed: Option<(u32, Option<BTreeMap<String, String>>)>,
+    /// What to do with identity messages ([`identity::Mode`]).
+    pub(super) identity_mode: identity::Mode,
+    /// The last identity message of the current transaction.
+    pub(super) identity: Option<Arc<Identity>>,
+    /// Tables of changes handed on without an identity ([`identity::Mode::Record`]),
+    /// for the streamer to report.
+    pub(super) unattributed: Vec<String>,
 }
 
 impl Assembler {
@@ -163,6 +171,22 @@ impl Assembler {
                     self.comments_changed = Some(changed);
                 }
             }
+            Message::Message(message)
+                if message.transactional && message.prefix == identity::MESSAGE_PREFIX =>
+            {
+                // Never data. Only the identity function may emit under the prefix
+                // (checked at start), so one that does not parse is a defect, not noise.
+                if self.identity_mode.enabled() {
+                    let identity =
+                        Identity::parse(message.content).map_err(|e| SourceError::Stream {
+                            lsn,
+                            reason: e.to_string(),
+                        })?;
+                    if self.identity.as_deref() != Some(&identity) {
+                        self.identity = Some(Arc::new(identity));
+                    }
+                }
+            }
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
             Message::StreamStart(_)
             | Message::StreamStop
@@ -202,6 +226,7 @@ impl Assembler {
             changes: Vec::new(),
         });
         self.current_bytes = 0;
+        self.identity = None;
         (self.offset, self.skip) = match self.resume {
             Some((resumed, sent)) if resumed == commit_lsn => (sent, sent),
             _ => (0, 0),
@@ -289,7 +314,23 @@ impl Assembler {
             self.skip -= 1;
             return Ok(());
         }
+        let identity = match (self.identity_mode, &self.identity) {
+            (identity::Mode::Off, _) => None,
+            (_, Some(identity)) => Some(identity.clone()),
+            (identity::Mode::Required, None) => {
+                return Err(SourceError::Unattributed {
+                    table: relation.qualified_name(),
+                    lsn,
+                    xid: txn.meta.xid,
+                });
+            }
+            (identity::Mode::Record, None) => {
+                self.unattributed.push(relation.qualified_name());
+                None
+            }
+        };
         let change = Change {
+            identity,
             relation,
             op,
             lsn,
@@ -589,6 +630,109 @@ mod tests {
         );
         assert_eq!(comment_message(b"{\"oid\": -1}"), None);
         assert_eq!(comment_message(b"\xff"), None);
+    }
+
+    fn identity_message(body: &str) -> Vec<u8> {
+        Msg::new(b'M')
+            .u8(1)
+            .u64(0x30)
+            .cstr(identity::MESSAGE_PREFIX)
+            .u32(body.len() as u32)
+            .raw(body.as_bytes())
+            .0
+    }
+
+    #[test]
+    fn each_change_takes_the_last_identity_before_it_in_its_transaction() {
+        let mut a = Assembler {
+            identity_mode: identity::Mode::Required,
+            ..Assembler::default()
+        };
+        apply(&mut a, 1, &fx::begin());
+        apply(&mut a, 2, &fx::relation());
+        apply(
+            &mut a,
+            3,
+            &identity_message(r#"{"session_user": "alice", "actor": "first"}"#),
+        );
+        apply(&mut a, 4, &fx::insert());
+        apply(
+            &mut a,
+            5,
+            &identity_message(r#"{"session_user": "alice", "actor": "second"}"#),
+        );
+        apply(&mut a, 6, &fx::insert());
+        // A message under another prefix is neither data nor identity.
+        apply(&mut a, 7, &fx::message());
+        apply(&mut a, 8, &fx::delete());
+        let txn = apply(&mut a, 9, &fx::commit()).unwrap();
+        let actors: Vec<Option<&str>> = txn
+            .changes
+            .iter()
+            .map(|c| {
+                c.identity
+                    .as_ref()
+                    .and_then(|i| i.actor.as_ref())
+                    .map(|(a, _)| a.as_str())
+            })
+            .collect();
+        assert_eq!(actors, [Some("first"), Some("second"), Some("second")]);
+        // Consecutive changes share one identity.
+        assert!(Arc::ptr_eq(
+            txn.changes[1].identity.as_ref().unwrap(),
+            txn.changes[2].identity.as_ref().unwrap()
+        ));
+
+        // The next transaction starts with none: its first change stops the source,
+        // naming the table.
+        apply(&mut a, 10, &fx::begin());
+        let error = a.apply(Lsn(11), &fx::insert()).unwrap_err();
+        assert!(matches!(error, SourceError::Unattributed { .. }));
+        let text = error.to_string();
+        assert!(
+            text.contains("`public.users`") && text.contains("0/B"),
+            "{text}"
+        );
+        assert!(!error.is_transient());
+    }
+
+    #[test]
+    fn record_mode_hands_on_changes_without_identity_and_says_which() {
+        let mut a = Assembler {
+            identity_mode: identity::Mode::Record,
+            ..Assembler::default()
+        };
+        apply(&mut a, 1, &fx::begin());
+        apply(&mut a, 2, &fx::relation());
+        apply(&mut a, 3, &fx::insert());
+        let txn = apply(&mut a, 4, &fx::commit()).unwrap();
+        assert!(txn.changes[0].identity.is_none());
+        assert_eq!(a.unattributed, ["public.users"]);
+
+        // Off: identity messages are ignored, and nothing is required.
+        let mut a = Assembler::default();
+        apply(&mut a, 1, &fx::begin());
+        apply(&mut a, 2, &fx::relation());
+        apply(&mut a, 3, &identity_message(r#"{"session_user": "alice"}"#));
+        apply(&mut a, 4, &fx::insert());
+        let txn = apply(&mut a, 5, &fx::commit()).unwrap();
+        assert!(txn.changes[0].identity.is_none());
+        assert!(a.unattributed.is_empty());
+
+        // On, a message under the prefix that is not an identity is a defect.
+        let mut a = Assembler {
+            identity_mode: identity::Mode::Record,
+            ..Assembler::default()
+        };
+        apply(&mut a, 1, &fx::begin());
+        let error = a
+            .apply(Lsn(2), &identity_message("{}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("session_user") && error.contains("0/2"),
+            "{error}"
+        );
     }
 
     #[test]

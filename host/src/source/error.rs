@@ -263,6 +263,18 @@ pub enum SourceError {
 
     #[error("the pipeline stopped receiving transactions")]
     PipelineClosed,
+
+    /// A change came with no identity before it in its transaction ([source]
+    /// identity = "required"): definite, nothing of the transaction goes on.
+    #[error(
+        "a change to `{table}` at {lsn} (transaction {xid}) carries no identity: no `airlock.identity` message came before it in its transaction, so airlock cannot say who made it. The table lacks the `airlock_identity` trigger, the trigger is disabled, or the session ran with session_replication_role = replica. Run `airlock identity install --config FILE` (it adds the trigger to every published table) or `ALTER TABLE {table} ENABLE TRIGGER airlock_identity`; `airlock check` lists the tables without it. To record such changes with no identity instead, set [source] identity = \"record\""
+    )]
+    Unattributed { table: String, lsn: Lsn, xid: u32 },
+
+    /// Identity is configured but its messages cannot be trusted (see
+    /// [`crate::identity::Trust`]): definite.
+    #[error("identity messages in this database cannot be trusted: {}", problems.join("; "))]
+    IdentityUntrusted { problems: Vec<String> },
 }
 
 /// An error with its causes, `: `-separated (tokio-postgres shows only its own kind).

@@ -70,7 +70,7 @@ use protocol::{ReplicationConnection, ReplicationEvent, ReplicationStream, Snaps
 use settings::shutdown_requested;
 pub use settings::{
     DEFAULT_SHUTDOWN_DRAIN, DEFAULT_SLOT_BUSY_TIMEOUT, DEFAULT_STATUS_INTERVAL, Held,
-    SnapshotObserver, SourceSettings, SourceState, StateObserver, default_spool_dir,
+    SnapshotObserver, SourceSettings, SourceState, StateObserver, TableObserver, default_spool_dir,
 };
 use spool::{Spool, Spooler};
 
@@ -237,6 +237,7 @@ async fn session(
         progress,
         assembler: Assembler {
             resume,
+            identity_mode: settings.identity,
             ..Assembler::default()
         },
         received: Lsn::ZERO,
@@ -297,6 +298,26 @@ async fn check_catalog(
                 .await
                 .map_err(fail("creating the publication from [source] tables"))?;
             info!(publication = %settings.publication, tables = ?settings.tables, "created publication");
+        }
+
+        if settings.identity.enabled() {
+            let trust = crate::identity::trust(&client, user)
+                .await
+                .map_err(fail("checking that identity messages can be trusted"))?;
+            let problems = trust.problems();
+            if !problems.is_empty() {
+                return Err(SourceError::IdentityUntrusted { problems });
+            }
+            let uncovered = crate::identity::uncovered(&client, &settings.publication)
+                .await
+                .map_err(fail("listing published tables without the identity trigger"))?;
+            if !uncovered.is_empty() {
+                warn!(
+                    tables = ?uncovered,
+                    mode = settings.identity.name(),
+                    "published tables without the identity trigger: their changes carry no identity (run `airlock identity install` to add it)"
+                );
+            }
         }
 
         let slot_error = |e| catalog_error(&addr, user, "checking the replication slot", e);
@@ -512,6 +533,11 @@ impl Streamer<'_> {
         ticker: &mut tokio::time::Interval,
     ) -> Result<bool, SourceError> {
         let txn = self.assembler.apply(lsn, data)?;
+        for table in self.assembler.unattributed.drain(..) {
+            if let Some(observer) = &self.settings.on_unattributed {
+                (observer.0)(&table);
+            }
+        }
         if let Some(oid) = self.assembler.unresolved.take() {
             self.resolve_types(oid).await?;
         }

@@ -54,6 +54,22 @@ pub struct SourceSettings {
     /// Read the policy classes in the columns' comments (`airlock: CLASS`) whenever
     /// PostgreSQL describes a relation, so that the gate sees them with the relation.
     pub read_comments: bool,
+    /// What to do with identity messages; when enabled, the source checks at every
+    /// start that they can be trusted.
+    pub identity: crate::identity::Mode,
+    /// Told the table of each change handed on without an identity
+    /// ([`crate::identity::Mode::Record`]).
+    pub on_unattributed: Option<TableObserver>,
+}
+
+/// See [`SourceSettings::on_unattributed`].
+#[derive(Clone)]
+pub struct TableObserver(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for TableObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TableObserver")
+    }
 }
 
 /// `$TMPDIR`, else `/var/tmp` (on disk, where `/tmp` may be memory).
@@ -120,6 +136,8 @@ impl SourceSettings {
             held: None,
             spool_dir: default_spool_dir(),
             read_comments: false,
+            identity: crate::identity::Mode::Off,
+            on_unattributed: None,
         }
     }
 

@@ -282,6 +282,7 @@ pub(super) async fn take(
                 let values = parse_row(&relation, line, lsn)?;
                 bytes += line.len();
                 changes.push(Change {
+                    identity: None,
                     relation: relation.clone(),
                     op: Op::Read,
                     lsn,

@@ -15,10 +15,13 @@
 //! - **primary cost**: pgbench TPS with no slot, with `pg_recvlogical` consuming a
 //!   publication on the pgbench tables, and with airlock streaming them (pass-through),
 //!   as ratios to the no-slot TPS.
+//! - **identity**: pgbench TPS with the same tables published and airlock streaming
+//!   them, with and without the identity triggers (`airlock identity install`), in
+//!   interleaved rounds (at least five each); the medians side by side.
 //!
 //! Prints each figure with its budget and PASS/FAIL, and writes them as JSON.
 //!
-//! usage: cargo xtask bench [-- --rows N --only drain,latency,memory,primary ...]
+//! usage: cargo xtask bench [-- --rows N --only drain,latency,memory,primary,identity ...]
 //! (`--help` lists every option; `AIRLOCK_BENCH_ROWS` sets `--rows`; `AIRLOCK_BENCH_WRAP`,
 //! e.g. `valgrind --tool=callgrind`, runs the drain's airlock under a profiler.)
 
@@ -40,6 +43,10 @@ const RSS_BUDGET_MIB: f64 = 300.0;
 /// A large transaction is in the lake at most this long after its commit.
 const BIG_VISIBLE_BUDGET: Duration = Duration::from_secs(5);
 const PRIMARY_RATIO_SLACK: f64 = 0.03;
+/// The identity budget: pgbench with the identity triggers within 5% of without.
+const IDENTITY_RATIO: f64 = 0.95;
+/// Interleaved rounds of each side at least, whatever `--rounds` says.
+const IDENTITY_MIN_ROUNDS: u64 = 5;
 /// The drain with a policy classifying every column, against the same drain without.
 const POLICY_RATIO_MIN: f64 = 0.9;
 
@@ -78,7 +85,7 @@ const USAGE: &str = "usage: bench_e2e [--rows N] [--txn-rows N] [--rate ROWS_PER
                  [--memory-rows N] [--pgbench-secs S] [--pgbench-scale N] [--pgbench-clients N]
                  [--rounds N] [--drain-guests examples|none] [--memory-guests examples|none]
                  [--memory-table wide|narrow]
-                 [--only drain,latency,memory,primary] [--json PATH]
+                 [--only drain,latency,memory,primary,identity] [--json PATH]
 defaults: --rows 1000000 (or $AIRLOCK_BENCH_ROWS) --txn-rows 1000 --rate 5000 --latency-secs 30
           --memory-rows 2000000 --pgbench-secs 20 --pgbench-scale 10 --pgbench-clients 4 --rounds 2";
 
@@ -175,8 +182,8 @@ impl Options {
             }
         }
         for part in &o.only {
-            if !["drain", "latency", "memory", "primary"].contains(&part.as_str()) {
-                bail!("--only takes drain, latency, memory, primary; found {part:?}");
+            if !["drain", "latency", "memory", "primary", "identity"].contains(&part.as_str()) {
+                bail!("--only takes drain, latency, memory, primary, identity; found {part:?}");
             }
         }
         Ok(o)
@@ -1464,13 +1471,21 @@ impl Bench {
             .with_context(|| format!("no tps in pgbench's output: {stdout}"))
     }
 
-    async fn primary(
-        &self,
-        report: &mut Vec<Line>,
-        out: &mut serde_json::Map<String, Json>,
-    ) -> Result<()> {
+    /// The pgbench database (`pgbench -i` at `--pgbench-scale`) with its four tables
+    /// published as `bench_pgbench`: created by the first part that needs it.
+    async fn pgbench_database(&self) -> Result<tokio_postgres::Client> {
         let o = &self.opts;
         let admin = self.cluster.connect("postgres").await?;
+        let exists = admin
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = 'bench_pgbench'",
+                &[],
+            )
+            .await?
+            .is_some();
+        if exists {
+            return Ok(self.cluster.connect("bench_pgbench").await?);
+        }
         admin.batch_execute("CREATE DATABASE bench_pgbench").await?;
         println!("primary: pgbench -i -s {} ...", o.pgbench_scale);
         let init = tool(&self.bindir, "pgbench")
@@ -1500,6 +1515,16 @@ impl Bench {
                  CREATE PUBLICATION bench_pgbench FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history;",
             )
             .await?;
+        Ok(client)
+    }
+
+    async fn primary(
+        &self,
+        report: &mut Vec<Line>,
+        out: &mut serde_json::Map<String, Json>,
+    ) -> Result<()> {
+        let o = &self.opts;
+        let client = self.pgbench_database().await?;
         let mut none = Vec::new();
         let mut recv = Vec::new();
         let mut air = Vec::new();
@@ -1632,6 +1657,137 @@ impl Bench {
         );
         Ok(())
     }
+    /// pgbench with its tables published and airlock streaming them (identity
+    /// `record`, pass-through), with the identity triggers enabled and disabled in
+    /// interleaved rounds (at least five each); the medians side by side.
+    async fn identity(
+        &self,
+        report: &mut Vec<Line>,
+        out: &mut serde_json::Map<String, Json>,
+    ) -> Result<()> {
+        let o = &self.opts;
+        let client = self.pgbench_database().await?;
+        let rounds = o.rounds.max(IDENTITY_MIN_ROUNDS);
+        let dir = self.dir("identity")?;
+        std::fs::create_dir_all(dir.join("plugins"))?;
+        let text = config(
+            &self.cluster,
+            "bench_pgbench",
+            "bench_pgbench",
+            &dir,
+            None,
+            "",
+            ALLOW_ALL,
+        )
+        .replace(
+            "status_interval = \"1s\"\n",
+            "status_interval = \"1s\"\nidentity = \"record\"\n",
+        );
+        std::fs::write(dir.join("airlock.toml"), &text)?;
+        let install = std::process::Command::new(airlock_binary())
+            .args(["identity", "install", "--config"])
+            .arg(dir.join("airlock.toml"))
+            .output()?;
+        if !install.status.success() {
+            bail!(
+                "airlock identity install failed: {}{}",
+                String::from_utf8_lossy(&install.stdout),
+                String::from_utf8_lossy(&install.stderr)
+            );
+        }
+        client
+            .batch_execute("SELECT pg_create_logical_replication_slot('bench_pgbench', 'pgoutput')")
+            .await?;
+        let mut airlock = Airlock::start(&text, &dir).await?;
+        wait_slot_active(&client, "bench_pgbench").await?;
+        let tables = [
+            "pgbench_accounts",
+            "pgbench_branches",
+            "pgbench_tellers",
+            "pgbench_history",
+        ];
+        let mut with = Vec::new();
+        let mut without = Vec::new();
+        for round in 1..=rounds {
+            println!(
+                "  identity round {round}/{rounds}: pgbench -c {} -T {} with and without the identity triggers (order alternates)",
+                o.pgbench_clients, o.pgbench_secs
+            );
+            let mut order = [true, false];
+            if round % 2 == 0 {
+                order.reverse();
+            }
+            for triggers in order {
+                let verb = if triggers { "ENABLE" } else { "DISABLE" };
+                for table in tables {
+                    client
+                        .batch_execute(&format!(
+                            "ALTER TABLE {table} {verb} TRIGGER airlock_identity"
+                        ))
+                        .await?;
+                }
+                let tps = self.pgbench().await?;
+                airlock.check_alive()?;
+                if triggers {
+                    with.push(tps);
+                } else {
+                    without.push(tps);
+                }
+                // Caught up before the next run, so no backlog bleeds into it.
+                let end = lsn_value(&pg_lsn(&client, "SELECT pg_current_wal_lsn()::text").await?);
+                let ended = Instant::now();
+                while lsn_value(&confirmed_flush(&client, "bench_pgbench").await?) < end
+                    && ended.elapsed() < Duration::from_secs(120)
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        airlock.stop().await?;
+        drop_slot(&client, "bench_pgbench").await?;
+        let uninstall = std::process::Command::new(airlock_binary())
+            .args(["identity", "uninstall", "--config"])
+            .arg(dir.join("airlock.toml"))
+            .output()?;
+        if !uninstall.status.success() {
+            bail!(
+                "airlock identity uninstall failed: {}",
+                String::from_utf8_lossy(&uninstall.stderr)
+            );
+        }
+        discard(&dir);
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        };
+        let (m_with, m_without) = (median(&with), median(&without));
+        let ratio = m_with / m_without;
+        let ok = ratio >= IDENTITY_RATIO;
+        println!("  TPS with the identity triggers {with:.0?}, without {without:.0?}");
+        report.push(Line {
+            figure: format!("identity: pgbench TPS, median of {rounds} interleaved"),
+            airlock: format!("{} (triggers)", thousands(m_with)),
+            reference: format!("{} (no triggers)", thousands(m_without)),
+            budget: format!("ratio {ratio:.3} >= {IDENTITY_RATIO}"),
+            result: pass(ok),
+        });
+        out.insert(
+            "identity".into(),
+            json!({
+                "scale": o.pgbench_scale, "clients": o.pgbench_clients, "secs": o.pgbench_secs,
+                "rounds": rounds, "tps_with_triggers": with, "tps_without_triggers": without,
+                "median_with": m_with, "median_without": m_without, "ratio": ratio,
+                "budget": IDENTITY_RATIO, "pass": ok,
+            }),
+        );
+        Ok(())
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -1724,11 +1880,12 @@ async fn main() -> Result<()> {
     let mut report = Vec::new();
     let mut out = serde_json::Map::new();
     let mut failures = Vec::new();
-    let parts: [(&str, bool); 4] = [
+    let parts: [(&str, bool); 5] = [
         ("drain", bench.opts.runs("drain")),
         ("latency", bench.opts.runs("latency")),
         ("memory", bench.opts.runs("memory")),
         ("primary", bench.opts.runs("primary")),
+        ("identity", bench.opts.runs("identity")),
     ];
     for (part, wanted) in parts {
         if !wanted {
@@ -1738,7 +1895,8 @@ async fn main() -> Result<()> {
             "drain" => bench.drain(&mut report, &mut out).await,
             "latency" => bench.latency(&mut report, &mut out).await,
             "memory" => bench.memory(&mut report, &mut out).await,
-            _ => bench.primary(&mut report, &mut out).await,
+            "primary" => bench.primary(&mut report, &mut out).await,
+            _ => bench.identity(&mut report, &mut out).await,
         };
         if let Err(e) = result {
             println!("{part}: failed: {e:#}");

@@ -61,6 +61,7 @@ fn relation() -> Arc<Relation> {
 fn batch(rel: &Arc<Relation>) -> Batch {
     let changes = (0..ROWS as i64)
         .map(|i| Change {
+            identity: None,
             relation: rel.clone(),
             op: Op::Insert,
             lsn: Lsn(i as u64 + 1),
@@ -420,7 +421,7 @@ fn policy_actions(
         meta: input.txns[0].clone(),
         changes: input.rows.iter().map(|r| r.change.clone()).collect(),
     };
-    let mut gate = airlock::policy::Gate::new(policy);
+    let mut gate = airlock::policy::Gate::new(policy, false);
     let mut txns: Vec<Transaction> = (0..batches).map(|_| txn()).collect();
     let start = Instant::now();
     for t in &mut txns {

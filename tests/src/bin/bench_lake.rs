@@ -61,6 +61,7 @@ fn batch(rel: &Arc<Relation>, n: u64, rows: usize) -> Batch {
         .map(|i| {
             let id = (n as usize * rows + i) as i64;
             Change {
+                identity: None,
                 relation: rel.clone(),
                 op: Op::Insert,
                 lsn: Lsn(base + i as u64 * 16),

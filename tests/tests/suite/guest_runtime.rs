@@ -128,6 +128,7 @@ fn zoo_batch(rows: usize) -> Batch {
             txn(
                 n,
                 vec![Change {
+                    identity: None,
                     relation: relation.clone(),
                     op: Op::Update,
                     lsn: Lsn(n * 100 - 1),
@@ -160,6 +161,49 @@ fn every_value_type_round_trips_through_a_passthrough_guest() {
     assert_eq!(&*after.pipeline, &*pipeline.version);
 }
 
+/// A guest reads who made each change through `identity`, with the fields the host
+/// holds; a change without one reads as `none`.
+#[test]
+fn a_guest_reads_who_made_each_change() {
+    let rt = runtime(Limits::default());
+    let mut pipeline = load(&rt, "test_passthrough", &[("identity", "annotate")])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let relation = customers();
+    let who = Arc::new(airlock::change::identity::Identity {
+        session_user: "web".into(),
+        role: Some("authenticated".into()),
+        client_addr: Some("10.0.0.7".into()),
+        pid: Some(7),
+        application_name: Some("postgrest".into()),
+        actor: Some((
+            "user-17".into(),
+            airlock::change::identity::ActorClaim::JwtSub,
+        )),
+    });
+    let change = |lsn: u64, identity: Option<Arc<airlock::change::identity::Identity>>| Change {
+        identity,
+        relation: relation.clone(),
+        op: Op::Insert,
+        lsn: Lsn(lsn),
+        new: Some(vec![Value::Int(lsn as i64), Value::Null]),
+        old: None,
+    };
+    let batch = Batch::from_transactions(vec![txn(1, vec![change(1, Some(who)), change(2, None)])]);
+    let out = pipeline
+        .process(batch)
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
+    let notes = |i: usize| -> Vec<(String, String)> { out.rows[i].annotations.clone() };
+    assert_eq!(
+        notes(0),
+        [
+            ("identity.session_user".to_owned(), "web".to_owned()),
+            ("identity.role".to_owned(), "authenticated".to_owned()),
+            ("identity.actor".to_owned(), "user-17".to_owned()),
+        ]
+    );
+    assert_eq!(notes(1), [("identity.none".to_owned(), "true".to_owned())]);
+}
+
 #[test]
 fn mask_hashes_the_email_column_and_tags_it_pii() {
     let rt = runtime(Limits::default());
@@ -170,6 +214,7 @@ fn mask_hashes_the_email_column_and_tags_it_pii() {
         1,
         vec![
             Change {
+                identity: None,
                 relation: relation.clone(),
                 op: Op::Insert,
                 lsn: Lsn(1),
@@ -177,6 +222,7 @@ fn mask_hashes_the_email_column_and_tags_it_pii() {
                 old: None,
             },
             Change {
+                identity: None,
                 relation: relation.clone(),
                 op: Op::Insert,
                 lsn: Lsn(2),
@@ -184,6 +230,7 @@ fn mask_hashes_the_email_column_and_tags_it_pii() {
                 old: None,
             },
             Change {
+                identity: None,
                 relation: relation.clone(),
                 op: Op::Update,
                 lsn: Lsn(3),
@@ -226,6 +273,7 @@ fn routes_and_tags_a_configuration_does_not_declare_are_refused() {
         Batch::from_transactions(vec![txn(
             1,
             vec![Change {
+                identity: None,
                 relation: relation.clone(),
                 op: Op::Insert,
                 lsn: Lsn(1),
@@ -713,6 +761,7 @@ fn email_batch(email: &str) -> Batch {
     Batch::from_transactions(vec![txn(
         1,
         vec![Change {
+            identity: None,
             relation,
             op: Op::Insert,
             lsn: Lsn(1),

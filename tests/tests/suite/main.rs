@@ -36,6 +36,7 @@ mod config_golden;
 mod crash_loop;
 mod faults;
 mod hostile;
+mod identity;
 mod operations;
 mod policy;
 mod progress;

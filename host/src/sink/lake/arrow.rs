@@ -77,10 +77,15 @@ pub(super) enum Meta {
     Tags,
     Unchanged,
     Special,
+    SessionUser,
+    Role,
+    Actor,
+    ApplicationName,
+    ClientAddr,
 }
 
 impl Meta {
-    pub const ALL: [Meta; 10] = [
+    pub const ALL: [Meta; 15] = [
         Meta::Op,
         Meta::Lsn,
         Meta::CommitLsn,
@@ -91,6 +96,11 @@ impl Meta {
         Meta::Tags,
         Meta::Unchanged,
         Meta::Special,
+        Meta::SessionUser,
+        Meta::Role,
+        Meta::Actor,
+        Meta::ApplicationName,
+        Meta::ClientAddr,
     ];
 
     pub fn name(self) -> &'static str {
@@ -105,6 +115,11 @@ impl Meta {
             Meta::Tags => "_tags",
             Meta::Unchanged => "_unchanged",
             Meta::Special => "_special",
+            Meta::SessionUser => "_session_user",
+            Meta::Role => "_role",
+            Meta::Actor => "_actor",
+            Meta::ApplicationName => "_application_name",
+            Meta::ClientAddr => "_client_addr",
         }
     }
 
@@ -114,7 +129,14 @@ impl Meta {
 
     fn delta_type(self) -> DataType {
         match self {
-            Meta::Op | Meta::Pipeline | Meta::Policy => DataType::STRING,
+            Meta::Op
+            | Meta::Pipeline
+            | Meta::Policy
+            | Meta::SessionUser
+            | Meta::Role
+            | Meta::Actor
+            | Meta::ApplicationName
+            | Meta::ClientAddr => DataType::STRING,
             Meta::Lsn | Meta::CommitLsn | Meta::Xid => DataType::LONG,
             Meta::CommitTs => DataType::TIMESTAMP,
             Meta::Tags | Meta::Unchanged | Meta::Special => {
@@ -593,6 +615,31 @@ fn meta_column(meta: Meta, field: &Field, segments: &[Segment], rows: &[RowView<
             Arc::new(b.finish())
         }
         Meta::Unchanged | Meta::Special => new_null_array(field.data_type(), n),
+        Meta::SessionUser | Meta::Role | Meta::Actor | Meta::ApplicationName | Meta::ClientAddr => {
+            fn value(meta: Meta, identity: &crate::change::identity::Identity) -> Option<&str> {
+                match meta {
+                    // Empty when the policy removed it.
+                    Meta::SessionUser => {
+                        Some(identity.session_user.as_str()).filter(|s| !s.is_empty())
+                    }
+                    Meta::Role => identity.role.as_deref(),
+                    Meta::Actor => identity.actor.as_ref().map(|(a, _)| a.as_str()),
+                    Meta::ApplicationName => identity.application_name.as_deref(),
+                    _ => identity.client_addr.as_deref(),
+                }
+            }
+            let mut b = StringBuilder::with_capacity(n, 0);
+            for r in rows {
+                b.append_option(
+                    r.row
+                        .change
+                        .identity
+                        .as_deref()
+                        .and_then(|i| value(meta, i)),
+                );
+            }
+            Arc::new(b.finish())
+        }
     }
 }
 

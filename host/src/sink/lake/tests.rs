@@ -102,6 +102,7 @@ fn change(
     old: Option<Vec<Value>>,
 ) -> Change {
     Change {
+        identity: None,
         relation: relation.clone(),
         op,
         lsn: Lsn(lsn),

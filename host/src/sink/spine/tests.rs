@@ -38,6 +38,7 @@ fn relation() -> Arc<Relation> {
 
 fn insert(relation: &Arc<Relation>, lsn: u64, id: i64, email: &str) -> Change {
     Change {
+        identity: None,
         relation: relation.clone(),
         op: Op::Insert,
         lsn: Lsn(lsn),
@@ -284,6 +285,7 @@ async fn events_carry_the_row_and_the_change_metadata() {
 
     let r = relation();
     let update = Change {
+        identity: None,
         relation: r.clone(),
         op: Op::Update,
         lsn: Lsn(0x20),
@@ -295,6 +297,7 @@ async fn events_carry_the_row_and_the_change_metadata() {
         old: Some(vec![Value::Int(1), Value::Null, Value::Null]),
     };
     let delete = Change {
+        identity: None,
         relation: r.clone(),
         op: Op::Delete,
         lsn: Lsn(0x30),

@@ -152,7 +152,7 @@ impl Guest for Fuzz {
             let table = rng.index(ntables);
             let column = rng.index(columns(table));
             let row = rng.index(rows);
-            match rng.below(21) {
+            match rng.below(22) {
                 0 => drop(batch.len()),
                 1 => drop(batch.tables()),
                 2 => drop(batch.column_index(table, &rng.text())),
@@ -180,6 +180,7 @@ impl Guest for Fuzz {
                 17 => drop(batch.row_tags(row)),
                 18 => batch.tag_column(table, column, &rng.text()),
                 19 => batch.annotate(row, &rng.text(), &rng.text()),
+                20 => drop(batch.identity(row)),
                 _ => log(Level::Info, &rng.text()),
             }
         }

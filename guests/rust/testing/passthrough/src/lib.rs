@@ -2,10 +2,16 @@
 //! changes nothing. For every table and column, both images go out with
 //! `read-column` and back with `write-column`; for the first row of each table every
 //! column of both images also goes out with `get` and back with `set`. Tags nothing.
+//! With `identity = "annotate"`, annotates every row with who made it (`identity`):
+//! `identity.session_user`, `identity.role`, `identity.actor`, or `identity.none`.
 
-use airlock_guest::{Batch, Guest, Image, PluginInfo};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use airlock_guest::{Batch, Guest, Image, PluginInfo, Settings};
 
 struct Passthrough;
+
+static ANNOTATE_IDENTITY: AtomicBool = AtomicBool::new(false);
 
 impl Guest for Passthrough {
     fn info() -> PluginInfo {
@@ -16,7 +22,12 @@ impl Guest for Passthrough {
         }
     }
 
-    fn init(_settings: Vec<(String, String)>) -> Result<(), String> {
+    fn init(settings: Vec<(String, String)>) -> Result<(), String> {
+        let settings = Settings::new(settings);
+        ANNOTATE_IDENTITY.store(
+            settings.get("identity") == Some("annotate"),
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 
@@ -28,6 +39,22 @@ impl Guest for Passthrough {
                 for image in [Image::New, Image::Old] {
                     let values = batch.read_column(ti, ci, image);
                     batch.write_column(ti, ci, image, &values);
+                }
+            }
+            if ANNOTATE_IDENTITY.load(Ordering::Relaxed) {
+                for row in batch.rows_of(ti) {
+                    match batch.identity(row) {
+                        Some(who) => {
+                            batch.annotate(row, "identity.session_user", &who.session_user);
+                            batch.annotate(row, "identity.role", who.role.as_deref().unwrap_or(""));
+                            batch.annotate(
+                                row,
+                                "identity.actor",
+                                who.actor.as_deref().unwrap_or(""),
+                            );
+                        }
+                        None => batch.annotate(row, "identity.none", "true"),
+                    }
                 }
             }
             if let Some(&row) = batch.rows_of(ti).first() {
