@@ -170,8 +170,17 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
                 let tables: Vec<String> = found.tables.iter().map(|t| format!("{}.{}", t.schema, t.name)).collect();
                 out.push(ok("publication", format!("`{publication}`: {}", tables.join(", "))));
             }
-            policy_checks(config, &client, publication, out).await;
-            identity_checks(config, &client, publication, out).await;
+            // The identity mode in force, as `airlock run` will resolve it.
+            let installed = client
+                .query_one(
+                    "SELECT to_regprocedure('airlock.identity_stamp()') IS NOT NULL",
+                    &[],
+                )
+                .await
+                .is_ok_and(|row| row.get::<_, bool>(0));
+            let identity = config.source.identity.resolve(installed);
+            policy_checks(config, &client, publication, identity, out).await;
+            identity_checks(config, &client, publication, identity, out).await;
             let unreadable = catalog::unreadable_tables(&client, publication).await.unwrap_or_default();
             if !unreadable.is_empty() {
                 out.push(fail(
@@ -226,9 +235,9 @@ async fn identity_checks(
     config: &Config,
     client: &tokio_postgres::Client,
     publication: &str,
+    mode: crate::identity::Mode,
     out: &mut Vec<Finding>,
 ) {
-    let mode = config.source.identity;
     let role = match catalog::current_role(client).await {
         Ok(role) => role.name,
         Err(e) => return out.push(fail("identity", e.to_string())),
@@ -252,7 +261,8 @@ async fn identity_checks(
         out.push(ok(
             "identity",
             format!(
-                "identity = \"{}\": messages can be trusted (only {} and airlock's role may emit them)",
+                "identity = \"{}\" ({}): messages can be trusted (only {} and airlock's role may emit them)",
+                config.source.identity.name(),
                 mode.name(),
                 crate::identity::OWNER_ROLE
             ),
@@ -282,6 +292,7 @@ async fn policy_checks(
     config: &Config,
     client: &tokio_postgres::Client,
     publication: &str,
+    identity: crate::identity::Mode,
     out: &mut Vec<Finding>,
 ) {
     let policy = &config.policy;
@@ -334,7 +345,7 @@ async fn policy_checks(
                 continue;
             }
         };
-        match crate::policy::Plan::new(policy, &relation, config.source.identity.enabled()) {
+        match crate::policy::Plan::new(policy, &relation, identity.enabled()) {
             Err(e) => out.push(fail("policy", e.to_string())),
             Ok(plan) => {
                 let held = crate::sink::lake::lake_table_name(&relation.schema, &relation.name);

@@ -347,6 +347,20 @@ impl HostProcess {
     }
 }
 
+/// Waits up to a minute for `host` to exit, which it must do with a failure (else
+/// `why`); returns its log.
+pub fn failed(host: &mut HostProcess, log: &Path, why: &str) -> Result<String> {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = host.wait_exit(Duration::from_millis(200)) {
+            break status;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "{why}");
+    };
+    anyhow::ensure!(!status.success(), "airlock exited 0: {why}");
+    Ok(std::fs::read_to_string(log)?)
+}
+
 /// `airlock run --config CONFIG`, its stderr (the log) to `log`.
 pub fn spawn_host(config: &Path, log: &Path) -> HostProcess {
     HostProcess(

@@ -444,7 +444,7 @@ fn start_pipeline(
     let tap_in_flight = in_flight.clone();
     status.set_policy(&config.policy);
     let mut gate =
-        crate::policy::Gate::new(config.policy.clone(), config.source.identity.enabled());
+        crate::policy::Gate::new(config.policy.clone(), config.source.identity.may_be_on());
     let gate_status = status.clone();
     let denials = crate::policy::DenialQueue::default();
     let gate_denials = denials.clone();

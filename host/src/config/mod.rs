@@ -108,7 +108,9 @@ impl Config {
                         .insert("airlock.policy_bundle".into(), policy.describe());
                 }
                 SinkSettings::Http(spine) => {
-                    spine.identity = source.as_ref().is_some_and(|s| s.identity.enabled());
+                    spine.mark_unattributed = source
+                        .as_ref()
+                        .is_some_and(|s| s.identity == crate::identity::Mode::Record);
                     spine.policy = Some(crate::sink::spine::PolicyRecord {
                         version: policy.version.clone(),
                         bundle: policy.describe(),

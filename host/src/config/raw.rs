@@ -64,9 +64,10 @@ pub struct Source {
     pub require_auth: Option<String>,
     /// SCRAM channel binding: `disable`, `prefer` (default) or `require`.
     pub channel_binding: Option<String>,
-    /// Who changed each row: `off` (default), `required` (a change without an
-    /// identity stops the run) or `record` (written with none, counted). Needs
-    /// `airlock identity install`.
+    /// Who changed each row: `auto` (default: `required` once `airlock identity
+    /// install` has been run in the database, else `off`), `required` (a change
+    /// without an identity stops the run), `record` (written with none, counted) or
+    /// `off`.
     pub identity: Option<String>,
 }
 

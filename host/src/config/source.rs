@@ -208,11 +208,11 @@ pub(super) fn validate(raw: Option<raw::Source>, check: &mut Check) -> Option<So
         }
     };
     let identity = match s.identity.as_deref() {
-        None => crate::identity::Mode::Off,
+        None => crate::identity::Mode::Auto,
         Some(text) => crate::identity::Mode::parse(text).unwrap_or_else(|| {
             check.add(
                 "source.identity",
-                format!("found `{text}`, expected `off`, `required` or `record`"),
+                format!("found `{text}`, expected `auto`, `required`, `record` or `off`"),
             );
             crate::identity::Mode::Off
         }),

@@ -40,8 +40,11 @@ pub const FUNCTION: &str = "airlock.identity_stamp()";
 /// What airlock does with identities (`[source] identity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
-    /// Identity messages are ignored; rows carry no identity.
+    /// [`Mode::Required`] when `airlock identity install` has been run in the
+    /// database (the function exists), else [`Mode::Off`]; decided at every start.
     #[default]
+    Auto,
+    /// Identity messages are ignored; rows carry no identity.
     Off,
     /// Every change must follow an identity in its transaction: one that does not
     /// stops the run, naming its table.
@@ -53,6 +56,7 @@ pub enum Mode {
 impl Mode {
     pub fn parse(text: &str) -> Option<Mode> {
         match text {
+            "auto" => Some(Mode::Auto),
             "off" => Some(Mode::Off),
             "required" => Some(Mode::Required),
             "record" => Some(Mode::Record),
@@ -62,14 +66,30 @@ impl Mode {
 
     pub fn name(self) -> &'static str {
         match self {
+            Mode::Auto => "auto",
             Mode::Off => "off",
             Mode::Required => "required",
             Mode::Record => "record",
         }
     }
 
+    /// Whether changes must or may carry identities (`required`, `record`).
     pub fn enabled(self) -> bool {
+        matches!(self, Mode::Required | Mode::Record)
+    }
+
+    /// Whether identities may be on: anything but `off`.
+    pub fn may_be_on(self) -> bool {
         self != Mode::Off
+    }
+
+    /// The mode in force, given whether the identity function is installed.
+    pub fn resolve(self, installed: bool) -> Mode {
+        match self {
+            Mode::Auto if installed => Mode::Required,
+            Mode::Auto => Mode::Off,
+            explicit => explicit,
+        }
     }
 }
 

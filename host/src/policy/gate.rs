@@ -283,6 +283,12 @@ impl Gate {
         for change in &mut txn.changes {
             let plan = self.plan(&change.relation, &mut notices)?;
             plan.apply(change, &self.policy, &mut self.scratch);
+            // Identity columns are denied (and told) once changes carry identities.
+            if change.identity.is_some() {
+                for (column, r) in &plan.resolved_identity {
+                    self.notice(&plan.source, column, r, &mut notices);
+                }
+            }
             if let (Some(actions), Some(identity)) = (&plan.identity, &change.identity) {
                 let out = match &rewritten {
                     Some((from, p, out))
@@ -307,6 +313,28 @@ impl Gate {
         Ok(notices)
     }
 
+    /// Tells of `column` when the default denied it, once per table and column.
+    fn notice(
+        &mut self,
+        relation: &Relation,
+        column: &Column,
+        r: &Resolved,
+        notices: &mut Vec<Denial>,
+    ) {
+        if r.by == By::Default
+            && r.action == Action::Drop
+            && self
+                .noticed
+                .insert((relation.qualified_name(), column.name.clone()))
+        {
+            notices.push(Denial::Column {
+                table: relation.qualified_name(),
+                column: column.name.clone(),
+                key: column.key,
+            });
+        }
+    }
+
     fn plan(
         &mut self,
         relation: &Arc<Relation>,
@@ -320,19 +348,8 @@ impl Gate {
             return Ok(plan.clone());
         }
         let plan = Arc::new(Plan::new(&self.policy, relation, self.identity)?);
-        for (column, r) in plan.resolved.iter().chain(&plan.resolved_identity) {
-            if r.by == By::Default
-                && r.action == Action::Drop
-                && self
-                    .noticed
-                    .insert((relation.qualified_name(), column.name.clone()))
-            {
-                notices.push(Denial::Column {
-                    table: relation.qualified_name(),
-                    column: column.name.clone(),
-                    key: column.key,
-                });
-            }
+        for (column, r) in &plan.resolved {
+            self.notice(relation, column, r, &mut *notices);
         }
         self.plans.insert(relation.oid, plan.clone());
         Ok(plan)
@@ -554,15 +571,18 @@ mod tests {
         // One rewrite for the transaction's changes that share it.
         assert!(Arc::ptr_eq(&out, t.changes[1].identity.as_ref().unwrap()));
 
-        // Without identity, the same policy says nothing of identity columns.
-        let mut gate = Gate::new(policy.clone(), false);
-        let mut t = txn(vec![change(
-            &rel,
-            Op::Insert,
-            Some(vec![Value::Int(1)]),
-            None,
-        )]);
-        assert!(gate.apply(&mut t).unwrap().is_empty());
+        // Without identity, the same policy says nothing of identity columns: off,
+        // or on while no change carries one.
+        for on in [false, true] {
+            let mut gate = Gate::new(policy.clone(), on);
+            let mut t = txn(vec![change(
+                &rel,
+                Op::Insert,
+                Some(vec![Value::Int(1)]),
+                None,
+            )]);
+            assert!(gate.apply(&mut t).unwrap().is_empty());
+        }
 
         // No guest can be responsible for them.
         let mut classes = BTreeMap::from([("public".to_owned(), Action::Keep)]);

@@ -144,9 +144,9 @@ pub struct SpineSettings {
     /// it as the latest, and the source of the denials recorded. `None`: no policy
     /// events (tests of other parts).
     pub policy: Option<PolicyRecord>,
-    /// Changes carry who made them (`[source] identity` is on): every event has
-    /// `actor`, and a change recorded without one is marked `unattributed`.
-    pub identity: bool,
+    /// `[source] identity = "record"`: the event of a change written without an
+    /// identity says so (`"actor": null, "unattributed": true`).
+    pub mark_unattributed: bool,
 }
 
 /// The policy as the spine records it.
@@ -199,7 +199,7 @@ impl SpineSettings {
             key: None,
             key_file: None,
             policy: None,
-            identity: false,
+            mark_unattributed: false,
         }
     }
 }
@@ -1033,7 +1033,7 @@ impl Sink for SpineSink {
             let body = serde_json::to_vec(&json!({
                 "kind": kind,
                 "source": source,
-                "payload": payload(&batch, row, relation, &id, self.settings.identity),
+                "payload": payload(&batch, row, relation, &id, self.settings.mark_unattributed),
                 "timestamp": format_timestamp(txn.commit_ts, true),
             }))
             .map_err(|e| self.definite(format!("cannot encode event {id}: {e}")))?;
@@ -1088,7 +1088,7 @@ fn payload(
     row: &BatchRow,
     relation: &Relation,
     event_id: &str,
-    identity: bool,
+    mark_unattributed: bool,
 ) -> Json {
     let txn = &batch.txns[row.txn as usize];
     let mut payload = Map::new();
@@ -1110,7 +1110,7 @@ fn payload(
         Some(who) => {
             payload.insert("actor".into(), who.to_json());
         }
-        None if identity => {
+        None if mark_unattributed => {
             payload.insert("actor".into(), Json::Null);
             // A snapshot read is the table as it was, not a change anyone made.
             if row.change.op != Op::Read {

@@ -315,7 +315,8 @@ impl Assembler {
             return Ok(());
         }
         let identity = match (self.identity_mode, &self.identity) {
-            (identity::Mode::Off, _) => None,
+            // `auto` is resolved before streaming; unresolved, it is off.
+            (identity::Mode::Off | identity::Mode::Auto, _) => None,
             (_, Some(identity)) => Some(identity.clone()),
             (identity::Mode::Required, None) => {
                 return Err(SourceError::Unattributed {

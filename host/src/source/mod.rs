@@ -198,7 +198,9 @@ async fn session(
         server_version = conn.server_version().unwrap_or("unknown"),
         "connected to postgresql"
     );
-    let confirmed = match check_catalog(settings, &mut conn, progress).await? {
+    // The identity mode in force: `auto` is decided by what the database holds.
+    let mut identity = settings.identity;
+    let confirmed = match check_catalog(settings, &mut conn, progress, &mut identity).await? {
         Some(confirmed) => confirmed,
         None => {
             settings.tell(SourceState::Snapshotting);
@@ -237,7 +239,7 @@ async fn session(
         progress,
         assembler: Assembler {
             resume,
-            identity_mode: settings.identity,
+            identity_mode: identity,
             ..Assembler::default()
         },
         received: Lsn::ZERO,
@@ -259,6 +261,7 @@ async fn check_catalog(
     settings: &SourceSettings,
     conn: &mut ReplicationConnection,
     progress: &Progress,
+    identity: &mut crate::identity::Mode,
 ) -> Result<Option<Lsn>, SourceError> {
     let addr = settings.connect.addr();
     let user = settings.connect.user.as_str();
@@ -300,23 +303,27 @@ async fn check_catalog(
             info!(publication = %settings.publication, tables = ?settings.tables, "created publication");
         }
 
-        if settings.identity.enabled() {
+        if settings.identity.may_be_on() {
             let trust = crate::identity::trust(&client, user)
                 .await
                 .map_err(fail("checking that identity messages can be trusted"))?;
-            let problems = trust.problems();
-            if !problems.is_empty() {
-                return Err(SourceError::IdentityUntrusted { problems });
-            }
-            let uncovered = crate::identity::uncovered(&client, &settings.publication)
-                .await
-                .map_err(fail("listing published tables without the identity trigger"))?;
-            if !uncovered.is_empty() {
-                warn!(
-                    tables = ?uncovered,
-                    mode = settings.identity.name(),
-                    "published tables without the identity trigger: their changes carry no identity (run `airlock identity install` to add it)"
-                );
+            *identity = settings.identity.resolve(trust.owner.is_some());
+            if identity.enabled() {
+                let problems = trust.problems();
+                if !problems.is_empty() {
+                    return Err(SourceError::IdentityUntrusted { problems });
+                }
+                let uncovered = crate::identity::uncovered(&client, &settings.publication)
+                    .await
+                    .map_err(fail("listing published tables without the identity trigger"))?;
+                if !uncovered.is_empty() {
+                    warn!(
+                        tables = ?uncovered,
+                        mode = identity.name(),
+                        "published tables without the identity trigger: their changes carry no identity (run `airlock identity install` to add it)"
+                    );
+                }
+                info!(mode = identity.name(), "identity on: every change carries who made it");
             }
         }
 

@@ -54,8 +54,9 @@ pub struct SourceSettings {
     /// Read the policy classes in the columns' comments (`airlock: CLASS`) whenever
     /// PostgreSQL describes a relation, so that the gate sees them with the relation.
     pub read_comments: bool,
-    /// What to do with identity messages; when enabled, the source checks at every
-    /// start that they can be trusted.
+    /// What to do with identity messages, resolved at every start (`auto`: whether
+    /// the function is installed); when on, the source checks that they can be
+    /// trusted.
     pub identity: crate::identity::Mode,
     /// Told the table of each change handed on without an identity
     /// ([`crate::identity::Mode::Record`]).

@@ -542,6 +542,37 @@ fn server_args(cluster: &Cluster) -> Vec<String> {
     ]
 }
 
+/// Waits until `slot` confirmed the WAL written so far (at most two minutes); returns
+/// how long that took: how far behind its consumer was.
+async fn caught_up(client: &tokio_postgres::Client, slot: &str) -> Result<Duration> {
+    let end = lsn_value(&pg_lsn(client, "SELECT pg_current_wal_lsn()::text").await?);
+    let started = Instant::now();
+    while lsn_value(&confirmed_flush(client, slot).await?) < end
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(started.elapsed())
+}
+
+/// `airlock ARGS --config CONFIG`, failing with its output when it fails.
+fn airlock_command(args: &[&str], config: &Path) -> Result<()> {
+    let out = std::process::Command::new(airlock_binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "airlock {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// `server_args` plus `-d DB` (pg_recvlogical; pgbench takes the database last, its
 /// `-d` is `--debug`).
 fn conn_args(cluster: &Cluster, db: &str) -> Vec<String> {
@@ -1604,19 +1635,7 @@ impl Bench {
                         }
                         air.push(tps);
                         // How far behind airlock was when pgbench stopped.
-                        let end =
-                            lsn_value(&pg_lsn(&client, "SELECT pg_current_wal_lsn()::text").await?);
-                        let ended = Instant::now();
-                        loop {
-                            let confirmed = confirmed_flush(&client, "bench_pgbench").await?;
-                            if lsn_value(&confirmed) >= end
-                                || ended.elapsed() > Duration::from_secs(120)
-                            {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        catch_up.push(ended.elapsed().as_secs_f64());
+                        catch_up.push(caught_up(&client, "bench_pgbench").await?.as_secs_f64());
                         airlock.stop().await?;
                         drop_slot(&client, "bench_pgbench").await?;
                         discard(&dir);
@@ -1684,17 +1703,7 @@ impl Bench {
             "status_interval = \"1s\"\nidentity = \"record\"\n",
         );
         std::fs::write(dir.join("airlock.toml"), &text)?;
-        let install = std::process::Command::new(airlock_binary())
-            .args(["identity", "install", "--config"])
-            .arg(dir.join("airlock.toml"))
-            .output()?;
-        if !install.status.success() {
-            bail!(
-                "airlock identity install failed: {}{}",
-                String::from_utf8_lossy(&install.stdout),
-                String::from_utf8_lossy(&install.stderr)
-            );
-        }
+        airlock_command(&["identity", "install"], &dir.join("airlock.toml"))?;
         client
             .batch_execute("SELECT pg_create_logical_replication_slot('bench_pgbench', 'pgoutput')")
             .await?;
@@ -1734,27 +1743,12 @@ impl Bench {
                     without.push(tps);
                 }
                 // Caught up before the next run, so no backlog bleeds into it.
-                let end = lsn_value(&pg_lsn(&client, "SELECT pg_current_wal_lsn()::text").await?);
-                let ended = Instant::now();
-                while lsn_value(&confirmed_flush(&client, "bench_pgbench").await?) < end
-                    && ended.elapsed() < Duration::from_secs(120)
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                caught_up(&client, "bench_pgbench").await?;
             }
         }
         airlock.stop().await?;
         drop_slot(&client, "bench_pgbench").await?;
-        let uninstall = std::process::Command::new(airlock_binary())
-            .args(["identity", "uninstall", "--config"])
-            .arg(dir.join("airlock.toml"))
-            .output()?;
-        if !uninstall.status.success() {
-            bail!(
-                "airlock identity uninstall failed: {}",
-                String::from_utf8_lossy(&uninstall.stderr)
-            );
-        }
+        airlock_command(&["identity", "uninstall"], &dir.join("airlock.toml"))?;
         discard(&dir);
         let median = |v: &[f64]| {
             let mut v = v.to_vec();

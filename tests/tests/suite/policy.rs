@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use airlock_tests::*;
 use serde_json::Value as Json;
@@ -120,20 +120,6 @@ fn check(config: &Path) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-/// Waits up to a minute for `host` to stop, which it must do with a failure (else
-/// `why`); returns its log.
-fn failed(host: &mut HostProcess, log: &Path, why: &str) -> anyhow::Result<String> {
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = host.wait_exit(Duration::from_millis(200)) {
-            break status;
-        }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "{why}");
-    };
-    anyhow::ensure!(!status.success(), "airlock exited 0: {why}");
-    Ok(std::fs::read_to_string(log)?)
 }
 
 /// Every raw secret absent from every byte of `files`, and from `text`.
