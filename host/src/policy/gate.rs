@@ -69,6 +69,9 @@ pub struct Plan {
     /// The actions on the identity columns ([`IDENTITY_COLUMNS`], in that order);
     /// `None` when every one keeps its value.
     identity: Option<[Action; 5]>,
+    /// Whether the identity columns' denials were told (at the first change of this
+    /// relation version that carried an identity).
+    identity_told: std::sync::atomic::AtomicBool,
 }
 
 /// The lake's identity columns, which the policy classifies like any column of the
@@ -187,6 +190,7 @@ impl Plan {
             resolved_identity,
             outputs,
             identity: identity_plan,
+            identity_told: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -284,7 +288,11 @@ impl Gate {
             let plan = self.plan(&change.relation, &mut notices)?;
             plan.apply(change, &self.policy, &mut self.scratch);
             // Identity columns are denied (and told) once changes carry identities.
-            if change.identity.is_some() {
+            if change.identity.is_some()
+                && !plan
+                    .identity_told
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
                 for (column, r) in &plan.resolved_identity {
                     self.notice(&plan.source, column, r, &mut notices);
                 }
