@@ -188,6 +188,9 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
                     format!("no SELECT on {} (needed for the initial snapshot): GRANT SELECT ON ... TO the airlock role", unreadable.join(", ")),
                 ));
             }
+            if config.source.snapshot == crate::config::Snapshot::Initial {
+                snapshot_checks(&client, publication, out).await;
+            }
         }
         Ok(None) if !config.source.tables.is_empty() => out.push(ok(
             "publication",
@@ -225,6 +228,54 @@ async fn database_checks(config: &Config, out: &mut Vec<Finding>) {
             format!("`{slot}` does not exist and create_slot = false"),
         )),
         Err(e) => out.push(fail("slot", e.to_string())),
+    }
+}
+
+/// Incremental snapshots: their watermarks need `pg_logical_emit_message`, and a
+/// table is copied while it changes only when its rows have a key.
+async fn snapshot_checks(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    out: &mut Vec<Finding>,
+) {
+    let may_emit = client
+        .query_one(
+            "SELECT has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE')",
+            &[],
+        )
+        .await
+        .map(|row| row.get::<_, bool>(0));
+    match may_emit {
+        Ok(true) => out.push(ok(
+            "snapshots",
+            "may write watermarks (pg_logical_emit_message): tables added to the publication or rewritten are copied while the stream runs",
+        )),
+        Ok(false) => out.push(fail(
+            "snapshots",
+            "no EXECUTE on pg_logical_emit_message, which writes the watermarks of incremental snapshots: GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO the airlock role (`airlock identity install` does)",
+        )),
+        Err(e) => out.push(fail("snapshots", e.to_string())),
+    }
+    let keyless = client
+        .query(
+            "SELECT format('%I.%I', p.schemaname, p.tablename) FROM pg_publication_tables p \
+             JOIN pg_namespace n ON n.nspname = p.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+             WHERE p.pubname = $1 AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS \
+               (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) ORDER BY 1",
+            &[&publication],
+        )
+        .await;
+    match keyless {
+        Ok(rows) if !rows.is_empty() => {
+            let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            out.push(warn(
+                "snapshots",
+                format!("{} have no key (no primary key, replica identity nothing or default): if added later or rewritten they cannot be copied while they change; add a primary key or REPLICA IDENTITY USING INDEX", names.join(", ")),
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => out.push(fail("snapshots", e.to_string())),
     }
 }
 

@@ -137,8 +137,12 @@ pub struct Host {
 impl Host {
     /// Validates `config_toml` (relative paths from `base`) and starts the pipeline.
     pub fn start(config_toml: &str, base: &Path) -> Host {
-        let config = airlock::config::Config::from_toml("test.toml", config_toml, base)
+        let mut config = airlock::config::Config::from_toml("test.toml", config_toml, base)
             .unwrap_or_else(|e| panic!("{e}"));
+        // The state file goes with the test's files, not into the shared `$TMPDIR`.
+        if !config_toml.contains("state_dir") {
+            config.source.state_dir = base.to_path_buf();
+        }
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(airlock::run(config, rx));
         Host { stop, task }

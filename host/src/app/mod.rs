@@ -535,6 +535,7 @@ fn source_settings(
         }),
         held,
         spool_dir: config.source.spool_dir.clone(),
+        state_dir: config.source.state_dir.clone(),
         // Comments name classes: with none, they can change nothing.
         read_comments: !config.policy.classes.is_empty(),
         identity: config.source.identity,

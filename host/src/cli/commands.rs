@@ -8,6 +8,141 @@ use tokio::sync::watch;
 
 use super::admin_client::{AdminArgs, AdminError, send};
 
+/// `airlock snapshot`: asks the airlock streaming from the configured slot to copy
+/// `tables` again, through a logical message in its stream; then follows the state
+/// file until each copy is durable (unless `no_wait`).
+pub async fn snapshot(config: PathBuf, tables: Vec<String>, no_wait: bool) -> anyhow::Result<()> {
+    use crate::source::incremental::{REQUEST_PREFIX, Request, Tables};
+    let config = crate::config::Config::load(&config)?;
+    anyhow::ensure!(
+        config.source.snapshot == crate::config::Snapshot::Initial,
+        "incremental snapshots are off: set [source] snapshot = \"initial\" (the lake then holds every published row, and tables added or rewritten later are copied too)"
+    );
+    let connect = config.source.connect_config()?;
+    let target = connect.redacted_url();
+    let (client, connection) = connect.connect_sql().await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let publication = &config.source.publication;
+    let published: Vec<(String, String, u32, i64)> = client
+        .query(
+            "SELECT p.schemaname::text, p.tablename::text, c.oid, greatest(c.reltuples, 0)::int8 \
+             FROM pg_publication_tables p JOIN pg_namespace n ON n.nspname = p.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+             WHERE p.pubname = $1 ORDER BY 1, 2",
+            &[publication],
+        )
+        .await
+        .with_context(|| format!("{target}: listing the tables of publication `{publication}`"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let mut chosen = Vec::new();
+    for table in &tables {
+        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+        let Some(found) = published
+            .iter()
+            .find(|(s, n, _, _)| s == schema && n == name)
+        else {
+            let names: Vec<String> = published
+                .iter()
+                .map(|(s, n, _, _)| format!("{s}.{n}"))
+                .collect();
+            anyhow::bail!(
+                "`{table}` is not published by `{publication}` (it publishes {}): ALTER PUBLICATION {publication} ADD TABLE {schema}.{name}, and airlock copies it by itself",
+                if names.is_empty() {
+                    "no table".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            );
+        };
+        chosen.push(found.clone());
+    }
+    let system_id: String = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .with_context(|| format!("{target}: reading the system identifier"))?
+        .get(0);
+    let mut random = [0u8; 8];
+    crate::secrets::random_bytes(&mut random)?;
+    let request = Request {
+        slot: config.source.slot.clone(),
+        tables: chosen.iter().map(|(_, _, oid, _)| *oid).collect(),
+        id: hex::encode(random),
+    };
+    let lsn: String = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1, $2)::text",
+            &[&REQUEST_PREFIX, &serde_json::to_string(&request)?],
+        )
+        .await
+        .with_context(|| {
+            format!("{target}: writing the request (needs EXECUTE on pg_logical_emit_message)")
+        })?
+        .get(0);
+    let names: Vec<String> = chosen
+        .iter()
+        .map(|(s, n, _, _)| format!("{s}.{n}"))
+        .collect();
+    eprintln!(
+        "requested a copy of {} at {lsn} (request {}); the airlock streaming from slot `{}` takes it in stream order",
+        names.join(", "),
+        request.id,
+        config.source.slot
+    );
+    if no_wait {
+        return Ok(());
+    }
+    let path = Tables::path(&config.source.state_dir, &system_id, &config.source.slot);
+    let reason = request.reason();
+    let estimate: i64 = chosen.iter().map(|(_, _, _, rows)| rows).sum();
+    crate::progress::enable_bars();
+    let mut progress = crate::progress::Progress::start(
+        "snapshot",
+        crate::progress::Unit::Rows,
+        estimate.max(0) as u64,
+    );
+    progress.set_message(format!("waiting for airlock ({})", path.display()));
+    loop {
+        let state = Tables::load(&path)?;
+        let entries: Vec<Option<&crate::source::incremental::TableState>> = request
+            .tables
+            .iter()
+            .map(|oid| state.as_ref().and_then(|s| s.tables.get(oid)))
+            .collect();
+        let rows: u64 = entries
+            .iter()
+            .flatten()
+            .filter(|t| {
+                [&t.due, &t.copied]
+                    .iter()
+                    .any(|r| r.as_deref().is_some_and(|r| r.contains(&reason)))
+            })
+            .filter_map(|t| t.rows)
+            .sum();
+        progress.set_done(rows);
+        let done = entries
+            .iter()
+            .filter(|t| t.is_some_and(|t| t.copied.as_deref().is_some_and(|c| c.contains(&reason))))
+            .count();
+        if done == entries.len() {
+            progress.finish();
+            eprintln!(
+                "copied {} ({rows} rows), durable in every sink",
+                names.join(", ")
+            );
+            return Ok(());
+        }
+        progress.set_message(format!("{done}/{} tables copied", entries.len()));
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 pub async fn guest_test(plugin: PathBuf, settings: Vec<String>) -> anyhow::Result<()> {
     let extra: Vec<(String, String)> = settings
         .iter()

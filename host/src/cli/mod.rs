@@ -104,6 +104,20 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Copy tables' existing rows into the lake again while the stream runs (an
+    /// incremental snapshot). The request travels in the slot's own stream, so it is
+    /// taken in order, also by an airlock that is stopped now; waits and shows
+    /// progress until the copies are durable. Needs `[source] snapshot = "initial"`.
+    Snapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Tables as `schema.table` (or `table` in `public`); each must be published.
+        #[arg(required = true)]
+        tables: Vec<String>,
+        /// Return once the request is written, without waiting for the copies.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Who changed each row: the function and triggers that tell airlock.
     Identity {
         #[command(subcommand)]
@@ -273,6 +287,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::demo::run(options, shutdown_signal()).await?;
         }
         Command::Check { config } => commands::check(config).await?,
+        Command::Snapshot {
+            config,
+            tables,
+            no_wait,
+        } => commands::snapshot(config, tables, no_wait).await?,
         Command::Status { admin, json } => commands::status(admin, json).await?,
         Command::Reload { admin } => commands::reload(admin).await?,
         Command::Guest {

@@ -467,6 +467,7 @@ mod fuzz {
                 "status_interval",
                 "slot_busy_timeout",
                 "spool_dir",
+                "state_dir",
                 "sslcert",
                 "sslkey",
                 "require_auth",

@@ -54,6 +54,12 @@ pub struct Source {
     /// in memory: files `0600`, unlinked at once, as large as the transaction.
     /// Relative to the configuration file. Default `$TMPDIR`, else `/var/tmp`.
     pub spool_dir: Option<String>,
+    /// Where airlock keeps which published tables the lake has whole, so that a
+    /// table added to the publication or rewritten while it was stopped is copied
+    /// at its next start (with `snapshot = "initial"`). A small JSON file per slot,
+    /// `0600`; keep it on persistent disk. Relative to the configuration file.
+    /// Default: `spool_dir`.
+    pub state_dir: Option<String>,
     /// Client certificate (PEM) for servers that authenticate clients by
     /// certificate, with its private key (`sslkey`, mode 0600). Relative to the
     /// configuration file. May be given in `url` instead, not in both.

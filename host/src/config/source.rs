@@ -49,6 +49,7 @@ pub struct SourceConfig {
     pub status_interval: Duration,
     pub slot_busy_timeout: Duration,
     pub spool_dir: PathBuf,
+    pub state_dir: PathBuf,
     pub identity: crate::identity::Mode,
 }
 
@@ -249,6 +250,11 @@ pub(super) fn validate(raw: Option<raw::Source>, check: &mut Check) -> Option<So
             s.slot_busy_timeout.as_ref(),
             crate::source::DEFAULT_SLOT_BUSY_TIMEOUT,
         ),
+        state_dir: s
+            .state_dir
+            .as_deref()
+            .or(s.spool_dir.as_deref())
+            .map_or_else(crate::source::default_spool_dir, resolve),
         spool_dir: s
             .spool_dir
             .map_or_else(crate::source::default_spool_dir, |d| resolve(&d)),

@@ -62,6 +62,11 @@ pub(super) struct Assembler {
     /// Tables of changes handed on without an identity ([`identity::Mode::Record`]),
     /// for the streamer to report.
     pub(super) unattributed: Vec<String>,
+    /// The content of an incremental snapshot's watermark in the current
+    /// transaction, for the streamer (see [`super::incremental`]).
+    pub(super) watermark: Option<Vec<u8>>,
+    /// Requests of `airlock snapshot`, in stream order, for the streamer.
+    pub(super) requests: Vec<Vec<u8>>,
 }
 
 impl Assembler {
@@ -187,6 +192,18 @@ impl Assembler {
                     }
                 }
             }
+            Message::Message(message)
+                if message.transactional
+                    && message.prefix == super::incremental::WATERMARK_PREFIX =>
+            {
+                self.watermark = Some(message.content.to_vec());
+            }
+            Message::Message(message)
+                if message.transactional
+                    && message.prefix == super::incremental::REQUEST_PREFIX =>
+            {
+                self.requests.push(message.content.to_vec());
+            }
             Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
             Message::StreamStart(_)
             | Message::StreamStop
@@ -227,6 +244,8 @@ impl Assembler {
         });
         self.current_bytes = 0;
         self.identity = None;
+        self.watermark = None;
+        self.requests.clear();
         (self.offset, self.skip) = match self.resume {
             Some((resumed, sent)) if resumed == commit_lsn => (sent, sent),
             _ => (0, 0),

@@ -187,7 +187,7 @@ pub enum SourceError {
         waited_secs: u64,
     },
 
-    #[error("the initial snapshot of `{table}` failed while {during}: {reason}")]
+    #[error("copying the rows of `{table}` failed while {during}: {reason}")]
     Snapshot {
         table: String,
         during: &'static str,
@@ -249,6 +249,15 @@ pub enum SourceError {
 
     #[error("pgoutput stream out of order at {lsn}: {reason}")]
     Stream { lsn: Lsn, reason: String },
+
+    #[error(
+        "the state file {path} (which tables the lake has whole) cannot be used: {reason}",
+        path = path.display()
+    )]
+    State {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 
     #[error(
         "cannot keep streamed transaction {xid} in `{dir}`: {source}; set [source] spool_dir to a writable folder with room for the largest transaction (it is retried meanwhile)",

@@ -49,6 +49,7 @@ pub mod auth;
 pub mod catalog;
 pub mod connect;
 pub mod error;
+pub mod incremental;
 pub mod pgoutput;
 pub mod protocol;
 mod settings;
@@ -200,22 +201,25 @@ async fn session(
     );
     // The identity mode in force: `auto` is decided by what the database holds.
     let mut identity = settings.identity;
+    let mut baseline = None;
     let confirmed = match check_catalog(settings, &mut conn, progress, &mut identity).await? {
         Some(confirmed) => confirmed,
         None => {
             settings.tell(SourceState::Snapshotting);
             let taken = snapshot::take(settings, &mut conn, tx, durable, shutdown).await?;
             match taken {
-                Some((consistent_point, last_chunk)) => {
-                    if let Some(last) = last_chunk {
+                Some(taken) => {
+                    if let Some(last) = taken.last_chunk {
                         progress.dispatched = progress.dispatched.max(last);
                     }
-                    consistent_point
+                    baseline = Some(taken.shapes);
+                    taken.consistent_point
                 }
                 None => return Ok(()),
             }
         }
     };
+    let incremental = incremental::Incremental::start(settings, &system.system_id, baseline)?;
     progress.flushed = progress.flushed.max(confirmed);
     let stream = conn
         .start_replication(
@@ -247,6 +251,7 @@ async fn session(
         catalog: None,
         spooler: Spooler::new(settings.spool_dir.clone()),
         block: None,
+        incremental,
     }
     .run()
     .await
@@ -420,12 +425,16 @@ struct Streamer<'a> {
     spooler: Spooler,
     /// The streamed transaction whose block is open (between Stream Start and Stop).
     block: Option<u32>,
+    /// Tables copied while the stream runs (added to the publication, rewritten).
+    incremental: incremental::Incremental,
 }
 
 impl Streamer<'_> {
     async fn run(mut self) -> Result<(), SourceError> {
         let mut ticker = tokio::time::interval(self.settings.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut looker = tokio::time::interval(incremental::WATCH_INTERVAL);
+        looker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'stream: loop {
             tokio::select! {
                 biased;
@@ -435,9 +444,20 @@ impl Streamer<'_> {
                         self.durable_open = false;
                     } else {
                         self.send_status(false).await?;
+                        self.incremental.durable(*self.durable.borrow())?;
                     }
                 }
                 _ = ticker.tick() => self.send_status(false).await?,
+                _ = looker.tick(), if self.incremental.enabled => self.look().await?,
+                event = async {
+                    match self.incremental.copy.as_mut() {
+                        Some(copy) => copy.next_event().await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.incremental.listening() => {
+                    self.incremental.event(event);
+                    self.launch_next();
+                }
                 event = self.stream.next() => {
                     // Drain what is already buffered before the next select round,
                     // up to a budget: an event is taken off the stream only when it
@@ -548,6 +568,10 @@ impl Streamer<'_> {
         if let Some(oid) = self.assembler.unresolved.take() {
             self.resolve_types(oid).await?;
         }
+        // A table's columns may have changed: look at the catalog once it committed.
+        if self.assembler.described.is_some() {
+            self.incremental.look_soon = self.incremental.enabled;
+        }
         if let Some(oid) = self.assembler.described.take()
             && self.settings.read_comments
         {
@@ -558,9 +582,75 @@ impl Streamer<'_> {
         {
             self.read_comments(oid, classes).await?;
         }
-        match txn {
-            Some(txn) => self.commit(txn, ticker).await,
-            None => Ok(true),
+        let Some(txn) = txn else {
+            return Ok(true);
+        };
+        if txn.meta.completes() {
+            for request in std::mem::take(&mut self.assembler.requests) {
+                self.incremental.request(&request)?;
+                self.incremental.look_soon = self.incremental.enabled;
+            }
+        }
+        if let Some(content) = self.assembler.watermark.take()
+            && txn.changes.is_empty()
+            && txn.meta.part.is_whole()
+            && let Some(copy) = self.incremental.copy.as_mut()
+        {
+            match copy.chunk_at(&content, &txn.meta) {
+                Ok(Some(chunk)) => {
+                    let go = self.commit(chunk, ticker).await?;
+                    self.incremental.progress()?;
+                    self.incremental.settle();
+                    self.launch_next();
+                    return Ok(go);
+                }
+                Ok(None) => {}
+                Err(error) => self.incremental.failed(&error),
+            }
+        }
+        let go = self.commit(txn, ticker).await?;
+        if go && self.incremental.look_soon && !self.in_transaction() {
+            self.look().await?;
+        }
+        Ok(go)
+    }
+
+    /// Compares the catalog with what the lake was given, and starts the copy of a
+    /// table that became due.
+    async fn look(&mut self) -> Result<(), SourceError> {
+        self.incremental.look_soon = false;
+        if !self.incremental.enabled {
+            return Ok(());
+        }
+        self.open_catalog().await?;
+        let client = self.catalog.as_ref().expect("opened above");
+        let shapes = incremental::shapes(client, &self.settings.publication)
+            .await
+            .map_err(|e| {
+                catalog_error(
+                    &self.settings.connect.addr(),
+                    &self.settings.connect.user,
+                    "comparing the published tables with the lake's",
+                    e,
+                )
+            })?;
+        self.incremental.absorb(shapes)?;
+        self.incremental.durable(*self.durable.borrow())?;
+        self.launch_next();
+        Ok(())
+    }
+
+    /// Starts the copy of the next table due, when none is under way.
+    fn launch_next(&mut self) {
+        if let Some((oid, name, reason)) = self.incremental.next() {
+            self.incremental.copy = Some(incremental::Copy::launch(
+                self.settings.connect.clone(),
+                self.settings.publication.clone(),
+                &self.settings.slot,
+                oid,
+                name,
+                reason,
+            ));
         }
     }
 
@@ -742,6 +832,7 @@ impl Streamer<'_> {
             changes = txn.changes.len(),
             "transaction dispatched"
         );
+        self.incremental.observe(&txn);
         if txn.meta.completes() {
             self.progress.dispatched = end;
             self.progress.open = None;
@@ -936,6 +1027,7 @@ mod tests {
                 catalog: None,
                 spooler: Spooler::new(settings.spool_dir.clone()),
                 block: None,
+                incremental: incremental::Incremental::off(),
             }
             .run()
             .await;

@@ -51,6 +51,9 @@ pub struct SourceSettings {
     /// Where a transaction PostgreSQL streams while it runs is kept, past what memory
     /// holds, until it commits; default [`default_spool_dir`].
     pub spool_dir: std::path::PathBuf,
+    /// Where the state file of the incremental snapshots is kept (which published
+    /// tables the lake has whole); default [`default_spool_dir`].
+    pub state_dir: std::path::PathBuf,
     /// Read the policy classes in the columns' comments (`airlock: CLASS`) whenever
     /// PostgreSQL describes a relation, so that the gate sees them with the relation.
     pub read_comments: bool,
@@ -136,6 +139,7 @@ impl SourceSettings {
             on_state: None,
             held: None,
             spool_dir: default_spool_dir(),
+            state_dir: default_spool_dir(),
             read_comments: false,
             identity: crate::identity::Mode::Off,
             on_unattributed: None,

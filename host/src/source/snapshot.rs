@@ -155,16 +155,23 @@ impl Meter<'_> {
     }
 }
 
-/// Takes the initial snapshot and creates the permanent slot. Returns the consistent
-/// point (the slot's confirmed flush LSN) and the LSN of the last chunk sent, or `None`
-/// when shutdown was requested meanwhile.
+/// What an initial snapshot leaves: the consistent point (the slot's confirmed flush
+/// LSN), the LSN of the last chunk sent, and the published tables' shapes as copied.
+pub(super) struct Taken {
+    pub consistent_point: Lsn,
+    pub last_chunk: Option<Lsn>,
+    pub shapes: std::collections::BTreeMap<u32, (String, super::incremental::Shape)>,
+}
+
+/// Takes the initial snapshot and creates the permanent slot. Returns what it left,
+/// or `None` when shutdown was requested meanwhile.
 pub(super) async fn take(
     settings: &SourceSettings,
     conn: &mut ReplicationConnection,
     tx: &mpsc::Sender<Transaction>,
     durable: &mut watch::Receiver<Lsn>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<Option<(Lsn, Option<Lsn>)>, SourceError> {
+) -> Result<Option<Taken>, SourceError> {
     let exporting_slot = snapshot_slot(&settings.slot);
     let addr = settings.connect.addr();
     let user = settings.connect.user.clone();
@@ -225,6 +232,10 @@ pub(super) async fn take(
     let tables = catalog::published_tables(&client, &settings.publication, server_version)
         .await
         .map_err(fail("listing the published tables"))?;
+    // What the lake will have whole: the incremental snapshots start from here.
+    let shapes = super::incremental::shapes(&client, &settings.publication)
+        .await
+        .map_err(fail("reading the published tables' columns"))?;
 
     // The row estimate of every published table, for the ETA.
     let rows_estimate = catalog::published_rows_estimate(&client, &settings.publication)
@@ -375,7 +386,11 @@ pub(super) async fn take(
     meter.report("*", 0, 0, "complete", true);
     meter.progress.finish();
     info!(slot = %settings.slot, consistent_point = %consistent_point, rows = meter.rows, chunks = chunk_index, "initial snapshot complete, created replication slot");
-    Ok(Some((consistent_point, last_chunk)))
+    Ok(Some(Taken {
+        consistent_point,
+        last_chunk,
+        shapes,
+    }))
 }
 
 fn now_micros() -> i64 {
@@ -388,7 +403,7 @@ fn now_micros() -> i64 {
 /// published ones), of its own rows if `only` (a plain table, whose inheritance
 /// children are tables of their own), those that any of `row_filters` lets through.
 /// Names are quoted; the filters are PostgreSQL's own deparsed expressions.
-fn copy_sql(relation: &Relation, only: bool, row_filters: Option<&[String]>) -> String {
+pub(super) fn copy_sql(relation: &Relation, only: bool, row_filters: Option<&[String]>) -> String {
     let columns: Vec<String> = relation
         .columns
         .iter()
@@ -411,7 +426,7 @@ fn copy_sql(relation: &Relation, only: bool, row_filters: Option<&[String]>) -> 
 }
 
 /// One line of COPY text output as typed values.
-fn parse_row(
+pub(super) fn parse_row(
     relation: &Relation,
     line: &[u8],
     lsn: Lsn,

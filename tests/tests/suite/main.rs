@@ -8,6 +8,7 @@
 
 // The source: PostgreSQL, its types and its faults.
 mod fuzz_pgoutput;
+mod incremental;
 mod large_transaction;
 mod pgoutput_golden;
 mod schema;
