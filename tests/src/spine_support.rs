@@ -329,6 +329,7 @@ pub fn accounts_batch(n: u64, rows: u64, note: &str) -> Arc<Batch> {
         end_lsn: Lsn(n * 1000 + 1000),
         commit_ts: 1_704_067_200_000_000 + n as i64,
         part: airlock::change::Part::WHOLE,
+        copied: None,
     };
     let mut batch = Batch::from_transactions([Transaction { meta, changes }]);
     batch.pipeline = "test-pipeline".into();

@@ -287,6 +287,9 @@ pub struct TxnMeta {
     pub commit_ts: i64,
     /// Which part of the transaction this is; [`Part::WHOLE`] for all but large ones.
     pub part: Part,
+    /// Why these rows were copied rather than streamed (a snapshot: `initial
+    /// snapshot`, or why a table was copied again); `None` for streamed changes.
+    pub copied: Option<Arc<str>>,
 }
 
 impl TxnMeta {

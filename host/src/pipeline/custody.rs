@@ -212,6 +212,7 @@ mod tests {
                 end_lsn: Lsn(0x11),
                 commit_ts: 0,
                 part: Part::WHOLE,
+                copied: None,
             },
             changes,
         }])

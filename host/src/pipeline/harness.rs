@@ -245,6 +245,7 @@ pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessErro
                 end_lsn: Lsn(lsn.0 + 1),
                 commit_ts: change.commit_time.unwrap_or(0),
                 part: crate::change::Part::WHOLE,
+                copied: None,
             },
             changes: vec![Change {
                 identity: None,

@@ -131,6 +131,7 @@ mod tests {
                 end_lsn: Lsn(xid as u64 + 1),
                 commit_ts: 0,
                 part: Part::WHOLE,
+                copied: None,
             },
             changes: (0..rows)
                 .map(|i| Change {

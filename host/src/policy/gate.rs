@@ -420,6 +420,7 @@ mod tests {
                 end_lsn: Lsn(11),
                 commit_ts: 0,
                 part: Part::WHOLE,
+                copied: None,
             },
             changes,
         }

@@ -262,6 +262,7 @@ mod tests {
                 end_lsn: Lsn(end),
                 commit_ts: 0,
                 part: Part::WHOLE,
+                copied: None,
             },
             changes: vec![Change {
                 identity: None,

@@ -58,6 +58,8 @@
 //! `X/Y` text), `xid`, `pipeline`, `tags` (row tags), `actor` (who made the change,
 //! when identity is on: [`Identity::to_json`](crate::change::identity::Identity::to_json),
 //! or `null` with `unattributed: true` for a change recorded without one),
+//! `copied` (for `SNAPSHOT` rows: why the table was copied, `initial snapshot` or
+//! `copied again: …`),
 //! `column_tags` (only when a column has tags) and `event_id`. Values are [`row_to_json`]'s: the row as the guests left
 //! it (masked), exact, untouched.
 //!
@@ -1106,6 +1108,9 @@ fn payload(
     payload.insert("pipeline".into(), (*batch.pipeline).into());
     payload.insert("policy".into(), (*batch.policy).into());
     payload.insert("tags".into(), row.tags.clone().into());
+    if let Some(copied) = &txn.copied {
+        payload.insert("copied".into(), (**copied).into());
+    }
     match &row.change.identity {
         Some(who) => {
             payload.insert("actor".into(), who.to_json());

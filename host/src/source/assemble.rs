@@ -239,6 +239,7 @@ impl Assembler {
                 end_lsn: Lsn::ZERO,
                 commit_ts,
                 part: crate::change::Part::WHOLE,
+                copied: None,
             },
             changes: Vec::new(),
         });
@@ -459,6 +460,7 @@ mod tests {
                 end_lsn: Lsn(0x1_0000_0130),
                 commit_ts: fx::PG_TS + PG_EPOCH_OFFSET_MICROS,
                 part: crate::change::Part::WHOLE,
+                copied: None,
             }
         );
         let ops: Vec<_> = txn.changes.iter().map(|c| (c.op, c.lsn.0)).collect();

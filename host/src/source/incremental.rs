@@ -413,6 +413,8 @@ pub(super) struct Copy {
     pub oid: u32,
     pub name: String,
     pub reason: String,
+    /// What the chunks say in the lake's commit info and the spine's events.
+    copied: Arc<str>,
     nonce: String,
     events: mpsc::Receiver<CopyEvent>,
     /// False once the task dropped its sender.
@@ -475,6 +477,7 @@ impl Copy {
         ));
         info!(table = %name, reason, "incremental snapshot started");
         Copy {
+            copied: format!("copied again: {reason}").into(),
             oid,
             name,
             reason,
@@ -599,6 +602,7 @@ impl Copy {
         Ok(Some(Transaction {
             meta: TxnMeta {
                 part: crate::change::Part::WHOLE,
+                copied: Some(self.copied.clone()),
                 ..meta.clone()
             },
             changes,
@@ -1229,6 +1233,7 @@ mod tests {
                 end_lsn: Lsn(commit + 1),
                 commit_ts: 0,
                 part: crate::change::Part::WHOLE,
+                copied: None,
             },
             changes,
         }
@@ -1237,6 +1242,7 @@ mod tests {
     fn copy_at(consistent_point: u64) -> (Copy, mpsc::Sender<CopyEvent>) {
         let (tx, events) = mpsc::channel(8);
         let copy = Copy {
+            copied: "copied again: test".into(),
             oid: 42,
             name: "public.t".into(),
             reason: "test".into(),

@@ -252,6 +252,7 @@ pub(super) async fn take(
     };
     let mut chunk_index = 0u64;
     let mut last_chunk = None;
+    let copied: Arc<str> = "initial snapshot".into();
     for table in &tables {
         let (relation, plain) = catalog::describe(&client, table, server_version)
             .await
@@ -325,6 +326,7 @@ pub(super) async fn take(
                         end_lsn: lsn,
                         commit_ts: now_micros(),
                         part: crate::change::Part::WHOLE,
+                        copied: Some(copied.clone()),
                     },
                     changes: std::mem::take(&mut changes),
                 };

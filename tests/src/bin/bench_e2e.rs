@@ -19,9 +19,15 @@
 //!   them, with and without the identity triggers (`airlock identity install`), in
 //!   interleaved rounds (at least five each); the medians side by side.
 //!
+//! - **snapshot**: the initial snapshot of a 10-column table of each of
+//!   `--snapshot-rows` sizes (1M and 5M by default) beside `COPY … TO STDOUT` into
+//!   /dev/null over one connection (psql), in the same run: `airlock run` with
+//!   `snapshot = "initial"` until the snapshot is durable in the lake (the slot exists),
+//!   without guests and with the four example guests.
+//!
 //! Prints each figure with its budget and PASS/FAIL, and writes them as JSON.
 //!
-//! usage: cargo xtask bench [-- --rows N --only drain,latency,memory,primary,identity ...]
+//! usage: cargo xtask bench [-- --rows N --only drain,latency,memory,primary,identity,snapshot ...]
 //! (`--help` lists every option; `AIRLOCK_BENCH_ROWS` sets `--rows`; `AIRLOCK_BENCH_WRAP`,
 //! e.g. `valgrind --tool=callgrind`, runs the drain's airlock under a profiler.)
 
@@ -49,6 +55,9 @@ const IDENTITY_RATIO: f64 = 0.95;
 const IDENTITY_MIN_ROUNDS: u64 = 5;
 /// The drain with a policy classifying every column, against the same drain without.
 const POLICY_RATIO_MIN: f64 = 0.9;
+/// The initial snapshot against `COPY … TO STDOUT`: without guests, with the four.
+const SNAPSHOT_RATIO_BARE: f64 = 0.8;
+const SNAPSHOT_RATIO_GUESTS: f64 = 0.5;
 
 /// The drain's policy: every column of the table classified, two hashed, one masked,
 /// one generalised.
@@ -81,13 +90,15 @@ struct DrainRun {
 /// The lake's p99 budget is the flush interval plus this.
 const LAKE_P99_SLACK: Duration = Duration::from_secs(1);
 
-const USAGE: &str = "usage: bench_e2e [--rows N] [--txn-rows N] [--rate ROWS_PER_S] [--latency-secs S]
+const USAGE: &str =
+    "usage: bench_e2e [--rows N] [--txn-rows N] [--rate ROWS_PER_S] [--latency-secs S]
                  [--memory-rows N] [--pgbench-secs S] [--pgbench-scale N] [--pgbench-clients N]
                  [--rounds N] [--drain-guests examples|none] [--memory-guests examples|none]
-                 [--memory-table wide|narrow]
-                 [--only drain,latency,memory,primary,identity] [--json PATH]
+                 [--memory-table wide|narrow] [--snapshot-rows N,N...]
+                 [--only drain,latency,memory,primary,identity,snapshot] [--json PATH]
 defaults: --rows 1000000 (or $AIRLOCK_BENCH_ROWS) --txn-rows 1000 --rate 5000 --latency-secs 30
-          --memory-rows 2000000 --pgbench-secs 20 --pgbench-scale 10 --pgbench-clients 4 --rounds 2";
+          --memory-rows 2000000 --pgbench-secs 20 --pgbench-scale 10 --pgbench-clients 4 --rounds 2
+          --snapshot-rows 1000000,5000000";
 
 struct Options {
     rows: u64,
@@ -103,6 +114,7 @@ struct Options {
     memory_guests: bool,
     /// The memory part's table: the drain's 10 columns, or `(id bigint, n integer)`.
     memory_narrow: bool,
+    snapshot_rows: Vec<u64>,
     only: Vec<String>,
     json: Option<PathBuf>,
 }
@@ -125,6 +137,7 @@ impl Options {
             drain_guests: true,
             memory_guests: true,
             memory_narrow: false,
+            snapshot_rows: vec![1_000_000, 5_000_000],
             only: vec![],
             json: None,
         };
@@ -176,14 +189,29 @@ impl Options {
                         _ => bail!("--memory-table takes `wide` or `narrow`"),
                     }
                 }
+                "--snapshot-rows" => {
+                    o.snapshot_rows = value
+                        .split(',')
+                        .map(|n| n.trim().replace('_', "").parse::<u64>())
+                        .collect::<Result<_, _>>()
+                        .with_context(|| {
+                            format!("--snapshot-rows takes numbers, found {value:?}")
+                        })?
+                }
                 "--only" => o.only = value.split(',').map(|s| s.trim().to_owned()).collect(),
                 "--json" => o.json = Some(PathBuf::from(value)),
                 _ => bail!("unknown option {flag}\n{USAGE}"),
             }
         }
         for part in &o.only {
-            if !["drain", "latency", "memory", "primary", "identity"].contains(&part.as_str()) {
-                bail!("--only takes drain, latency, memory, primary, identity; found {part:?}");
+            if ![
+                "drain", "latency", "memory", "primary", "identity", "snapshot",
+            ]
+            .contains(&part.as_str())
+            {
+                bail!(
+                    "--only takes drain, latency, memory, primary, identity, snapshot; found {part:?}"
+                );
             }
         }
         Ok(o)
@@ -820,6 +848,136 @@ impl Bench {
 
     /// airlock draining the backlog from `slot` into a lake of its own, with `policy`
     /// ([`ALLOW_ALL`]: every column as it is).
+    /// The initial snapshot beside `COPY … TO STDOUT` for each table size.
+    async fn snapshot(
+        &self,
+        report: &mut Vec<Line>,
+        out: &mut serde_json::Map<String, Json>,
+    ) -> Result<()> {
+        let admin = self.cluster.connect("postgres").await?;
+        let _ = admin
+            .batch_execute("DROP DATABASE IF EXISTS bench_snapshot")
+            .await;
+        admin
+            .batch_execute("CREATE DATABASE bench_snapshot")
+            .await?;
+        let client = self.cluster.connect("bench_snapshot").await?;
+        client.batch_execute(&create_table("bench_snap")).await?;
+        let insert = client.prepare(&insert_range("bench_snap", false)).await?;
+        let mut have = 0u64;
+        let mut results = Vec::new();
+        for &rows in &self.opts.snapshot_rows {
+            println!("snapshot: {} rows ...", thousands(rows as f64));
+            while have < rows {
+                let last = (have + 100_000).min(rows);
+                client
+                    .execute(&insert, &[&(have as i64 + 1), &(last as i64)])
+                    .await?;
+                have = last;
+            }
+            client
+                .batch_execute("VACUUM ANALYZE bench_snap; CHECKPOINT")
+                .await?;
+            // The reference: the same rows over one connection into /dev/null.
+            let started = Instant::now();
+            let status = tool(&self.bindir, "psql")
+                .args(conn_args(&self.cluster, "bench_snapshot"))
+                .args(["-q", "-c", "COPY bench_snap TO STDOUT"])
+                .stdout(Stdio::null())
+                .status()
+                .await?;
+            anyhow::ensure!(status.success(), "psql COPY failed");
+            let copy_rate = rows as f64 / started.elapsed().as_secs_f64();
+            let mut line = json!({ "rows": rows, "copy_rows_per_s": copy_rate.round() });
+            for (label, guests, budget) in [
+                ("without guests", false, SNAPSHOT_RATIO_BARE),
+                ("with the four example guests", true, SNAPSHOT_RATIO_GUESTS),
+            ] {
+                let slot = if guests {
+                    "bench_snap_guests"
+                } else {
+                    "bench_snap"
+                };
+                let dir = self.dir(slot)?;
+                if guests {
+                    example_plugins(&dir, &[])?;
+                } else {
+                    std::fs::create_dir_all(dir.join("plugins"))?;
+                }
+                let text = config(
+                    &self.cluster,
+                    "bench_snapshot",
+                    "bench_snap",
+                    &dir,
+                    None,
+                    "",
+                    ALLOW_ALL,
+                )
+                .replace(
+                    "slot = \"bench_snap\"",
+                    &format!("slot = \"{slot}\"\nsnapshot = \"initial\"\nstate_dir = \"state\""),
+                );
+                let started = Instant::now();
+                let mut airlock = Airlock::start(&text, &dir).await?;
+                let cpu_before = cpu_secs(airlock.pid()).unwrap_or(0.0);
+                // Done when the snapshot is durable: then the slot exists.
+                loop {
+                    airlock.check_alive()?;
+                    let exists = client
+                        .query_opt(
+                            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                            &[&slot],
+                        )
+                        .await?
+                        .is_some();
+                    if exists {
+                        break;
+                    }
+                    anyhow::ensure!(
+                        started.elapsed() < Duration::from_secs(1800),
+                        "the snapshot took over 30 minutes"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let secs = started.elapsed().as_secs_f64();
+                let cpu = cpu_secs(airlock.pid()).unwrap_or(0.0) - cpu_before;
+                airlock.stop().await?;
+                drop_slot(&client, slot).await?;
+                discard(&dir);
+                let rate = rows as f64 / secs;
+                let ratio = rate / copy_rate;
+                println!(
+                    "  airlock {label}: {:.1} s, {} rows/s ({ratio:.2}x COPY at {} rows/s), {cpu:.1} s of CPU",
+                    secs,
+                    thousands(rate),
+                    thousands(copy_rate)
+                );
+                line[if guests {
+                    "guests_rows_per_s"
+                } else {
+                    "bare_rows_per_s"
+                }] = rate.round().into();
+                report.push(Line {
+                    figure: format!(
+                        "initial snapshot of {} rows, {label}",
+                        thousands(rows as f64)
+                    ),
+                    airlock: format!("{} rows/s ({ratio:.2}x)", thousands(rate)),
+                    reference: format!("COPY {} rows/s", thousands(copy_rate)),
+                    budget: format!(">= {budget:.1}x"),
+                    result: pass(ratio >= budget),
+                });
+            }
+            results.push(line);
+        }
+        drop(client);
+        let _ = admin
+            .batch_execute("DROP DATABASE IF EXISTS bench_snapshot")
+            .await;
+        out.insert("snapshot".into(), Json::Array(results));
+        Ok(())
+    }
+
     async fn drain_airlock(
         &self,
         client: &tokio_postgres::Client,
@@ -1874,7 +2032,8 @@ async fn main() -> Result<()> {
     let mut report = Vec::new();
     let mut out = serde_json::Map::new();
     let mut failures = Vec::new();
-    let parts: [(&str, bool); 5] = [
+    let parts: [(&str, bool); 6] = [
+        ("snapshot", bench.opts.runs("snapshot")),
         ("drain", bench.opts.runs("drain")),
         ("latency", bench.opts.runs("latency")),
         ("memory", bench.opts.runs("memory")),
@@ -1890,6 +2049,7 @@ async fn main() -> Result<()> {
             "latency" => bench.latency(&mut report, &mut out).await,
             "memory" => bench.memory(&mut report, &mut out).await,
             "primary" => bench.primary(&mut report, &mut out).await,
+            "snapshot" => bench.snapshot(&mut report, &mut out).await,
             _ => bench.identity(&mut report, &mut out).await,
         };
         if let Err(e) = result {

@@ -87,6 +87,7 @@ fn batch(rel: &Arc<Relation>) -> Batch {
             end_lsn: Lsn(ROWS as u64 + 2),
             commit_ts: 0,
             part: airlock::change::Part::WHOLE,
+            copied: None,
         },
         changes,
     }])

@@ -89,6 +89,7 @@ fn batch(rel: &Arc<Relation>, n: u64, rows: usize) -> Batch {
             end_lsn: Lsn(commit + 16),
             commit_ts: 1_704_067_200_000_000,
             part: airlock::change::Part::WHOLE,
+            copied: None,
         },
         changes,
     }]);

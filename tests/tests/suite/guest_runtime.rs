@@ -116,6 +116,7 @@ fn txn(n: u64, changes: Vec<Change>) -> Transaction {
             end_lsn: Lsn(n * 100 + 1),
             commit_ts: 0,
             part: airlock::change::Part::WHOLE,
+            copied: None,
         },
         changes,
     }

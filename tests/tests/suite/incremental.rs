@@ -217,6 +217,42 @@ async fn tables_added_or_rewritten_under_live_writes_end_equal_to_postgres() -> 
     .await?;
     host.stop().await?;
 
+    // Each copy says why in the commit info of the lake.
+    let copied_because = |table: &str| -> Vec<String> {
+        files_under(&dir.join("lake").join(table).join("_delta_log"))
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "json"))
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .filter_map(|line| serde_json::from_str::<Json>(&line).ok())
+            .filter_map(|action| action["commitInfo"]["airlock.copied"].as_array().cloned())
+            .flatten()
+            .filter_map(|reason| reason.as_str().map(str::to_owned))
+            .collect()
+    };
+    let later_reasons = copied_because("public.later");
+    assert!(
+        later_reasons
+            .iter()
+            .any(|r| r == "copied again: added to the publication"),
+        "{later_reasons:?}"
+    );
+    let accounts_reasons = copied_because("public.accounts");
+    for expected in [
+        "initial snapshot",
+        "`c` was added with a default",
+        "`v` changed type",
+    ] {
+        assert!(
+            accounts_reasons.iter().any(|r| r.contains(expected)),
+            "no commit says {expected}: {accounts_reasons:?}"
+        );
+    }
     let copied = later.iter().filter(|r| r["_op"] == "r").count();
     assert!(
         copied >= 19_000,

@@ -357,6 +357,10 @@ impl LakeTable {
         info.insert("airlock.pipeline".into(), pipeline);
         info.insert("airlock.stages".into(), stages);
         info.insert("airlock.rows".into(), rows.into());
+        let copied = self.copied();
+        if !copied.is_empty() {
+            info.insert("airlock.copied".into(), copied.into());
+        }
         let version = last.0 as i64;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -444,6 +448,22 @@ impl LakeTable {
             }
         }
         range.unwrap_or_default()
+    }
+
+    /// Why the copied rows of the next commit were copied (see
+    /// [`TxnMeta::copied`]), each reason once.
+    pub(super) fn copied(&self) -> Vec<String> {
+        let mut reasons: Vec<String> = Vec::new();
+        for segment in &self.pending {
+            for &r in &segment.rows {
+                if let Some(copied) = &segment.txn(segment.row(r)).copied
+                    && !reasons.iter().any(|known| **known == **copied)
+                {
+                    reasons.push(copied.to_string());
+                }
+            }
+        }
+        reasons
     }
 
     /// The lineage of what the next commit holds: the pipeline version (a string, or

@@ -89,6 +89,7 @@ fn txn(xid: u32, commit_lsn: u64, changes: Vec<Change>) -> Transaction {
             end_lsn: Lsn(commit_lsn + 0x10),
             commit_ts: COMMIT_TS,
             part: crate::change::Part::WHOLE,
+            copied: None,
         },
         changes,
     }

@@ -60,6 +60,7 @@ fn batch(n: u64, rows: i64) -> Arc<Batch> {
             end_lsn: Lsn(n * 1000 + 1000),
             commit_ts: 1_704_067_200_000_000,
             part: crate::change::Part::WHOLE,
+            copied: None,
         },
         changes,
     };
@@ -311,6 +312,7 @@ async fn events_carry_the_row_and_the_change_metadata() {
             end_lsn: Lsn(0x48),
             commit_ts: 1_704_067_200_123_456,
             part: crate::change::Part::WHOLE,
+            copied: None,
         },
         changes: vec![update, delete],
     };
