@@ -62,6 +62,7 @@ async fn open_sink(
     sink: &SinkConfig,
     rx: mpsc::Receiver<Arc<Batch>>,
     durable: watch::Sender<Lsn>,
+    through: watch::Receiver<Lsn>,
     compactors: &Compactors,
     status: &Arc<Status>,
 ) -> Result<Option<Held>, SinkError> {
@@ -71,13 +72,14 @@ async fn open_sink(
             let lake = LakeSink::open(settings.clone()).await?;
             let held = held_by(&lake, &sink.name, status, parts.stop()).await?;
             compactors.register(lake.handle()); // lake: `POST /compact`
-            let task = sink::drive_observed(lake, rx, durable, Some(status.clone()));
+            let task = sink::drive_observed(lake, rx, durable, Some(status.clone()), Some(through));
             parts.spawn(name, Role::Sink, async { Ok(task.await?) });
             Ok(held)
         }
         SinkSettings::Http(settings) => {
             let spine = SpineSink::open(settings.clone()).await?;
-            let task = sink::drive_observed(spine, rx, durable, Some(status.clone()));
+            let task =
+                sink::drive_observed(spine, rx, durable, Some(status.clone()), Some(through));
             parts.spawn(name, Role::Sink, async { Ok(task.await?) });
             Ok(None)
         }
@@ -180,7 +182,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
             parts.stop(),
         ),
     );
-    let settings = source_settings(&config, connect, &status, sinks.held);
+    let mut settings = source_settings(&config, connect, &status, sinks.held);
+    settings.flush_through = Some(sinks.flush_through.clone());
     start_source(
         &mut parts,
         settings,
@@ -364,6 +367,8 @@ struct Sinks {
     durable: watch::Receiver<Lsn>,
     /// The latest changes any sink holds from an earlier run (see [`Held`]).
     held: Option<Held>,
+    /// What the source waits to see durable now (a snapshot's end): flushed at once.
+    flush_through: Arc<watch::Sender<Lsn>>,
 }
 
 async fn open_sinks(
@@ -373,6 +378,7 @@ async fn open_sinks(
     compactors: &Compactors,
 ) -> Result<Sinks, RunError> {
     let (mut tracker, durable) = Tracker::new();
+    let (flush_through, through) = watch::channel(Lsn::ZERO);
     let mut inputs = Vec::new();
     let mut held: Option<Held> = None;
     for sink in &config.sinks {
@@ -380,7 +386,16 @@ async fn open_sinks(
         inputs.push(tx);
         let sink_durable = tracker.register();
         show_durable(parts, status, sink, sink_durable.subscribe());
-        let held_here = open_sink(parts, sink, rx, sink_durable, compactors, status).await?;
+        let held_here = open_sink(
+            parts,
+            sink,
+            rx,
+            sink_durable,
+            through.clone(),
+            compactors,
+            status,
+        )
+        .await?;
         if held_here.as_ref().map(|h| h.through) > held.as_ref().map(|h| h.through) {
             held = held_here;
         }
@@ -390,6 +405,7 @@ async fn open_sinks(
         inputs,
         durable,
         held,
+        flush_through: Arc::new(flush_through),
     })
 }
 
@@ -536,6 +552,9 @@ fn source_settings(
         held,
         spool_dir: config.source.spool_dir.clone(),
         state_dir: config.source.state_dir.clone(),
+        snapshot_connections: config.source.snapshot_connections,
+        // Set once the sinks are open.
+        flush_through: None,
         // Comments name classes: with none, they can change nothing.
         read_comments: !config.policy.classes.is_empty(),
         identity: config.source.identity,

@@ -468,6 +468,7 @@ mod fuzz {
                 "slot_busy_timeout",
                 "spool_dir",
                 "state_dir",
+                "snapshot_connections",
                 "sslcert",
                 "sslkey",
                 "require_auth",

@@ -60,6 +60,9 @@ pub struct Source {
     /// `0600`; keep it on persistent disk. Relative to the configuration file.
     /// Default: `spool_dir`.
     pub state_dir: Option<String>,
+    /// Connections the initial snapshot copies a large table over (ranges of its
+    /// pages, one exported snapshot). Default: half the cores, at least 1, at most 8.
+    pub snapshot_connections: Option<i64>,
     /// Client certificate (PEM) for servers that authenticate clients by
     /// certificate, with its private key (`sslkey`, mode 0600). Relative to the
     /// configuration file. May be given in `url` instead, not in both.

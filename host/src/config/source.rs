@@ -50,6 +50,7 @@ pub struct SourceConfig {
     pub slot_busy_timeout: Duration,
     pub spool_dir: PathBuf,
     pub state_dir: PathBuf,
+    pub snapshot_connections: usize,
     pub identity: crate::identity::Mode,
 }
 
@@ -250,6 +251,17 @@ pub(super) fn validate(raw: Option<raw::Source>, check: &mut Check) -> Option<So
             s.slot_busy_timeout.as_ref(),
             crate::source::DEFAULT_SLOT_BUSY_TIMEOUT,
         ),
+        snapshot_connections: match s.snapshot_connections {
+            None => crate::source::default_snapshot_connections(),
+            Some(n @ 1..=64) => n as usize,
+            Some(n) => {
+                check.add(
+                    "source.snapshot_connections",
+                    format!("found {n}, expected 1 to 64 connections"),
+                );
+                1
+            }
+        },
         state_dir: s
             .state_dir
             .as_deref()

@@ -86,16 +86,27 @@ pub async fn drive<S: Sink>(
     rx: mpsc::Receiver<Arc<Batch>>,
     durable: watch::Sender<Lsn>,
 ) -> Result<(), SinkError> {
-    drive_observed(sink, rx, durable, None).await
+    drive_observed(sink, rx, durable, None, None).await
+}
+
+/// Waits until `through` is set anew; `None` when there is none (or no more).
+async fn asked(through: &mut Option<watch::Receiver<Lsn>>) -> Option<()> {
+    match through {
+        Some(through) => through.changed().await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// [`drive`], also reporting to `status`: flush latency, retries, the last error while
-/// retrying, and the batches queued in front of the sink (its backlog).
+/// retrying, and the batches queued in front of the sink (its backlog). `through`:
+/// an LSN the source waits to see durable (the end of a snapshot): the sink flushes
+/// as soon as it holds it, rather than at the end of its interval.
 pub async fn drive_observed<S: Sink>(
     mut sink: S,
     mut rx: mpsc::Receiver<Arc<Batch>>,
     durable: watch::Sender<Lsn>,
     status: Option<Arc<Status>>,
+    mut through: Option<watch::Receiver<Lsn>>,
 ) -> Result<(), SinkError> {
     let status = status.as_deref();
     let interval = sink.flush_interval();
@@ -104,12 +115,26 @@ pub async fn drive_observed<S: Sink>(
     // Whether the sink holds rows no flush covered yet.
     let mut holding = false;
     let mut deadline = tokio::time::Instant::now() + interval;
+    // The last `through` flushed for.
+    let mut answered = Lsn::ZERO;
+    let wanted = |through: &Option<watch::Receiver<Lsn>>, answered: Lsn, pending: Option<Lsn>| {
+        let target = through.as_ref().map_or(Lsn::ZERO, |t| *t.borrow());
+        (target > answered && pending.is_some_and(|p| p >= target)).then_some(target)
+    };
     loop {
         let received = if pending.is_some() {
             tokio::select! {
                 biased;
                 batch = rx.recv() => Some(batch),
                 _ = tokio::time::sleep_until(deadline) => None,
+                Some(()) = asked(&mut through) => {
+                    if let Some(target) = wanted(&through, answered, pending) {
+                        answered = target;
+                        flush_with_retry(&mut sink, &rx, &durable, &mut pending, status).await?;
+                        holding = sink.holds_open();
+                    }
+                    continue;
+                }
             }
         } else {
             Some(rx.recv().await)
@@ -137,7 +162,9 @@ pub async fn drive_observed<S: Sink>(
                 // Due also inside a large transaction: the flush stages its rows. And
                 // the last part of a staged transaction makes it visible at once:
                 // waiting the interval would only delay what is written already.
-                if holding && (sink.due() || (staged && end.is_some())) {
+                let asked_for = wanted(&through, answered, pending);
+                if holding && (sink.due() || (staged && end.is_some()) || asked_for.is_some()) {
+                    answered = asked_for.unwrap_or(answered);
                     flush_with_retry(&mut sink, &rx, &durable, &mut pending, status).await?;
                     holding = sink.holds_open();
                 }
@@ -290,6 +317,37 @@ mod tests {
             last: true,
         };
         [Arc::new(first), Arc::new(last)]
+    }
+
+    #[tokio::test]
+    async fn what_the_source_waits_for_is_flushed_at_once_and_only_once() {
+        let (sink, handle) = MemorySink::new("memory", Duration::from_secs(3600));
+        let (tx, rx) = mpsc::channel(8);
+        let (durable, mut seen) = watch::channel(Lsn::ZERO);
+        let (through, through_rx) = watch::channel(Lsn::ZERO);
+        let driver = tokio::spawn(drive_observed(sink, rx, durable, None, Some(through_rx)));
+        // Asked for before it arrives: flushed when it does.
+        through.send(Lsn(20)).unwrap();
+        tx.send(batch(10)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(handle.flushes(), 0, "not there yet: it waits");
+        tx.send(batch(20)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), seen.wait_for(|l| *l == Lsn(20)))
+            .await
+            .expect("flushed once it held what was asked")
+            .unwrap();
+        // Later batches wait for the interval again.
+        tx.send(batch(30)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*seen.borrow(), Lsn(20));
+        // Asked for after it arrived: flushed at the asking.
+        through.send(Lsn(30)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), seen.wait_for(|l| *l == Lsn(30)))
+            .await
+            .expect("flushed when asked")
+            .unwrap();
+        drop(tx);
+        driver.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -52,11 +52,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, error, info, warn};
@@ -64,7 +62,7 @@ use tracing::{debug, error, info, warn};
 use super::catalog::{self, catalog_error};
 use super::error::SourceError;
 use super::protocol::{ConnectConfig, ReplicationConnection, SnapshotAction, quote_literal};
-use super::snapshot::{CHUNK_BYTES, CHUNK_ROWS, copy_sql, parse_row};
+use super::snapshot::{copy_sql, read_copy};
 use crate::change::{Change, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value};
 
 /// The prefix of the logical messages that mark where a chunk goes in the stream.
@@ -723,50 +721,35 @@ async fn copy(
     });
     let semaphore = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
     let relation = Arc::new(relation);
-    let sql = copy_sql(&relation, plain, table.row_filters.as_deref());
-    let stream = client
-        .copy_out(sql.as_str())
+    let sql = copy_sql(&relation, plain, table.row_filters.as_deref(), None);
+    let (rows_tx, mut rows_rx) = mpsc::channel::<Vec<Change>>(1);
+    let read = async move {
+        read_copy(
+            &client,
+            &sql,
+            &relation,
+            consistent_point,
+            &rows_tx,
+            fail("copying a table"),
+        )
         .await
-        .map_err(fail("copying a table"))?;
-    let mut stream = pin!(stream);
-    let mut pending: Vec<u8> = Vec::new();
-    let mut changes: Vec<Change> = Vec::new();
-    let (mut bytes, mut n, mut rows) = (0usize, 0u64, 0u64);
-    loop {
-        let next = stream.next().await;
-        let end = next.is_none();
-        if let Some(data) = next {
-            pending.extend_from_slice(&data.map_err(fail("copying a table"))?);
-        }
-        let mut start = 0;
-        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
-            let line = &pending[start..start + nl];
-            start += nl + 1;
-            changes.push(Change {
-                identity: None,
-                relation: relation.clone(),
-                op: Op::Read,
-                lsn: consistent_point,
-                new: Some(parse_row(&relation, line, consistent_point)?),
-                old: None,
-            });
-            bytes += line.len();
-            rows += 1;
-        }
-        pending.drain(..start);
-        if changes.len() >= CHUNK_ROWS || bytes >= CHUNK_BYTES || (end && !changes.is_empty()) {
+        .map(|rows| (rows, client))
+    };
+    // Each chunk goes to the streamer, then its watermark into WAL.
+    let forward = async {
+        let mut n = 0u64;
+        while let Some(changes) = rows_rx.recv().await {
             let permit = semaphore
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let chunk = CopyEvent::Chunk {
-                n,
-                changes: std::mem::take(&mut changes),
-                permit,
-            };
-            if tx.send(chunk).await.is_err() {
-                return Ok(());
+            if tx
+                .send(CopyEvent::Chunk { n, changes, permit })
+                .await
+                .is_err()
+            {
+                break;
             }
             watermarks
                 .execute(
@@ -776,12 +759,12 @@ async fn copy(
                 .await
                 .map_err(fail("writing a watermark (pg_logical_emit_message)"))?;
             n += 1;
-            bytes = 0;
         }
-        if end {
-            break;
-        }
-    }
+        Ok::<u64, SourceError>(n)
+    };
+    let (read, forwarded) = tokio::join!(read, forward);
+    let n = forwarded?;
+    let (rows, client) = read?;
     client
         .batch_execute("COMMIT")
         .await

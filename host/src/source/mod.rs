@@ -71,7 +71,8 @@ use protocol::{ReplicationConnection, ReplicationEvent, ReplicationStream, Snaps
 use settings::shutdown_requested;
 pub use settings::{
     DEFAULT_SHUTDOWN_DRAIN, DEFAULT_SLOT_BUSY_TIMEOUT, DEFAULT_STATUS_INTERVAL, Held,
-    SnapshotObserver, SourceSettings, SourceState, StateObserver, TableObserver, default_spool_dir,
+    SnapshotObserver, SourceSettings, SourceState, StateObserver, TableObserver,
+    default_snapshot_connections, default_spool_dir,
 };
 use spool::{Spool, Spooler};
 
@@ -601,6 +602,16 @@ impl Streamer<'_> {
                     let go = self.commit(chunk, ticker).await?;
                     self.incremental.progress()?;
                     self.incremental.settle();
+                    // A copy just dispatched whole: durable soon, not at the interval.
+                    if let Some(end) = self
+                        .incremental
+                        .completing
+                        .iter()
+                        .filter_map(|(_, end, _)| *end)
+                        .max()
+                    {
+                        self.settings.flush_through(end);
+                    }
                     self.launch_next();
                     return Ok(go);
                 }

@@ -54,6 +54,12 @@ pub struct SourceSettings {
     /// Where the state file of the incremental snapshots is kept (which published
     /// tables the lake has whole); default [`default_spool_dir`].
     pub state_dir: std::path::PathBuf,
+    /// Connections the initial snapshot copies a large table over, each a range of
+    /// its pages; default [`default_snapshot_connections`].
+    pub snapshot_connections: usize,
+    /// Asks the sinks to make an LSN durable at once rather than at their next
+    /// interval: the end of a snapshot, which the source waits for.
+    pub flush_through: Option<Arc<tokio::sync::watch::Sender<Lsn>>>,
     /// Read the policy classes in the columns' comments (`airlock: CLASS`) whenever
     /// PostgreSQL describes a relation, so that the gate sees them with the relation.
     pub read_comments: bool,
@@ -74,6 +80,26 @@ impl std::fmt::Debug for TableObserver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TableObserver")
     }
+}
+
+impl SourceSettings {
+    /// Asks the sinks to flush as soon as they hold `lsn` (see `flush_through`).
+    pub fn flush_through(&self, lsn: Lsn) {
+        if let Some(through) = &self.flush_through {
+            through.send_if_modified(|at| {
+                let moved = lsn > *at;
+                *at = (*at).max(lsn);
+                moved
+            });
+        }
+    }
+}
+
+/// One connection per two cores, up to 8: each range costs a PostgreSQL backend, and
+/// airlock's pipeline and sinks need the other cores (on 2 cores one connection is
+/// the fastest: `cargo xtask bench -- --only snapshot`).
+pub fn default_snapshot_connections() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 8))
 }
 
 /// `$TMPDIR`, else `/var/tmp` (on disk, where `/tmp` may be memory).
@@ -140,6 +166,8 @@ impl SourceSettings {
             held: None,
             spool_dir: default_spool_dir(),
             state_dir: default_spool_dir(),
+            snapshot_connections: default_snapshot_connections(),
+            flush_through: None,
             read_comments: false,
             identity: crate::identity::Mode::Off,
             on_unattributed: None,

@@ -180,6 +180,7 @@ pub(super) async fn take(
         move |e: tokio_postgres::Error| catalog_error(&addr, &user, during, e)
     };
     let (client, connection) = settings.connect.connect_sql().await?;
+    let client = Arc::new(client);
     let connection = tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(error = %error, "snapshot connection ended");
@@ -262,87 +263,83 @@ pub(super) async fn take(
             .await
             .map_err(fail("estimating the table size"))?
             .map_or(-1, |rows| rows as i64);
-        let sql = copy_sql(&relation, plain, table.row_filters.as_deref());
-        debug!(table = %qualified, sql, "copying a published table");
         let relation = Arc::new(relation);
-        let stream = client
-            .copy_out(sql.as_str())
+        let ranges = page_ranges(&client, relation.oid, plain, settings.snapshot_connections)
             .await
-            .map_err(fail("copying a table"))?;
-        let mut stream = pin!(stream);
-        let mut pending: Vec<u8> = Vec::new();
-        let mut changes: Vec<Change> = Vec::new();
-        let mut bytes = 0usize;
+            .map_err(fail("sizing a table"))?;
+        // One reader per range, each on a connection of its own in the same snapshot
+        // (the first on this one); their chunks are numbered here, in arrival order.
+        let (chunks_tx, mut chunks) = mpsc::channel::<Vec<Change>>(2 * ranges.len());
+        let mut readers = tokio::task::JoinSet::new();
+        for (i, range) in ranges.into_iter().enumerate() {
+            let sql = copy_sql(&relation, plain, table.row_filters.as_deref(), range);
+            debug!(table = %qualified, sql, "copying a published table");
+            let reader = if i == 0 {
+                client.clone()
+            } else {
+                open_reader(&settings.connect, &snapshot_name).await?
+            };
+            let (relation, out, fail) =
+                (relation.clone(), chunks_tx.clone(), fail("copying a table"));
+            readers.spawn(async move {
+                let rows = read_copy(&reader, &sql, &relation, consistent_point, &out, fail).await;
+                if i > 0 {
+                    let _ = reader.batch_execute("COMMIT").await;
+                }
+                rows
+            });
+        }
+        drop(chunks_tx);
         let mut table_rows = 0u64;
         meter.report(&qualified, 0, estimate, "copying", true);
         loop {
             let next = tokio::select! {
                 biased;
                 () = shutdown_requested(shutdown) => return Ok(None),
-                next = stream.next() => next,
+                next = chunks.recv() => next,
             };
-            let end = next.is_none();
-            if let Some(data) = next {
-                pending.extend_from_slice(&data.map_err(fail("copying a table"))?);
-            }
-            // Whole lines only; the rest waits for the next piece.
-            let mut start = 0;
-            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
-                let line = &pending[start..start + nl];
-                start += nl + 1;
-                let lsn = Lsn(base.0 + chunk_index);
-                let values = parse_row(&relation, line, lsn)?;
-                bytes += line.len();
-                changes.push(Change {
-                    identity: None,
-                    relation: relation.clone(),
-                    op: Op::Read,
-                    lsn,
-                    new: Some(values),
-                    old: None,
+            let Some(mut changes) = next else { break };
+            let lsn = Lsn(base.0 + chunk_index);
+            if lsn >= consistent_point {
+                return Err(SourceError::Snapshot {
+                    table: qualified,
+                    during: "numbering chunks",
+                    reason: format!(
+                        "more chunks than LSNs between {base} and the consistent point {consistent_point}"
+                    ),
                 });
-                table_rows += 1;
-                meter.rows += 1;
-                if meter.rows.is_multiple_of(1024) {
-                    meter.progress.set_done(meter.rows);
-                }
             }
-            pending.drain(..start);
-            if changes.len() >= CHUNK_ROWS || bytes >= CHUNK_BYTES || (end && !changes.is_empty()) {
-                let lsn = Lsn(base.0 + chunk_index);
-                if lsn >= consistent_point {
-                    return Err(SourceError::Snapshot {
-                        table: qualified,
-                        during: "numbering chunks",
-                        reason: format!(
-                            "more chunks than LSNs between {base} and the consistent point {consistent_point}"
-                        ),
-                    });
-                }
-                let txn = Transaction {
-                    meta: TxnMeta {
-                        xid,
-                        commit_lsn: lsn,
-                        end_lsn: lsn,
-                        commit_ts: now_micros(),
-                        part: crate::change::Part::WHOLE,
-                        copied: Some(copied.clone()),
-                    },
-                    changes: std::mem::take(&mut changes),
-                };
-                tokio::select! {
-                    biased;
-                    () = shutdown_requested(shutdown) => return Ok(None),
-                    sent = tx.send(txn) => sent.map_err(|_| SourceError::PipelineClosed)?,
-                }
-                last_chunk = Some(lsn);
-                chunk_index += 1;
-                bytes = 0;
-                meter.report(&qualified, table_rows, estimate, "copying", false);
+            for change in &mut changes {
+                change.lsn = lsn;
             }
-            if end {
-                break;
+            table_rows += changes.len() as u64;
+            meter.rows += changes.len() as u64;
+            let txn = Transaction {
+                meta: TxnMeta {
+                    xid,
+                    commit_lsn: lsn,
+                    end_lsn: lsn,
+                    commit_ts: now_micros(),
+                    part: crate::change::Part::WHOLE,
+                    copied: Some(copied.clone()),
+                },
+                changes,
+            };
+            tokio::select! {
+                biased;
+                () = shutdown_requested(shutdown) => return Ok(None),
+                sent = tx.send(txn) => sent.map_err(|_| SourceError::PipelineClosed)?,
             }
+            last_chunk = Some(lsn);
+            chunk_index += 1;
+            meter.report(&qualified, table_rows, estimate, "copying", false);
+        }
+        while let Some(read) = readers.join_next().await {
+            read.map_err(|e| SourceError::Snapshot {
+                table: qualified.clone(),
+                during: "copying a table",
+                reason: e.to_string(),
+            })??;
         }
         meter.tables_done += 1;
         meter.report(&qualified, table_rows, estimate, "copying", true);
@@ -355,6 +352,7 @@ pub(super) async fn take(
     // Complete means durable: only then does the permanent slot come to exist.
     if let Some(last) = last_chunk {
         meter.report("*", 0, 0, "waiting for the sinks", true);
+        settings.flush_through(last);
         loop {
             if *durable.borrow_and_update() >= last {
                 break;
@@ -395,6 +393,113 @@ pub(super) async fn take(
     }))
 }
 
+/// Pages per range of a table copied over several connections: tables under two
+/// ranges are copied over one.
+const RANGE_PAGES: i64 = 4096;
+
+/// The page ranges `[from, to)` (`to` open for the last) in which a plain table is
+/// copied over `connections` connections, one per range; `[None]`: one COPY of it all.
+pub(super) async fn page_ranges(
+    client: &tokio_postgres::Client,
+    oid: u32,
+    plain: bool,
+    connections: usize,
+) -> Result<Vec<Option<(i64, Option<i64>)>>, tokio_postgres::Error> {
+    if !plain || connections < 2 {
+        return Ok(vec![None]);
+    }
+    let pages: i64 = client
+        .query_one(
+            "SELECT pg_relation_size($1::oid::regclass) / current_setting('block_size')::int8",
+            &[&oid],
+        )
+        .await?
+        .get(0);
+    Ok(split_pages(pages, connections))
+}
+
+fn split_pages(pages: i64, connections: usize) -> Vec<Option<(i64, Option<i64>)>> {
+    let k = (pages / RANGE_PAGES).min(connections as i64);
+    if k < 2 {
+        return vec![None];
+    }
+    (0..k)
+        .map(|i| Some((pages * i / k, (i + 1 < k).then(|| pages * (i + 1) / k))))
+        .collect()
+}
+
+/// A connection in the exported snapshot `snapshot`, for one more reader.
+async fn open_reader(
+    connect: &super::protocol::ConnectConfig,
+    snapshot: &str,
+) -> Result<Arc<tokio_postgres::Client>, SourceError> {
+    let (client, connection) = connect.connect_sql().await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(error = %error, "snapshot reader connection ended");
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            super::protocol::quote_literal(snapshot)
+        ))
+        .await
+        .map_err(|e| catalog_error(&connect.addr(), &connect.user, "importing the snapshot", e))?;
+    Ok(Arc::new(client))
+}
+
+/// Reads one COPY as parsed rows (`Op::Read`, LSN `at` until the caller numbers
+/// them), in chunks of at most [`CHUNK_ROWS`] rows or [`CHUNK_BYTES`], sent on `out`.
+/// Returns the rows read; stops early, without error, when `out` is closed.
+pub(super) async fn read_copy(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    relation: &Arc<Relation>,
+    at: Lsn,
+    out: &mpsc::Sender<Vec<Change>>,
+    fail: impl Fn(tokio_postgres::Error) -> SourceError,
+) -> Result<u64, SourceError> {
+    let stream = client.copy_out(sql).await.map_err(&fail)?;
+    let mut stream = pin!(stream);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut changes: Vec<Change> = Vec::new();
+    let (mut bytes, mut rows) = (0usize, 0u64);
+    loop {
+        let next = stream.next().await;
+        let end = next.is_none();
+        if let Some(data) = next {
+            pending.extend_from_slice(&data.map_err(&fail)?);
+        }
+        // Whole lines only; the rest waits for the next piece.
+        let mut start = 0;
+        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+            let line = &pending[start..start + nl];
+            start += nl + 1;
+            changes.push(Change {
+                identity: None,
+                relation: relation.clone(),
+                op: Op::Read,
+                lsn: at,
+                new: Some(parse_row(relation, line, at)?),
+                old: None,
+            });
+            bytes += line.len();
+            rows += 1;
+        }
+        pending.drain(..start);
+        if changes.len() >= CHUNK_ROWS || bytes >= CHUNK_BYTES || (end && !changes.is_empty()) {
+            if out.send(std::mem::take(&mut changes)).await.is_err() {
+                return Ok(rows);
+            }
+            bytes = 0;
+        }
+        if end {
+            return Ok(rows);
+        }
+    }
+}
+
 fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -405,7 +510,12 @@ fn now_micros() -> i64 {
 /// published ones), of its own rows if `only` (a plain table, whose inheritance
 /// children are tables of their own), those that any of `row_filters` lets through.
 /// Names are quoted; the filters are PostgreSQL's own deparsed expressions.
-pub(super) fn copy_sql(relation: &Relation, only: bool, row_filters: Option<&[String]>) -> String {
+pub(super) fn copy_sql(
+    relation: &Relation,
+    only: bool,
+    row_filters: Option<&[String]>,
+    pages: Option<(i64, Option<i64>)>,
+) -> String {
     let columns: Vec<String> = relation
         .columns
         .iter()
@@ -418,10 +528,26 @@ pub(super) fn copy_sql(relation: &Relation, only: bool, row_filters: Option<&[St
         quote_ident(&relation.schema),
         quote_ident(&relation.name)
     );
+    let mut conditions = Vec::new();
     if let Some(filters) = row_filters.filter(|f| !f.is_empty()) {
         let filters: Vec<String> = filters.iter().map(|f| format!("({f})")).collect();
+        conditions.push(filters.join(" OR "));
+    }
+    // A range of pages: a TID range scan reads only those.
+    if let Some((from, to)) = pages {
+        conditions.push(format!("ctid >= '({from},0)'::tid"));
+        if let Some(to) = to {
+            conditions.push(format!("ctid < '({to},0)'::tid"));
+        }
+    }
+    if !conditions.is_empty() {
         sql.push_str(" WHERE ");
-        sql.push_str(&filters.join(" OR "));
+        if conditions.len() == 1 {
+            sql.push_str(&conditions[0]);
+        } else {
+            let wrapped: Vec<String> = conditions.iter().map(|c| format!("({c})")).collect();
+            sql.push_str(&wrapped.join(" AND "));
+        }
     }
     sql.push_str(") TO STDOUT");
     sql
@@ -517,6 +643,20 @@ mod tests {
     use crate::change::{Column, ReplicaIdentity};
 
     #[test]
+    fn large_tables_are_split_into_page_ranges_that_cover_every_page_once() {
+        assert_eq!(split_pages(RANGE_PAGES * 2 - 1, 4), vec![None]);
+        assert_eq!(split_pages(RANGE_PAGES * 10, 1), vec![None]);
+        let ranges = split_pages(RANGE_PAGES * 10 + 7, 3);
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(ranges[0].unwrap().0, 0);
+        for pair in ranges.windows(2) {
+            assert_eq!(pair[0].unwrap().1, Some(pair[1].unwrap().0));
+        }
+        // The last is open: rows the estimate missed are still read.
+        assert_eq!(ranges[2].unwrap().1, None);
+    }
+
+    #[test]
     fn copy_text_escapes_are_undone() {
         assert_eq!(&*unescape(b"plain"), b"plain");
         assert_eq!(&*unescape(b"a\\tb\\nc\\\\d\\101"), b"a\tb\nc\\dA");
@@ -551,7 +691,7 @@ mod tests {
             columns: vec![column("id"), column("Region")],
         };
         assert_eq!(
-            copy_sql(&relation, true, None),
+            copy_sql(&relation, true, None, None),
             r#"COPY (SELECT "id", "Region" FROM ONLY "Sales"."odd""name") TO STDOUT"#
         );
         let filters = [
@@ -559,8 +699,16 @@ mod tests {
             "(\"Region\" = 'eu'::text)".to_owned(),
         ];
         assert_eq!(
-            copy_sql(&relation, false, Some(&filters)),
+            copy_sql(&relation, false, Some(&filters), None),
             r#"COPY (SELECT "id", "Region" FROM "Sales"."odd""name" WHERE ((id > 10)) OR (("Region" = 'eu'::text))) TO STDOUT"#
+        );
+        assert_eq!(
+            copy_sql(&relation, true, Some(&filters[..1]), Some((100, Some(200)))),
+            r#"COPY (SELECT "id", "Region" FROM ONLY "Sales"."odd""name" WHERE (((id > 10))) AND (ctid >= '(100,0)'::tid) AND (ctid < '(200,0)'::tid)) TO STDOUT"#
+        );
+        assert_eq!(
+            copy_sql(&relation, true, None, Some((200, None))),
+            r#"COPY (SELECT "id", "Region" FROM ONLY "Sales"."odd""name" WHERE ctid >= '(200,0)'::tid) TO STDOUT"#
         );
         let nothing = Relation {
             comment_classes: Default::default(),
@@ -568,7 +716,7 @@ mod tests {
             ..relation
         };
         assert_eq!(
-            copy_sql(&nothing, true, Some(&[])),
+            copy_sql(&nothing, true, Some(&[]), None),
             r#"COPY (SELECT  FROM ONLY "Sales"."odd""name") TO STDOUT"#
         );
     }
