@@ -61,8 +61,8 @@ use tracing::{debug, error, info, warn};
 
 use super::catalog::{self, catalog_error};
 use super::error::SourceError;
-use super::protocol::{ConnectConfig, ReplicationConnection, SnapshotAction, quote_literal};
-use super::snapshot::{copy_sql, read_copy};
+use super::protocol::{ConnectConfig, ReplicationConnection, SnapshotAction};
+use super::snapshot::{copy_sql, open_reader, read_copy};
 use crate::change::{Change, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value};
 
 /// The prefix of the logical messages that mark where a chunk goes in the stream.
@@ -474,6 +474,17 @@ impl Copy {
             tx,
         ));
         info!(table = %name, reason, "incremental snapshot started");
+        Copy::new(oid, name, reason, nonce, events, task)
+    }
+
+    fn new(
+        oid: u32,
+        name: String,
+        reason: String,
+        nonce: String,
+        events: mpsc::Receiver<CopyEvent>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Copy {
         Copy {
             copied: format!("copied again: {reason}").into(),
             oid,
@@ -662,19 +673,7 @@ async fn copy(
     let snapshot = created
         .snapshot_name
         .ok_or_else(|| refuse("creating the slot", "no snapshot name".into()))?;
-    let (client, connection) = connect.connect_sql().await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            debug!(error = %error, "copy connection ended");
-        }
-    });
-    client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            quote_literal(&snapshot)
-        ))
-        .await
-        .map_err(fail("importing the snapshot"))?;
+    let client = open_reader(connect, &snapshot).await?;
     drop(replication);
     let consistent_point = created.consistent_point;
     if tx
@@ -1224,26 +1223,15 @@ mod tests {
 
     fn copy_at(consistent_point: u64) -> (Copy, mpsc::Sender<CopyEvent>) {
         let (tx, events) = mpsc::channel(8);
-        let copy = Copy {
-            copied: "copied again: test".into(),
-            oid: 42,
-            name: "public.t".into(),
-            reason: "test".into(),
-            nonce: "n0".into(),
+        let mut copy = Copy::new(
+            42,
+            "public.t".into(),
+            "test".into(),
+            "n0".into(),
             events,
-            events_open: true,
-            task: tokio::spawn(async {}),
-            consistent_point: Some(Lsn(consistent_point)),
-            changed: HashMap::new(),
-            truncated: None,
-            held: BTreeMap::new(),
-            dispatched: 0,
-            done: None,
-            last_end: None,
-            rows_sent: 0,
-            rows_dropped: 0,
-            started: Instant::now(),
-        };
+            tokio::spawn(async {}),
+        );
+        copy.consistent_point = Some(Lsn(consistent_point));
         (copy, tx)
     }
 

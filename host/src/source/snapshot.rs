@@ -429,7 +429,7 @@ fn split_pages(pages: i64, connections: usize) -> Vec<Option<(i64, Option<i64>)>
 }
 
 /// A connection in the exported snapshot `snapshot`, for one more reader.
-async fn open_reader(
+pub(super) async fn open_reader(
     connect: &super::protocol::ConnectConfig,
     snapshot: &str,
 ) -> Result<Arc<tokio_postgres::Client>, SourceError> {

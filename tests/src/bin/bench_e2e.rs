@@ -25,6 +25,11 @@
 //!   `snapshot = "initial"` until the snapshot is durable in the lake (the slot exists),
 //!   without guests and with the four example guests.
 //!
+//! - **incremental**: a paced writer at 2,000 single-row transactions/s into a
+//!   published table, commit → visible in the lake (p99) for `--latency-secs`, then
+//!   again while a table of `--incremental-rows` rows (1M) is added to the publication
+//!   and copied by an incremental snapshot: the slowdown of the p99.
+//!
 //! Prints each figure with its budget and PASS/FAIL, and writes them as JSON.
 //!
 //! usage: cargo xtask bench [-- --rows N --only drain,latency,memory,primary,identity,snapshot ...]
@@ -58,6 +63,10 @@ const POLICY_RATIO_MIN: f64 = 0.9;
 /// The initial snapshot against `COPY … TO STDOUT`: without guests, with the four.
 const SNAPSHOT_RATIO_BARE: f64 = 0.8;
 const SNAPSHOT_RATIO_GUESTS: f64 = 0.5;
+/// An incremental snapshot slows the stream's commit → lake p99 by at most this.
+const INCREMENTAL_P99_SLOWDOWN: Duration = Duration::from_secs(2);
+/// The writes per second the incremental snapshot runs under.
+const INCREMENTAL_RATE: u64 = 2000;
 
 /// The drain's policy: every column of the table classified, two hashed, one masked,
 /// one generalised.
@@ -95,10 +104,11 @@ const USAGE: &str =
                  [--memory-rows N] [--pgbench-secs S] [--pgbench-scale N] [--pgbench-clients N]
                  [--rounds N] [--drain-guests examples|none] [--memory-guests examples|none]
                  [--memory-table wide|narrow] [--snapshot-rows N,N...]
-                 [--only drain,latency,memory,primary,identity,snapshot] [--json PATH]
+                 [--incremental-rows N]
+                 [--only drain,latency,memory,primary,identity,snapshot,incremental] [--json PATH]
 defaults: --rows 1000000 (or $AIRLOCK_BENCH_ROWS) --txn-rows 1000 --rate 5000 --latency-secs 30
           --memory-rows 2000000 --pgbench-secs 20 --pgbench-scale 10 --pgbench-clients 4 --rounds 2
-          --snapshot-rows 1000000,5000000";
+          --snapshot-rows 1000000,5000000 --incremental-rows 1000000";
 
 struct Options {
     rows: u64,
@@ -115,6 +125,7 @@ struct Options {
     /// The memory part's table: the drain's 10 columns, or `(id bigint, n integer)`.
     memory_narrow: bool,
     snapshot_rows: Vec<u64>,
+    incremental_rows: u64,
     only: Vec<String>,
     json: Option<PathBuf>,
 }
@@ -138,6 +149,7 @@ impl Options {
             memory_guests: true,
             memory_narrow: false,
             snapshot_rows: vec![1_000_000, 5_000_000],
+            incremental_rows: 1_000_000,
             only: vec![],
             json: None,
         };
@@ -189,6 +201,7 @@ impl Options {
                         _ => bail!("--memory-table takes `wide` or `narrow`"),
                     }
                 }
+                "--incremental-rows" => o.incremental_rows = number()?.max(1),
                 "--snapshot-rows" => {
                     o.snapshot_rows = value
                         .split(',')
@@ -205,12 +218,18 @@ impl Options {
         }
         for part in &o.only {
             if ![
-                "drain", "latency", "memory", "primary", "identity", "snapshot",
+                "drain",
+                "latency",
+                "memory",
+                "primary",
+                "identity",
+                "snapshot",
+                "incremental",
             ]
             .contains(&part.as_str())
             {
                 bail!(
-                    "--only takes drain, latency, memory, primary, identity, snapshot; found {part:?}"
+                    "--only takes drain, latency, memory, primary, identity, snapshot, incremental; found {part:?}"
                 );
             }
         }
@@ -993,6 +1012,194 @@ impl Bench {
             .batch_execute("DROP DATABASE IF EXISTS bench_snapshot")
             .await;
         out.insert("snapshot".into(), Json::Array(results));
+        Ok(())
+    }
+
+    /// The stream's commit → lake p99 at 2,000 writes/s, without and then with an
+    /// incremental snapshot of a large table running.
+    async fn incremental(
+        &self,
+        report: &mut Vec<Line>,
+        out: &mut serde_json::Map<String, Json>,
+    ) -> Result<()> {
+        let o = &self.opts;
+        let admin = self.cluster.connect("postgres").await?;
+        let _ = admin
+            .batch_execute("DROP DATABASE IF EXISTS bench_incremental")
+            .await;
+        admin
+            .batch_execute("CREATE DATABASE bench_incremental")
+            .await?;
+        let client = self.cluster.connect("bench_incremental").await?;
+        client.batch_execute(&create_table("bench_live")).await?;
+        client.batch_execute(&create_table("bench_big")).await?;
+        println!(
+            "incremental: writing {} rows to copy later ...",
+            thousands(o.incremental_rows as f64)
+        );
+        let insert = client.prepare(&insert_range("bench_big", true)).await?;
+        let mut have = 0u64;
+        while have < o.incremental_rows {
+            let last = (have + 100_000).min(o.incremental_rows);
+            client
+                .execute(&insert, &[&(have as i64 + 1), &(last as i64)])
+                .await?;
+            have = last;
+        }
+        client.batch_execute("ANALYZE bench_big").await?;
+        let dir = self.dir("incremental")?;
+        std::fs::create_dir_all(dir.join("plugins"))?;
+        let text = config(
+            &self.cluster,
+            "bench_incremental",
+            "bench_live",
+            &dir,
+            None,
+            "",
+            ALLOW_ALL,
+        )
+        .replace(
+            "slot = \"bench_live\"",
+            "slot = \"bench_live\"\nsnapshot = \"initial\"\nstate_dir = \"state\"",
+        );
+        let mut airlock = Airlock::start(&text, &dir).await?;
+        let ready = Instant::now();
+        while !client
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = 'bench_live' AND active",
+                &[],
+            )
+            .await?
+            .get::<_, bool>(0)
+        {
+            airlock.check_alive()?;
+            anyhow::ensure!(ready.elapsed() < Duration::from_secs(60), "airlock did not stream within 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let per_phase = INCREMENTAL_RATE * o.latency_secs;
+        let mut lake = LakeWatch::new(&dir.join("lake/public.bench_live"));
+        let mut p99s = Vec::new();
+        let mut copy_secs = None;
+        for phase in ["alone", "with an incremental snapshot"] {
+            let first_id = p99s.len() as u64 * per_phase + 1;
+            let copy_started = Instant::now();
+            if phase != "alone" {
+                client
+                    .batch_execute("ALTER PUBLICATION bench_live ADD TABLE bench_big")
+                    .await?;
+            }
+            println!(
+                "  {} single-row transactions/s for {} s, {phase} ...",
+                thousands(INCREMENTAL_RATE as f64),
+                o.latency_secs
+            );
+            let writer_client = self.cluster.connect("bench_incremental").await?;
+            let insert = writer_client
+                .prepare(&insert_range("bench_live", true))
+                .await?;
+            let gap = Duration::from_secs_f64(1.0 / INCREMENTAL_RATE as f64);
+            let mut writer = tokio::spawn(async move {
+                let mut commits: Vec<Instant> = Vec::with_capacity(per_phase as usize);
+                let start = tokio::time::Instant::now();
+                for k in 0..per_phase {
+                    tokio::time::sleep_until(start + gap.mul_f64(k as f64)).await;
+                    let id = (first_id + k) as i64;
+                    writer_client.execute(&insert, &[&id, &id]).await?;
+                    commits.push(Instant::now());
+                }
+                anyhow::Ok(commits)
+            });
+            let mut steps: Vec<(u64, Instant)> = Vec::new();
+            let mut commits = None;
+            let target = first_id - 1 + per_phase;
+            let mut done_at = None;
+            loop {
+                let rows = lake.poll();
+                if steps.last().is_none_or(|(r, _)| *r < rows) {
+                    steps.push((rows, Instant::now()));
+                }
+                if copy_secs.is_none() && phase != "alone" {
+                    let state = std::fs::read_dir(dir.join("state"))?
+                        .flatten()
+                        .find(|e| e.file_name().to_string_lossy().ends_with(".tables.json"))
+                        .and_then(|e| std::fs::read_to_string(e.path()).ok())
+                        .unwrap_or_default();
+                    if state.contains("bench_big") && !state.contains("\"due\"") {
+                        copy_secs = Some(copy_started.elapsed().as_secs_f64());
+                    }
+                }
+                if commits.is_none() && writer.is_finished() {
+                    commits = Some((&mut writer).await??);
+                    done_at = Some(Instant::now());
+                }
+                if let Some(at) = done_at
+                    && (rows >= target || at.elapsed() > Duration::from_secs(60))
+                {
+                    break;
+                }
+                airlock.check_alive()?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let commits = commits.expect("the writer finished");
+            let mut delays = Vec::with_capacity(commits.len());
+            let mut step = 0;
+            for (k, committed) in commits.iter().enumerate() {
+                let seq = first_id + k as u64;
+                while step < steps.len() && steps[step].0 < seq {
+                    step += 1;
+                }
+                if let Some((_, at)) = steps.get(step) {
+                    delays.push(at.saturating_duration_since(*committed));
+                }
+            }
+            anyhow::ensure!(
+                delays.len() == commits.len(),
+                "{} of {} rows never reached the lake",
+                commits.len() - delays.len(),
+                commits.len()
+            );
+            delays.sort();
+            let (p50, p99) = (quantile(&delays, 0.5), quantile(&delays, 0.99));
+            println!("    commit -> lake p50 {} p99 {}", millis(p50), millis(p99));
+            p99s.push(p99);
+        }
+        airlock.stop().await?;
+        discard(&dir);
+        drop(client);
+        let _ = admin
+            .batch_execute("DROP DATABASE IF EXISTS bench_incremental")
+            .await;
+        let slowdown = p99s[1].saturating_sub(p99s[0]);
+        let copied = copy_secs.map_or_else(
+            || "not done within the phase".into(),
+            |s| format!("copied in {s:.1} s"),
+        );
+        println!(
+            "  {} rows {copied}; p99 slower by {}",
+            thousands(o.incremental_rows as f64),
+            millis(slowdown)
+        );
+        report.push(Line {
+            figure: format!(
+                "commit -> lake p99 at {} writes/s, with an incremental snapshot of {} rows",
+                thousands(INCREMENTAL_RATE as f64),
+                thousands(o.incremental_rows as f64)
+            ),
+            airlock: format!("{} ({copied})", millis(p99s[1])),
+            reference: format!("{} without", millis(p99s[0])),
+            budget: format!("<= +{}", humantime(INCREMENTAL_P99_SLOWDOWN)),
+            result: pass(slowdown <= INCREMENTAL_P99_SLOWDOWN && copy_secs.is_some()),
+        });
+        out.insert(
+            "incremental".into(),
+            json!({
+                "rows": o.incremental_rows,
+                "p99_alone_ms": ms(p99s[0]),
+                "p99_with_copy_ms": ms(p99s[1]),
+                "copy_seconds": copy_secs,
+            }),
+        );
         Ok(())
     }
 
@@ -2050,8 +2257,9 @@ async fn main() -> Result<()> {
     let mut report = Vec::new();
     let mut out = serde_json::Map::new();
     let mut failures = Vec::new();
-    let parts: [(&str, bool); 6] = [
+    let parts: [(&str, bool); 7] = [
         ("snapshot", bench.opts.runs("snapshot")),
+        ("incremental", bench.opts.runs("incremental")),
         ("drain", bench.opts.runs("drain")),
         ("latency", bench.opts.runs("latency")),
         ("memory", bench.opts.runs("memory")),
@@ -2068,6 +2276,7 @@ async fn main() -> Result<()> {
             "memory" => bench.memory(&mut report, &mut out).await,
             "primary" => bench.primary(&mut report, &mut out).await,
             "snapshot" => bench.snapshot(&mut report, &mut out).await,
+            "incremental" => bench.incremental(&mut report, &mut out).await,
             _ => bench.identity(&mut report, &mut out).await,
         };
         if let Err(e) = result {
