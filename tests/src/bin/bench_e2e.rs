@@ -23,7 +23,8 @@
 //!   `--snapshot-rows` sizes (1M and 5M by default) beside `COPY … TO STDOUT` into
 //!   /dev/null over one connection (psql), in the same run: `airlock run` with
 //!   `snapshot = "initial"` until the snapshot is durable in the lake (the slot exists),
-//!   without guests and with the four example guests.
+//!   without guests (over two connections, and over the default number) and with the
+//!   four example guests.
 //!
 //! - **incremental**: a paced writer at 2,000 single-row transactions/s into a
 //!   published table, commit → visible in the lake (p99) for `--latency-secs`, then
@@ -910,11 +911,11 @@ impl Bench {
             // (label, guests, connections: None for the default, budget, JSON key)
             for (label, guests, connections, budget, key) in [
                 (
-                    "without guests, one connection",
+                    "without guests, two connections",
                     false,
-                    Some(1),
+                    Some(2),
                     None,
-                    "one_connection_rows_per_s",
+                    "two_connections_rows_per_s",
                 ),
                 (
                     "without guests",
@@ -933,7 +934,7 @@ impl Bench {
             ] {
                 let slot = match (guests, connections) {
                     (true, _) => "bench_snap_guests",
-                    (false, Some(_)) => "bench_snap_one",
+                    (false, Some(_)) => "bench_snap_two",
                     (false, None) => "bench_snap",
                 };
                 let connections = connections
