@@ -351,6 +351,42 @@ async fn airlock_snapshot_copies_a_table_again_on_demand_and_names_what_it_canno
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("copied public.items"), "{stderr}");
     let rows = wait_for_lake(&table, Duration::from_secs(30), |rows| reads(rows) == 6000).await?;
+
+    // A table without a key cannot be merged with its changes: refused by name (it
+    // stays due, nothing of it is copied), and `airlock check` says so beforehand.
+    db.batch_execute(
+        "CREATE TABLE nokey (v integer); INSERT INTO nokey VALUES (1), (1);
+         ALTER PUBLICATION airlock ADD TABLE nokey;",
+    )
+    .await?;
+    let state = dir.join("state");
+    let start = std::time::Instant::now();
+    while state_of(&state, "again", "public.nokey").is_none_or(|(_, due)| due.is_none()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "nokey never became due"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        state_of(&state, "again", "public.nokey").is_some_and(|(_, due)| due.is_some()),
+        "a refused copy stays due"
+    );
+    assert!(
+        !dir.join("lake/public.nokey").exists(),
+        "nothing of a keyless table is copied"
+    );
+    let check = std::process::Command::new(airlock_bin())
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()?;
+    let said = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(
+        said.contains("public.nokey have no key") && said.contains("add a primary key"),
+        "{said}"
+    );
     host.stop().await?;
     // The second copy sees the update: its reads of ids 1..=10 say `changed`, and they
     // come after the update in the lake.
