@@ -948,16 +948,18 @@ impl Incremental {
     }
 
     /// Marks the tables whose copy is durable as no longer due; saves the state.
-    pub fn durable(&mut self, durable: Lsn) -> Result<(), SourceError> {
+    /// Returns the tables completed (name, reason).
+    pub fn durable(&mut self, durable: Lsn) -> Result<Vec<(String, String)>, SourceError> {
         let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.completing)
             .into_iter()
             .partition(|(_, end, _)| end.is_none_or(|end| durable >= end));
         self.completing = rest;
+        let mut completed = Vec::new();
         if done.is_empty() {
-            return Ok(());
+            return Ok(completed);
         }
         let (Some(state), Some(path)) = (self.state.as_mut(), self.path.as_ref()) else {
-            return Ok(());
+            return Ok(completed);
         };
         for (oid, _, reason) in done {
             if self.again.remove(&oid) {
@@ -966,10 +968,12 @@ impl Incremental {
             if let Some(table) = state.tables.get_mut(&oid) {
                 info!(table = %table.name, reason, "incremental snapshot complete");
                 table.due = None;
+                completed.push((table.name.clone(), reason.clone()));
                 table.copied = Some(reason);
             }
         }
-        state.save(path)
+        state.save(path)?;
+        Ok(completed)
     }
 
     /// Takes in a request of `airlock snapshot` (read in stream order): the tables it

@@ -445,7 +445,7 @@ impl Streamer<'_> {
                         self.durable_open = false;
                     } else {
                         self.send_status(false).await?;
-                        self.incremental.durable(*self.durable.borrow())?;
+                        self.copies_durable()?;
                     }
                 }
                 _ = ticker.tick() => self.send_status(false).await?,
@@ -601,6 +601,11 @@ impl Streamer<'_> {
                 Ok(Some(chunk)) => {
                     let go = self.commit(chunk, ticker).await?;
                     self.incremental.progress()?;
+                    if let Some(copy) = &self.incremental.copy {
+                        let (name, reason, rows) =
+                            (copy.name.clone(), copy.reason.clone(), copy.rows_sent);
+                        self.tell_copy("copying", &name, &reason, rows);
+                    }
                     self.incremental.settle();
                     // A copy just dispatched whole: durable soon, not at the interval.
                     if let Some(end) = self
@@ -646,14 +651,36 @@ impl Streamer<'_> {
                 )
             })?;
         self.incremental.absorb(shapes)?;
-        self.incremental.durable(*self.durable.borrow())?;
+        self.copies_durable()?;
         self.launch_next();
         Ok(())
+    }
+
+    /// Settles the copies now durable, and says so in `/status`.
+    fn copies_durable(&mut self) -> Result<(), SourceError> {
+        for (table, reason) in self.incremental.durable(*self.durable.borrow())? {
+            self.tell_copy("complete", &table, &reason, 0);
+        }
+        Ok(())
+    }
+
+    /// Tells `/status` how the incremental snapshot under way (or the last) goes.
+    fn tell_copy(&self, state: &str, table: &str, reason: &str, rows: u64) {
+        if let Some(observer) = &self.settings.on_snapshot {
+            (observer.0)(serde_json::json!({
+                "kind": "incremental",
+                "state": state,
+                "table": table,
+                "reason": reason,
+                "rows": rows,
+            }));
+        }
     }
 
     /// Starts the copy of the next table due, when none is under way.
     fn launch_next(&mut self) {
         if let Some((oid, name, reason)) = self.incremental.next() {
+            self.tell_copy("copying", &name, &reason, 0);
             self.incremental.copy = Some(incremental::Copy::launch(
                 self.settings.connect.clone(),
                 self.settings.publication.clone(),
