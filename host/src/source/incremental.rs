@@ -60,9 +60,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, error, info, warn};
 
 use super::catalog::{self, catalog_error};
+use super::copy::{copy_sql, open_reader, read_copy};
 use super::error::SourceError;
 use super::protocol::{ConnectConfig, ReplicationConnection, SnapshotAction};
-use super::snapshot::{copy_sql, open_reader, read_copy};
 use crate::change::{Change, Lsn, Op, Relation, ReplicaIdentity, Transaction, TxnMeta, Value};
 
 /// The prefix of the logical messages that mark where a chunk goes in the stream.
@@ -774,8 +774,7 @@ async fn copy(
 
 /// The incremental snapshots of one session: the state, the copy under way.
 pub(super) struct Incremental {
-    /// Whether tables are copied when added or rewritten (`snapshot = "initial"`).
-    pub enabled: bool,
+    /// The state file; `None` when tables are not copied (`snapshot = "never"`).
     pub path: Option<PathBuf>,
     pub state: Option<Tables>,
     pub copy: Option<Copy>,
@@ -795,7 +794,6 @@ pub(super) struct Incremental {
 impl Incremental {
     pub fn off() -> Incremental {
         Incremental {
-            enabled: false,
             path: None,
             state: None,
             copy: None,
@@ -827,7 +825,6 @@ impl Incremental {
             }
             None => Tables::load(&path)?,
         };
-        incremental.enabled = true;
         incremental.path = Some(path);
         Ok(incremental)
     }
@@ -875,9 +872,14 @@ impl Incremental {
         Ok(())
     }
 
+    /// Whether tables are copied when added or rewritten (`snapshot = "initial"`).
+    pub fn enabled(&self) -> bool {
+        self.path.is_some()
+    }
+
     /// Notes what a dispatched transaction tells the copies.
     pub fn observe(&mut self, txn: &Transaction) {
-        if !self.enabled {
+        if !self.enabled() {
             return;
         }
         for change in &txn.changes {
@@ -986,9 +988,6 @@ impl Incremental {
         let (Some(state), Some(path)) = (self.state.as_mut(), self.path.as_ref()) else {
             return Ok(());
         };
-        if !self.enabled {
-            return Ok(());
-        }
         let mut any = false;
         for oid in &request.tables {
             match state.tables.get_mut(oid) {
@@ -1030,7 +1029,7 @@ impl Incremental {
 
     /// The table to copy next, if no copy is under way.
     pub fn next(&self) -> Option<(u32, String, String)> {
-        if !self.enabled || self.copy.is_some() {
+        if !self.enabled() || self.copy.is_some() {
             return None;
         }
         let state = self.state.as_ref()?;

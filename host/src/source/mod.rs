@@ -48,6 +48,7 @@ mod assemble;
 pub mod auth;
 pub mod catalog;
 pub mod connect;
+mod copy;
 pub mod error;
 pub mod incremental;
 pub mod pgoutput;
@@ -449,7 +450,7 @@ impl Streamer<'_> {
                     }
                 }
                 _ = ticker.tick() => self.send_status(false).await?,
-                _ = looker.tick(), if self.incremental.enabled => self.look().await?,
+                _ = looker.tick(), if self.incremental.enabled() => self.look().await?,
                 event = async {
                     match self.incremental.copy.as_mut() {
                         Some(copy) => copy.next_event().await,
@@ -571,7 +572,7 @@ impl Streamer<'_> {
         }
         // A table's columns may have changed: look at the catalog once it committed.
         if self.assembler.described.is_some() {
-            self.incremental.look_soon = self.incremental.enabled;
+            self.incremental.look_soon = self.incremental.enabled();
         }
         if let Some(oid) = self.assembler.described.take()
             && self.settings.read_comments
@@ -589,7 +590,7 @@ impl Streamer<'_> {
         if txn.meta.completes() {
             for request in std::mem::take(&mut self.assembler.requests) {
                 self.incremental.request(&request)?;
-                self.incremental.look_soon = self.incremental.enabled;
+                self.incremental.look_soon = self.incremental.enabled();
             }
         }
         if let Some(content) = self.assembler.watermark.take()
@@ -635,7 +636,7 @@ impl Streamer<'_> {
     /// table that became due.
     async fn look(&mut self) -> Result<(), SourceError> {
         self.incremental.look_soon = false;
-        if !self.incremental.enabled {
+        if !self.incremental.enabled() {
             return Ok(());
         }
         self.open_catalog().await?;

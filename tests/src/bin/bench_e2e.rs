@@ -273,6 +273,26 @@ fn insert_range(table: &str, all_active: bool) -> String {
     )
 }
 
+/// Fills `table` with rows `from ..= to` (`insert_range`), 100,000 per statement.
+async fn fill(
+    client: &tokio_postgres::Client,
+    table: &str,
+    from: u64,
+    to: u64,
+    all_active: bool,
+) -> Result<()> {
+    let insert = client.prepare(&insert_range(table, all_active)).await?;
+    let mut first = from;
+    while first <= to {
+        let last = (first + 99_999).min(to);
+        client
+            .execute(&insert, &[&(first as i64), &(last as i64)])
+            .await?;
+        first = last + 1;
+    }
+    Ok(())
+}
+
 /// The example guests, configured so most rows pass: `filter` keeps active rows,
 /// `tag` classifies by default, `mask` hashes `email` and keeps the last 4 of `phone`,
 /// `route` sends rows of `spine_tables` to the spine too.
@@ -874,26 +894,15 @@ impl Bench {
         report: &mut Vec<Line>,
         out: &mut serde_json::Map<String, Json>,
     ) -> Result<()> {
-        let admin = self.cluster.connect("postgres").await?;
-        let _ = admin
-            .batch_execute("DROP DATABASE IF EXISTS bench_snapshot")
-            .await;
-        admin
-            .batch_execute("CREATE DATABASE bench_snapshot")
-            .await?;
-        let client = self.cluster.connect("bench_snapshot").await?;
+        let client = self.scratch_database("bench_snapshot").await?;
         client.batch_execute(&create_table("bench_snap")).await?;
-        let insert = client.prepare(&insert_range("bench_snap", false)).await?;
         let mut have = 0u64;
         let mut results = Vec::new();
         for &rows in &self.opts.snapshot_rows {
             println!("snapshot: {} rows ...", thousands(rows as f64));
-            while have < rows {
-                let last = (have + 100_000).min(rows);
-                client
-                    .execute(&insert, &[&(have as i64 + 1), &(last as i64)])
-                    .await?;
-                have = last;
+            if have < rows {
+                fill(&client, "bench_snap", have + 1, rows, false).await?;
+                have = rows;
             }
             client.batch_execute("ANALYZE bench_snap").await?;
             client.batch_execute("CHECKPOINT").await?;
@@ -1009,9 +1018,7 @@ impl Bench {
             results.push(line);
         }
         drop(client);
-        let _ = admin
-            .batch_execute("DROP DATABASE IF EXISTS bench_snapshot")
-            .await;
+        self.drop_database("bench_snapshot").await;
         out.insert("snapshot".into(), Json::Array(results));
         Ok(())
     }
@@ -1024,29 +1031,14 @@ impl Bench {
         out: &mut serde_json::Map<String, Json>,
     ) -> Result<()> {
         let o = &self.opts;
-        let admin = self.cluster.connect("postgres").await?;
-        let _ = admin
-            .batch_execute("DROP DATABASE IF EXISTS bench_incremental")
-            .await;
-        admin
-            .batch_execute("CREATE DATABASE bench_incremental")
-            .await?;
-        let client = self.cluster.connect("bench_incremental").await?;
+        let client = self.scratch_database("bench_incremental").await?;
         client.batch_execute(&create_table("bench_live")).await?;
         client.batch_execute(&create_table("bench_big")).await?;
         println!(
             "incremental: writing {} rows to copy later ...",
             thousands(o.incremental_rows as f64)
         );
-        let insert = client.prepare(&insert_range("bench_big", true)).await?;
-        let mut have = 0u64;
-        while have < o.incremental_rows {
-            let last = (have + 100_000).min(o.incremental_rows);
-            client
-                .execute(&insert, &[&(have as i64 + 1), &(last as i64)])
-                .await?;
-            have = last;
-        }
+        fill(&client, "bench_big", 1, o.incremental_rows, true).await?;
         client.batch_execute("ANALYZE bench_big").await?;
         let dir = self.dir("incremental")?;
         std::fs::create_dir_all(dir.join("plugins"))?;
@@ -1168,9 +1160,7 @@ impl Bench {
         airlock.stop().await?;
         discard(&dir);
         drop(client);
-        let _ = admin
-            .batch_execute("DROP DATABASE IF EXISTS bench_incremental")
-            .await;
+        self.drop_database("bench_incremental").await;
         let slowdown = p99s[1].saturating_sub(p99s[0]);
         let copied = copy_secs.map_or_else(
             || "not done within the phase".into(),
@@ -1888,6 +1878,27 @@ impl Bench {
 
     /// The pgbench database (`pgbench -i` at `--pgbench-scale`) with its four tables
     /// published as `bench_pgbench`: created by the first part that needs it.
+    /// A new, empty database `name` (dropped first if a run left it).
+    async fn scratch_database(&self, name: &str) -> Result<tokio_postgres::Client> {
+        let admin = self.cluster.connect("postgres").await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        Ok(self.cluster.connect(name).await?)
+    }
+
+    /// Drops a database `scratch_database` made.
+    async fn drop_database(&self, name: &str) {
+        if let Ok(admin) = self.cluster.connect("postgres").await {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+                .await;
+        }
+    }
+
     async fn pgbench_database(&self) -> Result<tokio_postgres::Client> {
         let o = &self.opts;
         let admin = self.cluster.connect("postgres").await?;

@@ -455,8 +455,14 @@ impl LakeTable {
     pub(super) fn copied(&self) -> Vec<String> {
         let mut reasons: Vec<String> = Vec::new();
         for segment in &self.pending {
+            // Rows of one transaction are consecutive: look at each transaction once.
+            let mut last = None;
             for &r in &segment.rows {
-                if let Some(copied) = &segment.txn(segment.row(r)).copied
+                let txn = segment.row(r).txn;
+                if last.replace(txn) == Some(txn) {
+                    continue;
+                }
+                if let Some(copied) = &segment.batch.txns[txn as usize].copied
                     && !reasons.iter().any(|known| **known == **copied)
                 {
                     reasons.push(copied.to_string());
