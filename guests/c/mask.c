@@ -193,6 +193,20 @@ static ag_str str_of(const transform_string_t *s) {
     return out;
 }
 
+/* Whether every byte of `s` is ASCII, eight bytes at a time. */
+static bool is_ascii(ag_str s) {
+    size_t i = 0;
+    for (; i + 8 <= s.len; i += 8) {
+        uint64_t word;
+        memcpy(&word, s.ptr + i, 8);
+        if (word & 0x8080808080808080ULL) return false;
+    }
+    for (; i < s.len; i++) {
+        if ((uint8_t)s.ptr[i] & 0x80) return false;
+    }
+    return true;
+}
+
 /* Masks every value of a packed column with `m` (not hash, which the host does)
  * into `out`; false when the column holds no value (nothing to write back). */
 static bool mask_packed(const airlock_transform_types_text_column_t *in, mode m,
@@ -206,6 +220,7 @@ static bool mask_packed(const airlock_transform_types_text_column_t *in, mode m,
     if (rows > 0) memcpy(kinds, in->kinds.ptr, rows);
     ag_buf data = {0};
     ag_buf text = {0};
+    if (m.kind != MODE_NULL) ag_buf_reserve(&data, m.kind == MODE_REDACT ? rows * strlen(REDACTED) : in->data.len);
     offsets[0] = 0;
     for (size_t i = 0; i < rows; i++) {
         if (kinds[i] == AG_KIND_VALUE) {
@@ -216,6 +231,16 @@ static bool mask_packed(const airlock_transform_types_text_column_t *in, mode m,
             } else {
                 ag_str value = {in->data.ptr + in->offsets.ptr[i],
                                 in->offsets.ptr[i + 1] - in->offsets.ptr[i]};
+                if (is_ascii(value)) {
+                    /* One byte per character, valid as it is: no copy to check it. */
+                    size_t hidden = value.len > m.keep ? value.len - m.keep : 0;
+                    ag_buf_reserve(&data, value.len);
+                    memset(data.ptr + data.len, '*', hidden);
+                    memcpy(data.ptr + data.len + hidden, value.ptr + hidden, value.len - hidden);
+                    data.len += value.len;
+                    offsets[i + 1] = (uint32_t)data.len;
+                    continue;
+                }
                 text.len = 0;
                 ag_buf_push_lossy(&text, value);
                 size_t count = ag_char_count(ag_buf_str(&text));

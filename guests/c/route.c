@@ -105,6 +105,7 @@ static void process(const config *c, airlock_transform_types_borrow_batch_t batc
     transform_string_t spine_route = borrowed(&c->spine_route);
     transform_string_t spine_kind = borrowed(&c->spine_kind);
     transform_string_t spine_source = borrowed(&c->spine_source);
+    transform_string_t tag = borrowed(&c->tag);
     transform_string_t kind_key, source_key;
     transform_string_set(&kind_key, "spine.kind");
     transform_string_set(&source_key, "spine.source");
@@ -122,21 +123,39 @@ static void process(const config *c, airlock_transform_types_borrow_batch_t batc
         bool spine = ag_patterns_match(&c->spine_tables, schema, name);
         transform_list_u32_t rows;
         airlock_transform_types_method_batch_rows_of(batch, ti, &rows);
-        for (size_t i = 0; i < rows.len; i++) {
-            uint32_t row = rows.ptr[i];
-            bool restricted = table_restricted;
-            if (!restricted) {
-                transform_list_string_t tags;
-                airlock_transform_types_method_batch_row_tags(batch, row, &tags);
-                restricted = any_restricted(c, &tags);
-                transform_list_string_free(&tags);
+        if (rows.len == 0) {
+            transform_list_u32_free(&rows);
+            continue;
+        }
+        /* No host call per row: each route and annotation goes to many rows at once. */
+        if (table_restricted) {
+            airlock_transform_types_method_batch_add_route_rows(batch, &rows, &restricted_route);
+        } else {
+            transform_list_u32_t tagged;
+            airlock_transform_types_method_batch_rows_tagged(batch, ti, &tag, &tagged);
+            /* Both lists are in batch order: one merge splits the rows. */
+            transform_list_u32_t others = {malloc(rows.len * sizeof(uint32_t)), 0};
+            size_t next = 0;
+            for (size_t i = 0; i < rows.len; i++) {
+                if (next < tagged.len && tagged.ptr[next] == rows.ptr[i]) {
+                    next++;
+                } else {
+                    others.ptr[others.len++] = rows.ptr[i];
+                }
             }
-            airlock_transform_types_method_batch_add_route(batch, row, restricted ? &restricted_route : &default_route);
-            if (spine) {
-                airlock_transform_types_method_batch_add_route(batch, row, &spine_route);
-                airlock_transform_types_method_batch_annotate(batch, row, &kind_key, &spine_kind);
-                airlock_transform_types_method_batch_annotate(batch, row, &source_key, &spine_source);
+            if (tagged.len > 0) {
+                airlock_transform_types_method_batch_add_route_rows(batch, &tagged, &restricted_route);
             }
+            if (others.len > 0) {
+                airlock_transform_types_method_batch_add_route_rows(batch, &others, &default_route);
+            }
+            free(others.ptr);
+            transform_list_u32_free(&tagged);
+        }
+        if (spine) {
+            airlock_transform_types_method_batch_add_route_rows(batch, &rows, &spine_route);
+            airlock_transform_types_method_batch_annotate_rows(batch, &rows, &kind_key, &spine_kind);
+            airlock_transform_types_method_batch_annotate_rows(batch, &rows, &source_key, &spine_source);
         }
         transform_list_u32_free(&rows);
     }

@@ -45,25 +45,34 @@ class Config {
   }
 
   process(batch) {
+    // No host call per row: each route and annotation goes to many rows at once.
     const tables = batch.tables();
     for (let ti = 0; ti < tables.length; ti++) {
       const table = tables[ti];
+      const rows = batch.rowsOf(ti);
+      if (rows.length === 0) continue;
       let tableRestricted = false;
       if (this.byColumnTags) {
         for (let ci = 0; ci < table.columns.length && !tableRestricted; ci++) {
           tableRestricted = batch.columnTags(ti, ci).some((t) => this.isRestrictedTag(t));
         }
       }
-      const spine = this.spineTables.matches(table.schema, table.name);
-      for (const row of batch.rowsOf(ti)) {
-        const restricted =
-          tableRestricted || batch.rowTags(row).some((t) => this.isRestrictedTag(t));
-        batch.addRoute(row, restricted ? this.restrictedRoute : this.defaultRoute);
-        if (spine) {
-          batch.addRoute(row, this.spineRoute);
-          batch.annotate(row, "spine.kind", this.spineKind);
-          batch.annotate(row, "spine.source", this.spineSource);
+      if (tableRestricted) {
+        batch.addRouteRows(rows, this.restrictedRoute);
+      } else {
+        const tagged = batch.rowsTagged(ti, this.tag);
+        let others = rows;
+        if (tagged.length > 0) {
+          batch.addRouteRows(tagged, this.restrictedRoute);
+          const marked = new Set(tagged);
+          others = rows.filter((row) => !marked.has(row));
         }
+        if (others.length > 0) batch.addRouteRows(others, this.defaultRoute);
+      }
+      if (this.spineTables.matches(table.schema, table.name)) {
+        batch.addRouteRows(rows, this.spineRoute);
+        batch.annotateRows(rows, "spine.kind", this.spineKind);
+        batch.annotateRows(rows, "spine.source", this.spineSource);
       }
     }
   }

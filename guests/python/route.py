@@ -52,23 +52,31 @@ class Config:
         return rest == "" or rest.startswith(":")
 
     def process(self, batch: Batch) -> None:
+        # No host call per row: each route and annotation goes to many rows at once.
         for ti, table in enumerate(batch.tables()):
+            rows = batch.rows_of(ti)
+            if not rows:
+                continue
             table_restricted = self.by_column_tags and any(
                 any(self.is_restricted_tag(t) for t in batch.column_tags(ti, ci))
                 for ci in range(len(table.columns))
             )
-            spine = self.spine_tables.matches(table.schema, table.name)
-            for row in batch.rows_of(ti):
-                restricted = table_restricted or any(
-                    self.is_restricted_tag(t) for t in batch.row_tags(row)
-                )
-                batch.add_route(
-                    row, self.restricted_route if restricted else self.default_route
-                )
-                if spine:
-                    batch.add_route(row, self.spine_route)
-                    batch.annotate(row, "spine.kind", self.spine_kind)
-                    batch.annotate(row, "spine.source", self.spine_source)
+            if table_restricted:
+                batch.add_route_rows(rows, self.restricted_route)
+            else:
+                tagged = batch.rows_tagged(ti, self.tag)
+                if tagged:
+                    batch.add_route_rows(tagged, self.restricted_route)
+                    marked = set(tagged)
+                    others = [row for row in rows if row not in marked]
+                else:
+                    others = rows
+                if others:
+                    batch.add_route_rows(others, self.default_route)
+            if self.spine_tables.matches(table.schema, table.name):
+                batch.add_route_rows(rows, self.spine_route)
+                batch.annotate_rows(rows, "spine.kind", self.spine_kind)
+                batch.annotate_rows(rows, "spine.source", self.spine_source)
 
 
 WitWorld = plugin(

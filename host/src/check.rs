@@ -484,10 +484,16 @@ fn plugin_checks(config: &Config, out: &mut Vec<Finding>) {
                 out.push(ok(
                     &format!("stage {}", stage.name),
                     format!(
-                        "{} {}: {} (sha256 {}; pin it with `{}{}{}` in [plugins] require)",
+                        "{} {}: {} ({}built against {}; sha256 {}; pin it with `{}{}{}` in [plugins] require)",
                         stage.info.name,
                         stage.info.version,
                         stage.info.description,
+                        stage
+                            .when
+                            .as_ref()
+                            .map(|w| format!("only for {}; ", w.describe()))
+                            .unwrap_or_default(),
+                        contract_text(stage.contract.as_deref()),
                         stage.content_hash,
                         stage.name,
                         crate::config::RequiredStage::PIN,
@@ -585,5 +591,13 @@ mod tests {
         }
         let warning = warn("source.sslmode", "x").to_string();
         assert!(warning.starts_with("WARN"), "{warning}");
+    }
+}
+
+/// The contract a stage was built against, as `check` and `status` show it.
+pub fn contract_text(version: Option<&str>) -> String {
+    match version {
+        Some(v) => format!("{}@{v}", crate::pipeline::guest::CONTRACT_PACKAGE),
+        None => "no version of the contract (it calls nothing of the batch)".to_owned(),
     }
 }

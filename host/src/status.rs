@@ -31,6 +31,8 @@ pub struct StageView {
     pub version: String,
     pub description: String,
     pub content_hash: String,
+    /// The `airlock:transform` version the guest was built against, e.g. `0.1.0`.
+    pub contract: Option<String>,
     /// Unix seconds.
     pub loaded_at: f64,
 }
@@ -359,10 +361,11 @@ impl StatusReport {
         for st in &p.stages {
             let _ = writeln!(
                 out,
-                "  {:<14} {} {}  sha256 {}",
+                "  {:<14} {} {}  contract {}  sha256 {}",
                 st.name,
                 st.plugin,
                 st.version,
+                st.contract.as_deref().unwrap_or("-"),
                 st.content_hash.get(..12).unwrap_or(&st.content_hash)
             );
         }

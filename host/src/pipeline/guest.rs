@@ -45,7 +45,7 @@ pub fn tracing_level(level: wit::Level) -> tracing::Level {
 }
 
 /// The contract version this host speaks (the WIT package version).
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.1.1";
 /// The WIT package name guests import.
 pub const CONTRACT_PACKAGE: &str = "airlock:transform";
 
@@ -132,6 +132,22 @@ impl Edits {
                 .collect(),
             written: 0,
         }
+    }
+
+    /// The same edits, made on a batch whose row `i` is row `rows[i]` and table `i`
+    /// table `tables[i]` of another (a stage's lent rows under `when`).
+    pub fn renumber(mut self, rows: &[u32], tables: &[u32]) -> Edits {
+        for undo in &mut self.undo {
+            match undo {
+                Undo::Value { row, .. }
+                | Undo::Dropped { row }
+                | Undo::Routes { row, .. }
+                | Undo::RowTags { row, .. }
+                | Undo::Annotations { row, .. } => *row = rows[*row as usize],
+                Undo::ColumnTags { table, .. } => *table = tables[*table as usize],
+            }
+        }
+        self
     }
 
     /// Takes the call's edits back out of `batch`, newest first. `batch` must be the
@@ -257,6 +273,150 @@ impl GuestBatch {
         Ok(())
     }
 
+    /// Checks every row index of a bulk call before it writes anything.
+    fn check_rows(&self, rows: &[u32]) -> wasmtime::Result<()> {
+        match rows.iter().find(|&&r| r as usize >= self.batch.rows.len()) {
+            Some(&row) => self.row(row).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The rows of `table` that carry `tag` or one of its sub-tags (`tag:…`).
+    fn rows_tagged(&self, table: u32, tag: &str) -> wasmtime::Result<Vec<u32>> {
+        let tagged = |t: &String| {
+            t.strip_prefix(tag)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+        };
+        Ok(self
+            .table(table)?
+            .rows
+            .iter()
+            .copied()
+            .filter(|&row| self.batch.rows[row as usize].tags.iter().any(tagged))
+            .collect())
+    }
+
+    fn drop_row(&mut self, row: u32) -> wasmtime::Result<()> {
+        let r = &mut self.batch.rows[row as usize];
+        if !r.dropped {
+            r.dropped = true;
+            self.undo.push(Undo::Dropped { row });
+            self.charge(EDIT_BYTES)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a route the caller has checked against the declared names.
+    fn add_route(&mut self, row: u32, route: &str) -> wasmtime::Result<()> {
+        if self.batch.rows[row as usize]
+            .routes
+            .iter()
+            .any(|r| r == route)
+        {
+            return Ok(());
+        }
+        self.charge(route.len() + EDIT_BYTES)?;
+        let routes = &mut self.batch.rows[row as usize].routes;
+        self.undo.push(Undo::Routes {
+            row,
+            len: routes.len(),
+        });
+        routes.push(route.to_owned());
+        Ok(())
+    }
+
+    /// Adds a tag the caller has checked against the declared names.
+    fn tag_row(&mut self, row: u32, tag: &str) -> wasmtime::Result<()> {
+        if self.batch.rows[row as usize].tags.iter().any(|t| t == tag) {
+            return Ok(());
+        }
+        self.charge(tag.len() + EDIT_BYTES)?;
+        let tags = &mut self.batch.rows[row as usize].tags;
+        self.undo.push(Undo::RowTags {
+            row,
+            len: tags.len(),
+        });
+        tags.push(tag.to_owned());
+        Ok(())
+    }
+
+    fn annotate(&mut self, row: u32, key: &str, value: &str) -> wasmtime::Result<()> {
+        // The undo log keeps a copy of the row's annotations: it is charged too, so
+        // repeated (even empty) annotations cannot grow host memory past the cap.
+        let kept: usize = self.batch.rows[row as usize]
+            .annotations
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 * std::mem::size_of::<String>())
+            .sum();
+        self.charge(key.len() + value.len() + kept + EDIT_BYTES)?;
+        let annotations = &mut self.batch.rows[row as usize].annotations;
+        self.undo.push(Undo::Annotations {
+            row,
+            annotations: annotations.clone(),
+        });
+        annotations.retain(|(k, _)| k != key);
+        annotations.push((key.to_owned(), value.to_owned()));
+        Ok(())
+    }
+
+    /// Runs `f` over the rows of `table` (in `rows-of` order) with mutable access to
+    /// the batch, after checking the table and column indexes.
+    fn each_row_of(
+        &mut self,
+        table: u32,
+        column: u32,
+        mut f: impl FnMut(&mut GuestBatch, usize, u32) -> wasmtime::Result<()>,
+    ) -> wasmtime::Result<()> {
+        self.check_table_column(table, column)?;
+        let rows = std::mem::take(&mut self.batch.tables[table as usize].rows);
+        let result = rows
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, &row)| f(self, i, row));
+        self.batch.tables[table as usize].rows = rows;
+        result
+    }
+
+    /// The column's type, for the typed bulk calls: fails unless it is one of `kinds`.
+    fn typed_column(
+        &self,
+        call: &str,
+        table: u32,
+        column: u32,
+        kinds: &[Typed],
+    ) -> wasmtime::Result<Typed> {
+        self.check_table_column(table, column)?;
+        let c = &self.batch.tables[table as usize].relation.columns[column as usize];
+        match Typed::of(c.type_oid) {
+            Some(t) if kinds.contains(&t) => Ok(t),
+            _ => wasmtime::bail!(
+                "{call}: column {column} (`{}`, {}) of table {table} is not of a type it takes \
+                 (see the contract); read it with read-text-column",
+                c.name,
+                type_name(c.type_oid)
+            ),
+        }
+    }
+
+    /// Checks that a typed column write has one entry per row of the table.
+    fn check_entries(
+        &self,
+        call: &str,
+        table: u32,
+        valid: usize,
+        values: usize,
+    ) -> wasmtime::Result<()> {
+        let rows = self.table(table)?.rows.len();
+        if values != rows || valid != rows.div_ceil(8) {
+            wasmtime::bail!(
+                "{call} got {values} values and {valid} bitmap bytes for table {table}, which has {rows} rows \
+                 in this batch (expected {rows} values and {} bitmap bytes)",
+                rows.div_ceil(8)
+            );
+        }
+        Ok(())
+    }
+
     /// Replaces one value, recording the old one. Writing to a missing image is ignored.
     fn put(
         &mut self,
@@ -284,6 +444,110 @@ impl GuestBatch {
         }
         Ok(())
     }
+}
+
+/// The column types the typed bulk calls (`read-ints`, `write-floats`, ...) take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Typed {
+    Int2,
+    Int4,
+    Int8,
+    Oid,
+    Date,
+    Time,
+    Timestamp,
+    Timestamptz,
+    Float4,
+    Float8,
+    Bool,
+}
+
+const INTS: &[Typed] = &[
+    Typed::Int2,
+    Typed::Int4,
+    Typed::Int8,
+    Typed::Oid,
+    Typed::Date,
+    Typed::Time,
+    Typed::Timestamp,
+    Typed::Timestamptz,
+];
+const FLOATS: &[Typed] = &[Typed::Float4, Typed::Float8];
+const BOOLS: &[Typed] = &[Typed::Bool];
+
+impl Typed {
+    fn of(oid: u32) -> Option<Typed> {
+        use change::oid::*;
+        Some(match oid {
+            INT2 => Typed::Int2,
+            INT4 => Typed::Int4,
+            INT8 => Typed::Int8,
+            OID => Typed::Oid,
+            DATE => Typed::Date,
+            TIME => Typed::Time,
+            TIMESTAMP => Typed::Timestamp,
+            TIMESTAMPTZ => Typed::Timestamptz,
+            FLOAT4 => Typed::Float4,
+            FLOAT8 => Typed::Float8,
+            BOOL => Typed::Bool,
+            _ => return None,
+        })
+    }
+
+    /// The value an integer entry stands for in a column of this type.
+    fn int_value(self, v: i64) -> Option<change::Value> {
+        use change::Value as V;
+        Some(match self {
+            Typed::Int2 => V::Int(i16::try_from(v).ok()?.into()),
+            Typed::Int4 => V::Int(i32::try_from(v).ok()?.into()),
+            Typed::Oid => V::Int(u32::try_from(v).ok()?.into()),
+            Typed::Int8 => V::Int(v),
+            Typed::Date => V::Date(i32::try_from(v).ok()?),
+            Typed::Time => V::Time(v),
+            Typed::Timestamp => V::Timestamp(v),
+            Typed::Timestamptz => V::Timestamptz(v),
+            Typed::Float4 | Typed::Float8 | Typed::Bool => return None,
+        })
+    }
+}
+
+/// The integer an integer-typed value holds.
+fn int_of(value: &change::Value) -> Option<i64> {
+    use change::Value as V;
+    match value {
+        V::Int(i) | V::Time(i) | V::Timestamp(i) | V::Timestamptz(i) => Some(*i),
+        V::Date(d) => Some((*d).into()),
+        _ => None,
+    }
+}
+
+/// Whether bit `i` of a null bitmap is set.
+fn bit(valid: &[u8], i: usize) -> bool {
+    valid[i / 8] & (1 << (i % 8)) != 0
+}
+
+/// Reads one typed column into a null bitmap and values (`T::default()` where clear).
+fn read_typed<T: Default + Copy>(
+    gb: &GuestBatch,
+    table: u32,
+    column: u32,
+    image: wit::Image,
+    get: impl Fn(&change::Value) -> Option<T>,
+) -> (Vec<u8>, Vec<T>) {
+    let rows = &gb.batch.tables[table as usize].rows;
+    let mut valid = vec![0u8; rows.len().div_ceil(8)];
+    let mut values = Vec::with_capacity(rows.len());
+    for (i, &row) in rows.iter().enumerate() {
+        let change = &gb.batch.rows[row as usize].change;
+        match image_of(change, image).and_then(|v| get(&v[column as usize])) {
+            Some(value) => {
+                valid[i / 8] |= 1 << (i % 8);
+                values.push(value);
+            }
+            None => values.push(T::default()),
+        }
+    }
+    (valid, values)
 }
 
 /// What each guest store holds: the sandboxed WASI context, the resource table, the
@@ -413,6 +677,60 @@ fn image_of(change: &change::Change, image: wit::Image) -> Option<&Vec<change::V
     match image {
         wit::Image::New => change.new.as_ref(),
         wit::Image::Old => change.old.as_ref(),
+    }
+}
+
+impl GuestState {
+    /// Writes a packed column (`write-text-column`, `write-bytes-column`): kind 0 is
+    /// `null`, 1 `unchanged-toast`, 2 the value `value` makes of the entry's bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn write_packed(
+        &mut self,
+        call: &str,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+        values: wit::TextColumn,
+        value: impl Fn(&[u8], usize) -> wasmtime::Result<change::Value>,
+    ) -> wasmtime::Result<()> {
+        let gb = self.table.get_mut(&b)?;
+        gb.check_table_column(table, column)?;
+        let wit::TextColumn {
+            kinds,
+            data,
+            offsets,
+        } = values;
+        let rows = gb.batch.tables[table as usize].rows.len();
+        if kinds.len() != rows || offsets.len() != rows + 1 {
+            wasmtime::bail!(
+                "{call} got {} kinds and {} offsets for table {table}, which has {rows} rows in this batch \
+                 (expected {rows} kinds and {} offsets)",
+                kinds.len(),
+                offsets.len(),
+                rows + 1
+            );
+        }
+        gb.each_row_of(table, column, |gb, i, row| {
+            let v = match kinds[i] {
+                0 => change::Value::Null,
+                1 => change::Value::UnchangedToast,
+                2 => {
+                    let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+                    let bytes = data.get(start..end).filter(|_| start <= end).ok_or_else(|| {
+                        wasmtime::format_err!(
+                            "{call}: offsets {start}..{end} of entry {i} are outside the {} data bytes",
+                            data.len()
+                        )
+                    })?;
+                    value(bytes, i)?
+                }
+                other => wasmtime::bail!(
+                    "{call}: entry {i} has kind {other}; expected 0 (null), 1 (unchanged-toast) or 2 (value)"
+                ),
+            };
+            gb.put(row, column, image, v)
+        })
     }
 }
 
@@ -611,50 +929,20 @@ impl wit::HostBatch for GuestState {
         image: wit::Image,
         values: wit::TextColumn,
     ) -> wasmtime::Result<()> {
-        let gb = self.table.get_mut(&b)?;
-        gb.check_table_column(table, column)?;
-        let rows = std::mem::take(&mut gb.batch.tables[table as usize].rows);
-        let result = (|| {
-            let wit::TextColumn {
-                kinds,
-                data,
-                offsets,
-            } = values;
-            if kinds.len() != rows.len() || offsets.len() != rows.len() + 1 {
-                wasmtime::bail!(
-                    "write-text-column got {} kinds and {} offsets for table {table}, which has {} rows in this batch \
-                     (expected {} kinds and {} offsets)",
-                    kinds.len(),
-                    offsets.len(),
-                    rows.len(),
-                    rows.len(),
-                    rows.len() + 1
-                );
-            }
-            for (i, (&row, &kind)) in rows.iter().zip(&kinds).enumerate() {
-                let value = match kind {
-                    0 => change::Value::Null,
-                    1 => change::Value::UnchangedToast,
-                    2 => {
-                        let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
-                        let bytes = data.get(start..end).filter(|_| start <= end).ok_or_else(|| {
-                            wasmtime::format_err!("write-text-column: offsets {start}..{end} of entry {i} are outside the {} data bytes", data.len())
-                        })?;
-                        let text = std::str::from_utf8(bytes).map_err(|_| {
-                            wasmtime::format_err!("write-text-column: entry {i} is not UTF-8")
-                        })?;
-                        change::Value::Text(text.to_owned())
-                    }
-                    other => wasmtime::bail!(
-                        "write-text-column: entry {i} has kind {other}; expected 0 (null), 1 (unchanged-toast) or 2 (value)"
-                    ),
-                };
-                gb.put(row, column, image, value)?;
-            }
-            Ok(())
-        })();
-        gb.batch.tables[table as usize].rows = rows;
-        result
+        self.write_packed(
+            "write-text-column",
+            b,
+            table,
+            column,
+            image,
+            values,
+            |bytes, i| {
+                let text = std::str::from_utf8(bytes).map_err(|_| {
+                    wasmtime::format_err!("write-text-column: entry {i} is not UTF-8")
+                })?;
+                Ok(change::Value::Text(text.to_owned()))
+            },
+        )
     }
 
     fn hash_column(
@@ -699,13 +987,7 @@ impl wit::HostBatch for GuestState {
     fn drop_row(&mut self, b: Resource<GuestBatch>, row: u32) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
-        let r = &mut gb.batch.rows[row as usize];
-        if !r.dropped {
-            r.dropped = true;
-            gb.undo.push(Undo::Dropped { row });
-            gb.charge(EDIT_BYTES)?;
-        }
-        Ok(())
+        gb.drop_row(row)
     }
 
     fn is_dropped(&mut self, b: Resource<GuestBatch>, row: u32) -> wasmtime::Result<bool> {
@@ -723,17 +1005,7 @@ impl wit::HostBatch for GuestState {
             .map_err(|e| wasmtime::format_err!("{e}"))?;
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
-        if gb.batch.rows[row as usize].routes.contains(&route) {
-            return Ok(());
-        }
-        gb.charge(route.len() + EDIT_BYTES)?;
-        let routes = &mut gb.batch.rows[row as usize].routes;
-        gb.undo.push(Undo::Routes {
-            row,
-            len: routes.len(),
-        });
-        routes.push(route);
-        Ok(())
+        gb.add_route(row, &route)
     }
 
     fn routes(&mut self, b: Resource<GuestBatch>, row: u32) -> wasmtime::Result<Vec<String>> {
@@ -746,17 +1018,7 @@ impl wit::HostBatch for GuestState {
             .map_err(|e| wasmtime::format_err!("{e}"))?;
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
-        if gb.batch.rows[row as usize].tags.contains(&tag) {
-            return Ok(());
-        }
-        gb.charge(tag.len() + EDIT_BYTES)?;
-        let tags = &mut gb.batch.rows[row as usize].tags;
-        gb.undo.push(Undo::RowTags {
-            row,
-            len: tags.len(),
-        });
-        tags.push(tag);
-        Ok(())
+        gb.tag_row(row, &tag)
     }
 
     fn row_tags(&mut self, b: Resource<GuestBatch>, row: u32) -> wasmtime::Result<Vec<String>> {
@@ -810,22 +1072,7 @@ impl wit::HostBatch for GuestState {
     ) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.row(row)?;
-        // The undo log keeps a copy of the row's annotations: it is charged too, so
-        // repeated (even empty) annotations cannot grow host memory past the cap.
-        let kept: usize = gb.batch.rows[row as usize]
-            .annotations
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 2 * std::mem::size_of::<String>())
-            .sum();
-        gb.charge(key.len() + value.len() + kept + EDIT_BYTES)?;
-        let annotations = &mut gb.batch.rows[row as usize].annotations;
-        gb.undo.push(Undo::Annotations {
-            row,
-            annotations: annotations.clone(),
-        });
-        annotations.retain(|(k, _)| *k != key);
-        annotations.push((key, value));
-        Ok(())
+        gb.annotate(row, &key, &value)
     }
 
     fn annotations(
@@ -834,6 +1081,211 @@ impl wit::HostBatch for GuestState {
         row: u32,
     ) -> wasmtime::Result<Vec<(String, String)>> {
         Ok(self.table.get(&b)?.row(row)?.annotations.clone())
+    }
+
+    fn rows_tagged(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        tag: String,
+    ) -> wasmtime::Result<Vec<u32>> {
+        self.table.get(&b)?.rows_tagged(table, &tag)
+    }
+
+    fn drop_rows(&mut self, b: Resource<GuestBatch>, rows: Vec<u32>) -> wasmtime::Result<()> {
+        let gb = self.table.get_mut(&b)?;
+        gb.check_rows(&rows)?;
+        rows.into_iter().try_for_each(|row| gb.drop_row(row))
+    }
+
+    fn add_route_rows(
+        &mut self,
+        b: Resource<GuestBatch>,
+        rows: Vec<u32>,
+        route: String,
+    ) -> wasmtime::Result<()> {
+        self.names
+            .check_route(&route)
+            .map_err(|e| wasmtime::format_err!("{e}"))?;
+        let gb = self.table.get_mut(&b)?;
+        gb.check_rows(&rows)?;
+        rows.into_iter()
+            .try_for_each(|row| gb.add_route(row, &route))
+    }
+
+    fn tag_rows(
+        &mut self,
+        b: Resource<GuestBatch>,
+        rows: Vec<u32>,
+        tag: String,
+    ) -> wasmtime::Result<()> {
+        self.names
+            .check_tag(&tag)
+            .map_err(|e| wasmtime::format_err!("{e}"))?;
+        let gb = self.table.get_mut(&b)?;
+        gb.check_rows(&rows)?;
+        rows.into_iter().try_for_each(|row| gb.tag_row(row, &tag))
+    }
+
+    fn annotate_rows(
+        &mut self,
+        b: Resource<GuestBatch>,
+        rows: Vec<u32>,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<()> {
+        let gb = self.table.get_mut(&b)?;
+        gb.check_rows(&rows)?;
+        rows.into_iter()
+            .try_for_each(|row| gb.annotate(row, &key, &value))
+    }
+
+    fn read_ints(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+    ) -> wasmtime::Result<wit::IntColumn> {
+        let gb = self.table.get(&b)?;
+        gb.typed_column("read-ints", table, column, INTS)?;
+        let (valid, values) = read_typed(gb, table, column, image, int_of);
+        Ok(wit::IntColumn { valid, values })
+    }
+
+    fn write_ints(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+        values: wit::IntColumn,
+    ) -> wasmtime::Result<()> {
+        let gb = self.table.get_mut(&b)?;
+        let typed = gb.typed_column("write-ints", table, column, INTS)?;
+        gb.check_entries("write-ints", table, values.valid.len(), values.values.len())?;
+        gb.each_row_of(table, column, |gb, i, row| {
+            let value = if bit(&values.valid, i) {
+                let v = values.values[i];
+                typed.int_value(v).ok_or_else(|| {
+                    wasmtime::format_err!(
+                        "write-ints: entry {i} ({v}) is out of the range of column {column}'s type"
+                    )
+                })?
+            } else {
+                change::Value::Null
+            };
+            gb.put(row, column, image, value)
+        })
+    }
+
+    fn read_floats(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+    ) -> wasmtime::Result<wit::FloatColumn> {
+        let gb = self.table.get(&b)?;
+        gb.typed_column("read-floats", table, column, FLOATS)?;
+        let (valid, values) = read_typed(gb, table, column, image, |v| match v {
+            change::Value::Float(f) => Some(*f),
+            _ => None,
+        });
+        Ok(wit::FloatColumn { valid, values })
+    }
+
+    fn write_floats(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+        values: wit::FloatColumn,
+    ) -> wasmtime::Result<()> {
+        let gb = self.table.get_mut(&b)?;
+        let typed = gb.typed_column("write-floats", table, column, FLOATS)?;
+        gb.check_entries(
+            "write-floats",
+            table,
+            values.valid.len(),
+            values.values.len(),
+        )?;
+        gb.each_row_of(table, column, |gb, i, row| {
+            let value = if bit(&values.valid, i) {
+                let v = values.values[i];
+                // A `real` holds what an f32 holds: rounded as PostgreSQL would.
+                change::Value::Float(if typed == Typed::Float4 {
+                    f64::from(v as f32)
+                } else {
+                    v
+                })
+            } else {
+                change::Value::Null
+            };
+            gb.put(row, column, image, value)
+        })
+    }
+
+    fn read_bools(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+    ) -> wasmtime::Result<wit::BoolColumn> {
+        let gb = self.table.get(&b)?;
+        gb.typed_column("read-bools", table, column, BOOLS)?;
+        let (valid, values) = read_typed(gb, table, column, image, |v| match v {
+            change::Value::Bool(b) => Some(*b),
+            _ => None,
+        });
+        Ok(wit::BoolColumn { valid, values })
+    }
+
+    fn write_bools(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+        values: wit::BoolColumn,
+    ) -> wasmtime::Result<()> {
+        let gb = self.table.get_mut(&b)?;
+        gb.typed_column("write-bools", table, column, BOOLS)?;
+        gb.check_entries(
+            "write-bools",
+            table,
+            values.valid.len(),
+            values.values.len(),
+        )?;
+        gb.each_row_of(table, column, |gb, i, row| {
+            let value = if bit(&values.valid, i) {
+                change::Value::Bool(values.values[i])
+            } else {
+                change::Value::Null
+            };
+            gb.put(row, column, image, value)
+        })
+    }
+
+    fn write_bytes_column(
+        &mut self,
+        b: Resource<GuestBatch>,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+        values: wit::TextColumn,
+    ) -> wasmtime::Result<()> {
+        self.write_packed(
+            "write-bytes-column",
+            b,
+            table,
+            column,
+            image,
+            values,
+            |bytes, _| Ok(change::Value::Bytes(bytes.to_vec())),
+        )
     }
 
     fn drop(&mut self, _b: Resource<GuestBatch>) -> wasmtime::Result<()> {

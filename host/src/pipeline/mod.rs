@@ -34,6 +34,7 @@ pub mod names;
 pub mod output;
 pub mod registry;
 pub mod runtime;
+pub mod when;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -294,6 +295,7 @@ impl Pipeline {
                 version: s.info.version.clone(),
                 description: s.info.description.clone(),
                 content_hash: s.content_hash.clone(),
+                contract: s.contract.clone(),
                 loaded_at: s
                     .loaded_at
                     .duration_since(UNIX_EPOCH)

@@ -232,7 +232,27 @@ pub fn check_required(files: &[PluginFile], require: &[RequiredStage]) -> Result
 
 /// Checks that every stage pinned in `require` has the pinned content: the SHA-256
 /// of the bytes that were compiled, not of a file read again later.
+///
+/// A stage the policy makes responsible for raw values (`first`) may not have a
+/// `[when]`: rows it skipped would reach the sinks unmasked (the custody check would
+/// then deny every such batch at run time).
 pub fn check_pins(pipeline: &Pipeline, require: &[RequiredStage]) -> Result<(), String> {
+    for r in require.iter().filter(|r| r.first) {
+        if let Some(when) = pipeline
+            .stages
+            .iter()
+            .find(|s| s.name == r.name)
+            .and_then(|s| s.when.as_ref())
+        {
+            return Err(format!(
+                "stage `{}` is responsible for raw values ([policy]), but its `[when]` ({}) would skip the rows \
+                 it does not name, leaving their values unmasked: refusing to run (remove `[when]` from {}.toml)",
+                r.name,
+                when.describe(),
+                r.name
+            ));
+        }
+    }
     let wrong: Vec<String> = require
         .iter()
         .filter_map(|r| {

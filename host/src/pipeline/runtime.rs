@@ -17,7 +17,7 @@
 //! - A failed call leaves the batch exactly as it was before the call.
 
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -322,12 +322,18 @@ impl Runtime {
         wasm: &[u8],
         settings: Vec<(String, String)>,
     ) -> Result<Stage, RuntimeError> {
+        let mut settings = settings;
+        let when = super::when::When::take(
+            &mut settings,
+            &Path::new(path).with_extension("toml").display().to_string(),
+        )?;
         let content_hash = hex::encode(Sha256::digest(wasm));
         let component = self.compile(path, wasm, &content_hash)?;
-        check_contract(&self.engine, &component).map_err(|message| RuntimeError::Load {
-            path: path.to_owned(),
-            message,
-        })?;
+        let contract =
+            check_contract(&self.engine, &component).map_err(|message| RuntimeError::Load {
+                path: path.to_owned(),
+                message,
+            })?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -351,6 +357,8 @@ impl Runtime {
                 description: String::new(),
             },
             content_hash,
+            contract,
+            when,
             loaded_at: SystemTime::now(),
             settings,
             pre,
@@ -380,25 +388,75 @@ fn deserialize_cached(engine: &Engine, code: &[u8]) -> wasmtime::Result<Componen
     unsafe { Component::deserialize(engine, code) }
 }
 
-/// Refuses components built for another version of the contract, naming both.
-fn check_contract(engine: &Engine, component: &Component) -> Result<(), String> {
+/// The contract version a component was built against (the newest `0.1.x` among its
+/// imports and exports; `None` when it names no version of the package, as a guest
+/// that calls nothing of the batch may). Refuses another minor version, or a patch
+/// newer than this host's, naming both.
+fn check_contract(engine: &Engine, component: &Component) -> Result<Option<String>, String> {
     let ty = component.component_type();
     let names = ty
         .imports(engine)
         .map(|(n, _)| n.to_owned())
         .chain(ty.exports(engine).map(|(n, _)| n.to_owned()));
+    let mut newest: Option<(u64, String)> = None;
     for name in names {
-        if let Some(rest) = name.strip_prefix(CONTRACT_PACKAGE)
-            && let Some((_, version)) = rest.split_once('@')
-            && version != CONTRACT_VERSION
-        {
-            return Err(format!(
-                "built for {CONTRACT_PACKAGE}@{version}, but this airlock speaks {CONTRACT_PACKAGE}@{CONTRACT_VERSION}: \
-                 rebuild the guest against the wit/ folder of this airlock release"
-            ));
+        let Some(rest) = name.strip_prefix(CONTRACT_PACKAGE) else {
+            continue;
+        };
+        let Some((_, version)) = rest.split_once('@') else {
+            continue;
+        };
+        let patch = compatible_patch(version).ok_or_else(|| {
+            format!(
+                "built for {CONTRACT_PACKAGE}@{version}, but this airlock speaks {CONTRACT_PACKAGE}@{CONTRACT_VERSION} \
+                 (and every earlier {}.x): rebuild the guest against the wit/ folder of this airlock release",
+                minor(CONTRACT_VERSION)
+            )
+        })?;
+        if newest.as_ref().is_none_or(|(p, _)| patch > *p) {
+            newest = Some((patch, version.to_owned()));
         }
     }
-    Ok(())
+    Ok(newest.map(|(_, v)| v))
+}
+
+/// `major.minor` of a version.
+fn minor(version: &str) -> &str {
+    version.rsplit_once('.').map_or(version, |(m, _)| m)
+}
+
+/// The patch number of `version` when this host can run a guest built against it:
+/// the same `major.minor` as [`CONTRACT_VERSION`] and a patch no newer than its own.
+fn compatible_patch(version: &str) -> Option<u64> {
+    let (ours_minor, ours_patch) = CONTRACT_VERSION.rsplit_once('.')?;
+    let (theirs_minor, theirs_patch) = version.rsplit_once('.')?;
+    let (ours_patch, theirs_patch) = (
+        ours_patch.parse::<u64>().ok()?,
+        theirs_patch.parse::<u64>().ok()?,
+    );
+    (theirs_minor == ours_minor && theirs_patch <= ours_patch).then_some(theirs_patch)
+}
+
+#[cfg(test)]
+mod contract_tests {
+    use super::*;
+
+    #[test]
+    fn earlier_patches_of_the_contract_are_accepted_and_others_refused() {
+        assert_eq!(CONTRACT_VERSION, "0.1.1");
+        assert_eq!(compatible_patch("0.1.0"), Some(0));
+        assert_eq!(compatible_patch("0.1.1"), Some(1));
+        assert_eq!(
+            compatible_patch("0.1.2"),
+            None,
+            "a newer patch may call what this host lacks"
+        );
+        assert_eq!(compatible_patch("0.2.0"), None);
+        assert_eq!(compatible_patch("0.0.9"), None);
+        assert_eq!(compatible_patch("1.1.0"), None);
+        assert_eq!(compatible_patch("0.1.0-rc1"), None);
+        assert_eq!(minor("0.1.1"), "0.1");
+    }
 }
 
 fn ticks(deadline: Duration) -> u64 {
@@ -418,6 +476,11 @@ pub struct Stage {
     pub info: wit::PluginInfo,
     /// SHA-256 of the `.wasm`, hex.
     pub content_hash: String,
+    /// The contract version the guest was built against, e.g. `0.1.0`; `None` when
+    /// its imports name none.
+    pub contract: Option<String>,
+    /// The rows it applies to (`[when]` in its settings); `None`: every row.
+    pub when: Option<super::when::When>,
     pub loaded_at: SystemTime,
     settings: Vec<(String, String)>,
     pre: TransformPre<GuestState>,
@@ -481,6 +544,31 @@ impl Stage {
     /// came in, on a fresh instance; a second failure returns the batch unchanged
     /// together with the error.
     pub fn process(&mut self, mut batch: Batch) -> Result<(Batch, Edits), (Batch, RuntimeError)> {
+        let Some(when) = &self.when else {
+            return self.process_all(batch);
+        };
+        let rows = when.rows(&batch);
+        if rows.is_empty() {
+            return Ok((batch, Edits::default()));
+        }
+        if rows.len() == batch.rows.len() {
+            return self.process_all(batch);
+        }
+        let (sub, lent) = super::when::lend(&mut batch, rows);
+        match self.process_all(sub) {
+            Ok((sub, edits)) => {
+                let edits = lent.give_back(&mut batch, sub, Some(edits));
+                Ok((batch, edits.unwrap_or_default()))
+            }
+            Err((sub, error)) => {
+                lent.give_back(&mut batch, sub, None);
+                Err((batch, error))
+            }
+        }
+    }
+
+    /// [`Stage::process`] on every row of the batch.
+    fn process_all(&mut self, mut batch: Batch) -> Result<(Batch, Edits), (Batch, RuntimeError)> {
         let mut last_error = String::new();
         for attempt in 0..2 {
             let mut live = match self.live.take() {

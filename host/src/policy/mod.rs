@@ -315,6 +315,15 @@ pub fn matches(pattern: &str, schema: &str, table: &str, column: &str) -> bool {
     glob(s, schema) && glob(t, table) && glob(c, column)
 }
 
+/// Whether `pattern` (`schema.table`, or `table` for any schema; `*` standing for any
+/// run of characters within a part) matches the table.
+pub fn matches_table(pattern: &str, schema: &str, table: &str) -> bool {
+    match pattern.split_once('.') {
+        Some((s, t)) => glob(s, schema) && glob(t, table),
+        None => glob(pattern, table),
+    }
+}
+
 /// `*`-only wildcard matching.
 fn glob(pattern: &str, name: &str) -> bool {
     let Some((first, rest)) = pattern.split_once('*') else {

@@ -516,13 +516,15 @@ fn languages(rt: &Runtime, batches: usize, input: &Batch) -> anyhow::Result<()> 
     ];
     println!();
     println!(
-        "guests by language: ns/row on the same batches ({batches} batches each), ratio to the Rust guest"
+        "guests by language: ns/row on the same batches ({batches} batches each), ratio to the Rust guest; \
+         budget {RUST_C_BUDGET_NS} ns/row for Rust and C, {OTHER_BUDGET_NS} for Python and JavaScript"
     );
     print!("{:<8} {:<22}", "guest", "work");
     for (language, _) in LANGUAGES {
-        print!(" {:>14}", format!("{language} ns/row"));
+        print!(" {:>20}", format!("{language} ns/row"));
     }
     println!();
+    let mut over = Vec::new();
     for (guest, settings, work) in cases {
         let mut rust = 0.0;
         print!("{guest:<8} {work:<22}");
@@ -535,15 +537,31 @@ fn languages(rt: &Runtime, batches: usize, input: &Batch) -> anyhow::Result<()> 
                 batches,
                 input,
             )?;
+            let budget = match language {
+                "rust" | "c" => RUST_C_BUDGET_NS,
+                _ => OTHER_BUDGET_NS,
+            };
+            let verdict = if ns <= budget { "" } else { " FAIL" };
+            over.extend((ns > budget).then(|| format!("{guest} ({work}) in {language}")));
             if language == "rust" {
                 rust = ns;
-                print!(" {ns:>14.1}");
+                print!(" {:>20}", format!("{ns:.1}{verdict}"));
             } else {
-                print!(" {:>14}", format!("{ns:.1} ({:.1}x)", ns / rust));
+                print!(" {:>20}", format!("{ns:.1} ({:.1}x){verdict}", ns / rust));
             }
             std::io::Write::flush(&mut std::io::stdout())?;
         }
         println!();
     }
+    if over.is_empty() {
+        println!("every guest in every language within its budget: PASS");
+    } else {
+        println!("over budget: {}", over.join(", "));
+    }
     Ok(())
 }
+
+/// Per row, on a 1,024-row batch: compiled guests.
+const RUST_C_BUDGET_NS: f64 = 300.0;
+/// Per row, on a 1,024-row batch: interpreted guests.
+const OTHER_BUDGET_NS: f64 = 2000.0;

@@ -162,6 +162,51 @@ fn every_value_type_round_trips_through_a_passthrough_guest() {
     assert_eq!(&*after.pipeline, &*pipeline.version);
 }
 
+/// The typed bulk calls move integers, floats, booleans and bytes exactly, with
+/// nulls in the bitmap: read, written back, nothing changes, and what the guest read
+/// is each value itself.
+#[test]
+fn typed_columns_cross_the_boundary_exactly_with_their_null_bitmap() {
+    let rt = runtime(Limits::default());
+    let mut pipeline =
+        load(&rt, "test_passthrough", &[("typed", "true")]).unwrap_or_else(|e| panic!("{e:?}"));
+    let before = zoo_batch(3);
+    let after = pipeline
+        .process(before.clone())
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
+    for (b, a) in before.rows.iter().zip(&after.rows) {
+        assert_eq!(b.change.new, a.change.new);
+        assert_eq!(b.change.old, a.change.old);
+    }
+    let row = &after.rows[0];
+    let read = |column: &str| {
+        row.annotation(&format!("typed.{column}"))
+            .map(str::to_owned)
+    };
+    assert_eq!(read("c_int"), Some(i64::MIN.to_string()));
+    assert_eq!(read("c_float"), Some("-0.1".into()));
+    assert_eq!(read("c_bool"), Some("true".into()));
+    assert_eq!(read("c_date"), Some(i32::MAX.to_string()));
+    assert_eq!(read("c_time"), Some("86399999999".into()));
+    assert_eq!(read("c_ts"), Some("-1".into()));
+    assert_eq!(read("c_tstz"), Some(i64::MIN.to_string()));
+    assert_eq!(read("c_text"), None, "text has no typed call");
+
+    // Nulls read as clear bits and are written back as nulls.
+    let orders = two_tables(3);
+    let after = pipeline
+        .process(orders.clone())
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
+    let amounts: Vec<Option<&str>> = after.rows[3..]
+        .iter()
+        .map(|r| r.annotation("typed.amount"))
+        .collect();
+    assert_eq!(amounts, [Some("0.5"), Some("null"), Some("2.5")]);
+    for (b, a) in orders.rows.iter().zip(&after.rows) {
+        assert_eq!(b.change, a.change);
+    }
+}
+
 /// A guest reads who made each change through `identity`, with the fields the host
 /// holds; a change without one reads as `none`.
 #[test]
@@ -535,7 +580,253 @@ fn a_guest_built_for_another_contract_version_is_refused_naming_both() {
         .expect("must refuse");
     let message = errors[0].to_string();
     assert!(message.contains("airlock:transform@0.0.9"), "{message}");
-    assert!(message.contains("airlock:transform@0.1.0"), "{message}");
+    assert!(message.contains("airlock:transform@0.1.1"), "{message}");
+}
+
+/// The contract grows by additive patches: a guest built against the frozen 0.1.0
+/// contract runs in one pipeline with guests built against the newest 0.1.x (whose
+/// `route` uses only calls added in 0.1.1), and each stage says which it was built
+/// against.
+#[test]
+fn a_guest_built_against_0_1_0_runs_beside_guests_built_against_the_newest_0_1_x() {
+    let rt = runtime(Limits::default());
+    let files = [
+        PluginFile {
+            name: "10-legacy".into(),
+            wasm: guest("test_contract_010"),
+            settings: None,
+        },
+        PluginFile {
+            name: "20-route".into(),
+            wasm: guest("route"),
+            settings: None,
+        },
+    ];
+    let mut pipeline = Pipeline::load(&rt, &files, &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    let contracts: Vec<Option<&str>> = pipeline
+        .stages
+        .iter()
+        .map(|s| s.contract.as_deref())
+        .collect();
+    assert_eq!(contracts, [Some("0.1.0"), Some("0.1.1")]);
+    let views = pipeline.stage_views();
+    assert_eq!(views[0].contract.as_deref(), Some("0.1.0"));
+
+    let out = pipeline
+        .process(email_batch("ann@example.com"))
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
+    let row = &out.rows[0];
+    // The 0.1.0 guest's edits, through its 0.1.0 calls.
+    assert_eq!(
+        row.change.new.as_ref().unwrap()[1],
+        Value::Text("v010:ann@example.com".into())
+    );
+    assert_eq!(row.tags, vec!["pii"]);
+    assert_eq!(row.annotation("contract"), Some("0.1.0"));
+    // The 0.1.1 guest routed the row by the tag the 0.1.0 guest gave it.
+    assert_eq!(row.routes, vec!["restricted"]);
+}
+
+/// A batch of `n` inserts into `public.customers`, then `n` into `public.orders`
+/// (`id bigint key, amount float8, paid bool, note bytea`), one transaction each.
+fn two_tables(n: u64) -> Batch {
+    let orders = Arc::new(Relation {
+        comment_classes: Default::default(),
+        oid: 2,
+        schema: "public".into(),
+        name: "orders".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: [
+            ("id", oid::INT8, true),
+            ("amount", oid::FLOAT8, false),
+            ("paid", oid::BOOL, false),
+            ("note", oid::BYTEA, false),
+        ]
+        .into_iter()
+        .map(|(name, type_oid, key)| Column {
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+            key,
+        })
+        .collect(),
+    });
+    let mut txns = Vec::new();
+    for i in 0..n {
+        txns.push(txn(
+            i + 1,
+            vec![Change {
+                identity: None,
+                relation: customers(),
+                op: Op::Insert,
+                lsn: Lsn(i * 10 + 1),
+                new: Some(vec![
+                    Value::Int(i as i64),
+                    Value::Text(format!("c{i}@example.com")),
+                ]),
+                old: None,
+            }],
+        ));
+    }
+    for i in 0..n {
+        let op = if i % 2 == 0 { Op::Insert } else { Op::Update };
+        txns.push(txn(
+            n + i + 1,
+            vec![Change {
+                identity: None,
+                relation: orders.clone(),
+                op,
+                lsn: Lsn((n + i) * 10 + 1),
+                new: Some(vec![
+                    Value::Int(i as i64),
+                    if i == 1 {
+                        Value::Null
+                    } else {
+                        Value::Float(i as f64 + 0.5)
+                    },
+                    Value::Bool(i % 3 != 0),
+                    Value::Bytes(vec![i as u8]),
+                ]),
+                old: (op == Op::Update)
+                    .then(|| vec![Value::Int(i as i64), Value::Null, Value::Null, Value::Null]),
+            }],
+        ));
+    }
+    Batch::from_transactions(txns)
+}
+
+/// `[when]`: the host calls the stage with the rows it names only, the rest pass
+/// through untouched, and a batch with none of them skips the guest entirely. The
+/// passthrough guest annotates each row it sees (`identity = "annotate"`).
+#[test]
+fn a_stage_under_when_sees_only_the_rows_it_names() {
+    let rt = runtime(Limits::default());
+    let mut pipeline = load(
+        &rt,
+        "test_passthrough",
+        &[
+            ("identity", "annotate"),
+            ("when.tables", "public.ord*"),
+            ("when.ops", "update"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let input = two_tables(4);
+    let out = pipeline
+        .process(input.clone())
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
+    let seen: Vec<(String, Op)> = out
+        .rows
+        .iter()
+        .filter(|r| r.annotation("identity.none").is_some())
+        .map(|r| {
+            (
+                out.tables[r.table as usize].relation.name.clone(),
+                r.change.op,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("orders".to_string(), Op::Update),
+            ("orders".to_string(), Op::Update)
+        ],
+        "only the updates of orders reach the guest"
+    );
+    // Every row is back in its place with its values.
+    assert_eq!(out.rows.len(), input.rows.len());
+    for (a, b) in out.rows.iter().zip(&input.rows) {
+        assert_eq!(a.change, b.change);
+        assert_eq!(a.table, b.table);
+    }
+    // A batch without a matching row: the guest is not called at all.
+    let mut customers_only = load(&rt, "test_error", &[("when.tables", "public.orders")])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    customers_only
+        .process(email_batch("a@b.c"))
+        .unwrap_or_else(|(_, e)| panic!("the failing guest must not be called: {e}"));
+    let error = customers_only
+        .process(two_tables(1))
+        .err()
+        .expect("called for the orders row")
+        .1;
+    assert!(
+        error.to_string().contains("failing a batch of 1 rows"),
+        "{error}"
+    );
+}
+
+/// A stage under `when` that fails a later stage's batch gives it back whole: its
+/// edits are renumbered to the batch's rows and undone there.
+#[test]
+fn edits_of_a_stage_under_when_are_undone_on_the_whole_batch() {
+    let rt = runtime(declared());
+    let files = [
+        PluginFile {
+            name: "10-legacy".into(),
+            wasm: guest("test_contract_010"),
+            settings: None,
+        },
+        PluginFile {
+            name: "20-error".into(),
+            wasm: guest("test_error"),
+            settings: None,
+        },
+    ];
+    let dir = temp_dir("when-undo");
+    let toml = dir.join("10-legacy.toml");
+    std::fs::write(&toml, "[when]\ntables = [\"public.customers\"]\n").unwrap();
+    let files = [
+        PluginFile {
+            settings: Some(toml.clone()),
+            ..files[0].clone()
+        },
+        files[1].clone(),
+    ];
+    let mut pipeline = Pipeline::load(&rt, &files, &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    // The orders rows first: the lent customers rows are 0..3 of the stage's batch
+    // and 3..6 of the whole one, so edits left unrenumbered would land on orders.
+    let input = Batch::from_transactions(two_tables(3).into_transactions().into_iter().rev());
+    assert_eq!(
+        &*input.tables[input.rows[0].table as usize].relation.name,
+        "orders"
+    );
+    let (back, _) = pipeline
+        .process(input.clone())
+        .err()
+        .expect("20-error fails");
+    for (a, b) in back.rows.iter().zip(&input.rows) {
+        assert_eq!(
+            (&a.change, &a.tags, &a.annotations),
+            (&b.change, &b.tags, &b.annotations)
+        );
+    }
+    // Without the failing stage the legacy guest edits the customers rows only.
+    let mut alone = Pipeline::load(&rt, &files[..1], &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    let out = alone.process(input).unwrap_or_else(|(_, e)| panic!("{e}"));
+    let tagged: Vec<&str> = out
+        .rows
+        .iter()
+        .filter(|r| !r.tags.is_empty())
+        .map(|r| out.tables[r.table as usize].relation.name.as_str())
+        .collect();
+    assert_eq!(tagged, ["customers"; 3]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bad `[when]` settings are refused at load, naming the file, the key and the fix.
+#[test]
+fn a_bad_when_is_refused_at_load_naming_the_key() {
+    let rt = runtime(Limits::default());
+    let error = match load(&rt, "test_passthrough", &[("when.op", "insert")]) {
+        Ok(_) => panic!("an unknown [when] key must be refused"),
+        Err(e) => e[0].to_string(),
+    };
+    assert!(
+        error.contains("`when.op`") && error.contains("tables, ops, routes"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -845,6 +1136,11 @@ const BIG_ARG_CALLS: &[&str] = &[
     "write-column",
     "write-text-column",
     "hash-column",
+    "rows-tagged",
+    "add-route-rows",
+    "tag-rows",
+    "annotate-rows",
+    "write-bytes-column",
 ];
 
 /// Runs in a child process (see below): `test_hog` in `mode` (`hold`: a 24 MiB

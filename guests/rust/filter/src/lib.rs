@@ -173,9 +173,7 @@ impl Config {
                 || (!self.keep_tables.is_empty()
                     && !self.keep_tables.matches(&table.schema, &table.name));
             if dropped {
-                for row in batch.rows_of(ti) {
-                    batch.drop_row(row);
-                }
+                batch.drop_rows(&batch.rows_of(ti));
                 continue;
             }
             let Some(pred) = &self.predicate else {
@@ -189,6 +187,7 @@ impl Config {
             let rows = batch.rows_of(ti);
             let new = batch.read_column(ti, ci, Image::New);
             let mut old: Option<Vec<Value>> = None;
+            let mut drops = Vec::new();
             for (i, (&row, value)) in rows.iter().zip(&new).enumerate() {
                 let mut value = value;
                 if matches!(value, Value::Null) {
@@ -210,8 +209,11 @@ impl Config {
                     )
                 })?;
                 if keep == Some(false) {
-                    batch.drop_row(row);
+                    drops.push(row);
                 }
+            }
+            if !drops.is_empty() {
+                batch.drop_rows(&drops);
             }
         }
         Ok(())

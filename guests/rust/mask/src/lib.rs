@@ -172,6 +172,12 @@ fn mask_packed(column: &TextColumn, mode: Mode) -> Option<TextColumn> {
             match mode {
                 Mode::Null => *kind = KIND_NULL,
                 Mode::Redact => out.data.extend_from_slice(REDACTED.as_bytes()),
+                Mode::KeepLast(n) if bytes.is_ascii() => {
+                    // One byte per character: no string, no allocation.
+                    let hidden = bytes.len().saturating_sub(n);
+                    out.data.resize(out.data.len() + hidden, b'*');
+                    out.data.extend_from_slice(&bytes[hidden..]);
+                }
                 Mode::KeepLast(n) => {
                     let text = String::from_utf8_lossy(bytes);
                     match star_all_but_last(&text, n) {

@@ -6,9 +6,10 @@
 //! table carries such a tag: a table with a PII column is treated as PII as a whole
 //! (fail closed: value matchers sample, and masked data is still derived from PII).
 //!
-//! Host calls per batch: `tables()`, `column-tags` once per column, `rows-of` once
-//! per table, and per row `row-tags` (skipped when the table is restricted anyway),
-//! `add-route`, and for spine rows two `annotate`.
+//! Host calls per batch, none per row: `tables()`, and per table `rows-of`,
+//! `column-tags` once per column, `rows-tagged` (skipped when the table is restricted
+//! anyway), `add-route-rows` once per route, and for spine tables two
+//! `annotate-rows`.
 
 use std::cell::RefCell;
 
@@ -72,6 +73,10 @@ impl Config {
         let tables = batch.tables();
         for (ti, table) in tables.iter().enumerate() {
             let ti = ti as u32;
+            let rows = batch.rows_of(ti);
+            if rows.is_empty() {
+                continue;
+            }
             let table_restricted = self.by_column_tags
                 && (0..table.columns.len() as u32).any(|ci| {
                     batch
@@ -79,24 +84,29 @@ impl Config {
                         .iter()
                         .any(|t| self.is_restricted_tag(t))
                 });
-            let spine = self.spine_tables.matches(&table.schema, &table.name);
-            for row in batch.rows_of(ti) {
-                let restricted = table_restricted
-                    || batch
-                        .row_tags(row)
-                        .iter()
-                        .any(|t| self.is_restricted_tag(t));
-                let route = if restricted {
-                    &self.restricted_route
-                } else {
-                    &self.default_route
-                };
-                batch.add_route(row, route);
-                if spine {
-                    batch.add_route(row, &self.spine_route);
-                    batch.annotate(row, "spine.kind", &self.spine_kind);
-                    batch.annotate(row, "spine.source", &self.spine_source);
+            if table_restricted {
+                batch.add_route_rows(&rows, &self.restricted_route);
+            } else {
+                // Both lists are in batch order: one merge splits the rows.
+                let tagged = batch.rows_tagged(ti, &self.tag);
+                let mut others = Vec::with_capacity(rows.len() - tagged.len());
+                let mut next = tagged.iter().peekable();
+                for &row in &rows {
+                    if next.next_if_eq(&&row).is_none() {
+                        others.push(row);
+                    }
                 }
+                if !tagged.is_empty() {
+                    batch.add_route_rows(&tagged, &self.restricted_route);
+                }
+                if !others.is_empty() {
+                    batch.add_route_rows(&others, &self.default_route);
+                }
+            }
+            if self.spine_tables.matches(&table.schema, &table.name) {
+                batch.add_route_rows(&rows, &self.spine_route);
+                batch.annotate_rows(&rows, "spine.kind", &self.spine_kind);
+                batch.annotate_rows(&rows, "spine.source", &self.spine_source);
             }
         }
     }

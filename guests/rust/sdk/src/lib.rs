@@ -43,8 +43,24 @@ pub mod bindings {
 }
 
 pub use bindings::airlock::transform::types::{
-    Column, Image, Op, RowMeta, Table, TextColumn, Value,
+    BoolColumn, Column, FloatColumn, Image, IntColumn, Op, RowMeta, Table, TextColumn, Value,
 };
+
+/// Whether entry `i` of a typed column (`read-ints`, `read-floats`, `read-bools`)
+/// holds a value: bit `i % 8` of byte `i / 8` of its null bitmap.
+pub fn is_valid(valid: &[u8], i: usize) -> bool {
+    valid.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+/// Marks entry `i` of a typed column's null bitmap as holding a value (`true`) or
+/// `null` (`false`); the bitmap has `len.div_ceil(8)` bytes for `len` entries.
+pub fn set_valid(valid: &mut [u8], i: usize, present: bool) {
+    if present {
+        valid[i / 8] |= 1 << (i % 8);
+    } else {
+        valid[i / 8] &= !(1 << (i % 8));
+    }
+}
 pub use bindings::{Batch, Guest, Level, PluginInfo, export, log};
 
 /// A guest's settings: the host's flattening of `NAME.toml`.

@@ -192,9 +192,29 @@ impl Config {
                     batch.tag_column(ti, ci, tag);
                 }
             }
-            for (&row, &kinds) in rows.iter().zip(&row_kinds) {
-                for tag in self.tags(kinds) {
-                    batch.tag_row(row, tag);
+            // One `tag-rows` per tag, in the order `tags` gives them, so each row
+            // gets its tags in the order tagging it alone would: the general tag
+            // (every row with a kind), then each kind's own.
+            let any = row_kinds.iter().fold(0, |all, &k| all | k);
+            let mut tagged = Vec::with_capacity(rows.len());
+            let mut tag_rows_with = |tag: &str, wanted: u8| {
+                tagged.clear();
+                tagged.extend(
+                    rows.iter()
+                        .zip(&row_kinds)
+                        .filter(|&(_, &kinds)| kinds & wanted != 0)
+                        .map(|(&row, _)| row),
+                );
+                if !tagged.is_empty() {
+                    batch.tag_rows(&tagged, tag);
+                }
+            };
+            if any != 0 && !self.tag.is_empty() {
+                tag_rows_with(&self.tag, u8::MAX);
+            }
+            for bit in 0..KINDS.len() {
+                if any & (1 << bit) != 0 && !self.kind_tags[bit].is_empty() {
+                    tag_rows_with(&self.kind_tags[bit], 1 << bit);
                 }
             }
         }

@@ -84,6 +84,30 @@ struct TextColumnRef {
     offsets: WasmList<u32>,
 }
 
+/// `int-column`, with its lists left in guest memory.
+#[derive(ComponentType, Lift)]
+#[component(record)]
+struct IntColumnRef {
+    valid: WasmList<u8>,
+    values: WasmList<i64>,
+}
+
+/// `float-column`, with its lists left in guest memory.
+#[derive(ComponentType, Lift)]
+#[component(record)]
+struct FloatColumnRef {
+    valid: WasmList<u8>,
+    values: WasmList<f64>,
+}
+
+/// `bool-column`, with its lists left in guest memory.
+#[derive(ComponentType, Lift)]
+#[component(record)]
+struct BoolColumnRef {
+    valid: WasmList<u8>,
+    values: WasmList<bool>,
+}
+
 type Store<'a> = StoreContextMut<'a, GuestState>;
 
 fn text<'a>(store: &'a Store<'_>, s: &WasmStr) -> wasmtime::Result<Cow<'a, str>> {
@@ -242,26 +266,7 @@ pub fn define(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
             wit::Image,
             TextColumnRef,
         )| {
-            // The data is copied once and each value once more out of it: both must
-            // fit. Ranges the method will refuse count as they are written.
-            let offsets = values.offsets.as_le_slice(&store);
-            let kept: usize = offsets
-                .windows(2)
-                .zip(values.kinds.as_le_slice(&store))
-                .filter(|(_, kind)| **kind == 2)
-                .map(|(w, _)| w[1].saturating_sub(w[0]) as usize)
-                .fold(0usize, usize::saturating_add);
-            let lists = values.kinds.len() + 4 * values.offsets.len();
-            ensure_room(
-                &store,
-                &b,
-                values.data.len().saturating_add(kept).saturating_add(lists),
-            )?;
-            let owned = wit::TextColumn {
-                kinds: values.kinds.as_le_slice(&store).to_vec(),
-                data: values.data.as_le_slice(&store).to_vec(),
-                offsets: offsets.to_vec(),
-            };
+            let owned = packed(&store, &b, &values)?;
             store
                 .data_mut()
                 .write_text_column(b, table, column, image, owned)
@@ -289,8 +294,219 @@ pub fn define(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
                 .hash_column(b, table, column, image, salt)?,))
         },
     )?;
+    types.func_wrap(
+        "[method]batch.rows-tagged",
+        |store: Store<'_>, (b, table, tag): (Resource<GuestBatch>, u32, WasmStr)| {
+            // Compared where it lies: the tag is never copied.
+            let tag = text(&store, &tag)?;
+            Ok((store.data().table.get(&b)?.rows_tagged(table, &tag)?,))
+        },
+    )?;
+    types.func_wrap(
+        "[method]batch.drop-rows",
+        |mut store: Store<'_>, (b, rows): (Resource<GuestBatch>, WasmList<u32>)| {
+            let rows = row_list(&store, &b, "drop-rows", &rows)?;
+            store.data_mut().drop_rows(b, rows)
+        },
+    )?;
+    types.func_wrap(
+        "[method]batch.add-route-rows",
+        |mut store: Store<'_>, (b, rows, route): (Resource<GuestBatch>, WasmList<u32>, WasmStr)| {
+            let route = text(&store, &route)?;
+            store
+                .data()
+                .names
+                .check_route(&route)
+                .map_err(|e| wasmtime::format_err!("{e}"))?;
+            ensure_room(&store, &b, route.len())?;
+            let route = route.into_owned();
+            let rows = row_list(&store, &b, "add-route-rows", &rows)?;
+            store.data_mut().add_route_rows(b, rows, route)
+        },
+    )?;
+    types.func_wrap(
+        "[method]batch.tag-rows",
+        |mut store: Store<'_>, (b, rows, tag): (Resource<GuestBatch>, WasmList<u32>, WasmStr)| {
+            let tag = checked_tag(&store, &b, &tag)?;
+            let rows = row_list(&store, &b, "tag-rows", &rows)?;
+            store.data_mut().tag_rows(b, rows, tag)
+        },
+    )?;
+    types.func_wrap(
+        "[method]batch.annotate-rows",
+        |mut store: Store<'_>,
+         (b, rows, key, value): (Resource<GuestBatch>, WasmList<u32>, WasmStr, WasmStr)| {
+            let (key, value) = (text(&store, &key)?, text(&store, &value)?);
+            ensure_room(&store, &b, key.len() + value.len())?;
+            let (key, value) = (key.into_owned(), value.into_owned());
+            let rows = row_list(&store, &b, "annotate-rows", &rows)?;
+            store.data_mut().annotate_rows(b, rows, key, value)
+        },
+    )?;
+    types.func_wrap(
+        "[method]batch.write-ints",
+        |mut store: Store<'_>,
+         (b, table, column, image, values): (
+            Resource<GuestBatch>,
+            u32,
+            u32,
+            wit::Image,
+            IntColumnRef,
+        )| {
+            entries(
+                &store,
+                &b,
+                "write-ints",
+                table,
+                values.valid.len(),
+                values.values.len(),
+            )?;
+            let owned = wit::IntColumn {
+                valid: values.valid.as_le_slice(&store).to_vec(),
+                values: values.values.as_le_slice(&store).to_vec(),
+            };
+            store.data_mut().write_ints(b, table, column, image, owned)
+        },
+    )?;
+    types.func_wrap(
+        "[method]batch.write-floats",
+        |mut store: Store<'_>,
+         (b, table, column, image, values): (
+            Resource<GuestBatch>,
+            u32,
+            u32,
+            wit::Image,
+            FloatColumnRef,
+        )| {
+            entries(
+                &store,
+                &b,
+                "write-floats",
+                table,
+                values.valid.len(),
+                values.values.len(),
+            )?;
+            let owned = wit::FloatColumn {
+                valid: values.valid.as_le_slice(&store).to_vec(),
+                values: values
+                    .values
+                    .iter(&mut store)?
+                    .collect::<wasmtime::Result<_>>()?,
+            };
+            store
+                .data_mut()
+                .write_floats(b, table, column, image, owned)
+        },
+    )?;
+    types.func_wrap(
+        "[method]batch.write-bools",
+        |mut store: Store<'_>,
+         (b, table, column, image, values): (
+            Resource<GuestBatch>,
+            u32,
+            u32,
+            wit::Image,
+            BoolColumnRef,
+        )| {
+            entries(
+                &store,
+                &b,
+                "write-bools",
+                table,
+                values.valid.len(),
+                values.values.len(),
+            )?;
+            let owned = wit::BoolColumn {
+                valid: values.valid.as_le_slice(&store).to_vec(),
+                values: values
+                    .values
+                    .iter(&mut store)?
+                    .collect::<wasmtime::Result<_>>()?,
+            };
+            store.data_mut().write_bools(b, table, column, image, owned)
+        },
+    )?;
+    types.func_wrap(
+        "[method]batch.write-bytes-column",
+        |mut store: Store<'_>,
+         (b, table, column, image, values): (
+            Resource<GuestBatch>,
+            u32,
+            u32,
+            wit::Image,
+            TextColumnRef,
+        )| {
+            let owned = packed(&store, &b, &values)?;
+            store
+                .data_mut()
+                .write_bytes_column(b, table, column, image, owned)
+        },
+    )?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// A bulk call's rows, copied once the list is known to be no longer than the batch
+/// (a longer list only repeats rows; refusing it bounds the copy).
+fn row_list(
+    store: &Store<'_>,
+    b: &Resource<GuestBatch>,
+    call: &str,
+    rows: &WasmList<u32>,
+) -> wasmtime::Result<Vec<u32>> {
+    let len = store.data().table.get(b)?.batch.rows.len();
+    if rows.len() > len {
+        wasmtime::bail!(
+            "{call} got {} rows, but the batch has {len}: list each row at most once",
+            rows.len()
+        );
+    }
+    Ok(rows.as_le_slice(store).to_vec())
+}
+
+/// Fails unless a typed column write has one entry per row of the table (checked
+/// before its lists are copied).
+fn entries(
+    store: &Store<'_>,
+    b: &Resource<GuestBatch>,
+    call: &str,
+    table: u32,
+    valid: usize,
+    values: usize,
+) -> wasmtime::Result<()> {
+    store
+        .data()
+        .table
+        .get(b)?
+        .check_entries(call, table, valid, values)
+}
+
+/// A packed column, copied once the output cap has room for it: the data is copied
+/// once and each value once more out of it, so both must fit. Ranges the method will
+/// refuse count as they are written.
+fn packed(
+    store: &Store<'_>,
+    b: &Resource<GuestBatch>,
+    values: &TextColumnRef,
+) -> wasmtime::Result<wit::TextColumn> {
+    let offsets = values.offsets.as_le_slice(store);
+    let kept: usize = offsets
+        .windows(2)
+        .zip(values.kinds.as_le_slice(store))
+        .filter(|(_, kind)| **kind == 2)
+        .map(|(w, _)| w[1].saturating_sub(w[0]) as usize)
+        .fold(0usize, usize::saturating_add);
+    let lists = values.kinds.len() + 4 * values.offsets.len();
+    ensure_room(
+        store,
+        b,
+        values.data.len().saturating_add(kept).saturating_add(lists),
+    )?;
+    Ok(wit::TextColumn {
+        kinds: values.kinds.as_le_slice(store).to_vec(),
+        data: values.data.as_le_slice(store).to_vec(),
+        offsets: offsets.to_vec(),
+    })
 }
 
 /// A tag, checked against the declared names and the output room, then copied.

@@ -110,6 +110,20 @@ fn big_args(batch: &Batch, big: &str) {
             },
         ),
         "hash-column" => drop(batch.hash_column(0, 0, Image::New, big.as_bytes())),
+        "rows-tagged" => drop(batch.rows_tagged(0, big)),
+        "add-route-rows" => batch.add_route_rows(&[0], big),
+        "tag-rows" => batch.tag_rows(&[0], big),
+        "annotate-rows" => batch.annotate_rows(&[0], "big", big),
+        "write-bytes-column" => batch.write_bytes_column(
+            0,
+            0,
+            Image::New,
+            &TextColumn {
+                kinds: vec![2; rows],
+                offsets: (0..=rows).map(|i| (i * big.len()) as u32).collect(),
+                data: big.as_bytes().repeat(rows),
+            },
+        ),
         other => airlock_guest::log(Level::Error, &format!("unknown call {other}")),
     }
 }

@@ -4,14 +4,78 @@
 //! column of both images also goes out with `get` and back with `set`. Tags nothing.
 //! With `identity = "annotate"`, annotates every row with who made it (`identity`):
 //! `identity.session_user`, `identity.role`, `identity.actor`, or `identity.none`.
+//! With `typed = "true"`, integer, float and boolean columns (and `bytea`) go out and
+//! back through the typed bulk calls instead (`read-ints` / `write-ints`, ...,
+//! `read-text-column` / `write-bytes-column`), and every row is annotated
+//! `typed.COLUMN` with what the typed read gave for its new image (`null` when clear).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use airlock_guest::{Batch, Guest, Image, PluginInfo, Settings};
+use airlock_guest::{Batch, Column, Guest, Image, PluginInfo, Settings, is_valid};
 
 struct Passthrough;
 
 static ANNOTATE_IDENTITY: AtomicBool = AtomicBool::new(false);
+static TYPED: AtomicBool = AtomicBool::new(false);
+
+/// What a typed read gave for entry `i`, as the annotation shows it.
+fn shown<T: std::fmt::Debug>(valid: &[u8], values: &[T], i: usize) -> String {
+    if is_valid(valid, i) {
+        format!("{:?}", values[i])
+    } else {
+        "null".into()
+    }
+}
+
+/// Moves column `ci` out and back through its typed bulk call; false when the column
+/// has no typed call.
+fn typed_round_trip(batch: &Batch, ti: u32, ci: u32, column: &Column) -> bool {
+    let rows = batch.rows_of(ti);
+    let name = format!("typed.{}", column.name);
+    match column.type_name.as_str() {
+        "int2" | "int4" | "int8" | "oid" | "date" | "time" | "timestamp" | "timestamptz" => {
+            for image in [Image::New, Image::Old] {
+                let c = batch.read_ints(ti, ci, image);
+                if image == Image::New {
+                    for (i, &row) in rows.iter().enumerate() {
+                        batch.annotate(row, &name, &shown(&c.valid, &c.values, i));
+                    }
+                }
+                batch.write_ints(ti, ci, image, &c);
+            }
+        }
+        "float4" | "float8" => {
+            for image in [Image::New, Image::Old] {
+                let c = batch.read_floats(ti, ci, image);
+                if image == Image::New {
+                    for (i, &row) in rows.iter().enumerate() {
+                        batch.annotate(row, &name, &shown(&c.valid, &c.values, i));
+                    }
+                }
+                batch.write_floats(ti, ci, image, &c);
+            }
+        }
+        "bool" => {
+            for image in [Image::New, Image::Old] {
+                let c = batch.read_bools(ti, ci, image);
+                if image == Image::New {
+                    for (i, &row) in rows.iter().enumerate() {
+                        batch.annotate(row, &name, &shown(&c.valid, &c.values, i));
+                    }
+                }
+                batch.write_bools(ti, ci, image, &c);
+            }
+        }
+        "bytea" => {
+            for image in [Image::New, Image::Old] {
+                let c = batch.read_text_column(ti, ci, image);
+                batch.write_bytes_column(ti, ci, image, &c);
+            }
+        }
+        _ => return false,
+    }
+    true
+}
 
 impl Guest for Passthrough {
     fn info() -> PluginInfo {
@@ -28,6 +92,7 @@ impl Guest for Passthrough {
             settings.get("identity") == Some("annotate"),
             Ordering::Relaxed,
         );
+        TYPED.store(settings.get("typed") == Some("true"), Ordering::Relaxed);
         Ok(())
     }
 
@@ -36,6 +101,11 @@ impl Guest for Passthrough {
             let ti = ti as u32;
             let columns = table.columns.len() as u32;
             for ci in 0..columns {
+                if TYPED.load(Ordering::Relaxed)
+                    && typed_round_trip(batch, ti, ci, &table.columns[ci as usize])
+                {
+                    continue;
+                }
                 for image in [Image::New, Image::Old] {
                     let values = batch.read_column(ti, ci, image);
                     batch.write_column(ti, ci, image, &values);
