@@ -123,60 +123,80 @@ class Config {
 /** Masks every value of a packed column with `mode` (not `hash`, which the host
  * does); `null` when the column holds no value (nothing to write back).
  *
- * Works on the bytes: ASCII values (the usual case) are masked in place in one
- * output buffer; only values with other characters are decoded to a string. */
+ * The guest runs in an interpreter, so the work per value is kept to a few
+ * operations and the rest is left to built-ins over whole buffers: `redact` and
+ * `null` only compute offsets; `keep-last-N` on an ASCII column (checked once, by
+ * the regular-expression engine) keeps kinds, offsets and lengths and only fills
+ * each value's hidden bytes with stars in a copy of the data. */
 export function maskPacked(column, mode) {
-  if (!column.kinds.includes(KIND_VALUE)) return null;
-  const kinds = Uint8Array.from(column.kinds);
-  const offsets = new Uint32Array(kinds.length + 1);
-  const src = column.data;
-  let data = new Uint8Array(mode.kind === "redact" ? kinds.length * REDACTED.length : src.length + 16);
-  let length = 0;
-  const reserve = (extra) => {
-    if (length + extra > data.length) {
-      const grown = new Uint8Array(Math.max(data.length * 2, length + extra));
-      grown.set(data.subarray(0, length));
-      data = grown;
+  const kinds = column.kinds;
+  const rows = kinds.length;
+  let any = false;
+  for (let i = 0; i < rows && !any; i++) any = kinds[i] === KIND_VALUE;
+  if (!any) return null;
+  if (mode.kind === "null") {
+    const nulls = new Uint8Array(rows);
+    for (let i = 0; i < rows; i++) nulls[i] = kinds[i] === KIND_VALUE ? KIND_NULL : kinds[i];
+    return { kinds: nulls, data: new Uint8Array(0), offsets: new Uint32Array(rows + 1) };
+  }
+  if (mode.kind === "redact") {
+    const offsets = new Uint32Array(rows + 1);
+    const size = REDACTED.length;
+    let length = 0;
+    for (let i = 0; i < rows; i++) {
+      if (kinds[i] === KIND_VALUE) length += size;
+      offsets[i + 1] = length;
     }
-  };
-  const append = (bytes) => {
-    reserve(bytes.length);
-    data.set(bytes, length);
-    length += bytes.length;
-  };
-  for (let i = 0; i < kinds.length; i++) {
+    const data = new Uint8Array(length);
+    for (let at = 0; at < length; at += size) data.set(REDACTED, at);
+    return { kinds, data, offsets };
+  }
+  const src = column.data;
+  const starts = column.offsets;
+  const n = mode.n;
+  if (!NOT_ASCII.test(decoder.decode(src))) {
+    // One byte per character: only the hidden bytes change. Null and
+    // unchanged-toast entries span nothing and fail the length test.
+    // `new Uint8Array(typedArray)` and `set` are native; `from` and `fill` are
+    // self-hosted JavaScript, interpreted like the guest itself.
+    const data = new Uint8Array(src);
+    for (let i = 0; i < rows; i++) {
+      const start = starts[i];
+      const hidden = starts[i + 1] - start - n;
+      if (hidden > 0) data.set(hidden <= STARS.length ? STARS.subarray(0, hidden) : stars(hidden), start);
+    }
+    return { kinds, data, offsets: starts };
+  }
+  const parts = [];
+  const offsets = new Uint32Array(rows + 1);
+  let length = 0;
+  for (let i = 0; i < rows; i++) {
     if (kinds[i] === KIND_VALUE) {
-      if (mode.kind === "null") {
-        kinds[i] = KIND_NULL;
-      } else if (mode.kind === "redact") {
-        append(REDACTED);
-      } else {
-        const start = column.offsets[i];
-        const end = column.offsets[i + 1];
-        let ascii = true;
-        for (let k = start; k < end && ascii; k++) ascii = src[k] < 0x80;
-        if (ascii) {
-          const hidden = end - start - mode.n;
-          if (hidden > 0) {
-            reserve(hidden);
-            data.fill(STAR_BYTE, length, length + hidden);
-            length += hidden;
-            append(src.subarray(start + hidden, end));
-          } else {
-            append(src.subarray(start, end));
-          }
-        } else {
-          const text = decoder.decode(src.subarray(start, end));
-          append(encoder.encode(starAllButLast(text, mode.n)));
-        }
-      }
+      const text = decoder.decode(src.subarray(starts[i], starts[i + 1]));
+      const bytes = encoder.encode(starAllButLast(text, n));
+      parts.push(bytes);
+      length += bytes.length;
     }
     offsets[i + 1] = length;
   }
-  return { kinds, data: data.subarray(0, length), offsets };
+  const data = new Uint8Array(length);
+  let at = 0;
+  for (const bytes of parts) {
+    data.set(bytes, at);
+    at += bytes.length;
+  }
+  return { kinds, data, offsets };
 }
 
-const STAR_BYTE = 0x2a;
+const STARS = new TextEncoder().encode("*".repeat(256));
+
+function stars(n) {
+  return new TextEncoder().encode("*".repeat(n));
+}
+
+/** Any character outside ASCII (an invalid byte decodes to U+FFFD, which is one). */
+const NOT_ASCII = /[^\u0000-\u007f]/;
+
 
 /** `text` with all but its last `n` characters (code points) replaced by `*`,
  * unchanged when it has no more than `n` characters. */

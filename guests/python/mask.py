@@ -12,6 +12,7 @@ column is written back only when it holds a value.
 """
 
 import re
+from itertools import accumulate, islice
 from typing import List, Optional
 
 from wit_world.imports.types import Batch, Image, TextColumn
@@ -128,30 +129,52 @@ class Config:
 
 def mask_packed(column: TextColumn, mode) -> Optional[TextColumn]:
     """Masks every value of a packed column with `mode` (not `hash`, which the host
-    does); `None` when the column holds no value (nothing to write back)."""
-    if KIND_VALUE not in column.kinds:
+    does); `None` when the column holds no value (nothing to write back).
+
+    Each mode is a few whole-buffer operations (`bytes.replace`, `accumulate` over
+    `map`, slice assignment), not Python code per value: in a guest the interpreter,
+    not the data, is what costs."""
+    kinds = column.kinds
+    if KIND_VALUE not in kinds:
         return None
-    kinds = bytearray(column.kinds)
+    if mode == "null":
+        return TextColumn(
+            kinds=bytes(kinds).replace(_VALUE_BYTE, _NULL_BYTE),
+            data=b"",
+            offsets=[0] * (len(kinds) + 1),
+        )
+    if mode == "redact":
+        sizes = (0, 0, len(REDACTED))
+        return TextColumn(
+            kinds=kinds,
+            data=REDACTED * kinds.count(KIND_VALUE),
+            offsets=list(accumulate(map(sizes.__getitem__, kinds), initial=0)),
+        )
+    keep = mode[1]
+    src, starts = column.data, column.offsets
+    if src.isascii():
+        # One byte per character: lengths stay, so kinds and offsets stay; only
+        # the hidden bytes of each value turn into stars. Null and unchanged-toast
+        # entries span nothing and are skipped by the length test.
+        data = bytearray(src)
+        for start, end in zip(starts, islice(starts, 1, None)):
+            hidden = end - start - keep
+            if hidden > 0:
+                data[start:start + hidden] = _STARS[:hidden] if hidden <= len(_STARS) else b"*" * hidden
+        return TextColumn(kinds=kinds, data=bytes(data), offsets=starts)
     data = bytearray()
     offsets = [0]
-    src, starts = column.data, column.offsets
     for i, kind in enumerate(kinds):
         if kind == KIND_VALUE:
-            if mode == "null":
-                kinds[i] = KIND_NULL
-            elif mode == "redact":
-                data += REDACTED
-            else:
-                value = src[starts[i]:starts[i + 1]]
-                if value.isascii():
-                    # One byte per character: mask the bytes as they are.
-                    hidden = len(value) - mode[1]
-                    data += b"*" * hidden + value[hidden:] if hidden > 0 else value
-                else:
-                    text = value.decode("utf-8", "replace")
-                    data += star_all_but_last(text, mode[1]).encode()
+            text = src[starts[i]:starts[i + 1]].decode("utf-8", "replace")
+            data += star_all_but_last(text, keep).encode()
         offsets.append(len(data))
-    return TextColumn(kinds=bytes(kinds), data=bytes(data), offsets=offsets)
+    return TextColumn(kinds=kinds, data=bytes(data), offsets=offsets)
+
+
+_VALUE_BYTE = bytes([KIND_VALUE])
+_NULL_BYTE = bytes([KIND_NULL])
+_STARS = b"*" * 256
 
 
 def star_all_but_last(text: str, n: int) -> str:

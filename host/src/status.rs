@@ -618,6 +618,7 @@ mod tests {
                 name: "30-mask".into(),
                 plugin: "mask".into(),
                 content_hash: "ab".repeat(32),
+                contract: Some("0.1.0".into()),
                 ..StageView::default()
             }],
         );
@@ -635,6 +636,7 @@ mod tests {
         assert_eq!(json["source"]["state"], "streaming");
         assert_eq!(json["pipeline"]["version"], "v7");
         assert_eq!(json["pipeline"]["stages"][0]["name"], "30-mask");
+        assert_eq!(json["pipeline"]["stages"][0]["contract"], "0.1.0");
         assert_eq!(json["pipeline"]["last_reload"]["ok"], false);
         assert_eq!(json["sinks"]["lake"]["retrying"], true);
         assert_eq!(json["last_error"]["component"], "lake");
@@ -645,7 +647,7 @@ mod tests {
             "[streaming]",
             "lag 42 B / -",
             "pipeline  v7  (1 stages)",
-            "30-mask        mask   sha256 abababababab",
+            "30-mask        mask   contract 0.1.0  sha256 abababababab",
             "last reload (SIGHUP): FAILED: stage 30-mask is required",
             "RETRYING: s3 is down",
             "last error [lake] s3 is down",

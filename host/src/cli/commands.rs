@@ -143,7 +143,11 @@ pub async fn snapshot(config: PathBuf, tables: Vec<String>, no_wait: bool) -> an
     }
 }
 
-pub async fn guest_test(plugin: PathBuf, settings: Vec<String>) -> anyhow::Result<()> {
+pub async fn guest_test(
+    plugin: PathBuf,
+    settings: Vec<String>,
+    expect: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let extra: Vec<(String, String)> = settings
         .iter()
         .map(|s| {
@@ -187,9 +191,27 @@ pub async fn guest_test(plugin: PathBuf, settings: Vec<String>) -> anyhow::Resul
                 )
             })?;
         let stdin = std::io::stdin().lock();
-        let stdout = std::io::stdout().lock();
-        crate::pipeline::harness::run(&mut pipeline, stdin, stdout)?;
-        Ok(())
+        let Some(expected) = expect else {
+            let stdout = std::io::stdout().lock();
+            crate::pipeline::harness::run(&mut pipeline, stdin, stdout)?;
+            return Ok(());
+        };
+        let wanted = std::fs::read_to_string(&expected)
+            .with_context(|| format!("cannot read {}", expected.display()))?;
+        let mut output = Vec::new();
+        let rows = crate::pipeline::harness::run(&mut pipeline, stdin, &mut output)?;
+        let output = String::from_utf8_lossy(&output);
+        match super::scaffold::first_difference(&wanted, &output) {
+            None => {
+                eprintln!("ok: {rows} rows as {} expects", expected.display());
+                Ok(())
+            }
+            Some(difference) => anyhow::bail!(
+                "the output differs from {}: {difference}\n(if the new output is right, keep it: \
+                 run the same command without --expect and write its output to that file)",
+                expected.display()
+            ),
+        }
     })
     .await?
 }

@@ -3,6 +3,7 @@
 
 mod admin_client;
 mod commands;
+mod scaffold;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -204,6 +205,23 @@ pub enum GuestCommand {
         /// A setting for the guest(s), `key=value`; repeat for more.
         #[arg(long = "setting", value_name = "KEY=VALUE")]
         settings: Vec<String>,
+        /// Compare the output with this file (one JSON line per row, `pipeline` left
+        /// out) instead of printing it; fail on the first difference.
+        #[arg(long, value_name = "FILE")]
+        expect: Option<PathBuf>,
+    },
+    /// Write a new guest folder: a working guest on the bulk calls, its build script,
+    /// a test input and its expected output.
+    New {
+        /// The guest's language: rust, python, js or c.
+        #[arg(long)]
+        lang: String,
+        /// The guest's name (lowercase letters, digits, `-`, `_`): the folder, the
+        /// `.wasm` and the plugin's name.
+        name: String,
+        /// Where to create the folder.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
 }
 
@@ -295,8 +313,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { admin, json } => commands::status(admin, json).await?,
         Command::Reload { admin } => commands::reload(admin).await?,
         Command::Guest {
-            command: GuestCommand::Test { plugin, settings },
-        } => commands::guest_test(plugin, settings).await?,
+            command:
+                GuestCommand::Test {
+                    plugin,
+                    settings,
+                    expect,
+                },
+        } => commands::guest_test(plugin, settings, expect).await?,
+        Command::Guest {
+            command: GuestCommand::New { lang, name, dir },
+        } => {
+            let root = scaffold::new_guest(&lang, &name, &dir)?;
+            println!(
+                "wrote {root}: build it with `{root}/build.sh`, then test it with\n  \
+                 airlock guest test {root}/{name}.wasm --expect {root}/test/expected.jsonl < {root}/test/input.jsonl",
+                root = root.display()
+            );
+        }
         Command::Catalog { config, json } => commands::catalog(config, json).await?,
         Command::Compact { config, token } => commands::compact(config, token).await?,
         Command::Spine {

@@ -81,3 +81,82 @@ fn guest_test_names_the_bad_input_line_and_the_fix() {
         "the guest's refusal is shown verbatim: {stderr}"
     );
 }
+
+/// `airlock guest new` in each language: the folder builds with its own script, and
+/// the built guest gives exactly the expected output on the test input
+/// (`--expect`), without a line of the guest written by hand. A changed expectation
+/// fails, naming the line.
+#[test]
+fn guest_new_scaffolds_a_guest_that_builds_and_passes_its_own_test_in_every_language() {
+    let dir = temp_dir("guest-new");
+    for lang in ["rust", "python", "js", "c"] {
+        let name = format!("redact-{lang}");
+        let out = std::process::Command::new(airlock_bin())
+            .args(["guest", "new", "--lang", lang, &name, "--dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let root = dir.join(&name);
+        // Rust builds share one target folder across runs (the scaffold's own would
+        // compile wit-bindgen each time); the other languages' tools are where
+        // `cargo xtask guests` installed them.
+        let target = std::env::var_os("HOME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(".cache/airlock/scaffold-target");
+        let build = std::process::Command::new("bash")
+            .arg(root.join("build.sh"))
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(
+            build.status.success(),
+            "{lang}: build.sh failed:\n{}\n{}",
+            String::from_utf8_lossy(&build.stdout),
+            String::from_utf8_lossy(&build.stderr)
+        );
+        let wasm = root.join(format!("{name}.wasm"));
+        let input = std::fs::read(root.join("test/input.jsonl")).unwrap();
+        let run = |expected: &Path| {
+            let mut child = std::process::Command::new(airlock_bin())
+                .args(["guest", "test"])
+                .arg(&wasm)
+                .arg("--expect")
+                .arg(expected)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(&input).unwrap();
+            child.wait_with_output().unwrap()
+        };
+        let expected = root.join("test/expected.jsonl");
+        let passed = run(&expected);
+        let stderr = String::from_utf8_lossy(&passed.stderr);
+        assert!(passed.status.success(), "{lang}: {stderr}");
+        assert!(stderr.contains("ok: 4 rows"), "{lang}: {stderr}");
+        // The expectation is real: the redacted e-mail, changed, fails the test.
+        let text = std::fs::read_to_string(&expected).unwrap();
+        assert!(
+            text.contains("[redacted]") && !text.contains("ada@example.com"),
+            "{text}"
+        );
+        let wrong = root.join("test/wrong.jsonl");
+        std::fs::write(&wrong, text.replacen("[redacted]", "ada@example.com", 1)).unwrap();
+        let failed = run(&wrong);
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            !failed.status.success(),
+            "{lang}: a wrong expectation must fail"
+        );
+        assert!(stderr.contains("line 1 differs"), "{lang}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
