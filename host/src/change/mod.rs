@@ -228,6 +228,25 @@ impl Op {
             Op::Truncate => "t",
         }
     }
+
+    /// The operation's name as the guest contract's `op` has it (`snapshot` for a
+    /// snapshot read), and as `airlock guest test` and `[when] ops` write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Read => "snapshot",
+            Op::Truncate => "truncate",
+        }
+    }
+
+    /// The operation [`Op::name`] gives `name`.
+    pub fn from_name(name: &str) -> Option<Op> {
+        [Op::Insert, Op::Update, Op::Delete, Op::Read, Op::Truncate]
+            .into_iter()
+            .find(|op| op.name() == name)
+    }
 }
 
 /// One row change inside a transaction.

@@ -114,27 +114,6 @@ fn infer_type(value: &Json) -> u32 {
     }
 }
 
-fn parse_op(op: &str) -> Option<Op> {
-    Some(match op {
-        "insert" => Op::Insert,
-        "update" => Op::Update,
-        "delete" => Op::Delete,
-        "snapshot" => Op::Read,
-        "truncate" => Op::Truncate,
-        _ => return None,
-    })
-}
-
-fn op_name(op: Op) -> &'static str {
-    match op {
-        Op::Insert => "insert",
-        Op::Update => "update",
-        Op::Delete => "delete",
-        Op::Read => "snapshot",
-        Op::Truncate => "truncate",
-    }
-}
-
 /// A relation as the input describes it: its name and its columns (name, type OID,
 /// type modifier, key).
 type RelationKey = (String, Vec<(String, u32, i32, bool)>);
@@ -155,7 +134,7 @@ pub fn read_changes(input: impl BufRead) -> Result<Vec<Transaction>, HarnessErro
         };
         let change: InputChange = serde_json::from_str(&line)
             .map_err(|e| bad(format!("{e}: expected an object like {{\"table\":\"public.t\",\"op\":\"insert\",\"new\":{{...}}}}")))?;
-        let op = parse_op(&change.op).ok_or_else(|| {
+        let op = Op::from_name(&change.op).ok_or_else(|| {
             bad(format!(
                 "unknown op `{}`: expected insert, update, delete, snapshot or truncate",
                 change.op
@@ -280,7 +259,7 @@ pub fn row_lines(batch: &Batch) -> Vec<Json> {
                 row.annotations.iter().map(|(k, v)| (k.clone(), Json::from(v.as_str()))).collect();
             json!({
                 "table": rel.qualified_name(),
-                "op": op_name(row.change.op),
+                "op": row.change.op.name(),
                 "xid": txn.xid,
                 "lsn": row.change.lsn.to_string(),
                 "new": row.change.new.as_ref().map(|v| row_to_json(rel, v)),

@@ -71,7 +71,7 @@ impl When {
             match what {
                 "tables" => when.tables.push(value.to_owned()),
                 "routes" => when.routes.push(value.to_owned()),
-                "ops" => match op(value) {
+                "ops" => match Op::from_name(value) {
                     Some(op) => when.ops.push(op),
                     None => {
                         error.get_or_insert(refused(format!(
@@ -128,34 +128,13 @@ impl When {
             parts.push(format!("tables {}", self.tables.join(", ")));
         }
         if !self.ops.is_empty() {
-            let ops: Vec<&str> = self.ops.iter().map(|&o| op_name(o)).collect();
+            let ops: Vec<&str> = self.ops.iter().map(|&o| o.name()).collect();
             parts.push(format!("ops {}", ops.join(", ")));
         }
         if !self.routes.is_empty() {
             parts.push(format!("routes {}", self.routes.join(", ")));
         }
         parts.join("; ")
-    }
-}
-
-fn op(name: &str) -> Option<Op> {
-    Some(match name {
-        "insert" => Op::Insert,
-        "update" => Op::Update,
-        "delete" => Op::Delete,
-        "snapshot" => Op::Read,
-        "truncate" => Op::Truncate,
-        _ => return None,
-    })
-}
-
-fn op_name(op: Op) -> &'static str {
-    match op {
-        Op::Insert => "insert",
-        Op::Update => "update",
-        Op::Delete => "delete",
-        Op::Read => "snapshot",
-        Op::Truncate => "truncate",
     }
 }
 
