@@ -398,6 +398,32 @@ impl GuestBatch {
         }
     }
 
+    /// A typed column write (`write-ints`, ...): a clear bit writes `null`, a set bit
+    /// what `value` makes of the entry, given the column's type and the entry's index.
+    #[allow(clippy::too_many_arguments)]
+    fn write_typed<T: Copy>(
+        &mut self,
+        call: &str,
+        table: u32,
+        column: u32,
+        image: wit::Image,
+        types: &[Typed],
+        valid: &[u8],
+        values: &[T],
+        value: impl Fn(Typed, usize, T) -> wasmtime::Result<change::Value>,
+    ) -> wasmtime::Result<()> {
+        let typed = self.typed_column(call, table, column, types)?;
+        self.check_entries(call, table, valid.len(), values.len())?;
+        self.each_row_of(table, column, |gb, i, row| {
+            let v = if bit(valid, i) {
+                value(typed, i, values[i])?
+            } else {
+                change::Value::Null
+            };
+            gb.put(row, column, image, v)
+        })
+    }
+
     /// Checks that a typed column write has one entry per row of the table.
     fn check_entries(
         &self,
@@ -868,20 +894,18 @@ impl wit::HostBatch for GuestState {
     ) -> wasmtime::Result<()> {
         let gb = self.table.get_mut(&b)?;
         gb.check_table_column(table, column)?;
-        let rows = std::mem::take(&mut gb.batch.tables[table as usize].rows);
-        let result = if rows.len() != values.len() {
-            Err(wasmtime::format_err!(
-                "write-column got {} values for table {table}, which has {} rows in this batch",
-                values.len(),
-                rows.len()
-            ))
-        } else {
-            rows.iter()
-                .zip(values)
-                .try_for_each(|(&row, value)| gb.put(row, column, image, from_wit(value)))
-        };
-        gb.batch.tables[table as usize].rows = rows;
-        result
+        let rows = gb.batch.tables[table as usize].rows.len();
+        if rows != values.len() {
+            wasmtime::bail!(
+                "write-column got {} values for table {table}, which has {rows} rows in this batch",
+                values.len()
+            );
+        }
+        let mut values = values.into_iter();
+        gb.each_row_of(table, column, |gb, _, row| {
+            let value = values.next().map_or(change::Value::Null, from_wit);
+            gb.put(row, column, image, value)
+        })
     }
 
     fn read_text_column(
@@ -955,12 +979,10 @@ impl wit::HostBatch for GuestState {
     ) -> wasmtime::Result<u32> {
         use sha2::{Digest, Sha256};
         let gb = self.table.get_mut(&b)?;
-        gb.check_table_column(table, column)?;
-        let rows = std::mem::take(&mut gb.batch.tables[table as usize].rows);
         let mut bytes = Vec::new();
         let mut hex = [0u8; 64];
         let mut replaced = 0u32;
-        let result = rows.iter().try_for_each(|&row| {
+        let result = gb.each_row_of(table, column, |gb, _, row| {
             let change = &gb.batch.rows[row as usize].change;
             bytes.clear();
             let present = image_of(change, image)
@@ -980,7 +1002,6 @@ impl wit::HostBatch for GuestState {
             replaced += 1;
             gb.put(row, column, image, change::Value::Text(text))
         });
-        gb.batch.tables[table as usize].rows = rows;
         result.map(|()| replaced)
     }
 
@@ -1161,22 +1182,23 @@ impl wit::HostBatch for GuestState {
         image: wit::Image,
         values: wit::IntColumn,
     ) -> wasmtime::Result<()> {
-        let gb = self.table.get_mut(&b)?;
-        let typed = gb.typed_column("write-ints", table, column, INTS)?;
-        gb.check_entries("write-ints", table, values.valid.len(), values.values.len())?;
-        gb.each_row_of(table, column, |gb, i, row| {
-            let value = if bit(&values.valid, i) {
-                let v = values.values[i];
+        let call = "write-ints";
+        self.table.get_mut(&b)?.write_typed(
+            call,
+            table,
+            column,
+            image,
+            INTS,
+            &values.valid,
+            &values.values,
+            |typed, i, v| {
                 typed.int_value(v).ok_or_else(|| {
                     wasmtime::format_err!(
-                        "write-ints: entry {i} ({v}) is out of the range of column {column}'s type"
+                        "{call}: entry {i} ({v}) is out of the range of column {column}'s type"
                     )
-                })?
-            } else {
-                change::Value::Null
-            };
-            gb.put(row, column, image, value)
-        })
+                })
+            },
+        )
     }
 
     fn read_floats(
@@ -1203,28 +1225,23 @@ impl wit::HostBatch for GuestState {
         image: wit::Image,
         values: wit::FloatColumn,
     ) -> wasmtime::Result<()> {
-        let gb = self.table.get_mut(&b)?;
-        let typed = gb.typed_column("write-floats", table, column, FLOATS)?;
-        gb.check_entries(
+        self.table.get_mut(&b)?.write_typed(
             "write-floats",
             table,
-            values.valid.len(),
-            values.values.len(),
-        )?;
-        gb.each_row_of(table, column, |gb, i, row| {
-            let value = if bit(&values.valid, i) {
-                let v = values.values[i];
-                // A `real` holds what an f32 holds: rounded as PostgreSQL would.
-                change::Value::Float(if typed == Typed::Float4 {
+            column,
+            image,
+            FLOATS,
+            &values.valid,
+            &values.values,
+            // A `real` holds what an f32 holds: rounded as PostgreSQL would.
+            |typed, _, v| {
+                Ok(change::Value::Float(if typed == Typed::Float4 {
                     f64::from(v as f32)
                 } else {
                     v
-                })
-            } else {
-                change::Value::Null
-            };
-            gb.put(row, column, image, value)
-        })
+                }))
+            },
+        )
     }
 
     fn read_bools(
@@ -1251,22 +1268,16 @@ impl wit::HostBatch for GuestState {
         image: wit::Image,
         values: wit::BoolColumn,
     ) -> wasmtime::Result<()> {
-        let gb = self.table.get_mut(&b)?;
-        gb.typed_column("write-bools", table, column, BOOLS)?;
-        gb.check_entries(
+        self.table.get_mut(&b)?.write_typed(
             "write-bools",
             table,
-            values.valid.len(),
-            values.values.len(),
-        )?;
-        gb.each_row_of(table, column, |gb, i, row| {
-            let value = if bit(&values.valid, i) {
-                change::Value::Bool(values.values[i])
-            } else {
-                change::Value::Null
-            };
-            gb.put(row, column, image, value)
-        })
+            column,
+            image,
+            BOOLS,
+            &values.valid,
+            &values.values,
+            |_, _, v| Ok(change::Value::Bool(v)),
+        )
     }
 
     fn write_bytes_column(

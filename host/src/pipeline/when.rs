@@ -93,30 +93,29 @@ impl When {
         }
     }
 
-    /// Whether the stage applies to `row` (of `table`).
-    pub fn matches(&self, table: &BatchTable, row: &BatchRow) -> bool {
+    /// Whether the stage applies to rows of `table` at all (by `tables`).
+    fn takes_table(&self, table: &BatchTable) -> bool {
         let relation = &table.relation;
-        (self.tables.is_empty()
+        self.tables.is_empty()
             || self
                 .tables
                 .iter()
-                .any(|p| crate::policy::matches_table(p, &relation.schema, &relation.name)))
-            && (self.ops.is_empty() || self.ops.contains(&row.change.op))
-            && (self.routes.is_empty()
-                || if row.routes.is_empty() {
-                    self.routes.iter().any(|r| r == "default")
-                } else {
-                    row.routes.iter().any(|r| self.routes.contains(r))
-                })
+                .any(|p| crate::policy::matches_table(p, &relation.schema, &relation.name))
     }
 
-    /// The rows of `batch` the stage applies to, in batch order.
+    /// The rows of `batch` the stage applies to, in batch order. Table patterns are
+    /// matched once per table of the batch, not per row.
     pub fn rows(&self, batch: &Batch) -> Vec<u32> {
+        let tables: Vec<bool> = batch.tables.iter().map(|t| self.takes_table(t)).collect();
         batch
             .rows
             .iter()
             .enumerate()
-            .filter(|(_, row)| self.matches(&batch.tables[row.table as usize], row))
+            .filter(|(_, row)| {
+                tables[row.table as usize]
+                    && (self.ops.is_empty() || self.ops.contains(&row.change.op))
+                    && (self.routes.is_empty() || row.has_route_in(&self.routes))
+            })
             .map(|(i, _)| i as u32)
             .collect()
     }
@@ -144,7 +143,6 @@ pub struct Lent {
     rows: Vec<u32>,
     /// Sub-batch table `i` is batch table `tables[i]`.
     tables: Vec<u32>,
-    written_bytes: usize,
 }
 
 /// A row left in the batch while its own is lent out.
@@ -176,7 +174,8 @@ pub fn lend(batch: &mut Batch, rows: Vec<u32>) -> (Batch, Lent) {
         txns: batch.txns.clone(),
         tables: Vec::new(),
         rows: Vec::with_capacity(rows.len()),
-        written_bytes: batch.written_bytes,
+        // What the stage writes is counted here and added back to the batch.
+        written_bytes: 0,
         pipeline: batch.pipeline.clone(),
         policy: batch.policy.clone(),
         stages: batch.stages.clone(),
@@ -202,22 +201,14 @@ pub fn lend(batch: &mut Batch, rows: Vec<u32>) -> (Batch, Lent) {
             .push(sub.rows.len() as u32);
         sub.rows.push(moved);
     }
-    let written_bytes = batch.written_bytes;
-    (
-        sub,
-        Lent {
-            rows,
-            tables,
-            written_bytes,
-        },
-    )
+    (sub, Lent { rows, tables })
 }
 
 impl Lent {
     /// Moves the rows and their tables back into `batch`, and renumbers `edits` (the
     /// stage's, on the lent rows) to the batch's rows and tables.
     pub fn give_back(self, batch: &mut Batch, sub: Batch, edits: Option<Edits>) -> Option<Edits> {
-        batch.written_bytes += sub.written_bytes - self.written_bytes;
+        batch.written_bytes += sub.written_bytes;
         for (i, mut row) in sub.rows.into_iter().enumerate() {
             row.table = self.tables[row.table as usize];
             batch.rows[self.rows[i] as usize] = row;
